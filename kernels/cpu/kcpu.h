@@ -1,0 +1,66 @@
+/*
+ * kcpu.h - optimized CPU kernels: SIMD (AVX2+FMA+F16C, chosen at run time
+ * with a scalar fallback) and multi-threaded through kcpu_pool. Same
+ * contracts as kernels/ref/kref.h; tests/kernels compares them.
+ *
+ * Threading: a kcpu_pool is created once at start-up; kcpu_* functions that
+ * take a pool must be called from one thread at a time per pool (the engine
+ * thread). Functions without a pool argument are thread-safe.
+ * No allocation on any kcpu_* call except kcpu_pool_create / kcpu_scratch.
+ */
+#ifndef LKQ_KCPU_H
+#define LKQ_KCPU_H
+
+#include "kernels/ktypes.h"
+
+typedef struct kcpu_pool kcpu_pool;
+
+/* Work function run by every thread of a pool: ith in [0, nth). */
+typedef void (*kcpu_task_fn)(void *ctx, int ith, int nth);
+
+/* Creates a pool of n_threads (>= 1; the caller's thread is one of them).
+ * Returns 0 and *out on success, negative on failure. Caller frees with
+ * kcpu_pool_destroy(). */
+int kcpu_pool_create(int n_threads, kcpu_pool **out);
+void kcpu_pool_destroy(kcpu_pool *p); /* NULL is a no-op */
+int kcpu_pool_size(const kcpu_pool *p);
+
+/* Runs fn(ctx, ith, nth) on every thread (the caller runs ith 0) and
+ * returns when all are done. p may be NULL: runs fn(ctx, 0, 1). */
+void kcpu_pool_run(kcpu_pool *p, kcpu_task_fn fn, void *ctx);
+
+/* Name of the SIMD path chosen at run time: "avx2" or "scalar". */
+const char *kcpu_simd_name(void);
+/* Forces the scalar path (tests use it to check both paths); 1 = force. */
+void kcpu_force_scalar(int on);
+
+/* Same contract as kref_matmul (f32 accumulation; Q4_0/Q4_1/Q8_0 weights may
+ * quantize x to 8 bits per 32-block on the way, as llama.cpp does).
+ * ws: scratch of at least kcpu_matmul_scratch_bytes(t, n_cols, n_tok) bytes,
+ * allocated once by the caller. */
+size_t kcpu_matmul_scratch_bytes(kt_type t, int n_cols, int n_tok);
+void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
+                 float *y, int n_rows, int n_cols, int n_tok, void *ws);
+
+void kcpu_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+void kcpu_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
+               float theta, float freq_scale);
+void kcpu_softmax(float *x, int n);
+void kcpu_swiglu(float *gate, const float *up, int n);
+/* Row-wise dequantize (used for the token embedding lookup). */
+void kcpu_dequant_row(kt_type t, const void *row, float *out, int64_t n);
+
+/* Attention for n_q query tokens at positions pos0..pos0+n_q-1 (causal:
+ * query j sees positions 0..pos0+j), parallel over (token, head).
+ * q [n_q, n_head, head_dim], out [n_q, n_head, head_dim]; caches as
+ * kref_attn_f16. ws: at least kcpu_attn_scratch_bytes(n_threads, n_ctx). */
+size_t kcpu_attn_scratch_bytes(int n_threads, int n_ctx);
+void kcpu_attn_f16(kcpu_pool *p, float *out, const float *q,
+                   const uint16_t *k, const uint16_t *v, size_t kv_stride,
+                   int pos0, int n_q, int n_head, int n_kv_head, int head_dim,
+                   float scale, void *ws);
+
+/* f32 -> f16 for n values (KV cache writes). */
+void kcpu_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
+
+#endif

@@ -1,0 +1,50 @@
+/*
+ * kref.h - plain-C reference kernels: the oracle every optimized layer
+ * (kernels/cpu, kernels/cuda) is tested against. Written for clarity, not
+ * speed; single-threaded; no allocation except where a comment says so.
+ * All functions are pure with respect to global state and thread-safe.
+ *
+ * Conventions: a weight matrix W has n_rows rows of n_cols elements, each row
+ * stored contiguously in type t (kt_row_bytes(t, n_cols) bytes per row).
+ * Activations are f32, token-major: x [n_tok, n_cols].
+ */
+#ifndef LKQ_KREF_H
+#define LKQ_KREF_H
+
+#include "kernels/ktypes.h"
+
+/* Dequantize one row of n elements of type t into out[n]. */
+void kref_dequant_row(kt_type t, const void *row, float *out, int64_t n);
+
+/* y [n_tok, n_rows] = x [n_tok, n_cols] @ W^T, W (n_rows, n_cols) of type t.
+ * Accumulates in double over the dequantized weights. */
+void kref_matmul(kt_type t, const void *W, const float *x, float *y,
+                 int n_rows, int n_cols, int n_tok);
+
+/* out[n] = x[n] / sqrt(mean(x^2) + eps) * w[n]; out may alias x. */
+void kref_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+
+/* In-place rotary embedding of x [n_heads, head_dim] at position pos,
+ * interleaved pairing (x[2i], x[2i+1]) as llama2.c and GGUF 'llama' use.
+ * Only the first n_rot dims of each head rotate (n_rot <= head_dim, even).
+ * angle_i = pos * freq_scale * theta^(-2i/n_rot). */
+void kref_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
+               float theta, float freq_scale);
+
+/* In-place numerically stable softmax over x[n]. */
+void kref_softmax(float *x, int n);
+
+/* gate[i] = silu(gate[i]) * up[i], i < n. */
+void kref_swiglu(float *gate, const float *up, int n);
+
+/* Causal attention of one query token over an FP16 KV cache.
+ * q   [n_head, head_dim] (already roped)
+ * k,v caches: position p, kv head h starts at k + p*kv_stride + h*head_dim
+ * attends to positions 0..n_pos-1; GQA: query head i uses kv head
+ * i / (n_head / n_kv_head). out [n_head, head_dim].
+ * scale is usually 1/sqrt(head_dim). scratch needs n_pos floats. */
+void kref_attn_f16(float *out, const float *q, const uint16_t *k,
+                   const uint16_t *v, size_t kv_stride, int n_pos, int n_head,
+                   int n_kv_head, int head_dim, float scale, float *scratch);
+
+#endif
