@@ -1,0 +1,125 @@
+/*
+ * chat.c - chat templates (see chat.h). Output is text in which special
+ * tokens are spelled out ("<|im_start|>"); encode it with parse_special.
+ */
+#include "engine/chat.h"
+
+#include <stdio.h>
+#include <string.h>
+
+typedef struct {
+    char *out;
+    size_t cap, len;
+} sbuf;
+
+static void put(sbuf *b, const char *s)
+{
+    size_t n = strlen(s);
+    if (b->cap > 0 && b->len < b->cap - 1) {
+        size_t room = b->cap - 1 - b->len;
+        memcpy(b->out + b->len, s, n < room ? n : room);
+    }
+    b->len += n;
+}
+
+int chat_template_known(const char *name)
+{
+    return name && (!strcmp(name, "chatml") || !strcmp(name, "llama2") ||
+                    !strcmp(name, "llama3") || !strcmp(name, "zephyr"));
+}
+
+static int role_ok(const char *r)
+{
+    return r && (!strcmp(r, "system") || !strcmp(r, "user") ||
+                 !strcmp(r, "assistant"));
+}
+
+/* Llama-2: system folded into the first user turn. */
+static void fmt_llama2(sbuf *b, const chat_msg *m, int n)
+{
+    const char *sys = NULL;
+    int open = 0; /* inside an [INST] turn */
+    for (int i = 0; i < n; i++) {
+        if (!strcmp(m[i].role, "system")) {
+            sys = m[i].content;
+        } else if (!strcmp(m[i].role, "user")) {
+            put(b, "<s>[INST] ");
+            if (sys) {
+                put(b, "<<SYS>>\n");
+                put(b, sys);
+                put(b, "\n<</SYS>>\n\n");
+                sys = NULL;
+            }
+            put(b, m[i].content);
+            put(b, " [/INST]");
+            open = 1;
+        } else {
+            put(b, " ");
+            put(b, m[i].content);
+            put(b, " </s>");
+            open = 0;
+        }
+    }
+    (void)open;
+}
+
+long chat_format(const char *name, const chat_msg *msgs, int n,
+                 int add_generation_prompt, char *out, size_t cap,
+                 int *has_bos, char *err, size_t errlen)
+{
+    if (!name || !*name)
+        name = "chatml";
+    if (!chat_template_known(name)) {
+        if (err && errlen)
+            snprintf(err, errlen, "unknown chat template '%s'", name);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (!role_ok(msgs[i].role) || !msgs[i].content) {
+            if (err && errlen)
+                snprintf(err, errlen, "message %d: role must be system, user or assistant", i);
+            return -1;
+        }
+    }
+    sbuf b = {out, cap, 0};
+    *has_bos = 0;
+    if (!strcmp(name, "chatml")) {
+        for (int i = 0; i < n; i++) {
+            put(&b, "<|im_start|>");
+            put(&b, msgs[i].role);
+            put(&b, "\n");
+            put(&b, msgs[i].content);
+            put(&b, "<|im_end|>\n");
+        }
+        if (add_generation_prompt)
+            put(&b, "<|im_start|>assistant\n");
+    } else if (!strcmp(name, "llama3")) {
+        put(&b, "<|begin_of_text|>");
+        *has_bos = 1;
+        for (int i = 0; i < n; i++) {
+            put(&b, "<|start_header_id|>");
+            put(&b, msgs[i].role);
+            put(&b, "<|end_header_id|>\n\n");
+            put(&b, msgs[i].content);
+            put(&b, "<|eot_id|>");
+        }
+        if (add_generation_prompt)
+            put(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    } else if (!strcmp(name, "zephyr")) {
+        for (int i = 0; i < n; i++) {
+            put(&b, "<|");
+            put(&b, msgs[i].role);
+            put(&b, "|>\n");
+            put(&b, msgs[i].content);
+            put(&b, "</s>\n");
+        }
+        if (add_generation_prompt)
+            put(&b, "<|assistant|>\n");
+    } else { /* llama2 */
+        fmt_llama2(&b, msgs, n);
+        *has_bos = 1;
+    }
+    if (cap > 0)
+        out[b.len < cap ? b.len : cap - 1] = '\0';
+    return (long)b.len;
+}

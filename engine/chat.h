@@ -1,0 +1,28 @@
+/*
+ * chat.h - chat prompt formatting for the template families a GGUF names
+ * (ChatML, Llama-2, Llama-3, Zephyr) without a Jinja interpreter.
+ * Pure functions; thread-safe.
+ */
+#ifndef LKQ_CHAT_H
+#define LKQ_CHAT_H
+
+#include <stddef.h>
+
+typedef struct {
+    const char *role;    /* "system", "user", "assistant" */
+    const char *content;
+} chat_msg;
+
+/* 1 if name is a known template ("chatml", "llama2", "llama3", "zephyr"). */
+int chat_template_known(const char *name);
+
+/* Formats msgs with template name (empty or NULL -> "chatml"), ending with
+ * the assistant prefix when add_generation_prompt. Writes at most cap-1
+ * bytes + NUL to out and returns the full length, or negative (with a
+ * reason in err) for an unknown template or role. *has_bos is set to 1 when
+ * the text itself begins with the BOS marker (then do not add BOS again). */
+long chat_format(const char *name, const chat_msg *msgs, int n,
+                 int add_generation_prompt, char *out, size_t cap,
+                 int *has_bos, char *err, size_t errlen);
+
+#endif

