@@ -1,0 +1,670 @@
+/*
+ * model_load.c - mdl_load()/mdl_free(): builds an mdl_model from a GGUF file
+ * (architecture "llama") or a llama2.c .bin checkpoint, detected by content.
+ *
+ * GGUF: hyper-parameters from llama.* metadata, every tensor's shape and type
+ * checked against them, matmul weights left in the mapping (F32, F16, BF16,
+ * Q4_0, Q4_1, Q8_0), norm vectors copied to owned F32 when stored otherwise
+ * (or misaligned), tokenizer built from tokenizer.ggml.* with tok_create(),
+ * chat template family detected from tokenizer.chat_template.
+ * llama2.c: F32 views into the mapping, tokenizer found beside the model.
+ *
+ * Unsupported on purpose (clear error): other architectures, MoE, rope
+ * scaling types other than none/linear, Llama-3.1 rope_freqs factors,
+ * key/value head sizes different from dim / n_heads.
+ *
+ * Threading: mdl_load/mdl_free from one thread; a loaded model is read-only.
+ */
+#include "engine/model.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "engine/gguf.h"
+#include "engine/llama2c.h"
+
+typedef struct {
+    gguf_file *gf;
+    l2c_file *lf;
+    float *norms; /* owned F32 copies of norm vectors: (2 * n_layers + 1) * dim */
+    size_t norms_used;
+} load_priv;
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+void mdl_free(mdl_model *m)
+{
+    if (!m)
+        return;
+    load_priv *p = m->priv;
+    if (p) {
+        gguf_close(p->gf);
+        l2c_close(p->lf);
+        free(p->norms);
+        free(p);
+    }
+    tok_destroy(m->tok);
+    free(m->layers);
+    free(m);
+}
+
+/* Copies the file stem of path (basename without its last extension). */
+static void file_stem(const char *path, char *out, size_t cap)
+{
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    const char *dot = strrchr(b, '.');
+    size_t n = dot && dot != b ? (size_t)(dot - b) : strlen(b);
+    snprintf(out, cap, "%.*s", (int)(n < cap ? n : cap - 1), b);
+}
+
+/* ---------------------------------------------------------------- GGUF -- */
+
+/* Required integer llama.* key in [min, max]. */
+static int req_int(gguf_file *f, const char *key, int64_t min, int64_t max,
+                   int32_t *out, char *err, size_t errlen)
+{
+    int64_t v;
+    int rc = gguf_get_int(f, key, min, max, &v, err, errlen);
+    if (rc == GGUF_EMISSING)
+        return fail(err, errlen, "missing metadata key '%s'", key);
+    if (rc)
+        return -1;
+    *out = (int32_t)v;
+    return 0;
+}
+
+/* Optional integer: *out keeps its default when the key is absent. */
+static int opt_int(gguf_file *f, const char *key, int64_t min, int64_t max,
+                   int32_t *out, char *err, size_t errlen)
+{
+    int64_t v;
+    int rc = gguf_get_int(f, key, min, max, &v, err, errlen);
+    if (rc == GGUF_EMISSING)
+        return 0;
+    if (rc)
+        return -1;
+    *out = (int32_t)v;
+    return 0;
+}
+
+/* Optional positive finite float. */
+static int opt_pos_float(gguf_file *f, const char *key, float *out, char *err, size_t errlen)
+{
+    double v;
+    int rc = gguf_get_float(f, key, &v, err, errlen);
+    if (rc == GGUF_EMISSING)
+        return 0;
+    if (rc)
+        return -1;
+    if (!(v > 0) || !isfinite(v) || v > 3.4e38)
+        return fail(err, errlen, "metadata '%s' = %g must be positive and finite", key, v);
+    *out = (float)v;
+    return 0;
+}
+
+static int opt_bool(gguf_file *f, const char *key, int *out, char *err, size_t errlen)
+{
+    int rc = gguf_get_bool(f, key, out, err, errlen);
+    return rc == GGUF_EMISSING || rc == 0 ? 0 : -1;
+}
+
+/* 1 if the (not NUL-terminated) string s equals lit. */
+static int str_is(gguf_str s, const char *lit)
+{
+    return s.len == strlen(lit) && memcmp(s.s, lit, s.len) == 0;
+}
+
+/* Fills m->hp from llama.* metadata. n_vocab comes later (token_embd). */
+static int read_hparams(gguf_file *f, mdl_hparams *hp, char *err, size_t errlen)
+{
+    gguf_str arch;
+    int rc = gguf_get_str(f, "general.architecture", &arch, err, errlen);
+    if (rc == GGUF_EMISSING)
+        return fail(err, errlen, "missing metadata key 'general.architecture'");
+    if (rc)
+        return -1;
+    if (!str_is(arch, "llama"))
+        return fail(err, errlen, "unsupported architecture '%.*s' (only 'llama' is supported)",
+                    (int)(arch.len > 64 ? 64 : arch.len), arch.s);
+
+    if (req_int(f, "llama.block_count", 1, 1024, &hp->n_layers, err, errlen) ||
+        req_int(f, "llama.embedding_length", 1, 65536, &hp->dim, err, errlen) ||
+        req_int(f, "llama.feed_forward_length", 1, 1 << 20, &hp->hidden_dim, err, errlen) ||
+        req_int(f, "llama.attention.head_count", 1, 1024, &hp->n_heads, err, errlen) ||
+        req_int(f, "llama.context_length", 1, 1 << 24, &hp->n_ctx_train, err, errlen))
+        return -1;
+    hp->n_kv_heads = hp->n_heads;
+    if (opt_int(f, "llama.attention.head_count_kv", 1, hp->n_heads, &hp->n_kv_heads, err, errlen))
+        return -1;
+    if (hp->dim % hp->n_heads)
+        return fail(err, errlen, "embedding_length %d is not a multiple of head_count %d",
+                    hp->dim, hp->n_heads);
+    if (hp->n_heads % hp->n_kv_heads)
+        return fail(err, errlen, "head_count %d is not a multiple of head_count_kv %d",
+                    hp->n_heads, hp->n_kv_heads);
+    hp->head_dim = hp->dim / hp->n_heads;
+    int32_t kl = hp->head_dim, vl = hp->head_dim;
+    if (opt_int(f, "llama.attention.key_length", 1, 65536, &kl, err, errlen) ||
+        opt_int(f, "llama.attention.value_length", 1, 65536, &vl, err, errlen))
+        return -1;
+    if (kl != hp->head_dim || vl != hp->head_dim)
+        return fail(err, errlen, "attention key/value length %d/%d differs from embedding_length "
+                    "/ head_count = %d: not supported", kl, vl, hp->head_dim);
+    int32_t experts = 0;
+    if (opt_int(f, "llama.expert_count", 0, 1 << 20, &experts, err, errlen))
+        return -1;
+    if (experts > 0)
+        return fail(err, errlen, "mixture-of-experts models (llama.expert_count = %d) are not supported",
+                    experts);
+
+    hp->n_rot = hp->head_dim;
+    if (opt_int(f, "llama.rope.dimension_count", 1, hp->head_dim, &hp->n_rot, err, errlen))
+        return -1;
+    if (hp->n_rot % 2)
+        return fail(err, errlen, "llama.rope.dimension_count %d is odd", hp->n_rot);
+    hp->rope_theta = 10000.0f;
+    hp->norm_eps = 1e-5f;
+    if (opt_pos_float(f, "llama.rope.freq_base", &hp->rope_theta, err, errlen) ||
+        opt_pos_float(f, "llama.attention.layer_norm_rms_epsilon", &hp->norm_eps, err, errlen))
+        return -1;
+
+    /* RoPE scaling: none or linear (positions divided by factor). An absent
+     * type with a factor means linear, as does the older scale_linear key. */
+    float factor = 1.0f;
+    gguf_str st;
+    rc = gguf_get_str(f, "llama.rope.scaling.type", &st, err, errlen);
+    if (rc && rc != GGUF_EMISSING)
+        return -1;
+    if (opt_pos_float(f, "llama.rope.scaling.factor", &factor, err, errlen) ||
+        opt_pos_float(f, "llama.rope.scale_linear", &factor, err, errlen))
+        return -1;
+    if (rc == 0 && str_is(st, "none"))
+        factor = 1.0f;
+    else if (rc == 0 && !str_is(st, "linear"))
+        return fail(err, errlen, "unsupported rope scaling type '%.*s' (only none and linear)",
+                    (int)(st.len > 32 ? 32 : st.len), st.s);
+    hp->rope_freq_scale = 1.0f / factor;
+    if (gguf_find_tensor(f, "rope_freqs.weight"))
+        return fail(err, errlen, "per-frequency rope factors (rope_freqs.weight, Llama 3.1 style) "
+                    "are not supported");
+    return 0;
+}
+
+/* A matrix tensor of n_rows rows of n_cols: shape and alignment checked. */
+static int get_matrix(gguf_file *f, const char *name, int64_t n_cols, int64_t n_rows,
+                      mdl_weight *w, char *err, size_t errlen)
+{
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t)
+        return fail(err, errlen, "missing tensor '%s'", name);
+    if (t->ne[0] != n_cols || t->ne[1] != n_rows || t->ne[2] != 1 || t->ne[3] != 1)
+        return fail(err, errlen, "tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld]",
+                    name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
+                    (long long)t->ne[3], (long long)n_cols, (long long)n_rows);
+    if ((uintptr_t)t->data % (t->type == KT_F32 ? 4 : 2))
+        return fail(err, errlen, "tensor '%s' data is misaligned in the file", name);
+    w->type = t->type;
+    w->data = t->data;
+    w->n_cols = n_cols;
+    w->n_rows = n_rows;
+    return 0;
+}
+
+/* A norm vector of n floats: a view when F32 and aligned, else converted
+ * into the next n floats of p->norms. */
+static int get_vector(gguf_file *f, load_priv *p, const char *name, int64_t n,
+                      const float **out, char *err, size_t errlen)
+{
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t)
+        return fail(err, errlen, "missing tensor '%s'", name);
+    if (t->n_elems != n || t->ne[0] != n)
+        return fail(err, errlen, "tensor '%s' has %lld elements (first dim %lld), expected a vector of %lld",
+                    name, (long long)t->n_elems, (long long)t->ne[0], (long long)n);
+    if (t->type == KT_F32 && (uintptr_t)t->data % 4 == 0) {
+        *out = t->data;
+        return 0;
+    }
+    if (t->type != KT_F32 && t->type != KT_F16 && t->type != KT_BF16)
+        return fail(err, errlen, "tensor '%s' is %s; norm vectors must be F32, F16 or BF16",
+                    name, kt_name(t->type));
+    float *dst = p->norms + p->norms_used;
+    p->norms_used += (size_t)n;
+    const unsigned char *src = t->data;
+    for (int64_t i = 0; i < n; i++) {
+        if (t->type == KT_F32) {
+            memcpy(&dst[i], src + 4 * i, 4);
+        } else {
+            uint16_t h;
+            memcpy(&h, src + 2 * i, 2);
+            dst[i] = t->type == KT_F16 ? kt_f16_to_f32(h) : kt_bf16_to_f32(h);
+        }
+    }
+    *out = dst;
+    return 0;
+}
+
+/* Token embedding, output head, norms and all layer weights. */
+static int read_tensors(gguf_file *f, mdl_model *m, load_priv *p, char *err, size_t errlen)
+{
+    mdl_hparams *hp = &m->hp;
+    const gguf_tensor *te = gguf_find_tensor(f, "token_embd.weight");
+    if (!te)
+        return fail(err, errlen, "missing tensor 'token_embd.weight'");
+    int32_t n_vocab = te->ne[1] <= (1 << 22) ? (int32_t)te->ne[1] : 0;
+    if (opt_int(f, "llama.vocab_size", 1, 1 << 22, &n_vocab, err, errlen))
+        return -1;
+    if (n_vocab < 1)
+        return fail(err, errlen, "token_embd.weight has %lld rows (vocab too large)", (long long)te->ne[1]);
+    hp->n_vocab = n_vocab;
+    int64_t dim = hp->dim, hid = hp->hidden_dim;
+    int64_t q_dim = (int64_t)hp->n_heads * hp->head_dim, kv_dim = (int64_t)hp->n_kv_heads * hp->head_dim;
+    if (get_matrix(f, "token_embd.weight", dim, n_vocab, &m->tok_embd, err, errlen))
+        return -1;
+    if (gguf_find_tensor(f, "output.weight")) {
+        if (get_matrix(f, "output.weight", dim, n_vocab, &m->output, err, errlen))
+            return -1;
+    } else {
+        m->output = m->tok_embd; /* tied */
+    }
+    p->norms = malloc(((size_t)2 * hp->n_layers + 1) * (size_t)dim * sizeof(float));
+    m->layers = calloc((size_t)hp->n_layers, sizeof(mdl_layer));
+    if (!p->norms || !m->layers)
+        return fail(err, errlen, "out of memory");
+    if (get_vector(f, p, "output_norm.weight", dim, &m->out_norm, err, errlen))
+        return -1;
+    for (int l = 0; l < hp->n_layers; l++) {
+        mdl_layer *L = &m->layers[l];
+        char n[9][64];
+        static const char *const parts[9] = {"attn_norm", "attn_q", "attn_k", "attn_v",
+            "attn_output", "ffn_norm", "ffn_gate", "ffn_down", "ffn_up"};
+        for (int i = 0; i < 9; i++)
+            snprintf(n[i], sizeof(n[i]), "blk.%d.%s.weight", l, parts[i]);
+        if (get_vector(f, p, n[0], dim, &L->attn_norm, err, errlen) ||
+            get_matrix(f, n[1], dim, q_dim, &L->wq, err, errlen) ||
+            get_matrix(f, n[2], dim, kv_dim, &L->wk, err, errlen) ||
+            get_matrix(f, n[3], dim, kv_dim, &L->wv, err, errlen) ||
+            get_matrix(f, n[4], q_dim, dim, &L->wo, err, errlen) ||
+            get_vector(f, p, n[5], dim, &L->ffn_norm, err, errlen) ||
+            get_matrix(f, n[6], dim, hid, &L->ffn_gate, err, errlen) ||
+            get_matrix(f, n[7], hid, dim, &L->ffn_down, err, errlen) ||
+            get_matrix(f, n[8], dim, hid, &L->ffn_up, err, errlen))
+            return -1;
+    }
+    return 0;
+}
+
+/* Optional special-token id: -1 when absent (or dflt for SPM defaults);
+ * an id outside [0, n_tok) is an error, except for padding (ignored). */
+static int tok_id(gguf_file *f, const char *key, int32_t n_tok, int32_t dflt, int lenient,
+                  int32_t *out, char *err, size_t errlen)
+{
+    int64_t v;
+    int rc = gguf_get_int(f, key, INT64_MIN, INT64_MAX, &v, err, errlen);
+    *out = dflt < n_tok ? dflt : -1;
+    if (rc == GGUF_EMISSING)
+        return 0;
+    if (rc)
+        return -1;
+    if (v < 0 || v >= n_tok) {
+        if (lenient) {
+            *out = -1;
+            return 0;
+        }
+        return fail(err, errlen, "%s = %lld is outside the vocabulary (%d tokens)", key,
+                    (long long)v, n_tok);
+    }
+    *out = (int32_t)v;
+    return 0;
+}
+
+/* Builds the tokenizer from tokenizer.ggml.* metadata. */
+static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
+{
+    tok_desc d = {0};
+    tok_str *tokens = NULL, *merges = NULL;
+    float *scores = NULL;
+    int32_t *types = NULL;
+    char pre[64] = "";
+    int rc = -1;
+    gguf_str s;
+    gguf_arr a;
+
+    int r = gguf_get_str(f, "tokenizer.ggml.model", &s, err, errlen);
+    if (r == GGUF_EMISSING)
+        return fail(err, errlen, "missing metadata key 'tokenizer.ggml.model' (no tokenizer in file)");
+    if (r)
+        return -1;
+    if (str_is(s, "llama"))
+        d.kind = TOK_SPM;
+    else if (str_is(s, "gpt2"))
+        d.kind = TOK_GPT2;
+    else
+        return fail(err, errlen, "unsupported tokenizer model '%.*s' (only 'llama' and 'gpt2')",
+                    (int)(s.len > 32 ? 32 : s.len), s.s);
+
+    r = gguf_get_arr(f, "tokenizer.ggml.tokens", &a, err, errlen);
+    if (r == GGUF_EMISSING)
+        return fail(err, errlen, "missing metadata key 'tokenizer.ggml.tokens'");
+    if (r)
+        return -1;
+    if (a.type != GGUF_STRING || a.n < 1 || a.n > (uint64_t)m->hp.n_vocab)
+        return fail(err, errlen, "tokenizer.ggml.tokens must be 1..%d strings (found %llu %s)",
+                    m->hp.n_vocab, (unsigned long long)a.n, gguf_vtype_name(a.type));
+    d.n_vocab = (int32_t)a.n;
+    tokens = calloc((size_t)d.n_vocab, sizeof(*tokens));
+    if (!tokens)
+        goto oom;
+    for (int32_t i = 0; i < d.n_vocab; i++) {
+        gguf_arr_str(&a, (uint64_t)i, &s);
+        if (s.len > UINT32_MAX) {
+            fail(err, errlen, "token %d is too long", i);
+            goto out;
+        }
+        tokens[i].s = s.s;
+        tokens[i].len = (uint32_t)s.len;
+    }
+    d.tokens = tokens;
+
+    r = gguf_get_arr(f, "tokenizer.ggml.scores", &a, err, errlen);
+    if (r && r != GGUF_EMISSING)
+        goto out;
+    if (r == 0) {
+        if (a.n != (uint64_t)d.n_vocab || a.type == GGUF_STRING) {
+            fail(err, errlen, "tokenizer.ggml.scores: %llu %s values for %d tokens",
+                 (unsigned long long)a.n, gguf_vtype_name(a.type), d.n_vocab);
+            goto out;
+        }
+        if (!(scores = malloc((size_t)d.n_vocab * sizeof(float))))
+            goto oom;
+        for (int32_t i = 0; i < d.n_vocab; i++) {
+            double v = 0;
+            gguf_arr_float(&a, (uint64_t)i, &v);
+            scores[i] = (float)v;
+        }
+        d.scores = scores;
+    }
+    r = gguf_get_arr(f, "tokenizer.ggml.token_type", &a, err, errlen);
+    if (r && r != GGUF_EMISSING)
+        goto out;
+    if (r == 0) {
+        if (!(types = malloc((size_t)d.n_vocab * sizeof(int32_t))))
+            goto oom;
+        for (int32_t i = 0; i < d.n_vocab; i++) {
+            int64_t v = 0;
+            if (a.n != (uint64_t)d.n_vocab || gguf_arr_int(&a, (uint64_t)i, &v) || v < 0 || v > 255) {
+                fail(err, errlen, "tokenizer.ggml.token_type: bad entry %d (%llu %s values for %d tokens)",
+                     i, (unsigned long long)a.n, gguf_vtype_name(a.type), d.n_vocab);
+                goto out;
+            }
+            types[i] = (int32_t)v;
+        }
+        d.types = types;
+    }
+    r = gguf_get_arr(f, "tokenizer.ggml.merges", &a, err, errlen);
+    if (r && r != GGUF_EMISSING)
+        goto out;
+    if (r == 0) {
+        if (a.type != GGUF_STRING || a.n > INT32_MAX) {
+            fail(err, errlen, "tokenizer.ggml.merges must be an array of strings");
+            goto out;
+        }
+        d.n_merges = (int32_t)a.n;
+        if (!(merges = calloc(a.n ? a.n : 1, sizeof(*merges))))
+            goto oom;
+        for (int32_t i = 0; i < d.n_merges; i++) {
+            gguf_arr_str(&a, (uint64_t)i, &s);
+            merges[i].s = s.s;
+            merges[i].len = s.len > UINT32_MAX ? 0 : (uint32_t)s.len;
+        }
+        d.merges = merges;
+    }
+
+    int spm = d.kind == TOK_SPM;
+    if (tok_id(f, "tokenizer.ggml.bos_token_id", d.n_vocab, spm ? 1 : -1, 0, &d.bos_id, err, errlen) ||
+        tok_id(f, "tokenizer.ggml.eos_token_id", d.n_vocab, spm ? 2 : -1, 0, &d.eos_id, err, errlen) ||
+        tok_id(f, "tokenizer.ggml.unknown_token_id", d.n_vocab, spm ? 0 : -1, 1, &d.unk_id, err, errlen) ||
+        tok_id(f, "tokenizer.ggml.padding_token_id", d.n_vocab, -1, 1, &d.pad_id, err, errlen))
+        goto out;
+    d.add_bos = spm;
+    d.add_eos = 0;
+    d.add_space_prefix = spm;
+    if (opt_bool(f, "tokenizer.ggml.add_bos_token", &d.add_bos, err, errlen) ||
+        opt_bool(f, "tokenizer.ggml.add_eos_token", &d.add_eos, err, errlen) ||
+        opt_bool(f, "tokenizer.ggml.add_space_prefix", &d.add_space_prefix, err, errlen))
+        goto out;
+    if (gguf_get_str(f, "tokenizer.ggml.pre", &s, NULL, 0) == 0) {
+        snprintf(pre, sizeof(pre), "%.*s", (int)(s.len < sizeof(pre) ? s.len : sizeof(pre) - 1), s.s);
+        d.pre = pre;
+    }
+    rc = tok_create(&d, &m->tok, err, errlen);
+    goto out;
+oom:
+    fail(err, errlen, "out of memory");
+out:
+    free(tokens);
+    free(merges);
+    free(scores);
+    free(types);
+    return rc;
+}
+
+/* Maps the chat_template text to a template family name. */
+static void detect_chat_template(gguf_file *f, char *out, size_t cap)
+{
+    static const struct { const char *marker, *name; } fams[] = {
+        {"<|im_start|>", "chatml"}, {"<|start_header_id|>", "llama3"},
+        {"[INST]", "llama2"}, {"<|user|>", "zephyr"}};
+    gguf_str s;
+    out[0] = 0;
+    if (gguf_get_str(f, "tokenizer.chat_template", &s, NULL, 0))
+        return;
+    for (size_t i = 0; i < sizeof(fams) / sizeof(fams[0]); i++)
+        if (memmem(s.s, (size_t)s.len, fams[i].marker, strlen(fams[i].marker))) {
+            snprintf(out, cap, "%s", fams[i].name);
+            return;
+        }
+}
+
+/* GGUF path of mdl_load: fills m; on failure p holds what to free. */
+static int load_gguf(const char *path, mdl_model *m, load_priv *p, char *err, size_t errlen)
+{
+    if (gguf_open(path, &p->gf, err, errlen))
+        return -1;
+    gguf_file *f = p->gf;
+    char why[384];
+    if (read_hparams(f, &m->hp, why, sizeof(why)) || read_tensors(f, m, p, why, sizeof(why)) ||
+        read_tokenizer(f, m, why, sizeof(why)))
+        return fail(err, errlen, "'%s': %s", path, why);
+    m->format = "gguf";
+    snprintf(m->arch, sizeof(m->arch), "llama");
+    gguf_str s;
+    if (gguf_get_str(f, "general.name", &s, NULL, 0) == 0 && s.len > 0 && s.s[0] != 0) {
+        size_t n = strnlen(s.s, (size_t)(s.len < sizeof(m->name) ? s.len : sizeof(m->name) - 1));
+        memcpy(m->name, s.s, n);
+        m->name[n] = 0;
+    } else {
+        file_stem(path, m->name, sizeof(m->name));
+    }
+    detect_chat_template(f, m->chat_template, sizeof(m->chat_template));
+    return 0;
+}
+
+/* ------------------------------------------------------------ llama2.c -- */
+
+static int is_file(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* Finds and loads the tokenizer for a llama2.c model (see mdl_load). */
+static int load_l2c_tokenizer(const char *path, const char *tokenizer_path, int32_t n_vocab,
+                              tok_tokenizer **out, char *err, size_t errlen)
+{
+    char cand[4][4096];
+    const char *tp = tokenizer_path;
+    if (!tp) {
+        const char *slash = strrchr(path, '/');
+        int dl = slash ? (int)(slash - path + 1) : 0;
+        snprintf(cand[0], sizeof(cand[0]), "%.*stokenizer.bin", dl, path);
+        snprintf(cand[1], sizeof(cand[1]), "%.*stok%d.bin", dl, path, n_vocab);
+        snprintf(cand[2], sizeof(cand[2]), "%.*stokenizer.model", dl, path);
+        snprintf(cand[3], sizeof(cand[3]), "%.*stok%d.model", dl, path, n_vocab);
+        for (int i = 0; i < 4 && !tp; i++)
+            if (is_file(cand[i]))
+                tp = cand[i];
+        if (!tp)
+            return fail(err, errlen, "no tokenizer found beside '%s' (tried tokenizer.bin, tok%d.bin, "
+                        "tokenizer.model, tok%d.model); give a tokenizer path", path, n_vocab, n_vocab);
+    }
+    size_t n = strlen(tp);
+    char why[384];
+    int rc = n >= 6 && !strcmp(tp + n - 6, ".model")
+                 ? tok_load_spm_model(tp, out, why, sizeof(why))
+                 : tok_load_llama2c(tp, n_vocab, out, why, sizeof(why));
+    if (rc)
+        return fail(err, errlen, "tokenizer '%s': %s", tp, why);
+    if (tok_n_vocab(*out) > n_vocab)
+        return fail(err, errlen, "tokenizer '%s' has %d tokens, the model only %d", tp,
+                    tok_n_vocab(*out), n_vocab);
+    return 0;
+}
+
+static mdl_weight f32_weight(const float *data, int64_t n_cols, int64_t n_rows)
+{
+    mdl_weight w = {KT_F32, data, n_cols, n_rows};
+    return w;
+}
+
+/* llama2.c path of mdl_load: F32 views into the mapping, then the
+ * tokenizer (see load_l2c_tokenizer). */
+static int load_l2c(const char *path, const char *tokenizer_path, mdl_model *m, load_priv *p,
+                    char *err, size_t errlen)
+{
+    if (l2c_open(path, &p->lf, err, errlen))
+        return -1;
+    const l2c_file *f = p->lf;
+    const l2c_config *c = &f->cfg;
+    mdl_hparams *hp = &m->hp;
+    hp->n_vocab = c->vocab_size;
+    hp->dim = c->dim;
+    hp->hidden_dim = c->hidden_dim;
+    hp->n_layers = c->n_layers;
+    hp->n_heads = c->n_heads;
+    hp->n_kv_heads = c->n_kv_heads;
+    hp->head_dim = c->dim / c->n_heads;
+    hp->n_rot = hp->head_dim;
+    hp->n_ctx_train = c->seq_len;
+    hp->rope_theta = 10000.0f;
+    hp->rope_freq_scale = 1.0f;
+    hp->norm_eps = 1e-5f;
+
+    size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
+    size_t kv_dim = (size_t)hp->head_dim * (size_t)c->n_kv_heads;
+    m->tok_embd = f32_weight(f->token_embedding, c->dim, c->vocab_size);
+    m->output = f32_weight(f->wcls, c->dim, c->vocab_size);
+    m->out_norm = f->rms_final;
+    if (!(m->layers = calloc((size_t)c->n_layers, sizeof(mdl_layer))))
+        return fail(err, errlen, "out of memory");
+    for (size_t l = 0; l < (size_t)c->n_layers; l++) {
+        mdl_layer *L = &m->layers[l];
+        L->attn_norm = f->rms_att + l * dim;
+        L->ffn_norm = f->rms_ffn + l * dim;
+        L->wq = f32_weight(f->wq + l * dim * dim, c->dim, c->dim);
+        L->wk = f32_weight(f->wk + l * kv_dim * dim, c->dim, (int64_t)kv_dim);
+        L->wv = f32_weight(f->wv + l * kv_dim * dim, c->dim, (int64_t)kv_dim);
+        L->wo = f32_weight(f->wo + l * dim * dim, c->dim, c->dim);
+        L->ffn_gate = f32_weight(f->w1 + l * hid * dim, c->dim, c->hidden_dim);
+        L->ffn_down = f32_weight(f->w2 + l * dim * hid, c->hidden_dim, c->dim);
+        L->ffn_up = f32_weight(f->w3 + l * hid * dim, c->dim, c->hidden_dim);
+    }
+    if (load_l2c_tokenizer(path, tokenizer_path, c->vocab_size, &m->tok, err, errlen))
+        return -1;
+    m->format = "llama2c";
+    snprintf(m->arch, sizeof(m->arch), "llama");
+    file_stem(path, m->name, sizeof(m->name));
+    return 0;
+}
+
+/* ---------------------------------------------------------------- entry -- */
+
+/* See model.h. Sniffs the first bytes: "GGUF" -> GGUF, else a header that
+ * passes l2c_check against the file size -> llama2.c, else a clear error. */
+int mdl_load(const char *path, const char *tokenizer_path, mdl_model **out,
+             char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!path || !*path)
+        return fail(err, errlen, "no model path given");
+    /* Sniff the format (and give the common file errors) before mapping. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+    struct stat st;
+    unsigned char head[28] = {0};
+    ssize_t got = 0;
+    int bad = fstat(fd, &st) ? errno : 0;
+    if (!bad && S_ISREG(st.st_mode))
+        got = pread(fd, head, sizeof(head), 0);
+    close(fd);
+    if (bad)
+        return fail(err, errlen, "cannot stat '%s': %s", path, strerror(bad));
+    if (S_ISDIR(st.st_mode))
+        return fail(err, errlen, "'%s' is a directory, not a model file", path);
+    if (!S_ISREG(st.st_mode))
+        return fail(err, errlen, "'%s' is not a regular file", path);
+    if (st.st_size == 0)
+        return fail(err, errlen, "'%s' is empty", path);
+    if (got < 0)
+        return fail(err, errlen, "cannot read '%s': %s", path, strerror(errno));
+
+    int is_gguf = got >= 4 && !memcmp(head, "GGUF", 4);
+    if (!is_gguf) {
+        l2c_config cfg;
+        int32_t hdr[7];
+        char why[256] = "file shorter than a llama2.c header";
+        memcpy(hdr, head, sizeof(hdr));
+        if (got < (ssize_t)sizeof(head) ||
+            l2c_check(hdr, (uint64_t)st.st_size, &cfg, why, sizeof(why)))
+            return fail(err, errlen, "'%s' is neither a GGUF file (no 'GGUF' magic) nor a valid "
+                        "llama2.c checkpoint (%s)", path, why);
+    }
+
+    mdl_model *m = calloc(1, sizeof(*m));
+    load_priv *p = calloc(1, sizeof(*p));
+    if (!m || !p) {
+        free(m);
+        free(p);
+        return fail(err, errlen, "out of memory");
+    }
+    m->priv = p;
+    int rc = is_gguf ? load_gguf(path, m, p, err, errlen)
+                     : load_l2c(path, tokenizer_path, m, p, err, errlen);
+    if (rc) {
+        mdl_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
