@@ -1,0 +1,260 @@
+/*
+ * bench_kernels.c - throughput of kcpu_matmul on the SmolLM2-135M shapes
+ * (dim 576, hidden 1536, 3 kv heads x 64, vocab 49152 with a Q8_0 output
+ * matrix), for the reference, the forced-scalar and the AVX2 paths, 1 and 2
+ * threads, a single token (decode, gemv) and a 512-token batch (prefill).
+ *
+ *   ninja -C build-kern bench/bench_kernels && ./build-kern/bench/bench_kernels
+ *   options: --full (also the slow ref/scalar 512-token runs), --hot (single
+ *   token runs reuse one cached copy of the weights), --reps N (default 5, minimum calls),
+ *   --type T (F32|F16|BF16|Q4_0|Q4_1|Q8_0: layer weights type, default Q4_1)
+ *
+ * Each cell times single calls (at least N of them and at least 0.2 s):
+ * us/call, GFLOP/s and GB/s are from the median call, p10 is the 10th
+ * percentile (the undisturbed speed on a busy machine), cpu% is the CPU time
+ * the cell got over wall time x threads (well below 100: the machine was
+ * busy with something else and the median is pessimistic). Single-token runs rotate
+ * through enough copies of the weights to overflow the last-level cache, so
+ * GB/s is the weight stream from memory, as in real decoding. At the end,
+ * per-token decode time and prefill throughput for the 30-layer model are
+ * estimated from the table (matmuls only).
+ * Threading: the benchmark drives one kcpu_pool from its main thread.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/cpu/kcpu.h"
+#include "kernels/ref/kref.h"
+
+typedef struct {
+    const char *name;
+    int rows, cols;
+    int layer; /* 1: layer weight (type from --type), 0: output head (Q8_0) */
+    int per_layer; /* how many such matmuls per layer (0 for the head) */
+} shape;
+
+static const shape shapes[] = {
+    { "attn_q/o", 576, 576, 1, 2 },
+    { "attn_k/v", 192, 576, 1, 2 },
+    { "ffn_gate/up", 1536, 576, 1, 2 },
+    { "ffn_down", 576, 1536, 1, 1 },
+    { "output", 49152, 576, 0, 0 },
+};
+#define N_SHAPES (int)(sizeof shapes / sizeof shapes[0])
+#define N_LAYERS 30
+
+enum { IMPL_REF, IMPL_SCALAR, IMPL_AVX2 };
+static const char *impl_names[] = { "ref", "scalar", "avx2" };
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint32_t rng = 12345;
+static uint32_t rnd(void)
+{
+    rng = rng * 1664525u + 1013904223u;
+    return rng >> 8;
+}
+
+static float rndf(void)
+{
+    return (float)(rnd() & 0xffff) / 32768.0f - 1.0f;
+}
+
+/* Fills a weight buffer of nbytes with valid random data of type t. */
+static void fill_weights(kt_type t, void *w, size_t nbytes)
+{
+    uint8_t *p = w;
+    size_t bb = kt_block_bytes(t);
+    for (size_t off = 0; off + bb <= nbytes; off += bb) {
+        for (size_t i = 0; i < bb; i++)
+            p[off + i] = (uint8_t)rnd();
+        uint16_t h;
+        switch (t) {
+        case KT_F32: { float f = rndf(); memcpy(p + off, &f, 4); break; }
+        case KT_F16: case KT_BF16:
+        case KT_Q4_0: case KT_Q4_1: case KT_Q8_0:
+            /* a sane scale (or value) in the first half word */
+            h = kt_f32_to_f16(0.01f * rndf());
+            if (t == KT_BF16) {
+                float f = rndf();
+                uint32_t bits;
+                memcpy(&bits, &f, 4);
+                h = (uint16_t)(bits >> 16);
+            }
+            memcpy(p + off, &h, 2);
+            if (t == KT_Q4_1) {
+                h = kt_f32_to_f16(-0.05f);
+                memcpy(p + off + 2, &h, 2);
+            }
+            break;
+        }
+    }
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+#define MAX_CALLS 4096
+
+/* Seconds per call of one configuration: *median and *p10 (10th percentile,
+ * the undisturbed speed when other processes share the machine). Runs at
+ * least reps calls and at least 0.2 s (at most MAX_CALLS calls).
+ * *cpu_share gets the CPU time used over wall time x threads (well below 1:
+ * other load stole time and the median is pessimistic). */
+static void bench_one(int impl, kcpu_pool *pool, kt_type t, uint8_t *W,
+                      int n_copies, size_t wbytes, const float *x, float *y,
+                      int rows, int cols, int n_tok, void *ws, int reps,
+                      double *median, double *p10, double *cpu_share)
+{
+    static double times[MAX_CALLS];
+    double wall0 = now_s(), cpu0 = cpu_s();
+    int copy = 0, n = 0;
+    if (impl != IMPL_REF)
+        kcpu_force_scalar(impl == IMPL_SCALAR);
+    while (n < MAX_CALLS && (n < reps || now_s() - wall0 < 0.2)) {
+        const void *w = W + (size_t)copy * wbytes;
+        copy = (copy + 1) % n_copies;
+        double t0 = now_s();
+        if (impl == IMPL_REF)
+            kref_matmul(t, w, x, y, rows, cols, n_tok);
+        else
+            kcpu_matmul(pool, t, w, x, y, rows, cols, n_tok, ws);
+        times[n++] = now_s() - t0;
+    }
+    kcpu_force_scalar(0);
+    int nth = impl == IMPL_REF ? 1 : kcpu_pool_size(pool);
+    *cpu_share = (cpu_s() - cpu0) / ((now_s() - wall0) * nth);
+    qsort(times, (size_t)n, sizeof(double), cmp_double);
+    *median = times[n / 2];
+    *p10 = times[n / 10];
+}
+
+int main(int argc, char **argv)
+{
+    int full = 0, hot = 0, reps = 5;
+    kt_type layer_t = KT_Q4_1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--full")) {
+            full = 1;
+        } else if (!strcmp(argv[i], "--hot")) {
+            hot = 1;
+        } else if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
+            reps = atoi(argv[++i]);
+            if (reps < 1)
+                reps = 1;
+        } else if (!strcmp(argv[i], "--type") && i + 1 < argc) {
+            const char *n = argv[++i];
+            static const kt_type all[] = { KT_F32, KT_F16, KT_BF16, KT_Q4_0, KT_Q4_1, KT_Q8_0 };
+            int ok = 0;
+            for (int k = 0; k < 6; k++)
+                if (!strcmp(n, kt_name(all[k]))) {
+                    layer_t = all[k];
+                    ok = 1;
+                }
+            if (!ok) {
+                fprintf(stderr, "unknown type %s\n", n);
+                return 2;
+            }
+        } else {
+            fprintf(stderr, "usage: %s [--full] [--hot] [--reps N] [--type T]\n", argv[0]);
+            return 2;
+        }
+    }
+    kcpu_pool *pools[2] = { NULL, NULL };
+    if (kcpu_pool_create(1, &pools[0]) < 0 || kcpu_pool_create(2, &pools[1]) < 0) {
+        fprintf(stderr, "cannot create thread pools\n");
+        return 1;
+    }
+    printf("kcpu back end: %s; layer weights %s, output Q8_0; >= %d calls per cell\n",
+           kcpu_simd_name(), kt_name(layer_t), reps);
+    printf("%-12s %-5s %6s %5s %4s %-8s %10s %9s %9s %10s %5s\n", "shape", "type", "rows x",
+           "cols", "tok", "impl/thr", "us/call", "GFLOP/s", "GB/s(W)", "p10 us", "cpu%");
+
+    static const int toks[] = { 1, 512 };
+    /* best avx2 seconds per call [shape][tok][threads] for the estimate */
+    double best[N_SHAPES][2][2] = { { { 0 } } }, bestp[N_SHAPES][2][2] = { { { 0 } } };
+    for (int si = 0; si < N_SHAPES; si++) {
+        const shape *s = &shapes[si];
+        kt_type t = s->layer ? layer_t : KT_Q8_0;
+        size_t wbytes = kt_row_bytes(t, s->cols) * (size_t)s->rows;
+        int n_copies = hot ? 1 : (int)((96u << 20) / wbytes) + 1;
+        uint8_t *W = malloc(wbytes * (size_t)n_copies);
+        float *x = malloc((size_t)512 * (size_t)s->cols * sizeof(float));
+        float *y = malloc((size_t)512 * (size_t)s->rows * sizeof(float));
+        void *ws = malloc(kcpu_matmul_scratch_bytes(t, s->cols, 512) + 1);
+        if (!W || !x || !y || !ws) {
+            fprintf(stderr, "out of memory\n");
+            return 1;
+        }
+        fill_weights(t, W, wbytes);
+        for (int c = 1; c < n_copies; c++)
+            memcpy(W + (size_t)c * wbytes, W, wbytes);
+        for (size_t i = 0; i < (size_t)512 * (size_t)s->cols; i++)
+            x[i] = rndf();
+        for (int ti = 0; ti < 2; ti++) {
+            int n_tok = toks[ti];
+            for (int impl = 0; impl < 3; impl++) {
+                if (impl == IMPL_AVX2 && strcmp(kcpu_simd_name(), "avx2"))
+                    continue;
+                if (!full && n_tok > 1 &&
+                    (impl == IMPL_REF || (impl == IMPL_SCALAR && s->rows > 4096)))
+                    continue;
+                for (int th = 0; th < (impl == IMPL_REF ? 1 : 2); th++) {
+                    int nc = n_tok == 1 ? n_copies : 1;
+                    double sec, p10, share;
+                    bench_one(impl, pools[th], t, W, nc, wbytes, x, y, s->rows, s->cols,
+                              n_tok, ws, impl == IMPL_REF && n_tok > 1 ? 1 : reps,
+                              &sec, &p10, &share);
+                    double flop = 2.0 * s->rows * s->cols * n_tok;
+                    printf("%-12s %-5s %6d %5d %4d %6s/%d %10.1f %9.2f %9.2f %10.1f %5.0f\n",
+                           s->name, kt_name(t), s->rows, s->cols, n_tok, impl_names[impl],
+                           th + 1, sec * 1e6, flop / sec * 1e-9, (double)wbytes / sec * 1e-9,
+                           p10 * 1e6, 100.0 * share);
+                    fflush(stdout);
+                    if (impl == IMPL_AVX2) {
+                        best[si][ti][th] = sec;
+                        bestp[si][ti][th] = p10;
+                    }
+                }
+            }
+        }
+        free(W); free(x); free(y); free(ws);
+    }
+    if (!strcmp(kcpu_simd_name(), "avx2")) {
+        for (int th = 0; th < 2; th++) {
+            for (int q = 0; q < 2; q++) {
+                double (*tb)[2][2] = q ? bestp : best;
+                double dec = 0.0, pre = 0.0;
+                for (int si = 0; si < N_SHAPES; si++) {
+                    int mult = shapes[si].layer ? N_LAYERS * shapes[si].per_layer : 1;
+                    dec += mult * tb[si][0][th];
+                    /* prefill needs logits for the last token only */
+                    pre += shapes[si].layer ? mult * tb[si][1][th] : tb[si][0][th];
+                }
+                printf("estimate (%s), %d thread(s), matmuls only: decode %.2f ms/token "
+                       "(%.1f tok/s), prefill 512 %.1f tok/s\n", q ? "p10" : "median",
+                       th + 1, dec * 1e3, 1.0 / dec, 512.0 / pre);
+            }
+        }
+    }
+    kcpu_pool_destroy(pools[0]);
+    kcpu_pool_destroy(pools[1]);
+    return 0;
+}

@@ -1,0 +1,298 @@
+/*
+ * kcpu.c - front end of the optimized CPU kernels: run-time choice of the
+ * SIMD back end, scratch layouts, and the split of matmul / attention work
+ * over a kcpu_pool (dynamic chunks taken from an atomic counter, so a thread
+ * that wakes late or is preempted simply takes fewer chunks).
+ *
+ * Threading: see kcpu.h. The back-end choice is made once (thread-safe lazy
+ * init); kcpu_force_scalar is meant for tests and benchmarks.
+ */
+#include "kernels/cpu/kcpu.h"
+#include "kernels/cpu/kcpu_impl.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+/* ---- back-end dispatch ---- */
+
+static atomic_int g_force_scalar;
+static atomic_int g_have_avx2 = -1; /* -1 unknown, 0 no, 1 yes */
+
+static int have_avx2(void)
+{
+    int h = atomic_load_explicit(&g_have_avx2, memory_order_relaxed);
+    if (h < 0) {
+        h = 0;
+#if defined(LKQ_HAVE_AVX2)
+        __builtin_cpu_init();
+        h = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+            __builtin_cpu_supports("f16c");
+#endif
+        atomic_store_explicit(&g_have_avx2, h, memory_order_relaxed);
+    }
+    return h;
+}
+
+static const kcpu_ops *ops(void)
+{
+#if defined(LKQ_HAVE_AVX2)
+    if (have_avx2() && !atomic_load_explicit(&g_force_scalar, memory_order_relaxed))
+        return &kcpu_avx2_ops;
+#endif
+    return &kcpu_scalar_ops;
+}
+
+const char *kcpu_simd_name(void)
+{
+    return ops()->name;
+}
+
+void kcpu_force_scalar(int on)
+{
+    atomic_store(&g_force_scalar, on ? 1 : 0);
+}
+
+/* ---- matmul ---- */
+
+#define ALIGN_UP(v, a) (((v) + (a) - 1) / (a) * (a))
+
+static int is_quant(kt_type t)
+{
+    return t == KT_Q4_0 || t == KT_Q4_1 || t == KT_Q8_0;
+}
+
+/* Quantized-x scratch: [64 slack][qs n_tok*n_cols][d n_tok*nb][sT nb*n_tok+8],
+ * each section 64-byte aligned. Float weight types need none. */
+size_t kcpu_matmul_scratch_bytes(kt_type t, int n_cols, int n_tok)
+{
+    if (!is_quant(t) || n_cols <= 0 || n_tok <= 0)
+        return 0;
+    size_t nb = (size_t)n_cols / KT_QK;
+    size_t qs = ALIGN_UP((size_t)n_tok * nb * KT_QK, 64);
+    size_t d = ALIGN_UP((size_t)n_tok * nb * sizeof(float), 64);
+    size_t s = ALIGN_UP(((size_t)n_tok * nb + 8) * sizeof(float), 64);
+    return 64 + qs + d + s;
+}
+
+typedef struct {
+    const kcpu_ops *ops;
+    kt_type t;
+    const void *W;
+    size_t row_bytes;
+    const float *x;
+    float *y;
+    int n_rows, n_cols, n_tok;
+    kcpu_q8x xq;
+    int8_t *qs; /* writable views of xq for the quantize task */
+    float *d, *sT;
+    int chunk;           /* rows per work item */
+    atomic_int next;     /* next work item */
+} mm_ctx;
+
+static void quantize_task(void *arg, int ith, int nth)
+{
+    mm_ctx *c = arg;
+    int nb = c->xq.nb;
+    for (int k = ith; k < c->n_tok; k += nth)
+        c->ops->quantize_x(c->x + (size_t)k * (size_t)c->n_cols, c->n_cols,
+                           c->qs + (size_t)k * (size_t)c->n_cols,
+                           c->d + (size_t)k * (size_t)nb, c->sT + k, c->n_tok);
+}
+
+static void mm_task(void *arg, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    mm_ctx *c = arg;
+    for (;;) {
+        int i = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
+        int r0 = i * c->chunk;
+        if (r0 >= c->n_rows)
+            break;
+        int r1 = r0 + c->chunk < c->n_rows ? r0 + c->chunk : c->n_rows;
+        if (is_quant(c->t))
+            c->ops->mm_quant(c->t, c->W, c->row_bytes, &c->xq, c->y,
+                             c->n_rows, r0, r1);
+        else
+            c->ops->mm_float(c->t, c->W, c->row_bytes, c->x, c->n_cols,
+                             c->n_tok, c->y, c->n_rows, r0, r1);
+    }
+}
+
+/* Rows per work item: a multiple of 4 (the back ends' row tile); for
+ * multi-token work also small enough that the item's weights stay in L2
+ * while every token passes over them; at least ~4 items per thread. */
+static int mm_chunk_rows(size_t row_bytes, int n_rows, int n_tok, int nth)
+{
+    int c = (n_rows + 4 * nth - 1) / (4 * nth);
+    if (n_tok > 1) {
+        size_t cap = (size_t)(96 * 1024) / (row_bytes ? row_bytes : 1);
+        if ((size_t)c > cap)
+            c = (int)cap;
+    }
+    if (c < 16)
+        c = 16;
+    return ALIGN_UP(c, 4);
+}
+
+/* See kcpu.h. Quantized weight types: x is first quantized into ws (in
+ * parallel over tokens when there are several), then rows are shared out. */
+void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
+                 float *y, int n_rows, int n_cols, int n_tok, void *ws)
+{
+    if (n_rows <= 0 || n_tok <= 0)
+        return;
+    int nth = kcpu_pool_size(p);
+    mm_ctx c = {
+        .ops = ops(), .t = t, .W = W, .row_bytes = kt_row_bytes(t, n_cols),
+        .x = x, .y = y, .n_rows = n_rows, .n_cols = n_cols, .n_tok = n_tok,
+    };
+    c.chunk = mm_chunk_rows(c.row_bytes, n_rows, n_tok, nth);
+    atomic_init(&c.next, 0);
+    if (is_quant(t)) {
+        int nb = n_cols / KT_QK;
+        char *base = (char *)ALIGN_UP((uintptr_t)ws, 64);
+        c.qs = (int8_t *)base;
+        base += ALIGN_UP((size_t)n_tok * (size_t)n_cols, 64);
+        c.d = (float *)base;
+        base += ALIGN_UP((size_t)n_tok * (size_t)nb * sizeof(float), 64);
+        c.sT = (float *)base;
+        for (int i = 0; i < 8; i++) /* padding read by 4-token tiles */
+            c.sT[(size_t)n_tok * (size_t)nb + (size_t)i] = 0.0f;
+        c.xq = (kcpu_q8x){ c.qs, c.d, c.sT, nb, n_tok };
+        if (n_tok == 1 || nth == 1)
+            quantize_task(&c, 0, 1);
+        else
+            kcpu_pool_run(p, quantize_task, &c);
+    }
+    kcpu_pool_run(p, mm_task, &c);
+}
+
+/* ---- attention ---- */
+
+/* Per-thread score rows, n_ctx + 16 floats each (vector tails), 64-byte
+ * aligned, plus slack to align an arbitrary ws. */
+static size_t attn_row_floats(int n_ctx)
+{
+    return ALIGN_UP((size_t)(n_ctx > 0 ? n_ctx : 0) + 16, 16);
+}
+
+size_t kcpu_attn_scratch_bytes(int n_threads, int n_ctx)
+{
+    if (n_threads < 1)
+        n_threads = 1;
+    return 64 + (size_t)n_threads * attn_row_floats(n_ctx) * sizeof(float);
+}
+
+typedef struct {
+    const kcpu_ops *ops;
+    float *out;
+    const float *q;
+    const uint16_t *k, *v;
+    size_t kv_stride;
+    int pos0, n_q, n_head, n_kv_head, head_dim;
+    float scale;
+    float *sc;        /* aligned scratch base */
+    size_t sc_stride; /* floats per thread */
+    atomic_int next;
+} attn_ctx;
+
+/* Work items are (token, head) pairs, handed out longest first (last token
+ * first) so the causal imbalance evens out across threads. */
+static void attn_task(void *arg, int ith, int nth)
+{
+    (void)nth;
+    attn_ctx *c = arg;
+    int group = c->n_head / c->n_kv_head;
+    int n_items = c->n_q * c->n_head;
+    float *sc = c->sc + (size_t)ith * c->sc_stride;
+    for (;;) {
+        int i = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
+        if (i >= n_items)
+            break;
+        int j = c->n_q - 1 - i / c->n_head; /* query token */
+        int h = i % c->n_head;
+        size_t qo = ((size_t)j * (size_t)c->n_head + (size_t)h) * (size_t)c->head_dim;
+        size_t ko = (size_t)(h / group) * (size_t)c->head_dim;
+        c->ops->attn_head(c->out + qo, c->q + qo, c->k + ko, c->v + ko,
+                          c->kv_stride, c->pos0 + j + 1, c->head_dim, c->scale, sc);
+    }
+}
+
+/* See kcpu.h. ws must hold kcpu_attn_scratch_bytes(kcpu_pool_size(p), n_ctx)
+ * with n_ctx >= pos0 + n_q. */
+void kcpu_attn_f16(kcpu_pool *p, float *out, const float *q,
+                   const uint16_t *k, const uint16_t *v, size_t kv_stride,
+                   int pos0, int n_q, int n_head, int n_kv_head, int head_dim,
+                   float scale, void *ws)
+{
+    if (n_q <= 0 || n_head <= 0 || n_kv_head <= 0)
+        return;
+    attn_ctx c = {
+        .ops = ops(), .out = out, .q = q, .k = k, .v = v,
+        .kv_stride = kv_stride, .pos0 = pos0, .n_q = n_q, .n_head = n_head,
+        .n_kv_head = n_kv_head, .head_dim = head_dim, .scale = scale,
+        .sc = (float *)ALIGN_UP((uintptr_t)ws, 64),
+        .sc_stride = attn_row_floats(pos0 + n_q),
+    };
+    atomic_init(&c.next, 0);
+    kcpu_pool_run(p, attn_task, &c);
+}
+
+/* ---- small ops (single-threaded, thread-safe) ---- */
+
+void kcpu_rmsnorm(float *out, const float *x, const float *w, int n, float eps)
+{
+    ops()->rmsnorm(out, x, w, n, eps);
+}
+
+void kcpu_softmax(float *x, int n)
+{
+    ops()->softmax(x, n);
+}
+
+void kcpu_swiglu(float *gate, const float *up, int n)
+{
+    ops()->swiglu(gate, up, n);
+}
+
+void kcpu_dequant_row(kt_type t, const void *row, float *out, int64_t n)
+{
+    ops()->dequant_row(t, row, out, n);
+}
+
+void kcpu_f32_to_f16(uint16_t *dst, const float *src, int64_t n)
+{
+    ops()->f32_to_f16(dst, src, n);
+}
+
+/* Rotary embedding. Angles are formed in double (exact enough at any
+ * position), reduced to [-pi, pi] and then evaluated in float; the
+ * cos/sin pairs are computed once per call and applied to every head. */
+void kcpu_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
+               float theta, float freq_scale)
+{
+    enum { MAX_PAIRS = 256 };
+    float cs[MAX_PAIRS][2];
+    const double two_pi = 6.283185307179586476925286766559;
+    const double step = pow((double)theta, -2.0 / n_rot);
+    double freq = 1.0; /* theta^(-2i/n_rot), by repeated multiplication */
+    for (int i0 = 0; i0 < n_rot / 2; i0 += MAX_PAIRS) {
+        int n = n_rot / 2 - i0 < MAX_PAIRS ? n_rot / 2 - i0 : MAX_PAIRS;
+        for (int i = 0; i < n; i++, freq *= step) {
+            double a = (double)pos * (double)freq_scale * freq;
+            a -= two_pi * nearbyint(a / two_pi);
+            cs[i][0] = cosf((float)a);
+            cs[i][1] = sinf((float)a);
+        }
+        for (int h = 0; h < n_heads; h++) {
+            float *xh = x + (size_t)h * (size_t)head_dim + 2 * i0;
+            for (int i = 0; i < n; i++) {
+                float x0 = xh[2 * i], x1 = xh[2 * i + 1];
+                xh[2 * i] = x0 * cs[i][0] - x1 * cs[i][1];
+                xh[2 * i + 1] = x0 * cs[i][1] + x1 * cs[i][0];
+            }
+        }
+    }
+}

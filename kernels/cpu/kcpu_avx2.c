@@ -1,0 +1,589 @@
+/*
+ * kcpu_avx2.c - AVX2 + FMA + F16C back end of kcpu.
+ *
+ * Compiled on its own with -mavx2 -mfma -mf16c; kcpu.c calls into it only
+ * after checking the CPU at run time, so nothing here may run on its own.
+ *
+ * Matmul: tiles of RM weight rows x TN tokens. A weight block (32 elements)
+ * is unpacked once per tile and used against TN tokens, so prompt processing
+ * is compute-bound; single tokens (gemv) use 4-row tiles that share each
+ * activation block across rows and keep 4 independent accumulator chains.
+ * Quantized weights meet int8 activations (see kcpu_impl.h): maddubs
+ * (u8 x s8 -> s16 pairs) then madd with ones (-> s32), converted to f32 and
+ * scaled per block. Q4 nibbles are used as unsigned 0..15, the "-8" of Q4_0
+ * and the min of Q4_1 are applied through the activation block sums
+ * (w = d*q + m  =>  sum w*x = d*dx*sum(q*qx) + m*sx).
+ *
+ * Threading: pure functions; the front end splits the work.
+ */
+#include "kernels/cpu/kcpu_impl.h"
+
+#include <immintrin.h>
+#include <math.h>
+
+#define AI static inline __attribute__((always_inline))
+
+/* Tile shapes: multi-token (MT_RM rows x MT_TN tokens) and gemv. */
+#define MT_RM 2
+#define MT_TN 4
+#define GV_RM 4
+#ifndef GV_PF
+#define GV_PF 0
+#endif
+#define MAXR 4
+#define MAXT 4
+
+enum { K_Q4_0, K_Q4_1, K_Q8_0 };
+enum { K_F32, K_F16, K_BF16 };
+
+AI float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Sums of 8 vectors, lane i = sum of a[i]. */
+AI __m256 hsum8x8(const __m256 a[8])
+{
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
+    __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]);
+    __m256 t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1);
+    __m256 u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+AI float f16(uint16_t h)
+{
+    return _cvtsh_ss(h);
+}
+
+/* e^x, max rel. error a few ulp; 0 below -87.3, clamped at e^88 above. */
+AI __m256 exp8(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    __m256 valid = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440054690583e-4f), r);
+    /* Taylor series of e^r to degree 7, |r| <= 0.35 */
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), valid);
+}
+
+/* ---- activation quantization ---- */
+
+static void av_quantize_x(const float *x, int n_cols, int8_t *qs, float *d,
+                          float *s, int s_stride)
+{
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int b = 0; b < n_cols / KT_QK; b++) {
+        const float *xb = x + b * KT_QK;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v0, absm), _mm256_and_ps(v1, absm)),
+            _mm256_max_ps(_mm256_and_ps(v2, absm), _mm256_and_ps(v3, absm)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float db = _mm_cvtss_f32(h) / 127.0f;
+        __m256 id = _mm256_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
+        /* cvtps rounds half to even under the default MXCSR, like nearbyintf */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(qs + b * KT_QK), _mm256_permutevar8x32_epi32(p, perm));
+        d[b] = db;
+        s[(size_t)b * (size_t)s_stride] = db * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* ---- quantized matmul ---- */
+
+/* 32 nibbles of a Q4 block as bytes 0..15, in element order. */
+AI __m256i unpack_q4(const uint8_t *qs)
+{
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+/* y for rows r..r+RM-1, tokens t0..t0+TN-1 (RM, TN compile-time after
+ * inlining; the accumulators then live in registers). */
+AI void tile_q(const int kind, const int RM, const int TN, const char *W,
+               size_t row_bytes, const kcpu_q8x *xq, float *y, int n_rows,
+               int r, int t0)
+{
+    __m256 acc[MAXR][MAXT];
+    __m128 macc[MAXR];
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int nb = xq->nb;
+    const size_t ldq = (size_t)nb * KT_QK;
+    const int8_t *xqs = xq->qs + (size_t)t0 * ldq;
+    const float *xd = xq->d + (size_t)t0 * (size_t)nb;
+    const float *sT = xq->sT + t0;
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; i++) {
+        macc[i] = _mm_setzero_ps();
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++)
+            acc[i][t] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        __m256i wq[MAXR], wsg[MAXR];
+        __m256 wd[MAXR];
+#pragma GCC unroll 4
+        for (int i = 0; i < RM; i++) {
+            const char *row = W + (size_t)(r + i) * row_bytes;
+            if (TN == 1 && GV_PF)
+                _mm_prefetch(row + (size_t)(GV_PF * RM) * row_bytes + (size_t)b * 34, _MM_HINT_T0);
+            if (kind == K_Q4_0) {
+                const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b;
+                float dd = f16(blk->d);
+                wq[i] = unpack_q4(blk->qs);
+                wd[i] = _mm256_set1_ps(dd);
+                macc[i] = _mm_fmadd_ps(_mm_set1_ps(-8.0f * dd),
+                                       _mm_loadu_ps(sT + (size_t)b * (size_t)xq->n_tok), macc[i]);
+            } else if (kind == K_Q4_1) {
+                const kt_block_q4_1 *blk = (const kt_block_q4_1 *)row + b;
+                wq[i] = unpack_q4(blk->qs);
+                wd[i] = _mm256_set1_ps(f16(blk->d));
+                macc[i] = _mm_fmadd_ps(_mm_set1_ps(f16(blk->m)),
+                                       _mm_loadu_ps(sT + (size_t)b * (size_t)xq->n_tok), macc[i]);
+            } else {
+                const kt_block_q8_0 *blk = (const kt_block_q8_0 *)row + b;
+                wsg[i] = _mm256_loadu_si256((const __m256i *)blk->qs);
+                wq[i] = _mm256_sign_epi8(wsg[i], wsg[i]); /* |w| as u8 */
+                wd[i] = _mm256_set1_ps(f16(blk->d));
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xqs + (size_t)t * ldq + (size_t)b * KT_QK));
+            __m256 dx = _mm256_broadcast_ss(xd + (size_t)t * (size_t)nb + b);
+#pragma GCC unroll 4
+            for (int i = 0; i < RM; i++) {
+                __m256i xs = kind == K_Q8_0 ? _mm256_sign_epi8(xv, wsg[i]) : xv;
+                __m256i pr = _mm256_madd_epi16(_mm256_maddubs_epi16(wq[i], xs), ones);
+                acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(wd[i], dx), acc[i][t]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; i++) {
+        float m[4];
+        _mm_storeu_ps(m, macc[i]);
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++)
+            y[(size_t)(t0 + t) * (size_t)n_rows + (size_t)(r + i)] =
+                hsum8(acc[i][t]) + (kind == K_Q8_0 ? 0.0f : m[t]);
+    }
+}
+
+/* Rows [r0, r1) x all tokens for one weight kind: MT_RM x MT_TN tiles (the
+ * last token group and the last rows with smaller tiles); n_tok == 1 uses
+ * GV_RM-row tiles. */
+AI void mm_quant_kind(const int kind, const char *W, size_t rb,
+                      const kcpu_q8x *xq, float *y, int n_rows, int r0, int r1)
+{
+    if (xq->n_tok == 1) {
+        int r = r0;
+        for (; r + GV_RM <= r1; r += GV_RM)
+            tile_q(kind, GV_RM, 1, W, rb, xq, y, n_rows, r, 0);
+        for (; r < r1; r++)
+            tile_q(kind, 1, 1, W, rb, xq, y, n_rows, r, 0);
+        return;
+    }
+    for (int t0 = 0; t0 < xq->n_tok; t0 += MT_TN) {
+        int tn = xq->n_tok - t0 < MT_TN ? xq->n_tok - t0 : MT_TN;
+        int r = r0;
+        for (; r + MT_RM <= r1; r += MT_RM) {
+            switch (tn) {
+            case 1: tile_q(kind, MT_RM, 1, W, rb, xq, y, n_rows, r, t0); break;
+            case 2: tile_q(kind, MT_RM, 2, W, rb, xq, y, n_rows, r, t0); break;
+            case 3: tile_q(kind, MT_RM, 3, W, rb, xq, y, n_rows, r, t0); break;
+            default: tile_q(kind, MT_RM, 4, W, rb, xq, y, n_rows, r, t0); break;
+            }
+        }
+        for (; r < r1; r++) {
+            switch (tn) {
+            case 1: tile_q(kind, 1, 1, W, rb, xq, y, n_rows, r, t0); break;
+            case 2: tile_q(kind, 1, 2, W, rb, xq, y, n_rows, r, t0); break;
+            case 3: tile_q(kind, 1, 3, W, rb, xq, y, n_rows, r, t0); break;
+            default: tile_q(kind, 1, 4, W, rb, xq, y, n_rows, r, t0); break;
+            }
+        }
+    }
+}
+
+static void av_mm_quant(kt_type t, const void *W, size_t row_bytes,
+                        const kcpu_q8x *xq, float *y, int n_rows, int r0, int r1)
+{
+    if (t == KT_Q4_0)
+        mm_quant_kind(K_Q4_0, W, row_bytes, xq, y, n_rows, r0, r1);
+    else if (t == KT_Q4_1)
+        mm_quant_kind(K_Q4_1, W, row_bytes, xq, y, n_rows, r0, r1);
+    else
+        mm_quant_kind(K_Q8_0, W, row_bytes, xq, y, n_rows, r0, r1);
+}
+
+/* ---- float-weight matmul ---- */
+
+AI __m256 load_w8(const int kind, const char *row, int j)
+{
+    if (kind == K_F32)
+        return _mm256_loadu_ps((const float *)row + j);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + j));
+    if (kind == K_F16)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+AI float load_w1(const int kind, const char *row, int j)
+{
+    if (kind == K_F32)
+        return ((const float *)row)[j];
+    uint16_t h = ((const uint16_t *)row)[j];
+    return kind == K_F16 ? f16(h) : kt_bf16_to_f32(h);
+}
+
+AI void tile_f(const int kind, const int RM, const int TN, const char *W,
+               size_t row_bytes, const float *x, int n_cols, float *y,
+               int n_rows, int r, int t0)
+{
+    __m256 acc[MAXR][MAXT];
+    const float *xt = x + (size_t)t0 * (size_t)n_cols;
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++)
+            acc[i][t] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n_cols; j += 8) {
+        __m256 w[MAXR];
+#pragma GCC unroll 4
+        for (int i = 0; i < RM; i++)
+            w[i] = load_w8(kind, W + (size_t)(r + i) * row_bytes, j);
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++) {
+            __m256 xv = _mm256_loadu_ps(xt + (size_t)t * (size_t)n_cols + j);
+#pragma GCC unroll 4
+            for (int i = 0; i < RM; i++)
+                acc[i][t] = _mm256_fmadd_ps(w[i], xv, acc[i][t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; i++) {
+        const char *row = W + (size_t)(r + i) * row_bytes;
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++) {
+            float s = hsum8(acc[i][t]);
+            for (int jj = j; jj < n_cols; jj++)
+                s += load_w1(kind, row, jj) * xt[(size_t)t * (size_t)n_cols + jj];
+            y[(size_t)(t0 + t) * (size_t)n_rows + (size_t)(r + i)] = s;
+        }
+    }
+}
+
+/* As mm_quant_kind, for float weights. */
+AI void mm_float_kind(const int kind, const char *W, size_t rb, const float *x,
+                      int n_cols, int n_tok, float *y, int n_rows, int r0, int r1)
+{
+    if (n_tok == 1) {
+        int r = r0;
+        for (; r + GV_RM <= r1; r += GV_RM)
+            tile_f(kind, GV_RM, 1, W, rb, x, n_cols, y, n_rows, r, 0);
+        for (; r < r1; r++)
+            tile_f(kind, 1, 1, W, rb, x, n_cols, y, n_rows, r, 0);
+        return;
+    }
+    for (int t0 = 0; t0 < n_tok; t0 += MT_TN) {
+        int tn = n_tok - t0 < MT_TN ? n_tok - t0 : MT_TN;
+        int r = r0;
+        for (; r + MT_RM <= r1; r += MT_RM) {
+            switch (tn) {
+            case 1: tile_f(kind, MT_RM, 1, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            case 2: tile_f(kind, MT_RM, 2, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            case 3: tile_f(kind, MT_RM, 3, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            default: tile_f(kind, MT_RM, 4, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            }
+        }
+        for (; r < r1; r++) {
+            switch (tn) {
+            case 1: tile_f(kind, 1, 1, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            case 2: tile_f(kind, 1, 2, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            case 3: tile_f(kind, 1, 3, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            default: tile_f(kind, 1, 4, W, rb, x, n_cols, y, n_rows, r, t0); break;
+            }
+        }
+    }
+}
+
+static void av_mm_float(kt_type t, const void *W, size_t row_bytes,
+                        const float *x, int n_cols, int n_tok, float *y,
+                        int n_rows, int r0, int r1)
+{
+    if (t == KT_F32)
+        mm_float_kind(K_F32, W, row_bytes, x, n_cols, n_tok, y, n_rows, r0, r1);
+    else if (t == KT_F16)
+        mm_float_kind(K_F16, W, row_bytes, x, n_cols, n_tok, y, n_rows, r0, r1);
+    else
+        mm_float_kind(K_BF16, W, row_bytes, x, n_cols, n_tok, y, n_rows, r0, r1);
+}
+
+/* ---- attention ---- */
+
+static float dot_f16(const float *q, const uint16_t *k, int n)
+{
+    __m256 a = _mm256_setzero_ps();
+    int d = 0;
+    for (; d + 8 <= n; d += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d),
+                            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d))), a);
+    float s = hsum8(a);
+    for (; d < n; d++)
+        s += q[d] * f16(k[d]);
+    return s;
+}
+
+/* out[0 .. 8*NV) += sum_p sc[p] * v_p[0 .. 8*NV) */
+AI void v_accum(const int NV, float *out, const uint16_t *v, size_t kv_stride,
+                int n_pos, const float *sc)
+{
+    __m256 o[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; c++)
+        o[c] = _mm256_setzero_ps();
+    for (int p = 0; p < n_pos; p++) {
+        __m256 s = _mm256_broadcast_ss(sc + p);
+        const uint16_t *vp = v + (size_t)p * kv_stride;
+#pragma GCC unroll 8
+        for (int c = 0; c < NV; c++)
+            o[c] = _mm256_fmadd_ps(s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vp + 8 * c))), o[c]);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; c++)
+        _mm256_storeu_ps(out + 8 * c, o[c]);
+}
+
+static void av_softmax(float *x, int n);
+
+static void av_attn_head(float *out, const float *q, const uint16_t *k,
+                         const uint16_t *v, size_t kv_stride, int n_pos,
+                         int head_dim, float scale, float *sc)
+{
+    const int hd8 = head_dim & ~7;
+    const __m256 vscale = _mm256_set1_ps(scale);
+    int p = 0;
+    /* scores, 8 positions at a time with one reduction for all 8 */
+    for (; p + 8 <= n_pos; p += 8) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++)
+            a[i] = _mm256_setzero_ps();
+        for (int d = 0; d < hd8; d += 8) {
+            __m256 qv = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                a[i] = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(
+                    (const __m128i *)(k + (size_t)(p + i) * kv_stride + d))), a[i]);
+        }
+        __m256 s = hsum8x8(a);
+        if (hd8 < head_dim) {
+            float tail[8];
+            for (int i = 0; i < 8; i++) {
+                const uint16_t *kp = k + (size_t)(p + i) * kv_stride;
+                tail[i] = 0.0f;
+                for (int d = hd8; d < head_dim; d++)
+                    tail[i] += q[d] * f16(kp[d]);
+            }
+            s = _mm256_add_ps(s, _mm256_loadu_ps(tail));
+        }
+        _mm256_storeu_ps(sc + p, _mm256_mul_ps(s, vscale));
+    }
+    for (; p < n_pos; p++)
+        sc[p] = dot_f16(q, k + (size_t)p * kv_stride, head_dim) * scale;
+
+    av_softmax(sc, n_pos);
+
+    /* weighted V sum, 64 dims per pass */
+    int d0 = 0;
+    for (; d0 + 64 <= hd8; d0 += 64)
+        v_accum(8, out + d0, v + d0, kv_stride, n_pos, sc);
+    switch ((hd8 - d0) / 8) {
+    case 1: v_accum(1, out + d0, v + d0, kv_stride, n_pos, sc); break;
+    case 2: v_accum(2, out + d0, v + d0, kv_stride, n_pos, sc); break;
+    case 3: v_accum(3, out + d0, v + d0, kv_stride, n_pos, sc); break;
+    case 4: v_accum(4, out + d0, v + d0, kv_stride, n_pos, sc); break;
+    case 5: v_accum(5, out + d0, v + d0, kv_stride, n_pos, sc); break;
+    case 6: v_accum(6, out + d0, v + d0, kv_stride, n_pos, sc); break;
+    case 7: v_accum(7, out + d0, v + d0, kv_stride, n_pos, sc); break;
+    default: break;
+    }
+    for (int d = hd8; d < head_dim; d++) {
+        float s = 0.0f;
+        for (int pp = 0; pp < n_pos; pp++)
+            s += sc[pp] * f16(v[(size_t)pp * kv_stride + d]);
+        out[d] = s;
+    }
+}
+
+/* ---- small ops ---- */
+
+static void av_softmax(float *x, int n)
+{
+    if (n <= 0)
+        return;
+    int i = 0;
+    __m256 mv = _mm256_set1_ps(x[0]);
+    for (; i + 8 <= n; i += 8)
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float mx = _mm_cvtss_f32(h);
+    for (; i < n; i++)
+        mx = fmaxf(mx, x[i]);
+    __m256 vmx = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmx));
+        _mm256_storeu_ps(x + i, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float sum = hsum8(vs);
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += x[i];
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    for (; i < n; i++)
+        x[i] *= 1.0f / sum;
+}
+
+static void av_rmsnorm(float *out, const float *x, const float *w, int n,
+                       float eps)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    for (; i + 8 <= n; i += 8) {
+        __m256 v0 = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+    }
+    float ss = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < n; i++)
+        ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    __m256 vinv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv),
+                                                _mm256_loadu_ps(w + i)));
+    for (; i < n; i++)
+        out[i] = x[i] * inv * w[i];
+}
+
+static void av_swiglu(float *gate, const float *up, int n)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++)
+        gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* Bit exact with kref_dequant_row (same float operations, no FMA). */
+static void av_dequant_row(kt_type t, const void *row, float *out, int64_t n)
+{
+    if (t == KT_F32 || t == KT_F16 || t == KT_BF16) {
+        int kind = t == KT_F32 ? K_F32 : t == KT_F16 ? K_F16 : K_BF16;
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(out + j, load_w8(kind, row, (int)j));
+        for (; j < n; j++)
+            out[j] = load_w1(kind, row, (int)j);
+        return;
+    }
+    for (int64_t b = 0; b < n / KT_QK; b++) {
+        __m256i q;
+        float dd, mm = 0.0f;
+        if (t == KT_Q4_0) {
+            const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b;
+            q = _mm256_sub_epi8(unpack_q4(blk->qs), _mm256_set1_epi8(8));
+            dd = f16(blk->d);
+        } else if (t == KT_Q4_1) {
+            const kt_block_q4_1 *blk = (const kt_block_q4_1 *)row + b;
+            q = unpack_q4(blk->qs);
+            dd = f16(blk->d);
+            mm = f16(blk->m);
+        } else {
+            const kt_block_q8_0 *blk = (const kt_block_q8_0 *)row + b;
+            q = _mm256_loadu_si256((const __m256i *)blk->qs);
+            dd = f16(blk->d);
+        }
+        __m256 vd = _mm256_set1_ps(dd), vm = _mm256_set1_ps(mm);
+        __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        __m128i parts[4] = { lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8) };
+        for (int g = 0; g < 4; g++) {
+            __m256 f = _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[g])));
+            if (t == KT_Q4_1)
+                f = _mm256_add_ps(f, vm);
+            _mm256_storeu_ps(out + b * KT_QK + 8 * g, f);
+        }
+    }
+}
+
+static void av_f32_to_f16(uint16_t *dst, const float *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++)
+        dst[i] = kt_f32_to_f16(src[i]);
+}
+
+const kcpu_ops kcpu_avx2_ops = {
+    .name = "avx2",
+    .quantize_x = av_quantize_x,
+    .mm_quant = av_mm_quant,
+    .mm_float = av_mm_float,
+    .attn_head = av_attn_head,
+    .rmsnorm = av_rmsnorm,
+    .softmax = av_softmax,
+    .swiglu = av_swiglu,
+    .dequant_row = av_dequant_row,
+    .f32_to_f16 = av_f32_to_f16,
+};

@@ -1,0 +1,589 @@
+/*
+ * test_kernels.c - every kcpu op against the kref oracle, on odd and real
+ * (SmolLM2-135M) shapes, random and adversarial values, through both the
+ * SIMD path chosen at run time and the forced scalar path, single-threaded
+ * and on pools of 2 and 3 threads.
+ *
+ * Tolerances are per element: |got - ref| <= ATOL + RTOL*|ref| + MTOL*mag,
+ * where mag = sum_j |w_j| |x_j| is the size of the terms being summed (an f32
+ * sum of n terms can be off by ~n*eps*mag however small the result is). For
+ * Q4_0/Q4_1 the kernels sum d*q*x and the offset (-8d or m) times x as
+ * separate terms, so there |w_j| is |d| q + |offset| (see term_abs_row).
+ * Quantized weight types are checked twice: tightly against kref run on the
+ * activations quantized the same way the kernels do (int8 per 32-block), and
+ * against kref on the exact activations with the bound that quantization
+ * implies, sum_b (amax_b / 254) * sum_{j in b} |w_j|.
+ * Threading: each Criterion test runs in its own process.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "kernels/cpu/kcpu.h"
+#include "kernels/ref/kref.h"
+
+/* f32 accumulation of products (float weights; int8 activations) */
+#define MM_ATOL 1e-6
+#define MM_RTOL 1e-5
+#define MM_MTOL 2e-5
+/* elementwise ops */
+#define EW_ATOL 1e-6
+#define EW_RTOL 2e-6
+/* attention outputs (convex combinations of V rows, |v| <= 1) */
+#define AT_ATOL 2e-6
+#define AT_RTOL 2e-5
+
+/* ---- helpers ---- */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static uint32_t rnd_u32(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+
+/* uniform in [lo, hi) */
+static float rnd_f(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)(rnd_u32() & 0xffffff) / 16777216.0f;
+}
+
+static void fill(float *x, size_t n, float lo, float hi)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = rnd_f(lo, hi);
+}
+
+/* Activations with adversarial content: whole zero blocks, single large
+ * spikes, tiny values, exact halves (rounding ties after quantization). */
+static void fill_adversarial(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        switch (rnd_u32() % 8) {
+        case 0: x[i] = 0.0f; break;
+        case 1: x[i] = rnd_f(-1e4f, 1e4f); break;
+        case 2: x[i] = rnd_f(-1e-6f, 1e-6f); break;
+        case 3: x[i] = (float)((int)(rnd_u32() % 255) - 127) * 0.5f; break;
+        default: x[i] = rnd_f(-2.0f, 2.0f); break;
+        }
+    }
+    for (size_t b = 0; b + 32 <= n; b += 96) /* every third block zero */
+        memset(x + b, 0, 32 * sizeof(float));
+}
+
+static uint16_t rnd_scale_f16(int adversarial)
+{
+    if (adversarial) {
+        switch (rnd_u32() % 4) {
+        case 0: return (uint16_t)(1 + rnd_u32() % 0x3ff);      /* subnormal */
+        case 1: return 0;                                        /* zero */
+        case 2: return kt_f32_to_f16(rnd_f(100.0f, 3000.0f));   /* large */
+        default: break;
+        }
+    }
+    return kt_f32_to_f16(rnd_f(0.001f, 0.05f));
+}
+
+/* Random weight matrix of type t, n_rows x n_cols; caller frees. */
+static void *make_weights(kt_type t, int n_rows, int n_cols, int adversarial)
+{
+    size_t rb = kt_row_bytes(t, n_cols);
+    uint8_t *w = malloc(rb * (size_t)n_rows + 1);
+    cr_assert(w);
+    for (int r = 0; r < n_rows; r++) {
+        uint8_t *row = w + (size_t)r * rb;
+        for (int b = 0; b < n_cols / (int)kt_block_elems(t); b++) {
+            switch (t) {
+            case KT_F32: {
+                float v = adversarial && rnd_u32() % 8 == 0 ? rnd_f(-3e4f, 3e4f)
+                                                            : rnd_f(-1.0f, 1.0f);
+                memcpy(row + 4 * (size_t)b, &v, 4);
+                break;
+            }
+            case KT_F16: {
+                float v = adversarial && rnd_u32() % 8 == 0 ? rnd_f(-6e4f, 6e4f)
+                                                            : rnd_f(-1.0f, 1.0f);
+                uint16_t h = adversarial && rnd_u32() % 8 == 0
+                                 ? (uint16_t)(rnd_u32() % 0x3ff) /* subnormal */
+                                 : kt_f32_to_f16(v);
+                memcpy(row + 2 * (size_t)b, &h, 2);
+                break;
+            }
+            case KT_BF16: {
+                float v = adversarial && rnd_u32() % 8 == 0 ? rnd_f(-1e6f, 1e6f)
+                                                            : rnd_f(-1.0f, 1.0f);
+                uint32_t bits;
+                memcpy(&bits, &v, 4);
+                uint16_t h = (uint16_t)(bits >> 16);
+                memcpy(row + 2 * (size_t)b, &h, 2);
+                break;
+            }
+            case KT_Q4_0: {
+                kt_block_q4_0 *blk = (kt_block_q4_0 *)row + b;
+                blk->d = rnd_scale_f16(adversarial);
+                for (int j = 0; j < 16; j++)
+                    blk->qs[j] = (uint8_t)rnd_u32();
+                break;
+            }
+            case KT_Q4_1: {
+                kt_block_q4_1 *blk = (kt_block_q4_1 *)row + b;
+                blk->d = rnd_scale_f16(adversarial);
+                blk->m = kt_f32_to_f16(-rnd_f(0.0f, 0.4f));
+                if (adversarial && rnd_u32() % 4 == 0)
+                    blk->m = (uint16_t)(0x8000u | (rnd_u32() % 0x3ff));
+                for (int j = 0; j < 16; j++)
+                    blk->qs[j] = (uint8_t)rnd_u32();
+                break;
+            }
+            case KT_Q8_0: {
+                kt_block_q8_0 *blk = (kt_block_q8_0 *)row + b;
+                blk->d = rnd_scale_f16(adversarial);
+                for (int j = 0; j < 32; j++) /* -128 is legal on disk */
+                    blk->qs[j] = (int8_t)(adversarial ? (int)(rnd_u32() % 256) - 128
+                                                      : (int)(rnd_u32() % 255) - 127);
+                break;
+            }
+            }
+        }
+    }
+    return w;
+}
+
+/* Fails the test at the first element outside atol + rtol*|ref| + extra[i]
+ * (extra may be NULL). */
+static void check_close(const char *what, const float *got, const float *ref,
+                        const double *extra, size_t n, double atol, double rtol)
+{
+    for (size_t i = 0; i < n; i++) {
+        double tol = atol + rtol * fabs((double)ref[i]) + (extra ? extra[i] : 0.0);
+        double err = fabs((double)got[i] - (double)ref[i]);
+        if (!(err <= tol))
+            cr_assert_fail("%s: element %zu got %.9g ref %.9g err %.3g tol %.3g",
+                           what, i, (double)got[i], (double)ref[i], err, tol);
+    }
+}
+
+/* The kernels' activation quantization, mirrored (kcpu_impl.h):
+ * d = amax/127, id = d ? 1/d : 0, q = round-half-even(x*id). xq = d*q, and
+ * amax/254 per element (half a step) into half_step. */
+static void quantize_like_kernels(const float *x, float *xq, float *half_step, size_t n)
+{
+    for (size_t b = 0; b < n; b += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++)
+            amax = fmaxf(amax, fabsf(x[b + j]));
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < 32; j++) {
+            xq[b + j] = d * nearbyintf(x[b + j] * id);
+            half_step[b + j] = amax / 254.0f;
+        }
+    }
+}
+
+/* Per element of a weight row, the magnitude of the terms the kernels add
+ * up: |w| for F32/F16/BF16/Q8_0; |d| q + 8|d| for Q4_0 (q unsigned nibble)
+ * and |d| q + |m| for Q4_1. */
+static void term_abs_row(kt_type t, const void *row, float *out, int n)
+{
+    kref_dequant_row(t, row, out, n);
+    for (int i = 0; i < n; i++)
+        out[i] = fabsf(out[i]);
+    if (t != KT_Q4_0 && t != KT_Q4_1)
+        return;
+    for (int b = 0; b < n / 32; b++) {
+        const uint8_t *qs;
+        float d, off;
+        if (t == KT_Q4_0) {
+            const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b;
+            qs = blk->qs;
+            d = fabsf(kt_f16_to_f32(blk->d));
+            off = 8.0f * d;
+        } else {
+            const kt_block_q4_1 *blk = (const kt_block_q4_1 *)row + b;
+            qs = blk->qs;
+            d = fabsf(kt_f16_to_f32(blk->d));
+            off = fabsf(kt_f16_to_f32(blk->m));
+        }
+        for (int j = 0; j < 16; j++) {
+            out[b * 32 + j] = d * (float)(qs[j] & 15) + off;
+            out[b * 32 + j + 16] = d * (float)(qs[j] >> 4) + off;
+        }
+    }
+}
+
+typedef struct { int n_rows, n_cols, n_tok; } mm_shape;
+
+/* Runs one matmul case on every path and pool size and checks it. */
+static void check_matmul(kt_type t, mm_shape s, int adversarial, kcpu_pool **pools, int n_pools)
+{
+    int quant = kt_block_elems(t) == KT_QK;
+    size_t nx = (size_t)s.n_tok * (size_t)s.n_cols, ny = (size_t)s.n_tok * (size_t)s.n_rows;
+    void *W = make_weights(t, s.n_rows, s.n_cols, adversarial);
+    float *x = malloc(nx * sizeof(float)), *xq = malloc(nx * sizeof(float));
+    float *hs = malloc(nx * sizeof(float)), *wrow = malloc((size_t)s.n_cols * sizeof(float));
+    float *wabs = malloc((size_t)s.n_cols * sizeof(float));
+    float *ref = malloc(ny * sizeof(float)), *refq = malloc(ny * sizeof(float));
+    float *got = malloc(ny * sizeof(float));
+    double *mag = malloc(ny * sizeof(double)), *qb = malloc(ny * sizeof(double));
+    void *ws = malloc(kcpu_matmul_scratch_bytes(t, s.n_cols, s.n_tok) + 1);
+    cr_assert(x && xq && hs && wrow && wabs && ref && refq && got && mag && qb && ws);
+    if (adversarial)
+        fill_adversarial(x, nx);
+    else
+        fill(x, nx, -2.0f, 2.0f);
+    kref_matmul(t, W, x, ref, s.n_rows, s.n_cols, s.n_tok);
+    if (quant) {
+        quantize_like_kernels(x, xq, hs, nx);
+        kref_matmul(t, W, xq, refq, s.n_rows, s.n_cols, s.n_tok);
+    }
+    size_t rb = kt_row_bytes(t, s.n_cols);
+    for (int r = 0; r < s.n_rows; r++) {
+        kref_dequant_row(t, (const char *)W + (size_t)r * rb, wrow, s.n_cols);
+        term_abs_row(t, (const char *)W + (size_t)r * rb, wabs, s.n_cols);
+        for (int k = 0; k < s.n_tok; k++) {
+            double m = 0.0, b = 0.0;
+            for (int j = 0; j < s.n_cols; j++) {
+                size_t xi = (size_t)k * (size_t)s.n_cols + (size_t)j;
+                m += (double)wabs[j] * fabs((double)x[xi]);
+                if (quant)
+                    b += fabs((double)wrow[j]) * (double)hs[xi];
+            }
+            size_t yi = (size_t)k * (size_t)s.n_rows + (size_t)r;
+            mag[yi] = MM_MTOL * m;
+            qb[yi] = MM_MTOL * m + 1.001 * b;
+        }
+    }
+    char what[160];
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        for (int pi = 0; pi < n_pools; pi++) {
+            for (size_t i = 0; i < ny; i++)
+                got[i] = NAN;
+            kcpu_matmul(pools[pi], t, W, x, got, s.n_rows, s.n_cols, s.n_tok, ws);
+            snprintf(what, sizeof what, "matmul %s %s%s rows %d cols %d tok %d threads %d",
+                     kt_name(t), kcpu_simd_name(), adversarial ? " adversarial" : "",
+                     s.n_rows, s.n_cols, s.n_tok, kcpu_pool_size(pools[pi]));
+            if (quant) {
+                check_close(what, got, refq, mag, ny, MM_ATOL, MM_RTOL);
+                check_close(what, got, ref, qb, ny, MM_ATOL, MM_RTOL);
+            } else {
+                check_close(what, got, ref, mag, ny, MM_ATOL, MM_RTOL);
+            }
+        }
+    }
+    kcpu_force_scalar(0);
+    free(W); free(x); free(xq); free(hs); free(wrow); free(wabs); free(ref); free(refq);
+    free(got); free(mag); free(qb); free(ws);
+}
+
+static void matmul_suite(kt_type t)
+{
+    static const int cols_q[] = { 32, 64, 576, 1536 };
+    static const int cols_f[] = { 7, 37, 64, 576, 1536 };
+    static const int rows[] = { 1, 3, 7, 192, 576 };
+    static const int toks[] = { 1, 2, 5, 17 };
+    int quant = kt_block_elems(t) == KT_QK;
+    const int *cols = quant ? cols_q : cols_f;
+    int n_cols = quant ? 4 : 5;
+    kcpu_pool *pools[3] = { NULL, NULL, NULL };
+    cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
+    cr_assert(kcpu_pool_create(3, &pools[2]) == 0);
+    for (int ci = 0; ci < n_cols; ci++)
+        for (int ri = 0; ri < 5; ri++)
+            for (int ti = 0; ti < 4; ti++) {
+                mm_shape s = { rows[ri], cols[ci], toks[ti] };
+                if ((double)s.n_rows * s.n_cols * s.n_tok > 3e6)
+                    continue; /* the biggest ones are covered below */
+                check_matmul(t, s, 0, pools, 3);
+                if ((ri + ti) % 2 == 0)
+                    check_matmul(t, s, 1, pools, 3);
+            }
+    /* real SmolLM2 shapes, prompt-sized batch */
+    check_matmul(t, (mm_shape){ 576, 1536, 17 }, 0, pools, 3);
+    check_matmul(t, (mm_shape){ 1536, 576, 9 }, 1, pools, 3);
+    kcpu_pool_destroy(pools[1]);
+    kcpu_pool_destroy(pools[2]);
+}
+
+Test(matmul, f32, .timeout = 240) { matmul_suite(KT_F32); }
+Test(matmul, f16, .timeout = 240) { matmul_suite(KT_F16); }
+Test(matmul, bf16, .timeout = 240) { matmul_suite(KT_BF16); }
+Test(matmul, q4_0, .timeout = 240) { matmul_suite(KT_Q4_0); }
+Test(matmul, q4_1, .timeout = 240) { matmul_suite(KT_Q4_1); }
+Test(matmul, q8_0, .timeout = 240) { matmul_suite(KT_Q8_0); }
+
+/* The output-head shape with Q8_0 weights, 2 tokens (the vocab dimension
+ * exercises many work items per thread). */
+Test(matmul, q8_0_vocab_rows, .timeout = 240)
+{
+    kcpu_pool *pools[2] = { NULL, NULL };
+    cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
+    check_matmul(KT_Q8_0, (mm_shape){ 4099, 576, 2 }, 0, pools, 2);
+    kcpu_pool_destroy(pools[1]);
+}
+
+/* ---- dequant_row: bit exact ---- */
+
+Test(dequant_row, all_types_bit_exact)
+{
+    static const kt_type types[] = { KT_F32, KT_F16, KT_BF16, KT_Q4_0, KT_Q4_1, KT_Q8_0 };
+    static const int ns[] = { 32, 64, 96, 576, 1536 };
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        for (int ti = 0; ti < 6; ti++)
+            for (int ni = 0; ni < 5; ni++)
+                for (int adv = 0; adv < 2; adv++) {
+                    kt_type t = types[ti];
+                    int n = ns[ni] + (kt_block_elems(t) == 1 ? ni : 0); /* odd n for floats */
+                    void *w = make_weights(t, 1, n, adv);
+                    float *a = malloc((size_t)n * sizeof(float));
+                    float *b = malloc((size_t)n * sizeof(float));
+                    kref_dequant_row(t, w, a, n);
+                    kcpu_dequant_row(t, w, b, n);
+                    for (int i = 0; i < n; i++)
+                        cr_assert(memcmp(&a[i], &b[i], 4) == 0,
+                                  "dequant %s %s n %d elem %d: %.9g vs %.9g", kt_name(t),
+                                  kcpu_simd_name(), n, i, (double)b[i], (double)a[i]);
+                    free(w); free(a); free(b);
+                }
+    }
+    kcpu_force_scalar(0);
+}
+
+/* ---- elementwise ops ---- */
+
+static const int ew_sizes[] = { 1, 5, 7, 8, 9, 16, 64, 100, 576, 1536, 4097 };
+#define N_EW (int)(sizeof ew_sizes / sizeof ew_sizes[0])
+
+Test(ops, rmsnorm)
+{
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        for (int si = 0; si < N_EW; si++)
+            for (int adv = 0; adv < 2; adv++) {
+                int n = ew_sizes[si];
+                float *x = malloc((size_t)n * 4), *w = malloc((size_t)n * 4);
+                float *a = malloc((size_t)n * 4), *b = malloc((size_t)n * 4);
+                if (adv)
+                    fill_adversarial(x, (size_t)n);
+                else
+                    fill(x, (size_t)n, -3.0f, 3.0f);
+                fill(w, (size_t)n, 0.5f, 1.5f);
+                kref_rmsnorm(a, x, w, n, 1e-5f);
+                kcpu_rmsnorm(b, x, w, n, 1e-5f);
+                check_close("rmsnorm", b, a, NULL, (size_t)n, EW_ATOL, 1e-5);
+                memcpy(b, x, (size_t)n * 4); /* in place */
+                kcpu_rmsnorm(b, b, w, n, 1e-5f);
+                check_close("rmsnorm in place", b, a, NULL, (size_t)n, EW_ATOL, 1e-5);
+                free(x); free(w); free(a); free(b);
+            }
+    }
+    kcpu_force_scalar(0);
+}
+
+Test(ops, softmax)
+{
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        for (int si = 0; si < N_EW; si++)
+            for (int mode = 0; mode < 3; mode++) {
+                int n = ew_sizes[si];
+                float *a = malloc((size_t)n * 4), *b = malloc((size_t)n * 4);
+                if (mode == 0)
+                    fill(a, (size_t)n, -5.0f, 5.0f);
+                else if (mode == 1)
+                    fill(a, (size_t)n, -200.0f, 50.0f); /* many underflow to 0 */
+                else
+                    for (int i = 0; i < n; i++)    /* all equal, huge offset */
+                        a[i] = 1e4f;
+                memcpy(b, a, (size_t)n * 4);
+                kref_softmax(a, n);
+                kcpu_softmax(b, n);
+                check_close("softmax", b, a, NULL, (size_t)n, EW_ATOL, 1e-5);
+                free(a); free(b);
+            }
+    }
+    kcpu_force_scalar(0);
+}
+
+Test(ops, swiglu)
+{
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        for (int si = 0; si < N_EW; si++) {
+            int n = ew_sizes[si];
+            float *g = malloc((size_t)n * 4), *u = malloc((size_t)n * 4);
+            float *a = malloc((size_t)n * 4);
+            fill(g, (size_t)n, -120.0f, 120.0f);
+            for (int i = 0; i < n; i += 3)
+                g[i] = rnd_f(-4.0f, 4.0f);
+            if (n > 2)
+                g[1] = 0.0f;
+            fill(u, (size_t)n, -3.0f, 3.0f);
+            memcpy(a, g, (size_t)n * 4);
+            kref_swiglu(a, u, n);
+            kcpu_swiglu(g, u, n);
+            check_close("swiglu", g, a, NULL, (size_t)n, EW_ATOL, 1e-5);
+            free(g); free(u); free(a);
+        }
+    }
+    kcpu_force_scalar(0);
+}
+
+Test(ops, rope)
+{
+    static const int pos[] = { 0, 1, 17, 1000, 8191, 100000 };
+    static const struct { int n_heads, head_dim, n_rot; } shapes[] = {
+        { 9, 64, 64 }, { 3, 64, 64 }, { 4, 128, 64 }, { 2, 8, 8 }, { 1, 48, 32 },
+    };
+    static const float thetas[] = { 10000.0f, 100000.0f, 500000.0f };
+    for (int si = 0; si < 5; si++)
+        for (int pi = 0; pi < 6; pi++)
+            for (int th = 0; th < 3; th++)
+                for (int fs = 0; fs < 2; fs++) {
+                    int n = shapes[si].n_heads * shapes[si].head_dim;
+                    float *a = malloc((size_t)n * 4), *b = malloc((size_t)n * 4);
+                    fill(a, (size_t)n, -4.0f, 4.0f);
+                    memcpy(b, a, (size_t)n * 4);
+                    float fscale = fs ? 0.25f : 1.0f;
+                    kref_rope(a, shapes[si].n_heads, shapes[si].head_dim, shapes[si].n_rot,
+                              pos[pi], thetas[th], fscale);
+                    kcpu_rope(b, shapes[si].n_heads, shapes[si].head_dim, shapes[si].n_rot,
+                              pos[pi], thetas[th], fscale);
+                    /* |x| <= 4; float rotation of a pair: a few ulp of 4 */
+                    check_close("rope", b, a, NULL, (size_t)n, 4e-6, 1e-6);
+                    free(a); free(b);
+                }
+}
+
+Test(ops, f32_to_f16_bit_exact)
+{
+    enum { N = 100003 };
+    float *x = malloc(N * sizeof(float));
+    uint16_t *h = malloc(N * sizeof(uint16_t));
+    for (int i = 0; i < N; i++) {
+        uint32_t bits = rnd_u32() << 16 ^ rnd_u32();
+        switch (i % 4) {
+        case 0: /* any finite float */
+            bits &= 0xff7fffffu;
+            break;
+        case 1: /* around the half range, subnormals included */
+            bits = (bits & 0x807fffffu) | ((uint32_t)(100 + rnd_u32() % 45) << 23);
+            break;
+        case 2: { /* exact ties between two halfs */
+            float f = kt_f16_to_f32((uint16_t)(rnd_u32() & 0x7bff));
+            memcpy(&bits, &f, 4);
+            bits |= 0x1000u;
+            bits &= ~0xfffu;
+            break;
+        }
+        default: /* ordinary activations */
+            {
+                float f = rnd_f(-10.0f, 10.0f);
+                memcpy(&bits, &f, 4);
+            }
+        }
+        memcpy(&x[i], &bits, 4);
+    }
+    x[0] = INFINITY; x[1] = -INFINITY; x[2] = 65520.0f; x[3] = 65519.0f;
+    x[4] = -0.0f; x[5] = 5.96e-8f; x[6] = 2.98e-8f; x[7] = NAN;
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        kcpu_f32_to_f16(h, x, N);
+        for (int i = 0; i < N; i++) {
+            uint16_t want = kt_f32_to_f16(x[i]);
+            if (isnan(x[i]))
+                cr_assert((h[i] & 0x7c00u) == 0x7c00u && (h[i] & 0x3ffu),
+                          "%s: NaN must stay NaN", kcpu_simd_name());
+            else
+                cr_assert(h[i] == want, "%s: f16(%.9g) = %04x, want %04x",
+                          kcpu_simd_name(), (double)x[i], h[i], want);
+        }
+    }
+    kcpu_force_scalar(0);
+    free(x); free(h);
+}
+
+/* ---- attention ---- */
+
+static void check_attention(int n_head, int n_kv, int head_dim, int pos0, int n_q,
+                            int pad, kcpu_pool **pools, int n_pools)
+{
+    int n_ctx = pos0 + n_q;
+    size_t kv_stride = (size_t)n_kv * (size_t)head_dim + (size_t)pad;
+    size_t nq = (size_t)n_q * (size_t)n_head * (size_t)head_dim;
+    uint16_t *k = malloc((size_t)n_ctx * kv_stride * 2), *v = malloc((size_t)n_ctx * kv_stride * 2);
+    float *q = malloc(nq * 4), *ref = malloc(nq * 4), *got = malloc(nq * 4);
+    float *sc = malloc((size_t)n_ctx * 4);
+    void *ws = malloc(kcpu_attn_scratch_bytes(3, n_ctx));
+    cr_assert(k && v && q && ref && got && sc && ws);
+    for (size_t i = 0; i < (size_t)n_ctx * kv_stride; i++) {
+        k[i] = kt_f32_to_f16(rnd_f(-1.0f, 1.0f));
+        v[i] = kt_f32_to_f16(rnd_f(-1.0f, 1.0f));
+    }
+    fill(q, nq, -1.5f, 1.5f);
+    float scale = 1.0f / sqrtf((float)head_dim);
+    size_t qs = (size_t)n_head * (size_t)head_dim;
+    for (int j = 0; j < n_q; j++)
+        kref_attn_f16(ref + j * qs, q + j * qs, k, v, kv_stride, pos0 + j + 1, n_head,
+                      n_kv, head_dim, scale, sc);
+    char what[128];
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        for (int pi = 0; pi < n_pools; pi++) {
+            for (size_t i = 0; i < nq; i++)
+                got[i] = NAN;
+            kcpu_attn_f16(pools[pi], got, q, k, v, kv_stride, pos0, n_q, n_head, n_kv,
+                          head_dim, scale, ws);
+            snprintf(what, sizeof what, "attn %s heads %d/%d dim %d pos0 %d n_q %d threads %d",
+                     kcpu_simd_name(), n_head, n_kv, head_dim, pos0, n_q,
+                     kcpu_pool_size(pools[pi]));
+            check_close(what, got, ref, NULL, nq, AT_ATOL, AT_RTOL);
+        }
+    }
+    kcpu_force_scalar(0);
+    free(k); free(v); free(q); free(ref); free(got); free(sc); free(ws);
+}
+
+Test(attention, gqa_shapes, .timeout = 240)
+{
+    static const struct { int n_head, n_kv, head_dim; } shapes[] = {
+        { 9, 3, 64 }, { 8, 4, 8 }, { 6, 6, 48 }, { 4, 2, 12 }, { 2, 1, 128 },
+    };
+    static const struct { int pos0, n_q; } spans[] = {
+        { 0, 1 }, { 0, 3 }, { 5, 1 }, { 7, 17 }, { 37, 4 }, { 300, 1 }, { 0, 40 },
+    };
+    kcpu_pool *pools[3] = { NULL, NULL, NULL };
+    cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
+    cr_assert(kcpu_pool_create(3, &pools[2]) == 0);
+    for (int si = 0; si < 5; si++)
+        for (int pi = 0; pi < 7; pi++)
+            check_attention(shapes[si].n_head, shapes[si].n_kv, shapes[si].head_dim,
+                            spans[pi].pos0, spans[pi].n_q, pi % 2 ? 8 : 0, pools, 3);
+    kcpu_pool_destroy(pools[1]);
+    kcpu_pool_destroy(pools[2]);
+}
+
+Test(attention, long_context_decode, .timeout = 240)
+{
+    kcpu_pool *pools[2] = { NULL, NULL };
+    cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
+    check_attention(9, 3, 64, 4000, 1, 0, pools, 2);
+    check_attention(9, 3, 64, 1000, 8, 0, pools, 2);
+    kcpu_pool_destroy(pools[1]);
+}
+
+Test(dispatch, names)
+{
+    kcpu_force_scalar(1);
+    cr_assert_str_eq(kcpu_simd_name(), "scalar");
+    kcpu_force_scalar(0);
+    const char *n = kcpu_simd_name();
+    cr_assert(strcmp(n, "avx2") == 0 || strcmp(n, "scalar") == 0);
+    cr_log_info("kcpu back end: %s", n);
+}
