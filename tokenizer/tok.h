@@ -5,8 +5,15 @@
  *
  * A tok_tokenizer is immutable after creation: encode/decode may be called
  * from any number of threads at once. A tok_decoder is per-stream state.
- * Errors: functions return 0 on success, negative on failure, and write a
+ * Errors: functions return 0 on success, negative on failure (a negated
+ * errno value: -EINVAL, -ENOMEM, -EIO, -ENOTSUP, -ENOSPC, ...), and write a
  * one-line reason into err[errlen] when err is not NULL.
+ *
+ * Reference behaviour (checked by tests/tokenizer): SPM encodes exactly like
+ * libsentencepiece's BPE model (except that invalid UTF-8 bytes go through
+ * byte fallback instead of becoming U+FFFD); GPT-2 exactly like HF
+ * tokenizers for the "smollm", "gpt2" and "llama-bpe" families. A byte whose
+ * GPT-2 character is missing from the vocab is dropped, as HF drops it.
  */
 #ifndef LKQ_TOK_H
 #define LKQ_TOK_H
@@ -90,7 +97,9 @@ int tok_piece(const tok_tokenizer *t, int32_t id, int render_special,
 
 /* Streaming decoder: turns ids into valid UTF-8 text as they come, holding
  * back an incomplete multi-byte character until its last byte arrives and
- * dropping the SPM leading space of the first piece. */
+ * dropping the SPM leading space of the first piece. A caller that decodes
+ * a continuation of text already shown (e.g. generated tokens after a
+ * prompt) sets d.first = 0 after tok_decoder_init to keep that space. */
 typedef struct {
     const tok_tokenizer *t;
     unsigned char pending[8];
@@ -102,7 +111,8 @@ typedef struct {
 void tok_decoder_init(tok_decoder *d, const tok_tokenizer *t, int render_special);
 /* Appends the text completed by id to out (at most cap bytes, NUL
  * terminated when cap > 0); returns bytes written (without NUL). Invalid
- * byte sequences come out as U+FFFD. */
+ * byte sequences come out as U+FFFD. Text past cap - 1 is lost: a cap of
+ * 3 * (piece length + 4) + 1 always suffices (tok_piece gives the length). */
 size_t tok_decoder_push(tok_decoder *d, int32_t id, char *out, size_t cap);
 /* Emits what is still pending (as U+FFFD for an incomplete character). */
 size_t tok_decoder_flush(tok_decoder *d, char *out, size_t cap);
