@@ -62,17 +62,21 @@ static int is_quant(kt_type t)
     return t == KT_Q4_0 || t == KT_Q4_1 || t == KT_Q8_0;
 }
 
-/* Quantized-x scratch: [64 slack][qs n_tok*n_cols][d n_tok*nb][sT nb*n_tok+8],
- * each section 64-byte aligned. Float weight types need none. */
+/* Quantized-x scratch (layout in kcpu_impl.h), n_tok rounded up to whole
+ * token groups: [64 slack][qs][d][s], each section 64-byte aligned. Float
+ * weight types need none. */
+static size_t q8x_slots(int n_cols, int n_tok)
+{
+    size_t groups = ((size_t)n_tok + KCPU_XG - 1) / KCPU_XG;
+    return groups * KCPU_XG * ((size_t)n_cols / KT_QK); /* blocks */
+}
+
 size_t kcpu_matmul_scratch_bytes(kt_type t, int n_cols, int n_tok)
 {
     if (!is_quant(t) || n_cols <= 0 || n_tok <= 0)
         return 0;
-    size_t nb = (size_t)n_cols / KT_QK;
-    size_t qs = ALIGN_UP((size_t)n_tok * nb * KT_QK, 64);
-    size_t d = ALIGN_UP((size_t)n_tok * nb * sizeof(float), 64);
-    size_t s = ALIGN_UP(((size_t)n_tok * nb + 8) * sizeof(float), 64);
-    return 64 + qs + d + s;
+    size_t nblk = q8x_slots(n_cols, n_tok);
+    return 64 + ALIGN_UP(nblk * KT_QK, 64) + 2 * ALIGN_UP(nblk * sizeof(float), 64);
 }
 
 typedef struct {
@@ -85,7 +89,7 @@ typedef struct {
     int n_rows, n_cols, n_tok;
     kcpu_q8x xq;
     int8_t *qs; /* writable views of xq for the quantize task */
-    float *d, *sT;
+    float *d, *s;
     int chunk;           /* rows per work item */
     atomic_int next;     /* next work item */
 } mm_ctx;
@@ -93,11 +97,12 @@ typedef struct {
 static void quantize_task(void *arg, int ith, int nth)
 {
     mm_ctx *c = arg;
-    int nb = c->xq.nb;
-    for (int k = ith; k < c->n_tok; k += nth)
-        c->ops->quantize_x(c->x + (size_t)k * (size_t)c->n_cols, c->n_cols,
-                           c->qs + (size_t)k * (size_t)c->n_cols,
-                           c->d + (size_t)k * (size_t)nb, c->sT + k, c->n_tok);
+    float smul = c->t == KT_Q4_0 ? -8.0f : 1.0f;
+    for (int k = ith; k < c->n_tok; k += nth) {
+        size_t i = kcpu_q8x_index(c->xq.nb, k, 0);
+        c->ops->quantize_x(c->x + (size_t)k * (size_t)c->n_cols, c->n_cols, smul,
+                           c->qs + i * KT_QK, c->d + i, c->s + i);
+    }
 }
 
 static void mm_task(void *arg, int ith, int nth)
@@ -152,15 +157,20 @@ void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
     atomic_init(&c.next, 0);
     if (is_quant(t)) {
         int nb = n_cols / KT_QK;
+        size_t nblk = q8x_slots(n_cols, n_tok);
         char *base = (char *)ALIGN_UP((uintptr_t)ws, 64);
         c.qs = (int8_t *)base;
-        base += ALIGN_UP((size_t)n_tok * (size_t)n_cols, 64);
+        base += ALIGN_UP(nblk * KT_QK, 64);
         c.d = (float *)base;
-        base += ALIGN_UP((size_t)n_tok * (size_t)nb * sizeof(float), 64);
-        c.sT = (float *)base;
-        for (int i = 0; i < 8; i++) /* padding read by 4-token tiles */
-            c.sT[(size_t)n_tok * (size_t)nb + (size_t)i] = 0.0f;
-        c.xq = (kcpu_q8x){ c.qs, c.d, c.sT, nb, n_tok };
+        base += ALIGN_UP(nblk * sizeof(float), 64);
+        c.s = (float *)base;
+        for (int k = n_tok; k % KCPU_XG; k++) /* zero the padding tokens */
+            for (int b = 0; b < nb; b++) {
+                size_t i = kcpu_q8x_index(nb, k, b);
+                memset(c.qs + i * KT_QK, 0, KT_QK);
+                c.d[i] = c.s[i] = 0.0f;
+            }
+        c.xq = (kcpu_q8x){ c.qs, c.d, c.s, nb, n_tok };
         if (n_tok == 1 || nth == 1)
             quantize_task(&c, 0, 1);
         else

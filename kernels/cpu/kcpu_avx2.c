@@ -6,8 +6,9 @@
  *
  * Matmul: tiles of RM weight rows x TN tokens. A weight block (32 elements)
  * is unpacked once per tile and used against TN tokens, so prompt processing
- * is compute-bound; single tokens (gemv) use 4-row tiles that share each
- * activation block across rows and keep 4 independent accumulator chains.
+ * is compute-bound; single tokens (gemv) use small row tiles that share each
+ * activation block across rows, with software prefetch of the rows ahead so
+ * the weight stream from DRAM keeps up (gemv is bandwidth-bound).
  * Quantized weights meet int8 activations (see kcpu_impl.h): maddubs
  * (u8 x s8 -> s16 pairs) then madd with ones (-> s32), converted to f32 and
  * scaled per block. Q4 nibbles are used as unsigned 0..15, the "-8" of Q4_0
@@ -23,12 +24,20 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* Tile shapes: multi-token (MT_RM rows x MT_TN tokens) and gemv. */
-#define MT_RM 2
-#define MT_TN 4
-#define GV_RM 4
+/* Tile shapes: multi-token MT_RM rows x MT_TN tokens, gemv GV_RM rows, and
+ * the gemv software prefetch distance in tiles (0: off). Chosen by
+ * measurement on Zen 3 (see bench/bench_kernels.c): 4x4 tiles keep the
+ * multiply ports busy despite some accumulator spills; 2-row gemv tiles with
+ * a prefetch 4 rows ahead stream from DRAM best. */
+#ifndef MT_RM
+#define MT_RM 4
+#endif
+#define MT_TN KCPU_XG
+#ifndef GV_RM
+#define GV_RM 2
+#endif
 #ifndef GV_PF
-#define GV_PF 0
+#define GV_PF 2
 #endif
 #define MAXR 4
 #define MAXT 4
@@ -88,8 +97,8 @@ AI __m256 exp8(__m256 x)
 
 /* ---- activation quantization ---- */
 
-static void av_quantize_x(const float *x, int n_cols, int8_t *qs, float *d,
-                          float *s, int s_stride)
+static void av_quantize_x(const float *x, int n_cols, float smul, int8_t *qs,
+                          float *d, float *s)
 {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -115,9 +124,10 @@ static void av_quantize_x(const float *x, int n_cols, int8_t *qs, float *d,
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        _mm256_storeu_si256((__m256i *)(qs + b * KT_QK), _mm256_permutevar8x32_epi32(p, perm));
-        d[b] = db;
-        s[(size_t)b * (size_t)s_stride] = db * (float)_mm_cvtsi128_si32(s4);
+        _mm256_storeu_si256((__m256i *)(qs + b * KCPU_XG * KT_QK),
+                            _mm256_permutevar8x32_epi32(p, perm));
+        d[b * KCPU_XG] = db;
+        s[b * KCPU_XG] = smul * db * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
@@ -126,13 +136,21 @@ static void av_quantize_x(const float *x, int n_cols, int8_t *qs, float *d,
 /* 32 nibbles of a Q4 block as bytes 0..15, in element order. */
 AI __m256i unpack_q4(const uint8_t *qs)
 {
-    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
-    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    v = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
 }
 
-/* y for rows r..r+RM-1, tokens t0..t0+TN-1 (RM, TN compile-time after
- * inlining; the accumulators then live in registers). */
+/* fp16 scale at p, converted and broadcast to 8 lanes */
+AI __m256 bcast_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_set1_epi16((short)*p));
+}
+
+/* y for rows r..r+RM-1, tokens t0..t0+TN-1 (t0 a multiple of KCPU_XG; RM,
+ * TN compile-time after inlining, so the accumulators live in registers).
+ * The block-sum term (Q4 offsets) is accumulated for all KCPU_XG tokens of
+ * the group at once in a 128-bit vector; lanes >= TN are ignored. */
 AI void tile_q(const int kind, const int RM, const int TN, const char *W,
                size_t row_bytes, const kcpu_q8x *xq, float *y, int n_rows,
                int r, int t0)
@@ -141,12 +159,14 @@ AI void tile_q(const int kind, const int RM, const int TN, const char *W,
     __m128 macc[MAXR];
     const __m256i ones = _mm256_set1_epi16(1);
     const int nb = xq->nb;
-    const size_t ldq = (size_t)nb * KT_QK;
-    const int8_t *xqs = xq->qs + (size_t)t0 * ldq;
-    const float *xd = xq->d + (size_t)t0 * (size_t)nb;
-    const float *sT = xq->sT + t0;
+    const size_t g0 = (size_t)(t0 / KCPU_XG) * (size_t)nb * KCPU_XG;
+    const int8_t *xg = xq->qs + g0 * KT_QK;
+    const float *dg = xq->d + g0;
+    const float *sg = xq->s + g0;
+    const char *rows[MAXR];
 #pragma GCC unroll 4
     for (int i = 0; i < RM; i++) {
+        rows[i] = W + (size_t)(r + i) * row_bytes;
         macc[i] = _mm_setzero_ps();
 #pragma GCC unroll 4
         for (int t = 0; t < TN; t++)
@@ -155,35 +175,38 @@ AI void tile_q(const int kind, const int RM, const int TN, const char *W,
     for (int b = 0; b < nb; b++) {
         __m256i wq[MAXR], wsg[MAXR];
         __m256 wd[MAXR];
+        __m128 s4 = kind == K_Q8_0 ? _mm_setzero_ps() : _mm_loadu_ps(sg + (size_t)b * KCPU_XG);
 #pragma GCC unroll 4
         for (int i = 0; i < RM; i++) {
-            const char *row = W + (size_t)(r + i) * row_bytes;
-            if (TN == 1 && GV_PF)
-                _mm_prefetch(row + (size_t)(GV_PF * RM) * row_bytes + (size_t)b * 34, _MM_HINT_T0);
+            if (TN == 1 && GV_PF) /* gemv: stream the weights ahead */
+                _mm_prefetch(rows[i] + (size_t)(GV_PF * RM) * row_bytes +
+                             (size_t)b * (kind == K_Q8_0 ? 34 : kind == K_Q4_1 ? 20 : 18),
+                             _MM_HINT_T0);
             if (kind == K_Q4_0) {
-                const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b;
-                float dd = f16(blk->d);
+                const kt_block_q4_0 *blk = (const kt_block_q4_0 *)rows[i] + b;
                 wq[i] = unpack_q4(blk->qs);
-                wd[i] = _mm256_set1_ps(dd);
-                macc[i] = _mm_fmadd_ps(_mm_set1_ps(-8.0f * dd),
-                                       _mm_loadu_ps(sT + (size_t)b * (size_t)xq->n_tok), macc[i]);
+                wd[i] = bcast_f16(&blk->d);
+                /* s carries the -8 (smul), so the factor is d */
+                macc[i] = _mm_fmadd_ps(_mm256_castps256_ps128(wd[i]), s4, macc[i]);
             } else if (kind == K_Q4_1) {
-                const kt_block_q4_1 *blk = (const kt_block_q4_1 *)row + b;
+                const kt_block_q4_1 *blk = (const kt_block_q4_1 *)rows[i] + b;
+                uint32_t dm_bits;
+                memcpy(&dm_bits, blk, 4); /* d and m side by side */
+                __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm_bits));
                 wq[i] = unpack_q4(blk->qs);
-                wd[i] = _mm256_set1_ps(f16(blk->d));
-                macc[i] = _mm_fmadd_ps(_mm_set1_ps(f16(blk->m)),
-                                       _mm_loadu_ps(sT + (size_t)b * (size_t)xq->n_tok), macc[i]);
+                wd[i] = _mm256_broadcastss_ps(dm);
+                macc[i] = _mm_fmadd_ps(_mm_permute_ps(dm, 0x55), s4, macc[i]);
             } else {
-                const kt_block_q8_0 *blk = (const kt_block_q8_0 *)row + b;
+                const kt_block_q8_0 *blk = (const kt_block_q8_0 *)rows[i] + b;
                 wsg[i] = _mm256_loadu_si256((const __m256i *)blk->qs);
                 wq[i] = _mm256_sign_epi8(wsg[i], wsg[i]); /* |w| as u8 */
-                wd[i] = _mm256_set1_ps(f16(blk->d));
+                wd[i] = bcast_f16(&blk->d);
             }
         }
 #pragma GCC unroll 4
         for (int t = 0; t < TN; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xqs + (size_t)t * ldq + (size_t)b * KT_QK));
-            __m256 dx = _mm256_broadcast_ss(xd + (size_t)t * (size_t)nb + b);
+            __m256i xv = _mm256_load_si256((const __m256i *)(xg + ((size_t)b * KCPU_XG + (size_t)t) * KT_QK));
+            __m256 dx = _mm256_broadcast_ss(dg + (size_t)b * KCPU_XG + (size_t)t);
 #pragma GCC unroll 4
             for (int i = 0; i < RM; i++) {
                 __m256i xs = kind == K_Q8_0 ? _mm256_sign_epi8(xv, wsg[i]) : xv;
@@ -198,8 +221,7 @@ AI void tile_q(const int kind, const int RM, const int TN, const char *W,
         _mm_storeu_ps(m, macc[i]);
 #pragma GCC unroll 4
         for (int t = 0; t < TN; t++)
-            y[(size_t)(t0 + t) * (size_t)n_rows + (size_t)(r + i)] =
-                hsum8(acc[i][t]) + (kind == K_Q8_0 ? 0.0f : m[t]);
+            y[(size_t)(t0 + t) * (size_t)n_rows + (size_t)(r + i)] = hsum8(acc[i][t]) + m[t];
     }
 }
 

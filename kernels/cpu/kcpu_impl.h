@@ -13,29 +13,41 @@
 #include "kernels/ktypes.h"
 
 /* Activations quantized to int8 per 32-element block, for integer dot
- * products against Q4_0 / Q4_1 / Q8_0 weights:
- *   x[t][b*32 + j] ~= d[t*nb + b] * qs[t*ldq + b*32 + j]
- *   sT[b*n_tok + t] = d[t*nb + b] * sum_j qs[...]   (block-major so that a
- *   tile of consecutive tokens reads consecutive floats; 8 floats of padding
- *   follow the array). */
+ * products against Q4_0 / Q4_1 / Q8_0 weights. Tokens are packed in groups
+ * of KCPU_XG so that a tile of up to KCPU_XG tokens finds the data of one
+ * block side by side: for token t = g*KCPU_XG + u and block b, with
+ * i = (g*nb + b)*KCPU_XG + u (kcpu_q8x_index):
+ *   x[t][b*32 + j] ~= d[i] * qs[i*32 + j]
+ *   s[i] = smul * d[i] * sum_j qs[i*32 + j]
+ * where smul is -8 for Q4_0 weights (their "q - 8") and 1 otherwise.
+ * Padding tokens of the last group are all zero. */
+#define KCPU_XG 4
+
 typedef struct {
     const int8_t *qs;
     const float *d;
-    const float *sT;
+    const float *s;
     int nb;    /* blocks per token row (n_cols / 32) */
     int n_tok;
 } kcpu_q8x;
 
+static inline size_t kcpu_q8x_index(int nb, int t, int b)
+{
+    return ((size_t)(t / KCPU_XG) * (size_t)nb + (size_t)b) * KCPU_XG +
+           (size_t)(t % KCPU_XG);
+}
+
 /* Quantization rule shared by all back ends (and mirrored by the tests):
  * amax = max |x| over the block, d = amax / 127, id = d ? 1 / d : 0,
- * q = round-half-even(x * id), s = d * sum(q). */
+ * q = round-half-even(x * id). */
 
 typedef struct {
     const char *name;
-    /* Quantizes one token row x[n_cols] (n_cols % 32 == 0): qs[n_cols],
-     * d[n_cols/32], s[b * s_stride] for block b. */
-    void (*quantize_x)(const float *x, int n_cols, int8_t *qs, float *d,
-                       float *s, int s_stride);
+    /* Quantizes one token row x[n_cols] (n_cols % 32 == 0) into the packed
+     * layout: block b goes to qs + b*KCPU_XG*32, d[b*KCPU_XG], s[b*KCPU_XG]
+     * (pointers already offset to the token). */
+    void (*quantize_x)(const float *x, int n_cols, float smul, int8_t *qs,
+                       float *d, float *s);
     /* y[t*n_rows + r] for r in [r0, r1), every token t: rows of W (type
      * Q4_0/Q4_1/Q8_0, row_bytes apart) dotted with the quantized xq. */
     void (*mm_quant)(kt_type t, const void *W, size_t row_bytes,

@@ -16,8 +16,8 @@
 /* Elements converted per pass over a row in mm_float. */
 #define SC_CHUNK_ELEMS 1024
 
-static void sc_quantize_x(const float *x, int n_cols, int8_t *qs, float *d,
-                          float *s, int s_stride)
+static void sc_quantize_x(const float *x, int n_cols, float smul, int8_t *qs,
+                          float *d, float *s)
 {
     for (int b = 0; b < n_cols / KT_QK; b++) {
         const float *xb = x + b * KT_QK;
@@ -29,17 +29,18 @@ static void sc_quantize_x(const float *x, int n_cols, int8_t *qs, float *d,
         int sum = 0;
         for (int j = 0; j < KT_QK; j++) {
             int q = (int)nearbyintf(xb[j] * id);
-            qs[b * KT_QK + j] = (int8_t)q;
+            qs[b * KCPU_XG * KT_QK + j] = (int8_t)q;
             sum += q;
         }
-        d[b] = db;
-        s[(size_t)b * (size_t)s_stride] = db * (float)sum;
+        d[b * KCPU_XG] = db;
+        s[b * KCPU_XG] = smul * db * (float)sum;
     }
 }
 
 /* Unpacks n blocks of a quantized row into int8 values (Q4: 0..15, Q8:
- * signed), per-block scale dw and additive term mw (weight = dw*q + mw
- * for Q4_1; Q4_0 is dw*(q-8), i.e. mw = -8*dw applied to the x block sum). */
+ * signed), per-block scale dw and the factor mw of the activation block sum
+ * s (kcpu_q8x): the min for Q4_1, dw for Q4_0 (s carries the -8), 0 for
+ * Q8_0. */
 static void sc_unpack(kt_type t, const void *row, int b0, int n, int8_t *wq,
                       float *dw, float *mw)
 {
@@ -57,7 +58,7 @@ static void sc_unpack(kt_type t, const void *row, int b0, int n, int8_t *wq,
             const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b0 + i;
             qs = blk->qs;
             dw[i] = kt_f16_to_f32(blk->d);
-            mw[i] = -8.0f * dw[i];
+            mw[i] = dw[i];
         } else {
             const kt_block_q4_1 *blk = (const kt_block_q4_1 *)row + b0 + i;
             qs = blk->qs;
@@ -77,7 +78,6 @@ static void sc_mm_quant(kt_type t, const void *W, size_t row_bytes,
     int8_t wq[SC_CHUNK_BLOCKS * KT_QK];
     float dw[SC_CHUNK_BLOCKS], mw[SC_CHUNK_BLOCKS];
     int nb = xq->nb;
-    size_t ldq = (size_t)nb * KT_QK;
     for (int r = r0; r < r1; r++) {
         const char *row = (const char *)W + (size_t)r * row_bytes;
         for (int k = 0; k < xq->n_tok; k++)
@@ -86,15 +86,14 @@ static void sc_mm_quant(kt_type t, const void *W, size_t row_bytes,
             int n = nb - b0 < SC_CHUNK_BLOCKS ? nb - b0 : SC_CHUNK_BLOCKS;
             sc_unpack(t, row, b0, n, wq, dw, mw);
             for (int k = 0; k < xq->n_tok; k++) {
-                const int8_t *xs = xq->qs + (size_t)k * ldq + (size_t)b0 * KT_QK;
-                const float *xd = xq->d + (size_t)k * (size_t)nb + b0;
                 float acc = 0.0f;
                 for (int i = 0; i < n; i++) {
+                    size_t xi = kcpu_q8x_index(nb, k, b0 + i);
+                    const int8_t *xs = xq->qs + xi * KT_QK;
                     int dot = 0;
                     for (int j = 0; j < KT_QK; j++)
-                        dot += wq[i * KT_QK + j] * xs[i * KT_QK + j];
-                    acc += dw[i] * xd[i] * (float)dot +
-                           mw[i] * xq->sT[(size_t)(b0 + i) * (size_t)xq->n_tok + (size_t)k];
+                        dot += wq[i * KT_QK + j] * xs[j];
+                    acc += dw[i] * xq->d[xi] * (float)dot + mw[i] * xq->s[xi];
                 }
                 y[(size_t)k * (size_t)n_rows + (size_t)r] += acc;
             }
