@@ -310,6 +310,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     double t_prompt = now_s() - t0;
     tok_decoder dec;
     tok_decoder_init(&dec, m->tok, 0);
+    dec.first = 0; /* a continuation keeps its leading space */
     char piece[256];
     int n_gen = 0, pos = n_prompt;
     double t1 = now_s();

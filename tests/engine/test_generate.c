@@ -76,7 +76,7 @@ Test(generate, stories15m_known_good, .timeout = 120)
 
 Test(generate, stories260k_known_good, .timeout = 120)
 {
-    char *text = greedy(tu_shared("models/stories260K/stories260K.bin"), "", 40, 0,
+    char *text = greedy(tu_shared("models/stories260K/stories260K.bin"), "", 60, 0,
                         NULL, NULL);
     cr_assert(strncmp(text, stories260k_expected, strlen(stories260k_expected)) == 0,
               "got: %s", text);
