@@ -181,18 +181,18 @@ void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
 
 /* ---- attention ---- */
 
-/* Per-thread score rows, n_ctx + 16 floats each (vector tails), 64-byte
- * aligned, plus slack to align an arbitrary ws. */
-static size_t attn_row_floats(int n_ctx)
-{
-    return ALIGN_UP((size_t)(n_ctx > 0 ? n_ctx : 0) + 16, 16);
-}
+/* Scratch: per thread, the attn_item tmp (scores of one tile), then a
+ * region for split partials. Independent of the context length: n_ctx is
+ * part of the interface in case a future kernel needs it. */
+#define ATTN_TMP_FLOATS ALIGN_UP((size_t)KCPU_ATTN_TMP_FLOATS, 16)
+#define ATTN_PART_FLOATS 16384 /* partial results, per thread of the pool */
 
 size_t kcpu_attn_scratch_bytes(int n_threads, int n_ctx)
 {
+    (void)n_ctx;
     if (n_threads < 1)
         n_threads = 1;
-    return 64 + (size_t)n_threads * attn_row_floats(n_ctx) * sizeof(float);
+    return 64 + (size_t)n_threads * (ATTN_TMP_FLOATS + ATTN_PART_FLOATS) * sizeof(float);
 }
 
 typedef struct {
@@ -203,51 +203,158 @@ typedef struct {
     size_t kv_stride;
     int pos0, n_q, n_head, n_kv_head, head_dim;
     float scale;
-    float *sc;        /* aligned scratch base */
-    size_t sc_stride; /* floats per thread */
+    float *tmp;        /* per-thread areas, ATTN_TMP_FLOATS apart */
+    /* tiled path: items = token blocks x kv heads x head subgroups x splits */
+    int group;         /* query heads per kv head */
+    int hsub, n_hsub;  /* heads per subgroup, subgroups per kv head */
+    int tb, n_tb;      /* tokens per block, token blocks */
+    int n_split, split_len;
+    /* n_split > 1: per item and split, KCPU_ATTN_QMAX * (head_dim + 2) floats:
+     * o[query][head_dim] then (m, l) per query */
+    float *part;
+    int n_items;
     atomic_int next;
 } attn_ctx;
 
-/* Work items are (token, head) pairs, handed out longest first (last token
- * first) so the causal imbalance evens out across threads. */
+/* Fills a work item (before splitting): queries of token block tb, kv head
+ * kvh, head subgroup hs. Returns the number of positions it needs. */
+static int attn_fill(const attn_ctx *c, int tb, int kvh, int hs, kcpu_attn_item *it)
+{
+    int j0 = tb * c->tb, j1 = j0 + c->tb < c->n_q ? j0 + c->tb : c->n_q;
+    int h0 = kvh * c->group + hs * c->hsub;
+    int h1 = h0 + c->hsub < (kvh + 1) * c->group ? h0 + c->hsub : (kvh + 1) * c->group;
+    it->nq = 0;
+    for (int j = j0; j < j1; j++)
+        for (int h = h0; h < h1; h++) {
+            size_t qo = ((size_t)j * (size_t)c->n_head + (size_t)h) * (size_t)c->head_dim;
+            it->q[it->nq] = c->q + qo;
+            it->o[it->nq] = c->out + qo;
+            it->n_pos[it->nq] = c->pos0 + j + 1;
+            it->nq++;
+        }
+    it->ml = NULL;
+    it->k = c->k + (size_t)kvh * (size_t)c->head_dim;
+    it->v = c->v + (size_t)kvh * (size_t)c->head_dim;
+    it->kv_stride = c->kv_stride;
+    it->head_dim = c->head_dim;
+    it->scale = c->scale;
+    it->p0 = 0;
+    it->p1 = c->pos0 + j1;
+    return it->p1;
+}
+
+/* Items are handed out last token block first (the causally longest), each
+ * split of an item writes its partial result for attn_merge. */
 static void attn_task(void *arg, int ith, int nth)
 {
     (void)nth;
     attn_ctx *c = arg;
-    int group = c->n_head / c->n_kv_head;
-    int n_items = c->n_q * c->n_head;
-    float *sc = c->sc + (size_t)ith * c->sc_stride;
+    float *tmp = c->tmp + (size_t)ith * ATTN_TMP_FLOATS;
+    size_t qstride = (size_t)c->head_dim + 2;
     for (;;) {
         int i = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
-        if (i >= n_items)
+        if (i >= c->n_items)
             break;
-        int j = c->n_q - 1 - i / c->n_head; /* query token */
-        int h = i % c->n_head;
-        size_t qo = ((size_t)j * (size_t)c->n_head + (size_t)h) * (size_t)c->head_dim;
-        size_t ko = (size_t)(h / group) * (size_t)c->head_dim;
-        c->ops->attn_head(c->out + qo, c->q + qo, c->k + ko, c->v + ko,
-                          c->kv_stride, c->pos0 + j + 1, c->head_dim, c->scale, sc);
+        int split = i % c->n_split, base = i / c->n_split;
+        int per_tb = c->n_kv_head * c->n_hsub;
+        int tb = c->n_tb - 1 - base / per_tb;
+        int kvh = base % per_tb / c->n_hsub, hs = base % c->n_hsub;
+        kcpu_attn_item it;
+        attn_fill(c, tb, kvh, hs, &it);
+        if (c->n_split > 1) {
+            float *pp = c->part + ((size_t)base * (size_t)c->n_split + (size_t)split) *
+                                      KCPU_ATTN_QMAX * qstride;
+            for (int q = 0; q < it.nq; q++)
+                it.o[q] = pp + (size_t)q * (size_t)c->head_dim;
+            it.ml = pp + (size_t)KCPU_ATTN_QMAX * (size_t)c->head_dim;
+            it.p0 = split * c->split_len;
+            it.p1 = it.p0 + c->split_len < it.p1 ? it.p0 + c->split_len : it.p1;
+        }
+        c->ops->attn_item(&it, tmp);
     }
 }
 
-/* See kcpu.h. ws must hold kcpu_attn_scratch_bytes(kcpu_pool_size(p), n_ctx)
- * with n_ctx >= pos0 + n_q. */
+/* Combines the split partials of every item into the outputs. */
+static void attn_merge(const attn_ctx *c)
+{
+    size_t qstride = (size_t)c->head_dim + 2;
+    int per_tb = c->n_kv_head * c->n_hsub;
+    for (int base = 0; base < c->n_items / c->n_split; base++) {
+        kcpu_attn_item it;
+        attn_fill(c, c->n_tb - 1 - base / per_tb, base % per_tb / c->n_hsub,
+                  base % c->n_hsub, &it);
+        const float *pp = c->part + (size_t)base * (size_t)c->n_split * KCPU_ATTN_QMAX * qstride;
+        size_t sstride = KCPU_ATTN_QMAX * qstride;
+        size_t ml_off = (size_t)KCPU_ATTN_QMAX * (size_t)c->head_dim;
+        for (int q = 0; q < it.nq; q++) {
+            float mx = -INFINITY, l = 0.0f;
+            for (int s = 0; s < c->n_split; s++)
+                mx = fmaxf(mx, pp[(size_t)s * sstride + ml_off + 2 * (size_t)q]);
+            float *o = it.o[q];
+            for (int d = 0; d < c->head_dim; d++)
+                o[d] = 0.0f;
+            for (int s = 0; s < c->n_split; s++) {
+                const float *ps = pp + (size_t)s * sstride;
+                const float *ml = ps + ml_off + 2 * (size_t)q;
+                if (ml[0] == -INFINITY)
+                    continue; /* no visible position in this split */
+                float w = expf(ml[0] - mx);
+                l += w * ml[1];
+                for (int d = 0; d < c->head_dim; d++)
+                    o[d] += w * ps[(size_t)q * (size_t)c->head_dim + (size_t)d];
+            }
+            for (int d = 0; d < c->head_dim; d++)
+                o[d] /= l;
+        }
+    }
+}
+
+/* See kcpu.h. Work items group the query heads of one KV head with a few
+ * tokens (up to KCPU_ATTN_QMAX queries) so each K/V tile is converted once
+ * for all of them. When there are too few items for the pool (decoding),
+ * the positions of each item are split and the partial softmax results are
+ * merged afterwards. ws: kcpu_attn_scratch_bytes(kcpu_pool_size(p), n_ctx). */
 void kcpu_attn_f16(kcpu_pool *p, float *out, const float *q,
                    const uint16_t *k, const uint16_t *v, size_t kv_stride,
                    int pos0, int n_q, int n_head, int n_kv_head, int head_dim,
                    float scale, void *ws)
 {
-    if (n_q <= 0 || n_head <= 0 || n_kv_head <= 0)
+    if (n_q <= 0 || n_head <= 0 || n_kv_head <= 0 || head_dim <= 0)
         return;
+    int nth = kcpu_pool_size(p);
     attn_ctx c = {
         .ops = ops(), .out = out, .q = q, .k = k, .v = v,
         .kv_stride = kv_stride, .pos0 = pos0, .n_q = n_q, .n_head = n_head,
         .n_kv_head = n_kv_head, .head_dim = head_dim, .scale = scale,
-        .sc = (float *)ALIGN_UP((uintptr_t)ws, 64),
-        .sc_stride = attn_row_floats(pos0 + n_q),
+        .tmp = (float *)ALIGN_UP((uintptr_t)ws, 64),
+        .group = n_head / n_kv_head,
     };
     atomic_init(&c.next, 0);
+    c.n_hsub = (c.group + KCPU_ATTN_QMAX - 1) / KCPU_ATTN_QMAX;
+    c.hsub = (c.group + c.n_hsub - 1) / c.n_hsub;
+    c.tb = KCPU_ATTN_QMAX / c.hsub;
+    c.n_tb = (n_q + c.tb - 1) / c.tb;
+    int items = c.n_tb * n_kv_head * c.n_hsub;
+    /* split positions when items are too few to keep every thread busy,
+     * at least 256 positions per split, partials within the budget */
+    size_t per_split = (size_t)items * KCPU_ATTN_QMAX * ((size_t)head_dim + 2);
+    int n_split = 1;
+    if (nth > 1 && items < 4 * nth) {
+        n_split = (4 * nth + items - 1) / items;
+        int by_len = (pos0 + n_q) / 256;
+        int by_mem = (int)((size_t)nth * ATTN_PART_FLOATS / per_split);
+        n_split = n_split < by_len ? n_split : by_len;
+        n_split = n_split < by_mem ? n_split : by_mem;
+        if (n_split < 1)
+            n_split = 1;
+    }
+    c.n_split = n_split;
+    c.split_len = ALIGN_UP((pos0 + n_q + n_split - 1) / n_split, 8);
+    c.n_items = items * n_split;
+    c.part = c.tmp + (size_t)nth * ATTN_TMP_FLOATS;
     kcpu_pool_run(p, attn_task, &c);
+    if (n_split > 1)
+        attn_merge(&c);
 }
 
 /* ---- small ops (single-threaded, thread-safe) ---- */

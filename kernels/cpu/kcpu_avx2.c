@@ -53,19 +53,6 @@ AI float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* Sums of 8 vectors, lane i = sum of a[i]. */
-AI __m256 hsum8x8(const __m256 a[8])
-{
-    __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
-    __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 t2 = _mm256_hadd_ps(a[4], a[5]);
-    __m256 t3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 u0 = _mm256_hadd_ps(t0, t1);
-    __m256 u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                         _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
 AI float f16(uint16_t h)
 {
     return _cvtsh_ss(h);
@@ -378,97 +365,205 @@ static void av_mm_float(kt_type t, const void *W, size_t row_bytes,
 
 /* ---- attention ---- */
 
-static float dot_f16(const float *q, const uint16_t *k, int n)
+/* Lane i = sum of a[i] (4 vectors). */
+AI __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
 {
-    __m256 a = _mm256_setzero_ps();
-    int d = 0;
-    for (; d + 8 <= n; d += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d),
-                            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d))), a);
-    float s = hsum8(a);
-    for (; d < n; d++)
-        s += q[d] * f16(k[d]);
-    return s;
+    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
-/* out[0 .. 8*NV) += sum_p sc[p] * v_p[0 .. 8*NV) */
-AI void v_accum(const int NV, float *out, const uint16_t *v, size_t kv_stride,
-                int n_pos, const float *sc)
+/* Scaled scores of QG queries (sharing one KV head) against the f16 keys of
+ * the tile, 4 positions per step so each converted key vector serves every
+ * query: s[g][r] for r < round8(nmax), -inf where r >= nv[g]. */
+AI void g_scores(const int QG, float *const *s, const float *const *q, const int *nv,
+                 int nmax, const uint16_t *kb, size_t ld, int D, float scale)
 {
-    __m256 o[8];
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; c++)
-        o[c] = _mm256_setzero_ps();
-    for (int p = 0; p < n_pos; p++) {
-        __m256 s = _mm256_broadcast_ss(sc + p);
-        const uint16_t *vp = v + (size_t)p * kv_stride;
+    const int D8 = D & ~7;
+    int r = 0;
+    for (; r < nmax; r += 4) {
+        __m256 a[3][4];
+        const uint16_t *rows[4];
+        for (int u = 0; u < 4; u++) {
+            rows[u] = kb + (size_t)(r + u < nmax ? r + u : nmax - 1) * ld;
+#pragma GCC unroll 3
+            for (int g = 0; g < QG; g++)
+                a[g][u] = _mm256_setzero_ps();
+        }
+        for (int d = 0; d < D8; d += 8) {
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[u] + d)));
+#pragma GCC unroll 3
+                for (int g = 0; g < QG; g++)
+                    a[g][u] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[g] + d), a[g][u]);
+            }
+        }
+#pragma GCC unroll 3
+        for (int g = 0; g < QG; g++) {
+            __m128 sv = hsum4x8(a[g][0], a[g][1], a[g][2], a[g][3]);
+            if (D8 < D) {
+                float t4[4];
+                for (int u = 0; u < 4; u++) {
+                    t4[u] = 0.0f;
+                    for (int d = D8; d < D; d++)
+                        t4[u] += q[g][d] * f16(rows[u][d]);
+                }
+                sv = _mm_add_ps(sv, _mm_loadu_ps(t4));
+            }
+            sv = _mm_mul_ps(sv, _mm_set1_ps(scale));
+            __m128 keep = _mm_castsi128_ps(_mm_cmpgt_epi32(
+                _mm_set1_epi32(nv[g] - r), _mm_setr_epi32(0, 1, 2, 3)));
+            _mm_storeu_ps(s[g] + r, _mm_blendv_ps(_mm_set1_ps(-INFINITY), sv, keep));
+        }
+    }
+    for (int g = 0; g < QG; g++) /* pad to a multiple of 8 for the exp pass */
+        for (int rr = r; rr < ((nmax + 7) & ~7); rr++)
+            s[g][rr] = -INFINITY;
+}
+
+/* o[g][d0 .. d0 + 8*NV) += sum_{r < n} p[g][r] * V[r][d0 ..), one converted
+ * value vector serving the QG queries. */
+AI void g_oaccum(const int QG, const int NV, float *const *o, const float *const *p,
+                 const uint16_t *vb, size_t ld, int n, int d0)
+{
+    __m256 a[3][8];
+#pragma GCC unroll 3
+    for (int g = 0; g < QG; g++)
 #pragma GCC unroll 8
         for (int c = 0; c < NV; c++)
-            o[c] = _mm256_fmadd_ps(s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vp + 8 * c))), o[c]);
-    }
+            a[g][c] = _mm256_loadu_ps(o[g] + d0 + 8 * c);
+    for (int r = 0; r < n; r++) {
+        __m256 w[3];
+#pragma GCC unroll 3
+        for (int g = 0; g < QG; g++)
+            w[g] = _mm256_broadcast_ss(p[g] + r);
+        const uint16_t *vr = vb + (size_t)r * ld + d0;
 #pragma GCC unroll 8
-    for (int c = 0; c < NV; c++)
-        _mm256_storeu_ps(out + 8 * c, o[c]);
+        for (int c = 0; c < NV; c++) {
+            __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * c)));
+#pragma GCC unroll 3
+            for (int g = 0; g < QG; g++)
+                a[g][c] = _mm256_fmadd_ps(w[g], vv, a[g][c]);
+        }
+    }
+#pragma GCC unroll 3
+    for (int g = 0; g < QG; g++)
+#pragma GCC unroll 8
+        for (int c = 0; c < NV; c++)
+            _mm256_storeu_ps(o[g] + d0 + 8 * c, a[g][c]);
 }
 
-static void av_softmax(float *x, int n);
-
-static void av_attn_head(float *out, const float *q, const uint16_t *k,
-                         const uint16_t *v, size_t kv_stride, int n_pos,
-                         int head_dim, float scale, float *sc)
+/* Weighted V sum of a query group over all dims: wide passes, then single
+ * vectors, then the scalar tail. */
+AI void g_oaccum_all(const int QG, float *const *o, const float *const *p,
+                     const uint16_t *vb, size_t ld, int n, int D)
 {
-    const int hd8 = head_dim & ~7;
-    const __m256 vscale = _mm256_set1_ps(scale);
-    int p = 0;
-    /* scores, 8 positions at a time with one reduction for all 8 */
-    for (; p + 8 <= n_pos; p += 8) {
-        __m256 a[8];
-        for (int i = 0; i < 8; i++)
-            a[i] = _mm256_setzero_ps();
-        for (int d = 0; d < hd8; d += 8) {
-            __m256 qv = _mm256_loadu_ps(q + d);
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++)
-                a[i] = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(
-                    (const __m128i *)(k + (size_t)(p + i) * kv_stride + d))), a[i]);
-        }
-        __m256 s = hsum8x8(a);
-        if (hd8 < head_dim) {
-            float tail[8];
-            for (int i = 0; i < 8; i++) {
-                const uint16_t *kp = k + (size_t)(p + i) * kv_stride;
-                tail[i] = 0.0f;
-                for (int d = hd8; d < head_dim; d++)
-                    tail[i] += q[d] * f16(kp[d]);
-            }
-            s = _mm256_add_ps(s, _mm256_loadu_ps(tail));
-        }
-        _mm256_storeu_ps(sc + p, _mm256_mul_ps(s, vscale));
-    }
-    for (; p < n_pos; p++)
-        sc[p] = dot_f16(q, k + (size_t)p * kv_stride, head_dim) * scale;
-
-    av_softmax(sc, n_pos);
-
-    /* weighted V sum, 64 dims per pass */
+    const int D8 = D & ~7, NV = QG == 1 ? 8 : 4;
     int d0 = 0;
-    for (; d0 + 64 <= hd8; d0 += 64)
-        v_accum(8, out + d0, v + d0, kv_stride, n_pos, sc);
-    switch ((hd8 - d0) / 8) {
-    case 1: v_accum(1, out + d0, v + d0, kv_stride, n_pos, sc); break;
-    case 2: v_accum(2, out + d0, v + d0, kv_stride, n_pos, sc); break;
-    case 3: v_accum(3, out + d0, v + d0, kv_stride, n_pos, sc); break;
-    case 4: v_accum(4, out + d0, v + d0, kv_stride, n_pos, sc); break;
-    case 5: v_accum(5, out + d0, v + d0, kv_stride, n_pos, sc); break;
-    case 6: v_accum(6, out + d0, v + d0, kv_stride, n_pos, sc); break;
-    case 7: v_accum(7, out + d0, v + d0, kv_stride, n_pos, sc); break;
-    default: break;
+    for (; d0 + 8 * NV <= D8; d0 += 8 * NV)
+        g_oaccum(QG, NV, o, p, vb, ld, n, d0);
+    for (; d0 < D8; d0 += 8)
+        g_oaccum(QG, 1, o, p, vb, ld, n, d0);
+    for (int g = 0; g < QG; g++)
+        for (int d = D8; d < D; d++)
+            for (int r = 0; r < n; r++)
+                o[g][d] += p[g][r] * f16(vb[(size_t)r * ld + (size_t)d]);
+}
+
+/* See kcpu_attn_item. Positions are processed in tiles of KP; the queries
+ * of the item in groups of up to 3, each group reading the f16 cache
+ * directly so that one converted K or V vector serves the whole group (the
+ * f16 -> f32 conversion, not FMA, bounds this kernel; converting a tile to
+ * f32 once for all queries measured no faster, because of the extra store
+ * traffic). Later groups find the tile's K/V rows in L1. Per tile and
+ * group: scores 4 positions at a time, online softmax update (running max
+ * and sum per query), weighted V sum. */
+static void av_attn_item(const kcpu_attn_item *it, float *sc)
+{
+    const int D = it->head_dim, D8 = D & ~7, nq = it->nq, KP = kcpu_attn_kp(D);
+    float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
+    int pend = it->p0;
+    for (int i = 0; i < nq; i++) {
+        int e = it->n_pos[i] < it->p1 ? it->n_pos[i] : it->p1;
+        pend = e > pend ? e : pend;
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        memset(it->o[i], 0, (size_t)D * sizeof(float));
     }
-    for (int d = hd8; d < head_dim; d++) {
-        float s = 0.0f;
-        for (int pp = 0; pp < n_pos; pp++)
-            s += sc[pp] * f16(v[(size_t)pp * kv_stride + d]);
-        out[d] = s;
+    for (int p0 = it->p0; p0 < pend; p0 += KP) {
+        int np = pend - p0 < KP ? pend - p0 : KP;
+        const uint16_t *kb = it->k + (size_t)p0 * it->kv_stride;
+        const uint16_t *vb = it->v + (size_t)p0 * it->kv_stride;
+        for (int g0 = 0; g0 < nq; g0 += 3) {
+            int qg = nq - g0 < 3 ? nq - g0 : 3, nv[3], nmax = 0;
+            float *s[3], *o[3];
+            const float *q[3], *pc[3];
+            for (int g = 0; g < qg; g++) {
+                int i = g0 + g, e = it->n_pos[i] < it->p1 ? it->n_pos[i] : it->p1;
+                nv[g] = (e < p0 + np ? e : p0 + np) - p0;
+                nmax = nv[g] > nmax ? nv[g] : nmax;
+                s[g] = sc + (size_t)i * KCPU_ATTN_KPMAX;
+                o[g] = it->o[i];
+                q[g] = it->q[i];
+                pc[g] = s[g];
+            }
+            if (nmax <= 0)
+                continue;
+            switch (qg) {
+            case 1: g_scores(1, s, q, nv, nmax, kb, it->kv_stride, D, it->scale); break;
+            case 2: g_scores(2, s, q, nv, nmax, kb, it->kv_stride, D, it->scale); break;
+            default: g_scores(3, s, q, nv, nmax, kb, it->kv_stride, D, it->scale); break;
+            }
+            for (int g = 0; g < qg; g++) { /* online softmax update */
+                int i = g0 + g, n8 = (nmax + 7) & ~7;
+                if (nv[g] <= 0) {
+                    memset(s[g], 0, (size_t)n8 * sizeof(float));
+                    continue;
+                }
+                __m256 vmax = _mm256_set1_ps(-INFINITY);
+                for (int r = 0; r < n8; r += 8)
+                    vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s[g] + r));
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_max_ss(h, _mm_movehdup_ps(h));
+                float mn = fmaxf(m[i], _mm_cvtss_f32(h)), alpha = expf(m[i] - mn);
+                __m256 vmn = _mm256_set1_ps(mn), vsum = _mm256_setzero_ps();
+                for (int r = 0; r < n8; r += 8) {
+                    __m256 pv = exp8(_mm256_sub_ps(_mm256_loadu_ps(s[g] + r), vmn));
+                    _mm256_storeu_ps(s[g] + r, pv);
+                    vsum = _mm256_add_ps(vsum, pv);
+                }
+                l[i] = l[i] * alpha + hsum8(vsum);
+                m[i] = mn;
+                if (alpha != 1.0f) {
+                    __m256 va = _mm256_set1_ps(alpha);
+                    int d = 0;
+                    for (; d < D8; d += 8)
+                        _mm256_storeu_ps(o[g] + d, _mm256_mul_ps(_mm256_loadu_ps(o[g] + d), va));
+                    for (; d < D; d++)
+                        o[g][d] *= alpha;
+                }
+            }
+            switch (qg) {
+            case 1: g_oaccum_all(1, o, pc, vb, it->kv_stride, nmax, D); break;
+            case 2: g_oaccum_all(2, o, pc, vb, it->kv_stride, nmax, D); break;
+            default: g_oaccum_all(3, o, pc, vb, it->kv_stride, nmax, D); break;
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        if (it->ml) {
+            it->ml[2 * i] = m[i];
+            it->ml[2 * i + 1] = l[i];
+        } else {
+            __m256 inv = _mm256_set1_ps(1.0f / l[i]);
+            float *o = it->o[i];
+            int d = 0;
+            for (; d < D8; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+            for (; d < D; d++)
+                o[d] *= 1.0f / l[i];
+        }
     }
 }
 
@@ -602,7 +697,7 @@ const kcpu_ops kcpu_avx2_ops = {
     .quantize_x = av_quantize_x,
     .mm_quant = av_mm_quant,
     .mm_float = av_mm_float,
-    .attn_head = av_attn_head,
+    .attn_item = av_attn_item,
     .rmsnorm = av_rmsnorm,
     .softmax = av_softmax,
     .swiglu = av_swiglu,

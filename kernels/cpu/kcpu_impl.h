@@ -41,6 +41,38 @@ static inline size_t kcpu_q8x_index(int nb, int t, int b)
  * amax = max |x| over the block, d = amax / 127, id = d ? 1 / d : 0,
  * q = round-half-even(x * id). */
 
+/* Attention work item: up to KCPU_ATTN_QMAX query vectors that share one KV
+ * head (GQA group heads x a few tokens), over positions [p0, p1), walked in
+ * tiles of kcpu_attn_kp(head_dim) positions with an online softmax (running
+ * max and sum per query), so no score row of the full context is kept. */
+#define KCPU_ATTN_QMAX 16
+#define KCPU_ATTN_KPMAX 256
+/* per-thread scratch of attn_item: scores of one tile, [QMAX][KPMAX] */
+#define KCPU_ATTN_TMP_FLOATS (KCPU_ATTN_QMAX * KCPU_ATTN_KPMAX)
+
+/* Positions per tile: a multiple of 8, about 8 KB of f16 keys. */
+static inline int kcpu_attn_kp(int d)
+{
+    int kp = 4096 / d / 8 * 8;
+    return kp > KCPU_ATTN_KPMAX ? KCPU_ATTN_KPMAX : kp < 8 ? 8 : kp;
+}
+
+typedef struct {
+    int nq;
+    const float *q[KCPU_ATTN_QMAX]; /* [head_dim] each */
+    float *o[KCPU_ATTN_QMAX];       /* [head_dim] each */
+    int n_pos[KCPU_ATTN_QMAX];      /* query i sees positions < n_pos[i] */
+    /* NULL: o gets the normalized result (p0 must be 0). Otherwise a partial
+     * result over [p0, p1): o unnormalized, ml[2i] = max score (-inf when no
+     * position is visible), ml[2i+1] = sum of exp(score - max). */
+    float *ml;
+    const uint16_t *k, *v;          /* the KV head at position 0 */
+    size_t kv_stride;
+    int p0, p1;
+    int head_dim;
+    float scale;
+} kcpu_attn_item;
+
 typedef struct {
     const char *name;
     /* Quantizes one token row x[n_cols] (n_cols % 32 == 0) into the packed
@@ -56,12 +88,8 @@ typedef struct {
     void (*mm_float)(kt_type t, const void *W, size_t row_bytes,
                      const float *x, int n_cols, int n_tok, float *y,
                      int n_rows, int r0, int r1);
-    /* One query head over n_pos cached positions: k, v point at the kv
-     * head's first element of position 0, positions kv_stride apart.
-     * sc: n_pos + 16 floats of scratch. out[head_dim]. */
-    void (*attn_head)(float *out, const float *q, const uint16_t *k,
-                      const uint16_t *v, size_t kv_stride, int n_pos,
-                      int head_dim, float scale, float *sc);
+    /* One attention work item; tmp: KCPU_ATTN_TMP_FLOATS floats. */
+    void (*attn_item)(const kcpu_attn_item *it, float *tmp);
     void (*rmsnorm)(float *out, const float *x, const float *w, int n,
                     float eps);
     void (*softmax)(float *x, int n);

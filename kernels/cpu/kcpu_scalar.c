@@ -164,24 +164,63 @@ static void sc_softmax(float *x, int n)
         x[i] *= inv;
 }
 
-static void sc_attn_head(float *out, const float *q, const uint16_t *k,
-                         const uint16_t *v, size_t kv_stride, int n_pos,
-                         int head_dim, float scale, float *sc)
+/* See kcpu_attn_item. Same tiles and online softmax as the AVX2 version,
+ * one query at a time. tmp: the scores of one tile per query. */
+static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
 {
-    for (int p = 0; p < n_pos; p++) {
-        const uint16_t *kp = k + (size_t)p * kv_stride;
-        float dot = 0.0f;
-        for (int d = 0; d < head_dim; d++)
-            dot += q[d] * kt_f16_to_f32(kp[d]);
-        sc[p] = dot * scale;
+    const int D = it->head_dim, nq = it->nq, KP = kcpu_attn_kp(D);
+    float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
+    int pend = it->p0;
+    for (int i = 0; i < nq; i++) {
+        int e = it->n_pos[i] < it->p1 ? it->n_pos[i] : it->p1;
+        pend = e > pend ? e : pend;
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        for (int d = 0; d < D; d++)
+            it->o[i][d] = 0.0f;
     }
-    sc_softmax(sc, n_pos);
-    for (int d = 0; d < head_dim; d++)
-        out[d] = 0.0f;
-    for (int p = 0; p < n_pos; p++) {
-        const uint16_t *vp = v + (size_t)p * kv_stride;
-        for (int d = 0; d < head_dim; d++)
-            out[d] += sc[p] * kt_f16_to_f32(vp[d]);
+    for (int p0 = it->p0; p0 < pend; p0 += KP) {
+        int np = pend - p0 < KP ? pend - p0 : KP;
+        for (int i = 0; i < nq; i++) {
+            int e = it->n_pos[i] < it->p1 ? it->n_pos[i] : it->p1;
+            int nv = (e < p0 + np ? e : p0 + np) - p0;
+            if (nv <= 0)
+                continue;
+            float *s = tmp + i * KCPU_ATTN_KPMAX, mt = -INFINITY;
+            for (int r = 0; r < nv; r++) {
+                const uint16_t *kr = it->k + (size_t)(p0 + r) * it->kv_stride;
+                float dot = 0.0f;
+                for (int d = 0; d < D; d++)
+                    dot += it->q[i][d] * kt_f16_to_f32(kr[d]);
+                s[r] = dot * it->scale;
+                mt = fmaxf(mt, s[r]);
+            }
+            float mn = fmaxf(m[i], mt), alpha = expf(m[i] - mn), sum = 0.0f;
+            for (int r = 0; r < nv; r++) {
+                s[r] = expf(s[r] - mn);
+                sum += s[r];
+            }
+            l[i] = l[i] * alpha + sum;
+            m[i] = mn;
+            float *o = it->o[i];
+            for (int d = 0; d < D; d++)
+                o[d] *= alpha;
+            for (int r = 0; r < nv; r++) {
+                const uint16_t *vr = it->v + (size_t)(p0 + r) * it->kv_stride;
+                for (int d = 0; d < D; d++)
+                    o[d] += s[r] * kt_f16_to_f32(vr[d]);
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        if (it->ml) {
+            it->ml[2 * i] = m[i];
+            it->ml[2 * i + 1] = l[i];
+        } else {
+            float inv = 1.0f / l[i];
+            for (int d = 0; d < D; d++)
+                it->o[i][d] *= inv;
+        }
     }
 }
 
@@ -237,7 +276,7 @@ const kcpu_ops kcpu_scalar_ops = {
     .quantize_x = sc_quantize_x,
     .mm_quant = sc_mm_quant,
     .mm_float = sc_mm_float,
-    .attn_head = sc_attn_head,
+    .attn_item = sc_attn_item,
     .rmsnorm = sc_rmsnorm,
     .softmax = sc_softmax,
     .swiglu = sc_swiglu,

@@ -520,7 +520,7 @@ static void check_attention(int n_head, int n_kv, int head_dim, int pos0, int n_
     uint16_t *k = malloc((size_t)n_ctx * kv_stride * 2), *v = malloc((size_t)n_ctx * kv_stride * 2);
     float *q = malloc(nq * 4), *ref = malloc(nq * 4), *got = malloc(nq * 4);
     float *sc = malloc((size_t)n_ctx * 4);
-    void *ws = malloc(kcpu_attn_scratch_bytes(3, n_ctx));
+    void *ws = malloc(kcpu_attn_scratch_bytes(4, n_ctx));
     cr_assert(k && v && q && ref && got && sc && ws);
     for (size_t i = 0; i < (size_t)n_ctx * kv_stride; i++) {
         k[i] = kt_f32_to_f16(rnd_f(-1.0f, 1.0f));
@@ -569,12 +569,32 @@ Test(attention, gqa_shapes, .timeout = 240)
     kcpu_pool_destroy(pools[2]);
 }
 
-Test(attention, long_context_decode, .timeout = 240)
+/* Long contexts: few work items, so positions are split across threads and
+ * the partial softmax results merged (decode), and long prefill chunks. */
+Test(attention, long_context, .timeout = 240)
+{
+    kcpu_pool *pools[3] = { NULL, NULL, NULL };
+    cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
+    cr_assert(kcpu_pool_create(4, &pools[2]) == 0);
+    check_attention(9, 3, 64, 4000, 1, 0, pools, 3);
+    check_attention(9, 3, 64, 1000, 8, 0, pools, 3);
+    check_attention(16, 1, 64, 3000, 1, 8, pools, 3);  /* a full 16-query item */
+    check_attention(4, 4, 128, 2047, 2, 0, pools, 3);
+    check_attention(9, 3, 64, 700, 300, 0, pools, 3);
+    kcpu_pool_destroy(pools[1]);
+    kcpu_pool_destroy(pools[2]);
+}
+
+/* Groups larger than one work item (heads split into subgroups) and head
+ * sizes with the smallest position tiles (8 positions for head_dim > 512). */
+Test(attention, odd_groups_and_big_heads, .timeout = 240)
 {
     kcpu_pool *pools[2] = { NULL, NULL };
     cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
-    check_attention(9, 3, 64, 4000, 1, 0, pools, 2);
-    check_attention(9, 3, 64, 1000, 8, 0, pools, 2);
+    check_attention(17, 1, 32, 600, 3, 0, pools, 2);
+    check_attention(40, 2, 16, 33, 5, 0, pools, 2);
+    check_attention(2, 1, 520, 300, 3, 0, pools, 2);
+    check_attention(3, 3, 4, 90, 7, 0, pools, 2);
     kcpu_pool_destroy(pools[1]);
 }
 
