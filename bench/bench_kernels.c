@@ -9,6 +9,7 @@
  *   token runs reuse one cached copy of the weights), --reps N (default 5, minimum calls),
  *   --type T (F32|F16|BF16|Q4_0|Q4_1|Q8_0: layer weights type, default Q4_1)
  *
+ * A second table times kcpu_attn_f16 (decode and a prefill chunk).
  * Each cell times single calls (at least N of them and at least 0.2 s):
  * us/call, GFLOP/s and GB/s are from the median call, p10 is the 10th
  * percentile (the undisturbed speed on a busy machine), cpu% is the CPU time
@@ -146,6 +147,75 @@ static void bench_one(int impl, kcpu_pool *pool, kt_type t, uint8_t *W,
     *p10 = times[n / 10];
 }
 
+/* Attention over an FP16 cache with the SmolLM2 head layout (9 query heads,
+ * 3 KV heads of 64): decoding one token at several context lengths and a
+ * 512-token prefill chunk. Prints us per call (one layer) and GFLOP/s
+ * (4 * heads * head_dim per query-position pair). */
+static int bench_attention(kcpu_pool **pools, int reps, int full)
+{
+    enum { H = 9, KVH = 3, D = 64, NCTX = 8192 };
+    static const struct { int pos0, n_q; } cases[] = {
+        { 1023, 1 }, { 4095, 1 }, { 8191, 1 }, { 0, 512 }, { 3584, 512 },
+    };
+    size_t st = (size_t)KVH * D;
+    uint16_t *k = malloc((size_t)NCTX * st * 2), *v = malloc((size_t)NCTX * st * 2);
+    float *q = malloc((size_t)512 * H * D * 4), *o = malloc((size_t)512 * H * D * 4);
+    float *sc = malloc((size_t)NCTX * 4);
+    void *ws = malloc(kcpu_attn_scratch_bytes(2, NCTX));
+    if (!k || !v || !q || !o || !sc || !ws)
+        return -1;
+    for (size_t i = 0; i < (size_t)NCTX * st; i++) {
+        k[i] = kt_f32_to_f16(rndf());
+        v[i] = kt_f32_to_f16(rndf());
+    }
+    for (size_t i = 0; i < (size_t)512 * H * D; i++)
+        q[i] = rndf();
+    printf("\nattention, FP16 cache, %d heads / %d kv heads x %d\n", H, KVH, D);
+    printf("%-8s %4s %-8s %10s %9s %10s %5s\n", "pos0", "n_q", "impl/thr", "us/call",
+           "GFLOP/s", "p10 us", "cpu%");
+    for (int ci = 0; ci < 5; ci++) {
+        int pos0 = cases[ci].pos0, n_q = cases[ci].n_q;
+        double pairs = 0.0;
+        for (int j = 0; j < n_q; j++)
+            pairs += pos0 + j + 1;
+        for (int impl = 0; impl < 3; impl++) {
+            if (impl == IMPL_AVX2 && strcmp(kcpu_simd_name(), "avx2"))
+                continue;
+            if (impl != IMPL_AVX2 && n_q > 1 && !full)
+                continue; /* seconds per call */
+            for (int th = 0; th < (impl == IMPL_REF ? 1 : 2); th++) {
+                static double times[MAX_CALLS];
+                int n = 0;
+                double wall0 = now_s(), cpu0 = cpu_s();
+                if (impl != IMPL_REF)
+                    kcpu_force_scalar(impl == IMPL_SCALAR);
+                while (n < MAX_CALLS && (n < reps || now_s() - wall0 < 0.2)) {
+                    double t0 = now_s();
+                    if (impl == IMPL_REF) {
+                        for (int j = 0; j < n_q; j++)
+                            kref_attn_f16(o + (size_t)j * H * D, q + (size_t)j * H * D, k, v,
+                                          st, pos0 + j + 1, H, KVH, D, 0.125f, sc);
+                    } else {
+                        kcpu_attn_f16(pools[th], o, q, k, v, st, pos0, n_q, H, KVH, D,
+                                      0.125f, ws);
+                    }
+                    times[n++] = now_s() - t0;
+                }
+                kcpu_force_scalar(0);
+                double share = (cpu_s() - cpu0) / ((now_s() - wall0) * (th + 1));
+                qsort(times, (size_t)n, sizeof(double), cmp_double);
+                double med = times[n / 2];
+                printf("%-8d %4d %6s/%d %10.1f %9.2f %10.1f %5.0f\n", pos0, n_q,
+                       impl_names[impl], th + 1, med * 1e6, 4.0 * H * D * pairs / med * 1e-9,
+                       times[n / 10] * 1e6, 100.0 * share);
+                fflush(stdout);
+            }
+        }
+    }
+    free(k); free(v); free(q); free(o); free(sc); free(ws);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int full = 0, hot = 0, reps = 5;
@@ -253,6 +323,10 @@ int main(int argc, char **argv)
                        th + 1, dec * 1e3, 1.0 / dec, 512.0 / pre);
             }
         }
+    }
+    if (bench_attention(pools, reps, full) < 0) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
     }
     kcpu_pool_destroy(pools[0]);
     kcpu_pool_destroy(pools[1]);

@@ -47,10 +47,14 @@ static inline size_t kcpu_q8x_index(int nb, int t, int b)
  * max and sum per query), so no score row of the full context is kept. */
 #define KCPU_ATTN_QMAX 16
 #define KCPU_ATTN_KPMAX 256
-/* per-thread scratch of attn_item: scores of one tile, [QMAX][KPMAX] */
-#define KCPU_ATTN_TMP_FLOATS (KCPU_ATTN_QMAX * KCPU_ATTN_KPMAX)
+/* per-thread scratch of attn_item: scores of one tile [QMAX][KPMAX], then
+ * room for the tile's K and V converted to f32 (KCPU_ATTN_TILE floats each;
+ * used by the scalar back end, where conversion is expensive) */
+#define KCPU_ATTN_TILE 4096
+#define KCPU_ATTN_TMP_FLOATS (KCPU_ATTN_QMAX * KCPU_ATTN_KPMAX + 2 * KCPU_ATTN_TILE)
 
-/* Positions per tile: a multiple of 8, about 8 KB of f16 keys. */
+/* Positions per tile: a multiple of 8, about 8 KB of f16 keys (a tile holds
+ * at most KCPU_ATTN_TILE elements when head_dim <= 512). */
 static inline int kcpu_attn_kp(int d)
 {
     int kp = 4096 / d / 8 * 8;

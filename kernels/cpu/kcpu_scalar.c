@@ -165,10 +165,13 @@ static void sc_softmax(float *x, int n)
 }
 
 /* See kcpu_attn_item. Same tiles and online softmax as the AVX2 version,
- * one query at a time. tmp: the scores of one tile per query. */
+ * one query at a time; K/V tiles are converted to f32 once for all queries
+ * when they fit the scratch (head_dim <= 512), else read element-wise. */
 static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
 {
     const int D = it->head_dim, nq = it->nq, KP = kcpu_attn_kp(D);
+    const int conv = KP * D <= KCPU_ATTN_TILE;
+    float *kt = tmp + KCPU_ATTN_QMAX * KCPU_ATTN_KPMAX, *vt = kt + KCPU_ATTN_TILE;
     float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
     int pend = it->p0;
     for (int i = 0; i < nq; i++) {
@@ -181,6 +184,14 @@ static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
     }
     for (int p0 = it->p0; p0 < pend; p0 += KP) {
         int np = pend - p0 < KP ? pend - p0 : KP;
+        const uint16_t *kp = it->k + (size_t)p0 * it->kv_stride;
+        const uint16_t *vp = it->v + (size_t)p0 * it->kv_stride;
+        if (conv)
+            for (int r = 0; r < np; r++)
+                for (int d = 0; d < D; d++) {
+                    kt[r * D + d] = kt_f16_to_f32(kp[(size_t)r * it->kv_stride + (size_t)d]);
+                    vt[r * D + d] = kt_f16_to_f32(vp[(size_t)r * it->kv_stride + (size_t)d]);
+                }
         for (int i = 0; i < nq; i++) {
             int e = it->n_pos[i] < it->p1 ? it->n_pos[i] : it->p1;
             int nv = (e < p0 + np ? e : p0 + np) - p0;
@@ -188,11 +199,14 @@ static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
                 continue;
             float *s = tmp + i * KCPU_ATTN_KPMAX, mt = -INFINITY;
             for (int r = 0; r < nv; r++) {
-                const uint16_t *kr = it->k + (size_t)(p0 + r) * it->kv_stride;
-                float dot = 0.0f;
-                for (int d = 0; d < D; d++)
-                    dot += it->q[i][d] * kt_f16_to_f32(kr[d]);
-                s[r] = dot * it->scale;
+                if (conv) {
+                    s[r] = sc_dot(it->q[i], kt + r * D, D) * it->scale;
+                } else {
+                    float dot = 0.0f;
+                    for (int d = 0; d < D; d++)
+                        dot += it->q[i][d] * kt_f16_to_f32(kp[(size_t)r * it->kv_stride + (size_t)d]);
+                    s[r] = dot * it->scale;
+                }
                 mt = fmaxf(mt, s[r]);
             }
             float mn = fmaxf(m[i], mt), alpha = expf(m[i] - mn), sum = 0.0f;
@@ -205,11 +219,10 @@ static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
             float *o = it->o[i];
             for (int d = 0; d < D; d++)
                 o[d] *= alpha;
-            for (int r = 0; r < nv; r++) {
-                const uint16_t *vr = it->v + (size_t)(p0 + r) * it->kv_stride;
+            for (int r = 0; r < nv; r++)
                 for (int d = 0; d < D; d++)
-                    o[d] += s[r] * kt_f16_to_f32(vr[d]);
-            }
+                    o[d] += s[r] * (conv ? vt[r * D + d]
+                                         : kt_f16_to_f32(vp[(size_t)r * it->kv_stride + (size_t)d]));
         }
     }
     for (int i = 0; i < nq; i++) {
