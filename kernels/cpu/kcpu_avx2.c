@@ -167,7 +167,9 @@ AI void tile_q(const int kind, const int RM, const int TN, const char *W,
         for (int i = 0; i < RM; i++) {
             if (TN == 1 && GV_PF) /* gemv: stream the weights ahead */
                 _mm_prefetch(rows[i] + (size_t)(GV_PF * RM) * row_bytes +
-                             (size_t)b * (kind == K_Q8_0 ? 34 : kind == K_Q4_1 ? 20 : 18),
+                             (size_t)b * (kind == K_Q8_0   ? sizeof(kt_block_q8_0)
+                                          : kind == K_Q4_1 ? sizeof(kt_block_q4_1)
+                                                           : sizeof(kt_block_q4_0)),
                              _MM_HINT_T0);
             if (kind == K_Q4_0) {
                 const kt_block_q4_0 *blk = (const kt_block_q4_0 *)rows[i] + b;
