@@ -1,0 +1,122 @@
+/*
+ * bench_e2e.c - end-to-end CPU speed of the forward pass: prompt processing
+ * (pp, tok/s) and generation (tg, tok/s) at given contexts, median of
+ * several runs. Prints a markdown table (one row per figure) to stdout.
+ *
+ *   build/bench/bench_e2e -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -r 5
+ *
+ * pp N: N prompt tokens evaluated from an empty cache in batches of 512.
+ * tg N@C: N tokens generated one at a time after a C-token prompt (the
+ * prompt is not timed). Tokens are a fixed pseudo-random sequence: speed does
+ * not depend on the text. Not a test: timings are noisy on a shared machine.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine/forward.h"
+#include "engine/model.h"
+#include "kernels/cpu/kcpu.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+int main(int argc, char **argv)
+{
+    const char *model = NULL;
+    int threads = 2, reps = 5;
+    int opt;
+    while ((opt = getopt(argc, argv, "m:t:r:")) != -1) {
+        switch (opt) {
+        case 'm': model = optarg; break;
+        case 't': threads = atoi(optarg); break;
+        case 'r': reps = atoi(optarg); break;
+        default:
+            fprintf(stderr, "usage: bench_e2e -m MODEL [-t THREADS] [-r REPS]\n");
+            return 2;
+        }
+    }
+    if (!model || threads < 1 || reps < 1 || reps > 100) {
+        fprintf(stderr, "usage: bench_e2e -m MODEL [-t THREADS] [-r REPS]\n");
+        return 2;
+    }
+    char err[512];
+    mdl_model *m = NULL;
+    if (mdl_load(model, NULL, &m, err, sizeof err) < 0) {
+        fprintf(stderr, "bench_e2e: %s\n", err);
+        return 1;
+    }
+    const int n_ctx = 2048 + 128 + 16;
+    int32_t *ids = malloc((size_t)n_ctx * sizeof *ids);
+    uint32_t x = 42;
+    for (int i = 0; i < n_ctx; i++) {
+        x = x * 1664525u + 1013904223u;
+        ids[i] = (int32_t)(100 + (x >> 8) % (uint32_t)(m->hp.n_vocab - 200));
+    }
+    fwd_params fp = fwd_default_params();
+    fp.n_ctx = n_ctx;
+    fp.n_threads = threads;
+    fwd_state *s = NULL;
+    if (fwd_create(m, &fp, &s, err, sizeof err) < 0) {
+        fprintf(stderr, "bench_e2e: %s\n", err);
+        return 1;
+    }
+    const float *lg;
+    double t[100];
+    printf("| model | kernels | threads | test | tok/s (median of %d) |\n", reps);
+    printf("|---|---|---|---|---|\n");
+    const int pp[] = {512, 2048};
+    for (size_t k = 0; k < 2; k++) {
+        fwd_eval(s, ids, 64, 0, 0, &lg, err, sizeof err); /* warm-up */
+        for (int r = 0; r < reps; r++) {
+            double t0 = now_s();
+            if (fwd_eval(s, ids, pp[k], 0, 0, &lg, err, sizeof err) < 0) {
+                fprintf(stderr, "bench_e2e: %s\n", err);
+                return 1;
+            }
+            t[r] = pp[k] / (now_s() - t0);
+        }
+        printf("| %s | %s | %d | pp%d | %.1f |\n", m->name, kcpu_simd_name(), threads,
+               pp[k], median(t, reps));
+        fflush(stdout);
+    }
+    const int tg_ctx[] = {16, 2048};
+    const int n_gen = 64;
+    for (size_t k = 0; k < 2; k++) {
+        if (fwd_eval(s, ids, tg_ctx[k], 0, 0, &lg, err, sizeof err) < 0) {
+            fprintf(stderr, "bench_e2e: %s\n", err);
+            return 1;
+        }
+        for (int r = 0; r < reps; r++) {
+            double t0 = now_s();
+            for (int i = 0; i < n_gen; i++)
+                fwd_eval(s, &ids[tg_ctx[k] + i], 1, tg_ctx[k] + i, 0, &lg, err, sizeof err);
+            t[r] = n_gen / (now_s() - t0);
+        }
+        printf("| %s | %s | %d | tg%d@%d | %.1f |\n", m->name, kcpu_simd_name(), threads,
+               n_gen, tg_ctx[k], median(t, reps));
+        fflush(stdout);
+    }
+    fwd_destroy(s);
+    mdl_free(m);
+    free(ids);
+    return 0;
+}

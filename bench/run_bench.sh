@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# bench/run_bench.sh [REPS] - CPU speed of LiveKVQuant vs llama.cpp on the
+# default model, side by side in one run, written to docs/bench.md.
+#
+#   bench/run_bench.sh 5
+#
+# Needs: a release build in build/ (scripts/build.sh) and, for the peer
+# column, llama-cpp-python in ~/.cache/livekvq/venv-llama (see
+# bench/llamacpp_bench.py for the two setup commands). Not run by CI.
+# The two engines alternate (ours, peer, ours, peer ...) so slow periods of
+# the shared machine hit both; each figure is the median over all rounds.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPS=${1:-5}
+MODEL=${LKQ_MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+PY=${LKQ_LLAMA_PY:-$HOME/.cache/livekvq/venv-llama/bin/python}
+THREADS=${LKQ_THREADS:-2}
+OUT=$ROOT/docs/bench.md
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+"$ROOT/scripts/build.sh"
+for r in $(seq 1 "$REPS"); do
+    echo "round $r/$REPS" >&2
+    "$ROOT/build/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 | grep -E '\| (pp|tg)[0-9]' >>"$tmp/ours"
+    if [ -x "$PY" ]; then
+        OMP_WAIT_POLICY=passive "$PY" "$ROOT/bench/llamacpp_bench.py" -m "$MODEL" -t "$THREADS" -r 1 >>"$tmp/peer"
+    fi
+done
+
+python3 - "$tmp" "$REPS" "$THREADS" >"$tmp/table" <<'PY'
+import statistics, sys, os
+tmp, reps, threads = sys.argv[1], sys.argv[2], sys.argv[3]
+def load(name):
+    d = {}
+    p = os.path.join(tmp, name)
+    if not os.path.exists(p):
+        return d
+    for line in open(p):
+        f = [x.strip() for x in line.strip().strip('|').split('|')]
+        if len(f) == 5:
+            d.setdefault(f[3], []).append(float(f[4]))
+    return d
+ours, peer = load("ours"), load("peer")
+print("| test | LiveKVQuant tok/s | llama.cpp tok/s | ratio |")
+print("|---|---|---|---|")
+for t in ("pp512", "pp2048", "tg64@16", "tg64@2048"):
+    o = statistics.median(ours[t]) if t in ours else float("nan")
+    p = statistics.median(peer[t]) if t in peer else float("nan")
+    print("| %s | %.1f | %.1f | %.2f |" % (t, o, p, o / p if p == p and p else float("nan")))
+PY
+
+{
+    echo "# CPU speed: LiveKVQuant vs llama.cpp"
+    echo
+    echo "Model: $(basename "$MODEL"), $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores."
+    echo "Date: $(date -u +%Y-%m-%d). Median of $REPS rounds; the two engines alternate within one run."
+    echo "Command: \`bench/run_bench.sh $REPS\`"
+    echo
+    echo "pp N = prompt processing of N tokens from an empty cache (batches of 512);"
+    echo "tg 64@C = 64 tokens generated one at a time after a C-token prompt. Both"
+    echo "engines keep an FP16 KV cache. llama.cpp via llama-cpp-python $("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || echo '(absent)') built from source here."
+    echo
+    cat "$tmp/table"
+} >"$OUT"
+cat "$OUT"
