@@ -59,7 +59,9 @@ PY
     echo
     echo "pp N = prompt processing of N tokens from an empty cache (batches of 512);"
     echo "tg 64@C = 64 tokens generated one at a time after a C-token prompt. Both"
-    echo "engines keep an FP16 KV cache. llama.cpp via llama-cpp-python $("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || echo '(absent)') built from source here."
+    echo "engines keep an FP16 KV cache. llama.cpp via llama-cpp-python $("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || echo '(absent)') built from source here"
+    echo "(AVX2, FMA, F16C, OpenMP, repacked Q4 kernels), run with OMP_WAIT_POLICY=passive so that its"
+    echo "idle spinning does not steal the shared second core from the other engine's run."
     echo
     cat "$tmp/table"
 } >"$OUT"
