@@ -12,6 +12,7 @@
 #define LKQ_KCPU_H
 
 #include "kernels/ktypes.h"
+#include "kernels/kvq.h"
 
 typedef struct kcpu_pool kcpu_pool;
 
@@ -59,6 +60,20 @@ void kcpu_attn_f16(kcpu_pool *p, float *out, const float *q,
                    const uint16_t *k, const uint16_t *v, size_t kv_stride,
                    int pos0, int n_q, int n_head, int n_kv_head, int head_dim,
                    float scale, void *ws);
+
+/* Attention for n_q query tokens at absolute positions pos0..pos0+n_q-1
+ * over a segmented history (kernels/kvq.h; same contract as kref_attn_seg
+ * per query: query j sees every position <= pos0 + j). KVS_Q4 segments are
+ * read in place with the dequantization fused into the dot products (and
+ * the outlier lists applied as corrections), never expanded to a full
+ * buffer. q, out [n_q, n_head, head_dim]. ws: at least
+ * kcpu_attn_seg_scratch_bytes(n_threads, L, head_dim) bytes. */
+size_t kcpu_attn_seg_scratch_bytes(int n_threads, const kvq_layout *L,
+                                   int head_dim);
+void kcpu_attn_seg(kcpu_pool *p, float *out, const float *q, int pos0,
+                   int n_q, const kvs_seg *segs, int n_segs,
+                   const kvq_layout *L, int n_head, int n_kv_head,
+                   int head_dim, float scale, void *ws);
 
 /* f32 -> f16 for n values (KV cache writes). */
 void kcpu_f32_to_f16(uint16_t *dst, const float *src, int64_t n);

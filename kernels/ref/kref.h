@@ -12,6 +12,7 @@
 #define LKQ_KREF_H
 
 #include "kernels/ktypes.h"
+#include "kernels/kvq.h"
 
 /* Dequantize one row of n elements of type t into out[n]. */
 void kref_dequant_row(kt_type t, const void *row, float *out, int64_t n);
@@ -46,5 +47,18 @@ void kref_swiglu(float *gate, const float *up, int n);
 void kref_attn_f16(float *out, const float *q, const uint16_t *k,
                    const uint16_t *v, size_t kv_stride, int n_pos, int n_head,
                    int n_kv_head, int head_dim, float scale, float *scratch);
+
+/* Causal attention of one query token at absolute position q_pos over a
+ * history made of segments (kernels/kvq.h): every position <= q_pos of every
+ * segment (segments do not overlap; any order). KVS_Q4 segments are
+ * dequantized with kvq_dequant_block first (L describes them; may be NULL
+ * when there are none), then attended like the others: the oracle of the
+ * fused kernels. q [n_head, head_dim], out [n_head, head_dim]; GQA as
+ * kref_attn_f16. scratch: kref_attn_seg_scratch_floats() floats. */
+size_t kref_attn_seg_scratch_floats(const kvs_seg *segs, int n_segs,
+                                    const kvq_layout *L);
+void kref_attn_seg(float *out, const float *q, int q_pos, const kvs_seg *segs,
+                   int n_segs, const kvq_layout *L, int n_head, int n_kv_head,
+                   int head_dim, float scale, float *scratch);
 
 #endif

@@ -1,0 +1,180 @@
+/*
+ * kvq.h - the LiveKVQuant-P cache math (../shared/DESIGN.md §4) shared by
+ * every kernel layer: the packed layout of one quantized KV block, the
+ * clipped-EMA range tracking (Eq. 3-2, 3-3), block quantization with FP16
+ * outliers (Eq. 3-4), and attention over a history made of segments of
+ * different storage kinds (INT4 blocks, FP16 staging, the exact f32 chunk).
+ *
+ * Reference implementations live in kernels/ref (kvq_ref.c,
+ * kref_attn_seg.c); the optimized attention in kernels/cpu. All functions
+ * here are pure and thread-safe (they write only through their arguments).
+ *
+ * Notation: T = block_tokens, D = kv_dim = n_kv_heads * head_dim,
+ * G = v_group (divides head_dim). Element (t, c) of a block is token t,
+ * channel c (channel c belongs to KV head c / head_dim). 4 bits, levels 0..15.
+ */
+#ifndef LKQ_KVQ_H
+#define LKQ_KVQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KVQ_LEVELS 15 /* 2^4 - 1 */
+#define KVQ_EPS 1e-6f /* smallest range width: s = max(hi - lo, eps) / 15 */
+
+/* How keys are grouped for their scale/zero. */
+typedef enum {
+    KVQ_K_PER_CHANNEL = 0, /* s,z per channel from the EMA range (default) */
+    KVQ_K_PER_TOKEN = 1,   /* s,z per (token, group of G) from min/max like V
+                              (the naive baseline; no EMA used for K) */
+} kvq_k_mode;
+
+/* Header at the start of every quantized layer-block. */
+typedef struct {
+    uint32_t n_tok;     /* tokens stored (<= T) */
+    uint32_t n_kout;    /* K outliers stored */
+    uint32_t n_vout;    /* V outliers stored */
+    uint32_t n_clamped; /* values outside the range that did not fit the
+                           outlier budget (clamped to the range) */
+} kvq_block_hdr;
+
+/* Byte layout of one quantized layer-block (all offsets from the block
+ * base, each region 8-byte aligned):
+ *   hdr                          kvq_block_hdr
+ *   kq  [T * D / 2]              K codes, token-major, element (t,c) at
+ *                                nibble t*D + c (low nibble = even index)
+ *   vq  [T * D / 2]              V codes, same layout
+ *   ks  [n_ksnap] fp16, kz [n_ksnap] uint8     K scale / zero snapshot:
+ *        per channel (n_ksnap = D) or per (token, group) (n_ksnap = T*D/G,
+ *        index t*(D/G) + c/G)
+ *   vs  [T*D/G] fp16, vz [T*D/G] uint8         V scale / zero per (token, group)
+ *   kout_idx [out_cap] uint32, kout_val [out_cap] fp16   K outliers: element
+ *        index t*D + c and its exact value (as FP16)
+ *   vout_idx [out_cap] uint32, vout_val [out_cap] fp16   V outliers
+ * Dequantization: x = s * (q - z), except outliers, which are exact.
+ * An outlier's dense slot holds the clamped code (0 or 15). */
+typedef struct {
+    int block_tokens;   /* T */
+    int kv_dim;         /* D */
+    int head_dim;
+    int v_group;        /* G */
+    kvq_k_mode k_mode;
+    int out_cap;        /* outlier slots per tensor (K and V each) */
+    int n_ksnap;
+    size_t off_kq, off_vq, off_ks, off_kz, off_vs, off_vz;
+    size_t off_kout_idx, off_kout_val, off_vout_idx, off_vout_val;
+    size_t bytes;       /* one layer-block, multiple of 8 */
+    /* bytes by kind, for accounting (sum <= bytes; the rest is padding
+     * and the header) */
+    size_t bytes_dense, bytes_scales, bytes_outliers;
+} kvq_layout;
+
+/* Fills L. out_cap = ceil(outlier_budget * T * D) per tensor (budget in
+ * [0, 1]). Returns 0, or negative with a reason (T, D, head_dim or G not
+ * positive, G not dividing head_dim, head_dim not dividing D, D odd). */
+int kvq_layout_init(kvq_layout *L, int block_tokens, int kv_dim, int head_dim,
+                    int v_group, kvq_k_mode k_mode, float outlier_budget,
+                    char *err, size_t errlen);
+
+/* Typed views of a block's regions (base = block start). */
+static inline kvq_block_hdr *kvq_hdr(void *base) { return (kvq_block_hdr *)base; }
+static inline const kvq_block_hdr *kvq_chdr(const void *base) { return (const kvq_block_hdr *)base; }
+#define KVQ_AT(base, off, type) ((type)((char *)(base) + (off)))
+#define KVQ_CAT(base, off, type) ((const type)((const char *)(base) + (off)))
+
+/* ---- Eq. 3-2 / 3-3: range statistics ---------------------------------- */
+
+typedef struct {
+    float ema_decay;     /* beta in [0, 1) */
+    float ema_clip;      /* gamma >= 0: max move per chunk, in range widths */
+    float clip_quantile; /* alpha in [0, 0.5) */
+    int warmup_chunks;   /* W >= 0 */
+} kvq_ema_params;
+
+/* Range state of one tensor (K or V) of one layer of one sequence. */
+typedef struct {
+    float *lo, *hi;       /* [D] current range (valid when n_chunks > 0) */
+    float *sum_a, *sum_b; /* [D] sums of unclipped stats during warm-up */
+    int n_chunks;         /* chunks folded in so far */
+} kvq_ema;
+
+/* a[c] = Q_alpha(x[:, c]), b[c] = Q_{1-alpha}(x[:, c]) over n tokens of
+ * x [n][stride] (channels 0..D-1). Quantile = linear interpolation between
+ * order statistics at rank alpha*(m-1) of the m finite values (numpy's
+ * default method); non-finite values are ignored; a channel with no finite
+ * value gets a = b = NaN (and kvq_ema_update leaves that channel alone).
+ * scratch: at least n floats. */
+void kvq_chunk_quantiles(const float *x, int n, int D, size_t stride,
+                         float alpha, float *a, float *b, float *scratch);
+
+/* Folds one chunk's statistics into e (Eq. 3-2 clipping, Eq. 3-3 EMA):
+ *  - while n_chunks < W (warm-up): sums += a, b; lo/hi = mean of the
+ *    unclipped a, b so far (no clipping);
+ *  - after: w = hi - lo; a' = max(a, lo - gamma*w), b' = min(b, hi + gamma*w);
+ *    lo += (1 - beta) * weight * (a' - lo); hi likewise (weight 1 for a full
+ *    chunk, block/C for a decode block);
+ *  - the very first chunk when W = 0 sets lo = a, hi = b.
+ * Then n_chunks++. NaN stats leave the channel unchanged. */
+void kvq_ema_update(kvq_ema *e, const kvq_ema_params *p, const float *a,
+                    const float *b, int D, float weight);
+
+/* 1 while e is still in warm-up (fewer than W chunks folded). */
+static inline int kvq_ema_warming(const kvq_ema *e, const kvq_ema_params *p)
+{
+    return e->n_chunks < p->warmup_chunks;
+}
+
+/* ---- Eq. 3-4: quantization ----------------------------------------------- */
+
+/* s and z for a range: s = max(hi - lo, KVQ_EPS) / 15,
+ * z = clamp(round(-lo / s), 0, 15) (round half away from zero, as roundf).
+ * The snapshot stores s as FP16; z and all codes use the FP16-rounded s. */
+void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z);
+
+/* Quantizes n (1..T) tokens of K and V, k/v [n][stride] f32 (channels
+ * 0..D-1), into the block at base (which it fully rewrites: header,
+ * snapshots, codes, outlier lists; unused token slots are zero).
+ * K per channel: s,z from [k_lo, k_hi] (EMA); an element outside
+ *   [lo - s/2, hi + s/2] is an outlier candidate.
+ * K per token (k_mode): like V below, with no EMA band (k_lo/k_hi unused;
+ *   every value is in range, so no K outliers).
+ * V: per (token, group of G channels): candidates are the values outside
+ *   their channel's EMA band [v_lo - s_c/2, v_hi + s_c/2] (s_c from the
+ *   channel's EMA range); s,z from the min/max of the group's other values
+ *   (a group with no other value uses the min/max of all its values).
+ * Budget: per tensor, the out_cap candidates with the largest excursion
+ * (distance outside the band divided by the band's s) are stored exactly as
+ * FP16 (dense slot = clamped code); the rest are clamped and counted in
+ * n_clamped. Non-finite inputs: NaN is stored as code z (dequantizes to 0)
+ * and counted as clamped; +-Inf clamp to 15/0 and count as clamped.
+ * v_lo/v_hi NULL: no V outlier band (all values in range, min/max per group).
+ * scratch: at least kvq_quantize_scratch_bytes(L) bytes. */
+size_t kvq_quantize_scratch_bytes(const kvq_layout *L);
+void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
+                        const float *v, size_t stride, int n,
+                        const float *k_lo, const float *k_hi,
+                        const float *v_lo, const float *v_hi, void *scratch);
+
+/* Dequantizes the block's n_tok tokens into k/v [n_tok][stride] (outliers
+ * exact). The oracle for the fused attention. */
+void kvq_dequant_block(const kvq_layout *L, const void *base, float *k,
+                       float *v, size_t stride);
+
+/* ---- attention over a segmented history ---------------------------------- */
+
+typedef enum {
+    KVS_F32 = 0, /* k, v: float [n][stride] at channel 0 */
+    KVS_F16 = 1, /* k, v: fp16 [n][stride] at channel 0 */
+    KVS_Q4 = 2,  /* k: a kvq block base (layout L); v unused; n = hdr n_tok */
+} kvs_kind;
+
+/* n consecutive positions pos0 .. pos0+n-1 of one layer's history. */
+typedef struct {
+    int kind;
+    int pos0;
+    int n;
+    const void *k, *v;
+    size_t stride; /* elements between positions (F32/F16), usually D */
+} kvs_seg;
+
+#endif
