@@ -1,0 +1,312 @@
+/*
+ * kvq_config.c - KV cache knobs: defaults, parsing, validation (see
+ * kvq_config.h for the keys and their meaning).
+ */
+#include "config/kvq_config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+const char *const cfg_kv_keys[] = {
+    "kv_cache", "chunk_size", "block_tokens", "warmup_chunks", "ema_decay",
+    "ema_clip", "clip_quantile", "v_group", "outlier_budget", "sink_tokens",
+    "keep_warmup_fp16", "k_quant", "kv_budget", NULL,
+};
+
+cfg_kv cfg_kv_default(void)
+{
+    cfg_kv c = {
+        .mode = CFG_KV_INT4,
+        .chunk_size = 512,
+        .block_tokens = 128,
+        .warmup_chunks = 2,
+        .ema_decay = 0.9f,
+        .ema_clip = 0.5f,
+        .clip_quantile = 0.005f,
+        .v_group = 64,
+        .outlier_budget = 0.005f,
+        .sink_tokens = 4,
+        .keep_warmup_fp16 = 0,
+        .k_mode = KVQ_K_PER_CHANNEL,
+        .kv_budget_bytes = 0,
+        .kv_budget_tokens = 0,
+    };
+    return c;
+}
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+/* key with '-' folded to '_' into out[cap]; returns 0 if it fits */
+static int norm_key(const char *key, char *out, size_t cap)
+{
+    size_t n = strlen(key);
+    if (n + 1 > cap)
+        return -1;
+    for (size_t i = 0; i <= n; i++)
+        out[i] = key[i] == '-' ? '_' : key[i];
+    return 0;
+}
+
+int cfg_kv_is_key(const char *key)
+{
+    char k[64];
+    if (!key || norm_key(key, k, sizeof k) < 0)
+        return 0;
+    for (int i = 0; cfg_kv_keys[i]; i++)
+        if (!strcmp(k, cfg_kv_keys[i]))
+            return 1;
+    return 0;
+}
+
+static int parse_i(const char *v, long lo, long hi, int32_t *out)
+{
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || end == v || *end || x < lo || x > hi)
+        return -1;
+    *out = (int32_t)x;
+    return 0;
+}
+
+static int parse_f(const char *v, float lo, float hi, int hi_open, float *out)
+{
+    char *end;
+    errno = 0;
+    float x = strtof(v, &end);
+    if (errno || end == v || *end || !isfinite(x) || x < lo || x > hi ||
+        (hi_open && x >= hi))
+        return -1;
+    *out = x;
+    return 0;
+}
+
+/* "123", "64K", "1.5GiB", "65536t" -> bytes or tokens */
+static int parse_budget(const char *v, int64_t *bytes, int64_t *tokens)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || end == v || !(x >= 0) || x > 9e18)
+        return -1;
+    while (*end == ' ')
+        end++;
+    double mul = 1;
+    int is_tok = 0;
+    if (!*end || !strcasecmp(end, "b")) mul = 1;
+    else if (!strcasecmp(end, "t") || !strcasecmp(end, "tokens")) is_tok = 1;
+    else if (!strcasecmp(end, "k") || !strcasecmp(end, "kb")) mul = 1e3;
+    else if (!strcasecmp(end, "m") || !strcasecmp(end, "mb")) mul = 1e6;
+    else if (!strcasecmp(end, "g") || !strcasecmp(end, "gb")) mul = 1e9;
+    else if (!strcasecmp(end, "kib")) mul = 1024.0;
+    else if (!strcasecmp(end, "mib")) mul = 1024.0 * 1024;
+    else if (!strcasecmp(end, "gib")) mul = 1024.0 * 1024 * 1024;
+    else return -1;
+    double r = x * mul;
+    if (r > 9e18 || (is_tok && x != floor(x)))
+        return -1;
+    *bytes = is_tok ? 0 : (int64_t)r;
+    *tokens = is_tok ? (int64_t)x : 0;
+    return 0;
+}
+
+int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
+               size_t errlen)
+{
+    char k[64];
+    if (!key || !value || norm_key(key, k, sizeof k) < 0 || !cfg_kv_is_key(k))
+        return fail(err, errlen, "unknown cache option '%s' (known: kv_cache, chunk_size, "
+                    "block_tokens, warmup_chunks, ema_decay, ema_clip, clip_quantile, "
+                    "v_group, outlier_budget, sink_tokens, keep_warmup_fp16, k_quant, "
+                    "kv_budget)", key ? key : "(null)");
+    int bad = 0;
+    const char *want = "";
+    if (!strcmp(k, "kv_cache")) {
+        if (!strcasecmp(value, "fp16") || !strcasecmp(value, "f16"))
+            c->mode = CFG_KV_FP16;
+        else if (!strcasecmp(value, "int4") || !strcasecmp(value, "q4"))
+            c->mode = CFG_KV_INT4;
+        else
+            bad = 1, want = "fp16 or int4";
+    } else if (!strcmp(k, "chunk_size")) {
+        bad = parse_i(value, 1, 1 << 20, &c->chunk_size), want = "an integer >= 1";
+    } else if (!strcmp(k, "block_tokens")) {
+        bad = parse_i(value, 1, 4096, &c->block_tokens), want = "an integer in [1, 4096]";
+    } else if (!strcmp(k, "warmup_chunks")) {
+        bad = parse_i(value, 0, 1000, &c->warmup_chunks), want = "an integer in [0, 1000]";
+    } else if (!strcmp(k, "ema_decay")) {
+        bad = parse_f(value, 0.0f, 1.0f, 1, &c->ema_decay), want = "a number in [0, 1)";
+    } else if (!strcmp(k, "ema_clip")) {
+        bad = parse_f(value, 0.0f, 1e6f, 0, &c->ema_clip), want = "a number >= 0";
+    } else if (!strcmp(k, "clip_quantile")) {
+        bad = parse_f(value, 0.0f, 0.5f, 1, &c->clip_quantile), want = "a number in [0, 0.5)";
+    } else if (!strcmp(k, "v_group")) {
+        bad = parse_i(value, 1, 4096, &c->v_group), want = "an integer in [1, 4096]";
+    } else if (!strcmp(k, "outlier_budget")) {
+        bad = parse_f(value, 0.0f, 1.0f, 0, &c->outlier_budget), want = "a fraction in [0, 1]";
+    } else if (!strcmp(k, "sink_tokens")) {
+        bad = parse_i(value, 0, 1 << 20, &c->sink_tokens), want = "an integer >= 0";
+    } else if (!strcmp(k, "keep_warmup_fp16")) {
+        bad = parse_i(value, 0, 1, &c->keep_warmup_fp16), want = "0 or 1";
+    } else if (!strcmp(k, "k_quant")) {
+        if (!strcasecmp(value, "channel"))
+            c->k_mode = KVQ_K_PER_CHANNEL;
+        else if (!strcasecmp(value, "token"))
+            c->k_mode = KVQ_K_PER_TOKEN;
+        else
+            bad = 1, want = "channel or token";
+    } else if (!strcmp(k, "kv_budget")) {
+        bad = parse_budget(value, &c->kv_budget_bytes, &c->kv_budget_tokens);
+        want = "bytes (e.g. 512M, 2GiB) or tokens (e.g. 65536t)";
+    }
+    if (bad)
+        return fail(err, errlen, "%s: expected %s, got '%s'", k, want, value);
+    return 0;
+}
+
+int cfg_kv_load_file(cfg_kv *c, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return fail(err, errlen, "cannot open config '%s': %s", path, strerror(errno));
+    char line[1024], e2[512];
+    int ln = 0, rc = 0;
+    while (fgets(line, sizeof line, f)) {
+        ln++;
+        size_t len = strlen(line);
+        if (len == sizeof line - 1 && line[len - 1] != '\n') {
+            rc = fail(err, errlen, "%s:%d: line too long", path, ln);
+            break;
+        }
+        char *h = strchr(line, '#');
+        if (h)
+            *h = '\0';
+        char *s = line;
+        while (isspace((unsigned char)*s))
+            s++;
+        char *e = s + strlen(s);
+        while (e > s && isspace((unsigned char)e[-1]))
+            *--e = '\0';
+        if (!*s)
+            continue;
+        char *eq = strchr(s, '=');
+        if (!eq) {
+            rc = fail(err, errlen, "%s:%d: expected 'key = value'", path, ln);
+            break;
+        }
+        char *ke = eq;
+        while (ke > s && isspace((unsigned char)ke[-1]))
+            ke--;
+        *ke = '\0';
+        char *v = eq + 1;
+        while (isspace((unsigned char)*v))
+            v++;
+        if (cfg_kv_set(c, s, v, e2, sizeof e2) < 0) {
+            rc = fail(err, errlen, "%s:%d: %s", path, ln, e2);
+            break;
+        }
+    }
+    fclose(f);
+    if (rc == 0)
+        rc = cfg_kv_validate(c, err, errlen);
+    return rc;
+}
+
+int cfg_kv_validate(const cfg_kv *c, char *err, size_t errlen)
+{
+    if (c->chunk_size <= 0)
+        return fail(err, errlen, "chunk_size must be positive (got %d)", c->chunk_size);
+    if (c->block_tokens <= 0)
+        return fail(err, errlen, "block_tokens must be positive (got %d)", c->block_tokens);
+    if (c->chunk_size % c->block_tokens != 0)
+        return fail(err, errlen,
+                    "chunk_size %d is not a multiple of block_tokens %d: each chunk "
+                    "must fill whole KV blocks", c->chunk_size, c->block_tokens);
+    if (c->warmup_chunks < 0)
+        return fail(err, errlen, "warmup_chunks must be >= 0");
+    if (!(c->ema_decay >= 0 && c->ema_decay < 1))
+        return fail(err, errlen, "ema_decay must be in [0, 1)");
+    if (!(c->ema_clip >= 0))
+        return fail(err, errlen, "ema_clip must be >= 0");
+    if (!(c->clip_quantile >= 0 && c->clip_quantile < 0.5f))
+        return fail(err, errlen, "clip_quantile must be in [0, 0.5)");
+    if (!(c->outlier_budget >= 0 && c->outlier_budget <= 1))
+        return fail(err, errlen, "outlier_budget must be in [0, 1]");
+    if (c->v_group <= 0)
+        return fail(err, errlen, "v_group must be positive");
+    if (c->sink_tokens < 0)
+        return fail(err, errlen, "sink_tokens must be >= 0");
+    if (c->kv_budget_bytes < 0 || c->kv_budget_tokens < 0)
+        return fail(err, errlen, "kv_budget must be >= 0");
+    return 0;
+}
+
+int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,
+                          char *err, size_t errlen)
+{
+    if (cfg_kv_validate(c, err, errlen) < 0)
+        return -1;
+    if (c->mode == CFG_KV_INT4) {
+        if (head_dim % c->v_group != 0)
+            return fail(err, errlen, "v_group %d does not divide the model's head_dim %d",
+                        c->v_group, head_dim);
+        if ((head_dim * n_kv_heads) % 2 != 0)
+            return fail(err, errlen, "kv_dim %d is odd: INT4 packing needs pairs",
+                        head_dim * n_kv_heads);
+    }
+    return 0;
+}
+
+static void budget_str(const cfg_kv *c, char *b, size_t n)
+{
+    if (c->kv_budget_tokens > 0)
+        snprintf(b, n, "%lldt", (long long)c->kv_budget_tokens);
+    else
+        snprintf(b, n, "%lld", (long long)c->kv_budget_bytes);
+}
+
+void cfg_kv_write(const cfg_kv *c, FILE *f)
+{
+    char b[32];
+    budget_str(c, b, sizeof b);
+    fprintf(f,
+            "kv_cache = %s\nchunk_size = %d\nblock_tokens = %d\nwarmup_chunks = %d\n"
+            "ema_decay = %g\nema_clip = %g\nclip_quantile = %g\nv_group = %d\n"
+            "outlier_budget = %g\nsink_tokens = %d\nkeep_warmup_fp16 = %d\n"
+            "k_quant = %s\nkv_budget = %s\n",
+            c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size, c->block_tokens,
+            c->warmup_chunks, c->ema_decay, c->ema_clip, c->clip_quantile, c->v_group,
+            c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
+            c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b);
+}
+
+int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
+{
+    char b[32];
+    budget_str(c, b, sizeof b);
+    return snprintf(buf, cap,
+                    "\"kv_cache\": \"%s\", \"chunk_size\": %d, \"block_tokens\": %d, "
+                    "\"warmup_chunks\": %d, \"ema_decay\": %g, \"ema_clip\": %g, "
+                    "\"clip_quantile\": %g, \"v_group\": %d, \"outlier_budget\": %g, "
+                    "\"sink_tokens\": %d, \"keep_warmup_fp16\": %d, \"k_quant\": \"%s\", "
+                    "\"kv_budget\": \"%s\"",
+                    c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size,
+                    c->block_tokens, c->warmup_chunks, c->ema_decay, c->ema_clip,
+                    c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
+                    c->keep_warmup_fp16,
+                    c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b);
+}

@@ -1,0 +1,105 @@
+/*
+ * test_kvq_config.c - cache knobs: defaults, parsing from flags and files,
+ * and refusals with a reason.
+ */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config/kvq_config.h"
+
+static char err[512];
+
+Test(kvq_config, defaults_are_valid_and_documented)
+{
+    cfg_kv c = cfg_kv_default();
+    cr_assert_eq(cfg_kv_validate(&c, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(c.mode, CFG_KV_INT4);
+    cr_assert_eq(c.chunk_size, 512);
+    cr_assert_eq(c.warmup_chunks, 2);
+    cr_assert_eq(cfg_kv_validate_model(&c, 64, 3, err, sizeof err), 0, "%s", err);
+}
+
+Test(kvq_config, set_each_key)
+{
+    cfg_kv c = cfg_kv_default();
+    cr_assert_eq(cfg_kv_set(&c, "kv-cache", "fp16", err, sizeof err), 0);
+    cr_assert_eq(c.mode, CFG_KV_FP16);
+    cr_assert_eq(cfg_kv_set(&c, "chunk_size", "256", err, sizeof err), 0);
+    cr_assert_eq(c.chunk_size, 256);
+    cr_assert_eq(cfg_kv_set(&c, "ema_decay", "0.75", err, sizeof err), 0);
+    cr_assert_float_eq(c.ema_decay, 0.75f, 1e-7);
+    cr_assert_eq(cfg_kv_set(&c, "k-quant", "token", err, sizeof err), 0);
+    cr_assert_eq(c.k_mode, KVQ_K_PER_TOKEN);
+    cr_assert_eq(cfg_kv_set(&c, "kv_budget", "2GiB", err, sizeof err), 0);
+    cr_assert_eq(c.kv_budget_bytes, 2LL << 30);
+    cr_assert_eq(cfg_kv_set(&c, "kv_budget", "65536t", err, sizeof err), 0);
+    cr_assert_eq(c.kv_budget_tokens, 65536);
+    cr_assert_eq(c.kv_budget_bytes, 0);
+    cr_assert_eq(cfg_kv_set(&c, "kv_budget", "512M", err, sizeof err), 0);
+    cr_assert_eq(c.kv_budget_bytes, 512000000LL);
+    cr_assert(cfg_kv_is_key("outlier-budget") && !cfg_kv_is_key("bogus"));
+}
+
+Test(kvq_config, refusals_say_why)
+{
+    cfg_kv c = cfg_kv_default();
+    cr_assert_lt(cfg_kv_set(&c, "chunk_size", "0", err, sizeof err), 0);
+    cr_assert(strstr(err, "chunk_size") != NULL, "%s", err);
+    cr_assert_lt(cfg_kv_set(&c, "chunk_size", "12abc", err, sizeof err), 0);
+    cr_assert_lt(cfg_kv_set(&c, "ema_decay", "1", err, sizeof err), 0);
+    cr_assert_lt(cfg_kv_set(&c, "ema_decay", "nan", err, sizeof err), 0);
+    cr_assert_lt(cfg_kv_set(&c, "clip_quantile", "0.5", err, sizeof err), 0);
+    cr_assert_lt(cfg_kv_set(&c, "outlier_budget", "-0.1", err, sizeof err), 0);
+    cr_assert_lt(cfg_kv_set(&c, "kv_cache", "int8", err, sizeof err), 0);
+    cr_assert(strstr(err, "fp16 or int4") != NULL, "%s", err);
+    cr_assert_lt(cfg_kv_set(&c, "kv_budget", "12 parsecs", err, sizeof err), 0);
+    cr_assert_lt(cfg_kv_set(&c, "frobnicate", "1", err, sizeof err), 0);
+    cr_assert(strstr(err, "unknown cache option") != NULL, "%s", err);
+    c = cfg_kv_default();
+    c.chunk_size = 300;
+    cr_assert_lt(cfg_kv_validate(&c, err, sizeof err), 0);
+    cr_assert(strstr(err, "not a multiple of block_tokens") != NULL, "%s", err);
+    c = cfg_kv_default();
+    c.v_group = 48;
+    cr_assert_lt(cfg_kv_validate_model(&c, 64, 3, err, sizeof err), 0);
+    cr_assert(strstr(err, "does not divide") != NULL, "%s", err);
+}
+
+Test(kvq_config, file_round_trip_and_errors)
+{
+    char path[] = "/tmp/lkq_cfgXXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    cfg_kv a = cfg_kv_default();
+    a.chunk_size = 1024;
+    a.ema_clip = 0.25f;
+    a.sink_tokens = 0;
+    a.kv_budget_tokens = 4096;
+    fprintf(f, "# a comment\n\n");
+    cfg_kv_write(&a, f);
+    fclose(f);
+    cfg_kv b = cfg_kv_default();
+    cr_assert_eq(cfg_kv_load_file(&b, path, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(b.chunk_size, 1024);
+    cr_assert_float_eq(b.ema_clip, 0.25f, 1e-7);
+    cr_assert_eq(b.sink_tokens, 0);
+    cr_assert_eq(b.kv_budget_tokens, 4096);
+    f = fopen(path, "w");
+    fprintf(f, "chunk_size = 512\nwarmup_chunks = many\n");
+    fclose(f);
+    cr_assert_lt(cfg_kv_load_file(&b, path, err, sizeof err), 0);
+    cr_assert(strstr(err, ":2:") && strstr(err, "warmup_chunks"), "%s", err);
+    f = fopen(path, "w");
+    fprintf(f, "chunk_size 512\n");
+    fclose(f);
+    cr_assert_lt(cfg_kv_load_file(&b, path, err, sizeof err), 0);
+    cr_assert(strstr(err, "key = value") != NULL, "%s", err);
+    unlink(path);
+    cr_assert_lt(cfg_kv_load_file(&b, "/nonexistent.conf", err, sizeof err), 0);
+    char js[1024];
+    cr_assert_lt(cfg_kv_json(&a, js, sizeof js), (int)sizeof js);
+    cr_assert(strstr(js, "\"chunk_size\": 1024") != NULL, "%s", js);
+}
