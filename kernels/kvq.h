@@ -70,8 +70,11 @@ typedef struct {
 } kvq_layout;
 
 /* Fills L. out_cap = ceil(outlier_budget * T * D) per tensor (budget in
- * [0, 1]). Returns 0, or negative with a reason (T, D, head_dim or G not
- * positive, G not dividing head_dim, head_dim not dividing D, D odd). */
+ * [0, 1]; computed in double with a 1e-6 slack, so 0.01 * 100 gives 1, not
+ * 2). Returns 0, or negative with a reason (T, D, head_dim or G not
+ * positive, G not dividing head_dim, head_dim not dividing D, D odd, budget
+ * outside [0, 1] or NaN, T * D >= 2^29). bytes is the capacity of a block
+ * (outlier slots included), which is what the cache holds per block. */
 int kvq_layout_init(kvq_layout *L, int block_tokens, int kv_dim, int head_dim,
                     int v_group, kvq_k_mode k_mode, float outlier_budget,
                     char *err, size_t errlen);
@@ -101,20 +104,31 @@ typedef struct {
 /* a[c] = Q_alpha(x[:, c]), b[c] = Q_{1-alpha}(x[:, c]) over n tokens of
  * x [n][stride] (channels 0..D-1). Quantile = linear interpolation between
  * order statistics at rank alpha*(m-1) of the m finite values (numpy's
- * default method); non-finite values are ignored; a channel with no finite
+ * default method; a rank within 1e-6 of an integer is snapped to it, since
+ * alpha is a float); non-finite values are ignored; a channel with no finite
  * value gets a = b = NaN (and kvq_ema_update leaves that channel alone).
+ * alpha is clamped to [0, 0.5]. O(n) per channel (quickselect).
  * scratch: at least n floats. */
 void kvq_chunk_quantiles(const float *x, int n, int D, size_t stride,
                          float alpha, float *a, float *b, float *scratch);
 
 /* Folds one chunk's statistics into e (Eq. 3-2 clipping, Eq. 3-3 EMA):
  *  - while n_chunks < W (warm-up): sums += a, b; lo/hi = mean of the
- *    unclipped a, b so far (no clipping);
- *  - after: w = hi - lo; a' = max(a, lo - gamma*w), b' = min(b, hi + gamma*w);
+ *    unclipped a, b so far (no clipping); weight is ignored here (each call
+ *    counts as one chunk). A caller whose prompt ends inside warm-up ends
+ *    it by setting n_chunks = W (lo/hi then keep the mean so far);
+ *  - after: w = hi - lo; a' = max(a, lo - gamma*w), b' = min(b, hi + gamma*w),
+ *    and both are also kept inside [lo - gamma*w, hi + gamma*w] (so a chunk
+ *    lying wholly beyond one end cannot invert the range: the near end moves
+ *    out by at most gamma*w times the EMA step, the far end follows it);
  *    lo += (1 - beta) * weight * (a' - lo); hi likewise (weight 1 for a full
  *    chunk, block/C for a decode block);
  *  - the very first chunk when W = 0 sets lo = a, hi = b.
- * Then n_chunks++. NaN stats leave the channel unchanged. */
+ * Then n_chunks++. The arrays need no initialization (chunk 0 writes them).
+ * Non-finite stats (a channel with no finite value) leave the channel's
+ * lo/hi unchanged (during warm-up the missing chunk counts as the channel's
+ * current mean); a channel that has never had data has lo = hi = NaN, and
+ * its first finite stats set lo = a, hi = b. */
 void kvq_ema_update(kvq_ema *e, const kvq_ema_params *p, const float *a,
                     const float *b, int D, float weight);
 
@@ -128,27 +142,48 @@ static inline int kvq_ema_warming(const kvq_ema *e, const kvq_ema_params *p)
 
 /* s and z for a range: s = max(hi - lo, KVQ_EPS) / 15,
  * z = clamp(round(-lo / s), 0, 15) (round half away from zero, as roundf).
- * The snapshot stores s as FP16; z and all codes use the FP16-rounded s. */
+ * The snapshot stores s as FP16; z and all codes use the FP16-rounded s.
+ * Readings: (1) since z is in 0..15 the grid s*(q - z) always contains 0, so
+ * the range is first widened to include 0: lo' = min(lo, 0), hi' =
+ * max(hi, 0) (otherwise a range like [5, 6] would reconstruct as 1);
+ * (2) s is rounded UP to the next FP16 (capped at 65504), so the 16 levels
+ * always cover [lo', hi'] and every x in [lo, hi] is within s/2 of a level;
+ * (3) a non-finite lo or hi counts as 0 (a channel with no data: [0, 0],
+ * s = the smallest FP16 >= KVQ_EPS/15 = 2^-23, z = 0). */
 void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z);
 
-/* Quantizes n (1..T) tokens of K and V, k/v [n][stride] f32 (channels
- * 0..D-1), into the block at base (which it fully rewrites: header,
- * snapshots, codes, outlier lists; unused token slots are zero).
+/* Quantizes n (1..T; clamped to that) tokens of K and V, k/v [n][stride]
+ * f32 (channels 0..D-1), into the block at base (which it fully rewrites:
+ * header, snapshots, codes, outlier lists; unused token slots are zero).
  * K per channel: s,z from [k_lo, k_hi] (EMA); an element outside
- *   [lo - s/2, hi + s/2] is an outlier candidate.
+ *   [lo - s/2, hi + s/2] is an outlier candidate. The band is taken on the
+ *   stored grid, [s(-z - 1/2), s(15 - z + 1/2)] with the FP16 s and integer
+ *   z (it differs from the EMA's lo/hi by at most s/2), so that a value is a
+ *   candidate exactly when its clamped code would be off by more than s/2.
+ *   k_lo/k_hi NULL: the block's own per-channel min/max (no outliers).
  * K per token (k_mode): like V below, with no EMA band (k_lo/k_hi unused;
  *   every value is in range, so no K outliers).
  * V: per (token, group of G channels): candidates are the values outside
  *   their channel's EMA band [v_lo - s_c/2, v_hi + s_c/2] (s_c from the
  *   channel's EMA range); s,z from the min/max of the group's other values
- *   (a group with no other value uses the min/max of all its values).
+ *   (a group with no other value uses the min/max of all its values). A
+ *   candidate that still lies within the group's grid band (it is
+ *   representable to s/2) is quantized normally and costs no outlier slot.
+ *   A channel whose EMA range is NaN (never had data) flags nothing.
  * Budget: per tensor, the out_cap candidates with the largest excursion
- * (distance outside the band divided by the band's s) are stored exactly as
- * FP16 (dense slot = clamped code); the rest are clamped and counted in
- * n_clamped. Non-finite inputs: NaN is stored as code z (dequantizes to 0)
- * and counted as clamped; +-Inf clamp to 15/0 and count as clamped.
+ * (distance outside the grid band divided by s, i.e. in steps; ties: lower
+ * element index first) are stored exactly as FP16 (dense slot = clamped
+ * code; values beyond the FP16 range are saturated to +-65504); the rest are
+ * clamped and counted in n_clamped (K and V together). Outlier lists are in
+ * ascending element index. Non-finite inputs: NaN is stored as code z
+ * (dequantizes to 0) and counted as clamped; +-Inf clamp to 15/0 and count
+ * as clamped; neither is ever an outlier.
  * v_lo/v_hi NULL: no V outlier band (all values in range, min/max per group).
- * scratch: at least kvq_quantize_scratch_bytes(L) bytes. */
+ * Guarantee: every finite value that is neither an outlier nor clamped
+ * dequantizes within s/2 of itself (s the FP16 scale; up to the f32
+ * rounding of x/s, so |x - x^| <= s/2 * (1 + 2^-19)).
+ * Cost O(T*D); no allocation.
+ * scratch: at least kvq_quantize_scratch_bytes(L) bytes (8-aligned). */
 size_t kvq_quantize_scratch_bytes(const kvq_layout *L);
 void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
                         const float *v, size_t stride, int n,
@@ -156,7 +191,10 @@ void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
                         const float *v_lo, const float *v_hi, void *scratch);
 
 /* Dequantizes the block's n_tok tokens into k/v [n_tok][stride] (outliers
- * exact). The oracle for the fused attention. */
+ * exact): x = s * (float)(q - z) with s the FP16 snapshot as f32 (the
+ * product is exact in f32), then each outlier's FP16 value overwrites its
+ * element. k or v may be NULL (that tensor is skipped). The oracle for the
+ * fused attention. */
 void kvq_dequant_block(const kvq_layout *L, const void *base, float *k,
                        float *v, size_t stride);
 
