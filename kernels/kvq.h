@@ -107,7 +107,9 @@ typedef struct {
  * default method; a rank within 1e-6 of an integer is snapped to it, since
  * alpha is a float); non-finite values are ignored; a channel with no finite
  * value gets a = b = NaN (and kvq_ema_update leaves that channel alone).
- * alpha is clamped to [0, 0.5]. O(n) per channel (quickselect).
+ * alpha is clamped to [0, 0.5]. O(n) per channel: ranks within 24 of the
+ * ends use insertion buffers over 16-channel tiles (scratch unused), other
+ * ranks a gathered column and quickselect.
  * scratch: at least n floats. */
 void kvq_chunk_quantiles(const float *x, int n, int D, size_t stride,
                          float alpha, float *a, float *b, float *scratch);
@@ -117,7 +119,8 @@ void kvq_chunk_quantiles(const float *x, int n, int D, size_t stride,
  *    unclipped a, b so far (no clipping); weight is ignored here (each call
  *    counts as one chunk). A caller whose prompt ends inside warm-up ends
  *    it by setting n_chunks = W (lo/hi then keep the mean so far);
- *  - after: w = hi - lo; a' = max(a, lo - gamma*w), b' = min(b, hi + gamma*w),
+ *  - after: w = max(hi - lo, KVQ_EPS) (as in s; a constant channel's band
+ *    is not empty); a' = max(a, lo - gamma*w), b' = min(b, hi + gamma*w),
  *    and both are also kept inside [lo - gamma*w, hi + gamma*w] (so a chunk
  *    lying wholly beyond one end cannot invert the range: the near end moves
  *    out by at most gamma*w times the EMA step, the far end follows it);
