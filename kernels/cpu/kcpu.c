@@ -43,6 +43,11 @@ static const kcpu_ops *ops(void)
     return &kcpu_scalar_ops;
 }
 
+const kcpu_ops *kcpu_ops_active(void)
+{
+    return ops();
+}
+
 const char *kcpu_simd_name(void)
 {
     return ops()->name;

@@ -17,12 +17,12 @@
  *
  * Threading: pure functions; the front end splits the work.
  */
+#include "kernels/cpu/kcpu_avx2_simd.h"
 #include "kernels/cpu/kcpu_impl.h"
 
 #include <immintrin.h>
 #include <math.h>
 
-#define AI static inline __attribute__((always_inline))
 
 /* Tile shapes: multi-token MT_RM rows x MT_TN tokens, gemv GV_RM rows, and
  * the gemv software prefetch distance in tiles (0: off). Chosen by
@@ -44,43 +44,6 @@
 
 enum { K_Q4_0, K_Q4_1, K_Q8_0 };
 enum { K_F32, K_F16, K_BF16 };
-
-AI float hsum8(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AI float f16(uint16_t h)
-{
-    return _cvtsh_ss(h);
-}
-
-/* e^x, max rel. error a few ulp; 0 below -87.3, clamped at e^88 above. */
-AI __m256 exp8(__m256 x)
-{
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    __m256 valid = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), lo);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440054690583e-4f), r);
-    /* Taylor series of e^r to degree 7, |r| <= 0.35 */
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), valid);
-}
 
 /* ---- activation quantization ---- */
 
@@ -365,210 +328,6 @@ static void av_mm_float(kt_type t, const void *W, size_t row_bytes,
         mm_float_kind(K_BF16, W, row_bytes, x, n_cols, n_tok, y, n_rows, r0, r1);
 }
 
-/* ---- attention ---- */
-
-/* Lane i = sum of a[i] (4 vectors). */
-AI __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
-{
-    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-}
-
-/* Scaled scores of QG queries (sharing one KV head) against the f16 keys of
- * the tile, 4 positions per step so each converted key vector serves every
- * query: s[g][r] for r < round8(nmax), -inf where r >= nv[g]. */
-AI void g_scores(const int QG, float *const *s, const float *const *q, const int *nv,
-                 int nmax, const uint16_t *kb, size_t ld, int D, float scale)
-{
-    const int D8 = D & ~7;
-    int r = 0;
-    for (; r < nmax; r += 4) {
-        __m256 a[3][4];
-        const uint16_t *rows[4];
-        for (int u = 0; u < 4; u++) {
-            rows[u] = kb + (size_t)(r + u < nmax ? r + u : nmax - 1) * ld;
-#pragma GCC unroll 3
-            for (int g = 0; g < QG; g++)
-                a[g][u] = _mm256_setzero_ps();
-        }
-        for (int d = 0; d < D8; d += 8) {
-#pragma GCC unroll 4
-            for (int u = 0; u < 4; u++) {
-                __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[u] + d)));
-#pragma GCC unroll 3
-                for (int g = 0; g < QG; g++)
-                    a[g][u] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[g] + d), a[g][u]);
-            }
-        }
-#pragma GCC unroll 3
-        for (int g = 0; g < QG; g++) {
-            __m128 sv = hsum4x8(a[g][0], a[g][1], a[g][2], a[g][3]);
-            if (D8 < D) {
-                float t4[4];
-                for (int u = 0; u < 4; u++) {
-                    t4[u] = 0.0f;
-                    for (int d = D8; d < D; d++)
-                        t4[u] += q[g][d] * f16(rows[u][d]);
-                }
-                sv = _mm_add_ps(sv, _mm_loadu_ps(t4));
-            }
-            sv = _mm_mul_ps(sv, _mm_set1_ps(scale));
-            __m128 keep = _mm_castsi128_ps(_mm_cmpgt_epi32(
-                _mm_set1_epi32(nv[g] - r), _mm_setr_epi32(0, 1, 2, 3)));
-            _mm_storeu_ps(s[g] + r, _mm_blendv_ps(_mm_set1_ps(-INFINITY), sv, keep));
-        }
-    }
-    for (int g = 0; g < QG; g++) /* pad to a multiple of 8 for the exp pass */
-        for (int rr = r; rr < ((nmax + 7) & ~7); rr++)
-            s[g][rr] = -INFINITY;
-}
-
-/* o[g][d0 .. d0 + 8*NV) += sum_{r < n} p[g][r] * V[r][d0 ..), one converted
- * value vector serving the QG queries. */
-AI void g_oaccum(const int QG, const int NV, float *const *o, const float *const *p,
-                 const uint16_t *vb, size_t ld, int n, int d0)
-{
-    __m256 a[3][8];
-#pragma GCC unroll 3
-    for (int g = 0; g < QG; g++)
-#pragma GCC unroll 8
-        for (int c = 0; c < NV; c++)
-            a[g][c] = _mm256_loadu_ps(o[g] + d0 + 8 * c);
-    for (int r = 0; r < n; r++) {
-        __m256 w[3];
-#pragma GCC unroll 3
-        for (int g = 0; g < QG; g++)
-            w[g] = _mm256_broadcast_ss(p[g] + r);
-        const uint16_t *vr = vb + (size_t)r * ld + d0;
-#pragma GCC unroll 8
-        for (int c = 0; c < NV; c++) {
-            __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * c)));
-#pragma GCC unroll 3
-            for (int g = 0; g < QG; g++)
-                a[g][c] = _mm256_fmadd_ps(w[g], vv, a[g][c]);
-        }
-    }
-#pragma GCC unroll 3
-    for (int g = 0; g < QG; g++)
-#pragma GCC unroll 8
-        for (int c = 0; c < NV; c++)
-            _mm256_storeu_ps(o[g] + d0 + 8 * c, a[g][c]);
-}
-
-/* Weighted V sum of a query group over all dims: wide passes, then single
- * vectors, then the scalar tail. */
-AI void g_oaccum_all(const int QG, float *const *o, const float *const *p,
-                     const uint16_t *vb, size_t ld, int n, int D)
-{
-    const int D8 = D & ~7, NV = QG == 1 ? 8 : 4;
-    int d0 = 0;
-    for (; d0 + 8 * NV <= D8; d0 += 8 * NV)
-        g_oaccum(QG, NV, o, p, vb, ld, n, d0);
-    for (; d0 < D8; d0 += 8)
-        g_oaccum(QG, 1, o, p, vb, ld, n, d0);
-    for (int g = 0; g < QG; g++)
-        for (int d = D8; d < D; d++)
-            for (int r = 0; r < n; r++)
-                o[g][d] += p[g][r] * f16(vb[(size_t)r * ld + (size_t)d]);
-}
-
-/* See kcpu_attn_item. Positions are processed in tiles of KP; the queries
- * of the item in groups of up to 3, each group reading the f16 cache
- * directly so that one converted K or V vector serves the whole group (the
- * f16 -> f32 conversion, not FMA, bounds this kernel; converting a tile to
- * f32 once for all queries measured no faster, because of the extra store
- * traffic). Later groups find the tile's K/V rows in L1. Per tile and
- * group: scores 4 positions at a time, online softmax update (running max
- * and sum per query), weighted V sum. */
-static void av_attn_item(const kcpu_attn_item *it, float *sc)
-{
-    const int D = it->head_dim, D8 = D & ~7, nq = it->nq, KP = kcpu_attn_kp(D);
-    float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
-    int pend = it->p0;
-    for (int i = 0; i < nq; i++) {
-        int e = it->n_pos[i] < it->p1 ? it->n_pos[i] : it->p1;
-        pend = e > pend ? e : pend;
-        m[i] = -INFINITY;
-        l[i] = 0.0f;
-        memset(it->o[i], 0, (size_t)D * sizeof(float));
-    }
-    for (int p0 = it->p0; p0 < pend; p0 += KP) {
-        int np = pend - p0 < KP ? pend - p0 : KP;
-        const uint16_t *kb = it->k + (size_t)p0 * it->kv_stride;
-        const uint16_t *vb = it->v + (size_t)p0 * it->kv_stride;
-        for (int g0 = 0; g0 < nq; g0 += 3) {
-            int qg = nq - g0 < 3 ? nq - g0 : 3, nv[3], nmax = 0;
-            float *s[3], *o[3];
-            const float *q[3], *pc[3];
-            for (int g = 0; g < qg; g++) {
-                int i = g0 + g, e = it->n_pos[i] < it->p1 ? it->n_pos[i] : it->p1;
-                nv[g] = (e < p0 + np ? e : p0 + np) - p0;
-                nmax = nv[g] > nmax ? nv[g] : nmax;
-                s[g] = sc + (size_t)i * KCPU_ATTN_KPMAX;
-                o[g] = it->o[i];
-                q[g] = it->q[i];
-                pc[g] = s[g];
-            }
-            if (nmax <= 0)
-                continue;
-            switch (qg) {
-            case 1: g_scores(1, s, q, nv, nmax, kb, it->kv_stride, D, it->scale); break;
-            case 2: g_scores(2, s, q, nv, nmax, kb, it->kv_stride, D, it->scale); break;
-            default: g_scores(3, s, q, nv, nmax, kb, it->kv_stride, D, it->scale); break;
-            }
-            for (int g = 0; g < qg; g++) { /* online softmax update */
-                int i = g0 + g, n8 = (nmax + 7) & ~7;
-                if (nv[g] <= 0) {
-                    memset(s[g], 0, (size_t)n8 * sizeof(float));
-                    continue;
-                }
-                __m256 vmax = _mm256_set1_ps(-INFINITY);
-                for (int r = 0; r < n8; r += 8)
-                    vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s[g] + r));
-                __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_max_ss(h, _mm_movehdup_ps(h));
-                float mn = fmaxf(m[i], _mm_cvtss_f32(h)), alpha = expf(m[i] - mn);
-                __m256 vmn = _mm256_set1_ps(mn), vsum = _mm256_setzero_ps();
-                for (int r = 0; r < n8; r += 8) {
-                    __m256 pv = exp8(_mm256_sub_ps(_mm256_loadu_ps(s[g] + r), vmn));
-                    _mm256_storeu_ps(s[g] + r, pv);
-                    vsum = _mm256_add_ps(vsum, pv);
-                }
-                l[i] = l[i] * alpha + hsum8(vsum);
-                m[i] = mn;
-                if (alpha != 1.0f) {
-                    __m256 va = _mm256_set1_ps(alpha);
-                    int d = 0;
-                    for (; d < D8; d += 8)
-                        _mm256_storeu_ps(o[g] + d, _mm256_mul_ps(_mm256_loadu_ps(o[g] + d), va));
-                    for (; d < D; d++)
-                        o[g][d] *= alpha;
-                }
-            }
-            switch (qg) {
-            case 1: g_oaccum_all(1, o, pc, vb, it->kv_stride, nmax, D); break;
-            case 2: g_oaccum_all(2, o, pc, vb, it->kv_stride, nmax, D); break;
-            default: g_oaccum_all(3, o, pc, vb, it->kv_stride, nmax, D); break;
-            }
-        }
-    }
-    for (int i = 0; i < nq; i++) {
-        if (it->ml) {
-            it->ml[2 * i] = m[i];
-            it->ml[2 * i + 1] = l[i];
-        } else {
-            __m256 inv = _mm256_set1_ps(1.0f / l[i]);
-            float *o = it->o[i];
-            int d = 0;
-            for (; d < D8; d += 8)
-                _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
-            for (; d < D; d++)
-                o[d] *= 1.0f / l[i];
-        }
-    }
-}
-
 /* ---- small ops ---- */
 
 static void av_softmax(float *x, int n)
@@ -699,7 +458,8 @@ const kcpu_ops kcpu_avx2_ops = {
     .quantize_x = av_quantize_x,
     .mm_quant = av_mm_quant,
     .mm_float = av_mm_float,
-    .attn_item = av_attn_item,
+    .attn_item = kcpu_avx2_attn_item,
+    .attn_seg_item = kcpu_avx2_attn_seg_item,
     .rmsnorm = av_rmsnorm,
     .softmax = av_softmax,
     .swiglu = av_swiglu,

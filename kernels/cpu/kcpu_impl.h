@@ -11,6 +11,7 @@
 #define LKQ_KCPU_IMPL_H
 
 #include "kernels/ktypes.h"
+#include "kernels/kvq.h"
 
 /* Activations quantized to int8 per 32-element block, for integer dot
  * products against Q4_0 / Q4_1 / Q8_0 weights. Tokens are packed in groups
@@ -77,6 +78,88 @@ typedef struct {
     float scale;
 } kcpu_attn_item;
 
+/* Attention work item over a segmented history (kcpu_attn_seg): up to
+ * KCPU_ATTN_QMAX queries, query i reading KV head kvh[i] (queries of one
+ * head are consecutive, heads ascending and contiguous), over the part
+ * [v0, v1) of the history's positions taken segment after segment in array
+ * order (segment i covers indices [sum of the lengths before it, + its
+ * length)). Query i sees the positions <= qpos[i] of every segment. o / ml
+ * as in kcpu_attn_item (a query that sees nothing at all gets zeros). */
+typedef struct {
+    int nq;
+    const float *q[KCPU_ATTN_QMAX];
+    float *o[KCPU_ATTN_QMAX];
+    int qpos[KCPU_ATTN_QMAX];
+    int kvh[KCPU_ATTN_QMAX];
+    float *ml;
+    const kvs_seg *segs;
+    int n_segs;
+    const kvq_layout *L;  /* for KVS_Q4 segments */
+    int head_dim;
+    float scale;
+    int v0, v1;
+} kcpu_attn_seg_item;
+
+/* Positions held by a segment (a KVS_Q4 block says it in its header;
+ * never more than the layout's T). */
+static inline int kcpu_seg_len(const kvs_seg *sg, const kvq_layout *L)
+{
+    if (sg->kind != KVS_Q4)
+        return sg->n > 0 ? sg->n : 0;
+    uint32_t n = kvq_chdr(sg->k)->n_tok;
+    return n < (uint32_t)L->block_tokens ? (int)n : L->block_tokens;
+}
+
+/* One K or V outlier of a block, relative to the item's KV head and the
+ * block: token t, channel c in the head, and the exact value minus the
+ * value the dense code stands for. */
+typedef struct {
+    int t, c;
+    float delta;
+} kcpu_kvq_out;
+
+/* Per-thread scratch of attn_seg_item: offsets in floats, each a multiple
+ * of 16 (64 bytes) from the 64-byte aligned start:
+ *   sc    [QMAX][KPMAX]        scores / probabilities of a tile
+ *   tile  [2][max(KCPU_ATTN_TILE, head_dim)]   K and V tiles as f32 (scalar
+ *                              back end), per-row K scales (AVX2)
+ *   qk    [QMAX][qk_stride]    per-query keys prepared for a block
+ *   blk   [2][hd64]            a block's K scales and zeros, reordered
+ *   vsc   [2][KPMAX][head_dim / 16 + 1]   V scales of a tile
+ *   outs  [2][QMAX * out_cap + 1] kcpu_kvq_out  a block's outliers by head
+ * (hd64 = head_dim rounded up to 64). */
+typedef struct {
+    size_t sc, tile, qk, qk_stride, blk, vsc, vs_len, outs, total;
+} kcpu_seg_tmp;
+
+static inline size_t kcpu_up16(size_t n)
+{
+    return (n + 15) / 16 * 16;
+}
+
+static inline kcpu_seg_tmp kcpu_seg_tmp_layout(const kvq_layout *L, int head_dim)
+{
+    kcpu_seg_tmp t;
+    size_t hd64 = ((size_t)head_dim + 63) / 64 * 64;
+    size_t tile = (size_t)head_dim > KCPU_ATTN_TILE ? (size_t)head_dim : KCPU_ATTN_TILE;
+    t.sc = 0;
+    t.tile = kcpu_up16((size_t)KCPU_ATTN_QMAX * KCPU_ATTN_KPMAX);
+    t.qk = t.tile + kcpu_up16(2 * tile);
+    t.qk_stride = 2 * hd64 + 16;
+    t.blk = t.qk + (size_t)KCPU_ATTN_QMAX * t.qk_stride;
+    t.vsc = t.blk + 2 * hd64;
+    t.vs_len = kcpu_up16((size_t)KCPU_ATTN_KPMAX * ((size_t)head_dim / 16 + 1));
+    t.outs = t.vsc + 2 * t.vs_len;
+    t.total = t.outs + kcpu_up16(L ? 2 * (KCPU_ATTN_QMAX * (size_t)L->out_cap + 1) *
+                                         (sizeof(kcpu_kvq_out) / sizeof(float)) : 0);
+    return t;
+}
+
+static inline size_t kcpu_attn_seg_tmp_floats(const kvq_layout *L, int head_dim)
+{
+    return kcpu_seg_tmp_layout(L, head_dim).total;
+}
+
 typedef struct {
     const char *name;
     /* Quantizes one token row x[n_cols] (n_cols % 32 == 0) into the packed
@@ -94,6 +177,8 @@ typedef struct {
                      int n_rows, int r0, int r1);
     /* One attention work item; tmp: KCPU_ATTN_TMP_FLOATS floats. */
     void (*attn_item)(const kcpu_attn_item *it, float *tmp);
+    /* One segmented attention work item; tmp: kcpu_attn_seg_tmp_floats(). */
+    void (*attn_seg_item)(const kcpu_attn_seg_item *it, float *tmp);
     void (*rmsnorm)(float *out, const float *x, const float *w, int n,
                     float eps);
     void (*softmax)(float *x, int n);
@@ -103,8 +188,13 @@ typedef struct {
 } kcpu_ops;
 
 extern const kcpu_ops kcpu_scalar_ops;
+/* The back end chosen at run time (kcpu.c). */
+const kcpu_ops *kcpu_ops_active(void);
 #if defined(LKQ_HAVE_AVX2)
 extern const kcpu_ops kcpu_avx2_ops;
+/* kcpu_avx2_attn.c */
+void kcpu_avx2_attn_item(const kcpu_attn_item *it, float *tmp);
+void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp);
 #endif
 
 #endif

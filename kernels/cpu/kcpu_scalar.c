@@ -237,6 +237,136 @@ static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
     }
 }
 
+/* ---- attention over a segmented history ---- */
+
+/* Nibble i of a packed 4-bit array (low nibble = even index). */
+static inline int sc_nib(const uint8_t *p, size_t i)
+{
+    return (p[i >> 1] >> ((i & 1) * 4)) & 15;
+}
+
+/* Loads positions [p0, p0 + np) of segment sg, channels [c0, c0 + D), into
+ * kt, vt [np][D] as f32. A KVS_Q4 block is dequantized tile by tile
+ * (s * (code - z) with its snapshots), its outliers patched in exactly. */
+static void sc_seg_tile(const kvs_seg *sg, const kvq_layout *L, int c0, int D,
+                        int p0, int np, float *kt, float *vt)
+{
+    if (sg->kind == KVS_F32 || sg->kind == KVS_F16) {
+        kt_type t = sg->kind == KVS_F32 ? KT_F32 : KT_F16;
+        size_t el = sg->kind == KVS_F32 ? sizeof(float) : sizeof(uint16_t);
+        for (int r = 0; r < np; r++) {
+            size_t off = ((size_t)(p0 + r) * sg->stride) * el;
+            sc_convert(t, (const char *)sg->k + off, c0, D, kt + (size_t)r * (size_t)D);
+            sc_convert(t, (const char *)sg->v + off, c0, D, vt + (size_t)r * (size_t)D);
+        }
+        return;
+    }
+    const void *b = sg->k;
+    const int Dk = L->kv_dim, ng = Dk / L->v_group;
+    const uint8_t *kq = KVQ_CAT(b, L->off_kq, uint8_t *), *vq = KVQ_CAT(b, L->off_vq, uint8_t *);
+    const uint16_t *ks = KVQ_CAT(b, L->off_ks, uint16_t *), *vs = KVQ_CAT(b, L->off_vs, uint16_t *);
+    const uint8_t *kz = KVQ_CAT(b, L->off_kz, uint8_t *), *vz = KVQ_CAT(b, L->off_vz, uint8_t *);
+    for (int r = 0; r < np; r++) {
+        int t = p0 + r;
+        for (int d = 0; d < D; d++) {
+            int c = c0 + d;
+            size_t e = (size_t)t * (size_t)Dk + (size_t)c;
+            size_t kg = L->k_mode == KVQ_K_PER_TOKEN ? (size_t)t * (size_t)ng + (size_t)(c / L->v_group)
+                                                     : (size_t)c;
+            size_t vg = (size_t)t * (size_t)ng + (size_t)(c / L->v_group);
+            kt[(size_t)r * (size_t)D + (size_t)d] = kt_f16_to_f32(ks[kg]) * (float)(sc_nib(kq, e) - kz[kg]);
+            vt[(size_t)r * (size_t)D + (size_t)d] = kt_f16_to_f32(vs[vg]) * (float)(sc_nib(vq, e) - vz[vg]);
+        }
+    }
+    const kvq_block_hdr *h = kvq_chdr(b);
+    for (int x = 0; x < 2; x++) {
+        const uint32_t *idx = KVQ_CAT(b, x ? L->off_vout_idx : L->off_kout_idx, uint32_t *);
+        const uint16_t *val = KVQ_CAT(b, x ? L->off_vout_val : L->off_kout_val, uint16_t *);
+        float *dst = x ? vt : kt;
+        uint32_t n = x ? h->n_vout : h->n_kout;
+        n = n < (uint32_t)L->out_cap ? n : (uint32_t)L->out_cap;
+        for (uint32_t i = 0; i < n; i++) {
+            int t = (int)(idx[i] / (uint32_t)Dk) - p0, d = (int)(idx[i] % (uint32_t)Dk) - c0;
+            if (t >= 0 && t < np && d >= 0 && d < D)
+                dst[(size_t)t * (size_t)D + (size_t)d] = kt_f16_to_f32(val[i]);
+        }
+    }
+}
+
+/* See kcpu_attn_seg_item. For each KV head of the item, tiles of the
+ * history are converted to f32 once for all of the head's queries
+ * (sc_seg_tile), then each query runs the same online softmax as
+ * sc_attn_item. */
+static void sc_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
+{
+    const int D = it->head_dim, nq = it->nq;
+    const int tile = D > KCPU_ATTN_TILE ? D : KCPU_ATTN_TILE;
+    const int KP = tile / D < KCPU_ATTN_KPMAX ? tile / D : KCPU_ATTN_KPMAX;
+    float *kt = tmp + KCPU_ATTN_QMAX * KCPU_ATTN_KPMAX, *vt = kt + tile;
+    float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
+    for (int i = 0; i < nq; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        for (int d = 0; d < D; d++)
+            it->o[i][d] = 0.0f;
+    }
+    for (int i0 = 0, i1; i0 < nq; i0 = i1) {
+        for (i1 = i0 + 1; i1 < nq && it->kvh[i1] == it->kvh[i0]; i1++)
+            ;
+        int cum = 0, c0 = it->kvh[i0] * D;
+        for (int si = 0; si < it->n_segs; si++) {
+            const kvs_seg *sg = &it->segs[si];
+            int n = kcpu_seg_len(sg, it->L), a = it->v0 - cum, b = it->v1 - cum, vmax = 0;
+            cum += n;
+            a = a > 0 ? a : 0;
+            b = b < n ? b : n;
+            for (int i = i0; i < i1; i++) {
+                int vis = it->qpos[i] - sg->pos0 + 1;
+                vmax = vis > vmax ? vis : vmax;
+            }
+            b = b < vmax ? b : vmax;
+            for (int p0 = a; p0 < b; p0 += KP) {
+                int np = b - p0 < KP ? b - p0 : KP;
+                sc_seg_tile(sg, it->L, c0, D, p0, np, kt, vt);
+                for (int i = i0; i < i1; i++) {
+                    int nv = it->qpos[i] - (sg->pos0 + p0) + 1;
+                    nv = nv < np ? nv : np;
+                    if (nv <= 0)
+                        continue;
+                    float *s = tmp + i * KCPU_ATTN_KPMAX, mt = -INFINITY;
+                    for (int r = 0; r < nv; r++) {
+                        s[r] = sc_dot(it->q[i], kt + (size_t)r * (size_t)D, D) * it->scale;
+                        mt = fmaxf(mt, s[r]);
+                    }
+                    float mn = fmaxf(m[i], mt), alpha = expf(m[i] - mn), sum = 0.0f;
+                    for (int r = 0; r < nv; r++) {
+                        s[r] = expf(s[r] - mn);
+                        sum += s[r];
+                    }
+                    l[i] = l[i] * alpha + sum;
+                    m[i] = mn;
+                    float *o = it->o[i];
+                    for (int d = 0; d < D; d++)
+                        o[d] *= alpha;
+                    for (int r = 0; r < nv; r++)
+                        for (int d = 0; d < D; d++)
+                            o[d] += s[r] * vt[(size_t)r * (size_t)D + (size_t)d];
+                }
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        if (it->ml) {
+            it->ml[2 * i] = m[i];
+            it->ml[2 * i + 1] = l[i];
+        } else {
+            float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+            for (int d = 0; d < D; d++)
+                it->o[i][d] *= inv;
+        }
+    }
+}
+
 static void sc_rmsnorm(float *out, const float *x, const float *w, int n,
                        float eps)
 {
@@ -290,6 +420,7 @@ const kcpu_ops kcpu_scalar_ops = {
     .mm_quant = sc_mm_quant,
     .mm_float = sc_mm_float,
     .attn_item = sc_attn_item,
+    .attn_seg_item = sc_attn_seg_item,
     .rmsnorm = sc_rmsnorm,
     .softmax = sc_softmax,
     .swiglu = sc_swiglu,
