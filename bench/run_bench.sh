@@ -38,8 +38,8 @@ def load(name):
         return d
     for line in open(p):
         f = [x.strip() for x in line.strip().strip('|').split('|')]
-        if len(f) == 5:
-            d.setdefault(f[3], []).append(float(f[4]))
+        if len(f) >= 5:
+            d.setdefault(f[-2], []).append(float(f[-1]))
     return d
 ours, peer = load("ours"), load("peer")
 print("| test | LiveKVQuant tok/s | llama.cpp tok/s | ratio |")

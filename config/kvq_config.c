@@ -28,7 +28,7 @@ cfg_kv cfg_kv_default(void)
         .ema_decay = 0.9f,
         .ema_clip = 0.5f,
         .clip_quantile = 0.005f,
-        .v_group = 64,
+        .v_group = 0,
         .outlier_budget = 0.005f,
         .sink_tokens = 4,
         .keep_warmup_fp16 = 0,
@@ -155,7 +155,7 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
     } else if (!strcmp(k, "clip_quantile")) {
         bad = parse_f(value, 0.0f, 0.5f, 1, &c->clip_quantile), want = "a number in [0, 0.5)";
     } else if (!strcmp(k, "v_group")) {
-        bad = parse_i(value, 1, 4096, &c->v_group), want = "an integer in [1, 4096]";
+        bad = parse_i(value, 0, 4096, &c->v_group), want = "an integer in [0, 4096] (0 = head_dim)";
     } else if (!strcmp(k, "outlier_budget")) {
         bad = parse_f(value, 0.0f, 1.0f, 0, &c->outlier_budget), want = "a fraction in [0, 1]";
     } else if (!strcmp(k, "sink_tokens")) {
@@ -246,13 +246,18 @@ int cfg_kv_validate(const cfg_kv *c, char *err, size_t errlen)
         return fail(err, errlen, "clip_quantile must be in [0, 0.5)");
     if (!(c->outlier_budget >= 0 && c->outlier_budget <= 1))
         return fail(err, errlen, "outlier_budget must be in [0, 1]");
-    if (c->v_group <= 0)
-        return fail(err, errlen, "v_group must be positive");
+    if (c->v_group < 0)
+        return fail(err, errlen, "v_group must be >= 0 (0 = head_dim)");
     if (c->sink_tokens < 0)
         return fail(err, errlen, "sink_tokens must be >= 0");
     if (c->kv_budget_bytes < 0 || c->kv_budget_tokens < 0)
         return fail(err, errlen, "kv_budget must be >= 0");
     return 0;
+}
+
+int cfg_kv_v_group(const cfg_kv *c, int head_dim)
+{
+    return c->v_group > 0 ? c->v_group : head_dim;
 }
 
 int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,
@@ -261,7 +266,7 @@ int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,
     if (cfg_kv_validate(c, err, errlen) < 0)
         return -1;
     if (c->mode == CFG_KV_INT4) {
-        if (head_dim % c->v_group != 0)
+        if (head_dim % cfg_kv_v_group(c, head_dim) != 0)
             return fail(err, errlen, "v_group %d does not divide the model's head_dim %d",
                         c->v_group, head_dim);
         if ((head_dim * n_kv_heads) % 2 != 0)

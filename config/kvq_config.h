@@ -12,7 +12,8 @@
  *   ema_decay       beta in [0, 1) (0.9)
  *   ema_clip        gamma >= 0, range move per chunk in widths (0.5)
  *   clip_quantile   alpha in [0, 0.5) (0.005)
- *   v_group         V channels per scale group; divides head_dim (64)
+ *   v_group         V channels per scale group; divides head_dim; 0 = one
+ *                   group per head, i.e. head_dim (0)
  *   outlier_budget  FP16 outliers per block, fraction of elements (0.005)
  *   sink_tokens     first positions kept FP16 for the whole sequence (4)
  *   keep_warmup_fp16  0 | 1: leave warm-up chunks in FP16 (0)
@@ -66,6 +67,9 @@ int cfg_kv_load_file(cfg_kv *c, const char *path, char *err, size_t errlen);
 
 /* Cross-knob checks (e.g. chunk_size a multiple of block_tokens). */
 int cfg_kv_validate(const cfg_kv *c, char *err, size_t errlen);
+
+/* v_group as used for a model: the knob, or head_dim when it is 0. */
+int cfg_kv_v_group(const cfg_kv *c, int head_dim);
 
 /* Checks against a model's shapes (v_group divides head_dim, ...). */
 int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,

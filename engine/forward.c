@@ -25,17 +25,20 @@ struct fwd_state {
     fwd_params p;
     kcpu_pool *pool;
     float *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *logits;
-    uint16_t *kc, *vc;
+    kvc_pool *kvp;
+    kvc_seq *seq;
+    kvs_seg *segs;      /* [max segments + 1] */
+    int cap_segs;
     void *ws_mm;
     void *ws_attn;
-    float *ref_scratch; /* [n_ctx] for kref_attn_f16 */
-    size_t kv_bytes;
+    float *ref_scratch; /* kref_attn_seg scratch (use_ref only) */
+    size_t ref_scratch_floats;
 };
 
 fwd_params fwd_default_params(void)
 {
     fwd_params p = {.n_ctx = 0, .max_batch = 512, .n_threads = 0,
-                    .logits_all = 0, .use_ref = 0};
+                    .logits_all = 0, .use_ref = 0, .kv = cfg_kv_default()};
     return p;
 }
 
@@ -59,6 +62,8 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out,
         p.n_ctx = hp->n_ctx_train > 0 ? hp->n_ctx_train : 2048;
     if (p.max_batch <= 0)
         p.max_batch = 512;
+    if (p.max_batch > p.kv.chunk_size)
+        p.max_batch = p.kv.chunk_size; /* a step never spans two chunks */
     if (p.max_batch > p.n_ctx)
         p.max_batch = p.n_ctx;
     if (p.n_threads <= 0) {
@@ -88,14 +93,34 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out,
     s->hb = malloc(B * H * sizeof(float));
     s->hb2 = malloc(B * H * sizeof(float));
     s->logits = malloc((p.logits_all ? B : 1) * V * sizeof(float));
-    size_t kv_elems = (size_t)hp->n_layers * (size_t)p.n_ctx * KV;
-    s->kc = malloc(kv_elems * sizeof(uint16_t));
-    s->vc = malloc(kv_elems * sizeof(uint16_t));
-    s->kv_bytes = 2 * kv_elems * sizeof(uint16_t);
-    s->ref_scratch = malloc((size_t)p.n_ctx * sizeof(float));
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att ||
-        !s->hb || !s->hb2 || !s->logits || !s->kc || !s->vc || !s->ref_scratch)
+        !s->hb || !s->hb2 || !s->logits)
         goto oom;
+
+    /* KV pool sized for this one sequence (or the configured budget) */
+    kvc_dims kd = {hp->n_layers, (int32_t)KV, hp->head_dim};
+    int64_t nq = 0, nf = 0;
+    int rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, 1, &nq, &nf, err, errlen);
+    if (rc == 0)
+        rc = kvc_pool_create(&p.kv, &kd, nq, nf, &s->kvp, err, errlen);
+    if (rc == 0)
+        rc = kvc_seq_create(s->kvp, p.n_ctx, &s->seq, err, errlen);
+    if (rc < 0) {
+        fwd_destroy(s);
+        return -1;
+    }
+    s->cap_segs = kvc_max_segments(s->seq) + 1;
+    s->segs = malloc((size_t)s->cap_segs * sizeof *s->segs);
+    if (!s->segs)
+        goto oom;
+    if (p.use_ref) {
+        /* dequantize-then-attend needs the whole history as f32 */
+        s->ref_scratch_floats = ((size_t)p.n_ctx + (size_t)p.kv.block_tokens) * KV * 2 +
+                                (size_t)p.n_ctx + 64;
+        s->ref_scratch = malloc(s->ref_scratch_floats * sizeof(float));
+        if (!s->ref_scratch)
+            goto oom;
+    }
 
     size_t ws = mm_scratch(&m->output, (int)B);
     ws = max_sz(ws, mm_scratch(&m->tok_embd, (int)B));
@@ -107,7 +132,9 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out,
             ws = max_sz(ws, mm_scratch(ws_list[i], (int)B));
     }
     s->ws_mm = malloc(ws > 0 ? ws : 1);
-    s->ws_attn = malloc(max_sz(kcpu_attn_scratch_bytes(p.n_threads, p.n_ctx), 1));
+    s->ws_attn = malloc(max_sz(kcpu_attn_seg_scratch_bytes(p.n_threads,
+                                                           kvc_pool_layout(s->kvp),
+                                                           hp->head_dim), 1));
     if (!s->ws_mm || !s->ws_attn)
         goto oom;
     if (kcpu_pool_create(p.n_threads, &s->pool) < 0) {
@@ -132,6 +159,9 @@ void fwd_destroy(fwd_state *s)
     if (!s)
         return;
     kcpu_pool_destroy(s->pool);
+    kvc_seq_destroy(s->seq);
+    kvc_pool_destroy(s->kvp);
+    free(s->segs);
     free(s->x);
     free(s->xb);
     free(s->xb2);
@@ -142,8 +172,6 @@ void fwd_destroy(fwd_state *s)
     free(s->hb);
     free(s->hb2);
     free(s->logits);
-    free(s->kc);
-    free(s->vc);
     free(s->ws_mm);
     free(s->ws_attn);
     free(s->ref_scratch);
@@ -162,7 +190,29 @@ int32_t fwd_n_threads(const fwd_state *s)
 
 size_t fwd_kv_bytes(const fwd_state *s)
 {
-    return s->kv_bytes;
+    kvc_stats st;
+    kvc_seq_stats(s->seq, &st);
+    return (size_t)st.bytes_total;
+}
+
+void fwd_kv_stats(const fwd_state *s, kvc_stats *out)
+{
+    kvc_seq_stats(s->seq, out);
+}
+
+const kvc_seq *fwd_seq(const fwd_state *s)
+{
+    return s->seq;
+}
+
+void fwd_reset(fwd_state *s)
+{
+    kvc_seq_reset(s->seq);
+}
+
+int fwd_finish_prefill(fwd_state *s, char *err, size_t errlen)
+{
+    return kvc_finish_prefill(s->seq, err, errlen);
 }
 
 /* y [n, w.n_rows] = x [n, w.n_cols] @ w^T */
@@ -196,28 +246,32 @@ static void rope(fwd_state *s, float *x, int n_heads, int pos)
                   hp->rope_freq_scale);
 }
 
-/* Attention for n queries at pos0.. of layer l; caches already hold them. */
+/* Attention for the step's n queries at pos0.. of layer l: over the cached
+ * history plus the step's own exact K/V (an F32 segment, causal). */
 static void attention(fwd_state *s, int l, int pos0, int n)
 {
     const mdl_hparams *hp = &s->m->hp;
     const size_t KV = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
     const size_t Q = (size_t)hp->n_heads * (size_t)hp->head_dim;
-    const uint16_t *kc = s->kc + (size_t)l * (size_t)s->p.n_ctx * KV;
-    const uint16_t *vc = s->vc + (size_t)l * (size_t)s->p.n_ctx * KV;
+    int ns = kvc_segments(s->seq, l, s->segs, s->cap_segs - 1);
+    s->segs[ns++] = (kvs_seg){KVS_F32, pos0, n, s->k, s->v, KV};
+    const kvq_layout *L = kvc_pool_layout(s->kvp);
     float scale = 1.0f / sqrtf((float)hp->head_dim);
     if (s->p.use_ref) {
         for (int i = 0; i < n; i++)
-            kref_attn_f16(s->att + (size_t)i * Q, s->q + (size_t)i * Q, kc, vc,
-                          KV, pos0 + i + 1, hp->n_heads, hp->n_kv_heads,
-                          hp->head_dim, scale, s->ref_scratch);
+            kref_attn_seg(s->att + (size_t)i * Q, s->q + (size_t)i * Q, pos0 + i, s->segs,
+                          ns, L, hp->n_heads, hp->n_kv_heads, hp->head_dim, scale,
+                          s->ref_scratch);
     } else {
-        kcpu_attn_f16(s->pool, s->att, s->q, kc, vc, KV, pos0, n, hp->n_heads,
+        kcpu_attn_seg(s->pool, s->att, s->q, pos0, n, s->segs, ns, L, hp->n_heads,
                       hp->n_kv_heads, hp->head_dim, scale, s->ws_attn);
     }
 }
 
-/* One step over n <= max_batch tokens at pos0. */
-static void step(fwd_state *s, const int32_t *tok, int n, int pos0, int all)
+/* One step over n <= max_batch tokens at pos0. head: 0 no logits, 1 the
+ * last token's, 2 every token's, written to out. The KV step (kvc_begin) is
+ * open; this stores every layer's K/V into it. */
+static void step(fwd_state *s, const int32_t *tok, int n, int pos0, int head, float *out)
 {
     const mdl_model *m = s->m;
     const mdl_hparams *hp = &m->hp;
@@ -241,15 +295,12 @@ static void step(fwd_state *s, const int32_t *tok, int n, int pos0, int all)
         matmul(s, &L->wq, s->xb, s->q, n);
         matmul(s, &L->wk, s->xb, s->k, n);
         matmul(s, &L->wv, s->xb, s->v, n);
-        uint16_t *kc = s->kc + ((size_t)l * (size_t)s->p.n_ctx + (size_t)pos0) * KV;
-        uint16_t *vc = s->vc + ((size_t)l * (size_t)s->p.n_ctx + (size_t)pos0) * KV;
         for (int i = 0; i < n; i++) {
             rope(s, s->q + (size_t)i * Q, hp->n_heads, pos0 + i);
             rope(s, s->k + (size_t)i * KV, hp->n_kv_heads, pos0 + i);
         }
-        kcpu_f32_to_f16(kc, s->k, (int64_t)n * (int64_t)KV);
-        kcpu_f32_to_f16(vc, s->v, (int64_t)n * (int64_t)KV);
         attention(s, l, pos0, n);
+        kvc_store(s->seq, l, s->k, s->v);
         matmul(s, &L->wo, s->att, s->xb2, n);
         for (size_t i = 0; i < (size_t)n * (size_t)D; i++)
             s->x[i] += s->xb2[i];
@@ -269,13 +320,14 @@ static void step(fwd_state *s, const int32_t *tok, int n, int pos0, int all)
             s->x[i] += s->xb2[i];
     }
 
-    /* Output head: all tokens, or only the last. */
-    int first = all ? 0 : n - 1;
+    if (head == 0)
+        return;
+    int first = head == 2 ? 0 : n - 1;
     int cnt = n - first;
     for (int i = 0; i < cnt; i++)
         rmsnorm(s, s->xb + (size_t)i * D, s->x + (size_t)(first + i) * D,
                 m->out_norm, D);
-    matmul(s, &m->output, s->xb, s->logits, cnt);
+    matmul(s, &m->output, s->xb, out, cnt);
 }
 
 int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
@@ -308,9 +360,30 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
             return -1;
         }
     }
+    if (pos == 0 && kvc_seq_n_tokens(s->seq) > 0)
+        kvc_seq_reset(s->seq);
+    if (pos != kvc_seq_n_tokens(s->seq)) {
+        if (err && errlen)
+            snprintf(err, errlen,
+                     "position %d: the cache holds %d positions (continue at %d or "
+                     "restart at 0)", pos, kvc_seq_n_tokens(s->seq),
+                     kvc_seq_n_tokens(s->seq));
+        return -1;
+    }
+    const int C = s->p.kv.chunk_size;
+    int prefill = n > 1 || pos == 0;
     for (int done = 0; done < n;) {
+        int at = pos + done;
         int b = n - done < s->p.max_batch ? n - done : s->p.max_batch;
-        step(s, tokens + done, b, pos + done, want_all);
+        int to_boundary = C - at % C; /* chunks are aligned to multiples of C */
+        if (b > to_boundary)
+            b = to_boundary;
+        int rc = kvc_begin(s->seq, at, b, prefill, err, errlen);
+        if (rc < 0)
+            return rc;
+        float *out = want_all ? s->logits + (size_t)done * (size_t)hp->n_vocab : s->logits;
+        step(s, tokens + done, b, at, want_all ? 2 : done + b == n ? 1 : 0, out);
+        kvc_commit(s->seq);
         done += b;
     }
     *logits = s->logits;

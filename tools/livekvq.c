@@ -16,7 +16,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "config/kvq_config.h"
 #include "engine/chat.h"
+#include "engine/eval.h"
 #include "engine/forward.h"
 #include "engine/log.h"
 #include "engine/model.h"
@@ -32,6 +34,42 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+#define KV_HELP \
+    "\n" \
+    "KV cache (LiveKVQuant-P; see config/kvq_config.h for every knob):\n" \
+    "      --kv-cache fp16|int4 KV cache mode (default int4)\n" \
+    "      --chunk-size N       prefill chunk (512)  --block-tokens N  (128)\n" \
+    "      --warmup-chunks N    (2)   --ema-decay B (0.9)  --ema-clip G (0.5)\n" \
+    "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.005)\n" \
+    "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
+    "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
+    "      --config FILE        'key = value' lines with the same keys\n"
+
+static void usage_perplexity(FILE *f)
+{
+    fprintf(f,
+        "usage: livekvq perplexity -m MODEL -f TEXT -c CTX [--kv-cache fp16|int4] [knobs] [options]\n"
+        "\n"
+        "Cuts the text (from the first line starting with --start, default\n"
+        "'CHAPTER 1.' when present) into windows of CTX tokens, prefills each in\n"
+        "chunks with the configuration under test and with the FP16 cache side by\n"
+        "side, and scores every position that has a next token. Prints progress on\n"
+        "stderr and a summary; with --json the last line of stdout is one JSON\n"
+        "object (ppl, ppl_fp16, ppl_rel, kld, kld_max, top1_agree,\n"
+        "bits_per_element, kv_bytes, kv_bytes_fp16, n_tokens, ... and the config).\n"
+        "\n"
+        "  -f, --file PATH          text to evaluate (UTF-8)\n"
+        "  -c, --ctx-size N         window length in tokens (e.g. 1024 .. 8192)\n"
+        "      --windows N          consecutive windows to evaluate (default 1)\n"
+        "      --start TEXT         start at the first line beginning with TEXT\n"
+        "      --no-compare         skip the FP16 reference (no KLD / top-1)\n"
+        "      --json               last line of stdout: the result as JSON\n"
+        "      --csv PATH           append the result as a CSV row (header if new)\n"
+        "      --json-out PATH      append the result as one JSON line\n"
+        "  -t, --threads N, --ref, -q, --config FILE, and every cache knob:\n"
+        KV_HELP);
+}
+
 static void usage_main(FILE *f)
 {
     fprintf(f,
@@ -40,6 +78,8 @@ static void usage_main(FILE *f)
         "commands:\n"
         "  generate   generate text from a prompt\n"
         "  tokenize   print the token ids of a text\n"
+        "  perplexity perplexity / KL divergence / top-1 agreement of a KV cache\n"
+        "             configuration against the FP16 cache, on a text file\n"
         "  help       show this help (or: livekvq <command> --help)\n"
         "\n"
         "MODEL is a GGUF v3 file (architecture llama) or a llama2.c .bin\n"
@@ -79,6 +119,7 @@ static void usage_generate(FILE *f)
         "      --echo               print the prompt before the continuation\n"
         "      --ignore-eos         keep generating past end-of-generation tokens\n"
         "      --ref                run the plain-C reference kernels (slow)\n"
+        KV_HELP
         "  -q, --quiet              no timings on stderr\n"
         "  -h, --help               this help\n");
 }
@@ -176,6 +217,11 @@ typedef struct {
     long n_predict, n_ctx, n_threads, n_batch;
     smp_params sp;
     int seed_set, no_bos, chat, echo, ignore_eos, ref, quiet, special, pieces;
+    cfg_kv kv;           /* KV cache mode and knobs */
+    /* perplexity */
+    long n_windows;
+    int json, no_compare;
+    const char *csv, *json_out, *start;
 } cli_opts;
 
 static int load_model(const cli_opts *o, mdl_model **m)
@@ -284,6 +330,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     fp.n_threads = (int32_t)o->n_threads;
     fp.max_batch = (int32_t)o->n_batch;
     fp.use_ref = o->ref;
+    fp.kv = o->kv;
     if (fwd_create(m, &fp, &fs, err, sizeof err) < 0) {
         fprintf(stderr, "livekvq: %s\n", err);
         goto done;
@@ -356,10 +403,12 @@ done:
 enum {
     OPT_TOKENIZER = 256, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_RPEN,
     OPT_RLAST, OPT_PPEN, OPT_FPEN, OPT_NOBOS, OPT_CHAT, OPT_SYSTEM, OPT_ECHO,
-    OPT_IGNEOS, OPT_REF, OPT_SPECIAL, OPT_PIECES,
+    OPT_IGNEOS, OPT_REF, OPT_SPECIAL, OPT_PIECES, OPT_CONFIG, OPT_JSON,
+    OPT_CSV, OPT_JSON_OUT, OPT_WINDOWS, OPT_START, OPT_NO_COMPARE,
+    OPT_KV = 512, /* + index into cfg_kv_keys */
 };
 
-static const struct option long_opts[] = {
+static const struct option base_opts[] = {
     {"model", required_argument, 0, 'm'},
     {"tokenizer", required_argument, 0, OPT_TOKENIZER},
     {"prompt", required_argument, 0, 'p'},
@@ -385,16 +434,47 @@ static const struct option long_opts[] = {
     {"ref", no_argument, 0, OPT_REF},
     {"special", no_argument, 0, OPT_SPECIAL},
     {"pieces", no_argument, 0, OPT_PIECES},
+    {"config", required_argument, 0, OPT_CONFIG},
+    {"json", no_argument, 0, OPT_JSON},
+    {"csv", required_argument, 0, OPT_CSV},
+    {"json-out", required_argument, 0, OPT_JSON_OUT},
+    {"windows", required_argument, 0, OPT_WINDOWS},
+    {"start", required_argument, 0, OPT_START},
+    {"no-compare", no_argument, 0, OPT_NO_COMPARE},
     {"quiet", no_argument, 0, 'q'},
     {"help", no_argument, 0, 'h'},
     {0, 0, 0, 0},
 };
 
+/* base_opts plus one --knob-name option per cache knob (cfg_kv_keys). */
+static struct option long_opts[sizeof base_opts / sizeof base_opts[0] + 32];
+static char kv_opt_names[32][32];
+
+static void build_long_opts(void)
+{
+    size_t nb = sizeof base_opts / sizeof base_opts[0] - 1; /* without the terminator */
+    memcpy(long_opts, base_opts, nb * sizeof *long_opts);
+    size_t n = nb;
+    for (int i = 0; cfg_kv_keys[i] && i < 32; i++) {
+        snprintf(kv_opt_names[i], sizeof kv_opt_names[i], "%s", cfg_kv_keys[i]);
+        for (char *c = kv_opt_names[i]; *c; c++)
+            if (*c == '_')
+                *c = '-';
+        long_opts[n++] = (struct option){kv_opt_names[i], required_argument, 0, OPT_KV + i};
+    }
+    long_opts[n] = (struct option){0, 0, 0, 0};
+}
+
 /* Parses options shared by the subcommands. Returns 0, 1 for --help, or -1
- * for a usage error (message printed). */
+ * for a usage error (message printed). Options apply in order, so flags
+ * after --config FILE override the file. */
 static int parse_opts(int argc, char **argv, cli_opts *o)
 {
     memset(o, 0, sizeof *o);
+    build_long_opts();
+    o->kv = cfg_kv_default();
+    o->n_windows = 1;
+    char kerr[512];
     o->n_predict = 128;
     o->n_batch = 512;
     o->sp = smp_default_params();
@@ -448,12 +528,36 @@ static int parse_opts(int argc, char **argv, cli_opts *o)
         case OPT_REF: o->ref = 1; break;
         case OPT_SPECIAL: o->special = 1; break;
         case OPT_PIECES: o->pieces = 1; break;
+        case OPT_CONFIG:
+            if (cfg_kv_load_file(&o->kv, optarg, kerr, sizeof kerr) < 0) {
+                fprintf(stderr, "livekvq: %s\n", kerr);
+                return -1;
+            }
+            break;
+        case OPT_JSON: o->json = 1; break;
+        case OPT_CSV: o->csv = optarg; break;
+        case OPT_JSON_OUT: o->json_out = optarg; break;
+        case OPT_START: o->start = optarg; break;
+        case OPT_NO_COMPARE: o->no_compare = 1; break;
+        case OPT_WINDOWS:
+            if (parse_int("--windows", optarg, 1, 100000, &v) < 0) return -1;
+            o->n_windows = v; break;
         case 'q': o->quiet = 1; break;
         case 'h': return 1;
+        default:
+            if (c >= OPT_KV && c < OPT_KV + 32) {
+                if (cfg_kv_set(&o->kv, cfg_kv_keys[c - OPT_KV], optarg, kerr, sizeof kerr) < 0) {
+                    fprintf(stderr, "livekvq: --%s\n", kerr);
+                    return -1;
+                }
+                break;
+            }
+            fprintf(stderr, "livekvq: unknown option '%s'\n", argv[optind - 1]);
+            return -1;
         case ':':
             fprintf(stderr, "livekvq: option '%s' needs a value\n", argv[optind - 1]);
             return -1;
-        default:
+        case '?':
             fprintf(stderr, "livekvq: unknown option '%s'\n", argv[optind - 1]);
             return -1;
         }
@@ -468,6 +572,10 @@ static int parse_opts(int argc, char **argv, cli_opts *o)
     }
     if (o->prompt && o->file) {
         fprintf(stderr, "livekvq: give -p or -f, not both\n");
+        return -1;
+    }
+    if (cfg_kv_validate(&o->kv, kerr, sizeof kerr) < 0) {
+        fprintf(stderr, "livekvq: %s\n", kerr);
         return -1;
     }
     char err[256];
@@ -576,6 +684,170 @@ static int cmd_tokenize(int argc, char **argv)
     return rc;
 }
 
+static void ppl_progress(void *ctx, int w, int nw, int c, int nc, double ppl, double kld,
+                         double el)
+{
+    const cli_opts *o = ctx;
+    if (o->quiet)
+        return;
+    double done = (double)(w * nc + c + 1) / (double)(nw * nc);
+    fprintf(stderr, "perplexity: window %d/%d chunk %d/%d  ppl %.4f  kld %.5f  %.0f s, eta %.0f s\n",
+            w + 1, nw, c + 1, nc, ppl, kld, el, el / done - el);
+}
+
+/* Result as one JSON object (no newline) into buf. */
+static void ppl_json(const cli_opts *o, const mdl_model *m, const eval_result *r,
+                     char *buf, size_t cap)
+{
+    char cfg[1024];
+    cfg_kv_json(&o->kv, cfg, sizeof cfg);
+    snprintf(buf, cap,
+             "{\"model\": \"%s\", \"ctx\": %ld, \"windows\": %ld, \"n_tokens\": %lld, "
+             "\"ppl\": %.6f, \"ppl_fp16\": %.6f, \"ppl_rel\": %.6f, \"kld\": %.6g, "
+             "\"kld_max\": %.6g, \"top1_agree\": %.6f, \"bits_per_element\": %.4f, "
+             "\"kv_bytes\": %lld, \"kv_bytes_fp16\": %lld, \"kv_bytes_int4\": %lld, "
+             "\"kv_bytes_scales\": %lld, \"kv_bytes_outliers\": %lld, "
+             "\"kv_bytes_fp16_staging\": %lld, \"outlier_ratio\": %.6g, "
+             "\"clamp_ratio\": %.6g, \"t_test_s\": %.3f, \"t_fp16_s\": %.3f, %s}",
+             m->name, o->n_ctx, o->n_windows, (long long)r->n_scored, r->ppl, r->ppl_ref,
+             r->ppl / r->ppl_ref - 1.0, r->kld, r->kld_max, r->top1_agree,
+             r->bits_per_element, (long long)r->kv.bytes_total,
+             (long long)r->kv.bytes_fp16_equiv, (long long)r->kv.bytes_int4,
+             (long long)r->kv.bytes_scales, (long long)r->kv.bytes_outliers,
+             (long long)r->kv.bytes_fp16,
+             r->kv.n_quantized ? (double)r->kv.n_outliers / (double)r->kv.n_quantized : 0.0,
+             r->kv.n_quantized ? (double)r->kv.n_clamped / (double)r->kv.n_quantized : 0.0,
+             r->t_test_s, r->t_ref_s, cfg);
+}
+
+static int append_csv(const char *path, const cli_opts *o, const mdl_model *m,
+                      const eval_result *r)
+{
+    FILE *f = fopen(path, "a+");
+    if (!f) {
+        fprintf(stderr, "livekvq: cannot open '%s': %s\n", path, strerror(errno));
+        return -1;
+    }
+    fseek(f, 0, SEEK_END);
+    if (ftell(f) == 0)
+        fprintf(f, "model,ctx,windows,kv_cache,chunk_size,block_tokens,warmup_chunks,"
+                   "ema_decay,ema_clip,clip_quantile,v_group,outlier_budget,sink_tokens,"
+                   "keep_warmup_fp16,k_quant,n_tokens,ppl,ppl_fp16,ppl_rel,kld,kld_max,"
+                   "top1_agree,bits_per_element,kv_bytes,kv_bytes_fp16,outlier_ratio,"
+                   "clamp_ratio,t_test_s,t_fp16_s\n");
+    const cfg_kv *k = &o->kv;
+    fprintf(f, "\"%s\",%ld,%ld,%s,%d,%d,%d,%g,%g,%g,%d,%g,%d,%d,%s,%lld,%.6f,%.6f,%.6f,"
+               "%.6g,%.6g,%.6f,%.4f,%lld,%lld,%.6g,%.6g,%.3f,%.3f\n",
+            m->name, o->n_ctx, o->n_windows, k->mode == CFG_KV_FP16 ? "fp16" : "int4",
+            k->chunk_size, k->block_tokens, k->warmup_chunks, k->ema_decay, k->ema_clip,
+            k->clip_quantile, k->v_group, k->outlier_budget, k->sink_tokens,
+            k->keep_warmup_fp16, k->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel",
+            (long long)r->n_scored, r->ppl, r->ppl_ref, r->ppl / r->ppl_ref - 1.0, r->kld,
+            r->kld_max, r->top1_agree, r->bits_per_element, (long long)r->kv.bytes_total,
+            (long long)r->kv.bytes_fp16_equiv,
+            r->kv.n_quantized ? (double)r->kv.n_outliers / (double)r->kv.n_quantized : 0.0,
+            r->kv.n_quantized ? (double)r->kv.n_clamped / (double)r->kv.n_quantized : 0.0,
+            r->t_test_s, r->t_ref_s);
+    fclose(f);
+    return 0;
+}
+
+static int cmd_perplexity(int argc, char **argv)
+{
+    cli_opts o;
+    int pr = parse_opts(argc, argv, &o);
+    if (pr != 0) {
+        usage_perplexity(pr > 0 ? stdout : stderr);
+        return pr > 0 ? 0 : 2;
+    }
+    if (!o.file || o.n_ctx <= 0) {
+        fprintf(stderr, "livekvq: perplexity needs -f TEXT and -c CTX\n");
+        return 2;
+    }
+    size_t len;
+    char *text = read_file(o.file, &len);
+    if (!text)
+        return 1;
+    const char *marker = o.start ? o.start : "CHAPTER 1.";
+    const char *from = text;
+    for (const char *q = text; (q = strstr(q, marker)) != NULL; q++)
+        if (q == text || q[-1] == '\n') {
+            from = q;
+            break;
+        }
+    if (o.start && from == text && strncmp(text, marker, strlen(marker)) != 0) {
+        fprintf(stderr, "livekvq: no line of '%s' starts with '%s'\n", o.file, marker);
+        free(text);
+        return 1;
+    }
+    mdl_model *m = NULL;
+    if (load_model(&o, &m) < 0) {
+        free(text);
+        return 1;
+    }
+    char err[512];
+    int rc = 1;
+    int n = 0;
+    int add_bos = o.no_bos ? 0 : tok_default_add_bos(m->tok);
+    int32_t *ids = encode(m, from, len - (size_t)(from - text), add_bos, 0, &n);
+    if (!ids)
+        goto done;
+    if (!o.quiet)
+        fprintf(stderr, "perplexity: %d tokens from '%.20s...'; %ld window(s) of %ld\n", n,
+                from, o.n_windows, o.n_ctx);
+    eval_params ep = {
+        .n_ctx = (int32_t)o.n_ctx, .n_windows = (int32_t)o.n_windows,
+        .n_threads = (int32_t)o.n_threads, .use_ref = o.ref, .compare = !o.no_compare,
+        .kv = o.kv, .progress = ppl_progress, .progress_ctx = &o,
+    };
+    eval_result r;
+    if (eval_perplexity(m, ids, n, &ep, &r, err, sizeof err) < 0) {
+        fprintf(stderr, "livekvq: %s\n", err);
+        goto done;
+    }
+    printf("model            %s\n", m->name);
+    printf("kv cache         %s\n", o.kv.mode == CFG_KV_FP16 ? "fp16" : "int4");
+    printf("context          %ld x %ld window(s), %lld positions scored\n", o.n_ctx,
+           o.n_windows, (long long)r.n_scored);
+    printf("perplexity       %.4f (fp16 cache %.4f, %+.3f%%)\n", r.ppl, r.ppl_ref,
+           100.0 * (r.ppl / r.ppl_ref - 1.0));
+    printf("KL divergence    mean %.6f, max %.4f\n", r.kld, r.kld_max);
+    printf("top-1 agreement  %.4f\n", r.top1_agree);
+    printf("KV bytes         %lld (fp16 would be %lld: %.2fx smaller)\n",
+           (long long)r.kv.bytes_total, (long long)r.kv.bytes_fp16_equiv,
+           r.kv.bytes_total ? (double)r.kv.bytes_fp16_equiv / (double)r.kv.bytes_total : 0.0);
+    printf("  int4 %lld, scales %lld, outliers %lld, fp16 staging %lld, other %lld\n",
+           (long long)r.kv.bytes_int4, (long long)r.kv.bytes_scales,
+           (long long)r.kv.bytes_outliers, (long long)r.kv.bytes_fp16,
+           (long long)r.kv.bytes_other);
+    printf("bits per element %.3f\n", r.bits_per_element);
+    printf("outliers         %.4f%% kept, %.4f%% clamped\n",
+           r.kv.n_quantized ? 100.0 * (double)r.kv.n_outliers / (double)r.kv.n_quantized : 0.0,
+           r.kv.n_quantized ? 100.0 * (double)r.kv.n_clamped / (double)r.kv.n_quantized : 0.0);
+    printf("forward time     test %.2f s, fp16 reference %.2f s\n", r.t_test_s, r.t_ref_s);
+    char js[4096];
+    ppl_json(&o, m, &r, js, sizeof js);
+    if (o.csv && append_csv(o.csv, &o, m, &r) < 0)
+        goto done;
+    if (o.json_out) {
+        FILE *f = fopen(o.json_out, "a");
+        if (!f) {
+            fprintf(stderr, "livekvq: cannot open '%s': %s\n", o.json_out, strerror(errno));
+            goto done;
+        }
+        fprintf(f, "%s\n", js);
+        fclose(f);
+    }
+    if (o.json)
+        printf("%s\n", js);
+    rc = 0;
+done:
+    free(ids);
+    free(text);
+    mdl_free(m);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -595,6 +867,8 @@ int main(int argc, char **argv)
         return cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize"))
         return cmd_tokenize(argc - 1, argv + 1);
+    if (!strcmp(cmd, "perplexity"))
+        return cmd_perplexity(argc - 1, argv + 1);
     fprintf(stderr, "livekvq: unknown command '%s' (try: livekvq help)\n", cmd);
     return 2;
 }

@@ -62,6 +62,7 @@ Test(kvq_config, refusals_say_why)
     cr_assert_lt(cfg_kv_validate(&c, err, sizeof err), 0);
     cr_assert(strstr(err, "not a multiple of block_tokens") != NULL, "%s", err);
     c = cfg_kv_default();
+    cr_assert_eq(cfg_kv_v_group(&c, 48), 48, "0 = one group per head");
     c.v_group = 48;
     cr_assert_lt(cfg_kv_validate_model(&c, 64, 3, err, sizeof err), 0);
     cr_assert(strstr(err, "does not divide") != NULL, "%s", err);

@@ -28,7 +28,9 @@ static fwd_state *mk(const mdl_model *m, int n_ctx, int batch, int ref, int all)
     p.use_ref = ref;
     p.logits_all = all;
     p.n_threads = 2;
+    p.kv.mode = CFG_KV_FP16; /* the exact baseline */
     fwd_state *s = NULL;
+
     cr_assert_eq(fwd_create(m, &p, &s, err, sizeof err), 0, "%s", err);
     return s;
 }
@@ -135,8 +137,12 @@ Test(forward, batch_chunk_and_single_agree, .timeout = 120)
     cr_assert_eq(fwd_eval(chunk, ids, n, 0, 0, &lc, err, sizeof err), 0);
     for (int i = 0; i < n; i++)
         cr_assert_eq(fwd_eval(one, ids + i, 1, i, 0, &lo, err, sizeof err), 0);
-    cr_assert_leq(max_abs_diff(lw, lc, V), 1e-4f);
-    cr_assert_leq(max_abs_diff(lw, lo, V), 1e-4f);
+    /* A step attends to its own K/V exactly (f32) and to earlier steps
+     * through the FP16 cache, so splitting differs by FP16 rounding. */
+    float d1 = max_abs_diff(lw, lc, V), d2 = max_abs_diff(lw, lo, V);
+    cr_log_info("whole vs chunks of 16: %g; whole vs one at a time: %g", d1, d2);
+    cr_assert_leq(d1, 5e-3f);
+    cr_assert_leq(d2, 5e-3f);
     fwd_destroy(whole);
     fwd_destroy(chunk);
     fwd_destroy(one);

@@ -25,6 +25,7 @@ static char *greedy(const char *model_path, const char *prompt, int n, int ref,
     fp.n_ctx = np + n;
     fp.n_threads = 2;
     fp.use_ref = ref;
+    fp.kv.mode = CFG_KV_FP16; /* the exact baseline */
     fwd_state *fs = NULL;
     cr_assert_eq(fwd_create(m, &fp, &fs, err, sizeof err), 0, "%s", err);
     const float *logits;

@@ -107,6 +107,7 @@ static void compare(const char *model_path, const golden *g, int ref, double tol
     p.logits_all = 1;
     p.n_threads = 2;
     p.use_ref = ref;
+    p.kv.mode = CFG_KV_FP16; /* the exact baseline */
     fwd_state *s = NULL;
     cr_assert_eq(fwd_create(m, &p, &s, err, sizeof err), 0, "%s", err);
     const float *lg;

@@ -97,6 +97,8 @@ typedef struct {
     int n_future;    /* FP16 positions after the chunk, seen by no query */
     int shuffle;     /* segments in random order */
     int pad;         /* extra elements per row of F32 / F16 segments */
+    int qpos0;       /* > 0: the queries sit at qpos0 .. instead of the
+                        chunk's positions (inside the history) */
 } scen;
 
 /* A built history: the segments and everything they point to. */
@@ -252,6 +254,7 @@ static void run_scen(const scen *s, const char *name)
 {
     hist h;
     hist_build(s, &h);
+    int qpos0 = s->qpos0 > 0 ? s->qpos0 : h.pos0;
     if (s->out_frac * (float)s->n_q4 * (float)h.D >= 20.0f && s->budget > 0.0f)
         cr_assert(hist_outliers(&h) > 0, "%s: no outliers stored", name);
     size_t qs = (size_t)s->n_head * (size_t)s->hd, nq = (size_t)s->n_q * qs;
@@ -266,7 +269,7 @@ static void run_scen(const scen *s, const char *name)
     for (size_t i = 0; i < (size_t)h.n_pos * ((size_t)h.D + (size_t)s->pad); i++)
         vmax = fmaxf(vmax, fabsf(h.v[i]));
     for (int j = 0; j < s->n_q; j++)
-        kref_attn_seg(ref + (size_t)j * qs, q + (size_t)j * qs, h.pos0 + j, h.segs, h.n_segs,
+        kref_attn_seg(ref + (size_t)j * qs, q + (size_t)j * qs, qpos0 + j, h.segs, h.n_segs,
                       &h.L, s->n_head, s->n_kv, s->hd, scale, rs);
     char what[256];
     for (int scalar = 0; scalar < 2; scalar++) {
@@ -274,12 +277,12 @@ static void run_scen(const scen *s, const char *name)
         for (int pi = 0; pi < 3; pi++) {
             for (size_t i = 0; i < nq; i++)
                 got[i] = NAN;
-            kcpu_attn_seg(g_pools[pi], got, q, h.pos0, s->n_q, h.segs, h.n_segs, &h.L,
+            kcpu_attn_seg(g_pools[pi], got, q, qpos0, s->n_q, h.segs, h.n_segs, &h.L,
                           s->n_head, s->n_kv, s->hd, scale, ws);
             snprintf(what, sizeof what,
                      "%s [%s, %d threads, heads %d/%d x %d, T %d G %d k_mode %d, pos0 %d n_q %d]",
                      name, kcpu_simd_name(), kcpu_pool_size(g_pools[pi]), s->n_head, s->n_kv,
-                     s->hd, s->T, s->G, (int)s->km, h.pos0, s->n_q);
+                     s->hd, s->T, s->G, (int)s->km, qpos0, s->n_q);
             check_close(what, got, ref, nq, SEG_ATOL * vmax, SEG_RTOL);
         }
     }
@@ -415,6 +418,48 @@ Test(attn_seg, long_context, .timeout = 300)
     s.n_q = 64;
     s.shuffle = 1;
     run_scen(&s, "chunk of 64 at 1.5K, shuffled");
+    pools_down();
+}
+
+/* Queries inside the quantized range: INT4 blocks partly visible (causal
+ * masking inside a block), later blocks and the chunk not at all. */
+Test(attn_seg, queries_inside_int4_blocks, .timeout = 120)
+{
+    pools_up();
+    scen s = base_scen();
+    s.n_q4 = 700;
+    s.qpos0 = 4 + 200;
+    s.n_q = 9;
+    run_scen(&s, "queries at 204..212");
+    s.qpos0 = 4 + 127;
+    s.n_q = 1;
+    s.shuffle = 1;
+    run_scen(&s, "query at the last token of a block, shuffled");
+    s.qpos0 = 2;
+    s.n_q = 3;
+    run_scen(&s, "queries among the sinks");
+    pools_down();
+}
+
+/* Head layouts the fused INT4 path hands to the scalar item (head_dim >
+ * 512), query groups larger than a work item, and tiny heads. */
+Test(attn_seg, odd_head_layouts, .timeout = 240)
+{
+    pools_up();
+    static const struct { int n_head, n_kv, hd, G; } sh[] = {
+        { 2, 1, 528, 16 }, { 17, 1, 32, 32 }, { 40, 2, 16, 16 }, { 3, 3, 12, 4 },
+    };
+    for (int i = 0; i < 4; i++) {
+        scen s = base_scen();
+        s.n_head = sh[i].n_head;
+        s.n_kv = sh[i].n_kv;
+        s.hd = sh[i].hd;
+        s.G = sh[i].G;
+        s.T = 32;
+        s.n_q4 = 100;
+        s.n_q = i % 2 ? 1 : 4;
+        run_scen(&s, "odd head layout");
+    }
     pools_down();
 }
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# bench/kv_cost.sh [ROUNDS] - cost of live quantization: prefill of 4K tokens
+# and decode at 4K context, INT4 cache vs FP16 cache, on the default model
+# with 2 threads. The two modes alternate round by round (the machine is
+# shared and noisy); each figure is the median over the rounds.
+#
+#   bench/kv_cost.sh 5
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROUNDS=${1:-5}
+MODEL=${LKQ_MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+THREADS=${LKQ_THREADS:-2}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$ROOT/scripts/build.sh"
+for r in $(seq 1 "$ROUNDS"); do
+    echo "round $r/$ROUNDS" >&2
+    for kv in fp16 int4; do
+        "$ROOT/build/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 -k "$kv" \
+            -P 4096 -G 1024,4096 | grep -E '\| (pp|tg)[0-9]' >>"$tmp/$kv"
+    done
+done
+python3 - "$tmp" "$ROUNDS" <<'PY'
+import statistics, sys, os
+tmp = sys.argv[1]
+def load(kv):
+    d = {}
+    for line in open(os.path.join(tmp, kv)):
+        f = [x.strip() for x in line.strip().strip('|').split('|')]
+        d.setdefault(f[-2], []).append(float(f[-1]))
+    return d
+a, b = load("fp16"), load("int4")
+print("| test | fp16 tok/s | int4 tok/s | int4 time / fp16 time |")
+print("|---|---|---|---|")
+for t in a:
+    x, y = statistics.median(a[t]), statistics.median(b[t])
+    print("| %s | %.1f | %.1f | %.3f |" % (t, x, y, x / y))
+PY
