@@ -657,10 +657,15 @@ AI void q4_tile(const int QG, float *sc, const q4_blk *B, const q4_keys *K, cons
 static void q4_queries(const kcpu_attn_seg_item *it, float *qk, size_t qk_stride)
 {
     const int D = it->head_dim;
+    const __m256 sc = _mm256_set1_ps(it->scale);
     for (int i = 0; i < it->nq; i++) {
         float *qp = qk + (size_t)i * qk_stride;
-        for (int c = 0; c < D; c++)
-            qp[eo_ix(c)] = it->q[i][c] * it->scale;
+        for (int u = 0; u < D; u += 16) {
+            __m256 n0 = _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + u), sc);
+            __m256 n1 = _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + u + 8), sc);
+            _mm256_storeu_ps(qp + u, eo_even(n0, n1));
+            _mm256_storeu_ps(qp + u + 8, eo_odd(n0, n1));
+        }
     }
 }
 

@@ -4,6 +4,7 @@
  * are, INT4 (KVS_Q4) blocks are first expanded with kvq_dequant_block, then
  * every visible position is attended with an exact softmax (dot products and
  * sums in double). The oracle of kcpu_attn_seg and of any fused kernel.
+ * A query that sees no position at all gets zeros (kcpu_attn_seg agrees).
  *
  * Thread-safety: pure; writes only out and scratch.
  */
