@@ -38,7 +38,7 @@ static void run(run_result *r, const char *args, const char *in)
     close(fo);
     close(fe);
     char cmd[8192];
-    snprintf(cmd, sizeof cmd, "%s%s/tools/livekvq %s <%s >%s 2>%s",
+    snprintf(cmd, sizeof cmd, "%s%s/livekvq %s <%s >%s 2>%s",
              in ? "printf '%s' \"$LKQ_IN\" | " : "", bd ? bd : "build", args,
              in ? "/dev/stdin" : "/dev/null", o, e);
     if (in)
@@ -170,4 +170,49 @@ Test(cli, non_utf8_prompt_is_handled, .timeout = 60)
     cr_assert_eq(R.status, 0, "%s", R.err);
     cr_assert_gt(strlen(R.out), 4);
     unlink(path);
+}
+
+Test(cli, perplexity_json_last_line, .timeout = 120)
+{
+    char args[2048];
+    snprintf(args, sizeof args,
+             "perplexity -m %s -f %s -c 256 --chunk-size 64 --block-tokens 32 -q --json",
+             tu_shared("models/stories260K/stories260K.bin"), tu_shared("data/moby-dick.txt"));
+    run(&R, args, NULL);
+    cr_assert_eq(R.status, 0, "%s", R.err);
+    char *last = R.out + strlen(R.out) - 1;
+    cr_assert_eq(*last, '\n');
+    *last = '\0';
+    char *line = strrchr(R.out, '\n');
+    line = line ? line + 1 : R.out;
+    cr_assert_eq(line[0], '{', "%s", line);
+    const char *keys[] = {"\"ppl\":", "\"kld\":", "\"top1_agree\":", "\"bits_per_element\":",
+                          "\"kv_bytes\":", "\"n_tokens\": 255"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        cr_assert(strstr(line, keys[i]) != NULL, "missing %s in %s", keys[i], line);
+}
+
+Test(cli, cache_knobs_are_validated)
+{
+    char args[2048];
+    const char *m = tu_shared("models/stories260K/stories260K.bin");
+    snprintf(args, sizeof args, "generate -m %s -p hi --chunk-size 0", m);
+    run(&R, args, NULL);
+    cr_assert_eq(R.status, 2);
+    cr_assert(strstr(R.err, "chunk_size") != NULL, "%s", R.err);
+    snprintf(args, sizeof args, "generate -m %s -p hi --chunk-size 300", m);
+    run(&R, args, NULL);
+    cr_assert_eq(R.status, 2);
+    cr_assert(strstr(R.err, "not a multiple of block_tokens") != NULL, "%s", R.err);
+    snprintf(args, sizeof args, "generate -m %s -p hi --kv-cache int8", m);
+    run(&R, args, NULL);
+    cr_assert_eq(R.status, 2);
+    snprintf(args, sizeof args, "generate -m %s -p hi --v-group 48", m);
+    run(&R, args, NULL);
+    cr_assert_eq(R.status, 1, "v_group must divide head_dim 8: %s", R.err);
+    cr_assert(strstr(R.err, "v_group") != NULL, "%s", R.err);
+    snprintf(args, sizeof args, "generate -m %s -p 'Once upon a time' -n 8 --temp 0 -q "
+             "--kv-cache int4 --chunk-size 64 --block-tokens 32", m);
+    run(&R, args, NULL);
+    cr_assert_eq(R.status, 0, "%s", R.err);
 }
