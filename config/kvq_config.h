@@ -9,8 +9,8 @@
  *   chunk_size      prefill chunk C, tokens; multiple of block_tokens (512)
  *   block_tokens    tokens per KV block T (128)
  *   warmup_chunks   W: chunks staged in FP16 before quantizing (2)
- *   ema_decay       beta in [0, 1) (0.9)
- *   ema_clip        gamma >= 0, range move per chunk in widths (0.5)
+ *   ema_decay       beta in [0, 1) (0.3)
+ *   ema_clip        gamma >= 0, range move per chunk in widths (4)
  *   clip_quantile   alpha in [0, 0.5) (0.005)
  *   v_group         V channels per scale group; divides head_dim; 0 = one
  *                   group per head, i.e. head_dim (0)

@@ -39,7 +39,7 @@ static double now_s(void)
     "KV cache (LiveKVQuant-P; see config/kvq_config.h for every knob):\n" \
     "      --kv-cache fp16|int4 KV cache mode (default int4)\n" \
     "      --chunk-size N       prefill chunk (512)  --block-tokens N  (128)\n" \
-    "      --warmup-chunks N    (2)   --ema-decay B (0.9)  --ema-clip G (0.5)\n" \
+    "      --warmup-chunks N    (2)   --ema-decay B (0.3)  --ema-clip G (4)\n" \
     "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.005)\n" \
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
