@@ -164,6 +164,23 @@ static void sc_softmax(float *x, int n)
         x[i] *= inv;
 }
 
+/* Online-softmax step for one query and one tile of nv scores s (tile
+ * maximum mt): s becomes exp(s - new max), the running max *m and sum *l
+ * are updated and the partial output o [D] is rescaled; the caller then
+ * adds the tile's weighted V rows. */
+static void softmax_tile(float *s, int nv, float mt, float *m, float *l, float *o, int D)
+{
+    float mn = fmaxf(*m, mt), alpha = expf(*m - mn), sum = 0.0f;
+    for (int r = 0; r < nv; r++) {
+        s[r] = expf(s[r] - mn);
+        sum += s[r];
+    }
+    *l = *l * alpha + sum;
+    *m = mn;
+    for (int d = 0; d < D; d++)
+        o[d] *= alpha;
+}
+
 /* See kcpu_attn_item. Same tiles and online softmax as the AVX2 version,
  * one query at a time; K/V tiles are converted to f32 once for all queries
  * when they fit the scratch (head_dim <= 512), else read element-wise. */
@@ -209,16 +226,8 @@ static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
                 }
                 mt = fmaxf(mt, s[r]);
             }
-            float mn = fmaxf(m[i], mt), alpha = expf(m[i] - mn), sum = 0.0f;
-            for (int r = 0; r < nv; r++) {
-                s[r] = expf(s[r] - mn);
-                sum += s[r];
-            }
-            l[i] = l[i] * alpha + sum;
-            m[i] = mn;
             float *o = it->o[i];
-            for (int d = 0; d < D; d++)
-                o[d] *= alpha;
+            softmax_tile(s, nv, mt, &m[i], &l[i], o, D);
             for (int r = 0; r < nv; r++)
                 for (int d = 0; d < D; d++)
                     o[d] += s[r] * (conv ? vt[r * D + d]
@@ -338,16 +347,8 @@ static void sc_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                         s[r] = sc_dot(it->q[i], kt + (size_t)r * (size_t)D, D) * it->scale;
                         mt = fmaxf(mt, s[r]);
                     }
-                    float mn = fmaxf(m[i], mt), alpha = expf(m[i] - mn), sum = 0.0f;
-                    for (int r = 0; r < nv; r++) {
-                        s[r] = expf(s[r] - mn);
-                        sum += s[r];
-                    }
-                    l[i] = l[i] * alpha + sum;
-                    m[i] = mn;
                     float *o = it->o[i];
-                    for (int d = 0; d < D; d++)
-                        o[d] *= alpha;
+                    softmax_tile(s, nv, mt, &m[i], &l[i], o, D);
                     for (int r = 0; r < nv; r++)
                         for (int d = 0; d < D; d++)
                             o[d] += s[r] * vt[(size_t)r * (size_t)D + (size_t)d];
