@@ -8,9 +8,17 @@
  * up to max_batch tokens, a paged KV pool and one sequence of n_ctx
  * positions in the chosen KV mode (FP16, or LiveKVQuant-P INT4 quantized
  * live during chunked prefill), kernel scratch, the thread pool), all
- * allocated by fwd_create: fwd_eval allocates nothing. One fwd_state is one
- * sequence; it is used by one thread at a time. The model is borrowed and
+ * allocated by fwd_create: fwd_eval allocates nothing. A fwd_state is used
+ * by one thread at a time (the engine thread). The model is borrowed and
  * must outlive the state.
+ *
+ * Two ways to drive it: fwd_eval runs the state's own sequence (CLI,
+ * evaluation); fwd_eval_batch runs one step over several sequences created
+ * on the state's pool (fwd_kv_pool) - the server's continuous batching. The
+ * matmuls see all tokens of the step at once; attention and the KV cache
+ * work per sequence. A token's result does not depend on what else is in
+ * the batch (rows are computed independently), so batching never changes
+ * outputs.
  *
  * Prompt tokens run in chunks aligned to multiples of kv.chunk_size; each
  * chunk attends to its own exact K/V and to the cached history (INT4 blocks
@@ -29,6 +37,8 @@ typedef struct {
     int32_t n_threads;  /* <= 0: number of online CPUs */
     int logits_all;     /* 1: fwd_eval can return logits for every token */
     int use_ref;        /* 1: run kernels/ref (single-threaded oracle) */
+    int32_t max_seqs;   /* sequences the KV pool is planned for (<= 0: 1);
+                           with > 1, max_batch may exceed chunk_size */
     cfg_kv kv;          /* KV cache mode and knobs (cfg_kv_default()) */
 } fwd_params;
 
@@ -68,5 +78,40 @@ int fwd_finish_prefill(fwd_state *s, char *err, size_t errlen);
  * step is in the cache (earlier steps of the same call are). */
 int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
              const float **logits, char *err, size_t errlen);
+
+/* The KV pool (sequences for fwd_eval_batch are created on it). */
+kvc_pool *fwd_kv_pool(fwd_state *s);
+int32_t fwd_max_batch(const fwd_state *s);
+
+/* One sequence's part of a batched step. */
+typedef struct {
+    kvc_seq *seq;          /* borrowed; created on fwd_kv_pool(s) */
+    const int32_t *tokens; /* n tokens, at positions kvc_seq_n_tokens(seq).. */
+    int n;
+    int prefill;           /* 1: prompt tokens (must not cross a multiple of
+                              chunk_size); 0: one decode token */
+    int want_logits;       /* 1: logits of the last token */
+    const float *out_logits; /* out: [n_vocab] into the state, valid until
+                                the next call, when want_logits */
+} fwd_item;
+
+/* One step over n_items distinct sequences (total tokens <= max_batch, at
+ * most max(1, max_seqs) of them want logits). Reserves every sequence's
+ * blocks first: if one cannot (e.g. -ENOSPC, the pool is full), nothing
+ * runs, nothing changes, *failed is its index and its error is returned.
+ * Invalid items (-EINVAL) are refused the same way. Returns 0 on success,
+ * with every sequence advanced by its n tokens. */
+int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char *err,
+                   size_t errlen);
+
+/* Time per phase since creation or the last reset (wall seconds on the
+ * calling thread; attn_s includes the fused dequantization of INT4 history,
+ * kv_store_s the EMA update and live quantization). */
+typedef struct {
+    double matmul_s, attn_s, kv_store_s, other_s;
+    int64_t steps, tokens;
+} fwd_profile;
+void fwd_profile_get(const fwd_state *s, fwd_profile *out);
+void fwd_profile_reset(fwd_state *s);
 
 #endif
