@@ -901,3 +901,22 @@ int kvc_finish_prefill(kvc_seq *s, char *err, size_t errlen)
     kvc_commit(s);
     return 0;
 }
+
+int kvc_seq_layer_counts(const kvc_seq *s, int layer, kvc_layer_counts *out)
+{
+    const kvc_pool *p = s->p;
+    memset(out, 0, sizeof *out);
+    if (layer < 0 || layer >= p->d.n_layers)
+        return -1;
+    for (int i = 0; i < s->n_ents; i++) {
+        const kvc_ent *e = &s->ents[i];
+        if (e->kind != ENT_Q)
+            continue;
+        const kvq_block_hdr *h = kvq_chdr(qblock(p, e->id, layer));
+        out->n_quantized += (int64_t)h->n_tok * p->d.kv_dim * 2;
+        out->n_k_outliers += h->n_kout;
+        out->n_v_outliers += h->n_vout;
+        out->n_clamped += h->n_clamped;
+    }
+    return 0;
+}

@@ -130,4 +130,17 @@ void kvc_abort(kvc_seq *s);
  * correct), or another negative value with a reason. */
 int kvc_finish_prefill(kvc_seq *s, char *err, size_t errlen);
 
+/* Per-layer outlier accounting of the INT4 blocks the sequence holds now
+ * (for evaluation: outlier ratio per layer). */
+typedef struct {
+    int64_t n_quantized;  /* elements of layer l in INT4 blocks (K and V) */
+    int64_t n_k_outliers; /* K values kept as FP16 outliers */
+    int64_t n_v_outliers; /* V values kept as FP16 outliers */
+    int64_t n_clamped;    /* out-of-range values over the budget (K and V) */
+} kvc_layer_counts;
+
+/* Fills *out for layer l (zeros in fp16 mode). Returns 0, or -1 for a
+ * layer out of range. Reads block headers only; O(blocks). */
+int kvc_seq_layer_counts(const kvc_seq *s, int layer, kvc_layer_counts *out);
+
 #endif
