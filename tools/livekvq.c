@@ -24,6 +24,7 @@
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "kernels/cpu/kcpu.h"
+#include "tools/eval_cmds.h"
 
 #define LKQ_VERSION "0.1.0"
 
@@ -80,6 +81,8 @@ static void usage_main(FILE *f)
         "  tokenize   print the token ids of a text\n"
         "  perplexity perplexity / KL divergence / top-1 agreement of a KV cache\n"
         "             configuration against the FP16 cache, on a text file\n"
+        "  ablate     sweep cache knobs: quality, bits, memory and time per cell\n"
+        "             (CSV/JSON, resumable)\n"
         "  help       show this help (or: livekvq <command> --help)\n"
         "\n"
         "MODEL is a GGUF v3 file (architecture llama) or a llama2.c .bin\n"
@@ -869,6 +872,8 @@ int main(int argc, char **argv)
         return cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "perplexity"))
         return cmd_perplexity(argc - 1, argv + 1);
+    if (!strcmp(cmd, "ablate"))
+        return abl_main(argc - 1, argv + 1);
     fprintf(stderr, "livekvq: unknown command '%s' (try: livekvq help)\n", cmd);
     return 2;
 }
