@@ -354,6 +354,36 @@ double kvc_pool_usage(const kvc_pool *p)
     return total > 0 ? used / total : 0.0;
 }
 
+int64_t kvc_pool_capacity_bytes(const kvc_pool *p)
+{
+    return p->nq * (int64_t)p->qbytes + p->nf * (int64_t)p->fbytes;
+}
+
+void kvc_pool_free_units(const kvc_pool *p, int64_t *qfree, int64_t *ffree)
+{
+    *qfree = p->nqfree;
+    *ffree = p->nffree;
+}
+
+void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf)
+{
+    const cfg_kv *c = &p->cfg;
+    const int64_t P = p->P, T = c->block_tokens, C = c->chunk_size;
+    if (!is_int4(p)) {
+        *nq = 0;
+        *nf = (n + P - 1) / P + 1;
+        return;
+    }
+    int64_t sinks = c->sink_tokens < n ? c->sink_tokens : n;
+    int64_t rest = n - sinks;
+    int64_t chunks = (n + C - 1) / C;
+    int64_t stage = (int64_t)c->warmup_chunks * C;
+    if (stage > rest)
+        stage = rest;
+    *nq = (rest + T - 1) / T + chunks;
+    *nf = (sinks + P - 1) / P + (stage + P - 1) / P + c->warmup_chunks + 1;
+}
+
 /* ---- sequences -------------------------------------------------------------- */
 
 int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t errlen)

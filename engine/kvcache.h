@@ -83,6 +83,15 @@ void kvc_pool_stats(const kvc_pool *p, kvc_stats *out);
 /* Fraction of the pool's bytes in use, 0..1. */
 double kvc_pool_usage(const kvc_pool *p);
 
+/* Bytes of the pool's arenas (what it can hold, all overheads). */
+int64_t kvc_pool_capacity_bytes(const kvc_pool *p);
+/* INT4 blocks and FP16 pages free now. */
+void kvc_pool_free_units(const kvc_pool *p, int64_t *qfree, int64_t *ffree);
+/* Upper bound of the INT4 blocks and FP16 pages a fresh sequence holds at
+ * its peak while prefilling n tokens (warm-up staging included); the
+ * scheduler admits by it. */
+void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf);
+
 /* A sequence of at most max_tokens positions. Its metadata (entry list,
  * EMA state, scratch) is allocated here, once. */
 int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err,

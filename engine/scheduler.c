@@ -1,0 +1,1006 @@
+/*
+ * scheduler.c - engine thread, continuous batching, admission by free KV
+ * blocks, preemption by recomputation, output publishing (see scheduler.h).
+ *
+ * Threading: one mutex (s->mu) guards the queues, every request's shared
+ * fields (text, token records, cursors, flags) and the metrics. The engine
+ * thread holds it while it picks a step and while it publishes the step's
+ * tokens, never during fwd_eval_batch or sampling. Fields marked "engine"
+ * are touched by the engine thread only.
+ */
+#include "engine/scheduler.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine/log.h"
+#include "tokenizer/tok.h"
+
+typedef enum { JOB_WAITING, JOB_RUNNING, JOB_DONE } job_state;
+
+typedef struct job {
+    sched_req *req;
+    int index;
+    job_state st;
+    struct job *qnext, *qprev; /* waiting queue links */
+    /* engine */
+    int slot;                  /* -1: none */
+    int32_t *toks;             /* [n_ctx] prompt then generated tokens */
+    int n_tok, n_past, prefill_to;
+    int n_gen;
+    smp_sampler *smp;
+    tok_decoder dec;
+    uint64_t admit_seq;
+    double t_last_tok;
+    int32_t next_tok;          /* sampled in the current step */
+    sched_tok next_rec;
+    /* shared (under mu) */
+    char *text;
+    size_t len, cap, visible, delivered;
+    sched_tok *rec;
+    int n_rec, cap_rec, rec_delivered;
+    const char *finish;
+    int finish_delivered;
+} job;
+
+struct sched_req {
+    int refs;                  /* HTTP side + engine side */
+    int engine_ref;
+    int cancelled;
+    int n_jobs, n_done;
+    int n_prompt;
+    int max_tokens, logprobs, ignore_eos;
+    char *stop[SCHED_MAX_STOP];
+    size_t stop_len[SCHED_MAX_STOP];
+    int n_stop;
+    size_t max_stop;
+    char id[64];
+    void (*notify)(void *ctx);
+    void *notify_ctx;
+    int armed;
+    int status;
+    char error[256];
+    double t_submit, t_first;
+    int got_first;
+    job jobs[];
+};
+
+struct sched {
+    const mdl_model *m;
+    sched_params p;
+    fwd_state *fwd;
+    kvc_pool *pool;
+    kvc_seq **slots;           /* [max_seqs] */
+    job **running;             /* [max_seqs] by slot */
+    int n_running;
+    job *wait_head, *wait_tail;
+    int n_waiting;             /* jobs */
+    int n_wait_reqs;           /* requests with a job waiting and none running */
+    int n_active_reqs;
+    fwd_item *items;
+    job **item_job;
+    uint64_t admit_counter;
+    pthread_t thr;
+    int thr_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int quit, admitting;
+    sched_metrics met;
+    double t_metrics;
+    int64_t cap_q, cap_f;      /* INT4 blocks and FP16 pages of the pool */
+    char piece_buf[1024];
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int fail(char *err, size_t errlen, int code, const char *msg)
+{
+    if (err && errlen)
+        snprintf(err, errlen, "%s", msg);
+    return code;
+}
+
+static void hist_init(sched_hist *h, const double *le, int n)
+{
+    memset(h, 0, sizeof *h);
+    h->n_le = n < SCHED_HIST_BUCKETS ? n : SCHED_HIST_BUCKETS;
+    memcpy(h->le, le, (size_t)h->n_le * sizeof *le);
+}
+
+static void hist_add(sched_hist *h, double v)
+{
+    int i = 0;
+    while (i < h->n_le && v > h->le[i])
+        i++;
+    h->count[i]++;
+    h->sum += v;
+    h->total++;
+}
+
+sched_params sched_default_params(void)
+{
+    sched_params p = {.n_ctx = 0, .max_seqs = 16, .max_queue = 64, .max_batch = 0,
+                      .n_threads = 0, .kv = cfg_kv_default()};
+    return p;
+}
+
+void sched_out_free(sched_out *o)
+{
+    if (!o)
+        return;
+    for (int i = 0; i < SCHED_MAX_N; i++) {
+        free(o->ch[i].text);
+        free(o->ch[i].toks);
+        o->ch[i].text = NULL;
+        o->ch[i].toks = NULL;
+        o->ch[i].cap = 0;
+        o->ch[i].cap_toks = 0;
+    }
+}
+
+/* ---- request lifetime (under mu) ------------------------------------------- */
+
+static void req_free(sched_req *r)
+{
+    for (int i = 0; i < r->n_jobs; i++) {
+        free(r->jobs[i].toks);
+        free(r->jobs[i].text);
+        free(r->jobs[i].rec);
+        smp_destroy(r->jobs[i].smp);
+    }
+    for (int i = 0; i < r->n_stop; i++)
+        free(r->stop[i]);
+    free(r);
+}
+
+static void req_unref(sched_req *r)
+{
+    if (--r->refs == 0)
+        req_free(r);
+}
+
+static void notify(sched_req *r)
+{
+    if (r->armed && r->notify) {
+        r->armed = 0;
+        r->notify(r->notify_ctx);
+    }
+}
+
+static void wait_push(sched *s, job *j, int front)
+{
+    j->qnext = j->qprev = NULL;
+    if (!s->wait_head) {
+        s->wait_head = s->wait_tail = j;
+    } else if (front) {
+        j->qnext = s->wait_head;
+        s->wait_head->qprev = j;
+        s->wait_head = j;
+    } else {
+        j->qprev = s->wait_tail;
+        s->wait_tail->qnext = j;
+        s->wait_tail = j;
+    }
+    s->n_waiting++;
+}
+
+static void wait_remove(sched *s, job *j)
+{
+    if (j->qprev)
+        j->qprev->qnext = j->qnext;
+    else
+        s->wait_head = j->qnext;
+    if (j->qnext)
+        j->qnext->qprev = j->qprev;
+    else
+        s->wait_tail = j->qprev;
+    j->qnext = j->qprev = NULL;
+    s->n_waiting--;
+}
+
+static void release_slot(sched *s, job *j)
+{
+    if (j->slot < 0)
+        return;
+    kvc_seq_reset(s->slots[j->slot]);
+    s->running[j->slot] = NULL;
+    s->n_running--;
+    j->slot = -1;
+}
+
+/* The job ends (finish reason, or NULL when cancelled/failed): its KV
+ * blocks return to the pool now. When the request's last job ends the
+ * engine's reference is dropped. */
+static void job_end(sched *s, job *j, const char *finish)
+{
+    sched_req *r = j->req;
+    if (j->st == JOB_WAITING)
+        wait_remove(s, j);
+    release_slot(s, j);
+    j->st = JOB_DONE;
+    if (finish && !j->finish) {
+        j->finish = finish;
+        if (strcmp(finish, "stop") == 0)
+            s->met.finished_stop++;
+        else
+            s->met.finished_length++;
+    }
+    if (++r->n_done == r->n_jobs) {
+        if (!r->cancelled && r->status == 0)
+            hist_add(&s->met.e2e, now_s() - r->t_submit);
+        s->n_active_reqs--;
+        notify(r);
+        r->engine_ref = 0;
+        req_unref(r);
+    }
+}
+
+/* Fails every unfinished job of r with an HTTP status and a reason. */
+static void req_fail(sched *s, sched_req *r, int status, const char *msg)
+{
+    if (r->status == 0) {
+        r->status = status;
+        snprintf(r->error, sizeof r->error, "%.250s", msg);
+        s->met.failed++;
+    }
+    for (int i = 0; i < r->n_jobs; i++)
+        if (r->jobs[i].st != JOB_DONE)
+            job_end(s, &r->jobs[i], NULL);
+}
+
+/* ---- submit / poll / release (HTTP threads) ------------------------------- */
+
+int32_t sched_n_ctx(const sched *s)
+{
+    return s->p.n_ctx;
+}
+
+int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err,
+                 size_t errlen)
+{
+    *out = NULL;
+    const int n_ctx = s->p.n_ctx;
+    if (p->n < 1 || p->n > SCHED_MAX_N)
+        return fail(err, errlen, -EINVAL, "n must be between 1 and 16");
+    if (p->n_prompt < 1)
+        return fail(err, errlen, -EINVAL, "the prompt is empty");
+    for (int i = 0; i < p->n_prompt; i++) {
+        if (p->prompt[i] < 0 || p->prompt[i] >= s->m->hp.n_vocab) {
+            if (err && errlen)
+                snprintf(err, errlen, "token id %d at prompt position %d is out of range "
+                         "[0, %d)", p->prompt[i], i, s->m->hp.n_vocab);
+            return -EINVAL;
+        }
+    }
+    if (p->max_tokens < 1)
+        return fail(err, errlen, -EINVAL, "max_tokens must be at least 1");
+    if ((int64_t)p->n_prompt + p->max_tokens > n_ctx) {
+        if (err && errlen)
+            snprintf(err, errlen,
+                     "This model's maximum context length is %d tokens. However, you "
+                     "requested %lld tokens (%d in the prompt, %d for the completion). "
+                     "Please reduce the prompt or max_tokens.",
+                     n_ctx, (long long)p->n_prompt + p->max_tokens, p->n_prompt,
+                     p->max_tokens);
+        return -E2BIG;
+    }
+    int64_t nq, nf, capq = s->cap_q, capf = s->cap_f;
+    kvc_pool_estimate(s->pool, p->n_prompt + 1, &nq, &nf);
+    if (nq > capq || nf > capf) {
+        if (err && errlen)
+            snprintf(err, errlen,
+                     "the prompt (%d tokens) needs more KV cache than the server's whole "
+                     "pool holds (%lld/%lld INT4 blocks, %lld/%lld FP16 pages); raise "
+                     "--kv-budget", p->n_prompt, (long long)nq, (long long)capq,
+                     (long long)nf, (long long)capf);
+        return -E2BIG;
+    }
+    if (p->logprobs > SCHED_MAX_LOGPROBS)
+        return fail(err, errlen, -EINVAL, "logprobs must be at most 20");
+
+    sched_req *r = calloc(1, sizeof *r + (size_t)p->n * sizeof(job));
+    if (!r)
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    r->n_jobs = p->n;
+    r->n_prompt = p->n_prompt;
+    r->max_tokens = p->max_tokens;
+    r->logprobs = p->logprobs;
+    r->ignore_eos = p->ignore_eos;
+    r->notify = p->notify;
+    r->notify_ctx = p->notify_ctx;
+    snprintf(r->id, sizeof r->id, "%s", p->id ? p->id : "-");
+    int rc = 0;
+    for (int i = 0; i < p->n_stop && i < SCHED_MAX_STOP && rc == 0; i++) {
+        if (!p->stop[i] || !p->stop[i][0])
+            continue;
+        r->stop[r->n_stop] = strdup(p->stop[i]);
+        if (!r->stop[r->n_stop])
+            rc = -ENOMEM;
+        else {
+            r->stop_len[r->n_stop] = strlen(p->stop[i]);
+            if (r->stop_len[r->n_stop] > r->max_stop)
+                r->max_stop = r->stop_len[r->n_stop];
+            r->n_stop++;
+        }
+    }
+    for (int i = 0; i < p->n && rc == 0; i++) {
+        job *j = &r->jobs[i];
+        j->req = r;
+        j->index = i;
+        j->slot = -1;
+        j->toks = malloc((size_t)n_ctx * sizeof *j->toks);
+        smp_params sp = p->sp;
+        sp.seed = p->sp.seed + (uint64_t)i;
+        char e2[256];
+        if (!j->toks || smp_create(&sp, s->m->hp.n_vocab, &j->smp, e2, sizeof e2) < 0) {
+            rc = -ENOMEM;
+            break;
+        }
+        memcpy(j->toks, p->prompt, (size_t)p->n_prompt * sizeof *j->toks);
+        j->n_tok = p->n_prompt;
+        tok_decoder_init(&j->dec, s->m->tok, 0);
+        j->dec.first = 0; /* a continuation keeps its leading space */
+    }
+    if (rc < 0) {
+        req_free(r);
+        return fail(err, errlen, rc, "out of memory");
+    }
+    r->refs = 2;
+    r->engine_ref = 1;
+    r->t_submit = now_s();
+
+    pthread_mutex_lock(&s->mu);
+    if (!s->admitting || s->quit) {
+        pthread_mutex_unlock(&s->mu);
+        req_free(r);
+        return fail(err, errlen, -ESHUTDOWN, "the server is shutting down");
+    }
+    if (s->n_waiting + p->n > s->p.max_queue) {
+        pthread_mutex_unlock(&s->mu);
+        req_free(r);
+        return fail(err, errlen, -EBUSY,
+                    "the server is at capacity: too many requests are waiting; retry later");
+    }
+    for (int i = 0; i < p->n; i++)
+        wait_push(s, &r->jobs[i], 0);
+    s->n_active_reqs++;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    *out = r;
+    return 0;
+}
+
+/* Grows a byte buffer to hold need more bytes. */
+static int grow_text(char **buf, size_t *cap, size_t len, size_t need)
+{
+    if (len + need + 1 <= *cap)
+        return 0;
+    size_t nc = *cap ? *cap : 256;
+    while (nc < len + need + 1)
+        nc *= 2;
+    char *nb = realloc(*buf, nc);
+    if (!nb)
+        return -1;
+    *buf = nb;
+    *cap = nc;
+    return 0;
+}
+
+static int grow_toks(sched_tok **buf, int *cap, int len, int need)
+{
+    if (len + need <= *cap)
+        return 0;
+    int nc = *cap ? *cap : 16;
+    while (nc < len + need)
+        nc *= 2;
+    sched_tok *nb = realloc(*buf, (size_t)nc * sizeof *nb);
+    if (!nb)
+        return -1;
+    *buf = nb;
+    *cap = nc;
+    return 0;
+}
+
+int sched_req_poll(sched *s, sched_req *r, sched_out *o, int arm,
+                   void (*on_armed)(void *ctx), void *ctx)
+{
+    int any = 0, done = 1;
+    pthread_mutex_lock(&s->mu);
+    o->n_choices = r->n_jobs;
+    o->n_prompt = r->n_prompt;
+    o->status = r->status;
+    if (r->status)
+        snprintf(o->error, sizeof o->error, "%.250s", r->error);
+    int64_t gen = 0;
+    for (int i = 0; i < r->n_jobs; i++) {
+        job *j = &r->jobs[i];
+        sched_choice_out *c = &o->ch[i];
+        gen += j->n_gen;
+        if (j->visible > j->delivered) {
+            size_t n = j->visible - j->delivered;
+            if (grow_text(&c->text, &c->cap, c->len, n) == 0) {
+                if (c->len == 0)
+                    c->text_off = (int64_t)j->delivered;
+                memcpy(c->text + c->len, j->text + j->delivered, n);
+                c->len += n;
+                c->text[c->len] = '\0';
+                j->delivered = j->visible;
+                any = 1;
+            }
+        }
+        int upto = j->rec_delivered;
+        while (upto < j->n_rec && (j->rec[upto].text_end <= (int64_t)j->delivered ||
+                                   (j->finish && j->delivered == j->visible)))
+            upto++;
+        if (upto > j->rec_delivered &&
+            grow_toks(&c->toks, &c->cap_toks, c->n_toks, upto - j->rec_delivered) == 0) {
+            memcpy(c->toks + c->n_toks, j->rec + j->rec_delivered,
+                   (size_t)(upto - j->rec_delivered) * sizeof *j->rec);
+            c->n_toks += upto - j->rec_delivered;
+            j->rec_delivered = upto;
+            any = 1;
+        }
+        if (j->finish && !j->finish_delivered && j->delivered == j->visible) {
+            c->finish = j->finish;
+            j->finish_delivered = 1;
+            any = 1;
+        }
+        if (!j->finish_delivered && !(j->st == JOB_DONE && !j->finish))
+            done = 0;
+    }
+    o->n_generated = gen;
+    if (r->status)
+        done = 1;
+    o->done = done;
+    if (done)
+        any = 1;
+    if (!any && arm) {
+        r->armed = 1;
+        if (on_armed)
+            on_armed(ctx);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return any;
+}
+
+void sched_req_release(sched *s, sched_req *r)
+{
+    if (!r)
+        return;
+    pthread_mutex_lock(&s->mu);
+    r->armed = 0;
+    r->notify = NULL;
+    if (r->engine_ref && !r->cancelled) {
+        r->cancelled = 1;
+        s->met.cancelled++;
+        pthread_cond_signal(&s->cv);
+    }
+    req_unref(r);
+    pthread_mutex_unlock(&s->mu);
+}
+
+void sched_stop_admitting(sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->admitting = 0;
+    pthread_mutex_unlock(&s->mu);
+}
+
+int sched_n_active(sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    int n = s->n_active_reqs;
+    pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
+void sched_get_metrics(sched *s, sched_metrics *out)
+{
+    pthread_mutex_lock(&s->mu);
+    *out = s->met;
+    out->running = s->n_running;
+    out->waiting = s->n_waiting;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- the engine thread ------------------------------------------------------ */
+
+/* Refreshes the KV part of the metrics snapshot (engine thread, under mu). */
+static void snapshot_kv(sched *s, int force)
+{
+    double t = now_s();
+    if (!force && t - s->t_metrics < 0.2)
+        return;
+    s->t_metrics = t;
+    kvc_pool_stats(s->pool, &s->met.kv);
+    s->met.kv_usage = kvc_pool_usage(s->pool);
+    int L = s->m->hp.n_layers < SCHED_MAX_LAYERS ? s->m->hp.n_layers : SCHED_MAX_LAYERS;
+    s->met.n_layers = L;
+    s->met.seqs_warming = 0;
+    for (int l = 0; l < L; l++) {
+        for (int x = 0; x < 2; x++) {
+            double lo = 0, hi = 0;
+            int n = 0;
+            for (int k = 0; k < s->p.max_seqs; k++) {
+                if (!s->running[k])
+                    continue;
+                float a, b;
+                if (kvc_seq_ema(s->slots[k], l, x, &a, &b) == 0) {
+                    lo += a;
+                    hi += b;
+                    n++;
+                }
+            }
+            s->met.ema_valid[l][x] = n > 0;
+            if (n > 0) {
+                s->met.ema_lo[l][x] = (float)(lo / n);
+                s->met.ema_hi[l][x] = (float)(hi / n);
+            }
+        }
+    }
+    if (s->met.kv_int4)
+        for (int k = 0; k < s->p.max_seqs; k++)
+            if (s->running[k] && kvc_seq_n_tokens(s->slots[k]) > 0 &&
+                kvc_seq_warming(s->slots[k]))
+                s->met.seqs_warming++;
+}
+
+static int prefilling(const job *j)
+{
+    return j->n_past < j->prefill_to;
+}
+
+/* Admits waiting jobs in order while a slot is free and the pool's free
+ * blocks cover the job's prompt plus what admitted prefills still need. */
+static void admit(sched *s)
+{
+    int64_t fq, ff;
+    kvc_pool_free_units(s->pool, &fq, &ff);
+    int n_pref = 0;
+    for (int k = 0; k < s->p.max_seqs; k++) {
+        job *j = s->running[k];
+        if (!j)
+            continue;
+        /* headroom for the decode tail of every running job */
+        ff -= 1;
+        if (s->met.kv_int4)
+            fq -= 1;
+        if (prefilling(j)) {
+            n_pref++;
+            int64_t q1, f1, q0, f0;
+            kvc_pool_estimate(s->pool, j->prefill_to, &q1, &f1);
+            kvc_pool_estimate(s->pool, j->n_past, &q0, &f0);
+            fq -= q1 - q0;
+            ff -= f1 - f0;
+        }
+    }
+    while (s->wait_head && s->n_running < s->p.max_seqs && n_pref < 2) {
+        job *j = s->wait_head;
+        if (j->req->cancelled) {
+            job_end(s, j, NULL);
+            continue;
+        }
+        int64_t nq, nf;
+        kvc_pool_estimate(s->pool, j->n_tok, &nq, &nf);
+        if (nq > fq || nf > ff) {
+            if (s->n_running == 0) {
+                /* nothing will free blocks: it can never fit */
+                req_fail(s, j->req, 503, "the KV pool cannot hold this prompt");
+                continue;
+            }
+            break;
+        }
+        fq -= nq;
+        ff -= nf;
+        wait_remove(s, j);
+        int slot = 0;
+        while (s->running[slot])
+            slot++;
+        s->running[slot] = j;
+        s->n_running++;
+        j->slot = slot;
+        j->st = JOB_RUNNING;
+        kvc_seq_reset(s->slots[slot]);
+        j->n_past = 0;
+        j->prefill_to = j->n_tok;
+        j->admit_seq = ++s->admit_counter;
+        if (j->n_gen == 0 && j->index == 0)
+            hist_add(&s->met.queue_time, now_s() - j->req->t_submit);
+        n_pref++;
+    }
+}
+
+/* Frees the jobs of cancelled requests. */
+static void reap(sched *s)
+{
+    for (int k = 0; k < s->p.max_seqs; k++) {
+        job *j = s->running[k];
+        if (j && j->req->cancelled)
+            job_end(s, j, NULL);
+    }
+    for (job *j = s->wait_head, *nx; j; j = nx) {
+        nx = j->qnext;
+        if (j->req->cancelled)
+            job_end(s, j, NULL);
+    }
+}
+
+/* Packs the step: every decoding job's next token, then prefill pieces (a
+ * piece always runs to the end of its chunk or prompt, so a sequence's
+ * results never depend on the load) in admission order within max_batch. */
+static int build_batch(sched *s, int *has_prefill)
+{
+    const int C = s->p.kv.chunk_size;
+    int n = 0, total = 0;
+    *has_prefill = 0;
+    for (int k = 0; k < s->p.max_seqs; k++) {
+        job *j = s->running[k];
+        if (!j || prefilling(j))
+            continue;
+        s->items[n] = (fwd_item){s->slots[k], j->toks + j->n_past, 1, 0, 1, NULL};
+        s->item_job[n++] = j;
+        total++;
+    }
+    for (;;) {
+        job *best = NULL;
+        for (int k = 0; k < s->p.max_seqs; k++) {
+            job *j = s->running[k];
+            if (!j || !prefilling(j))
+                continue;
+            int in_batch = 0;
+            for (int i = 0; i < n; i++)
+                in_batch |= s->item_job[i] == j;
+            if (!in_batch && (!best || j->admit_seq < best->admit_seq))
+                best = j;
+        }
+        if (!best)
+            break;
+        int piece = best->prefill_to - best->n_past;
+        int tb = C - best->n_past % C;
+        if (piece > tb)
+            piece = tb;
+        if (total + piece > s->p.max_batch)
+            break;
+        int last = best->n_past + piece == best->prefill_to;
+        s->items[n] = (fwd_item){s->slots[best->slot], best->toks + best->n_past, piece, 1,
+                                 last, NULL};
+        s->item_job[n++] = best;
+        total += piece;
+        *has_prefill = 1;
+    }
+    return n;
+}
+
+/* The pool could not hold item `failed`'s step: preempt the youngest
+ * running job (its blocks return; it is recomputed later from its prompt
+ * plus the tokens it produced). If it is the only one, it cannot grow: a
+ * decoding job ends with "length", a prefill fails. */
+static void on_nospc(sched *s, int failed, const char *why)
+{
+    job *victim = NULL;
+    for (int k = 0; k < s->p.max_seqs; k++) {
+        job *j = s->running[k];
+        if (j && (!victim || j->admit_seq > victim->admit_seq))
+            victim = j;
+    }
+    job *jf = s->item_job[failed];
+    if (s->n_running <= 1 || !victim) {
+        if (!prefilling(jf) && jf->n_gen > 0) {
+            log_msg(LOG_LEVEL_WARN, jf->req->id, "KV pool full with one sequence: "
+                    "ending it at %d tokens (%s)", jf->n_tok, why);
+            job_end(s, jf, "length");
+        } else {
+            req_fail(s, jf->req, 503, "the KV pool cannot hold this request");
+        }
+        return;
+    }
+    log_msg(LOG_LEVEL_INFO, victim->req->id, "preempted at %d tokens (KV pool full); "
+            "it will be recomputed", victim->n_tok);
+    release_slot(s, victim);
+    victim->st = JOB_WAITING;
+    victim->n_past = 0;
+    wait_push(s, victim, 1);
+    s->met.preemptions++;
+}
+
+/* log-probabilities of the chosen token and the top-n alternatives. */
+static void logprobs(const float *lg, int V, int32_t chosen, int n_top, sched_tok *rec)
+{
+    float mx = lg[0];
+    for (int i = 1; i < V; i++)
+        mx = lg[i] > mx ? lg[i] : mx;
+    double sum = 0;
+    for (int i = 0; i < V; i++)
+        sum += exp((double)(lg[i] - mx));
+    float lse = mx + (float)log(sum);
+    rec->logprob = lg[chosen] - lse;
+    /* one pass keeping the n_top largest in descending order */
+    int k = 0;
+    for (int i = 0; i < V; i++) {
+        if (k == n_top && (k == 0 || lg[i] <= lg[rec->top_id[k - 1]]))
+            continue;
+        int at = k < n_top ? k++ : k - 1;
+        while (at > 0 && lg[rec->top_id[at - 1]] < lg[i]) {
+            rec->top_id[at] = rec->top_id[at - 1];
+            at--;
+        }
+        rec->top_id[at] = i;
+    }
+    rec->n_top = k;
+    for (int i = 0; i < k; i++)
+        rec->top_lp[i] = lg[rec->top_id[i]] - lse;
+}
+
+/* Appends the sampled token's text to the job and applies stop sequences
+ * (under mu). Returns the finish reason or NULL. */
+static const char *publish(sched *s, job *j, int32_t tok)
+{
+    sched_req *r = j->req;
+    const tok_tokenizer *tk = s->m->tok;
+    int eog = tok_is_eog(tk, tok) && !r->ignore_eos;
+    const char *finish = NULL;
+    if (!eog) {
+        j->toks[j->n_tok++] = tok;
+        j->n_gen++;
+        s->met.generated_tokens++;
+        size_t w = tok_decoder_push(&j->dec, tok, s->piece_buf, sizeof s->piece_buf);
+        if (j->n_gen >= r->max_tokens || j->n_tok >= s->p.n_ctx) {
+            w += tok_decoder_flush(&j->dec, s->piece_buf + w, sizeof s->piece_buf - w);
+            finish = "length";
+        }
+        if (grow_text(&j->text, &j->cap, j->len, w) == 0) {
+            memcpy(j->text + j->len, s->piece_buf, w);
+            j->len += w;
+            j->text[j->len] = '\0';
+        }
+        if (r->logprobs >= 0 && grow_toks(&j->rec, &j->cap_rec, j->n_rec, 1) == 0) {
+            j->next_rec.text_end = (int64_t)j->len;
+            j->rec[j->n_rec++] = j->next_rec;
+        }
+    } else {
+        size_t w = tok_decoder_flush(&j->dec, s->piece_buf, sizeof s->piece_buf);
+        if (w && grow_text(&j->text, &j->cap, j->len, w) == 0) {
+            memcpy(j->text + j->len, s->piece_buf, w);
+            j->len += w;
+            j->text[j->len] = '\0';
+        }
+        finish = "stop";
+    }
+    /* stop sequences: cut at the earliest match; hold back a suffix that
+     * may still become one */
+    size_t vis = j->len;
+    if (r->n_stop > 0) {
+        size_t from = j->visible > r->max_stop ? j->visible - r->max_stop : 0;
+        size_t cut = (size_t)-1;
+        for (int i = 0; i < r->n_stop; i++) {
+            char *p = j->len >= from ? memmem(j->text + from, j->len - from, r->stop[i],
+                                              r->stop_len[i]) : NULL;
+            if (p && (size_t)(p - j->text) < cut)
+                cut = (size_t)(p - j->text);
+        }
+        if (cut != (size_t)-1) {
+            j->len = cut;
+            j->text[cut] = '\0';
+            vis = cut;
+            finish = "stop";
+        } else if (!finish) {
+            size_t hold = 0;
+            for (int i = 0; i < r->n_stop; i++) {
+                for (size_t k = r->stop_len[i] - 1; k > hold; k--) {
+                    if (k <= j->len && memcmp(j->text + j->len - k, r->stop[i], k) == 0) {
+                        hold = k;
+                        break;
+                    }
+                }
+            }
+            vis = j->len - hold;
+        }
+    }
+    if (vis < j->visible)
+        vis = j->visible;
+    j->visible = vis;
+    return finish;
+}
+
+static void *engine_main(void *arg)
+{
+    sched *s = arg;
+    const int V = s->m->hp.n_vocab;
+    char err[512];
+    pthread_mutex_lock(&s->mu);
+    while (!s->quit) {
+        reap(s);
+        admit(s);
+        int has_prefill = 0;
+        int n = build_batch(s, &has_prefill);
+        snapshot_kv(s, 0);
+        if (n == 0) {
+            snapshot_kv(s, 1);
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 200 * 1000 * 1000;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+            continue;
+        }
+        pthread_mutex_unlock(&s->mu);
+
+        double t0 = now_s();
+        int failed = -1;
+        int rc = fwd_eval_batch(s->fwd, s->items, n, &failed, err, sizeof err);
+        double t1 = now_s();
+        if (rc == 0) {
+            for (int i = 0; i < n; i++) {
+                job *j = s->item_job[i];
+                if (!s->items[i].want_logits)
+                    continue;
+                const float *lg = s->items[i].out_logits;
+                j->next_tok = smp_sample(j->smp, lg, j->toks, j->n_tok, NULL);
+                if (j->req->logprobs >= 0) {
+                    j->next_rec.token = j->next_tok;
+                    logprobs(lg, V, j->next_tok, j->req->logprobs, &j->next_rec);
+                }
+            }
+        }
+
+        pthread_mutex_lock(&s->mu);
+        s->met.steps++;
+        if (rc == -ENOSPC) {
+            on_nospc(s, failed, err);
+            continue;
+        }
+        if (rc < 0) {
+            job *jf = failed >= 0 ? s->item_job[failed] : s->item_job[0];
+            log_msg(LOG_LEVEL_ERROR, jf->req->id, "step failed: %s", err);
+            req_fail(s, jf->req, 500, err);
+            continue;
+        }
+        if (has_prefill)
+            hist_add(&s->met.prefill_chunk, t1 - t0);
+        for (int i = 0; i < n; i++) {
+            job *j = s->item_job[i];
+            j->n_past += s->items[i].n;
+            if (s->items[i].prefill && j->n_gen == 0)
+                s->met.prompt_tokens += (uint64_t)s->items[i].n;
+            if (!s->items[i].want_logits)
+                continue;
+            if (j->req->cancelled)
+                continue;
+            sched_req *r = j->req;
+            if (!r->got_first) {
+                r->got_first = 1;
+                r->t_first = t1;
+                hist_add(&s->met.ttft, t1 - r->t_submit);
+            } else if (j->n_gen > 0 && !s->items[i].prefill) {
+                hist_add(&s->met.itl, t1 - j->t_last_tok);
+            }
+            j->t_last_tok = t1;
+            const char *fin = publish(s, j, j->next_tok);
+            notify(r);
+            if (fin)
+                job_end(s, j, fin);
+        }
+    }
+    /* shutting down: fail what is left */
+    for (int k = 0; k < s->p.max_seqs; k++)
+        if (s->running[k])
+            req_fail(s, s->running[k]->req, 503, "the server is shutting down");
+    while (s->wait_head)
+        req_fail(s, s->wait_head->req, 503, "the server is shutting down");
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *err,
+                 size_t errlen)
+{
+    *out = NULL;
+    sched_params p = pp ? *pp : sched_default_params();
+    long max_ctx = m->hp.n_ctx_train > 0 ? m->hp.n_ctx_train : 2048;
+    if (p.n_ctx <= 0)
+        p.n_ctx = (int32_t)(max_ctx < 8192 ? max_ctx : 8192);
+    if (p.max_seqs <= 0)
+        p.max_seqs = 1;
+    if (p.max_queue < 1)
+        p.max_queue = 1;
+    if (p.max_batch <= 0)
+        p.max_batch = p.kv.chunk_size + p.max_seqs;
+    if (p.max_batch < p.kv.chunk_size + p.max_seqs)
+        return fail(err, errlen, -EINVAL,
+                    "max_batch must hold one prefill chunk plus a decode token per "
+                    "sequence (chunk_size + max_seqs)");
+    sched *s = calloc(1, sizeof *s);
+    if (!s)
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    s->m = m;
+    s->p = p;
+    s->admitting = 1;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    fwd_params fp = fwd_default_params();
+    fp.n_ctx = p.n_ctx;
+    fp.max_seqs = p.max_seqs;
+    fp.max_batch = p.max_batch;
+    fp.n_threads = p.n_threads;
+    fp.kv = p.kv;
+    int rc = fwd_create(m, &fp, &s->fwd, err, errlen);
+    if (rc < 0)
+        goto fail;
+    s->pool = fwd_kv_pool(s->fwd);
+    kvc_pool_free_units(s->pool, &s->cap_q, &s->cap_f);
+    s->slots = calloc((size_t)p.max_seqs, sizeof *s->slots);
+    s->running = calloc((size_t)p.max_seqs, sizeof *s->running);
+    s->items = calloc((size_t)p.max_batch, sizeof *s->items);
+    s->item_job = calloc((size_t)p.max_batch, sizeof *s->item_job);
+    if (!s->slots || !s->running || !s->items || !s->item_job) {
+        rc = fail(err, errlen, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < p.max_seqs; i++) {
+        rc = kvc_seq_create(s->pool, p.n_ctx, &s->slots[i], err, errlen);
+        if (rc < 0)
+            goto fail;
+    }
+    static const double lat[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                 2.5, 5, 10, 20, 40, 80, 160};
+    static const double itl[] = {0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08,
+                                 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5};
+    hist_init(&s->met.ttft, lat, 15);
+    hist_init(&s->met.e2e, lat, 15);
+    hist_init(&s->met.queue_time, lat, 15);
+    hist_init(&s->met.prefill_chunk, lat, 15);
+    hist_init(&s->met.itl, itl, 15);
+    s->met.kv_int4 = p.kv.mode == CFG_KV_INT4;
+    s->met.max_seqs = p.max_seqs;
+    s->met.kv_budget_bytes = kvc_pool_capacity_bytes(s->pool);
+    snapshot_kv(s, 1);
+    if (pthread_create(&s->thr, NULL, engine_main, s) != 0) {
+        rc = fail(err, errlen, -EAGAIN, "cannot start the engine thread");
+        goto fail;
+    }
+    s->thr_started = 1;
+    *out = s;
+    return 0;
+fail:
+    sched_destroy(s);
+    return rc < 0 ? rc : -1;
+}
+
+void sched_destroy(sched *s)
+{
+    if (!s)
+        return;
+    if (s->thr_started) {
+        pthread_mutex_lock(&s->mu);
+        s->quit = 1;
+        s->admitting = 0;
+        pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->thr, NULL);
+    }
+    if (s->slots)
+        for (int i = 0; i < s->p.max_seqs; i++)
+            kvc_seq_destroy(s->slots[i]);
+    free(s->slots);
+    free(s->running);
+    free(s->items);
+    free(s->item_job);
+    fwd_destroy(s->fwd);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+}

@@ -1,0 +1,184 @@
+/*
+ * scheduler.h - the engine thread and its scheduler: continuous batching over
+ * chunked prefill (../shared/DESIGN.md §1, §6).
+ *
+ * The HTTP layer turns a request into native parameters (token ids,
+ * sampling, limits), submits it, and polls its output; it never touches
+ * the model. One engine thread owns the forward state, the shared KV pool
+ * and every sequence. Each step packs the decode token of every running
+ * sequence plus chunk-aligned prefill pieces of new ones within a token
+ * budget (max_batch); a sequence is admitted when a slot is free and the
+ * pool's free blocks cover its prompt. When the pool runs out mid-flight,
+ * the youngest running sequence is preempted (its blocks freed) and
+ * recomputed later from its prompt plus the tokens it had produced; output
+ * already delivered is never repeated. Waiting requests sit in a bounded
+ * queue; a full queue is refused at submit (the HTTP layer answers 429).
+ *
+ * Output: per choice, the text (UTF-8, stop sequences cut, text that could
+ * still become a stop sequence held back) and per-token records; the HTTP
+ * side copies what is new with sched_req_poll and is told by its notify
+ * callback (called on the engine thread, with the scheduler lock held)
+ * when there is more. A request is shared between the two sides by
+ * reference counting; sched_req_release drops the HTTP side's reference
+ * (cancelling it first if it is still running), which frees its KV blocks
+ * at the next step.
+ *
+ * Threading: sched_* functions may be called from any thread except where
+ * noted; all state is behind one mutex held only briefly (never during a
+ * forward step).
+ */
+#ifndef LKQ_SCHED_H
+#define LKQ_SCHED_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/forward.h"
+#include "engine/kvcache.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+
+#define SCHED_MAX_N 16        /* choices per request */
+#define SCHED_MAX_LOGPROBS 20 /* top alternatives per token */
+#define SCHED_MAX_STOP 8      /* stop sequences per request */
+#define SCHED_HIST_BUCKETS 16
+
+typedef struct sched sched;
+typedef struct sched_req sched_req;
+
+typedef struct {
+    int32_t n_ctx;       /* positions per sequence (<= 0: the model's, max 8192) */
+    int32_t max_seqs;    /* sequences running at once (slots) */
+    int32_t max_queue;   /* waiting requests before submit refuses (-EBUSY) */
+    int32_t max_batch;   /* tokens per step (<= 0: chunk_size + max_seqs) */
+    int32_t n_threads;   /* compute threads (<= 0: online CPUs) */
+    cfg_kv kv;           /* cache mode, knobs and budget */
+} sched_params;
+
+sched_params sched_default_params(void);
+
+/* Native request parameters (everything validated by the caller except
+ * what depends on the model: token ids and lengths are checked here). */
+typedef struct {
+    const int32_t *prompt; /* copied */
+    int n_prompt;
+    int max_tokens;        /* >= 1 */
+    int n;                 /* choices, 1..SCHED_MAX_N; choice i uses seed + i */
+    smp_params sp;
+    int logprobs;          /* -1: none; else top alternatives (0..20) */
+    const char *stop[SCHED_MAX_STOP]; /* copied */
+    int n_stop;
+    int ignore_eos;
+    const char *id;        /* request id for logs (copied) */
+    /* Called on the engine thread with the scheduler lock held when the
+     * request has new output or finished; must not call sched_* functions
+     * (MHD_resume_connection is fine). */
+    void (*notify)(void *ctx);
+    void *notify_ctx;
+} sched_req_params;
+
+/* One generated token (for logprobs). */
+typedef struct {
+    int32_t token;
+    float logprob;        /* log-probability under the model (raw logits) */
+    int32_t n_top;
+    int32_t top_id[SCHED_MAX_LOGPROBS];
+    float top_lp[SCHED_MAX_LOGPROBS];
+    int64_t text_end;     /* byte offset in the choice's text after this token */
+} sched_tok;
+
+/* What sched_req_poll copies out: per choice the new text and tokens. */
+typedef struct {
+    char *text;
+    size_t len, cap;
+    sched_tok *toks;
+    int n_toks, cap_toks;
+    int64_t text_off;     /* offset of text[0] in the whole choice text */
+    const char *finish;   /* "stop" / "length" when the choice ended (set
+                             once, with its last text) */
+} sched_choice_out;
+
+typedef struct {
+    int n_choices;
+    sched_choice_out ch[SCHED_MAX_N];
+    int done;              /* every choice ended and was delivered */
+    int status;            /* 0, or an HTTP status when the request failed */
+    char error[256];       /* the reason, when status != 0 */
+    int n_prompt;
+    int64_t n_generated;   /* all choices, so far */
+} sched_out;
+
+void sched_out_free(sched_out *o); /* frees the buffers; o itself is the caller's */
+
+/* Creates the forward state, the pool and the slots, and starts the engine
+ * thread. The model is borrowed and must outlive the scheduler. Returns 0
+ * and *out (stop with sched_destroy) or negative with a reason. */
+int sched_create(const mdl_model *m, const sched_params *p, sched **out, char *err,
+                 size_t errlen);
+/* Stops the engine thread (requests still running are failed with 503 and
+ * notified) and frees everything. NULL is a no-op. */
+void sched_destroy(sched *s);
+
+int32_t sched_n_ctx(const sched *s);
+
+/* Submits a request. Returns 0 and *out (one reference for the caller;
+ * drop it with sched_req_release), or: -EBUSY the queue is full (429),
+ * -ESHUTDOWN not admitting any more (503), -E2BIG the prompt plus
+ * max_tokens exceed the context or the prompt cannot fit the KV pool even
+ * alone (400), -EINVAL bad token id (400), -ENOMEM; each with a reason in
+ * err. */
+int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err,
+                 size_t errlen);
+
+/* Copies the request's new output into o (appending to its buffers; the
+ * caller empties them between calls by setting len/n_toks to 0). If there
+ * is nothing new and the request is not done, and arm is 1, the notify
+ * callback will be called when there is; then, still under the scheduler
+ * lock, on_armed(ctx) is called (the HTTP layer suspends its connection
+ * there, so the resume cannot come first). Returns 1 if something new was
+ * copied or the request is done, 0 otherwise. */
+int sched_req_poll(sched *s, sched_req *r, sched_out *o, int arm,
+                   void (*on_armed)(void *ctx), void *ctx);
+
+/* Drops the caller's reference; a request not yet done is cancelled (its
+ * KV blocks are freed at the next step). NULL is a no-op. */
+void sched_req_release(sched *s, sched_req *r);
+
+/* Stops admitting: new submits get -ESHUTDOWN; queued and running requests
+ * continue. */
+void sched_stop_admitting(sched *s);
+/* Requests running or waiting. */
+int sched_n_active(sched *s);
+
+/* Fixed-bucket histogram (Prometheus: cumulative at format time). */
+typedef struct {
+    double le[SCHED_HIST_BUCKETS]; /* upper bounds; +Inf implicit */
+    int n_le;
+    uint64_t count[SCHED_HIST_BUCKETS + 1];
+    double sum;
+    uint64_t total;
+} sched_hist;
+
+#define SCHED_MAX_LAYERS 128
+
+/* A consistent snapshot for /metrics (taken under the lock). */
+typedef struct {
+    kvc_stats kv;
+    double kv_usage;                 /* 0..1 of the pool's bytes */
+    int n_layers;
+    float ema_lo[SCHED_MAX_LAYERS][2], ema_hi[SCHED_MAX_LAYERS][2]; /* [layer][K/V],
+                                                                        mean over sequences */
+    int ema_valid[SCHED_MAX_LAYERS][2];
+    int seqs_warming;
+    int running, waiting;
+    uint64_t prompt_tokens, generated_tokens, preemptions, steps;
+    uint64_t finished_stop, finished_length, cancelled, failed;
+    sched_hist ttft, itl, e2e, prefill_chunk, queue_time;
+    int kv_int4;                      /* 1 in int4 mode */
+    int max_seqs;
+    int64_t kv_budget_bytes;          /* bytes of the pool's arenas */
+} sched_metrics;
+
+void sched_get_metrics(sched *s, sched_metrics *out);
+
+#endif

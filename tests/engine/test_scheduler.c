@@ -1,0 +1,356 @@
+/*
+ * test_scheduler.c - the engine thread without HTTP: a request's greedy
+ * text equals a plain fwd_eval loop's (the CLI's), batching beside 7 other
+ * requests changes nothing (FP16 and INT4 cache), stop sequences, n > 1,
+ * logprobs, a full queue is refused, a pool too small for all requests
+ * preempts and still finishes everything, and a cancelled request's
+ * blocks return to the pool.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/forward.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "tokenizer/tok.h"
+#include "tests/test_util.h"
+
+static mdl_model *load(const char *path)
+{
+    char err[512];
+    mdl_model *m = NULL;
+    cr_assert_eq(mdl_load(path, NULL, &m, err, sizeof err), 0, "%s", err);
+    return m;
+}
+
+static const char *m260(void)
+{
+    return tu_shared("models/stories260K/stories260K.bin");
+}
+
+static sched *mk(const mdl_model *m, cfg_kv_mode mode, int max_seqs, int64_t budget_tokens)
+{
+    char err[512];
+    sched_params p = sched_default_params();
+    p.n_ctx = 512;
+    p.max_seqs = max_seqs;
+    p.n_threads = 2;
+    p.kv.mode = mode;
+    p.kv.chunk_size = 64;
+    p.kv.block_tokens = 32;
+    p.kv.warmup_chunks = 1;
+    p.kv.kv_budget_tokens = budget_tokens;
+    sched *s = NULL;
+    cr_assert_eq(sched_create(m, &p, &s, err, sizeof err), 0, "%s", err);
+    return s;
+}
+
+static int32_t *encode(const mdl_model *m, const char *text, int *n)
+{
+    int32_t *ids = malloc(4096 * sizeof *ids);
+    cr_assert_eq(tok_encode(m->tok, text, strlen(text), 1, 0, ids, 4096, n), 0);
+    return ids;
+}
+
+/* Greedy continuation through fwd_eval (what the CLI does). */
+static char *reference(const mdl_model *m, cfg_kv_mode mode, const int32_t *ids, int n,
+                       int max_tokens)
+{
+    char err[512];
+    fwd_params fp = fwd_default_params();
+    fp.n_ctx = 512;
+    fp.n_threads = 2;
+    fp.kv.mode = mode;
+    fp.kv.chunk_size = 64;
+    fp.kv.block_tokens = 32;
+    fp.kv.warmup_chunks = 1;
+    fwd_state *fs;
+    cr_assert_eq(fwd_create(m, &fp, &fs, err, sizeof err), 0, "%s", err);
+    smp_params sp = smp_default_params();
+    sp.temperature = 0;
+    smp_sampler *smp;
+    cr_assert_eq(smp_create(&sp, m->hp.n_vocab, &smp, err, sizeof err), 0);
+    int32_t hist[600];
+    memcpy(hist, ids, (size_t)n * sizeof *ids);
+    const float *lg;
+    cr_assert_eq(fwd_eval(fs, ids, n, 0, 0, &lg, err, sizeof err), 0, "%s", err);
+    tok_decoder dec;
+    tok_decoder_init(&dec, m->tok, 0);
+    dec.first = 0;
+    char *out = calloc(1, 65536);
+    size_t len = 0;
+    for (int g = 0; g < max_tokens; g++) {
+        int32_t t = smp_sample(smp, lg, hist, n, NULL);
+        if (tok_is_eog(m->tok, t))
+            break;
+        hist[n] = t;
+        len += tok_decoder_push(&dec, t, out + len, 65536 - len);
+        if (g + 1 == max_tokens)
+            break;
+        cr_assert_eq(fwd_eval(fs, &t, 1, n, 0, &lg, err, sizeof err), 0, "%s", err);
+        n++;
+    }
+    len += tok_decoder_flush(&dec, out + len, 65536 - len);
+    smp_destroy(smp);
+    fwd_destroy(fs);
+    return out;
+}
+
+/* Waits for r to finish; returns its choice texts concatenated with '|'. */
+static char *collect(sched *s, sched_req *r, sched_out *o)
+{
+    char *all = calloc(1, 1 << 17);
+    for (int it = 0; it < 6000; it++) {
+        int any = sched_req_poll(s, r, o, 0, NULL, NULL);
+        if (o->done)
+            break;
+        if (!any)
+            usleep(5000);
+    }
+    cr_assert(o->done, "request did not finish");
+    for (int i = 0; i < o->n_choices; i++) {
+        if (i)
+            strcat(all, "|");
+        strncat(all, o->ch[i].text ? o->ch[i].text : "", o->ch[i].len);
+    }
+    return all;
+}
+
+static sched_req_params greedy(const int32_t *ids, int n, int max_tokens)
+{
+    sched_req_params p;
+    memset(&p, 0, sizeof p);
+    p.prompt = ids;
+    p.n_prompt = n;
+    p.max_tokens = max_tokens;
+    p.n = 1;
+    p.sp = smp_default_params();
+    p.sp.temperature = 0;
+    p.logprobs = -1;
+    p.id = "test";
+    return p;
+}
+
+static const char *prompts[8] = {
+    "Once upon a time", "The little dog ran to the park and", "Lily had a red ball",
+    "One day, a big bird", "Tom and Sue went to the store to buy", "The sun was hot",
+    "There was a cat named Tim who liked to play with his toys every day",
+    "Mom said"};
+
+static void alone_vs_batched(cfg_kv_mode mode)
+{
+    char err[512];
+    mdl_model *m = load(m260());
+    int n[8];
+    int32_t *ids[8];
+    for (int i = 0; i < 8; i++)
+        ids[i] = encode(m, prompts[i], &n[i]);
+    /* a long prompt for request 0: several chunks of 64 */
+    char longp[4096] = "";
+    for (int i = 0; i < 12; i++)
+        strcat(longp, "Once upon a time there was a little girl named Lily. ");
+    free(ids[0]);
+    ids[0] = encode(m, longp, &n[0]);
+    cr_assert_gt(n[0], 130);
+    char *ref = reference(m, mode, ids[0], n[0], 40);
+
+    sched *s = mk(m, mode, 8, 0);
+    sched_out o;
+    memset(&o, 0, sizeof o);
+    sched_req_params p = greedy(ids[0], n[0], 40);
+    sched_req *r;
+    cr_assert_eq(sched_submit(s, &p, &r, err, sizeof err), 0, "%s", err);
+    char *alone = collect(s, r, &o);
+    sched_req_release(s, r);
+    cr_assert_str_eq(alone, ref);
+
+    sched_req *rs[8];
+    sched_out os[8];
+    memset(os, 0, sizeof os);
+    for (int i = 7; i >= 0; i--) { /* request 0 last: it runs beside the others */
+        sched_req_params q = greedy(ids[i], n[i], i == 0 ? 40 : 20 + 5 * i);
+        cr_assert_eq(sched_submit(s, &q, &rs[i], err, sizeof err), 0, "%s", err);
+    }
+    for (int i = 0; i < 8; i++) {
+        char *t = collect(s, rs[i], &os[i]);
+        if (i == 0)
+            cr_assert_str_eq(t, ref, "batched:\n%s\nalone:\n%s", t, ref);
+        free(t);
+        sched_req_release(s, rs[i]);
+        sched_out_free(&os[i]);
+    }
+    sched_metrics met;
+    sched_get_metrics(s, &met);
+    cr_assert_eq(met.running, 0);
+    cr_assert_gt(met.generated_tokens, 40);
+    cr_assert_eq(met.ttft.total, 9);
+    sched_destroy(s);
+    sched_out_free(&o);
+    free(alone);
+    free(ref);
+    for (int i = 0; i < 8; i++)
+        free(ids[i]);
+    mdl_free(m);
+}
+
+Test(scheduler, alone_vs_batched_fp16)
+{
+    alone_vs_batched(CFG_KV_FP16);
+}
+
+Test(scheduler, alone_vs_batched_int4)
+{
+    alone_vs_batched(CFG_KV_INT4);
+}
+
+Test(scheduler, stop_n_logprobs)
+{
+    char err[512];
+    mdl_model *m = load(m260());
+    int n;
+    int32_t *ids = encode(m, "Once upon a time", &n);
+    char *ref = reference(m, CFG_KV_FP16, ids, n, 60);
+    sched *s = mk(m, CFG_KV_FP16, 4, 0);
+    /* stop at the first occurrence of a word the reference contains */
+    const char *stop = strstr(ref + 5, " the");
+    cr_assert_not_null(stop, "%s", ref);
+    sched_req_params p = greedy(ids, n, 60);
+    p.stop[0] = "the";
+    p.stop[1] = "zzzz";
+    p.n_stop = 2;
+    p.n = 3;
+    p.logprobs = 2;
+    sched_req *r;
+    sched_out o;
+    memset(&o, 0, sizeof o);
+    cr_assert_eq(sched_submit(s, &p, &r, err, sizeof err), 0, "%s", err);
+    char *t = collect(s, r, &o);
+    size_t cut = (size_t)(strstr(ref, "the") - ref);
+    char want[4096];
+    snprintf(want, sizeof want, "%.*s|%.*s|%.*s", (int)cut, ref, (int)cut, ref, (int)cut, ref);
+    cr_assert_str_eq(t, want);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_str_eq(o.ch[i].finish, "stop");
+        cr_assert_gt(o.ch[i].n_toks, 0);
+        for (int k = 0; k < o.ch[i].n_toks; k++) {
+            const sched_tok *tk = &o.ch[i].toks[k];
+            cr_assert_eq(tk->n_top, 2);
+            cr_assert(tk->logprob <= 0.0f);
+            cr_assert(tk->top_lp[0] >= tk->top_lp[1]);
+            cr_assert_eq(tk->top_id[0], tk->token, "greedy picks the top token");
+        }
+    }
+    sched_req_release(s, r);
+    sched_out_free(&o);
+    free(t);
+    /* max_tokens: finish "length" with exactly that many tokens */
+    p = greedy(ids, n, 5);
+    p.logprobs = 0;
+    memset(&o, 0, sizeof o);
+    cr_assert_eq(sched_submit(s, &p, &r, err, sizeof err), 0, "%s", err);
+    t = collect(s, r, &o);
+    cr_assert_str_eq(o.ch[0].finish, "length");
+    cr_assert_eq(o.ch[0].n_toks, 5);
+    cr_assert_eq(o.n_generated, 5);
+    sched_req_release(s, r);
+    sched_out_free(&o);
+    free(t);
+    /* context: prompt + max_tokens beyond n_ctx is refused */
+    p = greedy(ids, n, 600);
+    cr_assert_eq(sched_submit(s, &p, &r, err, sizeof err), -E2BIG);
+    cr_assert(strstr(err, "maximum context length") != NULL, "%s", err);
+    int32_t bad[2] = {1, 999999};
+    p = greedy(bad, 2, 5);
+    cr_assert_eq(sched_submit(s, &p, &r, err, sizeof err), -EINVAL);
+    sched_destroy(s);
+    free(ref);
+    free(ids);
+    mdl_free(m);
+}
+
+/* 6 requests of ~200 tokens each in a pool of 512 tokens with 6 slots:
+ * admission waits and preemption recomputes; every request finishes. */
+Test(scheduler, small_pool_preempts_and_finishes)
+{
+    char err[512];
+    mdl_model *m = load(m260());
+    char longp[4096] = "";
+    for (int i = 0; i < 5; i++)
+        strcat(longp, "Once upon a time there was a little girl named Lily. ");
+    int n;
+    int32_t *ids = encode(m, longp, &n);
+    sched *s = mk(m, CFG_KV_INT4, 6, 512);
+    sched_req *rs[6];
+    sched_out os[6];
+    memset(os, 0, sizeof os);
+    for (int i = 0; i < 6; i++) {
+        sched_req_params p = greedy(ids, n, 120);
+        p.ignore_eos = 1;
+        cr_assert_eq(sched_submit(s, &p, &rs[i], err, sizeof err), 0, "%s", err);
+    }
+    for (int i = 0; i < 6; i++) {
+        char *t = collect(s, rs[i], &os[i]);
+        cr_assert_eq(os[i].status, 0, "%s", os[i].error);
+        cr_assert_str_eq(os[i].ch[0].finish, "length");
+        cr_assert_eq(os[i].n_generated, 120);
+        free(t);
+        sched_req_release(s, rs[i]);
+        sched_out_free(&os[i]);
+    }
+    sched_metrics met;
+    sched_get_metrics(s, &met);
+    cr_assert_gt(met.preemptions + 0 * met.steps, 0, "a 512-token pool held 6 x %d tokens "
+                 "without preempting", n + 120);
+    sched_destroy(s);
+    free(ids);
+    mdl_free(m);
+}
+
+/* A queue of 2: the third waiting request is refused with -EBUSY; a
+ * cancelled request's blocks return to the pool. */
+Test(scheduler, queue_full_and_cancel)
+{
+    char err[512];
+    mdl_model *m = load(m260());
+    int n;
+    int32_t *ids = encode(m, "Once upon a time", &n);
+    sched_params sp = sched_default_params();
+    sp.n_ctx = 512;
+    sp.max_seqs = 1;
+    sp.max_queue = 2;
+    sp.n_threads = 1;
+    sp.kv.chunk_size = 64;
+    sp.kv.block_tokens = 32;
+    sched *s;
+    cr_assert_eq(sched_create(m, &sp, &s, err, sizeof err), 0, "%s", err);
+    sched_req_params p = greedy(ids, n, 400);
+    p.ignore_eos = 1;
+    sched_req *a, *b, *c, *d;
+    cr_assert_eq(sched_submit(s, &p, &a, err, sizeof err), 0);
+    usleep(100000); /* a is running */
+    cr_assert_eq(sched_submit(s, &p, &b, err, sizeof err), 0);
+    cr_assert_eq(sched_submit(s, &p, &c, err, sizeof err), 0);
+    cr_assert_eq(sched_submit(s, &p, &d, err, sizeof err), -EBUSY);
+    cr_assert(strstr(err, "capacity") != NULL, "%s", err);
+    sched_req_release(s, a); /* cancel all */
+    sched_req_release(s, b);
+    sched_req_release(s, c);
+    sched_metrics met;
+    for (int i = 0; i < 200; i++) {
+        usleep(10000);
+        sched_get_metrics(s, &met);
+        if (met.running == 0 && met.waiting == 0 && met.kv.bytes_total == 0)
+            break;
+    }
+    cr_assert_eq(met.running, 0);
+    cr_assert_eq(met.waiting, 0);
+    cr_assert_eq(met.kv.qblocks_used + met.kv.fpages_used, 0, "blocks not returned");
+    cr_assert_eq(sched_n_active(s), 0);
+    sched_stop_admitting(s);
+    cr_assert_eq(sched_submit(s, &p, &d, err, sizeof err), -ESHUTDOWN);
+    sched_destroy(s);
+    free(ids);
+    mdl_free(m);
+}
