@@ -83,6 +83,8 @@ static void usage_main(FILE *f)
         "             configuration against the FP16 cache, on a text file\n"
         "  ablate     sweep cache knobs: quality, bits, memory and time per cell\n"
         "             (CSV/JSON, resumable)\n"
+        "  needle     long-context retrieval (pass key at depths x lengths), FP16 vs\n"
+        "             INT4 cache\n"
         "  help       show this help (or: livekvq <command> --help)\n"
         "\n"
         "MODEL is a GGUF v3 file (architecture llama) or a llama2.c .bin\n"
@@ -874,6 +876,8 @@ int main(int argc, char **argv)
         return cmd_perplexity(argc - 1, argv + 1);
     if (!strcmp(cmd, "ablate"))
         return abl_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "needle"))
+        return ndl_main(argc - 1, argv + 1);
     fprintf(stderr, "livekvq: unknown command '%s' (try: livekvq help)\n", cmd);
     return 2;
 }
