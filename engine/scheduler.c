@@ -64,7 +64,7 @@ struct sched_req {
     void (*notify)(void *ctx);
     void *notify_ctx;
     int armed;
-    int status;
+    int status, status_delivered;
     char error[256];
     double t_submit, t_first;
     int got_first;
@@ -91,6 +91,8 @@ struct sched {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int quit, admitting;
+    int fail_status;           /* sched_fail_all pending */
+    char fail_why[200];
     sched_metrics met;
     double t_metrics;
     int64_t cap_q, cap_f;      /* INT4 blocks and FP16 pages of the pool */
@@ -412,16 +414,20 @@ static int grow_toks(sched_tok **buf, int *cap, int len, int need)
     return 0;
 }
 
-int sched_req_poll(sched *s, sched_req *r, sched_out *o, int arm,
-                   void (*on_armed)(void *ctx), void *ctx)
+/* Copies r's new output into o (under mu). Returns 1 if anything new or
+ * done. */
+static int poll_one(sched_req *r, sched_out *o)
 {
     int any = 0, done = 1;
-    pthread_mutex_lock(&s->mu);
     o->n_choices = r->n_jobs;
     o->n_prompt = r->n_prompt;
     o->status = r->status;
     if (r->status)
         snprintf(o->error, sizeof o->error, "%.250s", r->error);
+    if (r->status && !r->status_delivered) {
+        r->status_delivered = 1;
+        any = 1;
+    }
     int64_t gen = 0;
     for (int i = 0; i < r->n_jobs; i++) {
         job *j = &r->jobs[i];
@@ -463,10 +469,21 @@ int sched_req_poll(sched *s, sched_req *r, sched_out *o, int arm,
     if (r->status)
         done = 1;
     o->done = done;
-    if (done)
-        any = 1;
-    if (!any && arm) {
-        r->armed = 1;
+    return any;
+}
+
+int sched_poll(sched *s, sched_req *const *r, sched_out *o, int n, int arm,
+               void (*on_armed)(void *ctx), void *ctx)
+{
+    int any = 0, all_done = 1;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < n; i++) {
+        any |= poll_one(r[i], &o[i]);
+        all_done &= o[i].done;
+    }
+    if (!any && !all_done && arm) {
+        for (int i = 0; i < n; i++)
+            r[i]->armed = 1;
         if (on_armed)
             on_armed(ctx);
     }
@@ -495,6 +512,25 @@ void sched_stop_admitting(sched *s)
     pthread_mutex_lock(&s->mu);
     s->admitting = 0;
     pthread_mutex_unlock(&s->mu);
+}
+
+void sched_fail_all(sched *s, int status, const char *why)
+{
+    pthread_mutex_lock(&s->mu);
+    s->fail_status = status;
+    snprintf(s->fail_why, sizeof s->fail_why, "%s", why);
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Engine thread, under mu: fails everything (shutdown). */
+static void fail_everything(sched *s, int status, const char *why)
+{
+    for (int k = 0; k < s->p.max_seqs; k++)
+        if (s->running[k])
+            req_fail(s, s->running[k]->req, status, why);
+    while (s->wait_head)
+        req_fail(s, s->wait_head->req, status, why);
 }
 
 int sched_n_active(sched *s)
@@ -820,6 +856,10 @@ static void *engine_main(void *arg)
     char err[512];
     pthread_mutex_lock(&s->mu);
     while (!s->quit) {
+        if (s->fail_status) {
+            fail_everything(s, s->fail_status, s->fail_why);
+            s->fail_status = 0;
+        }
         reap(s);
         admit(s);
         int has_prefill = 0;
@@ -895,12 +935,7 @@ static void *engine_main(void *arg)
                 job_end(s, j, fin);
         }
     }
-    /* shutting down: fail what is left */
-    for (int k = 0; k < s->p.max_seqs; k++)
-        if (s->running[k])
-            req_fail(s, s->running[k]->req, 503, "the server is shutting down");
-    while (s->wait_head)
-        req_fail(s, s->wait_head->req, 503, "the server is shutting down");
+    fail_everything(s, 503, "the server is shutting down");
     pthread_mutex_unlock(&s->mu);
     return NULL;
 }

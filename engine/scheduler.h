@@ -130,15 +130,17 @@ int32_t sched_n_ctx(const sched *s);
 int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err,
                  size_t errlen);
 
-/* Copies the request's new output into o (appending to its buffers; the
- * caller empties them between calls by setting len/n_toks to 0). If there
- * is nothing new and the request is not done, and arm is 1, the notify
- * callback will be called when there is; then, still under the scheduler
- * lock, on_armed(ctx) is called (the HTTP layer suspends its connection
- * there, so the resume cannot come first). Returns 1 if something new was
- * copied or the request is done, 0 otherwise. */
-int sched_req_poll(sched *s, sched_req *r, sched_out *o, int arm,
-                   void (*on_armed)(void *ctx), void *ctx);
+/* Copies the new output of n requests into o[0..n) (appending to their
+ * buffers; the caller empties them between calls by setting len/n_toks to
+ * 0), all under one lock. If none has anything new and none is done, and
+ * arm is 1, each request's notify callback will be called when it has;
+ * then, still under the scheduler lock, on_armed(ctx) is called once (the
+ * HTTP layer suspends its connection there, so a resume cannot come
+ * first). Returns 1 if something new was copied (text, tokens, a finish
+ * reason, or a failure status - each reported once), 0 otherwise; o[i].done
+ * says whether request i has ended and everything was delivered. */
+int sched_poll(sched *s, sched_req *const *r, sched_out *o, int n, int arm,
+               void (*on_armed)(void *ctx), void *ctx);
 
 /* Drops the caller's reference; a request not yet done is cancelled (its
  * KV blocks are freed at the next step). NULL is a no-op. */
@@ -147,6 +149,9 @@ void sched_req_release(sched *s, sched_req *r);
 /* Stops admitting: new submits get -ESHUTDOWN; queued and running requests
  * continue. */
 void sched_stop_admitting(sched *s);
+/* Fails every running and waiting request with status and reason (their
+ * connections are notified); used at shutdown after the grace period. */
+void sched_fail_all(sched *s, int status, const char *why);
 /* Requests running or waiting. */
 int sched_n_active(sched *s);
 

@@ -103,7 +103,7 @@ static char *collect(sched *s, sched_req *r, sched_out *o)
 {
     char *all = calloc(1, 1 << 17);
     for (int it = 0; it < 6000; it++) {
-        int any = sched_req_poll(s, r, o, 0, NULL, NULL);
+        int any = sched_poll(s, &r, o, 1, 0, NULL, NULL);
         if (o->done)
             break;
         if (!any)

@@ -1,0 +1,394 @@
+/*
+ * main.c - livekvq-server: loads the model, starts the engine thread and
+ * the HTTP front end, and shuts down gracefully on SIGTERM/SIGINT (stop
+ * admitting, let running requests finish for up to --shutdown-grace
+ * seconds, fail the rest with 503, then exit 0). A second signal skips the
+ * grace period.
+ *
+ * Options come from the command line and an optional --config file of
+ * "key = value" lines (server keys and every KV cache knob); the command
+ * line wins.
+ *
+ * Threading: signals are blocked in every thread and taken by sigwait on
+ * the main thread.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config/kvq_config.h"
+#include "engine/log.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "kernels/cpu/kcpu.h"
+#include "server/http.h"
+
+typedef struct {
+    const char *model, *tokenizer, *alias, *config;
+    char host[64];
+    int port;
+    int threads, http_threads;
+    int n_ctx, max_seqs, max_queue, max_batch, max_n, max_prompt_tokens;
+    char *api_key;
+    size_t max_body;
+    double grace_s;
+    cfg_kv kv;
+} srv_opts;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+        "usage: livekvq-server -m MODEL [options] [cache knobs]\n"
+        "\n"
+        "OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions;\n"
+        "GET /v1/models, /health, /metrics) with continuous batching over chunked\n"
+        "prefill and the LiveKVQuant-P KV cache.\n"
+        "\n"
+        "  -m, --model PATH          GGUF or llama2.c model (required)\n"
+        "      --tokenizer PATH      tokenizer for a llama2.c model\n"
+        "      --host ADDR           bind address (default 127.0.0.1)\n"
+        "      --port N              port (default 8080; 0 = any free port)\n"
+        "  -t, --threads N           compute threads (default: online CPUs)\n"
+        "      --http-threads N      HTTP worker threads (default 4)\n"
+        "  -c, --ctx-size N          positions per sequence (default: the model's, max 8192)\n"
+        "      --max-seqs N          sequences running at once (default 16)\n"
+        "      --max-queue N         waiting sequences before 429 (default 64)\n"
+        "      --max-batch N         tokens per step (default chunk_size + max_seqs)\n"
+        "      --max-n N             choices per request (default 16)\n"
+        "      --max-prompt-tokens N prompt limit (default ctx-size - 1)\n"
+        "      --max-body BYTES      request body limit (default 8388608)\n"
+        "      --api-key KEY         require 'Authorization: Bearer KEY' on /v1/*\n"
+        "                            (or $LKQ_API_KEY; --api-key-file PATH)\n"
+        "      --served-model-name NAME  model id in the API (default: file name)\n"
+        "      --shutdown-grace S    seconds running requests get at SIGTERM (default 30)\n"
+        "      --log-level L         debug|info|warn|error\n"
+        "      --config FILE         'key = value' lines: the options above without\n"
+        "                            dashes (host, port, threads, ...) and cache knobs\n"
+        "Cache knobs (as for livekvq perplexity):\n"
+        "      --kv-cache fp16|int4  (default int4)   --kv-budget BYTES|Nt (0 = fit\n"
+        "                            max-seqs sequences of ctx-size)\n"
+        "      --chunk-size --block-tokens --warmup-chunks --ema-decay --ema-clip\n"
+        "      --clip-quantile --v-group --outlier-budget --sink-tokens\n"
+        "      --keep-warmup-fp16 --k-quant\n");
+}
+
+static int parse_long(const char *name, const char *v, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || end == v || *end || x < lo || x > hi) {
+        fprintf(stderr, "livekvq-server: %s '%s' must be an integer in [%ld, %ld]\n", name, v,
+                lo, hi);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+/* Applies one option given as key (no leading dashes, '-' or '_') and
+ * value. Returns 0, or -1 with a message. */
+static int set_opt(srv_opts *o, const char *key, const char *val)
+{
+    char k[64];
+    snprintf(k, sizeof k, "%s", key);
+    for (char *p = k; *p; p++)
+        if (*p == '-')
+            *p = '_';
+    long v;
+    if (!strcmp(k, "m") || !strcmp(k, "model")) {
+        o->model = strdup(val);
+    } else if (!strcmp(k, "tokenizer")) {
+        o->tokenizer = strdup(val);
+    } else if (!strcmp(k, "host")) {
+        snprintf(o->host, sizeof o->host, "%s", val);
+    } else if (!strcmp(k, "port")) {
+        if (parse_long("--port", val, 0, 65535, &v) < 0) return -1;
+        o->port = (int)v;
+    } else if (!strcmp(k, "t") || !strcmp(k, "threads")) {
+        if (parse_long("--threads", val, 1, 256, &v) < 0) return -1;
+        o->threads = (int)v;
+    } else if (!strcmp(k, "http_threads")) {
+        if (parse_long("--http-threads", val, 1, 256, &v) < 0) return -1;
+        o->http_threads = (int)v;
+    } else if (!strcmp(k, "c") || !strcmp(k, "ctx_size")) {
+        if (parse_long("--ctx-size", val, 16, 1 << 20, &v) < 0) return -1;
+        o->n_ctx = (int)v;
+    } else if (!strcmp(k, "max_seqs")) {
+        if (parse_long("--max-seqs", val, 1, 1024, &v) < 0) return -1;
+        o->max_seqs = (int)v;
+    } else if (!strcmp(k, "max_queue")) {
+        if (parse_long("--max-queue", val, 1, 1 << 20, &v) < 0) return -1;
+        o->max_queue = (int)v;
+    } else if (!strcmp(k, "max_batch")) {
+        if (parse_long("--max-batch", val, 1, 1 << 16, &v) < 0) return -1;
+        o->max_batch = (int)v;
+    } else if (!strcmp(k, "max_n")) {
+        if (parse_long("--max-n", val, 1, SCHED_MAX_N, &v) < 0) return -1;
+        o->max_n = (int)v;
+    } else if (!strcmp(k, "max_prompt_tokens")) {
+        if (parse_long("--max-prompt-tokens", val, 1, 1 << 20, &v) < 0) return -1;
+        o->max_prompt_tokens = (int)v;
+    } else if (!strcmp(k, "max_body")) {
+        if (parse_long("--max-body", val, 1024, LONG_MAX, &v) < 0) return -1;
+        o->max_body = (size_t)v;
+    } else if (!strcmp(k, "api_key")) {
+        free(o->api_key);
+        o->api_key = strdup(val);
+    } else if (!strcmp(k, "api_key_file")) {
+        FILE *f = fopen(val, "r");
+        char buf[512] = "";
+        if (!f || !fgets(buf, sizeof buf, f)) {
+            fprintf(stderr, "livekvq-server: cannot read the API key from '%s'\n", val);
+            if (f)
+                fclose(f);
+            return -1;
+        }
+        fclose(f);
+        buf[strcspn(buf, "\r\n")] = '\0';
+        free(o->api_key);
+        o->api_key = strdup(buf);
+    } else if (!strcmp(k, "served_model_name") || !strcmp(k, "alias")) {
+        o->alias = strdup(val);
+    } else if (!strcmp(k, "shutdown_grace")) {
+        if (parse_long("--shutdown-grace", val, 0, 86400, &v) < 0) return -1;
+        o->grace_s = (double)v;
+    } else if (!strcmp(k, "log_level")) {
+        log_level lv;
+        if (log_parse_level(val, &lv) < 0) {
+            fprintf(stderr, "livekvq-server: --log-level '%s': debug|info|warn|error|off\n", val);
+            return -1;
+        }
+        log_set_level(lv);
+    } else if (cfg_kv_is_key(k)) {
+        char err[256];
+        if (cfg_kv_set(&o->kv, k, val, err, sizeof err) < 0) {
+            fprintf(stderr, "livekvq-server: %s\n", err);
+            return -1;
+        }
+    } else {
+        fprintf(stderr, "livekvq-server: unknown option '%s' (see --help)\n", key);
+        return -1;
+    }
+    return 0;
+}
+
+static int load_config(srv_opts *o, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "livekvq-server: cannot open config '%s': %s\n", path, strerror(errno));
+        return -1;
+    }
+    char line[1024];
+    int ln = 0, rc = 0;
+    while (rc == 0 && fgets(line, sizeof line, f)) {
+        ln++;
+        char *p = line + strspn(line, " \t");
+        p[strcspn(p, "#\r\n")] = '\0';
+        if (!*p)
+            continue;
+        char *eq = strchr(p, '=');
+        if (!eq) {
+            fprintf(stderr, "livekvq-server: %s:%d: expected 'key = value'\n", path, ln);
+            rc = -1;
+            break;
+        }
+        *eq = '\0';
+        char *key = p, *val = eq + 1;
+        for (char *e = key + strlen(key); e > key && (e[-1] == ' ' || e[-1] == '\t');)
+            *--e = '\0';
+        val += strspn(val, " \t");
+        for (char *e = val + strlen(val); e > val && (e[-1] == ' ' || e[-1] == '\t');)
+            *--e = '\0';
+        if (set_opt(o, key, val) < 0) {
+            fprintf(stderr, "livekvq-server: (in %s line %d)\n", path, ln);
+            rc = -1;
+        }
+    }
+    fclose(f);
+    return rc;
+}
+
+/* Returns 0, 1 for --help, -1 on error. */
+static int parse_args(int argc, char **argv, srv_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    snprintf(o->host, sizeof o->host, "127.0.0.1");
+    o->port = 8080;
+    o->http_threads = 4;
+    o->max_seqs = 16;
+    o->max_queue = 64;
+    o->max_n = SCHED_MAX_N;
+    o->max_body = 8u << 20;
+    o->grace_s = 30;
+    o->kv = cfg_kv_default();
+    const char *env_key = getenv("LKQ_API_KEY");
+    if (env_key && *env_key)
+        o->api_key = strdup(env_key);
+    for (int i = 1; i < argc; i++) /* the config file first: flags override it */
+        if (!strcmp(argv[i], "--config") && i + 1 < argc && load_config(o, argv[i + 1]) < 0)
+            return -1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help"))
+            return 1;
+        if (a[0] != '-' || !a[1]) {
+            fprintf(stderr, "livekvq-server: unexpected argument '%s' (see --help)\n", a);
+            return -1;
+        }
+        const char *key = a + (a[1] == '-' ? 2 : 1);
+        char kbuf[64];
+        const char *val = NULL;
+        const char *eq = strchr(key, '=');
+        if (eq) {
+            snprintf(kbuf, sizeof kbuf, "%.*s", (int)(eq - key), key);
+            key = kbuf;
+            val = eq + 1;
+        } else {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "livekvq-server: option '%s' needs a value\n", a);
+                return -1;
+            }
+            val = argv[++i];
+        }
+        if (!strcmp(key, "config"))
+            continue;
+        if (set_opt(o, key, val) < 0)
+            return -1;
+    }
+    if (!o->model) {
+        fprintf(stderr, "livekvq-server: -m MODEL is required (see --help)\n");
+        return -1;
+    }
+    char err[256];
+    if (cfg_kv_validate(&o->kv, err, sizeof err) < 0) {
+        fprintf(stderr, "livekvq-server: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+/* The model id: --served-model-name, else the file name without .gguf/.bin. */
+static void model_id(const srv_opts *o, char *out, size_t cap)
+{
+    if (o->alias) {
+        snprintf(out, cap, "%s", o->alias);
+        return;
+    }
+    const char *base = strrchr(o->model, '/');
+    base = base ? base + 1 : o->model;
+    snprintf(out, cap, "%s", base);
+    char *dot = strrchr(out, '.');
+    if (dot && (!strcmp(dot, ".gguf") || !strcmp(dot, ".bin")))
+        *dot = '\0';
+}
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int main(int argc, char **argv)
+{
+    srv_opts o;
+    int pr = parse_args(argc, argv, &o);
+    if (pr != 0) {
+        usage(pr > 0 ? stdout : stderr);
+        return pr > 0 ? 0 : 2;
+    }
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    srand((unsigned)time(NULL) ^ (unsigned)getpid());
+
+    char err[512];
+    double t0 = mono_s();
+    mdl_model *m = NULL;
+    if (mdl_load(o.model, o.tokenizer, &m, err, sizeof err) < 0) {
+        fprintf(stderr, "livekvq-server: %s\n", err);
+        return 1;
+    }
+    sched_params sp = sched_default_params();
+    sp.n_ctx = o.n_ctx;
+    sp.max_seqs = o.max_seqs;
+    sp.max_queue = o.max_queue;
+    sp.max_batch = o.max_batch;
+    sp.n_threads = o.threads;
+    sp.kv = o.kv;
+    sched *s = NULL;
+    if (sched_create(m, &sp, &s, err, sizeof err) < 0) {
+        fprintf(stderr, "livekvq-server: %s\n", err);
+        mdl_free(m);
+        return 1;
+    }
+    char id[256];
+    model_id(&o, id, sizeof id);
+    http_config hc = {o.host, o.port, o.http_threads, o.api_key, o.max_body, o.max_n,
+                      o.max_prompt_tokens, id, 0};
+    http_server *h = NULL;
+    if (http_start(&hc, m, s, &h, err, sizeof err) < 0) {
+        fprintf(stderr, "livekvq-server: %s\n", err);
+        sched_destroy(s);
+        mdl_free(m);
+        return 1;
+    }
+    sched_metrics sm;
+    sched_get_metrics(s, &sm);
+    log_info("model %s (%s): %d layers, ctx %d per sequence, %d sequences; KV cache %s, "
+             "pool %.1f MiB; kernels %s; loaded in %.2f s",
+             id, m->format, m->hp.n_layers, sched_n_ctx(s), o.max_seqs,
+             o.kv.mode == CFG_KV_INT4 ? "int4" : "fp16",
+             (double)sm.kv_budget_bytes / (1024.0 * 1024.0), kcpu_simd_name(), mono_s() - t0);
+    /* the line scripts and tests wait for */
+    printf("livekvq-server: listening on http://%s:%d\n", o.host, http_port(h));
+    fflush(stdout);
+
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    log_info("signal %d: draining (no new requests; up to %.0f s for running ones)", sig,
+             o.grace_s);
+    http_set_draining(h);
+    sched_stop_admitting(s);
+    double deadline = mono_s() + o.grace_s;
+    struct timespec zero = {0, 0};
+    while (sched_n_active(s) > 0 && mono_s() < deadline) {
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        siginfo_t si;
+        if (sigtimedwait(&sigs, &si, &zero) > 0) {
+            log_info("second signal: not waiting any longer");
+            break;
+        }
+        nanosleep(&ts, NULL);
+    }
+    if (sched_n_active(s) > 0) {
+        log_info("failing %d requests still running", sched_n_active(s));
+        sched_fail_all(s, 503, "the server is shutting down");
+    }
+    /* let the connections deliver their last bytes */
+    double until = mono_s() + 5.0;
+    while (http_n_requests(h) > 0 && mono_s() < until) {
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    http_stop(h);
+    sched_destroy(s);
+    mdl_free(m);
+    free(o.api_key);
+    free((void *)o.model);
+    free((void *)o.tokenizer);
+    free((void *)o.alias);
+    log_info("stopped");
+    return 0;
+}

@@ -1,0 +1,235 @@
+/*
+ * metrics.c - Prometheus text format 0.0.4 (see metrics.h). Names use the
+ * livekvq_ prefix and base units; counters end in _total; histograms are
+ * cumulative with +Inf; plus the vLLM-compatible gauges that Kubernetes
+ * inference gateways route on.
+ */
+#include "server/metrics.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/forward.h"
+
+typedef struct {
+    char *s;
+    size_t len, cap;
+    int oom;
+} sbuf;
+
+static void put(sbuf *b, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+static void put(sbuf *b, const char *fmt, ...)
+{
+    if (b->oom)
+        return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? b->cap - b->len : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            b->oom = 1;
+            return;
+        }
+        if (b->s && b->len + (size_t)n < b->cap) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t nc = b->cap ? b->cap * 2 : 16384;
+        while (nc < b->len + (size_t)n + 1)
+            nc *= 2;
+        char *t = realloc(b->s, nc);
+        if (!t) {
+            b->oom = 1;
+            return;
+        }
+        b->s = t;
+        b->cap = nc;
+    }
+}
+
+static void head(sbuf *b, const char *name, const char *type, const char *help)
+{
+    put(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void gauge(sbuf *b, const char *name, const char *help, double v)
+{
+    head(b, name, "gauge", help);
+    put(b, "%s %.17g\n", name, v);
+}
+
+static void counter(sbuf *b, const char *name, const char *help, double v)
+{
+    head(b, name, "counter", help);
+    put(b, "%s %.17g\n", name, v);
+}
+
+static void hist(sbuf *b, const char *name, const char *help, const sched_hist *h)
+{
+    head(b, name, "histogram", help);
+    uint64_t cum = 0;
+    for (int i = 0; i < h->n_le; i++) {
+        cum += h->count[i];
+        put(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->le[i], (unsigned long long)cum);
+    }
+    cum += h->count[h->n_le];
+    put(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    put(b, "%s_sum %.17g\n%s_count %llu\n", name, h->sum, name, (unsigned long long)h->total);
+}
+
+/* Escapes a label value (backslash, quote, newline). */
+static void label(char *out, size_t cap, const char *v)
+{
+    size_t j = 0;
+    for (size_t i = 0; v[i] && j + 3 < cap; i++) {
+        char c = v[i];
+        if (c == '\\' || c == '"') {
+            out[j++] = '\\';
+            out[j++] = c;
+        } else if (c == '\n') {
+            out[j++] = '\\';
+            out[j++] = 'n';
+        } else {
+            out[j++] = c;
+        }
+    }
+    out[j] = '\0';
+}
+
+char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char *model_id,
+                     const char *kv_mode, double uptime_s)
+{
+    sbuf b = {0};
+    const kvc_stats *kv = &sm->kv;
+    char model[256];
+    label(model, sizeof model, model_id);
+
+    head(&b, "livekvq_build_info", "gauge", "Build and serving configuration (value 1).");
+    put(&b, "livekvq_build_info{version=\"0.1.0\",model=\"%s\",kv_cache=\"%s\"} 1\n", model,
+        kv_mode);
+    gauge(&b, "livekvq_uptime_seconds", "Seconds since the server started.", uptime_s);
+
+    /* KV cache memory */
+    head(&b, "livekvq_kv_bytes", "gauge", "KV cache bytes held, by kind.");
+    put(&b, "livekvq_kv_bytes{kind=\"int4\"} %lld\n", (long long)kv->bytes_int4);
+    put(&b, "livekvq_kv_bytes{kind=\"scales\"} %lld\n", (long long)kv->bytes_scales);
+    put(&b, "livekvq_kv_bytes{kind=\"outliers\"} %lld\n", (long long)kv->bytes_outliers);
+    put(&b, "livekvq_kv_bytes{kind=\"fp16\"} %lld\n", (long long)kv->bytes_fp16);
+    put(&b, "livekvq_kv_bytes{kind=\"other\"} %lld\n", (long long)kv->bytes_other);
+    gauge(&b, "livekvq_kv_bytes_held", "KV cache bytes held, all kinds.",
+          (double)kv->bytes_total);
+    gauge(&b, "livekvq_kv_fp16_equivalent_bytes",
+          "Bytes an FP16 cache would hold for the same tokens.",
+          (double)kv->bytes_fp16_equiv);
+    double saved = (double)(kv->bytes_fp16_equiv - kv->bytes_total);
+    gauge(&b, "livekvq_kv_saved_bytes", "FP16-equivalent bytes minus bytes held.", saved);
+    gauge(&b, "livekvq_kv_saved_ratio", "Fraction of the FP16-equivalent bytes saved.",
+          kv->bytes_fp16_equiv > 0 ? saved / (double)kv->bytes_fp16_equiv : 0.0);
+    gauge(&b, "livekvq_kv_bits_per_element", "Bits per KV element, all overheads included.",
+          kvc_stats_bits(kv));
+    gauge(&b, "livekvq_kv_tokens", "Token positions held in the KV cache.", (double)kv->tokens);
+    gauge(&b, "livekvq_kv_outlier_ratio",
+          "Quantized elements kept exactly as FP16 outliers (fraction).",
+          kv->n_quantized ? (double)kv->n_outliers / (double)kv->n_quantized : 0.0);
+    gauge(&b, "livekvq_kv_clamp_ratio",
+          "Quantized elements out of range but over the outlier budget (fraction).",
+          kv->n_quantized ? (double)kv->n_clamped / (double)kv->n_quantized : 0.0);
+    head(&b, "livekvq_kv_blocks_used", "gauge", "Pool units in use (INT4 blocks, FP16 pages).");
+    put(&b, "livekvq_kv_blocks_used{kind=\"int4\"} %lld\n", (long long)kv->qblocks_used);
+    put(&b, "livekvq_kv_blocks_used{kind=\"fp16\"} %lld\n", (long long)kv->fpages_used);
+    head(&b, "livekvq_kv_blocks_total", "gauge", "Pool units (INT4 blocks, FP16 pages).");
+    put(&b, "livekvq_kv_blocks_total{kind=\"int4\"} %lld\n", (long long)kv->qblocks_total);
+    put(&b, "livekvq_kv_blocks_total{kind=\"fp16\"} %lld\n", (long long)kv->fpages_total);
+    gauge(&b, "livekvq_kv_pool_bytes", "Bytes of the KV pool (its capacity).",
+          (double)sm->kv_budget_bytes);
+    gauge(&b, "livekvq_kv_usage_ratio", "Fraction of the KV pool's bytes in use.",
+          sm->kv_usage);
+    gauge(&b, "livekvq_kv_sequences_warming",
+          "Sequences still in EMA warm-up (chunks staged in FP16).", sm->seqs_warming);
+
+    /* EMA ranges per layer and tensor (mean over channels and running
+     * sequences; absent while no sequence has statistics) */
+    static const char *const names[3] = {"livekvq_kv_ema_lo", "livekvq_kv_ema_hi",
+                                         "livekvq_kv_ema_width"};
+    static const char *const helps[3] = {
+        "EMA lower range (Eq. 3-3), mean over channels and running sequences.",
+        "EMA upper range (Eq. 3-3), mean over channels and running sequences.",
+        "EMA range width hi - lo, mean over channels and running sequences."};
+    for (int k = 0; k < 3; k++) {
+        head(&b, names[k], "gauge", helps[k]);
+        for (int l = 0; l < sm->n_layers; l++) {
+            for (int x = 0; x < 2; x++) {
+                if (!sm->ema_valid[l][x])
+                    continue;
+                double v = k == 0 ? sm->ema_lo[l][x]
+                           : k == 1 ? sm->ema_hi[l][x]
+                                    : (double)sm->ema_hi[l][x] - sm->ema_lo[l][x];
+                put(&b, "%s{layer=\"%d\",tensor=\"%s\"} %.9g\n", names[k], l, x ? "v" : "k", v);
+            }
+        }
+    }
+
+    /* requests */
+    gauge(&b, "livekvq_requests_running", "Sequences running (admitted to the KV pool).",
+          sm->running);
+    gauge(&b, "livekvq_requests_waiting", "Sequences waiting for admission.", sm->waiting);
+    gauge(&b, "livekvq_max_sequences", "Sequence slots.", sm->max_seqs);
+    head(&b, "livekvq_requests_total", "counter", "HTTP requests answered, by endpoint and code.");
+    for (int i = 0; i < hm->n; i++)
+        put(&b, "livekvq_requests_total{endpoint=\"%s\",code=\"%d\"} %llu\n",
+            hm->c[i].endpoint, hm->c[i].code, (unsigned long long)hm->c[i].n);
+    head(&b, "livekvq_requests_rejected_total", "counter",
+         "Requests refused before running, by reason.");
+    put(&b, "livekvq_requests_rejected_total{reason=\"queue_full\"} %llu\n",
+        (unsigned long long)hm->rejected_queue_full);
+    put(&b, "livekvq_requests_rejected_total{reason=\"shutting_down\"} %llu\n",
+        (unsigned long long)hm->rejected_shutdown);
+    put(&b, "livekvq_requests_rejected_total{reason=\"invalid\"} %llu\n",
+        (unsigned long long)hm->rejected_invalid);
+    head(&b, "livekvq_requests_finished_total", "counter", "Sequences ended, by reason.");
+    put(&b, "livekvq_requests_finished_total{reason=\"stop\"} %llu\n",
+        (unsigned long long)sm->finished_stop);
+    put(&b, "livekvq_requests_finished_total{reason=\"length\"} %llu\n",
+        (unsigned long long)sm->finished_length);
+    put(&b, "livekvq_requests_finished_total{reason=\"cancelled\"} %llu\n",
+        (unsigned long long)sm->cancelled);
+    put(&b, "livekvq_requests_finished_total{reason=\"error\"} %llu\n",
+        (unsigned long long)sm->failed);
+    counter(&b, "livekvq_preemptions_total",
+            "Sequences preempted (KV blocks freed, recomputed later).", (double)sm->preemptions);
+    counter(&b, "livekvq_prompt_tokens_total", "Prompt tokens prefilled.",
+            (double)sm->prompt_tokens);
+    counter(&b, "livekvq_generation_tokens_total", "Tokens generated.",
+            (double)sm->generated_tokens);
+    counter(&b, "livekvq_engine_steps_total", "Forward steps run.", (double)sm->steps);
+    hist(&b, "livekvq_time_to_first_token_seconds", "Time from arrival to the first token.",
+         &sm->ttft);
+    hist(&b, "livekvq_inter_token_latency_seconds", "Time between tokens of a sequence.",
+         &sm->itl);
+    hist(&b, "livekvq_e2e_request_latency_seconds", "Time from arrival to the last token.",
+         &sm->e2e);
+    hist(&b, "livekvq_queue_time_seconds", "Time from arrival to admission.", &sm->queue_time);
+    hist(&b, "livekvq_prefill_chunk_seconds", "Duration of steps that run a prefill chunk.",
+         &sm->prefill_chunk);
+
+    /* vLLM-compatible gauges (inference gateways route on these) */
+    head(&b, "vllm:kv_cache_usage_perc", "gauge", "KV cache usage, 0 to 1 (vLLM-compatible).");
+    put(&b, "vllm:kv_cache_usage_perc{model_name=\"%s\"} %.17g\n", model, sm->kv_usage);
+    head(&b, "vllm:num_requests_running", "gauge", "Requests running (vLLM-compatible).");
+    put(&b, "vllm:num_requests_running{model_name=\"%s\"} %d\n", model, sm->running);
+    head(&b, "vllm:num_requests_waiting", "gauge", "Requests waiting (vLLM-compatible).");
+    put(&b, "vllm:num_requests_waiting{model_name=\"%s\"} %d\n", model, sm->waiting);
+    if (b.oom) {
+        free(b.s);
+        return NULL;
+    }
+    return b.s;
+}
