@@ -85,6 +85,8 @@ static void usage_main(FILE *f)
         "             (CSV/JSON, resumable)\n"
         "  needle     long-context retrieval (pass key at depths x lengths), FP16 vs\n"
         "             INT4 cache\n"
+        "  profile    time per phase (matmul, attention, KV store, sampling) of a\n"
+        "             prefill + decode run, peak KV bytes and memory\n"
         "  help       show this help (or: livekvq <command> --help)\n"
         "\n"
         "MODEL is a GGUF v3 file (architecture llama) or a llama2.c .bin\n"
@@ -878,6 +880,8 @@ int main(int argc, char **argv)
         return abl_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "needle"))
         return ndl_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "profile"))
+        return prf_main(argc - 1, argv + 1);
     fprintf(stderr, "livekvq: unknown command '%s' (try: livekvq help)\n", cmd);
     return 2;
 }
