@@ -34,6 +34,12 @@ void lkq_args_usage(FILE *f)
         "      --seed N              arrivals and prompt offsets (default 1)\n"
         "      --timeout S           per-request limit (default 600)\n"
         "      --keep-going          run every level even after real failures\n"
+        "      --cutoff S            end each level after S seconds, cancelling what is\n"
+        "                            still in flight (counted as cancelled, not failed)\n"
+        "      --until-saturated S   capacity probe (needs --scrape-metrics): end the level,\n"
+        "                            cancelling what is in flight, once requests wait and\n"
+        "                            the server's prefill counter stood still for S seconds\n"
+        "                            (and twice its longest pause so far): it holds all it can\n"
         "Requests:\n"
         "  -p, --prompt-tokens N     approximate prompt length (default 256), sliced from\n"
         "                            the corpus at a different offset per request\n"
@@ -43,6 +49,7 @@ void lkq_args_usage(FILE *f)
         "                            else ../shared/data/moby-dick.txt)\n"
         "  -m, --max-tokens N        tokens to generate per request (default 32)\n"
         "      --temperature T       (default 0)\n"
+        "      --ignore-eos          generate exactly --max-tokens (vLLM's ignore_eos)\n"
         "      --chat                use /v1/chat/completions (default /v1/completions)\n"
         "      --model NAME          model field (default: first id of /v1/models)\n"
         "      --api-key KEY         bearer token (or $LKQ_API_KEY)\n"
@@ -50,6 +57,8 @@ void lkq_args_usage(FILE *f)
         "      --scrape-metrics URL  scrape this /metrics during each level ('auto' =\n"
         "                            URL/metrics)\n"
         "      --scrape-interval S   seconds between scrapes (default 1)\n"
+        "      --scrape-log PATH     append every scrape as a CSV row (label, level, t,\n"
+        "                            running, waiting, kv_usage, kv_bytes, prompt_tokens)\n"
         "Output:\n"
         "      --label NAME          tag every row (e.g. fp16, int4)\n"
         "      --csv PATH            append one CSV row per level (header when new)\n"
@@ -217,6 +226,7 @@ enum {
     OPT_MAX_INFLIGHT = 256, OPT_PAUSE, OPT_SEED, OPT_TIMEOUT, OPT_KEEP_GOING,
     OPT_CPT, OPT_PROMPT_FILE, OPT_TEMP, OPT_CHAT, OPT_MODEL, OPT_API_KEY,
     OPT_SCRAPE, OPT_SCRAPE_INT, OPT_LABEL, OPT_CSV, OPT_JSON, OPT_REMOTE,
+    OPT_CUTOFF, OPT_SATURATED, OPT_IGNORE_EOS, OPT_SCRAPE_LOG,
 };
 
 static const struct option long_opts[] = {
@@ -246,6 +256,10 @@ static const struct option long_opts[] = {
     {"csv", required_argument, NULL, OPT_CSV},
     {"json", required_argument, NULL, OPT_JSON},
     {"allow-remote", no_argument, NULL, OPT_REMOTE},
+    {"cutoff", required_argument, NULL, OPT_CUTOFF},
+    {"until-saturated", required_argument, NULL, OPT_SATURATED},
+    {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
+    {"scrape-log", required_argument, NULL, OPT_SCRAPE_LOG},
     {NULL, 0, NULL, 0},
 };
 
@@ -394,6 +408,21 @@ int lkq_args_parse(int argc, char **argv, lkq_args *a, char *err, size_t errlen)
         case OPT_CSV: a->csv = optarg; break;
         case OPT_JSON: a->json = optarg; break;
         case OPT_REMOTE: a->allow_remote = 1; break;
+        case OPT_CUTOFF:
+            if (parse_dbl(optarg, 0, LKQ_MAX_DURATION_S, &a->cutoff) != 0 || a->cutoff <= 0) {
+                snprintf(err, errlen, "--cutoff '%s' must be seconds in (0, %g]", optarg,
+                         LKQ_MAX_DURATION_S);
+                return -1;
+            }
+            break;
+        case OPT_SATURATED:
+            if (parse_dbl(optarg, 0, 3600, &a->until_saturated) != 0 || a->until_saturated <= 0) {
+                snprintf(err, errlen, "--until-saturated '%s' must be seconds in (0, 3600]", optarg);
+                return -1;
+            }
+            break;
+        case OPT_IGNORE_EOS: a->ignore_eos = 1; break;
+        case OPT_SCRAPE_LOG: a->scrape_log = optarg; break;
         case ':':
             snprintf(err, errlen, "option %s needs a value", optopt ? opt_name(optopt, nb, sizeof nb)
                                                                     : argv[optind - 1]);
@@ -446,6 +475,19 @@ int lkq_args_parse(int argc, char **argv, lkq_args *a, char *err, size_t errlen)
                      (long long)a->requests, top);
             return -1;
         }
+    }
+    if (a->scrape_log && !scrape) {
+        snprintf(err, errlen, "--scrape-log needs --scrape-metrics");
+        return -1;
+    }
+    if (a->until_saturated > 0 && !scrape) {
+        snprintf(err, errlen, "--until-saturated needs --scrape-metrics (it watches the server's gauges)");
+        return -1;
+    }
+    if (a->cutoff > 0 && a->duration > a->cutoff) {
+        snprintf(err, errlen, "impossible budget: --duration %g is longer than --cutoff %g",
+                 a->duration, a->cutoff);
+        return -1;
     }
     if (a->n_levels * (a->duration + a->pause) > LKQ_MAX_DURATION_S) {
         snprintf(err, errlen, "impossible budget: %d levels x %gs exceed %gs", a->n_levels,

@@ -40,8 +40,13 @@ typedef struct lkq_args {
     uint64_t seed;
     double timeout;          /* per-request limit in seconds */
     double pause;            /* seconds between levels (lets the server drain) */
+    double cutoff;           /* hard end of a level in seconds, in-flight cancelled; 0 = none */
+    double until_saturated;  /* end a level once the server queues and its prefill
+                              * counter stood still this long; 0 = off */
+    int ignore_eos;          /* send "ignore_eos": true (generate max_tokens) */
     const char *csv;         /* append rows here (header when new) */
     const char *json;        /* append JSON lines here */
+    const char *scrape_log;  /* append every scrape as a CSV row here */
     int quiet;
     int allow_remote;
     int keep_going;          /* do not stop the sweep after a level with real failures */

@@ -52,6 +52,7 @@ static double now_s(void)
 /* One streamed completion in flight. */
 typedef struct req {
     CURL *h;
+    int live_idx;            /* position in runner.live */
     struct curl_slist *hdrs; /* borrowed from the runner */
     char *body;
     double t_start;
@@ -89,10 +90,15 @@ typedef struct runner {
     size_t nchars;
     uint64_t next_index; /* global request counter: a new slice every request */
     int inflight;
+    req **live;          /* the requests in flight (inflight of them) */
+    int live_cap;
     int fail_lines;
     lkq_level *lvl;
     scrape sc;
-    int scraping;        /* a level is running: keep scraping */
+    FILE *scrape_log;    /* --scrape-log, or NULL */
+    /* --until-saturated: the prefill counter and when it last moved */
+    double t_level0, last_prompt, t_prompt_moved, max_prompt_gap;
+    int saturated;
 } runner;
 
 /* --- request lifecycle ------------------------------------------------- */
@@ -193,11 +199,23 @@ static int launch(runner *R)
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(a->timeout * 1000.0));
     curl_easy_setopt(h, CURLOPT_ACCEPT_ENCODING, NULL);
+    if (R->inflight == R->live_cap) {
+        int nc = R->live_cap ? R->live_cap * 2 : 64;
+        req **nl = realloc(R->live, (size_t)nc * sizeof *nl);
+        if (!nl) {
+            req_destroy(r);
+            return -1;
+        }
+        R->live = nl;
+        R->live_cap = nc;
+    }
     r->t_start = now_s();
     if (curl_multi_add_handle(R->multi, h) != CURLM_OK) {
         req_destroy(r);
         return -1;
     }
+    r->live_idx = R->inflight;
+    R->live[R->inflight] = r;
     R->inflight++;
     R->lvl->sent++;
     if (R->inflight > R->lvl->max_inflight_seen)
@@ -282,6 +300,9 @@ static void finish(runner *R, req *r, CURLcode res)
         lkq_samples_add(&l->e2e, t_end - r->t_start);
         if (r->st.n_token_chunks > 0)
             lkq_samples_add(&l->ttft, r->st.t_first - r->t_start);
+        int64_t ntok = r->st.completion_tokens >= 0 ? r->st.completion_tokens : r->st.n_token_chunks;
+        if (r->st.n_token_chunks > 0 && ntok > 1)
+            lkq_samples_add(&l->tpot, (t_end - r->st.t_first) / (double)(ntok - 1));
         for (size_t i = 0; i < r->st.n_gaps; i++)
             lkq_samples_add(&l->itl, r->st.gaps[i]);
         l->token_chunks += r->st.n_token_chunks;
@@ -289,6 +310,27 @@ static void finish(runner *R, req *r, CURLcode res)
             l->prompt_tokens += r->st.prompt_tokens;
         l->completion_tokens +=
             r->st.completion_tokens >= 0 ? r->st.completion_tokens : r->st.n_token_chunks;
+    }
+}
+
+/* Takes r off the in-flight list (and the multi handle). */
+static void unlink_req(runner *R, req *r)
+{
+    curl_multi_remove_handle(R->multi, r->h);
+    int i = r->live_idx;
+    R->live[i] = R->live[--R->inflight];
+    R->live[i]->live_idx = i;
+}
+
+/* Cuts the level off: every request in flight is dropped (the server sees
+ * the client go away and frees its KV blocks) and counted as cancelled. */
+static void cancel_all(runner *R)
+{
+    while (R->inflight > 0) {
+        req *r = R->live[R->inflight - 1];
+        unlink_req(R, r);
+        R->lvl->cancelled++;
+        req_destroy(r);
     }
 }
 
@@ -357,8 +399,37 @@ static void scrape_done(runner *R, CURLcode res)
         return;
     }
     lkq_prom_snap snap;
-    if (lkq_prom_snapshot(s->buf ? s->buf : "", s->len, &snap) > 0)
-        lkq_prom_agg_add(&R->lvl->prom, &snap);
+    if (lkq_prom_snapshot(s->buf ? s->buf : "", s->len, &snap) == 0)
+        return;
+    lkq_prom_agg_add(&R->lvl->prom, &snap);
+    double t = now_s();
+    if (R->scrape_log) {
+        const lkq_level *l = R->lvl;
+        fprintf(R->scrape_log, "%s,%g,%.3f,%g,%g,%g,%g,%g\n", l->label,
+                l->open_loop ? l->rate : (double)l->concurrency, t - R->t_level0, snap.running,
+                snap.waiting, snap.kv_usage, snap.kv_bytes, snap.prompt_tokens);
+        fflush(R->scrape_log);
+    }
+    /* saturation: requests wait, and prefill, seen moving at least twice,
+     * has stood still for longer than --until-saturated and than twice its
+     * longest pause so far (one forward step with a prefill chunk can take
+     * seconds on a busy CPU) */
+    if (snap.prompt_tokens >= 0 && snap.prompt_tokens != R->last_prompt) {
+        if (R->last_prompt >= 0 && t - R->t_prompt_moved > R->max_prompt_gap)
+            R->max_prompt_gap = t - R->t_prompt_moved;
+        R->last_prompt = snap.prompt_tokens;
+        R->t_prompt_moved = t;
+    }
+    double still = t - R->t_prompt_moved;
+    double need = R->a->until_saturated;
+    if (2 * R->max_prompt_gap > need)
+        need = 2 * R->max_prompt_gap;
+    if (R->a->until_saturated > 0 && !R->saturated && snap.waiting > 0 && R->max_prompt_gap > 0 &&
+        still >= need) {
+        R->saturated = 1;
+        R->lvl->saturated = 1;
+        R->lvl->saturated_at = t - R->t_level0;
+    }
 }
 
 /* --- the event loop -------------------------------------------------------- */
@@ -386,8 +457,7 @@ static void pump(runner *R, double wait_s)
         }
         req *r = NULL;
         curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&r);
-        curl_multi_remove_handle(R->multi, h);
-        R->inflight--;
+        unlink_req(R, r);
         finish(R, r, res);
         req_destroy(r);
     }
@@ -414,11 +484,27 @@ static void run_level(runner *R, int li, lkq_level *l)
     int64_t launched = 0;
     double last_done = t0;
     R->sc.next_t = t0;
+    R->t_level0 = t0;
+    R->last_prompt = -1;
+    R->t_prompt_moved = t0;
+    R->max_prompt_gap = 0;
+    R->saturated = 0;
     for (;;) {
         double t = now_s();
         if (!stop && (g_interrupted || (a->duration > 0 && t - t0 >= a->duration) ||
                       (a->requests > 0 && launched >= a->requests)))
             stop = 1;
+        if ((a->cutoff > 0 && t - t0 >= a->cutoff) || R->saturated) {
+            stop = 1;
+            if (R->inflight > 0) {
+                if (!a->quiet)
+                    fprintf(stderr, "lkq_load:   %.0fs: %s; cancelling %d request(s) in flight\n", t - t0,
+                            R->saturated ? "the server holds all it can (saturated)" : "cutoff",
+                            R->inflight);
+                cancel_all(R);
+                last_done = now_s();
+            }
+        }
         if (!stop && !a->open_loop) {
             while (R->inflight < l->concurrency && !(a->requests > 0 && launched >= a->requests)) {
                 if (launch(R) != 0) {
@@ -684,6 +770,14 @@ int main(int argc, char **argv)
     }
     if (csv && csv_new)
         lkq_level_csv_header(csv);
+    int log_new = 0;
+    if (a.scrape_log && !(R.scrape_log = open_append(a.scrape_log, &log_new))) {
+        fprintf(stderr, "lkq_load: cannot write %s\n", a.scrape_log);
+        status = 1;
+        goto done;
+    }
+    if (R.scrape_log && log_new)
+        fprintf(R.scrape_log, "label,level,t,running,waiting,kv_usage,kv_bytes,prompt_tokens\n");
     R.multi = curl_multi_init();
     levels = calloc((size_t)a.n_levels, sizeof *levels);
     if (!R.multi || !levels) {
@@ -749,12 +843,15 @@ done:
         curl_easy_cleanup(R.sc.h);
     }
     free(R.sc.buf);
+    free(R.live);
     if (R.multi)
         curl_multi_cleanup(R.multi);
     curl_slist_free_all(R.hdrs);
     if (csv && fclose(csv) != 0 && status == 0)
         status = 1;
     if (js && fclose(js) != 0 && status == 0)
+        status = 1;
+    if (R.scrape_log && fclose(R.scrape_log) != 0 && status == 0)
         status = 1;
     lkq_corpus_free(&R.corpus);
     curl_global_cleanup();

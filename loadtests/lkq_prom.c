@@ -229,6 +229,8 @@ static int snap_cb(void *user, const char *name, const char *labels, double v)
         acc(&s->rejected, v);
     else if (strcmp(name, "livekvq_preemptions_total") == 0)
         s->preemptions = v;
+    else if (strcmp(name, "livekvq_prompt_tokens_total") == 0)
+        s->prompt_tokens = v;
     else if (strcmp(name, "vllm:num_requests_running") == 0)
         w->vllm_running = v;
     else if (strcmp(name, "vllm:num_requests_waiting") == 0)
@@ -246,7 +248,7 @@ int lkq_prom_snapshot(const char *text, size_t n, lkq_prom_snap *snap)
     lkq_prom_snap *s = snap;
     s->running = s->waiting = s->kv_usage = s->kv_bytes = s->kv_fp16_equiv = -1;
     s->bits_per_element = s->blocks_used = s->blocks_total = -1;
-    s->rejected = s->preemptions = -1;
+    s->rejected = s->preemptions = s->prompt_tokens = -1;
     s->n_samples = 0;
     snap_walk w = {s, -1, -1, -1, 0};
     int bad = lkq_prom_parse(text, n, snap_cb, &w);
@@ -267,7 +269,7 @@ void lkq_prom_agg_init(lkq_prom_agg *a)
     a->max_running = a->max_waiting = a->max_kv_usage = a->max_kv_bytes = -1;
     a->max_blocks_used = a->blocks_total = a->bits_per_element = -1;
     a->rejected_first = a->rejected_last = a->preempt_first = a->preempt_last = -1;
-    a->max_running_no_queue = -1;
+    a->max_running_no_queue = a->max_running_queued = -1;
 }
 
 static void maxf(double *m, double v)
@@ -290,6 +292,8 @@ void lkq_prom_agg_add(lkq_prom_agg *a, const lkq_prom_snap *s)
         a->bits_per_element = s->bits_per_element;
     if (s->waiting <= 0)
         maxf(&a->max_running_no_queue, s->running);
+    else
+        maxf(&a->max_running_queued, s->running);
     /* running means over the scrapes taken (absent values count as 0) */
     double r = s->running > 0 ? s->running : 0, q = s->waiting > 0 ? s->waiting : 0;
     double u = s->kv_usage > 0 ? s->kv_usage : 0;

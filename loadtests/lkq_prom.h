@@ -42,6 +42,7 @@ typedef struct lkq_prom_snap {
     double blocks_used, blocks_total; /* sums of livekvq_kv_blocks_{used,total}{kind} */
     double rejected;                  /* sum of livekvq_requests_rejected_total{reason} */
     double preemptions;               /* livekvq_preemptions_total */
+    double prompt_tokens;             /* livekvq_prompt_tokens_total (prefill progress) */
     int n_samples;                    /* sample lines read */
     int n_bad;                        /* malformed lines skipped */
 } lkq_prom_snap;
@@ -61,6 +62,9 @@ typedef struct lkq_prom_agg {
     /* max running while nothing was waiting: the concurrency the server
      * held before it started queueing */
     double max_running_no_queue;
+    /* max running while requests were waiting: what the server holds once
+     * it queues (KV-bound when --max-seqs is not the limit) */
+    double max_running_queued;
 } lkq_prom_agg;
 
 void lkq_prom_agg_init(lkq_prom_agg *a);

@@ -45,7 +45,7 @@ double lkq_rng_exp(uint64_t *state, double rate);
 
 /* JSON body of one streamed request with prompt[0..len) (valid UTF-8):
  * model (when given), prompt or messages, max_tokens, temperature,
- * stream: true, stream_options.include_usage: true. Caller frees with free().
+ * stream: true, stream_options.include_usage: true, ignore_eos when asked. Caller frees with free().
  * NULL on out of memory or invalid UTF-8. */
 char *lkq_request_body(const lkq_args *a, const char *model, const char *prompt, size_t len);
 

@@ -95,6 +95,7 @@ void lkq_level_free(lkq_level *l)
     lkq_samples_free(&l->ttft);
     lkq_samples_free(&l->itl);
     lkq_samples_free(&l->e2e);
+    lkq_samples_free(&l->tpot);
 }
 
 int64_t lkq_level_unexpected(const lkq_level *l)
@@ -114,6 +115,9 @@ void lkq_level_errors_str(const lkq_level *l, char *buf, size_t len)
         if (l->by_kind[k] && o < len)
             o += (size_t)snprintf(buf + o, len - o, "%s%s:%lld", o ? " " : "",
                                   lkq_fail_name((lkq_fail_kind)k), (long long)l->by_kind[k]);
+    if (l->cancelled && o < len)
+        o += (size_t)snprintf(buf + o, len - o, "%scancelled:%lld", o ? " " : "",
+                              (long long)l->cancelled);
     if (o == 0)
         snprintf(buf, len, "-");
 }
@@ -166,10 +170,10 @@ void lkq_level_print_row(FILE *f, lkq_level *l)
 }
 
 #define LKQ_CSV_COLS \
-    "label,mode,concurrency,rate,sent,ok,failed,unexpected_failures,wall_s,req_per_s,gen_tok_per_s," \
+    "label,mode,concurrency,rate,sent,ok,failed,unexpected_failures,cancelled,saturated_s,wall_s,req_per_s,gen_tok_per_s," \
     "prompt_tokens_mean,completion_tokens_mean," \
-    "ttft_p50,ttft_p90,ttft_p99,itl_p50,itl_p90,itl_p99,e2e_p50,e2e_p90,e2e_p99," \
-    "max_inflight,scrapes,max_running,max_running_no_queue,mean_running,max_waiting,mean_waiting," \
+    "ttft_p50,ttft_p90,ttft_p99,itl_p50,itl_p90,itl_p99,e2e_p50,e2e_p90,e2e_p99,tpot_p50,tpot_p90,tpot_p99," \
+    "max_inflight,scrapes,max_running,max_running_no_queue,max_running_queued,mean_running,max_waiting,mean_waiting," \
     "max_kv_usage,mean_kv_usage,max_kv_bytes,max_blocks_used,blocks_total,bits_per_element," \
     "rejected_delta,preemptions_delta,errors"
 
@@ -202,15 +206,16 @@ void lkq_level_csv_row(FILE *f, lkq_level *l)
     fprintf(f, "%s,%s,%d", l->label, l->open_loop ? "open" : "closed",
             l->open_loop ? 0 : l->concurrency);
     csv_num(f, l->open_loop ? l->rate : 0, 0);
-    fprintf(f, ",%lld,%lld,%lld,%lld", (long long)l->sent, (long long)l->ok,
-            (long long)l->failed, (long long)lkq_level_unexpected(l));
+    fprintf(f, ",%lld,%lld,%lld,%lld,%lld", (long long)l->sent, (long long)l->ok,
+            (long long)l->failed, (long long)lkq_level_unexpected(l), (long long)l->cancelled);
+    csv_num(f, l->saturated ? l->saturated_at : NAN, 0);
     csv_num(f, l->wall_s, 0);
     csv_num(f, (double)l->ok / w, 0);
     csv_num(f, (double)l->completion_tokens / w, 0);
     csv_num(f, (double)l->prompt_tokens / okd, 0);
     csv_num(f, (double)l->completion_tokens / okd, 0);
-    lkq_samples *ss[3] = {&l->ttft, &l->itl, &l->e2e};
-    for (int k = 0; k < 3; k++) {
+    lkq_samples *ss[4] = {&l->ttft, &l->itl, &l->e2e, &l->tpot};
+    for (int k = 0; k < 4; k++) {
         csv_num(f, lkq_samples_pct(ss[k], 50), 0);
         csv_num(f, lkq_samples_pct(ss[k], 90), 0);
         csv_num(f, lkq_samples_pct(ss[k], 99), 0);
@@ -219,6 +224,7 @@ void lkq_level_csv_row(FILE *f, lkq_level *l)
     const lkq_prom_agg *p = &l->prom;
     csv_num(f, p->max_running, 1);
     csv_num(f, p->max_running_no_queue, 1);
+    csv_num(f, p->max_running_queued, 1);
     csv_num(f, p->n ? p->mean_running : -1, 1);
     csv_num(f, p->max_waiting, 1);
     csv_num(f, p->n ? p->mean_waiting : -1, 1);
@@ -276,6 +282,8 @@ int lkq_level_json_line(FILE *f, lkq_level *l)
     json_object_set_new(o, "ok", json_integer(l->ok));
     json_object_set_new(o, "failed", json_integer(l->failed));
     json_object_set_new(o, "unexpected_failures", json_integer(lkq_level_unexpected(l)));
+    json_object_set_new(o, "cancelled", json_integer(l->cancelled));
+    json_object_set_new(o, "saturated_s", l->saturated ? json_real(l->saturated_at) : json_null());
     for (int s = 0; s < LKQ_STATUS_MAX; s++)
         if (l->by_status[s]) {
             char k[8];
@@ -295,11 +303,13 @@ int lkq_level_json_line(FILE *f, lkq_level *l)
     json_object_set_new(o, "ttft_s", jpct(&l->ttft));
     json_object_set_new(o, "itl_s", jpct(&l->itl));
     json_object_set_new(o, "e2e_s", jpct(&l->e2e));
+    json_object_set_new(o, "tpot_s", jpct(&l->tpot));
     json_object_set_new(o, "max_inflight", json_integer(l->max_inflight_seen));
     const lkq_prom_agg *p = &l->prom;
     json_object_set_new(m, "scrapes", json_integer(p->n));
     json_object_set_new(m, "max_running", jnum(p->max_running, 1));
     json_object_set_new(m, "max_running_no_queue", jnum(p->max_running_no_queue, 1));
+    json_object_set_new(m, "max_running_queued", jnum(p->max_running_queued, 1));
     json_object_set_new(m, "mean_running", jnum(p->n ? p->mean_running : -1, 1));
     json_object_set_new(m, "max_waiting", jnum(p->max_waiting, 1));
     json_object_set_new(m, "mean_waiting", jnum(p->n ? p->mean_waiting : -1, 1));

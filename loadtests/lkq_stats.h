@@ -1,6 +1,9 @@
 /*
  * lkq_stats.h - what one load level (one concurrency or one arrival rate)
- * measured: latency samples with percentiles, token and request counts,
+ * measured: latency samples with percentiles (ITL is the gap between SSE
+ * chunks, which carry several tokens when the server coalesces; TPOT, the
+ * time per output token after the first, is per token whatever the
+ * chunking), token and request counts,
  * failures by HTTP status and by kind, the server's scraped metrics; and the
  * three ways it is written out (a table row, a CSV row, a JSON line).
  *
@@ -53,11 +56,15 @@ typedef struct lkq_level {
     int concurrency;
     double rate;
     int64_t sent, ok, failed;
+    int64_t cancelled;     /* in flight when the level was cut off (not failures) */
+    int saturated;         /* --until-saturated: the server stopped admitting */
+    double saturated_at;   /* seconds into the level when that was seen */
     int64_t by_status[LKQ_STATUS_MAX]; /* failed requests by HTTP status */
     int64_t by_kind[LKQ_FAIL_N];
     int64_t prompt_tokens, completion_tokens; /* summed from usage chunks */
     int64_t token_chunks;  /* token-bearing SSE chunks received */
     lkq_samples ttft, itl, e2e;
+    lkq_samples tpot;      /* per request: (e2e - ttft) / (completion tokens - 1) */
     double wall_s;         /* first send to last completion */
     int max_inflight_seen;
     lkq_prom_agg prom;

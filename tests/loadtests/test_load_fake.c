@@ -22,10 +22,11 @@
 
 #include "tests/test_util.h"
 
-enum { FAKE_CYCLE, FAKE_NOT_READY, FAKE_NEED_KEY, FAKE_STALL };
+enum { FAKE_CYCLE, FAKE_NOT_READY, FAKE_NEED_KEY, FAKE_STALL, FAKE_SATURATE };
 
 typedef struct {
     int lfd, port, mode;
+    struct timespec t0;
     pthread_t th;
     atomic_int counter, active, max_active, stop;
 } fake_server;
@@ -80,6 +81,16 @@ static const char GOOD[] =
 
 static void serve_completion(int fd, int k)
 {
+    if (F.mode == FAKE_SATURATE) {
+        /* a held sequence: a token every 50 ms until the client leaves */
+        send_str(fd, STREAM_HEAD);
+        while (!atomic_load(&F.stop))
+            if (send_str(fd, "data: {\"choices\":[{\"text\":\"x\"}]}\n\n") != 0)
+                return;
+            else
+                sleep_ms(50);
+        return;
+    }
     if (F.mode == FAKE_STALL) {
         send_str(fd, STREAM_HEAD);
         send_str(fd, "data: {\"choices\":[{\"text\":\"x\"}]}\n\n");
@@ -165,11 +176,19 @@ static void *conn_main(void *arg)
                   "{\"object\":\"list\",\"data\":[{\"id\":\"fake-model\",\"object\":\"model\",\"max_model_len\":2048}]}");
     } else if (strncmp(buf, "GET /metrics ", 13) == 0) {
         char m[512];
+        /* FAKE_SATURATE: 3 held, the rest waiting; prefill progresses for
+         * 0.6 s (a step every 0.1 s), then stands still */
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double el = (double)(now.tv_sec - F.t0.tv_sec) + (double)(now.tv_nsec - F.t0.tv_nsec) * 1e-9;
+        int act = atomic_load(&F.active);
+        int sat = F.mode == FAKE_SATURATE;
         snprintf(m, sizeof m,
                  "# TYPE livekvq_requests_running gauge\nlivekvq_requests_running %d\n"
-                 "livekvq_requests_waiting 0\nlivekvq_kv_usage_ratio 0.25\n"
-                 "vllm:kv_cache_usage_perc 0.25\n",
-                 atomic_load(&F.active));
+                 "livekvq_requests_waiting %d\nlivekvq_kv_usage_ratio 0.25\n"
+                 "vllm:kv_cache_usage_perc 0.25\nlivekvq_prompt_tokens_total %d\n",
+                 sat ? (act < 3 ? act : 3) : act, sat ? (act > 3 ? act - 3 : 0) : 0,
+                 sat ? 512 * (int)((el < 0.6 ? el : 0.6) * 10) : 0);
         reply(fd, 200, NULL, "text/plain; version=0.0.4", m);
     } else if (strncmp(buf, "POST /v1/completions ", 21) == 0) {
         int a = atomic_fetch_add(&F.active, 1) + 1;
@@ -210,6 +229,7 @@ static void fake_start(int mode)
 {
     memset(&F, 0, sizeof F);
     F.mode = mode;
+    clock_gettime(CLOCK_MONOTONIC, &F.t0);
     F.lfd = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(F.lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -308,6 +328,7 @@ Test(fake, statuses_kinds_and_outputs, .timeout = 60)
         json_t *itl = json_object_get(j, "itl_s");
         cr_assert_eq(json_integer_value(json_object_get(itl, "n")), 8, "2 gaps per good stream");
         cr_assert_eq(json_integer_value(json_object_get(json_object_get(j, "ttft_s"), "n")), 4);
+        cr_assert_eq(json_integer_value(json_object_get(json_object_get(j, "tpot_s"), "n")), 4);
         json_t *srv = json_object_get(j, "server");
         cr_assert_gt(json_integer_value(json_object_get(srv, "scrapes")), 0, "%s", line);
         cr_assert_float_eq(json_real_value(json_object_get(srv, "max_kv_usage")), 0.25, 1e-9);
@@ -348,6 +369,57 @@ Test(fake, stalled_stream_times_out, .timeout = 60)
     fake_stop();
     cr_assert_eq(rc, 3, "%s", ERR);
     cr_assert(strstr(OUT, "timeout:1"), "%s", OUT);
+}
+
+Test(fake, until_saturated_cancels_held_requests, .timeout = 60)
+{
+    fake_start(FAKE_SATURATE);
+    char js[] = "/tmp/lkq_fake_satXXXXXX", lg[] = "/tmp/lkq_fake_logXXXXXX";
+    close(mkstemp(js));
+    close(mkstemp(lg));
+    unlink(lg);
+    char args[256];
+    snprintf(args, sizeof args,
+             "-c 5 -n 5 -p 32 -m 2000 --ignore-eos --scrape-metrics auto --scrape-interval 0.05 "
+             "--until-saturated 0.3 --json %s --scrape-log %s --label sat", js, lg);
+    int rc = run_load(args, OUT, sizeof OUT, ERR, sizeof ERR);
+    fake_stop();
+    cr_assert_eq(rc, 0, "cancelled requests are not failures: %s", ERR);
+    FILE *f = fopen(js, "r");
+    char line[8192];
+    cr_assert_not_null(fgets(line, sizeof line, f));
+    fclose(f);
+    unlink(js);
+    json_t *j = json_loads(line, 0, NULL);
+    cr_assert_eq(json_integer_value(json_object_get(j, "cancelled")), 5, "%s", line);
+    cr_assert_eq(json_integer_value(json_object_get(j, "failed")), 0);
+    double sat = json_real_value(json_object_get(j, "saturated_s"));
+    cr_assert(sat > 0.6 && sat < 10, "saturation seen after prefill stopped: %g", sat);
+    json_t *srv = json_object_get(j, "server");
+    cr_assert_float_eq(json_real_value(json_object_get(srv, "max_running_queued")), 3, 0, "%s", line);
+    json_decref(j);
+    cr_assert(strstr(ERR, "saturated"), "%s", ERR);
+    f = fopen(lg, "r");
+    cr_assert_not_null(f);
+    cr_assert_not_null(fgets(line, sizeof line, f));
+    cr_assert(strncmp(line, "label,level,t,running,waiting", 29) == 0, "%s", line);
+    int rows = 0;
+    while (fgets(line, sizeof line, f)) {
+        rows++;
+        cr_assert(strncmp(line, "sat,5,", 6) == 0, "%s", line);
+    }
+    fclose(f);
+    unlink(lg);
+    cr_assert_gt(rows, 5, "a row per scrape");
+}
+
+Test(fake, cutoff_cancels, .timeout = 60)
+{
+    fake_start(FAKE_SATURATE);
+    int rc = run_load("-c 2 -n 2 -p 32 -m 2000 --cutoff 0.5", OUT, sizeof OUT, ERR, sizeof ERR);
+    fake_stop();
+    cr_assert_eq(rc, 0, "%s", ERR);
+    cr_assert(strstr(OUT, "cancelled:2"), "%s", OUT);
 }
 
 Test(fake, probe_refusals, .timeout = 60)

@@ -30,6 +30,7 @@ static const char EXPO[] =
     "livekvq_requests_rejected_total{reason=\"queue_full\"} 4\n"
     "livekvq_requests_rejected_total{reason=\"too_long\"} 1\n"
     "livekvq_preemptions_total 0\n"
+    "livekvq_prompt_tokens_total 12345\n"
     "livekvq_requests_total{endpoint=\"/v1/completions\",code=\"200\"} 17 1700000000000\n"
     "livekvq_kv_ema_lo{layer=\"0\",tensor=\"k\"} -1.5e+00\n"
     "# TYPE livekvq_time_to_first_token_seconds histogram\n"
@@ -67,7 +68,7 @@ Test(prom, parses_every_sample)
 {
     walk w = {0};
     cr_assert_eq(lkq_prom_parse(EXPO, strlen(EXPO), on_sample, &w), 0, "no malformed lines");
-    cr_assert_eq(w.n, 27);
+    cr_assert_eq(w.n, 28);
     cr_assert_float_eq(w.ttft_inf, 17, 0);
     cr_assert_str_eq(w.model, "Smol \"LM\" {2}, 135M");
 }
@@ -124,6 +125,7 @@ Test(prom, snapshot_sums_and_fallbacks)
     cr_assert_float_eq(s.rejected, 5, 0);
     cr_assert_float_eq(s.kv_usage, 0.1, 1e-12);
     cr_assert_float_eq(s.bits_per_element, 4.35, 1e-12);
+    cr_assert_float_eq(s.prompt_tokens, 12345, 0);
 
     /* a server exporting only the vLLM-compatible gauges */
     const char *v = "vllm:kv_cache_usage_perc 0.5\nvllm:num_requests_waiting 7\nvllm:num_requests_running 9\n";
@@ -155,6 +157,7 @@ Test(prom, aggregate_over_a_level)
     cr_assert_eq(a.n, 4);
     cr_assert_float_eq(a.max_running, 6, 0);
     cr_assert_float_eq(a.max_running_no_queue, 5, 0, "6 ran only while 3 waited");
+    cr_assert_float_eq(a.max_running_queued, 6, 0);
     cr_assert_float_eq(a.max_waiting, 3, 0);
     cr_assert_float_eq(a.mean_running, 3.5, 1e-12);
     cr_assert_float_eq(a.max_kv_usage, 0.95, 1e-12);
