@@ -1,0 +1,46 @@
+/*
+ * kcu_attn_impl.cuh - what kcu_attn.cu and kcu_attn_mma.cu share (C++
+ * only): the kernel argument block and the tensor-core launcher.
+ */
+#ifndef LKQ_KCU_ATTN_IMPL_CUH
+#define LKQ_KCU_ATTN_IMPL_CUH
+
+#include "kernels/cuda/kcu_attn.cuh"
+#include "kernels/cuda/kcu_compat.cuh"
+
+struct kcu_attn_args {
+    kcu_kv_arena A;
+    int layer;
+    const kcu_attn_item *items;
+    const kcu_seg *segs;
+    const float *q;
+    float *out;
+    const float *k_step, *v_step;       /* f32 (generic kernel) */
+    const uint16_t *k_step16, *v_step16; /* f16 copies (tensor-core kernel) */
+    int n_head, n_kv, hd;
+    float scale;
+    kvq_layout L;
+    int has_L;
+    int n_splits, span, n_q_max;
+    float *part; /* [items][n_q_max][n_head][n_splits][hd + 2] when n_splits > 1 */
+};
+
+/* Partial softmax state of one (item, query, head, split): m, l, acc[hd]. */
+static __device__ __forceinline__ float *kcu_attn_part(const kcu_attn_args &P, int item, int j,
+                                                       int head, int split)
+{
+    size_t rec = (((size_t)item * (size_t)P.n_q_max + (size_t)j) * (size_t)P.n_head +
+                  (size_t)head) * (size_t)P.n_splits + (size_t)split;
+    return P.part + rec * (size_t)(P.hd + 2);
+}
+
+/* Warps per block, positions per chunk, query rows per warp. */
+#define KCU_MMA_WARPS 4
+#define KCU_MMA_CH 64
+
+/* Shared memory and launch of the tensor-core kernel (kcu_attn_mma.cu). */
+size_t kcu_attn_mma_smem(const kcu_attn_args &P);
+int kcu_attn_mma_launch(kcu_ctx *c, const kcu_attn_args &P, int n_items, int tasks_max,
+                        char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,26 @@
+/*
+ * kcu_rope.cuh - rotary position embedding on the GPU, same contract as
+ * kref_rope (interleaved pairs, angles in double) for n_tok consecutive
+ * positions. C-callable launcher; kernel in kcu_rope.cu.
+ */
+#ifndef LKQ_KCU_ROPE_CUH
+#define LKQ_KCU_ROPE_CUH
+
+#include "kernels/cuda/kcu_rt.cuh"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* In place on x [n_tok][row_stride] (device), heads of head_dim at the start
+ * of each row: token i sits at position pos0 + i; the first n_rot dims of
+ * each of n_heads heads rotate by angle pos * freq_scale *
+ * theta^(-2j/n_rot) for pair j. */
+int kcu_rope(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int n_heads, int head_dim,
+             int n_rot, int pos0, float theta, float freq_scale, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,306 @@
+/*
+ * test_gpu_ops.c - the element-wise and GEMM ops of kernels/cuda against the
+ * oracle kernels/ref on the cases of tests/kernels/test_kernels.c (odd and
+ * real shapes, adversarial values): RMSNorm, RoPE, SwiGLU, residual add,
+ * f32 -> f16 / bf16 conversion (bit-exact), embedding rows, and the cuBLAS
+ * weight GEMM in F32, F16 and BF16.
+ *
+ * Tolerances (|got - ref| <= ATOL + RTOL |ref|, or as stated):
+ *  - RMSNorm, RoPE, SwiGLU: both sides compute in double and round once to
+ *    f32; GPU libm (sqrt, sincos, exp, pow) is within a few double ulps, so
+ *    ATOL_DBL 1e-6 relative to the row's scale and RTOL_DBL 2e-7;
+ *  - add: exact; conversions: bit-exact for every finite value and inf (NaN
+ *    only has to stay NaN); embedding: exact;
+ *  - GEMM: f32 accumulation vs the oracle's double: |err| <= RTOL_GEMM *
+ *    sum_j |w_j x_j| with RTOL_GEMM 2e-6 * sqrt(n_cols) + 1e-6 (F32), on the
+ *    same f16 / bf16-rounded inputs for F16 / BF16 weights.
+ */
+#include "tests/gpu/gpu_test.h"
+
+#include "kernels/cuda/kcu_elem.cuh"
+#include "kernels/cuda/kcu_rmsnorm.cuh"
+#include "kernels/cuda/kcu_rope.cuh"
+#include "kernels/cuda/kcu_swiglu.cuh"
+#include "kernels/ktypes.h"
+#include "kernels/ref/kref.h"
+
+#define ATOL_DBL 1e-6
+#define RTOL_DBL 2e-7
+
+static float *rand_vec(size_t n, float scale)
+{
+    float *x = malloc(n * sizeof(float) + 1);
+    for (size_t i = 0; i < n; i++)
+        x[i] = gt_gauss() * scale;
+    return x;
+}
+
+static void case_rmsnorm(void)
+{
+    const int shapes[][2] = {{1, 1}, {1, 7}, {3, 64}, {5, 288}, {2, 4096}, {1, 576}};
+    const float scales[] = {1.0f, 1e-3f, 300.0f};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (size_t sc = 0; sc < 3; sc++) {
+            int rows = shapes[si][0], n = shapes[si][1];
+            size_t N = (size_t)rows * n;
+            float *x = rand_vec(N, scales[sc]), *w = rand_vec((size_t)n, 1.0f);
+            float *ref = malloc(N * sizeof(float)), *got = malloc(N * sizeof(float));
+            for (int r = 0; r < rows; r++)
+                kref_rmsnorm(ref + (size_t)r * n, x + (size_t)r * n, w, n, 1e-5f);
+            float *dx = gt_up(x, N * 4), *dw = gt_up(w, (size_t)n * 4);
+            GT_OK(kcu_rmsnorm(gt_c, dx, dx, dw, rows, n, 1e-5f, gt_err, sizeof gt_err));
+            gt_down(got, dx, N * 4);
+            char what[64];
+            snprintf(what, sizeof what, "rmsnorm %dx%d scale %g", rows, n, scales[sc]);
+            gt_close(what, got, ref, N, ATOL_DBL, RTOL_DBL);
+            kcu_free(gt_c, dx);
+            kcu_free(gt_c, dw);
+            free(x), free(w), free(ref), free(got);
+        }
+}
+
+static void case_rope(void)
+{
+    struct {
+        int n_heads, hd, n_rot, n_tok, pos0;
+        float theta, fs;
+    } cs[] = {
+        {8, 8, 8, 3, 0, 10000.0f, 1.0f},      /* stories260K */
+        {6, 48, 48, 5, 250, 10000.0f, 1.0f},  /* stories15M */
+        {9, 64, 64, 4, 8189, 100000.0f, 1.0f}, /* SmolLM2 */
+        {32, 128, 128, 2, 32766, 500000.0f, 1.0f},
+        {4, 64, 32, 3, 100000, 10000.0f, 0.25f}, /* partial rotation, scaled */
+    };
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
+        int row = cs[i].n_heads * cs[i].hd + 3; /* padded rows */
+        size_t N = (size_t)cs[i].n_tok * (size_t)row;
+        float *x = rand_vec(N, 2.0f), *ref = malloc(N * 4), *got = malloc(N * 4);
+        memcpy(ref, x, N * 4);
+        for (int t = 0; t < cs[i].n_tok; t++)
+            kref_rope(ref + (size_t)t * row, cs[i].n_heads, cs[i].hd, cs[i].n_rot,
+                      cs[i].pos0 + t, cs[i].theta, cs[i].fs);
+        float *dx = gt_up(x, N * 4);
+        GT_OK(kcu_rope(gt_c, dx, cs[i].n_tok, (size_t)row, cs[i].n_heads, cs[i].hd, cs[i].n_rot,
+                       cs[i].pos0, cs[i].theta, cs[i].fs, gt_err, sizeof gt_err));
+        gt_down(got, dx, N * 4);
+        char what[64];
+        snprintf(what, sizeof what, "rope hd %d pos %d", cs[i].hd, cs[i].pos0);
+        gt_close(what, got, ref, N, ATOL_DBL * 4, RTOL_DBL);
+        kcu_free(gt_c, dx);
+        free(x), free(ref), free(got);
+    }
+    /* a bad n_rot is an error, not a crash */
+    float *dx = gt_up(NULL, 64);
+    gt_err[0] = '\0';
+    GT_CHECK(kcu_rope(gt_c, dx, 1, 8, 1, 8, 7, 0, 10000.0f, 1.0f, gt_err, sizeof gt_err) < 0 &&
+                 gt_err[0],
+             "odd n_rot accepted");
+    kcu_free(gt_c, dx);
+}
+
+static void case_swiglu(void)
+{
+    const size_t ns[] = {1, 7, 172, 768, 100003};
+    for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) {
+        size_t n = ns[i];
+        float *g = rand_vec(n, 4.0f), *u = rand_vec(n, 1.0f);
+        if (n > 4) {
+            g[0] = -100.0f, g[1] = 100.0f, g[2] = 0.0f, g[3] = -1e-30f;
+        }
+        float *ref = malloc(n * 4), *got = malloc(n * 4);
+        memcpy(ref, g, n * 4);
+        kref_swiglu(ref, u, (int)n);
+        float *dg = gt_up(g, n * 4), *du = gt_up(u, n * 4);
+        GT_OK(kcu_swiglu(gt_c, dg, du, n, gt_err, sizeof gt_err));
+        gt_down(got, dg, n * 4);
+        gt_close("swiglu", got, ref, n, 1e-30, RTOL_DBL);
+        kcu_free(gt_c, dg);
+        kcu_free(gt_c, du);
+        free(g), free(u), free(ref), free(got);
+    }
+}
+
+static void case_add_convert(void)
+{
+    size_t n = 70001;
+    float *x = rand_vec(n, 3.0f), *y = rand_vec(n, 3.0f), *got = malloc(n * 4);
+    float *dx = gt_up(x, n * 4), *dy = gt_up(y, n * 4);
+    GT_OK(kcu_add(gt_c, dy, dx, n, gt_err, sizeof gt_err));
+    gt_down(got, dy, n * 4);
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        bad += got[i] != y[i] + x[i];
+    GT_CHECK(bad == 0, "add: %zu elements differ", bad);
+
+    /* adversarial values for the conversions: ties, subnormals, overflow */
+    const float special[] = {0.0f, -0.0f, 1.0f, 65504.0f, 65519.99f, 65520.0f, -65520.0f,
+                             1e-8f, -5.96e-8f, 2.98e-8f, 2.9802322e-8f, 6.1e-5f, 1.0009765625f,
+                             1.00048828125f, 1.00146484375f, 3.4e38f, INFINITY, -INFINITY,
+                             0x1p-24f, 0x1.8p-25f, 0x1p-25f, 1.0f + 0x1p-11f};
+    size_t ns = sizeof special / sizeof special[0];
+    for (size_t i = 0; i < ns; i++)
+        x[i] = special[i];
+    for (size_t i = ns; i < n; i++) {
+        uint32_t u = gt_u32();
+        memcpy(&x[i], &u, 4);
+        if (!isfinite(x[i]))
+            x[i] = (float)i;
+    }
+    GT_OK(kcu_h2d(gt_c, dx, x, n * 4, gt_err, sizeof gt_err));
+    uint16_t *h = malloc(n * 2), *dh = gt_up(NULL, n * 2);
+    GT_OK(kcu_convert(gt_c, KT_F16, dh, dx, n, gt_err, sizeof gt_err));
+    gt_down(h, dh, n * 2);
+    bad = 0;
+    for (size_t i = 0; i < n; i++)
+        if (h[i] != kt_f32_to_f16(x[i])) {
+            if (!bad)
+                fprintf(stderr, "  f16 of %a: got %04x want %04x\n", (double)x[i], h[i],
+                        kt_f32_to_f16(x[i]));
+            bad++;
+        }
+    GT_CHECK(bad == 0, "f32 -> f16: %zu of %zu differ from kt_f32_to_f16", bad, n);
+    GT_OK(kcu_convert(gt_c, KT_BF16, dh, dx, n, gt_err, sizeof gt_err));
+    gt_down(h, dh, n * 2);
+    bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        uint16_t want = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        if (isinf(x[i]))
+            want = (uint16_t)(u >> 16);
+        bad += h[i] != want;
+    }
+    GT_CHECK(bad == 0, "f32 -> bf16: %zu differ from round-to-nearest-even", bad);
+    float nanv = NAN;
+    GT_OK(kcu_h2d(gt_c, dx, &nanv, 4, gt_err, sizeof gt_err));
+    GT_OK(kcu_convert(gt_c, KT_F16, dh, dx, 1, gt_err, sizeof gt_err));
+    gt_down(h, dh, 2);
+    GT_CHECK(isnan(kt_f16_to_f32(h[0])), "f16 of NaN is %04x", h[0]);
+    kcu_free(gt_c, dx);
+    kcu_free(gt_c, dy);
+    kcu_free(gt_c, dh);
+    free(x), free(y), free(got), free(h);
+}
+
+static void case_embed(void)
+{
+    const kt_type types[] = {KT_F32, KT_F16, KT_BF16};
+    int V = 517, dim = 288, nt = 6;
+    int32_t tok[6] = {0, 516, 3, 3, 100, 255};
+    for (int ti = 0; ti < 3; ti++) {
+        kt_type t = types[ti];
+        size_t rb = kt_row_bytes(t, dim);
+        uint8_t *tab = malloc((size_t)V * rb);
+        for (size_t i = 0; i < (size_t)V * dim; i++) {
+            float v = gt_gauss();
+            if (t == KT_F32)
+                ((float *)tab)[i] = v;
+            else if (t == KT_F16)
+                ((uint16_t *)tab)[i] = kt_f32_to_f16(v);
+            else {
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                ((uint16_t *)tab)[i] = (uint16_t)(u >> 16);
+            }
+        }
+        float *ref = malloc((size_t)nt * dim * 4), *got = malloc((size_t)nt * dim * 4);
+        for (int i = 0; i < nt; i++)
+            kref_dequant_row(t, tab + (size_t)tok[i] * rb, ref + (size_t)i * dim, dim);
+        void *dt = gt_up(tab, (size_t)V * rb);
+        int32_t *dk = gt_up(tok, sizeof tok);
+        float *dout = gt_up(NULL, (size_t)nt * dim * 4);
+        GT_OK(kcu_embed(gt_c, t, dt, dk, nt, dim, dout, gt_err, sizeof gt_err));
+        gt_down(got, dout, (size_t)nt * dim * 4);
+        GT_CHECK(memcmp(got, ref, (size_t)nt * dim * 4) == 0, "embed %s differs", kt_name(t));
+        kcu_free(gt_c, dt);
+        kcu_free(gt_c, dk);
+        kcu_free(gt_c, dout);
+        free(tab), free(ref), free(got);
+    }
+}
+
+/* One GEMM case: W (rows x cols) of type t, x [tok][cols]. */
+static void gemm_case(kt_type t, int rows, int cols, int tok)
+{
+    size_t nw = (size_t)rows * cols, nx = (size_t)tok * cols, ny = (size_t)tok * rows;
+    size_t es = t == KT_F32 ? 4 : 2;
+    uint8_t *W = malloc(nw * es), *X = malloc(nx * es);
+    float *wf = malloc(nw * 4), *xf = malloc(nx * 4), *ref = malloc(ny * 4), *got = malloc(ny * 4);
+    for (size_t i = 0; i < nw + nx; i++) {
+        int isw = i < nw;
+        size_t k = isw ? i : i - nw;
+        float v = gt_gauss() * (isw ? 0.05f : 2.0f);
+        uint8_t *dst = isw ? W : X;
+        float *f = isw ? wf : xf;
+        if (t == KT_F32) {
+            ((float *)dst)[k] = v;
+            f[k] = v;
+        } else if (t == KT_F16) {
+            uint16_t h = kt_f32_to_f16(v);
+            ((uint16_t *)dst)[k] = h;
+            f[k] = kt_f16_to_f32(h);
+        } else {
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            uint16_t h = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            ((uint16_t *)dst)[k] = h;
+            f[k] = kt_bf16_to_f32(h);
+        }
+    }
+    kref_matmul(KT_F32, wf, xf, ref, rows, cols, tok);
+    void *dW = gt_up(W, nw * es), *dX = gt_up(X, nx * es);
+    float *dY = gt_up(NULL, ny * 4);
+    GT_OK(kcu_gemm(gt_c, t, dW, dX, dY, rows, cols, tok, gt_err, sizeof gt_err));
+    gt_down(got, dY, ny * 4);
+    double rt = 2e-6 * sqrt((double)cols) + 1e-6;
+    size_t bad = 0, worst = 0;
+    double wex = -1;
+    for (int i = 0; i < tok; i++)
+        for (int r = 0; r < rows; r++) {
+            double mag = 0;
+            for (int c = 0; c < cols; c++)
+                mag += fabs((double)wf[(size_t)r * cols + c] * xf[(size_t)i * cols + c]);
+            size_t k = (size_t)i * rows + r;
+            double ex = fabs((double)got[k] - ref[k]) - rt * mag - 1e-30;
+            if (ex > 0)
+                bad++;
+            if (ex > wex) {
+                wex = ex;
+                worst = k;
+            }
+        }
+    GT_CHECK(bad == 0, "gemm %s %dx%dx%d: %zu outputs off (worst %zu: %.8g vs %.8g)", kt_name(t),
+             rows, cols, tok, bad, worst, (double)got[worst], (double)ref[worst]);
+    kcu_free(gt_c, dW);
+    kcu_free(gt_c, dX);
+    kcu_free(gt_c, dY);
+    free(W), free(X), free(wf), free(xf), free(ref), free(got);
+}
+
+static void case_gemm(void)
+{
+    const kt_type types[] = {KT_F32, KT_F16, KT_BF16};
+    const int shapes[][3] = {{1, 1, 1}, {7, 33, 3}, {288, 288, 5}, {768, 288, 1},
+                             {64, 172, 9}, {192, 576, 2}};
+    for (int ti = 0; ti < 3; ti++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            gemm_case(types[ti], shapes[s][0], shapes[s][1], shapes[s][2]);
+    gemm_case(KT_F16, 32000, 288, 1); /* the vocabulary head of stories15M */
+    /* a quantized type is refused with a message */
+    gt_err[0] = '\0';
+    GT_CHECK(kcu_gemm(gt_c, KT_Q4_0, NULL, NULL, NULL, 1, 32, 1, gt_err, sizeof gt_err) < 0 &&
+                 strstr(gt_err, "Q4_0"),
+             "Q4_0 GEMM accepted: %s", gt_err);
+}
+
+int main(void)
+{
+    gt_begin("test_gpu_ops");
+    gt_case("rmsnorm", case_rmsnorm);
+    gt_case("rope", case_rope);
+    gt_case("swiglu", case_swiglu);
+    gt_case("add_convert", case_add_convert);
+    gt_case("embed", case_embed);
+    gt_case("gemm", case_gemm);
+    return gt_end();
+}
