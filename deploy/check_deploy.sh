@@ -95,22 +95,10 @@ fi
 # --- nginx ---------------------------------------------------------------------
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 if [ -x "$NGINX" ]; then
-    mkdir -p "$T/nginx/logs" "$T/nginx/tmp"
+    mkdir -p "$T/nginx"
     sed "s|/var/log/nginx/livekvq.access.log|$T/nginx/logs/access.log|" \
         "$D/nginx/livekvq.conf" >"$T/nginx/livekvq.conf"
-    cat >"$T/nginx/nginx.conf" <<EOF
-pid $T/nginx/nginx.pid;
-error_log $T/nginx/logs/error.log;
-events { worker_connections 64; }
-http {
-    client_body_temp_path $T/nginx/tmp/body;
-    proxy_temp_path $T/nginx/tmp/proxy;
-    fastcgi_temp_path $T/nginx/tmp/fastcgi;
-    uwsgi_temp_path $T/nginx/tmp/uwsgi;
-    scgi_temp_path $T/nginx/tmp/scgi;
-    include $T/nginx/livekvq.conf;
-}
-EOF
+    "$D/nginx/main_conf.sh" "$T/nginx"
     if out=$("$NGINX" -t -q -p "$T/nginx" -c "$T/nginx/nginx.conf" 2>&1); then
         ok "nginx -t nginx/livekvq.conf"
     else
@@ -139,7 +127,7 @@ fi
 # --- scripts -------------------------------------------------------------------------
 if command -v shellcheck >/dev/null; then
     scripts=()
-    for f in "$D/test_nginx.sh" "$D/check_deploy.sh" "$ROOT/loadtests/compare_kv.sh"; do
+    for f in "$D/test_nginx.sh" "$D/check_deploy.sh" "$D/nginx/main_conf.sh" "$ROOT/loadtests/compare_kv.sh"; do
         [ -f "$f" ] && scripts+=("$f")
     done
     if out=$(shellcheck "${scripts[@]}" 2>&1); then

@@ -125,28 +125,14 @@ awk -v a="$PA" -v b="$PB" -v n="$PN" -v logf="$T/nginx/logs/access.log" '
 ' "$ROOT/deploy/nginx/livekvq.conf" >"$T/nginx/livekvq.conf"
 grep -q "127.0.0.1:$PA" "$T/nginx/livekvq.conf" || fail "could not rewrite the upstream block"
 grep -q "listen 127.0.0.1:$PN" "$T/nginx/livekvq.conf" || fail "could not rewrite the listen line"
-user_line=""
+workers=""
 if [ "$(id -u)" = 0 ]; then
-    # workers would drop to nobody: let them use the temp directories
-    user_line="user nobody nogroup;"
+    # workers drop to nobody: let them use the temp directories
+    workers="nobody nogroup"
     chmod 755 "$T" "$T/nginx"
     chown -R nobody:nogroup "$T/nginx/tmp"
 fi
-cat >"$T/nginx/nginx.conf" <<EOF
-$user_line
-worker_processes 1;
-pid $T/nginx/nginx.pid;
-error_log $T/nginx/logs/error.log warn;
-events { worker_connections 512; }
-http {
-    client_body_temp_path $T/nginx/tmp/body;
-    proxy_temp_path $T/nginx/tmp/proxy;
-    fastcgi_temp_path $T/nginx/tmp/fastcgi;
-    uwsgi_temp_path $T/nginx/tmp/uwsgi;
-    scgi_temp_path $T/nginx/tmp/scgi;
-    include $T/nginx/livekvq.conf;
-}
-EOF
+"$ROOT/deploy/nginx/main_conf.sh" "$T/nginx" "$workers"
 "$NGINX" -t -q -p "$T/nginx" -c "$T/nginx/nginx.conf" || fail "nginx -t rejects deploy/nginx/livekvq.conf"
 "$NGINX" -p "$T/nginx" -c "$T/nginx/nginx.conf" -g 'daemon off;' 2>>"$T/nginx/logs/stderr.log" &
 PIDS+=($!)
@@ -179,11 +165,14 @@ fi
 
 # --- 2. the dashboards and alerts use metrics that exist --------------------------
 http_get "http://127.0.0.1:$PA/metrics" >"$T/metrics.txt"
-awk '!/^#/ { n = $1; sub(/\{.*/, "", n); print n }' "$T/metrics.txt" | sort -u >"$T/exported.txt"
-{
-    grep -ohE '(livekvq_[a-z0-9_]+|vllm:[a-z_]+)' "$ROOT/deploy/prometheus/alerts.yml" \
-        "$ROOT/deploy/grafana/livekvq-dashboard.json" "$ROOT/deploy/k8s/"*.yaml 2>/dev/null || true
-} | sort -u >"$T/used.txt"
+# sample names, and names announced by "# TYPE" (a per-layer gauge has no
+# sample until a sequence runs)
+awk '/^# TYPE / { print $3; next } !/^#/ { n = $1; sub(/\{.*/, "", n); print n }' "$T/metrics.txt" |
+    sort -u >"$T/exported.txt"
+# (comment lines left out: they may name other servers' metrics)
+sed -e '/^[[:space:]]*#/d' "$ROOT/deploy/prometheus/alerts.yml" \
+    "$ROOT/deploy/grafana/livekvq-dashboard.json" "$ROOT/deploy/k8s/"*.yaml |
+    grep -oE '(livekvq_[a-z0-9_]+|vllm:[a-z_]+)' | sort -u >"$T/used.txt"
 missing=$(comm -23 "$T/used.txt" "$T/exported.txt" | tr '\n' ' ')
 [ -z "$missing" ] || fail "metrics used by deploy/ but not exported by the server: $missing"
 say "all $(wc -l <"$T/used.txt") metric names used in deploy/ are exported"

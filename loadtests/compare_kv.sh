@@ -6,9 +6,10 @@
 #   1. equal load: EQUAL_C concurrent requests (both servers hold them),
 #      MAX_TOKENS_EQ tokens each -> TTFT, inter-token and end-to-end latency;
 #   2. capacity: CAP_C concurrent requests that generate MAX_TOKENS_CAP tokens
-#      (ignore_eos) so admitted sequences stay alive; the level ends when the
-#      server queues and has stopped prefilling (lkq_load --until-saturated),
-#      then the requests are cancelled. "Held" = the most requests running
+#      (ignore_eos) so admitted sequences stay alive; the level ends once
+#      requests have waited for SETTLE_S seconds while every running one was
+#      past its prefill (lkq_load --until-saturated), then the requests are
+#      cancelled. "Held" = the most requests running
 #      while others waited (livekvq_requests_running with
 #      vllm:num_requests_waiting > 0, scraped every second).
 # Writes OUT/results.csv, OUT/scrapes.csv (every scrape), OUT/summary.md (the
@@ -73,7 +74,7 @@ start_server() {
     SRV_PID=$!
     SRV_URL=""
     for ((i = 0; i < 600; i++)); do
-        SRV_URL=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$log" | head -n1 || true)
+        SRV_URL=$(grep -so 'http://127\.0\.0\.1:[0-9]*' "$log" | head -n1 || true)
         [ -n "$SRV_URL" ] && return 0
         kill -0 "$SRV_PID" 2>/dev/null || { cat "$log" >&2; die "the $1 server exited"; }
         sleep 0.2
@@ -89,7 +90,7 @@ status=0
 t_start=$(date +%s)
 for mode in fp16 int4; do
     start_server "$mode"
-    say "$mode server at $SRV_URL (budget $BUDGET): $(grep -o 'KV cache [^;]*; pool [^;]*' "$OUT/server-$mode.log" | head -n1)"
+    say "$mode server at $SRV_URL: $(grep -o 'KV cache [^;]*' "$OUT/server-$mode.log" | head -n1) (--kv-budget $BUDGET)"
     say "$mode: equal load, $EQUAL_C x ~$PROMPT_TOKENS-token prompts, $MAX_TOKENS_EQ tokens"
     rc=0
     "$LOAD" --url "$SRV_URL" "${LOADARGS[@]}" -c "$EQUAL_C" -n "$EQUAL_C" -m "$MAX_TOKENS_EQ" \
@@ -119,8 +120,8 @@ def g(d, *k):
 def f(v, fmt):
     return "-" if v is None else fmt % v
 lines = []
-lines.append("| KV cache | held (running while others wait) | max waiting | KV usage at peak | KV bytes at peak | bits/element | prompt tokens (mean) | saturated after | failures |")
-lines.append("|---|---|---|---|---|---|---|---|---|")
+lines.append("| KV cache | held (running while others wait) | max waiting | KV usage at peak | KV bytes at peak | INT4 blocks used / total | FP16 blocks or pages used / total | bits/element | saturated after | failures |")
+lines.append("|---|---|---|---|---|---|---|---|---|---|")
 held = {}
 for m in ("fp16", "int4"):
     d = rows.get(m)
@@ -131,12 +132,13 @@ for m in ("fp16", "int4"):
     h = s.get("max_running_queued")
     held[m] = h
     sat = d.get("saturated_s")
-    ptm = (d["prompt_tokens"] / d["ok"]) if d["ok"] else None
-    lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %d (+%d cancelled at the end) |" % (
+    lines.append("| %s | %s | %s | %s | %s | %s / %s | %s / %s | %s | %s | %d (+%d cancelled at the end) |" % (
         m, f(h, "%.0f"), f(s.get("max_waiting"), "%.0f"),
         f(s.get("max_kv_usage") and 100 * s["max_kv_usage"], "%.1f%%"),
         f(s.get("max_kv_bytes") and s["max_kv_bytes"] / 2**20, "%.1f MiB"),
-        f(s.get("bits_per_element"), "%.2f"), f(ptm, "%.0f"),
+        f(s.get("max_int4_blocks_used"), "%.0f"), f(s.get("int4_blocks_total"), "%.0f"),
+        f(s.get("max_fp16_blocks_used"), "%.0f"), f(s.get("fp16_blocks_total"), "%.0f"),
+        f(s.get("bits_per_element"), "%.2f"),
         f(sat, "%.0f s") if sat is not None else "not saturated: raise CAP_C",
         d["unexpected_failures"], d["cancelled"]))
 ratio = None

@@ -37,9 +37,9 @@ void lkq_args_usage(FILE *f)
         "      --cutoff S            end each level after S seconds, cancelling what is\n"
         "                            still in flight (counted as cancelled, not failed)\n"
         "      --until-saturated S   capacity probe (needs --scrape-metrics): end the level,\n"
-        "                            cancelling what is in flight, once requests wait and\n"
-        "                            the server's prefill counter stood still for S seconds\n"
-        "                            (and twice its longest pause so far): it holds all it can\n"
+        "                            cancelling what is in flight, once for S seconds\n"
+        "                            requests have waited while every request the server\n"
+        "                            runs was past its prefill: it holds all it can\n"
         "Requests:\n"
         "  -p, --prompt-tokens N     approximate prompt length (default 256), sliced from\n"
         "                            the corpus at a different offset per request\n"
@@ -100,47 +100,11 @@ static int parse_dbl(const char *s, double lo, double hi, double *out)
     return 0;
 }
 
-int lkq_parse_int_list(const char *s, int *out, int max, int lo, int hi, char *err, size_t errlen)
-{
-    char tok[32];
-    int n = 0;
-    const char *p = s;
-    if (!s || !*s) {
-        snprintf(err, errlen, "empty list");
-        return -1;
-    }
-    for (;;) {
-        const char *c = strchr(p, ',');
-        size_t len = c ? (size_t)(c - p) : strlen(p);
-        if (len == 0 || len >= sizeof tok) {
-            snprintf(err, errlen, "malformed list '%s' (empty or overlong item)", s);
-            return -1;
-        }
-        memcpy(tok, p, len);
-        tok[len] = '\0';
-        long long v;
-        if (parse_i64(tok, lo, hi, &v) != 0) {
-            snprintf(err, errlen, "'%s' in '%s' is not an integer in [%d, %d]", tok, s, lo, hi);
-            return -1;
-        }
-        if (n > 0 && v <= out[n - 1]) {
-            snprintf(err, errlen, "list '%s' must strictly increase", s);
-            return -1;
-        }
-        if (n == max) {
-            snprintf(err, errlen, "list '%s' has more than %d items", s, max);
-            return -1;
-        }
-        out[n++] = (int)v;
-        if (!c)
-            break;
-        p = c + 1;
-    }
-    return n;
-}
-
-int lkq_parse_double_list(const char *s, double *out, int max, double lo, double hi,
-                          char *err, size_t errlen)
+/* Splits a comma-separated list of at most max strictly increasing numbers
+ * in [lo, hi] (integers when is_int; positive when !is_int) into out.
+ * Returns the count or -1 with a one-line reason. */
+static int parse_list(const char *s, double *out, int max, int is_int, double lo, double hi,
+                      char *err, size_t errlen)
 {
     char tok[64];
     int n = 0;
@@ -159,7 +123,14 @@ int lkq_parse_double_list(const char *s, double *out, int max, double lo, double
         memcpy(tok, p, len);
         tok[len] = '\0';
         double v;
-        if (parse_dbl(tok, lo, hi, &v) != 0 || v <= 0) {
+        long long iv;
+        if (is_int) {
+            if (parse_i64(tok, (long long)lo, (long long)hi, &iv) != 0) {
+                snprintf(err, errlen, "'%s' in '%s' is not an integer in [%.0f, %.0f]", tok, s, lo, hi);
+                return -1;
+            }
+            v = (double)iv;
+        } else if (parse_dbl(tok, lo, hi, &v) != 0 || v <= 0) {
             snprintf(err, errlen, "'%s' in '%s' is not a number in (0, %g]", tok, s, hi);
             return -1;
         }
@@ -177,6 +148,23 @@ int lkq_parse_double_list(const char *s, double *out, int max, double lo, double
         p = c + 1;
     }
     return n;
+}
+
+int lkq_parse_int_list(const char *s, int *out, int max, int lo, int hi, char *err, size_t errlen)
+{
+    double v[LKQ_MAX_LEVELS];
+    if (max > LKQ_MAX_LEVELS)
+        max = LKQ_MAX_LEVELS;
+    int n = parse_list(s, v, max, 1, lo, hi, err, errlen);
+    for (int i = 0; i < n; i++)
+        out[i] = (int)v[i];
+    return n;
+}
+
+int lkq_parse_double_list(const char *s, double *out, int max, double lo, double hi,
+                          char *err, size_t errlen)
+{
+    return parse_list(s, out, max, 0, lo, hi, err, errlen);
 }
 
 int lkq_url_is_loopback(const char *url)

@@ -41,8 +41,8 @@ typedef struct lkq_args {
     double timeout;          /* per-request limit in seconds */
     double pause;            /* seconds between levels (lets the server drain) */
     double cutoff;           /* hard end of a level in seconds, in-flight cancelled; 0 = none */
-    double until_saturated;  /* end a level once the server queues and its prefill
-                              * counter stood still this long; 0 = off */
+    double until_saturated;  /* end a level once the server has queued this long
+                              * with every running request decoding; 0 = off */
     int ignore_eos;          /* send "ignore_eos": true (generate max_tokens) */
     const char *csv;         /* append rows here (header when new) */
     const char *json;        /* append JSON lines here */
@@ -60,7 +60,8 @@ int lkq_args_parse(int argc, char **argv, lkq_args *a, char *err, size_t errlen)
 void lkq_args_usage(FILE *f);
 
 /* Comma-separated integer list "1,2,4" into out[0..max). Values must lie in
- * [lo, hi] and strictly increase. Returns the count or -1 with err. */
+ * [lo, hi] and strictly increase; max is at most LKQ_MAX_LEVELS. Returns
+ * the count or -1 with err. */
 int lkq_parse_int_list(const char *s, int *out, int max, int lo, int hi, char *err, size_t errlen);
 
 /* Comma-separated list of positive finite numbers, strictly increasing. */

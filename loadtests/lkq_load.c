@@ -96,8 +96,10 @@ typedef struct runner {
     lkq_level *lvl;
     scrape sc;
     FILE *scrape_log;    /* --scrape-log, or NULL */
-    /* --until-saturated: the prefill counter and when it last moved */
-    double t_level0, last_prompt, t_prompt_moved, max_prompt_gap;
+    double t_level0;
+    /* --until-saturated: since when the server has queued with every running
+     * request decoding (-1: not now) */
+    double t_full;
     int saturated;
 } runner;
 
@@ -410,22 +412,19 @@ static void scrape_done(runner *R, CURLcode res)
                 snap.waiting, snap.kv_usage, snap.kv_bytes, snap.prompt_tokens);
         fflush(R->scrape_log);
     }
-    /* saturation: requests wait, and prefill, seen moving at least twice,
-     * has stood still for longer than --until-saturated and than twice its
-     * longest pause so far (one forward step with a prefill chunk can take
-     * seconds on a busy CPU) */
-    if (snap.prompt_tokens >= 0 && snap.prompt_tokens != R->last_prompt) {
-        if (R->last_prompt >= 0 && t - R->t_prompt_moved > R->max_prompt_gap)
-            R->max_prompt_gap = t - R->t_prompt_moved;
-        R->last_prompt = snap.prompt_tokens;
-        R->t_prompt_moved = t;
-    }
-    double still = t - R->t_prompt_moved;
-    double need = R->a->until_saturated;
-    if (2 * R->max_prompt_gap > need)
-        need = 2 * R->max_prompt_gap;
-    if (R->a->until_saturated > 0 && !R->saturated && snap.waiting > 0 && R->max_prompt_gap > 0 &&
-        still >= need) {
+    /* saturation: requests wait, and every request the server runs has
+     * finished its prefill (its first token reached us) -- continuously for
+     * --until-saturated seconds. A server that still had room would have
+     * admitted a waiting request at its next step. */
+    int decoding = 0;
+    for (int i = 0; i < R->inflight; i++)
+        decoding += R->live[i]->st.n_token_chunks > 0;
+    int full = snap.waiting > 0 && snap.running > 0 && decoding >= snap.running;
+    if (!full)
+        R->t_full = -1;
+    else if (R->t_full < 0)
+        R->t_full = t;
+    if (R->a->until_saturated > 0 && !R->saturated && full && t - R->t_full >= R->a->until_saturated) {
         R->saturated = 1;
         R->lvl->saturated = 1;
         R->lvl->saturated_at = t - R->t_level0;
@@ -485,9 +484,7 @@ static void run_level(runner *R, int li, lkq_level *l)
     double last_done = t0;
     R->sc.next_t = t0;
     R->t_level0 = t0;
-    R->last_prompt = -1;
-    R->t_prompt_moved = t0;
-    R->max_prompt_gap = 0;
+    R->t_full = -1;
     R->saturated = 0;
     for (;;) {
         double t = now_s();

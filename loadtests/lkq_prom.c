@@ -204,7 +204,6 @@ static int snap_cb(void *user, const char *name, const char *labels, double v)
 {
     snap_walk *w = user;
     lkq_prom_snap *s = w->s;
-    (void)labels;
     s->n_samples++;
     if (!isfinite(v))
         return 0;
@@ -221,10 +220,16 @@ static int snap_cb(void *user, const char *name, const char *labels, double v)
         s->kv_fp16_equiv = v;
     else if (strcmp(name, "livekvq_kv_bits_per_element") == 0)
         s->bits_per_element = v;
-    else if (strcmp(name, "livekvq_kv_blocks_used") == 0)
-        acc(&s->blocks_used, v);
-    else if (strcmp(name, "livekvq_kv_blocks_total") == 0)
-        acc(&s->blocks_total, v);
+    else if (strcmp(name, "livekvq_kv_blocks_used") == 0 ||
+             strcmp(name, "livekvq_kv_blocks_total") == 0) {
+        char kind[16];
+        int k = -1;
+        if (lkq_prom_label(labels, "kind", kind, sizeof kind) == 0)
+            k = strcmp(kind, "int4") == 0 ? 0 : strcmp(kind, "fp16") == 0 ? 1 : -1;
+        int used = strcmp(name, "livekvq_kv_blocks_used") == 0;
+        if (k >= 0)
+            acc(used ? &s->blocks_used[k] : &s->blocks_total[k], v);
+    }
     else if (strcmp(name, "livekvq_requests_rejected_total") == 0)
         acc(&s->rejected, v);
     else if (strcmp(name, "livekvq_preemptions_total") == 0)
@@ -247,7 +252,8 @@ int lkq_prom_snapshot(const char *text, size_t n, lkq_prom_snap *snap)
 {
     lkq_prom_snap *s = snap;
     s->running = s->waiting = s->kv_usage = s->kv_bytes = s->kv_fp16_equiv = -1;
-    s->bits_per_element = s->blocks_used = s->blocks_total = -1;
+    s->bits_per_element = -1;
+    s->blocks_used[0] = s->blocks_used[1] = s->blocks_total[0] = s->blocks_total[1] = -1;
     s->rejected = s->preemptions = s->prompt_tokens = -1;
     s->n_samples = 0;
     snap_walk w = {s, -1, -1, -1, 0};
@@ -267,7 +273,8 @@ void lkq_prom_agg_init(lkq_prom_agg *a)
 {
     memset(a, 0, sizeof *a);
     a->max_running = a->max_waiting = a->max_kv_usage = a->max_kv_bytes = -1;
-    a->max_blocks_used = a->blocks_total = a->bits_per_element = -1;
+    a->max_blocks_used[0] = a->max_blocks_used[1] = -1;
+    a->blocks_total[0] = a->blocks_total[1] = a->bits_per_element = -1;
     a->rejected_first = a->rejected_last = a->preempt_first = a->preempt_last = -1;
     a->max_running_no_queue = a->max_running_queued = -1;
 }
@@ -285,9 +292,11 @@ void lkq_prom_agg_add(lkq_prom_agg *a, const lkq_prom_snap *s)
     maxf(&a->max_waiting, s->waiting);
     maxf(&a->max_kv_usage, s->kv_usage);
     maxf(&a->max_kv_bytes, s->kv_bytes);
-    maxf(&a->max_blocks_used, s->blocks_used);
-    if (s->blocks_total >= 0)
-        a->blocks_total = s->blocks_total;
+    for (int k = 0; k < 2; k++) {
+        maxf(&a->max_blocks_used[k], s->blocks_used[k]);
+        if (s->blocks_total[k] >= 0)
+            a->blocks_total[k] = s->blocks_total[k];
+    }
     if (s->bits_per_element >= 0)
         a->bits_per_element = s->bits_per_element;
     if (s->waiting <= 0)

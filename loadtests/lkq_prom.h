@@ -39,7 +39,9 @@ typedef struct lkq_prom_snap {
     double kv_bytes;                  /* sum of livekvq_kv_bytes{kind} */
     double kv_fp16_equiv;             /* livekvq_kv_fp16_equivalent_bytes */
     double bits_per_element;          /* livekvq_kv_bits_per_element */
-    double blocks_used, blocks_total; /* sums of livekvq_kv_blocks_{used,total}{kind} */
+    /* livekvq_kv_blocks_{used,total}{kind}: [0] int4 blocks, [1] fp16
+     * blocks (fp16 mode) or staging pages (int4 mode) */
+    double blocks_used[2], blocks_total[2];
     double rejected;                  /* sum of livekvq_requests_rejected_total{reason} */
     double preemptions;               /* livekvq_preemptions_total */
     double prompt_tokens;             /* livekvq_prompt_tokens_total (prefill progress) */
@@ -56,7 +58,7 @@ typedef struct lkq_prom_agg {
     int n;                               /* scrapes taken */
     double max_running, max_waiting, mean_running, mean_waiting;
     double max_kv_usage, mean_kv_usage, max_kv_bytes;
-    double max_blocks_used, blocks_total, bits_per_element;
+    double max_blocks_used[2], blocks_total[2], bits_per_element; /* [0] int4, [1] fp16 */
     double rejected_first, rejected_last; /* counters at the first / last scrape */
     double preempt_first, preempt_last;
     /* max running while nothing was waiting: the concurrency the server

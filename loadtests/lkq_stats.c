@@ -174,7 +174,8 @@ void lkq_level_print_row(FILE *f, lkq_level *l)
     "prompt_tokens_mean,completion_tokens_mean," \
     "ttft_p50,ttft_p90,ttft_p99,itl_p50,itl_p90,itl_p99,e2e_p50,e2e_p90,e2e_p99,tpot_p50,tpot_p90,tpot_p99," \
     "max_inflight,scrapes,max_running,max_running_no_queue,max_running_queued,mean_running,max_waiting,mean_waiting," \
-    "max_kv_usage,mean_kv_usage,max_kv_bytes,max_blocks_used,blocks_total,bits_per_element," \
+    "max_kv_usage,mean_kv_usage,max_kv_bytes,max_int4_blocks_used,int4_blocks_total," \
+    "max_fp16_blocks_used,fp16_blocks_total,bits_per_element," \
     "rejected_delta,preemptions_delta,errors"
 
 void lkq_level_csv_header(FILE *f)
@@ -231,8 +232,10 @@ void lkq_level_csv_row(FILE *f, lkq_level *l)
     csv_num(f, p->max_kv_usage, 1);
     csv_num(f, p->n ? p->mean_kv_usage : -1, 1);
     csv_num(f, p->max_kv_bytes, 1);
-    csv_num(f, p->max_blocks_used, 1);
-    csv_num(f, p->blocks_total, 1);
+    for (int k = 0; k < 2; k++) {
+        csv_num(f, p->max_blocks_used[k], 1);
+        csv_num(f, p->blocks_total[k], 1);
+    }
     csv_num(f, p->bits_per_element, 1);
     csv_num(f, delta(p->rejected_first, p->rejected_last), 1);
     csv_num(f, delta(p->preempt_first, p->preempt_last), 1);
@@ -316,8 +319,10 @@ int lkq_level_json_line(FILE *f, lkq_level *l)
     json_object_set_new(m, "max_kv_usage", jnum(p->max_kv_usage, 1));
     json_object_set_new(m, "mean_kv_usage", jnum(p->n ? p->mean_kv_usage : -1, 1));
     json_object_set_new(m, "max_kv_bytes", jnum(p->max_kv_bytes, 1));
-    json_object_set_new(m, "max_blocks_used", jnum(p->max_blocks_used, 1));
-    json_object_set_new(m, "blocks_total", jnum(p->blocks_total, 1));
+    json_object_set_new(m, "max_int4_blocks_used", jnum(p->max_blocks_used[0], 1));
+    json_object_set_new(m, "int4_blocks_total", jnum(p->blocks_total[0], 1));
+    json_object_set_new(m, "max_fp16_blocks_used", jnum(p->max_blocks_used[1], 1));
+    json_object_set_new(m, "fp16_blocks_total", jnum(p->blocks_total[1], 1));
     json_object_set_new(m, "bits_per_element", jnum(p->bits_per_element, 1));
     json_object_set_new(m, "rejected_delta", jnum(delta(p->rejected_first, p->rejected_last), 1));
     json_object_set_new(m, "preemptions_delta", jnum(delta(p->preempt_first, p->preempt_last), 1));

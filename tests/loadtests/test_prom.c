@@ -120,8 +120,10 @@ Test(prom, snapshot_sums_and_fallbacks)
     cr_assert_float_eq(s.waiting, 2, 0);
     cr_assert_float_eq(s.kv_bytes, 1630, 0);
     cr_assert_float_eq(s.kv_fp16_equiv, 6000, 0);
-    cr_assert_float_eq(s.blocks_used, 12, 0);
-    cr_assert_float_eq(s.blocks_total, 120, 0);
+    cr_assert_float_eq(s.blocks_used[0], 10, 0);
+    cr_assert_float_eq(s.blocks_used[1], 2, 0);
+    cr_assert_float_eq(s.blocks_total[0], 100, 0);
+    cr_assert_float_eq(s.blocks_total[1], 20, 0);
     cr_assert_float_eq(s.rejected, 5, 0);
     cr_assert_float_eq(s.kv_usage, 0.1, 1e-12);
     cr_assert_float_eq(s.bits_per_element, 4.35, 1e-12);
