@@ -17,7 +17,8 @@ say() { echo "setup: $*" >&2; }
 
 # --- 1. Debian packages -----------------------------------------------------
 PKGS=(meson ninja-build pkg-config gcc g++ libmicrohttpd-dev libjansson-dev
-      libcurl4-openssl-dev libcriterion-dev libsentencepiece-dev unzip python3)
+      libcurl4-openssl-dev libcriterion-dev libsentencepiece-dev unzip python3
+      gnuplot-nox)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
