@@ -46,7 +46,7 @@ static char gt_err[1024];
         GT_CHECK(rc_ == 0, "%s -> %d: %s", #call, rc_, gt_err);                           \
     } while (0)
 
-static double gt_now(void)
+static inline double gt_now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -86,7 +86,7 @@ static int gt_end(void)
 }
 
 /* Worst element of |got - ref| - (atol + rtol |ref|); reports it. */
-static int gt_close(const char *what, const float *got, const float *ref, size_t n, double atol,
+static inline int gt_close(const char *what, const float *got, const float *ref, size_t n, double atol,
                     double rtol)
 {
     size_t worst = 0;
@@ -111,7 +111,7 @@ static int gt_close(const char *what, const float *got, const float *ref, size_t
 }
 
 /* Device buffer helpers: allocate + upload, download. */
-static void *gt_up(const void *src, size_t bytes)
+static inline void *gt_up(const void *src, size_t bytes)
 {
     void *d = NULL;
     GT_OK(kcu_malloc(gt_c, &d, bytes, gt_err, sizeof gt_err));
@@ -120,13 +120,13 @@ static void *gt_up(const void *src, size_t bytes)
     return d;
 }
 
-static void gt_down(void *dst, const void *src, size_t bytes)
+static inline void gt_down(void *dst, const void *src, size_t bytes)
 {
     GT_OK(kcu_d2h(gt_c, dst, src, bytes, gt_err, sizeof gt_err));
 }
 
 static uint64_t gt_rng = 0x9e3779b97f4a7c15ull;
-static uint32_t gt_u32(void)
+static inline uint32_t gt_u32(void)
 {
     gt_rng ^= gt_rng << 13;
     gt_rng ^= gt_rng >> 7;
@@ -134,11 +134,11 @@ static uint32_t gt_u32(void)
     return (uint32_t)(gt_rng >> 16);
 }
 /* uniform in [lo, hi) */
-static float gt_unif(float lo, float hi)
+static inline float gt_unif(float lo, float hi)
 {
     return lo + (hi - lo) * (float)(gt_u32() & 0xffffff) / 16777216.0f;
 }
-static float gt_gauss(void)
+static inline float gt_gauss(void)
 {
     float u = ((float)(gt_u32() & 0xffffff) + 0.5f) / 16777216.0f;
     return sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * gt_unif(0.0f, 1.0f));
