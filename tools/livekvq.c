@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "config/kvq_config.h"
+#include "engine/backend.h"
 #include "engine/chat.h"
 #include "engine/eval.h"
 #include "engine/forward.h"
@@ -64,6 +65,7 @@ static void usage_perplexity(FILE *f)
         "      --windows N          consecutive windows to evaluate (default 1)\n"
         "      --start TEXT         start at the first line beginning with TEXT\n"
         "      --no-compare         skip the FP16 reference (no KLD / top-1)\n"
+        "      --device cpu|cuda    where the forward pass runs (default cpu)\n"
         "      --json               last line of stdout: the result as JSON\n"
         "      --csv PATH           append the result as a CSV row (header if new)\n"
         "      --json-out PATH      append the result as one JSON line\n"
@@ -126,6 +128,8 @@ static void usage_generate(FILE *f)
         "      --echo               print the prompt before the continuation\n"
         "      --ignore-eos         keep generating past end-of-generation tokens\n"
         "      --ref                run the plain-C reference kernels (slow)\n"
+        "      --device cpu|cuda    where the forward pass runs (default cpu; cuda:\n"
+        "                           the whole pass and the KV cache on GPU 0)\n"
         KV_HELP
         "  -q, --quiet              no timings on stderr\n"
         "  -h, --help               this help\n");
@@ -224,6 +228,7 @@ typedef struct {
     long n_predict, n_ctx, n_threads, n_batch;
     smp_params sp;
     int seed_set, no_bos, chat, echo, ignore_eos, ref, quiet, special, pieces;
+    bk_device device;    /* --device cpu|cuda */
     cfg_kv kv;           /* KV cache mode and knobs */
     /* perplexity */
     long n_windows;
@@ -242,11 +247,12 @@ static int load_model(const cli_opts *o, mdl_model **m)
     if (!o->quiet)
         fprintf(stderr,
                 "livekvq: loaded %s (%s): %d layers, dim %d, %d/%d heads, "
-                "vocab %d, ctx %d in %.2f s; kernels %s\n",
+                "vocab %d, ctx %d in %.2f s; %s %s\n",
                 (*m)->name, (*m)->format, (*m)->hp.n_layers, (*m)->hp.dim,
                 (*m)->hp.n_heads, (*m)->hp.n_kv_heads, (*m)->hp.n_vocab,
                 (*m)->hp.n_ctx_train, now_s() - t0,
-                o->ref ? "ref" : kcpu_simd_name());
+                o->device == BK_DEVICE_CUDA ? "device" : "kernels",
+                o->device == BK_DEVICE_CUDA ? "cuda" : o->ref ? "ref" : kcpu_simd_name());
     return 0;
 }
 
@@ -276,7 +282,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     char err[512];
     int rc = -1;
     int32_t *ids = NULL, *hist = NULL;
-    fwd_state *fs = NULL;
+    bk_state *fs = NULL;
     smp_sampler *smp = NULL;
     char *chat_buf = NULL;
     int add_bos = o->no_bos ? 0 : tok_default_add_bos(m->tok);
@@ -338,7 +344,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     fp.max_batch = (int32_t)o->n_batch;
     fp.use_ref = o->ref;
     fp.kv = o->kv;
-    if (fwd_create(m, &fp, &fs, err, sizeof err) < 0) {
+    if (bk_create(m, &fp, o->device, &fs, err, sizeof err) < 0) {
         fprintf(stderr, "livekvq: %s\n", err);
         goto done;
     }
@@ -357,7 +363,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     }
     const float *logits;
     double t0 = now_s();
-    if (fwd_eval(fs, ids, n_prompt, 0, 0, &logits, err, sizeof err) < 0) {
+    if (bk_eval(fs, ids, n_prompt, 0, 0, &logits, err, sizeof err) < 0) {
         fprintf(stderr, "livekvq: %s\n", err);
         goto done;
     }
@@ -379,7 +385,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
         n_gen++;
         if (n_gen >= n_predict || pos + 1 >= n_ctx)
             break;
-        if (fwd_eval(fs, &next, 1, pos, 0, &logits, err, sizeof err) < 0) {
+        if (bk_eval(fs, &next, 1, pos, 0, &logits, err, sizeof err) < 0) {
             fprintf(stderr, "\nlivekvq: %s\n", err);
             goto done;
         }
@@ -393,17 +399,17 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     if (!o->quiet)
         fprintf(stderr,
                 "livekvq: prompt %d tokens in %.3f s (%.1f tok/s); generated %d "
-                "tokens in %.3f s (%.1f tok/s); %d threads\n",
+                "tokens in %.3f s (%.1f tok/s); %s\n",
                 n_prompt, t_prompt, n_prompt / (t_prompt > 0 ? t_prompt : 1e-9),
                 n_gen, t_gen, n_gen > 0 ? n_gen / (t_gen > 0 ? t_gen : 1e-9) : 0.0,
-                fwd_n_threads(fs));
+                bk_describe(fs));
     rc = 0;
 done:
     free(ids);
     free(hist);
     free(chat_buf);
     smp_destroy(smp);
-    fwd_destroy(fs);
+    bk_destroy(fs);
     return rc;
 }
 
@@ -411,7 +417,7 @@ enum {
     OPT_TOKENIZER = 256, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_RPEN,
     OPT_RLAST, OPT_PPEN, OPT_FPEN, OPT_NOBOS, OPT_CHAT, OPT_SYSTEM, OPT_ECHO,
     OPT_IGNEOS, OPT_REF, OPT_SPECIAL, OPT_PIECES, OPT_CONFIG, OPT_JSON,
-    OPT_CSV, OPT_JSON_OUT, OPT_WINDOWS, OPT_START, OPT_NO_COMPARE,
+    OPT_CSV, OPT_JSON_OUT, OPT_WINDOWS, OPT_START, OPT_NO_COMPARE, OPT_DEVICE,
     OPT_KV = 512, /* + index into cfg_kv_keys */
 };
 
@@ -448,6 +454,7 @@ static const struct option base_opts[] = {
     {"windows", required_argument, 0, OPT_WINDOWS},
     {"start", required_argument, 0, OPT_START},
     {"no-compare", no_argument, 0, OPT_NO_COMPARE},
+    {"device", required_argument, 0, OPT_DEVICE},
     {"quiet", no_argument, 0, 'q'},
     {"help", no_argument, 0, 'h'},
     {0, 0, 0, 0},
@@ -546,6 +553,12 @@ static int parse_opts(int argc, char **argv, cli_opts *o)
         case OPT_JSON_OUT: o->json_out = optarg; break;
         case OPT_START: o->start = optarg; break;
         case OPT_NO_COMPARE: o->no_compare = 1; break;
+        case OPT_DEVICE:
+            if (bk_parse_device(optarg, &o->device) < 0) {
+                fprintf(stderr, "livekvq: --device expects cpu or cuda, got '%s'\n", optarg);
+                return -1;
+            }
+            break;
         case OPT_WINDOWS:
             if (parse_int("--windows", optarg, 1, 100000, &v) < 0) return -1;
             o->n_windows = v; break;
@@ -805,6 +818,7 @@ static int cmd_perplexity(int argc, char **argv)
     eval_params ep = {
         .n_ctx = (int32_t)o.n_ctx, .n_windows = (int32_t)o.n_windows,
         .n_threads = (int32_t)o.n_threads, .use_ref = o.ref, .compare = !o.no_compare,
+        .device = (int)o.device,
         .kv = o.kv, .progress = ppl_progress, .progress_ctx = &o,
     };
     eval_result r;

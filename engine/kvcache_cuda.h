@@ -1,0 +1,77 @@
+/*
+ * kvcache_cuda.h - the LiveKVQuant-P KV cache in GPU memory: the same paged
+ * pool, block layout and sequence lifecycle as engine/kvcache.h (sinks in
+ * FP16, warm-up chunks staged in FP16 then quantized with the stabilized
+ * statistics, live INT4 quantization of later chunks, an FP16 decode tail
+ * quantized a block at a time, clipped-EMA ranges per layer), with the data
+ * in device memory and every data operation (statistics, quantization, page
+ * writes) done by kernels/cuda. The bookkeeping (entries, free lists, the
+ * step protocol) stays on the host and mirrors kvcache.c decision for
+ * decision, so the two caches hold the same segments for the same steps.
+ *
+ * Step protocol (as kvc_*): kvcd_begin reserves and uploads the step's
+ * tables; per layer the caller attends over kvcd_segs() (the committed
+ * history) and the step's own K/V, then calls kvcd_store; kvcd_commit
+ * publishes (kvcd_abort undoes). The arenas are allocated once, with
+ * cudaMalloc, at pool creation; nothing is allocated per step.
+ *
+ * Threading: a pool and its sequences are used by one thread at a time,
+ * with the pool's kcu_ctx.
+ */
+#ifndef LKQ_KVCACHE_CUDA_H
+#define LKQ_KVCACHE_CUDA_H
+
+#include "config/kvq_config.h"
+#include "engine/kvcache.h"
+#include "kernels/cuda/kcu_kv.cuh"
+#include "kernels/cuda/kcu_rt.cuh"
+
+typedef struct kvcd_pool kvcd_pool;
+typedef struct kvcd_seq kvcd_seq;
+
+/* Creates a pool on context c (borrowed; must outlive the pool) with the
+ * arena sizes of kvc_pool_plan (a step holds at most cfg->chunk_size
+ * tokens). Returns 0 and *out (kvcd_pool_destroy) or negative with a
+ * reason. */
+int kvcd_pool_create(kcu_ctx *c, const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
+                     int64_t n_fpages, kvcd_pool **out, char *err, size_t errlen);
+void kvcd_pool_destroy(kvcd_pool *p); /* NULL is a no-op; sequences first */
+
+const kvq_layout *kvcd_pool_layout(const kvcd_pool *p); /* NULL in fp16 mode */
+const kcu_kv_arena *kvcd_pool_arena(const kvcd_pool *p);
+/* Device bytes held by the two arenas. */
+size_t kvcd_pool_bytes(const kvcd_pool *p);
+
+/* A sequence of at most max_tokens positions (metadata and its device
+ * tables allocated here, once). */
+int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, size_t errlen);
+void kvcd_seq_destroy(kvcd_seq *s); /* NULL is a no-op */
+void kvcd_seq_reset(kvcd_seq *s);
+int kvcd_seq_n_tokens(const kvcd_seq *s);
+/* Exact accounting, as kvc_seq_stats (reads the block headers from the
+ * device: waits for pending work). */
+int kvcd_seq_stats(kvcd_seq *s, kvc_stats *out, char *err, size_t errlen);
+
+/* kvc_begin: reserves the step's pages/blocks and uploads its tables.
+ * Returns 0, -ENOSPC (nothing changed) or another negative value. */
+int kvcd_begin(kvcd_seq *s, int pos0, int n, int prefill, char *err, size_t errlen);
+/* The committed history during an open step: device table and count. */
+const kcu_seg *kvcd_segs(const kvcd_seq *s);
+int kvcd_n_segs(const kvcd_seq *s);
+/* kvc_store: layer l's K (after RoPE) and V of the step, device f32
+ * [n][kv_dim]: EMA update for prefill chunks, then FP16 staging / live
+ * quantization / tail, and re-quantization when warm-up ends or the tail
+ * is full. */
+int kvcd_store(kvcd_seq *s, int layer, const float *k, const float *v, char *err,
+               size_t errlen);
+void kvcd_commit(kvcd_seq *s);
+void kvcd_abort(kvcd_seq *s);
+/* kvc_finish_prefill. */
+int kvcd_finish_prefill(kvcd_seq *s, char *err, size_t errlen);
+
+/* Device EMA ranges of layer l, tensor 0 = K / 1 = V (lo, hi: [kv_dim]),
+ * and the chunks folded so far; for tests. */
+int kvcd_seq_ema(const kvcd_seq *s, int layer, int tensor, const float **lo, const float **hi,
+                 int *n_chunks);
+
+#endif
