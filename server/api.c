@@ -572,7 +572,10 @@ static int utf8_valid(const char *s, size_t n)
 static json_t *jstr(const char *s, size_t n)
 {
     if (utf8_valid(s, n))
-        return json_stringn(s, n) ? json_stringn(s, n) : json_string("");
+    {
+        json_t *j = json_stringn(s, n);
+        return j ? j : json_string("");
+    }
     char *t = malloc(n * 3 + 1);
     if (!t)
         return json_string("");
