@@ -20,9 +20,10 @@
 # Environment (defaults): MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf),
 #   TOKENIZER (none; for a llama2.c model),
 #   BUDGET (265MiB), PROMPT_TOKENS (4096), CHARS_PER_TOKEN (3.8), THREADS (2),
-#   EQUAL_C (2), MAX_TOKENS_EQ (32), CAP_C (8), MAX_TOKENS_CAP (200),
+#   EQUAL_C (2), MAX_TOKENS_EQ (32), CAP_C (7), MAX_TOKENS_CAP (200),
 #   SETTLE_S (10), CUTOFF_S (2400), OUT (BUILD_DIR/loadtests/compare_kv),
-#   NICE (10), LKQ_SHARED.
+#   NICE (10), LKQ_SHARED; REPORT_ONLY=1 only remakes the table and the plot
+#   from OUT's results.json and scrapes.csv.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +38,7 @@ CHARS_PER_TOKEN=${CHARS_PER_TOKEN:-3.8}
 THREADS=${THREADS:-2}
 EQUAL_C=${EQUAL_C:-2}
 MAX_TOKENS_EQ=${MAX_TOKENS_EQ:-32}
-CAP_C=${CAP_C:-8}
+CAP_C=${CAP_C:-7}
 MAX_TOKENS_CAP=${MAX_TOKENS_CAP:-200}
 SETTLE_S=${SETTLE_S:-10}
 CUTOFF_S=${CUTOFF_S:-2400}
@@ -48,11 +49,19 @@ export LKQ_SHARED=${LKQ_SHARED:-$ROOT/../shared}
 say() { echo "compare_kv: $*" >&2; }
 die() { say "$*"; exit 1; }
 
-[ -x "$SERVER" ] || die "no $SERVER: build the server first"
-[ -x "$LOAD" ] || die "no $LOAD: the load generator needs libcurl at build time"
-[ -r "$MODEL" ] || die "no model $MODEL (scripts/setup.sh fetches it)"
-mkdir -p "$OUT"
-rm -f "$OUT/results.csv" "$OUT/scrapes.csv" "$OUT/summary.md" "$OUT/compare_kv.png"
+REPORT_ONLY=${REPORT_ONLY:-0}
+if [ "$REPORT_ONLY" != 1 ]; then
+    [ -x "$SERVER" ] || die "no $SERVER: build the server first"
+    [ -x "$LOAD" ] || die "no $LOAD: the load generator needs libcurl at build time"
+    [ -r "$MODEL" ] || die "no model $MODEL (scripts/setup.sh fetches it)"
+    mkdir -p "$OUT"
+    rm -f "$OUT/results.csv" "$OUT/results.json" "$OUT/scrapes.csv" "$OUT/summary.md" \
+        "$OUT/compare_kv.png"
+else
+    if [ ! -r "$OUT/results.json" ] || [ ! -r "$OUT/scrapes.csv" ]; then
+        die "REPORT_ONLY: no results in $OUT"
+    fi
+fi
 
 SRV_PID=""
 stop_server() {
@@ -85,10 +94,11 @@ start_server() {
 LOADARGS=(-p "$PROMPT_TOKENS" --chars-per-token "$CHARS_PER_TOKEN" --timeout "$CUTOFF_S"
           --scrape-metrics auto --scrape-interval 1 --pause 0 --keep-going
           --csv "$OUT/results.csv" --json "$OUT/results.json" --scrape-log "$OUT/scrapes.csv")
-rm -f "$OUT/results.json"
 status=0
 t_start=$(date +%s)
-for mode in fp16 int4; do
+modes="fp16 int4"
+[ "$REPORT_ONLY" = 1 ] && modes=""
+for mode in $modes; do
     start_server "$mode"
     say "$mode server at $SRV_URL: $(grep -o 'KV cache [^;]*' "$OUT/server-$mode.log" | head -n1) (--kv-budget $BUDGET)"
     say "$mode: equal load, $EQUAL_C x ~$PROMPT_TOKENS-token prompts, $MAX_TOKENS_EQ tokens"
@@ -104,6 +114,10 @@ for mode in fp16 int4; do
     stop_server
 done
 elapsed=$(($(date +%s) - t_start))
+if [ "$REPORT_ONLY" = 1 ]; then
+    elapsed=$(sed -n 's/.* \([0-9]*\) s in all\..*/\1/p' "$OUT/summary.md" 2>/dev/null | head -n1)
+    elapsed=${elapsed:-?}
+fi
 
 # --- table -------------------------------------------------------------------------
 python3 - "$OUT" "$BUDGET" "$PROMPT_TOKENS" "$CAP_C" "$elapsed" "$MODEL" <<'EOF' || status=1
@@ -173,8 +187,9 @@ EOF
 
 # --- plot ----------------------------------------------------------------------------
 if command -v gnuplot >/dev/null; then
-    awk -F, 'NR > 1 && ($1 == "fp16" || $1 == "int4") { print > (OUT "/scrapes-" $1 ".dat") }' \
-        OUT="$OUT" "$OUT/scrapes.csv"
+    dat=$(mktemp -d /tmp/lkq_compare_kv.XXXXXX)
+    awk -F, 'NR > 1 && ($1 == "fp16" || $1 == "int4") { print > (D "/scrapes-" $1 ".dat") }' \
+        D="$dat" "$OUT/scrapes.csv"
     gnuplot <<EOF || say "gnuplot failed (no PNG)"
 set terminal pngcairo size 1100,450 font ",10"
 set output "$OUT/compare_kv.png"
@@ -183,18 +198,21 @@ set multiplot layout 1,2 title "FP16 vs INT4 KV cache at --kv-budget $BUDGET, pr
 set title "requests running (solid) and waiting (dashed)"
 set xlabel "seconds into the capacity probe"
 set ylabel "requests"
-set key top left
+set yrange [0:$CAP_C + 1]
+set key below horizontal
 set grid
-plot "$OUT/scrapes-fp16.dat" using 3:4 with lines lw 2 lc rgb "#d62728" title "fp16 running", \
-     "$OUT/scrapes-fp16.dat" using 3:5 with lines lw 1 dt 2 lc rgb "#d62728" title "fp16 waiting", \
-     "$OUT/scrapes-int4.dat" using 3:4 with lines lw 2 lc rgb "#1f77b4" title "int4 running", \
-     "$OUT/scrapes-int4.dat" using 3:5 with lines lw 1 dt 2 lc rgb "#1f77b4" title "int4 waiting"
+plot "$dat/scrapes-fp16.dat" using 3:4 with lines lw 2 lc rgb "#d62728" title "fp16 running", \
+     "$dat/scrapes-fp16.dat" using 3:5 with lines lw 1 dt 2 lc rgb "#d62728" title "fp16 waiting", \
+     "$dat/scrapes-int4.dat" using 3:4 with lines lw 2 lc rgb "#1f77b4" title "int4 running", \
+     "$dat/scrapes-int4.dat" using 3:5 with lines lw 1 dt 2 lc rgb "#1f77b4" title "int4 waiting"
 set title "KV bytes held"
 set ylabel "MiB"
-plot "$OUT/scrapes-fp16.dat" using 3:(\$7/1048576) with lines lw 2 lc rgb "#d62728" title "fp16", \
-     "$OUT/scrapes-int4.dat" using 3:(\$7/1048576) with lines lw 2 lc rgb "#1f77b4" title "int4"
+set yrange [0:*]
+plot "$dat/scrapes-fp16.dat" using 3:(\$7/1048576) with lines lw 2 lc rgb "#d62728" title "fp16", \
+     "$dat/scrapes-int4.dat" using 3:(\$7/1048576) with lines lw 2 lc rgb "#1f77b4" title "int4"
 unset multiplot
 EOF
+    rm -rf "$dat"
     [ -s "$OUT/compare_kv.png" ] && say "plot: $OUT/compare_kv.png"
 else
     say "gnuplot not installed (apt-get install gnuplot-nox): no plot"
