@@ -63,4 +63,46 @@ fi
 if [ ! -e "$ROOT/models/$MODEL_NAME" ]; then
     ln -sf "$cached" "$ROOT/models/$MODEL_NAME"
 fi
+
+# --- 3. real consumers of the server (optional) --------------------------------
+# tests/server/test_openai.py needs the official openai client (PyPI, pinned)
+# in a venv; tests/server/test_prometheus.py needs a prometheus binary
+# (Debian). When either cannot be had, one line says so and those tests
+# skip; setup does not fail for them.
+OPENAI_PIN=${LKQ_OPENAI_PIN:-openai==3.57.0}
+if ! command -v prometheus >/dev/null 2>&1 || \
+   ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "ok installed"; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    # no recommends: they would add prometheus-node-exporter, another daemon
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install \
+               -y -qq --no-install-recommends prometheus python3-venv; } \
+            >"$CACHE/apt-consumers.log" 2>&1; then
+        say "cannot install prometheus/python3-venv (no network?): the Prometheus test will skip; see $CACHE/apt-consumers.log"
+    fi
+    # the tests start their own prometheus; the packaged daemon must not run
+    if pgrep -x prometheus >/dev/null 2>&1 && [ -x /etc/init.d/prometheus ]; then
+        $SUDO /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    fi
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+fi
+venv="$CACHE/venv-openai"
+stamp="$venv/.lkq-${OPENAI_PIN//[^A-Za-z0-9.]/_}"
+if [ ! -f "$stamp" ] || [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv ($OPENAI_PIN)"
+    rm -rf "$venv"
+    vpy=/usr/bin/python3
+    [ -x "$vpy" ] || vpy=python3
+    # the stamp is written last: a venv without it is incomplete, made anew
+    if "$vpy" -m venv "$venv" >"$CACHE/venv-openai.log" 2>&1 && \
+       "$venv/bin/python" -m pip install -q "$OPENAI_PIN" >>"$CACHE/venv-openai.log" 2>&1 && \
+       "$venv/bin/python" -c "import openai" >>"$CACHE/venv-openai.log" 2>&1; then
+        touch "$stamp"
+    else
+        rm -rf "$venv"
+        say "cannot install $OPENAI_PIN from PyPI (no network?): the openai client test will skip; see $CACHE/venv-openai.log"
+    fi
+fi
 exit 0

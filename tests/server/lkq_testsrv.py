@@ -151,13 +151,27 @@ class Server:
                        % text[-2000:])
 
 
+class _TimedResult(unittest.TextTestResult):
+    """Prints each case's wall time after its verdict."""
+
+    def startTest(self, test):
+        self._t0 = time.monotonic()
+        super().startTest(test)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        self.stream.write("    (%.2f s)\n" % (time.monotonic() - self._t0))
+        self.stream.flush()
+
+
 def run_tests(module_name):
     """Runs the unittest cases of a module verbosely; exit status 0 when all
     pass, 1 otherwise; prints one closing 'N passed, N failed' line."""
     suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[module_name])
     t0 = time.monotonic()
-    res = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
+    res = unittest.TextTestRunner(verbosity=2, stream=sys.stdout,
+                                  resultclass=_TimedResult).run(suite)
     bad = len(res.failures) + len(res.errors)
     print("%s: %.1f s" % (module_name, time.monotonic() - t0))
-    print("%d passed, %d failed" % (res.testsRun - bad - len(res.skipped), bad))
+    print("%d passed, %d failed" % (max(0, res.testsRun - bad - len(res.skipped)), bad))
     sys.exit(0 if bad == 0 else 1)

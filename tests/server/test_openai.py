@@ -45,7 +45,7 @@ class OpenAIClient(unittest.TestCase):
                                    max_retries=0, timeout=120.0)
         # the reference greedy completion that the other cases compare with
         cls.greedy = cls.client.completions.create(model=MODEL_ID, prompt=PROMPT,
-                                                   max_tokens=12, temperature=0)
+                                                   max_tokens=8, temperature=0)
 
     @classmethod
     def tearDownClass(cls):
@@ -76,16 +76,16 @@ class OpenAIClient(unittest.TestCase):
         u = r.usage
         self.assertEqual(u.prompt_tokens, 5)  # SmolLM2's BPE: The| capital| of| France| is
         if c.finish_reason == "length":
-            self.assertEqual(u.completion_tokens, 12)
+            self.assertEqual(u.completion_tokens, 8)
         else:
-            self.assertLess(u.completion_tokens, 12)
+            self.assertLess(u.completion_tokens, 8)
         self.assertEqual(u.total_tokens, u.prompt_tokens + u.completion_tokens)
         # a 135M instruct model knows this one; also proves the prompt got through
         self.assertIn("Paris", c.text)
 
     def test_completion_stream_equals_nonstream(self):
         stream = self.client.completions.create(
-            model=MODEL_ID, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+            model=MODEL_ID, prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
             stream_options={"include_usage": True})
         text, finishes, usage, n_chunks, after_usage = "", [], None, 0, 0
         for ch in stream:
@@ -116,10 +116,10 @@ class OpenAIClient(unittest.TestCase):
             model=MODEL_ID, prompt=PROMPT, max_tokens=3, temperature=0, stream=True))
         self.assertTrue(chunks)
         self.assertTrue(all(ch.usage is None for ch in chunks))
-        self.assertEqual("".join(c.text for ch in chunks for c in ch.choices),
-                         self.client.completions.create(model=MODEL_ID, prompt=PROMPT,
-                                                        max_tokens=3,
-                                                        temperature=0).choices[0].text)
+        text = "".join(c.text for ch in chunks for c in ch.choices)
+        # greedy: the first 3 tokens' text starts the 8-token reference
+        self.assertGreater(len(text), 0)
+        self.assertTrue(self.greedy.choices[0].text.startswith(text), text)
 
     def test_raw_sse_ends_with_done(self):
         with self.client.completions.with_streaming_response.create(
@@ -136,38 +136,39 @@ class OpenAIClient(unittest.TestCase):
     def test_stop_sequence(self):
         full = self.greedy.choices[0].text
         self.assertIn(".", full, "the greedy reference text has no '.' to stop at")
-        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=12,
+        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=8,
                                            temperature=0, stop=["."])
         self.assertEqual(r.choices[0].finish_reason, "stop")
         self.assertEqual(r.choices[0].text, full.split(".")[0])
 
     def test_n_and_echo(self):
-        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=4,
+        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3,
                                            temperature=0, n=2, echo=True)
         self.assertEqual(sorted(c.index for c in r.choices), [0, 1])
-        want = PROMPT + self.client.completions.create(
-            model=MODEL_ID, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
-        for c in r.choices:
-            self.assertEqual(c.text, want)
-        self.assertEqual(r.usage.completion_tokens, 8)
+        self.assertEqual(r.choices[0].text, r.choices[1].text)
+        text = r.choices[0].text
+        self.assertTrue(text.startswith(PROMPT), text)
+        self.assertGreater(len(text), len(PROMPT))
+        self.assertTrue(self.greedy.choices[0].text.startswith(text[len(PROMPT):]), text)
+        self.assertEqual(r.usage.completion_tokens, 6)
 
     def test_seeded_sampling_reproducible(self):
-        args = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=8,
-                    temperature=1.0, top_p=0.95)
-        a = self.client.completions.create(seed=1234, **args).choices[0].text
-        b = self.client.completions.create(seed=1234, **args).choices[0].text
-        self.assertEqual(a, b)
-        texts = {self.client.completions.create(seed=s, **args).choices[0].text
-                 for s in (1, 2, 3, 4)}
-        self.assertGreater(len(texts | {a}), 1, "temperature 1 with 5 seeds gave one text")
+        args = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=4,
+                    temperature=1.0, top_p=0.95, n=3, seed=1234)
+        a = [c.text for c in sorted(self.client.completions.create(**args).choices,
+                                    key=lambda c: c.index)]
+        b = [c.text for c in sorted(self.client.completions.create(**args).choices,
+                                    key=lambda c: c.index)]
+        self.assertEqual(a, b, "the same seed gave other samples")
+        self.assertGreater(len(set(a)), 1, "3 samples at temperature 1 were all equal")
 
     def test_completion_logprobs(self):
-        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=6,
+        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=4,
                                            temperature=0, logprobs=3)
         c = r.choices[0]
         lp = c.logprobs
         n = r.usage.completion_tokens
-        self.assertEqual(n, 6)
+        self.assertEqual(n, 4)
         self.assertEqual(len(lp.tokens), n)
         self.assertEqual(len(lp.token_logprobs), n)
         self.assertEqual(len(lp.top_logprobs), n)
@@ -188,7 +189,7 @@ class OpenAIClient(unittest.TestCase):
                                  len(lp.tokens[i - 1]))
         # the same numbers when streamed
         toks, lps = [], []
-        for ch in self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=6,
+        for ch in self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=4,
                                                  temperature=0, logprobs=3, stream=True):
             for cc in ch.choices:
                 if cc.logprobs is not None:
@@ -205,7 +206,7 @@ class OpenAIClient(unittest.TestCase):
 
     def test_chat_nonstream_and_stream(self):
         r = self.client.chat.completions.create(model=MODEL_ID, messages=self.chat_messages(),
-                                                max_tokens=16, temperature=0)
+                                                max_tokens=10, temperature=0)
         self.assertEqual(r.object, "chat.completion")
         self.assertEqual(r.model, MODEL_ID)
         c = r.choices[0]
@@ -222,7 +223,7 @@ class OpenAIClient(unittest.TestCase):
                          r.usage.prompt_tokens + r.usage.completion_tokens)
 
         stream = self.client.chat.completions.create(
-            model=MODEL_ID, messages=self.chat_messages(), max_tokens=16, temperature=0,
+            model=MODEL_ID, messages=self.chat_messages(), max_tokens=10, temperature=0,
             stream=True, stream_options={"include_usage": True})
         content, roles, finishes, usage, n = "", [], [], None, 0
         for ch in stream:
@@ -246,7 +247,7 @@ class OpenAIClient(unittest.TestCase):
 
     def test_chat_logprobs(self):
         r = self.client.chat.completions.create(model=MODEL_ID, messages=self.chat_messages(),
-                                                max_tokens=5, temperature=0, logprobs=True,
+                                                max_tokens=4, temperature=0, logprobs=True,
                                                 top_logprobs=2)
         c = r.choices[0]
         items = c.logprobs.content
@@ -298,9 +299,9 @@ class OpenAIClient(unittest.TestCase):
             self.client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
         self.assertEqual(cm.exception.code, "model_not_found")
         # the server is still fine afterwards
-        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=12,
+        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2,
                                            temperature=0)
-        self.assertEqual(r.choices[0].text, self.greedy.choices[0].text)
+        self.assertTrue(self.greedy.choices[0].text.startswith(r.choices[0].text))
 
     # ---- shutdown (runs last: unittest sorts by name) -------------------------
 
