@@ -63,6 +63,7 @@ struct sched_req {
     char id[64];
     void (*notify)(void *ctx);
     void *notify_ctx;
+    int notify_final;
     int armed;
     int status, status_delivered;
     char error[256];
@@ -174,6 +175,8 @@ static void req_unref(sched_req *r)
 
 static void notify(sched_req *r)
 {
+    if (r->notify_final && r->n_done < r->n_jobs && r->status == 0)
+        return;
     if (r->armed && r->notify) {
         r->armed = 0;
         r->notify(r->notify_ctx);
@@ -321,6 +324,7 @@ int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err
     r->ignore_eos = p->ignore_eos;
     r->notify = p->notify;
     r->notify_ctx = p->notify_ctx;
+    r->notify_final = p->notify_final;
     snprintf(r->id, sizeof r->id, "%s", p->id ? p->id : "-");
     int rc = 0;
     for (int i = 0; i < p->n_stop && i < SCHED_MAX_STOP && rc == 0; i++) {

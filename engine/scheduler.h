@@ -75,6 +75,8 @@ typedef struct {
      * (MHD_resume_connection is fine). */
     void (*notify)(void *ctx);
     void *notify_ctx;
+    int notify_final;      /* 1: notify only when the request has ended (a
+                              non-streaming client has nothing to do before) */
 } sched_req_params;
 
 /* One generated token (for logprobs). */

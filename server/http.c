@@ -398,6 +398,7 @@ static enum MHD_Result start_generation(conn *c)
         sp.id = c->id;
         sp.notify = on_notify;
         sp.notify_ctx = c;
+        sp.notify_final = !c->req.stream;
         char err[512];
         int rc = sched_submit(h->s, &sp, &c->sr[k], err, sizeof err);
         if (rc < 0) {
