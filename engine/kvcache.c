@@ -179,7 +179,14 @@ int kvc_pool_plan(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
         int64_t budget = cfg->kv_budget_bytes;
         if (cfg->kv_budget_tokens > 0)
             budget = (cfg->kv_budget_tokens + T - 1) / T * qbytes;
-        int64_t nf = f_seq * (max_seqs < 4 ? max_seqs : 4);
+        /* FP16 pages are shared: warm-up staging for the sequences that
+         * may prefill at once (KVC_PREFILL_SLOTS) plus, per sequence, its
+         * sink page and a short decode tail (a longer tail borrows pages
+         * the staging does not use; if none are left the scheduler
+         * preempts). */
+        int64_t slots = max_seqs < KVC_PREFILL_SLOTS ? max_seqs : KVC_PREFILL_SLOTS;
+        int64_t nf = slots * ((stage + P - 1) / P + cfg->warmup_chunks + 1) +
+                     max_seqs * ((cfg->sink_tokens + P - 1) / P + 2);
         if (cfg->kv_budget_tokens > 0)
             budget += nf * fbytes; /* tokens count what is quantized */
         int64_t nq = (budget - nf * fbytes) / qbytes;
@@ -374,14 +381,22 @@ void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf)
         *nf = (n + P - 1) / P + 1;
         return;
     }
+    /* sinks stay in FP16; every chunk's other tokens fill whole blocks of
+     * their own (chunks are multiples of the block size) */
     int64_t sinks = c->sink_tokens < n ? c->sink_tokens : n;
-    int64_t rest = n - sinks;
-    int64_t chunks = (n + C - 1) / C;
-    int64_t stage = (int64_t)c->warmup_chunks * C;
-    if (stage > rest)
-        stage = rest;
-    *nq = (rest + T - 1) / T + chunks;
-    *nf = (sinks + P - 1) / P + (stage + P - 1) / P + c->warmup_chunks + 1;
+    int64_t q = 0, stage = 0;
+    for (int64_t at = 0, k = 0; at < n; at += C, k++) {
+        int64_t len = n - at < C ? n - at : C;
+        if (at < sinks)
+            len -= sinks - at;
+        if (len <= 0)
+            continue;
+        q += (len + T - 1) / T;
+        if (k < c->warmup_chunks)
+            stage += (len + P - 1) / P;
+    }
+    *nq = q;
+    *nf = (sinks + P - 1) / P + stage + 1;
 }
 
 /* ---- sequences -------------------------------------------------------------- */

@@ -40,6 +40,10 @@ typedef struct {
 } kvc_dims;
 
 typedef struct kvc_pool kvc_pool;
+
+/* Sequences that may be in prefill (warm-up staging) at once; the pool's
+ * FP16 staging is planned for this many and the scheduler keeps to it. */
+#define KVC_PREFILL_SLOTS 2
 typedef struct kvc_seq kvc_seq;
 
 /* Accounting: bytes actually held (allocated blocks and pages), by kind. */

@@ -612,10 +612,9 @@ static void admit(sched *s)
         job *j = s->running[k];
         if (!j)
             continue;
-        /* headroom for the decode tail of every running job */
+        /* headroom: a page of decode tail per running job (more is taken
+         * lazily; preemption covers the rest) */
         ff -= 1;
-        if (s->met.kv_int4)
-            fq -= 1;
         if (prefilling(j)) {
             n_pref++;
             int64_t q1, f1, q0, f0;
@@ -625,7 +624,7 @@ static void admit(sched *s)
             ff -= f1 - f0;
         }
     }
-    while (s->wait_head && s->n_running < s->p.max_seqs && n_pref < 2) {
+    while (s->wait_head && s->n_running < s->p.max_seqs && n_pref < KVC_PREFILL_SLOTS) {
         job *j = s->wait_head;
         if (j->req->cancelled) {
             job_end(s, j, NULL);

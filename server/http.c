@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <microhttpd.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,12 +39,13 @@ typedef enum {
     R_MODELS,
     R_HEALTH,
     R_METRICS,
+    R_MODEL_ONE,
     R_COUNT
 } route;
 
 static const char *const route_name[R_COUNT] = {"other", "/v1/completions",
                                                 "/v1/chat/completions", "/v1/models",
-                                                "/health", "/metrics"};
+                                                "/health", "/metrics", "/v1/models/{id}"};
 
 struct http_server {
     http_config cfg;
@@ -480,10 +482,22 @@ static enum MHD_Result continue_generation(conn *c)
 static enum MHD_Result do_models(conn *c)
 {
     http_server *h = c->h;
-    json_t *o = json_pack("{s:s, s:[{s:s, s:s, s:I, s:s, s:i, s:s}]}", "object", "list", "data",
-                          "id", h->model_id, "object", "model", "created",
-                          (json_int_t)h->created, "owned_by", "livekvquant", "max_model_len",
-                          sched_n_ctx(h->s), "root", h->m->name);
+    json_t *model = json_pack("{s:s, s:s, s:I, s:s, s:i, s:s}", "id", h->model_id, "object",
+                              "model", "created", (json_int_t)h->created, "owned_by",
+                              "livekvquant", "max_model_len", sched_n_ctx(h->s), "root",
+                              h->m->name);
+    json_t *o;
+    if (c->rt == R_MODEL_ONE) {
+        const char *want = c->url + strlen("/v1/models/");
+        if (strcmp(want, h->model_id) != 0 && strcmp(want, h->m->name) != 0) {
+            json_decref(model);
+            return fail(c, 404, "invalid_request_error", "model_not_found",
+                        "The model '%s' does not exist", want);
+        }
+        o = model;
+    } else {
+        o = json_pack("{s:s, s:[o]}", "object", "list", "data", model);
+    }
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     if (!s)
@@ -524,7 +538,7 @@ static route route_of(const char *url)
     size_t n = strlen(path);
     while (n > 1 && path[n - 1] == '/')
         path[--n] = '\0';
-    for (int r = 1; r < R_COUNT; r++)
+    for (int r = 1; r < R_MODEL_ONE; r++)
         if (strcmp(path, route_name[r]) == 0)
             return (route)r;
     if (strcmp(path, "/completions") == 0)
@@ -533,6 +547,8 @@ static route route_of(const char *url)
         return R_CHAT;
     if (strcmp(path, "/models") == 0)
         return R_MODELS;
+    if (strncmp(path, "/v1/models/", 11) == 0)
+        return R_MODEL_ONE;
     return R_NONE;
 }
 
@@ -552,7 +568,19 @@ static void new_id(http_server *h, conn *c)
     pthread_mutex_lock(&h->mu);
     uint64_t n = ++h->next_id;
     pthread_mutex_unlock(&h->mu);
-    snprintf(c->id, sizeof c->id, "cmpl-%08x%08llx", (unsigned)rand(), (unsigned long long)n);
+    snprintf(c->id, sizeof c->id, "%s-%08x%08llx", c->rt == R_CHAT ? "chatcmpl" : "cmpl",
+             (unsigned)rand(), (unsigned long long)n);
+}
+
+/* libmicrohttpd's own messages go through the log module (debug level:
+ * they are mostly clients that went away). */
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char buf[512];
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    buf[strcspn(buf, "\n")] = '\0';
+    log_msg(LOG_LEVEL_DEBUG, NULL, "libmicrohttpd: %s", buf);
 }
 
 static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char *url,
@@ -635,6 +663,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
                     "missing or wrong API key (send 'Authorization: Bearer KEY')");
     switch (c->rt) {
     case R_MODELS:
+    case R_MODEL_ONE:
         return do_models(c);
     case R_HEALTH:
         return do_health(c);
@@ -655,6 +684,12 @@ static void completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         return;
     *con_cls = NULL;
     int cancelled = 0;
+    if (c->gen_tokens == 0 && c->prompt_tokens == 0) {
+        for (int k = 0; k < c->n_sr; k++) {
+            c->gen_tokens += c->out[k].n_generated;
+            c->prompt_tokens += c->out[k].n_prompt;
+        }
+    }
     for (int k = 0; k < c->n_sr; k++) {
         if (!c->out[k].done)
             cancelled = 1;
@@ -723,7 +758,8 @@ int http_start(const http_config *cfg, const mdl_model *m, sched *s, http_server
         (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)threads,
         MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)600, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)(cfg->max_connections > 0 ? cfg->max_connections : 1000), MHD_OPTION_END);
+        (unsigned)(cfg->max_connections > 0 ? cfg->max_connections : 1000),
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_END);
     if (!h->d) {
         snprintf(err, errlen, "cannot listen on %s:%d (%s)", h->host, cfg->port,
                  errno ? strerror(errno) : "address in use?");
