@@ -60,6 +60,8 @@ typedef struct mdl_model {
     char arch[32];           /* "llama" */
     char name[128];          /* general.name or file stem */
     char chat_template[32];  /* "chatml", "llama2", "llama3", "zephyr" or "" */
+    char default_system[256];/* system message the GGUF's template inserts when
+                                a chat does not start with one ("" = none) */
     const char *format;      /* "gguf" or "llama2c" */
     void *priv;              /* loader state: mapping, owned buffers */
 } mdl_model;

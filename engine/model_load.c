@@ -469,8 +469,29 @@ out:
     return rc;
 }
 
+/* A ChatML template that inserts a default system message when the first
+ * message is not one ("... != 'system' %}{{ '<|im_start|>system\nTEXT<|im_end|>"):
+ * copies TEXT to out (else ""). */
+static void default_system(const char *t, size_t n, char *out, size_t cap)
+{
+    static const char hdr[] = "<|im_start|>system\n";
+    out[0] = 0;
+    if (!memmem(t, n, "!= 'system'", 11) && !memmem(t, n, "!= \"system\"", 11))
+        return;
+    const char *a = memmem(t, n, hdr, sizeof hdr - 1);
+    if (!a)
+        return;
+    a += sizeof hdr - 1;
+    const char *b = memmem(a, n - (size_t)(a - t), "<|im_end|>", 10);
+    if (!b || b - a <= 0 || (size_t)(b - a) >= cap || memchr(a, '{', (size_t)(b - a)) ||
+        memchr(a, '\'', (size_t)(b - a)))
+        return;
+    memcpy(out, a, (size_t)(b - a));
+    out[b - a] = 0;
+}
+
 /* Maps the chat_template text to a template family name. */
-static void detect_chat_template(gguf_file *f, char *out, size_t cap)
+static void detect_chat_template(gguf_file *f, char *out, size_t cap, char *sys, size_t syscap)
 {
     static const struct { const char *marker, *name; } fams[] = {
         {"<|im_start|>", "chatml"}, {"<|start_header_id|>", "llama3"},
@@ -482,6 +503,8 @@ static void detect_chat_template(gguf_file *f, char *out, size_t cap)
     for (size_t i = 0; i < sizeof(fams) / sizeof(fams[0]); i++)
         if (memmem(s.s, (size_t)s.len, fams[i].marker, strlen(fams[i].marker))) {
             snprintf(out, cap, "%s", fams[i].name);
+            if (i == 0)
+                default_system(s.s, (size_t)s.len, sys, syscap);
             return;
         }
 }
@@ -506,7 +529,8 @@ static int load_gguf(const char *path, mdl_model *m, load_priv *p, char *err, si
     } else {
         file_stem(path, m->name, sizeof(m->name));
     }
-    detect_chat_template(f, m->chat_template, sizeof(m->chat_template));
+    detect_chat_template(f, m->chat_template, sizeof(m->chat_template), m->default_system,
+                         sizeof(m->default_system));
     return 0;
 }
 

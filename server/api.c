@@ -283,7 +283,7 @@ static int parse_messages(json_t *root, api_request *r, const api_ctx *c, api_er
         api_set_error(e, 400, NULL, NULL, "messages", "too many messages (%zu)", n);
         return -1;
     }
-    chat_msg *cm = calloc(n, sizeof *cm);
+    chat_msg *cm = calloc(n + 1, sizeof *cm);
     char **owned = calloc(n, sizeof *owned);
     int rc = -1;
     char *buf = NULL;
@@ -313,9 +313,17 @@ static int parse_messages(json_t *root, api_request *r, const api_ctx *c, api_er
             goto done;
         cm[i] = (chat_msg){rs, owned[i]};
     }
+    /* the model's default system message, as its template would insert it */
+    chat_msg *all = cm;
+    int nm = (int)n;
+    if (c->m->default_system[0] && strcmp(cm[0].role, "system") != 0) {
+        memmove(cm + 1, cm, n * sizeof *cm);
+        cm[0] = (chat_msg){"system", c->m->default_system};
+        nm++;
+    }
     char err[256];
     int has_bos = 0;
-    long need = chat_format(c->m->chat_template, cm, (int)n, 1, NULL, 0, &has_bos, err,
+    long need = chat_format(c->m->chat_template, all, nm, 1, NULL, 0, &has_bos, err,
                             sizeof err);
     if (need < 0) {
         api_set_error(e, 400, NULL, NULL, "messages", "%s", err);
@@ -326,7 +334,7 @@ static int parse_messages(json_t *root, api_request *r, const api_ctx *c, api_er
         api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
         goto done;
     }
-    chat_format(c->m->chat_template, cm, (int)n, 1, buf, (size_t)need + 1, &has_bos, err,
+    chat_format(c->m->chat_template, all, nm, 1, buf, (size_t)need + 1, &has_bos, err,
                 sizeof err);
     r->n_prompts = 1;
     rc = add_text_prompt(r, 0, buf, (size_t)need,

@@ -293,6 +293,8 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
         int nm = 0;
         if (o->system)
             msgs[nm++] = (chat_msg){"system", o->system};
+        else if (m->default_system[0]) /* as the model's own template would */
+            msgs[nm++] = (chat_msg){"system", m->default_system};
         msgs[nm++] = (chat_msg){"user", text};
         int has_bos = 0;
         long need = chat_format(m->chat_template, msgs, nm, 1, NULL, 0,

@@ -133,6 +133,10 @@ Test(model_load, smollm2)
     cr_assert_eq(hp->rope_theta, 100000.0f);
     cr_assert_eq(hp->rope_freq_scale, 1.0f);
     cr_assert_float_eq(hp->norm_eps, 1e-5f, 1e-9f);
+    /* its template inserts a default system message (read from the Jinja text) */
+    cr_assert_str_eq(m->chat_template, "chatml");
+    cr_assert_str_eq(m->default_system,
+                     "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
     cr_assert_str_eq(m->format, "gguf");
     cr_assert_str_eq(m->chat_template, "chatml");
     cr_assert_str_eq(m->arch, "llama");
