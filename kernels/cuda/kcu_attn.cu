@@ -266,10 +266,11 @@ extern "C" size_t kcu_attn_scratch_bytes(const kcu_attn_shape *sh, int n_items, 
 {
     size_t D = (size_t)sh->n_kv_head * (size_t)sh->head_dim;
     size_t step16 = (size_t)total_q * D * 2 * sizeof(uint16_t);
-    size_t part = 0;
-    if (max_q <= DECODE_MAX_Q)
-        part = (size_t)n_items * (size_t)max_q * (size_t)sh->n_head * MAX_SPLITS *
-               ((size_t)sh->head_dim + 2) * sizeof(float);
+    /* batches with up to max_q queries per item include decode batches
+     * (at most DECODE_MAX_Q queries), which keep split partials */
+    int qd = max_q < DECODE_MAX_Q ? max_q : DECODE_MAX_Q;
+    size_t part = (size_t)n_items * (size_t)qd * (size_t)sh->n_head * MAX_SPLITS *
+                  ((size_t)sh->head_dim + 2) * sizeof(float);
     return ((step16 + 255) & ~(size_t)255) + part + 256;
 }
 

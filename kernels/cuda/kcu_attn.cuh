@@ -50,8 +50,8 @@ enum { KCU_ATTN_AUTO = 0, KCU_ATTN_GENERIC = 1, KCU_ATTN_MMA = 2 };
  * generic one and KCU_ATTN_MMA is refused). */
 int kcu_attn_mma_supported(const kcu_attn_shape *sh);
 
-/* Device scratch for batches of at most n_items items, total_q query rows
- * in all, at most max_q queries in one item. */
+/* Device scratch for any batch of at most n_items items, total_q query
+ * rows in all and at most max_q queries in one item. */
 size_t kcu_attn_scratch_bytes(const kcu_attn_shape *sh, int n_items, int total_q, int max_q);
 
 /* Runs attention for layer `layer`: items (host copy for planning, device

@@ -54,7 +54,7 @@ static inline double gt_now(void)
 }
 
 /* Opens device 0, or exits with 77 after saying why there is none. */
-static void gt_begin(const char *prog)
+static inline void gt_begin(const char *prog)
 {
     char why[256] = "";
     int n = kcu_device_count(why, sizeof why);
@@ -69,7 +69,13 @@ static void gt_begin(const char *prog)
     printf("%s on %s\n", prog, kcu_ctx_name(gt_c));
 }
 
-static void gt_case(const char *name, void (*fn)(void))
+/* 1 when the "device" is the CPU emulator (tests may shrink their sizes). */
+static inline int gt_emulated(void)
+{
+    return strstr(kcu_ctx_name(gt_c), "kemu") != NULL;
+}
+
+static inline void gt_case(const char *name, void (*fn)(void))
 {
     double t0 = gt_now();
     gt_case_fails = 0;
@@ -78,7 +84,7 @@ static void gt_case(const char *name, void (*fn)(void))
     fflush(stdout);
 }
 
-static int gt_end(void)
+static inline int gt_end(void)
 {
     kcu_ctx_destroy(gt_c);
     printf("%d checks, %d failed\n", gt_checks, gt_fails);

@@ -4,8 +4,7 @@
  * (memory, copies, streams, events, errors) and cuBLAS GemmEx.
  *
  * Coroutines switch with a few lines of x86-64 assembly (callee-saved
- * registers, MXCSR and the x87 control word); other architectures use
- * ucontext. Under AddressSanitizer the switches are announced with the
+ * registers); other architectures use ucontext. Under AddressSanitizer the switches are announced with the
  * fiber API so that the per-thread stacks are understood.
  * Threading: one host thread at a time (see kemu.h).
  */
@@ -41,9 +40,11 @@ extern "C" void __sanitizer_finish_switch_fiber(void *fake_stack_save, const voi
 /* ---- context switch ------------------------------------------------------- */
 
 #if defined(__x86_64__)
-/* kemu_switch(save, to): saves the callee-saved state on the current stack,
- * stores the stack pointer in *save and resumes the context whose stack
- * pointer is `to`. */
+/* kemu_switch(save, to): saves the callee-saved registers on the current
+ * stack, stores the stack pointer in *save and resumes the context whose
+ * stack pointer is `to`. The floating-point control state (MXCSR, x87
+ * control word) is shared by all coroutines: nothing in a kernel changes
+ * it. The extra 8-byte slot keeps the frame 16-byte aligned. */
 extern "C" void kemu_switch(void **save, void *to);
 __asm__(".text\n"
         ".globl kemu_switch\n"
@@ -56,12 +57,8 @@ __asm__(".text\n"
         "  pushq %r14\n"
         "  pushq %r15\n"
         "  subq $8, %rsp\n"
-        "  stmxcsr (%rsp)\n"
-        "  fnstcw 4(%rsp)\n"
         "  movq %rsp, (%rdi)\n"
         "  movq %rsi, %rsp\n"
-        "  ldmxcsr (%rsp)\n"
-        "  fldcw 4(%rsp)\n"
         "  addq $8, %rsp\n"
         "  popq %r15\n"
         "  popq %r14\n"
@@ -79,7 +76,7 @@ namespace {
 
 enum { T_NEW = 0, T_READY, T_BAR, T_WARP, T_DONE };
 
-const size_t STACK_BYTES = 256 * 1024;
+const size_t STACK_BYTES = 128 * 1024;
 const size_t SLOT_BYTES = 64; /* per lane in a warp collective */
 
 struct kthread {
@@ -198,7 +195,7 @@ void thread_init_stack(kthread *t)
     *--p = (uint64_t)(uintptr_t)&thread_start; /* popped by ret */
     for (int i = 0; i < 6; i++)
         *--p = 0;                      /* rbp rbx r12 r13 r14 r15 */
-    *--p = 0x1f80ull | (0x037full << 32); /* mxcsr, x87 control word */
+    *--p = 0;                          /* alignment slot */
     t->sp = p;
 #else
     getcontext(&t->uc);
@@ -389,6 +386,22 @@ void kemu_warp_gather(const void *mine, size_t size, void *all)
         else
             memset((char *)all + (size_t)l * size, 0, size);
     }
+    __syncwarp();
+    g_blk.slot_live[base + (size_t)t->lane] = 0;
+}
+
+void kemu_warp_exchange(const void *mine, size_t size, int src, void *out)
+{
+    kthread *t = g_blk.cur;
+    size_t base = (size_t)t->warp * 32;
+    memcpy(&g_blk.slots[(base + (size_t)t->lane) * SLOT_BYTES], mine, size);
+    g_blk.slot_live[base + (size_t)t->lane] = 1;
+    __syncwarp();
+    size_t i = base + (size_t)src;
+    if (i < g_blk.th.size() && g_blk.th[i].state != T_DONE && g_blk.slot_live[i])
+        memcpy(out, &g_blk.slots[i * SLOT_BYTES], size);
+    else
+        memset(out, 0, size);
     __syncwarp();
     g_blk.slot_live[base + (size_t)t->lane] = 0;
 }
@@ -890,9 +903,17 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     for (int j = 0; j < n; j++)
         for (int i = 0; i < m; i++) {
             const float *ai = &a[(size_t)i * (size_t)k], *bj = &b[(size_t)j * (size_t)k];
+            /* eight partial sums (vectorizable; cuBLAS's order is not
+             * specified either) */
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int p = 0;
+            for (; p + 8 <= k; p += 8)
+                for (int u = 0; u < 8; u++)
+                    acc[u] += ai[p + u] * bj[p + u];
             float s = 0.0f;
-            for (int p = 0; p < k; p++)
+            for (; p < k; p++)
                 s += ai[p] * bj[p];
+            s += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
             float *ci = &c[(size_t)i + (size_t)j * (size_t)ldc];
             *ci = be == 0.0f ? al * s : al * s + be * *ci;
         }

@@ -72,11 +72,14 @@ void __syncwarp(unsigned mask = 0xffffffffu);
 void kemu_warp_gather(const void *mine, size_t size, void *all);
 int kemu_lane();
 
+/* Every live lane deposits `size` bytes and receives lane src's (zero if
+ * that lane exited). */
+void kemu_warp_exchange(const void *mine, size_t size, int src, void *out);
 template <class T> static inline T kemu_shfl_from(T v, int src)
 {
-    T all[32];
-    kemu_warp_gather(&v, sizeof v, all);
-    return all[src & 31];
+    T r;
+    kemu_warp_exchange(&v, sizeof v, src & 31, &r);
+    return r;
 }
 template <class T> static inline T __shfl_sync(unsigned, T v, int src, int width = 32)
 {
