@@ -176,9 +176,8 @@ static void usage(FILE *f)
 }
 
 enum {
-    O_VARY = 256, O_DESIGN, O_SET, O_CONFIG, O_WINDOWS, O_DECODE, O_NO_TIMING,
-    O_NO_QUALITY, O_NO_COMPARE, O_MAX_CELLS, O_DRY_RUN, O_START,
-    O_KV = 512,
+    O_VARY = 256, O_DESIGN, O_WINDOWS, O_DECODE, O_NO_TIMING, O_NO_QUALITY,
+    O_NO_COMPARE, O_MAX_CELLS, O_DRY_RUN,
 };
 
 static const char *const abl_pseudo_keys[] = {"ctx", NULL};
@@ -275,15 +274,10 @@ static int parse_vary(abl_opts *o, const char *arg, char *err, size_t errlen)
 static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errlen)
 {
     static const struct option base[] = {
-        {"model", required_argument, 0, 'm'},
-        {"file", required_argument, 0, 'f'},
         {"out", required_argument, 0, 'o'},
         {"ctx-size", required_argument, 0, 'c'},
-        {"threads", required_argument, 0, 't'},
         {"vary", required_argument, 0, O_VARY},
         {"design", required_argument, 0, O_DESIGN},
-        {"set", required_argument, 0, O_SET},
-        {"config", required_argument, 0, O_CONFIG},
         {"windows", required_argument, 0, O_WINDOWS},
         {"decode", required_argument, 0, O_DECODE},
         {"no-timing", no_argument, 0, O_NO_TIMING},
@@ -291,15 +285,12 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
         {"no-compare", no_argument, 0, O_NO_COMPARE},
         {"max-cells", required_argument, 0, O_MAX_CELLS},
         {"dry-run", no_argument, 0, O_DRY_RUN},
-        {"start", required_argument, 0, O_START},
         {"quiet", no_argument, 0, 'q'},
-        {"help", no_argument, 0, 'h'},
     };
     const int nb = (int)(sizeof base / sizeof base[0]);
     static struct option opts[64];
     static char names[32][32];
-    memcpy(opts, base, sizeof base);
-    cli_kv_long_opts(opts, nb, 64, names, O_KV);
+    cli_eval_opts(base, nb, opts, 64, names);
 
     memset(o, 0, sizeof *o);
     o->ctx = 1024;
@@ -333,7 +324,7 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
                 return -1;
             }
             break;
-        case O_SET: {
+        case CLI_OPT_SET: { /* also takes ctx=N */
             char k[64];
             const char *eq = strchr(optarg, '=');
             size_t kl = eq ? (size_t)(eq - optarg) : 0;
@@ -347,16 +338,10 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
                     break;
                 }
             }
-            char lerr[256];
-            if (cli_kv_assign(&o->base, optarg, lerr, sizeof lerr) < 0) {
-                snprintf(err, errlen, "--set '%s': %s", optarg, lerr);
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
                 return -1;
-            }
             break;
         }
-        case O_CONFIG:
-            if (cfg_kv_load_file(&o->base, optarg, err, errlen) < 0) return -1;
-            break;
         case O_WINDOWS:
             if (cli_parse_long("--windows", optarg, 1, 100000, &v, err, errlen) < 0) return -1;
             o->windows = v; break;
@@ -371,26 +356,12 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
                 return -1;
             o->max_cells = v; break;
         case O_DRY_RUN: o->dry_run = 1; break;
-        case O_START: o->start = optarg; break;
         case 'q': o->quiet = 1; break;
         case 'h': return 1;
-        case ':':
-            snprintf(err, errlen, "option '%s' needs a value", argv[optind - 1]);
-            return -1;
-        case '?':
-            snprintf(err, errlen, "unknown option '%s'", argv[optind - 1]);
-            return -1;
         default:
-            if (c >= O_KV && c < O_KV + 32) {
-                char lerr[256];
-                if (cfg_kv_set(&o->base, cfg_kv_keys[c - O_KV], optarg, lerr, sizeof lerr) < 0) {
-                    snprintf(err, errlen, "--%s", lerr);
-                    return -1;
-                }
-                break;
-            }
-            snprintf(err, errlen, "unknown option '%s'", argv[optind - 1]);
-            return -1;
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+                return -1;
+            break;
         }
     }
     if (optind < argc) {
@@ -1013,14 +984,6 @@ int abl_main(int argc, char **argv)
     rc = 1;
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/cells", o->out);
-    if (cli_mkdir(dir, err, sizeof err) < 0) {
-        fprintf(stderr, "livekvq ablate: %s\n", err);
-        goto out;
-    }
-    write_command(o, argc, argv);
-    if (!o->quiet)
-        fprintf(stderr, "ablate: %d cells, %d finished earlier, %d to run\n", n, n - n_todo,
-                n_todo);
     if (n_todo > 0) {
         size_t len;
         text = cli_read_file(o->text, &len, err, sizeof err);
@@ -1051,6 +1014,14 @@ int abl_main(int argc, char **argv)
             rc = 2;
             goto out;
         }
+        if (cli_mkdir(dir, err, sizeof err) < 0) {
+            fprintf(stderr, "livekvq ablate: %s\n", err);
+            goto out;
+        }
+        write_command(o, argc, argv);
+        if (!o->quiet)
+            fprintf(stderr, "ablate: %d cells, %d finished earlier, %d to run\n", n,
+                    n - n_todo, n_todo);
         abl_progress P = {.o = o, .n_cells = n, .n_todo = n_todo, .t0 = cli_now_s(),
                           .tty = isatty(STDERR_FILENO)};
         for (int i = 0; i < n; i++) {
@@ -1083,9 +1054,13 @@ int abl_main(int argc, char **argv)
             cli_fmt_duration(cli_now_s() - P.t0, e1, sizeof e1);
             fprintf(stderr, "ablate: %d cells run in %s\n", P.n_run, e1);
         }
-    } else if (rebuild_all(o, cells, n, err, sizeof err) < 0) {
-        fprintf(stderr, "livekvq ablate: %s\n", err);
-        goto out;
+    } else {
+        if (!o->quiet)
+            fprintf(stderr, "ablate: %d cells, %d finished earlier, 0 to run\n", n, n);
+        if (rebuild_all(o, cells, n, err, sizeof err) < 0) {
+            fprintf(stderr, "livekvq ablate: %s\n", err);
+            goto out;
+        }
     }
     printf("results: %s/ablate.csv (%d cells)\n", o->out, n);
     rc = 0;

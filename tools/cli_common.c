@@ -292,3 +292,79 @@ const char *cli_kv_mode_name(const cfg_kv *c)
 {
     return c->mode == CFG_KV_FP16 ? "fp16" : "int4";
 }
+
+void cli_eval_opts(const struct option *base, int nb, struct option *opts, int cap,
+                   char names[][32])
+{
+    static const struct option shared[] = {
+        {"model", required_argument, 0, 'm'},
+        {"file", required_argument, 0, 'f'},
+        {"threads", required_argument, 0, 't'},
+        {"help", no_argument, 0, 'h'},
+        {"set", required_argument, 0, CLI_OPT_SET},
+        {"config", required_argument, 0, CLI_OPT_CONFIG},
+        {"start", required_argument, 0, CLI_OPT_START},
+    };
+    int n = 0;
+    for (int i = 0; i < nb && n + 1 < cap; i++)
+        opts[n++] = base[i];
+    for (size_t i = 0; i < sizeof shared / sizeof shared[0] && n + 1 < cap; i++)
+        opts[n++] = shared[i];
+    cli_kv_long_opts(opts, n, cap, names, CLI_OPT_KV);
+}
+
+int cli_eval_opt(int c, const char *arg, char **argv, cfg_kv *kv, const char **start,
+                 char *err, size_t errlen)
+{
+    char lerr[256];
+    switch (c) {
+    case CLI_OPT_SET:
+        if (cli_kv_assign(kv, arg, lerr, sizeof lerr) < 0) {
+            snprintf(err, errlen, "--set '%s': %s", arg, lerr);
+            return -1;
+        }
+        return 0;
+    case CLI_OPT_CONFIG:
+        return cfg_kv_load_file(kv, arg, err, errlen) < 0 ? -1 : 0;
+    case CLI_OPT_START:
+        *start = arg;
+        return 0;
+    case ':':
+        snprintf(err, errlen, "option '%s' needs a value", argv[optind - 1]);
+        return -1;
+    default:
+        if (c >= CLI_OPT_KV && c < CLI_OPT_KV + 32) {
+            if (cfg_kv_set(kv, cfg_kv_keys[c - CLI_OPT_KV], arg, lerr, sizeof lerr) < 0) {
+                snprintf(err, errlen, "--%s", lerr);
+                return -1;
+            }
+            return 0;
+        }
+        snprintf(err, errlen, "unknown option '%s'", argv[optind - 1]);
+        return -1;
+    }
+}
+
+int cli_kv_modes(const char *list, const cfg_kv *base, cfg_kv *modes, char *err,
+                 size_t errlen)
+{
+    char buf[64], *items[2], lerr[256];
+    int k = cli_split_list(list, buf, sizeof buf, items, 2, lerr, sizeof lerr);
+    if (k < 0) {
+        snprintf(err, errlen, "--kv-cache: %s", lerr);
+        return -1;
+    }
+    for (int i = 0; i < k; i++) {
+        modes[i] = *base;
+        if (cfg_kv_set(&modes[i], "kv_cache", items[i], lerr, sizeof lerr) < 0 ||
+            cfg_kv_validate(&modes[i], lerr, sizeof lerr) < 0) {
+            snprintf(err, errlen, "%s", lerr);
+            return -1;
+        }
+        if (i && modes[i].mode == modes[0].mode) {
+            snprintf(err, errlen, "--kv-cache: '%s' listed twice", items[i]);
+            return -1;
+        }
+    }
+    return k;
+}

@@ -60,6 +60,34 @@ int32_t *cli_encode(const mdl_model *m, const char *text, size_t len, int add_bo
 int cli_kv_long_opts(struct option *opts, int n, int cap, char names[][32],
                      int first_val);
 
+/* Option values shared by the evaluation commands: each command numbers its
+ * own long options below CLI_OPT_SET. */
+enum {
+    CLI_OPT_SET = 400, /* --set K=V       a cache knob */
+    CLI_OPT_CONFIG,    /* --config FILE   cache knobs from a file */
+    CLI_OPT_START,     /* --start TEXT    where the text starts */
+    CLI_OPT_KV = 512,  /* --knob-name V   + index into cfg_kv_keys */
+};
+
+/* Builds a command's long-option table: base[0..nb) plus --model (-m),
+ * --file (-f), --threads (-t), --help (-h) (the command handles those four),
+ * --set, --config, --start and one --knob-name flag per cache knob (names:
+ * caller storage of 32 entries). opts needs room for nb + 40 entries. */
+void cli_eval_opts(const struct option *base, int nb, struct option *opts, int cap,
+                   char names[][32]);
+
+/* Handles what getopt_long returned when the command's own switch did not:
+ * --set / --config / knob flags into *kv, --start into *start, and the
+ * "needs a value" / "unknown option" cases. Returns 0, or -1 with one line
+ * in err. */
+int cli_eval_opt(int c, const char *arg, char **argv, cfg_kv *kv, const char **start,
+                 char *err, size_t errlen);
+
+/* "--kv-cache fp16,int4": up to two distinct modes, each base with the mode
+ * set, validated. Returns the count or -1 with the reason. */
+int cli_kv_modes(const char *list, const cfg_kv *base, cfg_kv *modes, char *err,
+                 size_t errlen);
+
 /* "key=value" into c through cfg_kv_set (key may use '-'). */
 int cli_kv_assign(cfg_kv *c, const char *kv, char *err, size_t errlen);
 

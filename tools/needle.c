@@ -402,8 +402,8 @@ static void usage(FILE *f)
 }
 
 enum {
-    N_LENGTHS = 256, N_DEPTHS, N_TRIALS, N_SEED, N_KVC, N_VARIANT, N_CHAT, N_SET, N_CONFIG,
-    N_DUMP, N_DRY, N_START, N_PLAIN, N_KV = 512,
+    N_LENGTHS = 256, N_DEPTHS, N_TRIALS, N_SEED, N_KVC, N_VARIANT, N_CHAT, N_DUMP, N_DRY,
+    N_PLAIN,
 };
 
 static int parse_long_list(const char *opt, const char *s, long lo, long hi, long *out,
@@ -431,11 +431,8 @@ static int parse_long_list(const char *opt, const char *s, long lo, long hi, lon
 static int parse_opts(int argc, char **argv, ndl_opts *o, char *err, size_t errlen)
 {
     static const struct option base[] = {
-        {"model", required_argument, 0, 'm'},
-        {"file", required_argument, 0, 'f'},
         {"out", required_argument, 0, 'o'},
         {"n-predict", required_argument, 0, 'n'},
-        {"threads", required_argument, 0, 't'},
         {"lengths", required_argument, 0, N_LENGTHS},
         {"depths", required_argument, 0, N_DEPTHS},
         {"trials", required_argument, 0, N_TRIALS},
@@ -444,19 +441,14 @@ static int parse_opts(int argc, char **argv, ndl_opts *o, char *err, size_t errl
         {"variant", required_argument, 0, N_VARIANT},
         {"chat", no_argument, 0, N_CHAT},
         {"plain", no_argument, 0, N_PLAIN},
-        {"set", required_argument, 0, N_SET},
-        {"config", required_argument, 0, N_CONFIG},
         {"dump-prompts", no_argument, 0, N_DUMP},
         {"dry-run", no_argument, 0, N_DRY},
-        {"start", required_argument, 0, N_START},
         {"quiet", no_argument, 0, 'q'},
-        {"help", no_argument, 0, 'h'},
     };
     const int nb = (int)(sizeof base / sizeof base[0]);
     static struct option opts[64];
     static char names[32][32];
-    memcpy(opts, base, sizeof base);
-    cli_kv_long_opts(opts, nb, 64, names, N_KV);
+    cli_eval_opts(base, nb, opts, 64, names);
     memset(o, 0, sizeof *o);
     o->base = cfg_kv_default();
     static const long def_len[] = {1024, 2048, 4096, 8192}, def_depth[] = {0, 25, 50, 75, 100};
@@ -473,7 +465,6 @@ static int parse_opts(int argc, char **argv, ndl_opts *o, char *err, size_t errl
     opterr = 0;
     int c;
     long v;
-    char lerr[256];
     while ((c = getopt_long(argc, argv, ":m:f:o:n:t:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'm': o->model = optarg; break;
@@ -518,36 +509,14 @@ static int parse_opts(int argc, char **argv, ndl_opts *o, char *err, size_t errl
         }
         case N_CHAT: o->chat = 1; break;
         case N_PLAIN: o->chat = 0; break;
-        case N_SET:
-            if (cli_kv_assign(&o->base, optarg, lerr, sizeof lerr) < 0) {
-                snprintf(err, errlen, "--set '%s': %s", optarg, lerr);
-                return -1;
-            }
-            break;
-        case N_CONFIG:
-            if (cfg_kv_load_file(&o->base, optarg, err, errlen) < 0) return -1;
-            break;
         case N_DUMP: o->dump = 1; break;
         case N_DRY: o->dry_run = 1; break;
-        case N_START: o->start = optarg; break;
         case 'q': o->quiet = 1; break;
         case 'h': return 1;
-        case ':':
-            snprintf(err, errlen, "option '%s' needs a value", argv[optind - 1]);
-            return -1;
-        case '?':
-            snprintf(err, errlen, "unknown option '%s'", argv[optind - 1]);
-            return -1;
         default:
-            if (c >= N_KV && c < N_KV + 32) {
-                if (cfg_kv_set(&o->base, cfg_kv_keys[c - N_KV], optarg, lerr, sizeof lerr) < 0) {
-                    snprintf(err, errlen, "--%s", lerr);
-                    return -1;
-                }
-                break;
-            }
-            snprintf(err, errlen, "unknown option '%s'", argv[optind - 1]);
-            return -1;
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+                return -1;
+            break;
         }
     }
     if (optind < argc) {
@@ -558,27 +527,9 @@ static int parse_opts(int argc, char **argv, ndl_opts *o, char *err, size_t errl
         snprintf(err, errlen, "needle needs -m MODEL, -f TEXT and -o DIR");
         return -1;
     }
-    char buf[64], *items[4];
-    int k = cli_split_list(kvc, buf, sizeof buf, items, 2, lerr, sizeof lerr);
-    if (k < 0) {
-        snprintf(err, errlen, "--kv-cache: %s", lerr);
+    int k = cli_kv_modes(kvc, &o->base, o->modes, err, errlen);
+    if (k < 0)
         return -1;
-    }
-    for (int i = 0; i < k; i++) {
-        o->modes[i] = o->base;
-        if (cfg_kv_set(&o->modes[i], "kv_cache", items[i], lerr, sizeof lerr) < 0) {
-            snprintf(err, errlen, "--kv-cache: %s", lerr);
-            return -1;
-        }
-        if (i && o->modes[i].mode == o->modes[0].mode) {
-            snprintf(err, errlen, "--kv-cache: '%s' listed twice", items[i]);
-            return -1;
-        }
-        if (cfg_kv_validate(&o->modes[i], lerr, sizeof lerr) < 0) {
-            snprintf(err, errlen, "%s", lerr);
-            return -1;
-        }
-    }
     o->n_modes = k;
     for (int i = 0; i < o->n_lengths; i++)
         if (o->lengths[i] <= o->n_predict + 64) {

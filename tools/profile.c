@@ -69,31 +69,23 @@ static void usage(FILE *f)
         "  -t, --threads N       threads (default: online CPUs)\n");
 }
 
-enum { P_KVC = 256, P_TEMP, P_JSON, P_SET, P_CONFIG, P_START, P_KV = 512 };
+enum { P_KVC = 256, P_TEMP, P_JSON };
 
 static int parse_opts(int argc, char **argv, prf_opts *o, char *err, size_t errlen)
 {
     static const struct option base[] = {
-        {"model", required_argument, 0, 'm'},
-        {"file", required_argument, 0, 'f'},
         {"prompt", required_argument, 0, 'p'},
         {"ctx-size", required_argument, 0, 'c'},
         {"n-predict", required_argument, 0, 'n'},
-        {"threads", required_argument, 0, 't'},
         {"seed", required_argument, 0, 's'},
         {"kv-cache", required_argument, 0, P_KVC},
         {"temp", required_argument, 0, P_TEMP},
         {"json", no_argument, 0, P_JSON},
-        {"set", required_argument, 0, P_SET},
-        {"config", required_argument, 0, P_CONFIG},
-        {"start", required_argument, 0, P_START},
-        {"help", no_argument, 0, 'h'},
     };
     const int nb = (int)(sizeof base / sizeof base[0]);
     static struct option opts[64];
     static char names[32][32];
-    memcpy(opts, base, sizeof base);
-    cli_kv_long_opts(opts, nb, 64, names, P_KV);
+    cli_eval_opts(base, nb, opts, 64, names);
     memset(o, 0, sizeof *o);
     o->base = cfg_kv_default();
     o->n_decode = 64;
@@ -104,7 +96,6 @@ static int parse_opts(int argc, char **argv, prf_opts *o, char *err, size_t errl
     int c;
     long v;
     double d;
-    char lerr[256];
     while ((c = getopt_long(argc, argv, ":m:f:p:c:n:t:s:h", opts, NULL)) != -1) {
         switch (c) {
         case 'm': o->model = optarg; break;
@@ -132,33 +123,11 @@ static int parse_opts(int argc, char **argv, prf_opts *o, char *err, size_t errl
             }
             o->temp = (float)d; break;
         case P_JSON: o->json = 1; break;
-        case P_SET:
-            if (cli_kv_assign(&o->base, optarg, lerr, sizeof lerr) < 0) {
-                snprintf(err, errlen, "--set '%s': %s", optarg, lerr);
-                return -1;
-            }
-            break;
-        case P_CONFIG:
-            if (cfg_kv_load_file(&o->base, optarg, err, errlen) < 0) return -1;
-            break;
-        case P_START: o->start = optarg; break;
         case 'h': return 1;
-        case ':':
-            snprintf(err, errlen, "option '%s' needs a value", argv[optind - 1]);
-            return -1;
-        case '?':
-            snprintf(err, errlen, "unknown option '%s'", argv[optind - 1]);
-            return -1;
         default:
-            if (c >= P_KV && c < P_KV + 32) {
-                if (cfg_kv_set(&o->base, cfg_kv_keys[c - P_KV], optarg, lerr, sizeof lerr) < 0) {
-                    snprintf(err, errlen, "--%s", lerr);
-                    return -1;
-                }
-                break;
-            }
-            snprintf(err, errlen, "unknown option '%s'", argv[optind - 1]);
-            return -1;
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+                return -1;
+            break;
         }
     }
     if (optind < argc) {
@@ -174,24 +143,9 @@ static int parse_opts(int argc, char **argv, prf_opts *o, char *err, size_t errl
                  o->ctx);
         return -1;
     }
-    char buf[64], *items[4];
-    int k = cli_split_list(kvc, buf, sizeof buf, items, 2, lerr, sizeof lerr);
-    if (k < 0) {
-        snprintf(err, errlen, "--kv-cache: %s", lerr);
+    int k = cli_kv_modes(kvc, &o->base, o->modes, err, errlen);
+    if (k < 0)
         return -1;
-    }
-    for (int i = 0; i < k; i++) {
-        o->modes[i] = o->base;
-        if (cfg_kv_set(&o->modes[i], "kv_cache", items[i], lerr, sizeof lerr) < 0 ||
-            cfg_kv_validate(&o->modes[i], lerr, sizeof lerr) < 0) {
-            snprintf(err, errlen, "%s", lerr);
-            return -1;
-        }
-        if (i && o->modes[i].mode == o->modes[0].mode) {
-            snprintf(err, errlen, "--kv-cache: '%s' listed twice", items[i]);
-            return -1;
-        }
-    }
     o->n_modes = k;
     return 0;
 }
