@@ -185,8 +185,14 @@ int kvc_pool_plan(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
          * the staging does not use; if none are left the scheduler
          * preempts). */
         int64_t slots = max_seqs < KVC_PREFILL_SLOTS ? max_seqs : KVC_PREFILL_SLOTS;
+        /* sequences the budget can hold if they average half the context */
+        int64_t half = (n_ctx + 1) / 2;
+        int64_t q_half = (half + T - 1) / T + (half + cfg->chunk_size - 1) / cfg->chunk_size;
+        int64_t held = cfg->kv_budget_tokens > 0 ? (cfg->kv_budget_tokens + half - 1) / half
+                                                 : budget / (q_half * qbytes);
+        held = held < 1 ? 1 : held > max_seqs ? max_seqs : held;
         int64_t nf = slots * ((stage + P - 1) / P + cfg->warmup_chunks + 1) +
-                     max_seqs * ((cfg->sink_tokens + P - 1) / P + 2);
+                     held * ((cfg->sink_tokens + P - 1) / P + 2);
         if (cfg->kv_budget_tokens > 0)
             budget += nf * fbytes; /* tokens count what is quantized */
         int64_t nq = (budget - nf * fbytes) / qbytes;
