@@ -5,9 +5,10 @@
  * same process, same prompt), and prints a table of time per phase:
  * matmul, attention (INT4 history dequantized inside the kernel), KV store
  * (EMA update + live quantization), other (norms, RoPE, SwiGLU, embedding),
- * sampling (timed here), with prefill and decode apart; "dequantization"
- * is estimated as the INT4 attention time minus the FP16 one when both are
- * run. Then the peak KV bytes (largest held after any step), bits per
+ * sampling (timed here), with prefill and decode apart. Dequantization is
+ * fused into the attention kernel, so it shows as the INT4 attention time
+ * minus the FP16 one (net of the memory traffic the INT4 history saves;
+ * negative when the smaller reads win, as in decode over long histories). Then the peak KV bytes (largest held after any step), bits per
  * element, and the process's peak resident memory (VmHWM; note it covers
  * the whole process, both runs included). Phase times come from
  * fwd_profile (engine/forward.h), wall time on the engine thread.
@@ -359,8 +360,8 @@ int prf_main(int argc, char **argv)
                runs[i].n_gen ? runs[i].n_gen / tot[2 * i + 1] : 0.0,
                (double)runs[i].kv_peak / (1024.0 * 1024.0), runs[i].bits);
     if (fi >= 0 && qi >= 0)
-        printf("dequantization (int4 attention - fp16 attention): prefill %+.3f s, decode "
-               "%+.3f ms/token\n",
+        printf("attention, int4 - fp16 (dequantization cost net of the memory traffic "
+               "saved): prefill %+.3f s, decode %+.3f ms/token\n",
                runs[qi].pre.attn_s - runs[fi].pre.attn_s,
                runs[qi].n_gen ? 1e3 * (runs[qi].dec.attn_s - runs[fi].dec.attn_s) / runs[qi].n_gen
                               : 0.0);
