@@ -85,7 +85,7 @@ if [ -s "$KVQ" ]; then
              END { for (k in v) print k, v[k] }' | sort -k1,1 -k2,2n >"$TMP/q.dat"
     for c in default no-outliers no-warmup naive; do awk -v c=$c '$1 == c { print $2, $3, $4 }' "$TMP/q.dat" >"$TMP/q_$c.dat"; done
     plot -e "set output '$IMG/quality_vs_ctx.png'; set multiplot layout 1,2 title 'Quality vs context (SmolLM2-135M, Moby-Dick, one window)';
-        set logscale x 2; set xtics (1024, 2048, 4096, 8192); set grid; set xlabel 'context (tokens)'; set key top left;
+        set logscale x 2; set xtics (1024, 2048, 4096, 8192); set xrange [900:9300]; set grid; set xlabel 'context (tokens)'; set key top left;
         set ylabel 'mean KLD vs FP16 cache';
         plot for [c in 'default no-outliers no-warmup naive'] '$TMP/q_'.c.'.dat' using 1:2 with linespoints lw 2 title c;
         set ylabel 'perplexity change vs FP16 cache (%)';
@@ -107,13 +107,13 @@ if [ -s "$CTX" ]; then
     join <(awk '{ print $2, $3 }' "$TMP/ctx_fp16.dat") <(awk '{ print $2, $3 }' "$TMP/ctx_int4.dat") |
         awk '{ printf "%s %s %.2fx\n", $1, $3 / 1048576, $2 / $3 }' >"$TMP/ratio.dat"
     plot -e "set output '$IMG/memory_vs_ctx.png'; set title 'Peak KV cache bytes vs context (SmolLM2-135M: 30 layers x 3 KV heads x 64)';
-        set xlabel 'context (tokens)'; set ylabel 'MiB'; set grid; set key top left; set logscale x 2; set xtics (1024, 2048, 4096, 8192);
+        set xlabel 'context (tokens)'; set ylabel 'MiB'; set grid; set key top left; set logscale x 2; set xtics (1024, 2048, 4096, 8192); set xrange [900:9300];
         plot '$TMP/ctx_fp16.dat' using 2:(\$3/1048576) with linespoints lw 2 pt 7 title 'FP16 cache',
              '$TMP/ctx_int4.dat' using 2:(\$3/1048576) with linespoints lw 2 pt 7 title 'INT4 cache (defaults)',
              '$TMP/ratio.dat' using 1:2:3 with labels offset 0,-1.2 title '' "
     made=$((made + 1))
     plot -e "set output '$IMG/speed_vs_ctx.png'; set multiplot layout 1,2 title 'Speed vs context (2 shared cores; noisy)';
-        set logscale x 2; set xtics (1024, 2048, 4096, 8192); set grid; set xlabel 'context (tokens)'; set key bottom left;
+        set logscale x 2; set xtics (1024, 2048, 4096, 8192); set xrange [900:9300]; set grid; set xlabel 'context (tokens)'; set key bottom left;
         set ylabel 'prefill tokens/s';
         plot '$TMP/ctx_fp16.dat' using 2:5 with linespoints lw 2 title 'FP16', '$TMP/ctx_int4.dat' using 2:5 with linespoints lw 2 title 'INT4';
         set ylabel 'decode ms/token at the end of the context'; set key top left;

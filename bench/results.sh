@@ -40,7 +40,11 @@ CMD_OAT="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ablate-oat-2k -c 2048 --design 
 CMD_CTX="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ctx-sweep --vary ctx=1024,2048,4096,8192 \
 --vary kv_cache=fp16,int4 --no-quality --decode 16"
 CMD_NDL="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 1024,2048 --depths 0,25,50,75,100 \
---trials 2 --seed 1234"
+--trials 4 --seed 1234"
+CMD_NDL_MULTI="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 1024 --depths 0,25,50,75,100 \
+--trials 2 --seed 1234 --variant multi"
+CMD_NDL_KV="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 1024 --depths 0,25,50,75,100 \
+--trials 2 --seed 1234 --variant kv"
 CMD_PRF="$BIN profile -m $MODEL -f $TEXT -c 2048 -n 32"
 CMD_FULL_GRID="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ablate-grid --vary ctx=1024,2048,4096,8192 \
 --vary chunk_size=256,512,1024 --vary warmup_chunks=0,1,2 --vary ema_decay=0,0.3,0.6,0.9"
@@ -52,6 +56,8 @@ if [ $RUN = 1 ]; then
     nice -n 10 $CMD_OAT
     nice -n 10 $CMD_CTX
     nice -n 10 $CMD_NDL
+    nice -n 10 $CMD_NDL_MULTI
+    nice -n 10 $CMD_NDL_KV
     nice -n 10 $CMD_PRF >$DATA/profile-2k.txt
     if [ $FULL = 1 ]; then
         nice -n 10 $CMD_FULL_GRID
@@ -96,16 +102,16 @@ ctx_table() {
 }
 
 needle_table() {
-    local f=$DATA/needle/needle_summary.csv
+    local f=$DATA/needle/needle_summary${1:-}.csv
     [ -s "$f" ] || { echo "_(no data)_"; return; }
     for mode in fp16 int4; do
         echo
         echo "**$mode cache** (accuracy; rows: prompt length in tokens, columns: needle depth)"
         echo
         csvcols "$f" kv_cache length depth n correct | awk -F'|' -v m=$mode '
-            $1 == m { L[$2] = 1; D[$3] = 1; n[$2 " " $3] = $4; c[$2 " " $3] = $5 }
-            END { nd = 0; for (d in D) ds[++nd] = d + 0; asort(ds); nl = 0; for (l in L) ls[++nl] = l + 0; asort(ls);
-                  printf "| length |"; for (j = 1; j <= nd; j++) printf " %d%% |", ds[j]; print " all |";
+            $1 == m { if (!($2 in L)) { L[$2] = 1; ls[++nl] = $2 } if (!($3 in D)) { D[$3] = 1; ds[++nd] = $3 }
+                      n[$2 " " $3] = $4; c[$2 " " $3] = $5 }
+            END { printf "| length |"; for (j = 1; j <= nd; j++) printf " %d%% |", ds[j]; print " all |";
                   printf "|---|"; for (j = 1; j <= nd; j++) printf "---|"; print "---|";
                   for (i = 1; i <= nl; i++) { tn = 0; tc = 0; printf "| %d |", ls[i];
                       for (j = 1; j <= nd; j++) { k = ls[i] " " ds[j]; printf " %d/%d |", c[k], n[k]; tn += n[k]; tc += c[k] }
@@ -140,7 +146,7 @@ echo
 echo "Reduced sweeps reported here (each resumable: a finished cell is never rerun):"
 echo
 echo '```sh'
-printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_PRF > $DATA/profile-2k.txt"
+printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_NDL_MULTI" "$CMD_NDL_KV" "$CMD_PRF > $DATA/profile-2k.txt"
 echo '```'
 echo
 echo "The full grid (\`--full\`; not run for this page: about 144 cells of 1K-8K"
@@ -178,7 +184,8 @@ cat <<'EOF'
 
 Timing-only cells (`--no-quality`): prefill of CTX-16 tokens, 16 decode steps
 at the end of the context. Peak KV bytes are exact (all blocks, scale
-snapshots, outlier slots, FP16 staging/sinks/tail held). Raw rows:
+snapshots, outlier slots, FP16 staging/sinks/tail held), taken between
+steps (see the note in section 7). Raw rows:
 `docs/data/ctx-sweep/ablate.csv`.
 
 EOF
@@ -224,6 +231,20 @@ EOF
 needle_table
 echo
 img needle.png "needle accuracy vs length"
+cat <<'EOF'
+
+Multi-key variant (three labelled pass keys, "red", "green", "blue", one at
+the depth and the other two at seed-chosen depths; the question names one),
+1K, 2 prompts per depth (`needle_multi.csv`):
+EOF
+needle_table _multi
+cat <<'EOF'
+
+Key-value variant (six "The secret code of the WORD is NNNNN." sentences, the
+asked one at the depth, the others at seed-chosen depths), 1K, 2 prompts per
+depth (`needle_kv.csv`):
+EOF
+needle_table _kv
 cat <<'EOF'
 
 ## 6. Profile (2K context: 2016-token prompt, 32 decode steps)
