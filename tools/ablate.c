@@ -13,9 +13,10 @@
  * a time around the base configuration (--design oat).
  *
  * Results (DIR = --out):
- *   DIR/cells/<hash>.{json,csv,layers.csv,ema.csv}  one cell each, written
- *        atomically (tmp + rename), the .json last: a cell whose .json
- *        exists (and names the same cell) is finished and never rerun;
+ *   DIR/cells/<hash>.{key,csv,layers.csv,ema.csv,json}  one cell each,
+ *        written atomically (tmp + rename), the .json last: a cell whose
+ *        .key holds the same description and whose .json is complete is
+ *        finished and never rerun;
  *   DIR/ablate.csv, ablate.jsonl, layers.csv, ema.csv  this sweep's finished
  *        cells in sweep order, rebuilt after every cell;
  *   DIR/command.txt  the command line.
@@ -73,7 +74,7 @@ typedef struct {
     int n_axes;
 } abl_opts;
 
-/* Measurements of one cell (NaN / -1 where not measured). */
+/* Measurements of one cell (have_eval / have_timing say which parts ran). */
 typedef struct {
     eval_result ev;
     int have_eval;
