@@ -249,11 +249,12 @@ static int gen_tile(const kcu_attn_shape *sh, size_t limit, size_t *smem)
     return 0;
 }
 
-static int plan_splits(int n_sm, int blocks_base, int max_q, int max_ctx)
+/* Splits so that about `target` blocks run (decode batches only). */
+static int plan_splits(int target, int blocks_base, int max_q, int max_ctx)
 {
     if (max_q > DECODE_MAX_Q || blocks_base <= 0)
         return 1;
-    int want = (2 * n_sm + blocks_base - 1) / blocks_base;
+    int want = (target + blocks_base - 1) / blocks_base;
     int by_ctx = (max_ctx + 255) / 256; /* at least 256 positions per split */
     int s = want < by_ctx ? want : by_ctx;
     if (s > MAX_SPLITS)
@@ -351,7 +352,9 @@ extern "C" int kcu_attn(kcu_ctx *c, const kcu_attn_shape *sh, const kcu_kv_arena
     } else {
         blocks_base = n_items * max_q * P.n_kv;
     }
-    P.n_splits = plan_splits(c->n_sm, blocks_base, max_q, max_ctx);
+    /* the tensor-core kernel keeps few warps per block and is memory bound
+     * in decode: aim at ~8 blocks per SM for enough loads in flight */
+    P.n_splits = plan_splits((use_mma ? 8 : 2) * c->n_sm, blocks_base, max_q, max_ctx);
     int span = (max_ctx + P.n_splits - 1) / P.n_splits;
     P.span = (span + 63) / 64 * 64;
     if (P.n_splits > 1)

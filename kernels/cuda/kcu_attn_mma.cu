@@ -61,6 +61,38 @@ static __device__ __forceinline__ uint32_t q4_pair(const uint32_t *w, int r)
     return ((w[r >> 2] >> (4 * (r & 3))) & 0x000F000Fu) | 0x64006400u;
 }
 
+/* A sub-tile with no visible position: its scores are -inf. */
+static __device__ __forceinline__ void fill_empty(float *S, int st, int lane)
+{
+    for (int e = lane; e < 16 * ROWS; e += 32)
+        S[st * 16 * ROWS + e] = -INFINITY;
+}
+
+/* The S^T fragment of sub-tile positions [pb, pb+16) into S[pos - t0][row],
+ * -inf where the position is outside the valid range [tv0, tv1) or after
+ * the row's query (causal), or the row does not exist. */
+static __device__ __forceinline__ void store_scores(float *S, const float c4[4], int pb, int t0,
+                                                    int grp, int tig, int tv0, int tv1, int sp0,
+                                                    const int *rq)
+{
+KCU_UNROLL
+    for (int e = 0; e < 4; e++) {
+        int pr = pb + grp + (e >= 2 ? 8 : 0), r = 2 * tig + (e & 1);
+        bool ok = pr >= tv0 && pr < tv1 && rq[r] >= 0 && sp0 + pr <= rq[r];
+        S[(pr - t0) * ROWS + r] = ok ? c4[e] : -INFINITY;
+    }
+}
+
+/* B = P^T for sub-tile st: rows 4 tig .. 4 tig + 3 of the chunk (the V
+ * fragment's position order), column (query row) grp, as f16 pairs. */
+static __device__ __forceinline__ void p_fragment(const float *S, int st, int tig, int grp,
+                                                  uint32_t bp[2])
+{
+    const float *sp = S + (st * 16 + 4 * tig) * ROWS + grp;
+    bp[0] = kcu_pack_h2(sp[0], sp[ROWS]);
+    bp[1] = kcu_pack_h2(sp[2 * ROWS], sp[3 * ROWS]);
+}
+
 template <int HD>
 static __global__ void __launch_bounds__(W * 32) kcu_attn_mma_kernel(kcu_attn_args P)
 {
@@ -100,7 +132,7 @@ static __global__ void __launch_bounds__(W * 32) kcu_attn_mma_kernel(kcu_attn_ar
     int *rq = (int *)(ra + ROWS);     /* [ROWS] query position, -1: no row */
 
     float o[KS][4];
-    uint32_t bF[KS][2], b4[KS][2], zp[NP];
+    uint32_t bq[KS][2], zp[NP]; /* Q as B fragments (per segment kind), K zero pairs */
 KCU_UNROLL
     for (int i = 0; i < KS; i++)
         o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -126,15 +158,6 @@ KCU_UNROLL
             rl[lane] = 0.0f;
         }
         __syncwarp();
-        /* B for FP16 K: pair r = slice channels 2r, 2r+1 */
-KCU_UNROLL
-        for (int js = 0; js < KS; js++)
-KCU_UNROLL
-            for (int e = 0; e < 2; e++) {
-                int r = 2 * js + e;
-                const float *qr = qf + grp * HD + sl + 2 * r;
-                bF[js][e] = kcu_pack_h2(qr[0], qr[1]);
-            }
     }
 
     const size_t head_c = (size_t)h * HD; /* first channel of the head */
@@ -170,6 +193,16 @@ KCU_UNROLL
         const int tv0 = a - sp0, tv1 = b - sp0; /* valid segment-relative range */
         const int ng = P.has_L ? D / P.L.v_group : 1;
 
+        if (kind != KVS_Q4 && active) {
+            /* B for FP16 K: pair r = slice channels 2r, 2r+1 */
+KCU_UNROLL
+            for (int js = 0; js < KS; js++)
+KCU_UNROLL
+                for (int e = 0; e < 2; e++) {
+                    const float *qr = qf + grp * HD + sl + 2 * (2 * js + e);
+                    bq[js][e] = kcu_pack_h2(qr[0], qr[1]);
+                }
+        }
         if (kind == KVS_Q4 && active) {
             /* this block's K scales fold into Q; its zeros into the pairs */
             const uint16_t *ks = (const uint16_t *)(blk + P.L.off_ks) + head_c + sl;
@@ -186,7 +219,7 @@ KCU_UNROLL
                     int r = 2 * js + e;
                     int c0 = 8 * (r >> 2) + (r & 3), c1 = c0 + 4;
                     const float *qr = qf + grp * HD + sl;
-                    b4[js][e] = kcu_pack_h2(qr[c0] * kcu_h2f(ks[c0]), qr[c1] * kcu_h2f(ks[c1]));
+                    bq[js][e] = kcu_pack_h2(qr[c0] * kcu_h2f(ks[c0]), qr[c1] * kcu_h2f(ks[c1]));
                 }
         }
 
@@ -255,47 +288,60 @@ KCU_UNROLL
                 continue;
 
             /* ---- scores S[pos][row] for the chunk's 4 sub-tiles ---- */
-KCU_NOUNROLL
-            for (int st = 0; st < CH / 16; st++) {
-                int pb = t0 + st * 16;
-                bool any = pb < tv1 && pb + 16 > tv0;
-                if (!any) {
-                    for (int e = lane; e < 16 * ROWS; e += 32)
-                        S[st * 16 * ROWS + e] = -INFINITY;
-                    continue;
+            if (kind == KVS_Q4) {
+                /* all of the chunk's code words first (bytes in flight),
+                 * then the MMAs */
+                const uint8_t *kq = (const uint8_t *)(blk + P.L.off_kq);
+                uint32_t kw[CH / 16][2][HD / 32];
+KCU_UNROLL
+                for (int st = 0; st < CH / 16; st++) {
+                    int pb = t0 + st * 16;
+                    if (!(pb < tv1 && pb + 16 > tv0))
+                        continue;
+                    int pa = pb + grp < sn ? pb + grp : sn - 1;
+                    int pc = pb + grp + 8 < sn ? pb + grp + 8 : sn - 1;
+                    ldw<HD / 32>(kw[st][0], kq + (((size_t)pa * D + head_c + sl) >> 1));
+                    ldw<HD / 32>(kw[st][1], kq + (((size_t)pc * D + head_c + sl) >> 1));
                 }
-                int pa = pb + grp < sn ? pb + grp : sn - 1;
-                int pc = pb + grp + 8 < sn ? pb + grp + 8 : sn - 1;
-                float c4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                if (kind == KVS_Q4) {
-                    const uint8_t *kq = (const uint8_t *)(blk + P.L.off_kq);
-                    uint32_t wa[HD / 32], wc[HD / 32];
-                    ldw<HD / 32>(wa, kq + (((size_t)pa * D + head_c + sl) >> 1));
-                    ldw<HD / 32>(wc, kq + (((size_t)pc * D + head_c + sl) >> 1));
+KCU_UNROLL
+                for (int st = 0; st < CH / 16; st++) {
+                    int pb = t0 + st * 16;
+                    if (!(pb < tv1 && pb + 16 > tv0)) {
+                        fill_empty(S, st, lane);
+                        continue;
+                    }
+                    float c4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 KCU_UNROLL
                     for (int js = 0; js < KS; js++) {
                         uint32_t af[4];
-                        af[0] = kcu_hsub2(q4_pair(wa, 2 * js), zp[2 * js]);
-                        af[1] = kcu_hsub2(q4_pair(wc, 2 * js), zp[2 * js]);
-                        af[2] = kcu_hsub2(q4_pair(wa, 2 * js + 1), zp[2 * js + 1]);
-                        af[3] = kcu_hsub2(q4_pair(wc, 2 * js + 1), zp[2 * js + 1]);
-                        kcu_mma16816(c4, af, b4[js]);
+                        af[0] = kcu_hsub2(q4_pair(kw[st][0], 2 * js), zp[2 * js]);
+                        af[1] = kcu_hsub2(q4_pair(kw[st][1], 2 * js), zp[2 * js]);
+                        af[2] = kcu_hsub2(q4_pair(kw[st][0], 2 * js + 1), zp[2 * js + 1]);
+                        af[3] = kcu_hsub2(q4_pair(kw[st][1], 2 * js + 1), zp[2 * js + 1]);
+                        kcu_mma16816(c4, af, bq[js]);
                     }
-                } else {
+                    store_scores(S, c4, pb, t0, grp, tig, tv0, tv1, sp0, rq);
+                }
+            } else {
+KCU_NOUNROLL
+                for (int st = 0; st < CH / 16; st++) {
+                    int pb = t0 + st * 16;
+                    if (!(pb < tv1 && pb + 16 > tv0)) {
+                        fill_empty(S, st, lane);
+                        continue;
+                    }
+                    int pa = pb + grp < sn ? pb + grp : sn - 1;
+                    int pc = pb + grp + 8 < sn ? pb + grp + 8 : sn - 1;
+                    float c4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                     uint32_t wa[NP], wc[NP];
                     ldw<NP>(wa, pk + (size_t)pa * D + head_c + sl);
                     ldw<NP>(wc, pk + (size_t)pc * D + head_c + sl);
 KCU_UNROLL
                     for (int js = 0; js < KS; js++) {
                         uint32_t af[4] = {wa[2 * js], wc[2 * js], wa[2 * js + 1], wc[2 * js + 1]};
-                        kcu_mma16816(c4, af, bF[js]);
+                        kcu_mma16816(c4, af, bq[js]);
                     }
-                }
-KCU_UNROLL
-                for (int e = 0; e < 4; e++) {
-                    int pr = pb + grp + (e >= 2 ? 8 : 0), r = 2 * tig + (e & 1);
-                    bool ok = pr >= tv0 && pr < tv1 && rq[r] >= 0 && sp0 + pr <= rq[r];
-                    S[(pr - t0) * ROWS + r] = ok ? c4[e] : -INFINITY;
+                    store_scores(S, c4, pb, t0, grp, tig, tv0, tv1, sp0, rq);
                 }
             }
             __syncwarp();
@@ -364,52 +410,87 @@ KCU_UNROLL
             __syncwarp();
 
             /* ---- O^T += V^T P^T ---- */
-KCU_NOUNROLL
-            for (int st = 0; st < CH / 16; st++) {
-                int pb = t0 + st * 16;
-                if (!(pb < tv1 && pb + 16 > tv0))
-                    continue;
-                const float *sp = S + (st * 16 + 4 * tig) * ROWS + grp;
-                uint32_t bp[2] = {kcu_pack_h2(sp[0], sp[ROWS]),
-                                  kcu_pack_h2(sp[2 * ROWS], sp[3 * ROWS])};
-                int pp[4];
+            if (kind == KVS_Q4) {
+                const uint8_t *vq = (const uint8_t *)(blk + P.L.off_vq);
+                const uint16_t *vs = (const uint16_t *)(blk + P.L.off_vs);
+                const uint8_t *vz = (const uint8_t *)(blk + P.L.off_vz);
+                /* two sub-tiles at a time: their loads (code words and the
+                 * (zero, scale) pairs of each position pair) first, then
+                 * the MMAs */
 KCU_UNROLL
-                for (int k = 0; k < 4; k++) {
-                    int p = pb + 4 * tig + k;
-                    pp[k] = p < sn ? p : sn - 1;
+                for (int s2 = 0; s2 < CH / 16; s2 += 2) {
+                    uint32_t vw[2][NU][4], zpp[2][NU][2], spp[2][NU][2];
+KCU_UNROLL
+                    for (int h2 = 0; h2 < 2; h2++) {
+                        int pb = t0 + (s2 + h2) * 16;
+                        if (!(pb < tv1 && pb + 16 > tv0))
+                            continue;
+                        int pp[4];
+KCU_UNROLL
+                        for (int k = 0; k < 4; k++) {
+                            int p = pb + 4 * tig + k;
+                            pp[k] = p < sn ? p : sn - 1;
+                        }
+KCU_UNROLL
+                        for (int u = 0; u < NU; u++) {
+                            size_t c8 = head_c + 64 * u + 8 * grp; /* this thread's 8 channels */
+                            size_t gi = c8 / (size_t)P.L.v_group;
+KCU_UNROLL
+                            for (int k = 0; k < 4; k++)
+                                vw[h2][u][k] =
+                                    *(const uint32_t *)(vq + (((size_t)pp[k] * D + c8) >> 1));
+KCU_UNROLL
+                            for (int k2 = 0; k2 < 2; k2++) {
+                                size_t s0 = (size_t)pp[2 * k2] * (size_t)ng + gi;
+                                size_t s1 = (size_t)pp[2 * k2 + 1] * (size_t)ng + gi;
+                                zpp[h2][u][k2] =
+                                    0x64006400u | (uint32_t)vz[s0] | ((uint32_t)vz[s1] << 16);
+                                spp[h2][u][k2] = (uint32_t)vs[s0] | ((uint32_t)vs[s1] << 16);
+                            }
+                        }
+                    }
+KCU_UNROLL
+                    for (int h2 = 0; h2 < 2; h2++) {
+                        int st = s2 + h2, pb = t0 + st * 16;
+                        if (!(pb < tv1 && pb + 16 > tv0))
+                            continue;
+                        uint32_t bp[2];
+                        p_fragment(S, st, tig, grp, bp);
+KCU_UNROLL
+                        for (int u = 0; u < NU; u++)
+KCU_UNROLL
+                            for (int ii = 0; ii < 4; ii++) {
+                                unsigned sel = (unsigned)ii | ((unsigned)(4 + ii) << 8);
+                                uint32_t t01 = __byte_perm(vw[h2][u][0], vw[h2][u][1], sel);
+                                uint32_t t23 = __byte_perm(vw[h2][u][2], vw[h2][u][3], sel);
+                                uint32_t z01 = zpp[h2][u][0], s01 = spp[h2][u][0];
+                                uint32_t z23 = zpp[h2][u][1], s23 = spp[h2][u][1];
+                                uint32_t af[4];
+                                af[0] = kcu_hmul2(kcu_hsub2((t01 & 0x000F000Fu) | 0x64006400u, z01), s01);
+                                af[1] = kcu_hmul2(kcu_hsub2(((t01 >> 4) & 0x000F000Fu) | 0x64006400u, z01), s01);
+                                af[2] = kcu_hmul2(kcu_hsub2((t23 & 0x000F000Fu) | 0x64006400u, z23), s23);
+                                af[3] = kcu_hmul2(kcu_hsub2(((t23 >> 4) & 0x000F000Fu) | 0x64006400u, z23), s23);
+                                kcu_mma16816(o[4 * u + ii], af, bp);
+                            }
+                    }
                 }
+            } else {
+KCU_NOUNROLL
+                for (int st = 0; st < CH / 16; st++) {
+                    int pb = t0 + st * 16;
+                    if (!(pb < tv1 && pb + 16 > tv0))
+                        continue;
+                    uint32_t bp[2];
+                    p_fragment(S, st, tig, grp, bp);
+                    int pp[4];
 KCU_UNROLL
-                for (int u = 0; u < NU; u++) {
-                    size_t c8 = head_c + 64 * u + 8 * grp; /* this thread's 8 channels */
-                    if (kind == KVS_Q4) {
-                        const uint8_t *vq = (const uint8_t *)(blk + P.L.off_vq);
-                        const uint16_t *vs = (const uint16_t *)(blk + P.L.off_vs);
-                        const uint8_t *vz = (const uint8_t *)(blk + P.L.off_vz);
-                        uint32_t w4[4], zpp[2], spp[2];
-                        size_t gi = c8 / (size_t)P.L.v_group;
+                    for (int k = 0; k < 4; k++) {
+                        int p = pb + 4 * tig + k;
+                        pp[k] = p < sn ? p : sn - 1;
+                    }
 KCU_UNROLL
-                        for (int k = 0; k < 4; k++)
-                            w4[k] = *(const uint32_t *)(vq + (((size_t)pp[k] * D + c8) >> 1));
-KCU_UNROLL
-                        for (int k2 = 0; k2 < 2; k2++) {
-                            size_t s0 = (size_t)pp[2 * k2] * (size_t)ng + gi;
-                            size_t s1 = (size_t)pp[2 * k2 + 1] * (size_t)ng + gi;
-                            zpp[k2] = 0x64006400u | (uint32_t)vz[s0] | ((uint32_t)vz[s1] << 16);
-                            spp[k2] = (uint32_t)vs[s0] | ((uint32_t)vs[s1] << 16);
-                        }
-KCU_UNROLL
-                        for (int ii = 0; ii < 4; ii++) {
-                            unsigned sel = (unsigned)ii | ((unsigned)(4 + ii) << 8);
-                            uint32_t t01 = __byte_perm(w4[0], w4[1], sel);
-                            uint32_t t23 = __byte_perm(w4[2], w4[3], sel);
-                            uint32_t af[4];
-                            af[0] = kcu_hmul2(kcu_hsub2((t01 & 0x000F000Fu) | 0x64006400u, zpp[0]), spp[0]);
-                            af[1] = kcu_hmul2(kcu_hsub2(((t01 >> 4) & 0x000F000Fu) | 0x64006400u, zpp[0]), spp[0]);
-                            af[2] = kcu_hmul2(kcu_hsub2((t23 & 0x000F000Fu) | 0x64006400u, zpp[1]), spp[1]);
-                            af[3] = kcu_hmul2(kcu_hsub2(((t23 >> 4) & 0x000F000Fu) | 0x64006400u, zpp[1]), spp[1]);
-                            kcu_mma16816(o[4 * u + ii], af, bp);
-                        }
-                    } else {
+                    for (int u = 0; u < NU; u++) {
+                        size_t c8 = head_c + 64 * u + 8 * grp;
                         uint32_t w8[4][4];
 KCU_UNROLL
                         for (int k = 0; k < 4; k++)

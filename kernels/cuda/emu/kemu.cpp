@@ -35,6 +35,7 @@ extern "C" void __sanitizer_start_switch_fiber(void **fake_stack_save, const voi
                                                size_t size);
 extern "C" void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old,
                                                 size_t *size_old);
+extern "C" void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 #endif
 
 /* ---- context switch ------------------------------------------------------- */
@@ -188,6 +189,11 @@ void thread_start_uc() { thread_start(); }
 void thread_init_stack(kthread *t)
 {
     t->stack = stack_get();
+#ifdef KEMU_ASAN
+    /* a reused stack still carries the poisoned redzones of the frames of
+     * the coroutine that last ran on it */
+    __asan_unpoison_memory_region(t->stack, STACK_BYTES);
+#endif
 #if defined(__x86_64__)
     uintptr_t top = ((uintptr_t)t->stack + STACK_BYTES) & ~(uintptr_t)15;
     uint64_t *p = (uint64_t *)top;
