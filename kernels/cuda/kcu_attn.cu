@@ -66,29 +66,12 @@ static __global__ void __launch_bounds__(GEN_THREADS)
     __syncthreads();
 
     for (int si = 0; si <= item.n_segs && lo_pos < hi_pos; si++) {
-        int kind, sp0, sn, id = 0;
-        if (si < item.n_segs) {
-            kcu_seg sg = P.segs[item.seg0 + si];
-            kind = sg.kind;
-            sp0 = sg.pos0;
-            sn = sg.n;
-            id = sg.id;
-        } else {
-            kind = KVS_F32;
-            sp0 = item.pos0;
-            sn = item.n_q;
-        }
+        kcu_attn_seg_view sv = kcu_attn_segment(P, item, si, NULL, NULL);
+        const int kind = sv.kind, sp0 = sv.pos0, sn = sv.n;
         int a = sp0 > lo_pos ? sp0 : lo_pos;
         int b = sp0 + sn < hi_pos ? sp0 + sn : hi_pos;
-        const char *blk = NULL;
-        const uint16_t *pk = NULL, *pv = NULL;
-        if (kind == KVS_Q4) {
-            blk = P.A.qarena + (size_t)id * P.A.q_stride + (size_t)P.layer * P.A.q_layer;
-        } else if (kind == KVS_F16) {
-            pk = (const uint16_t *)(P.A.farena + (size_t)id * P.A.f_stride +
-                                    (size_t)P.layer * P.A.f_layer);
-            pv = pk + (size_t)P.A.page_tokens * (size_t)D;
-        }
+        const char *blk = sv.blk;
+        const uint16_t *pk = sv.pk, *pv = sv.pv;
         for (int p0 = a; p0 < b; p0 += TP) {
             int np = b - p0 < TP ? b - p0 : TP;
             int tb = p0 - sp0; /* segment-relative first position of the tile */

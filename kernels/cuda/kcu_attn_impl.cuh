@@ -34,6 +34,42 @@ static __device__ __forceinline__ float *kcu_attn_part(const kcu_attn_args &P, i
     return P.part + rec * (size_t)(P.hd + 2);
 }
 
+/* Segment si of an item's history, or (si == n_segs) the step's own K/V:
+ * kind, first position, length, and where its data is for `layer` (blk
+ * for KVS_Q4; pk / pv for FP16 pages, or the step rows of k16 / v16). */
+struct kcu_attn_seg_view {
+    int kind, pos0, n;
+    const char *blk;
+    const uint16_t *pk, *pv;
+};
+
+static __device__ __forceinline__ kcu_attn_seg_view
+kcu_attn_segment(const kcu_attn_args &P, const kcu_attn_item &item, int si, const uint16_t *k16,
+                 const uint16_t *v16)
+{
+    kcu_attn_seg_view v = {KVS_F32, item.pos0, item.n_q, NULL, NULL, NULL};
+    const size_t D = (size_t)P.A.kv_dim;
+    if (si == item.n_segs) {
+        if (k16) {
+            v.pk = k16 + (size_t)item.step_row0 * D;
+            v.pv = v16 + (size_t)item.step_row0 * D;
+        }
+        return v;
+    }
+    kcu_seg sg = P.segs[item.seg0 + si];
+    v.kind = sg.kind;
+    v.pos0 = sg.pos0;
+    v.n = sg.n;
+    if (sg.kind == KVS_Q4) {
+        v.blk = P.A.qarena + (size_t)sg.id * P.A.q_stride + (size_t)P.layer * P.A.q_layer;
+    } else {
+        v.pk = (const uint16_t *)(P.A.farena + (size_t)sg.id * P.A.f_stride +
+                                  (size_t)P.layer * P.A.f_layer);
+        v.pv = v.pk + (size_t)P.A.page_tokens * D;
+    }
+    return v;
+}
+
 /* Warps per block, positions per chunk, query rows per warp. */
 #define KCU_MMA_WARPS 4
 #define KCU_MMA_CH 64

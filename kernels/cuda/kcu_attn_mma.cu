@@ -83,6 +83,17 @@ KCU_UNROLL
     }
 }
 
+/* The 4 rows a thread reads for the V fragment of the sub-tile at pb:
+ * pb + 4 tig .. pb + 4 tig + 3, clamped to the segment's last row. */
+static __device__ __forceinline__ void v_rows(int pp[4], int pb, int tig, int sn)
+{
+KCU_UNROLL
+    for (int k = 0; k < 4; k++) {
+        int p = pb + 4 * tig + k;
+        pp[k] = p < sn ? p : sn - 1;
+    }
+}
+
 /* B = P^T for sub-tile st: rows 4 tig .. 4 tig + 3 of the chunk (the V
  * fragment's position order), column (query row) grp, as f16 pairs. */
 static __device__ __forceinline__ void p_fragment(const float *S, int st, int tig, int grp,
@@ -162,34 +173,14 @@ KCU_UNROLL
 
     const size_t head_c = (size_t)h * HD; /* first channel of the head */
     for (int si = 0; si <= item.n_segs; si++) { /* block-uniform */
-        int kind, sp0, sn, id = 0;
-        if (si < item.n_segs) {
-            kcu_seg sg = P.segs[item.seg0 + si];
-            kind = sg.kind;
-            sp0 = sg.pos0;
-            sn = sg.n;
-            id = sg.id;
-        } else {
-            kind = KVS_F32; /* the step, read from its f16 copy */
-            sp0 = item.pos0;
-            sn = item.n_q;
-        }
+        kcu_attn_seg_view sv = kcu_attn_segment(P, item, si, P.k_step16, P.v_step16);
+        const int kind = sv.kind, sp0 = sv.pos0, sn = sv.n;
         int a = sp0 > lo_pos ? sp0 : lo_pos;
         int b = sp0 + sn < hi_pos ? sp0 + sn : hi_pos;
         if (a >= b)
             continue;
-        const char *blk = NULL;
-        const uint16_t *pk = NULL, *pv = NULL;
-        if (kind == KVS_Q4) {
-            blk = P.A.qarena + (size_t)id * P.A.q_stride + (size_t)P.layer * P.A.q_layer;
-        } else if (kind == KVS_F16) {
-            pk = (const uint16_t *)(P.A.farena + (size_t)id * P.A.f_stride +
-                                    (size_t)P.layer * P.A.f_layer);
-            pv = pk + (size_t)P.A.page_tokens * (size_t)D;
-        } else {
-            pk = P.k_step16 + (size_t)item.step_row0 * (size_t)D;
-            pv = P.v_step16 + (size_t)item.step_row0 * (size_t)D;
-        }
+        const char *blk = sv.blk;
+        const uint16_t *pk = sv.pk, *pv = sv.pv; /* the step: its f16 copy */
         const int tv0 = a - sp0, tv1 = b - sp0; /* valid segment-relative range */
         const int ng = P.has_L ? D / P.L.v_group : 1;
 
@@ -426,11 +417,7 @@ KCU_UNROLL
                         if (!(pb < tv1 && pb + 16 > tv0))
                             continue;
                         int pp[4];
-KCU_UNROLL
-                        for (int k = 0; k < 4; k++) {
-                            int p = pb + 4 * tig + k;
-                            pp[k] = p < sn ? p : sn - 1;
-                        }
+                        v_rows(pp, pb, tig, sn);
 KCU_UNROLL
                         for (int u = 0; u < NU; u++) {
                             size_t c8 = head_c + 64 * u + 8 * grp; /* this thread's 8 channels */
@@ -483,11 +470,7 @@ KCU_NOUNROLL
                     uint32_t bp[2];
                     p_fragment(S, st, tig, grp, bp);
                     int pp[4];
-KCU_UNROLL
-                    for (int k = 0; k < 4; k++) {
-                        int p = pb + 4 * tig + k;
-                        pp[k] = p < sn ? p : sn - 1;
-                    }
+                    v_rows(pp, pb, tig, sn);
 KCU_UNROLL
                     for (int u = 0; u < NU; u++) {
                         size_t c8 = head_c + 64 * u + 8 * grp;

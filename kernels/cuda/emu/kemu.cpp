@@ -10,6 +10,8 @@
  */
 #include "kernels/cuda/emu/kemu.h"
 
+#include "kernels/ktypes.h"
+
 #include <sys/mman.h>
 
 #include <chrono>
@@ -483,59 +485,16 @@ void kemu_mma16816(float d[4], const uint32_t a[4], const uint32_t b[2])
     }
 }
 
+/* The oracle's conversions (kernels/ktypes.h): the emulated __float2half_rn
+ * and __half2float are exact IEEE conversions, as the hardware's. */
 unsigned short kemu_f32_to_f16(float f)
 {
-    uint32_t x = __float_as_uint(f);
-    uint32_t sign = (x >> 16) & 0x8000u;
-    uint32_t absx = x & 0x7fffffffu;
-    if (absx >= 0x7f800000u)
-        return (unsigned short)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0));
-    if (absx >= 0x477ff000u)
-        return (unsigned short)(sign | 0x7c00u);
-    if (absx < 0x38800000u) {
-        if (absx < 0x33000000u)
-            return (unsigned short)sign;
-        uint32_t e = absx >> 23;
-        uint32_t m = (absx & 0x7fffffu) | 0x800000u;
-        uint32_t shift = 126 - e;
-        uint32_t q = m >> shift;
-        uint32_t rem = m & ((1u << shift) - 1);
-        uint32_t half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (q & 1u)))
-            q++;
-        return (unsigned short)(sign | q);
-    }
-    uint32_t r = absx - ((127u - 15u) << 23);
-    uint32_t q = r >> 13;
-    uint32_t rem = r & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (q & 1u)))
-        q++;
-    return (unsigned short)(sign | q);
+    return kt_f32_to_f16(f);
 }
 
 float kemu_f16_to_f32(unsigned short h)
 {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t man = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {
-            int e = -1;
-            do {
-                e++;
-                man <<= 1;
-            } while (!(man & 0x400u));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    return __uint_as_float(bits);
+    return kt_f16_to_f32(h);
 }
 
 /* ---- launch ------------------------------------------------------------------- */
