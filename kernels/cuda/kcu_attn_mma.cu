@@ -377,6 +377,7 @@ KCU_UNROLL
                 }
                 sum += __shfl_xor_sync(0xffffffffu, sum, 1);
                 sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                __syncwarp(); /* every lane has read rm[r] */
                 if (qq == 0) {
                     rm[r] = m_new;
                     rl[r] = rl[r] * alpha + sum;
@@ -557,21 +558,18 @@ int kcu_attn_mma_launch(kcu_ctx *c, const kcu_attn_args &P, int n_items, int tas
         return kcu_failf(err, errlen, "kcu_attn: the tensor-core kernel needs %zu bytes of "
                          "shared memory (outlier budget too large for the device)", smem);
     dim3 grid((unsigned)((tasks_max + W - 1) / W), (unsigned)P.n_splits, (unsigned)n_items);
-    if (P.hd == 64) {
-        void (*kern)(kcu_attn_args) = kcu_attn_mma_kernel<64>;
-        if (smem > 48 * 1024)
-            KCU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem),
-                    err, errlen);
-        KCU_LAUNCH(kern, grid, dim3(W * 32), smem, c->stream, P);
-    } else {
-        void (*kern)(kcu_attn_args) = kcu_attn_mma_kernel<128>;
-        if (smem > 48 * 1024)
-            KCU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem),
-                    err, errlen);
-        KCU_LAUNCH(kern, grid, dim3(W * 32), smem, c->stream, P);
+    /* opting in to more than 48 KiB of shared memory is done once per size
+     * increase (engine thread only) */
+    static size_t optin[2];
+    int which = P.hd == 64 ? 0 : 1;
+    void (*kern)(kcu_attn_args) = which ? kcu_attn_mma_kernel<128> : kcu_attn_mma_kernel<64>;
+    if (smem > 48 * 1024 && smem > optin[which]) {
+        KCU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)smem),
+                err, errlen);
+        optin[which] = smem;
     }
+    KCU_LAUNCH(kern, grid, dim3(W * 32), smem, c->stream, P);
     KCU_CHECK_LAUNCH(err, errlen, "kcu_attn (tensor cores)");
     return 0;
 }
