@@ -92,8 +92,8 @@ static void quantile_case(int n, int D, size_t stride, float alpha, int kind)
 
 static void case_quantiles(void)
 {
-    const float alphas[] = {0.0f, 0.001f, 0.005f, 0.01f, 0.1f, 0.25f, 0.5f, 0.7f, NAN};
-    const int ns[] = {1, 2, 3, 17, 64, 101, 512, 513};
+    const float alphas[] = {0.0f, 0.005f, 0.01f, 0.25f, 0.5f, 0.7f, NAN};
+    const int ns[] = {1, 2, 3, 17, 101, 512, 513};
     for (size_t ai = 0; ai < sizeof alphas / sizeof alphas[0]; ai++)
         for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
             quantile_case(ns[ni], 5, 7, alphas[ai], (int)(ni % 4));
