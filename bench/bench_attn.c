@@ -10,7 +10,10 @@
  *   does, so the cache comes from memory instead of the last-level cache),
  *   --kmode token (per-token K scales instead of per-channel), --case I
  *   (only case I of the table, 0-4), --mode M (fp16 and mode M only: 1
- *   fp16-seg, 2 int4), --threads N (only N threads)
+ *   fp16-seg, 2 int4), --threads N (only N threads), --cpu (time calls by
+ *   the process's CPU time instead of wall time: with --threads 1 on a
+ *   shared machine, time-slicing by other processes drops out; cache and
+ *   memory contention remain)
  *
  * Cases: decoding one token at 1K / 4K / 8K context, and a 512-token
  * prefill chunk at positions 512 and 3584. Modes:
@@ -39,10 +42,12 @@
 enum { H = 9, KVH = 3, HD = 64, D = KVH * HD, T = 128, G = 64, NCTX = 8192, NQ = 512 };
 #define MAX_CALLS 4096
 
+static int g_cpu_clock; /* --cpu */
+
 static double now_s(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(g_cpu_clock ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -152,6 +157,8 @@ int main(int argc, char **argv)
             only_thr = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--outliers") && i + 1 < argc) {
             g_out_frac = (float)atof(argv[++i]);
+        } else if (!strcmp(argv[i], "--cpu")) {
+            g_cpu_clock = 1;
         } else if (!strcmp(argv[i], "--solo")) {
             solo = 1;
         } else if (!strcmp(argv[i], "--cold")) {
@@ -159,7 +166,7 @@ int main(int argc, char **argv)
         } else if (!strcmp(argv[i], "--kmode") && i + 1 < argc) {
             km = !strcmp(argv[++i], "token") ? KVQ_K_PER_TOKEN : KVQ_K_PER_CHANNEL;
         } else {
-            fprintf(stderr, "usage: %s [--reps N] [--cold] [--kmode channel|token] [--case 0-4] [--mode 0-2] [--threads 1|2] [--solo] [--outliers F]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--reps N] [--cold] [--kmode channel|token] [--case 0-4] [--mode 0-2] [--threads 1|2] [--solo] [--outliers F] [--cpu]\n", argv[0]);
             return 2;
         }
     }

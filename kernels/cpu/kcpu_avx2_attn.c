@@ -8,7 +8,21 @@
  * head, so that one key or value vector brought into registers serves the
  * whole group.
  *
- * INT4 blocks (kernels/kvq.h) are read in place, never expanded:
+ * INT4 blocks (kernels/kvq.h) are read in place, never expanded to a
+ * whole buffer. Two ways, by the number of queries per KV head in the item:
+ *
+ * Many (prefill chunks: a dozen or more; SEG_DENSE_Q): a tile of KP rows is
+ * unpacked once for all of them (q4d_*): K codes transposed to f32,
+ * kt[c][r], and scored with outer-product FMAs (one query channel broadcast
+ * times 8 rows; blocks of 3 queries x 32 rows in registers, no horizontal
+ * sums) against q' = q * scale * s_c, minus bias = sum q' * z_c; V rows
+ * dequantized to f32 (bit-identical to kvq_dequant_block) and summed as an
+ * F32 segment's. Outliers are written into the tiles (exact V; K as the
+ * code-equivalent exact / s_c + z_c). The prepared queries, the V sums and
+ * the softmax are those of the float path; unpacking costs about one
+ * vector op per 8 codes per item instead of per query group.
+ *
+ * Few (decoding; fused, the codes unpacked in the dot products):
  *  - K: per (query, block) the query is folded with the block's per-channel
  *    scales, q' = q * scale * s_c, and bias = sum q' * z_c, both in the
  *    even / odd channel order in which 8 code bytes unpack (pmovzxbd, then
@@ -34,6 +48,13 @@
 
 #include <math.h>
 #include <string.h>
+
+/* Queries per KV head from which an item unpacks INT4 tiles once for all
+ * of them (q4d_tile) instead of in each query group's dot products: at 15
+ * (SmolLM2 prefill items) the tile path takes 0.83-0.94x the time of the
+ * fused one (bench_attn, 512-query chunk at 3584); decode items (3 per
+ * head there) keep the fused path. */
+#define SEG_DENSE_Q 6
 
 /* element type of a float K/V segment */
 enum { E_F32, E_F16 };
@@ -669,36 +690,16 @@ static void q4_queries(const kcpu_attn_seg_item *it, float *qk, size_t qk_stride
     }
 }
 
-/* Sets up block sg for the item's KV heads hmin .. hmin + nh - 1: B[h] its
- * view from each head, K the keys of every query prepared for its K scales
- * (qk: the queries from q4_queries; blk: room for one head's reordered K
- * scales and zeros), and each head's outliers among tokens [a, b) (outs:
- * room for 2 * (QMAX * out_cap + 1) entries; both lists are bucketed by
- * head in one branch-free pass). */
-static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn_seg_item *it,
-                       int hmin, int nh, int a, int b, float *qk, size_t qk_stride,
-                       float *blk, kcpu_kvq_out *outs)
+/* The keys of every query of the item's heads hmin .. hmin + nh - 1
+ * prepared for block c's per-channel K scales (see q4_keys); qk: the
+ * queries from q4_queries; blk: room for one head's reordered K scales and
+ * zeros. */
+static void q4_keys_prepare(q4_keys *K, const q4_blk *cb, const kcpu_attn_seg_item *it,
+                            int hmin, int nh, float *qk, size_t qk_stride, float *blk)
 {
-    const kvq_layout *L = it->L;
-    const void *base = sg->k;
-    const int D = it->head_dim, hd64 = (D + 63) / 64 * 64;
-    q4_blk c = {
-        .kq = KVQ_CAT(base, L->off_kq, uint8_t *), .vq = KVQ_CAT(base, L->off_vq, uint8_t *),
-        .ks = KVQ_CAT(base, L->off_ks, uint16_t *), .vs = KVQ_CAT(base, L->off_vs, uint16_t *),
-        .kz = KVQ_CAT(base, L->off_kz, uint8_t *), .vz = KVQ_CAT(base, L->off_vz, uint8_t *),
-        .rowb = (size_t)L->kv_dim / 2, .Dk = L->kv_dim, .G = L->v_group,
-        .ng = L->kv_dim / L->v_group,
-        .gmagic = ((uint64_t)1 << 40) / (uint64_t)L->v_group + 1,
-        .per_token = L->k_mode == KVQ_K_PER_TOKEN, .nch = hd64 / 64,
-        .tail = D % 64 ? D % 64 / 8 : 8,
-    };
-    for (int hi = 0; hi < nh; hi++) {
-        B[hi] = c;
-        B[hi].c0 = (hmin + hi) * D;
-        B[hi].kq += B[hi].c0 / 2;
-        B[hi].vq += B[hi].c0 / 2;
-    }
-    /* keys: per channel, q * scale * s with the head's scales in even / odd
+    const q4_blk c = *cb;
+    const int D = it->head_dim;
+    /* per channel, q * scale * s with the head's scales in even / odd
      * order, and the bias from its zeros */
     float *sp = blk, *zf = blk + D;
     int i = 0;
@@ -733,6 +734,40 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
             K->bias[i] = hsum8(bias);
         }
     }
+}
+
+/* Sets up block sg for the item's KV heads hmin .. hmin + nh - 1: B[h] its
+ * view from each head, K (unless NULL: the tile path prepares its own) the
+ * keys of every query prepared for its K scales (qk: the queries from
+ * q4_queries; blk: room for one head's reordered K scales and zeros), and
+ * each head's outliers among tokens [a, b), with their exact values (outs:
+ * room for 2 * (QMAX * out_cap + 1) entries; both lists are bucketed by
+ * head in one branch-free pass, or with one head picked 8 at a time). */
+static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn_seg_item *it,
+                       int hmin, int nh, int a, int b, float *qk, size_t qk_stride,
+                       float *blk, kcpu_kvq_out *outs)
+{
+    const kvq_layout *L = it->L;
+    const void *base = sg->k;
+    const int D = it->head_dim, hd64 = (D + 63) / 64 * 64;
+    q4_blk c = {
+        .kq = KVQ_CAT(base, L->off_kq, uint8_t *), .vq = KVQ_CAT(base, L->off_vq, uint8_t *),
+        .ks = KVQ_CAT(base, L->off_ks, uint16_t *), .vs = KVQ_CAT(base, L->off_vs, uint16_t *),
+        .kz = KVQ_CAT(base, L->off_kz, uint8_t *), .vz = KVQ_CAT(base, L->off_vz, uint8_t *),
+        .rowb = (size_t)L->kv_dim / 2, .Dk = L->kv_dim, .G = L->v_group,
+        .ng = L->kv_dim / L->v_group,
+        .gmagic = ((uint64_t)1 << 40) / (uint64_t)L->v_group + 1,
+        .per_token = L->k_mode == KVQ_K_PER_TOKEN, .nch = hd64 / 64,
+        .tail = D % 64 ? D % 64 / 8 : 8,
+    };
+    for (int hi = 0; hi < nh; hi++) {
+        B[hi] = c;
+        B[hi].c0 = (hmin + hi) * D;
+        B[hi].kq += B[hi].c0 / 2;
+        B[hi].vq += B[hi].c0 / 2;
+    }
+    if (K)
+        q4_keys_prepare(K, &c, it, hmin, nh, qk, qk_stride, blk);
     /* outliers: t = idx / Dk and head = channel / D by multiplies (exact
      * while idx * Dk < 2^40); entries outside [a, b) or the item's heads go
      * to a dummy slot */
@@ -748,6 +783,52 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
         const int cap = L->out_cap, dummy = KCPU_ATTN_QMAX * cap;
         kcpu_kvq_out *dst = outs + (size_t)x * (size_t)(dummy + 1);
         int cnt[KCPU_ATTN_QMAX] = { 0 };
+        if (nh == 1) { /* one head (prefill items): one counter, in a register */
+            int k = 0, c0 = hmin * D;
+            uint32_t e = 0;
+            if ((int64_t)L->block_tokens * c.Dk <= (1 << 22)) {
+                /* 8 at a time: t = floor((idx + 1/2) / Dk) in f32 is exact
+                 * while T * Dk <= 2^22 (the rounding error, below
+                 * T * 2^-23, stays under the distance 1 / (2 Dk) to the
+                 * next integer); the kept entries are copied one by one */
+                const __m256 inv = _mm256_set1_ps(1.0f / (float)c.Dk), half = _mm256_set1_ps(0.5f);
+                const __m256i vdk = _mm256_set1_epi32(c.Dk), lo = _mm256_set1_epi32(a - 1);
+                const __m256i hi = _mm256_set1_epi32(b), cl = _mm256_set1_epi32(c0 - 1);
+                const __m256i ch_hi = _mm256_set1_epi32(c0 + D);
+                for (; e + 8 <= n; e += 8) {
+                    __m256i ix = _mm256_loadu_si256((const __m256i *)(idx + e));
+                    __m256i t = _mm256_cvttps_epi32(
+                        _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(ix), half), inv));
+                    __m256i ch = _mm256_sub_epi32(ix, _mm256_mullo_epi32(t, vdk));
+                    __m256i keep = _mm256_and_si256(
+                        _mm256_and_si256(_mm256_cmpgt_epi32(t, lo), _mm256_cmpgt_epi32(hi, t)),
+                        _mm256_and_si256(_mm256_cmpgt_epi32(ch, cl), _mm256_cmpgt_epi32(ch_hi, ch)));
+                    unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(keep));
+                    if (!mask)
+                        continue;
+                    int t8[8], c8[8];
+                    _mm256_storeu_si256((__m256i *)t8, t);
+                    _mm256_storeu_si256((__m256i *)c8, ch);
+                    for (; mask; mask &= mask - 1) {
+                        int j = __builtin_ctz(mask);
+                        dst[k].t = t8[j];
+                        dst[k].c = c8[j] - c0;
+                        dst[k].delta = f16(val[e + (uint32_t)j]);
+                        k++;
+                    }
+                }
+            }
+            for (; e < n; e++) {
+                uint32_t t = (uint32_t)(((uint64_t)idx[e] * tmagic) >> 40);
+                int ch = (int)(idx[e] - t * (uint32_t)c.Dk) - c0;
+                dst[k].t = (int)t;
+                dst[k].c = ch;
+                dst[k].delta = f16(val[e]);
+                k += ((int)t >= a) & ((int)t < b) & ((unsigned)ch < (unsigned)D);
+            }
+            cnt[0] = k;
+            n = 0;
+        }
         for (uint32_t e = 0; e < n; e++) {
             uint32_t t = (uint32_t)(((uint64_t)idx[e] * tmagic) >> 40);
             uint32_t ch = idx[e] - t * (uint32_t)c.Dk;
@@ -815,6 +896,286 @@ static void q4_tile_consts(const q4_blk *B, int p0, int np, int D, float *vsc,
     }
 }
 
+/* ---- INT4 blocks, many queries per KV head (prefill chunks) ----
+ *
+ * With a dozen queries per KV head, unpacking each code once per item beats
+ * unpacking it once per query group: a tile's K codes are unpacked
+ * transposed, kt[c][r] (channel-major, rows along the vector), so that
+ * scores are plain outer-product FMAs (a query channel broadcast times 8
+ * rows) with no horizontal sums; its V rows are dequantized in natural
+ * order and summed like an F32 segment's. */
+
+/* Per block and head: queries i0 .. i1 - 1 (one KV head) prepared for
+ * scores against the block's K codes, qf [D] at qk + i * qk_stride and
+ * bias[i]: per-channel K, qf = q * scale * s_c and bias = sum qf * z_c
+ * (score = qf . code - bias); per-token K, qf = q * scale and bias 0 (the
+ * tile's K is dequantized instead). sk: the head's K scales as f32 [D]
+ * (per-channel K). */
+static void q4d_keys(const q4_blk *B, const kcpu_attn_seg_item *it, int i0, int i1, float *qk,
+                     size_t qk_stride, float *bias, float *sk)
+{
+    const int D = it->head_dim;
+    const __m256 scale = _mm256_set1_ps(it->scale);
+    if (!B->per_token)
+        for (int c = 0; c < D; c += 8)
+            _mm256_storeu_ps(sk + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(B->ks + B->c0 + c))));
+    for (int i = i0; i < i1; i++) {
+        float *qf = qk + (size_t)i * qk_stride;
+        __m256 bs = _mm256_setzero_ps();
+        for (int c = 0; c < D; c += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + c), scale);
+            if (!B->per_token) {
+                v = _mm256_mul_ps(v, _mm256_loadu_ps(sk + c));
+                __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64((const __m128i *)(B->kz + B->c0 + c))));
+                bs = _mm256_fmadd_ps(v, z, bs);
+            }
+            _mm256_storeu_ps(qf + c, v);
+        }
+        bias[i] = hsum8(bs);
+    }
+}
+
+/* Per-token K (the naive baseline): the tile's row scales and -s*z per
+ * group of the head, ksr / knz [group][KPMAX], rows [p0, p0 + round8(np))
+ * (rows past np repeat row np - 1). */
+static void q4d_krows(const q4_blk *B, int p0, int np, int D, float *ksr, float *knz)
+{
+    const int ngh = D / B->G, g0 = B->c0 / B->G, np8 = (np + 7) & ~7;
+    for (int grp = 0; grp < ngh; grp++)
+        for (int r = 0; r < np8; r++) {
+            size_t si = (size_t)(p0 + (r < np ? r : np - 1)) * (size_t)B->ng + (size_t)(g0 + grp);
+            float sv = f16(B->ks[si]);
+            ksr[grp * KCPU_ATTN_KPMAX + r] = sv;
+            knz[grp * KCPU_ATTN_KPMAX + r] = -(sv * (float)B->kz[si]);
+        }
+}
+
+/* The K codes of rows [p0, p0 + np) of block B (one KV head) transposed:
+ * kt[c * kts + r] for r < round8(np) (rows past np repeat row np - 1), as
+ * f32 codes (per-channel K) or dequantized with the rows' scales ksr / knz
+ * (per-token K). Per 8 rows x 16 channels: the 8 code bytes of each row
+ * are transposed (byte j of each row -> one 8-byte column), and each
+ * column splits into its two channels (low / high nibble). Then the head's
+ * K outliers among the rows replace their elements: exact / s_c + z_c
+ * (per channel, so that qf . kt - bias gives q . exact there; sk: the K
+ * scales as f32) or the exact value (per token). */
+static void q4d_kt(const q4_blk *B, int p0, int np, int D, float *kt, int kts, const float *sk,
+                   const float *ksr, const float *knz)
+{
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (int rb = 0; rb < np; rb += 8) {
+        const uint8_t *rp[8];
+        for (int i = 0; i < 8; i++)
+            rp[i] = B->kq + (size_t)(p0 + (rb + i < np ? rb + i : np - 1)) * B->rowb;
+        for (int k = 0; k < D / 16; k++) {
+            __m128i x[8];
+            for (int i = 0; i < 8; i++)
+                x[i] = _mm_loadl_epi64((const __m128i *)(rp[i] + 8 * k));
+            __m128i a0 = _mm_unpacklo_epi8(x[0], x[1]), a1 = _mm_unpacklo_epi8(x[2], x[3]);
+            __m128i a2 = _mm_unpacklo_epi8(x[4], x[5]), a3 = _mm_unpacklo_epi8(x[6], x[7]);
+            __m128i b0 = _mm_unpacklo_epi16(a0, a1), b1 = _mm_unpackhi_epi16(a0, a1);
+            __m128i b2 = _mm_unpacklo_epi16(a2, a3), b3 = _mm_unpackhi_epi16(a2, a3);
+            /* col[m]: bytes 0-7 = byte column 2m of the 8 rows, 8-15 = 2m + 1 */
+            __m128i col[4] = { _mm_unpacklo_epi32(b0, b2), _mm_unpackhi_epi32(b0, b2),
+                               _mm_unpacklo_epi32(b1, b3), _mm_unpackhi_epi32(b1, b3) };
+            __m256 s8 = _mm256_setzero_ps(), nz = _mm256_setzero_ps();
+            if (B->per_token) {
+                int grp = 16 * k / B->G;
+                s8 = _mm256_loadu_ps(ksr + grp * KCPU_ATTN_KPMAX + rb);
+                nz = _mm256_loadu_ps(knz + grp * KCPU_ATTN_KPMAX + rb);
+            }
+            for (int m = 0; m < 4; m++) {
+                __m128i lo = _mm_and_si128(col[m], m4);
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(col[m], 4), m4);
+                /* channels 16k + 4m + (0: lo low, 1: hi low, 2: lo high, 3: hi high) */
+                __m128i part[4] = { lo, hi, _mm_unpackhi_epi64(lo, lo), _mm_unpackhi_epi64(hi, hi) };
+                for (int j = 0; j < 4; j++) {
+                    __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[j]));
+                    if (B->per_token)
+                        f = _mm256_fmadd_ps(f, s8, nz);
+                    _mm256_storeu_ps(kt + (size_t)(16 * k + 4 * m + j) * (size_t)kts + rb, f);
+                }
+            }
+        }
+    }
+    for (int e = 0; e < B->n_kout; e++) {
+        unsigned r = (unsigned)(B->kout[e].t - p0);
+        if (r >= (unsigned)np)
+            continue;
+        int c = B->kout[e].c;
+        float x = B->kout[e].delta; /* still the exact value */
+        if (!B->per_token)
+            x = x / sk[c] + (float)B->kz[B->c0 + c];
+        kt[(size_t)c * (size_t)kts + r] = x;
+    }
+}
+
+/* Scores of QB queries (prepared keys qf, bias) over the rows [0, np) of
+ * a transposed K tile: s[g][r] = qf[g] . kt[:, r] - bias[g], -inf where
+ * r >= nv[g], for r < round8(np). Blocks of up to 32 rows (NR vectors) x
+ * QB queries stay in registers over all channels. */
+AI void q4d_scores_nr(const int QB, const int NR, float *const *s, const float *const *qf,
+                      const float *bias, const int *nv, const float *kt, int kts, int r0, int D)
+{
+    __m256 acc[3][4];
+#pragma GCC unroll 3
+    for (int g = 0; g < QB; g++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; j++)
+            acc[g][j] = _mm256_setzero_ps();
+    const float *kp = kt + r0;
+    for (int c = 0; c < D; c++, kp += kts) {
+        __m256 kv[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; j++)
+            kv[j] = _mm256_loadu_ps(kp + 8 * j);
+#pragma GCC unroll 3
+        for (int g = 0; g < QB; g++) {
+            __m256 qb = _mm256_broadcast_ss(qf[g] + c);
+#pragma GCC unroll 4
+            for (int j = 0; j < NR; j++)
+                acc[g][j] = _mm256_fmadd_ps(qb, kv[j], acc[g][j]);
+        }
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+#pragma GCC unroll 3
+    for (int g = 0; g < QB; g++) {
+        __m256 b = _mm256_set1_ps(bias[g]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; j++) {
+            int r = r0 + 8 * j;
+            __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nv[g] - r), lane));
+            _mm256_storeu_ps(s[g] + r, _mm256_blendv_ps(ninf, _mm256_sub_ps(acc[g][j], b), keep));
+        }
+    }
+}
+
+AI void q4d_scores(const int QB, float *const *s, const float *const *qf, const float *bias,
+                   const int *nv, int np, const float *kt, int kts, int D)
+{
+    const int np8 = (np + 7) & ~7;
+    int r0 = 0;
+    for (; r0 + 32 <= np8; r0 += 32)
+        q4d_scores_nr(QB, 4, s, qf, bias, nv, kt, kts, r0, D);
+    switch ((np8 - r0) / 8) {
+    case 3: q4d_scores_nr(QB, 3, s, qf, bias, nv, kt, kts, r0, D); break;
+    case 2: q4d_scores_nr(QB, 2, s, qf, bias, nv, kt, kts, r0, D); break;
+    case 1: q4d_scores_nr(QB, 1, s, qf, bias, nv, kt, kts, r0, D); break;
+    default: break;
+    }
+}
+
+/* Codes of 16 channels (8 bytes at p, low nibble = even channel) as f32 in
+ * natural channel order: c0 channels 0-7, c1 channels 8-15. */
+AI void unpack16(const uint8_t *p, __m256 *c0, __m256 *c1)
+{
+    const __m128i m4 = _mm_set1_epi8(15);
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    __m128i x = _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+    *c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    *c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(x, x)));
+}
+
+/* Dequantizes the V rows [p0, p0 + np) of block B (one KV head) into
+ * vn [np][D] (natural channel order), to the bit what kvq_dequant_block
+ * gives: x = s * (code - z), computed as fma(code, s, -s*z) (s*z and
+ * s*(code - z) are exact in f32: an FP16 s times an integer below 16);
+ * then the head's V outliers among those rows get their exact values. */
+static void q4d_vn(const q4_blk *B, int p0, int np, int D, float *vn)
+{
+    const int ngh = D / B->G, upg = B->G / 16, g0 = B->c0 / B->G;
+    for (int r = 0; r < np; r++) {
+        size_t t = (size_t)(p0 + r), gs = t * (size_t)B->ng + (size_t)g0;
+        const uint8_t *vc = B->vq + t * B->rowb;
+        float *vo = vn + (size_t)r * (size_t)D;
+        for (int grp = 0; grp < ngh; grp++) {
+            float sv = f16(B->vs[gs + (size_t)grp]);
+            __m256 s8 = _mm256_set1_ps(sv);
+            __m256 nz = _mm256_set1_ps(-(sv * (float)B->vz[gs + (size_t)grp]));
+            for (int u = 0; u < upg; u++) {
+                int c = (grp * upg + u) * 16;
+                __m256 c0, c1;
+                unpack16(vc + c / 2, &c0, &c1);
+                _mm256_storeu_ps(vo + c, _mm256_fmadd_ps(c0, s8, nz));
+                _mm256_storeu_ps(vo + c + 8, _mm256_fmadd_ps(c1, s8, nz));
+            }
+        }
+    }
+    for (int e = 0; e < B->n_vout; e++) {
+        unsigned r = (unsigned)(B->vout[e].t - p0);
+        if (r < (unsigned)np)
+            vn[(size_t)r * (size_t)D + (size_t)B->vout[e].c] = B->vout[e].delta;
+    }
+}
+
+/* The query groups (ngr groups from gr0; grp0 / grpn as in the item
+ * function) of one KV head over rows [p0, p0 + np) of block B (segment
+ * position pos0): scores against the transposed K tile, online softmax,
+ * then the dequantized V rows (np <= kts). qk / bias: the keys from
+ * q4d_keys; kt, vn: room for D * kts floats each (kts: the tiles' row
+ * capacity, a multiple of 8); sk: the K scales from q4d_keys; ksr / knz:
+ * room for the per-token K row constants ([D / G][KPMAX] each). */
+static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, int p0, int np,
+                     const int *grp0, const int *grpn, int gr0, int ngr, float *sc,
+                     const float *qk, size_t qk_stride, const float *bias, float *m, float *l,
+                     float *kt, int kts, float *vn, const float *sk, float *ksr, float *knz)
+{
+    const int D = it->head_dim;
+    int nvq[KCPU_ATTN_QMAX], nmaxg[KCPU_ATTN_QMAX], any = 0;
+    for (int gr = gr0; gr < gr0 + ngr; gr++) {
+        nmaxg[gr] = 0;
+        for (int g = 0; g < grpn[gr]; g++) {
+            int i = grp0[gr] + g, e = it->qpos[i] - (pos0 + p0) + 1;
+            nvq[i] = e < np ? e : np;
+            nmaxg[gr] = nvq[i] > nmaxg[gr] ? nvq[i] : nmaxg[gr];
+        }
+        any |= nmaxg[gr] > 0;
+    }
+    if (!any)
+        return;
+    if (B->per_token)
+        q4d_krows(B, p0, np, D, ksr, knz);
+    q4d_kt(B, p0, np, D, kt, kts, sk, ksr, knz);
+    for (int gr = gr0; gr < gr0 + ngr; gr++) {
+        int g0 = grp0[gr], qg = grpn[gr];
+        if (nmaxg[gr] <= 0)
+            continue;
+        float *s[3];
+        const float *qf[3];
+        for (int g = 0; g < qg; g++) {
+            s[g] = sc + (size_t)(g0 + g) * KCPU_ATTN_KPMAX;
+            qf[g] = qk + (size_t)(g0 + g) * qk_stride;
+        }
+        switch (qg) {
+        case 1: q4d_scores(1, s, qf, bias + g0, nvq + g0, nmaxg[gr], kt, kts, D); break;
+        case 2: q4d_scores(2, s, qf, bias + g0, nvq + g0, nmaxg[gr], kt, kts, D); break;
+        default: q4d_scores(3, s, qf, bias + g0, nvq + g0, nmaxg[gr], kt, kts, D); break;
+        }
+        for (int g = 0; g < qg; g++) {
+            if (nvq[g0 + g] <= 0)
+                memset(s[g], 0, (size_t)((nmaxg[gr] + 7) & ~7) * sizeof(float));
+            else
+                softmax_tile(s[g], nmaxg[gr], &m[g0 + g], &l[g0 + g], it->o[g0 + g], D);
+        }
+    }
+    q4d_vn(B, p0, np, D, vn);
+    for (int gr = gr0; gr < gr0 + ngr; gr++) {
+        int g0 = grp0[gr], qg = grpn[gr];
+        if (nmaxg[gr] <= 0)
+            continue;
+        const float *p[3];
+        for (int g = 0; g < qg; g++)
+            p[g] = sc + (size_t)(g0 + g) * KCPU_ATTN_KPMAX;
+        switch (qg) {
+        case 1: g_oaccum_all(E_F32, 1, it->o + g0, p, vn, (size_t)D, nmaxg[gr], D); break;
+        case 2: g_oaccum_all(E_F32, 2, it->o + g0, p, vn, (size_t)D, nmaxg[gr], D); break;
+        default: g_oaccum_all(E_F32, 3, it->o + g0, p, vn, (size_t)D, nmaxg[gr], D); break;
+        }
+    }
+}
+
 /* Prefetches the parts of block base that q4_prepare and q4_tile_consts
  * read scattered (snapshots, outlier lists; the codes stream in order and
  * the hardware prefetcher finds them), so that they arrive while the
@@ -860,7 +1221,10 @@ static void float_group(int kind, int qg, float *sc, const float *const *q, floa
  * range; each is cut in tiles (float kinds: kcpu_attn_kp positions, INT4:
  * twice that, as their rows are 4x smaller) and every tile runs every
  * group. An INT4 block is prepared once for all the item's heads
- * (q4_prepare), its per-row constants once per tile and head. */
+ * (q4_prepare), its per-row constants once per tile and head. With
+ * SEG_DENSE_Q or more queries per head, an INT4 block is walked head by
+ * head instead, in tiles of kcpu_attn_kp positions unpacked once per head
+ * (q4d_tile). */
 void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
 {
     const int D = it->head_dim, nq = it->nq;
@@ -877,6 +1241,11 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
     const int KP = kcpu_attn_kp(D);
     const int KPQ = 2 * KP < KCPU_ATTN_KPMAX ? 2 * KP : KCPU_ATTN_KPMAX;
     const int hmin = it->kvh[0], nh = it->kvh[nq - 1] - hmin + 1;
+    /* many queries per KV head (prefill): INT4 tiles of KP rows are
+     * unpacked once for all of them (q4d_tile; kt, vt: its K and V, in the
+     * tile area: KP * D <= KCPU_ATTN_TILE as D <= 512 here) */
+    const int dense = nq >= SEG_DENSE_Q * nh;
+    float *kt = kls, *vt = kls + (size_t)KP * (size_t)D;
     float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
     int gi_all[KCPU_ATTN_QMAX], grp0[KCPU_ATTN_QMAX], grpn[KCPU_ATTN_QMAX], n_grp = 0;
     for (int i = 0; i < nq; i++) {
@@ -885,10 +1254,15 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
         gi_all[i] = i;
         memset(it->o[i], 0, (size_t)D * sizeof(float));
     }
+    int hg0[KCPU_ATTN_QMAX] = { 0 }, hgn[KCPU_ATTN_QMAX] = { 0 }; /* groups of each head */
+    float bias[KCPU_ATTN_QMAX];
     for (int i = 0; i < nq;) { /* groups: up to 3 queries of one head */
         int j = i + 1;
         while (j < nq && j - i < 3 && it->kvh[j] == it->kvh[i])
             j++;
+        int h = it->kvh[i] - hmin;
+        if (hgn[h]++ == 0)
+            hg0[h] = n_grp;
         grp0[n_grp] = i;
         grpn[n_grp++] = j - i;
         i = j;
@@ -912,13 +1286,27 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
         if (sg->kind == KVS_Q4) {
             if (si + 1 < it->n_segs && it->segs[si + 1].kind == KVS_Q4)
                 q4_prefetch(L, it->segs[si + 1].k);
-            if (!queries_ready) {
+            if (!queries_ready && !dense) {
                 q4_queries(it, qk, ly.qk_stride);
                 queries_ready = 1;
             }
-            q4_prepare(B, &K, sg, it, hmin, nh, a, b, qk, ly.qk_stride, blk, outs);
+            q4_prepare(B, dense ? NULL : &K, sg, it, hmin, nh, a, b, qk, ly.qk_stride, blk, outs);
+            if (dense) {
+                for (int h = 0; h < nh; h++) {
+                    if (hgn[h] == 0)
+                        continue;
+                    int gl = hg0[h] + hgn[h] - 1; /* the head's last group */
+                    q4d_keys(&B[h], it, grp0[hg0[h]], grp0[gl] + grpn[gl], qk, ly.qk_stride,
+                             bias, blk);
+                    for (int p0 = a; p0 < b; p0 += KP)
+                        q4d_tile(it, &B[h], sg->pos0, p0, b - p0 < KP ? b - p0 : KP, grp0, grpn,
+                                 hg0[h], hgn[h], sc, qk, ly.qk_stride, bias, m, l, kt, KP, vt,
+                                 blk, vsc, vzf);
+                }
+                continue;
+            }
         }
-        int step = sg->kind == KVS_Q4 ? KPQ : KP;
+        int step = sg->kind != KVS_Q4 ? KP : KPQ;
         for (int p0 = a; p0 < b; p0 += step) {
             int np = b - p0 < step ? b - p0 : step, cur = -1;
             int fixed[KCPU_ATTN_QMAX] = { 0 }; /* per head: outlier deltas done, 1 K, 2 V */

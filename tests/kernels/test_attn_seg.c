@@ -280,9 +280,11 @@ static void run_scen(const scen *s, const char *name)
             kcpu_attn_seg(g_pools[pi], got, q, qpos0, s->n_q, h.segs, h.n_segs, &h.L,
                           s->n_head, s->n_kv, s->hd, scale, ws);
             snprintf(what, sizeof what,
-                     "%s [%s, %d threads, heads %d/%d x %d, T %d G %d k_mode %d, pos0 %d n_q %d]",
+                     "%s [%s, %d threads, heads %d/%d x %d, T %d G %d k_mode %d, pos0 %d n_q %d, "
+                     "n_q4 %d, budget %g, outliers %g]",
                      name, kcpu_simd_name(), kcpu_pool_size(g_pools[pi]), s->n_head, s->n_kv,
-                     s->hd, s->T, s->G, (int)s->km, qpos0, s->n_q);
+                     s->hd, s->T, s->G, (int)s->km, qpos0, s->n_q, s->n_q4, (double)s->budget,
+                     (double)s->out_frac);
             check_close(what, got, ref, nq, SEG_ATOL * vmax, SEG_RTOL);
         }
     }
@@ -438,6 +440,44 @@ Test(attn_seg, queries_inside_int4_blocks, .timeout = 120)
     s.qpos0 = 2;
     s.n_q = 3;
     run_scen(&s, "queries among the sinks");
+    pools_down();
+}
+
+/* Prefill chunks take the AVX2 path that unpacks INT4 tiles once per item
+ * (many queries per KV head): items over two KV heads (a chunk of 2
+ * tokens; with a long history, also split over the threads), blocks whose
+ * length is no multiple of 8 (partial 8-row groups in the transposed K
+ * tile), per-token K with several groups per head, and a chunk whose items
+ * end inside a tile. */
+Test(attn_seg, prefill_tiles, .timeout = 240)
+{
+    static const struct {
+        const char *name;
+        int n_head, n_kv, hd, T, G, km, n_q4, n_q, shuffle;
+        float budget, out_frac;
+    } c[] = {
+        { "chunk of 2: two KV heads per item", 9, 3, 64, 128, 64, 0, 300, 2, 0, 0.005f, 0.003f },
+        { "chunk of 2 at 1.2K: history split", 9, 3, 64, 128, 64, 0, 1200, 2, 0, 0.005f, 0.003f },
+        { "T 100, outliers", 9, 3, 64, 100, 64, 0, 250, 5, 0, 0.01f, 0.005f },
+        { "T 100, per-token K, G 16", 9, 3, 64, 100, 16, 1, 250, 7, 0, 0.01f, 0.005f },
+        { "16/4 x 32, T 36, shuffled", 16, 4, 32, 36, 16, 0, 83, 11, 1, 0.005f, 0.003f },
+    };
+    pools_up();
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        scen s = base_scen();
+        s.n_head = c[i].n_head;
+        s.n_kv = c[i].n_kv;
+        s.hd = c[i].hd;
+        s.T = c[i].T;
+        s.G = c[i].G;
+        s.km = (kvq_k_mode)c[i].km;
+        s.n_q4 = c[i].n_q4;
+        s.n_q = c[i].n_q;
+        s.shuffle = c[i].shuffle;
+        s.budget = c[i].budget;
+        s.out_frac = c[i].out_frac;
+        run_scen(&s, c[i].name);
+    }
     pools_down();
 }
 
