@@ -6,83 +6,41 @@
  */
 #include "server/metrics.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine/forward.h"
+#include "engine/strbuf.h"
 
-typedef struct {
-    char *s;
-    size_t len, cap;
-    int oom;
-} sbuf;
-
-static void put(sbuf *b, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 2, 3)))
-#endif
-    ;
-
-static void put(sbuf *b, const char *fmt, ...)
+static void head(lkq_sb *b, const char *name, const char *type, const char *help)
 {
-    if (b->oom)
-        return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->oom = 1;
-            return;
-        }
-        if (b->s && b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t nc = b->cap ? b->cap * 2 : 16384;
-        while (nc < b->len + (size_t)n + 1)
-            nc *= 2;
-        char *t = realloc(b->s, nc);
-        if (!t) {
-            b->oom = 1;
-            return;
-        }
-        b->s = t;
-        b->cap = nc;
-    }
+    lkq_sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void head(sbuf *b, const char *name, const char *type, const char *help)
-{
-    put(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
-}
-
-static void gauge(sbuf *b, const char *name, const char *help, double v)
+static void gauge(lkq_sb *b, const char *name, const char *help, double v)
 {
     head(b, name, "gauge", help);
-    put(b, "%s %.17g\n", name, v);
+    lkq_sb_printf(b, "%s %.17g\n", name, v);
 }
 
-static void counter(sbuf *b, const char *name, const char *help, double v)
+static void counter(lkq_sb *b, const char *name, const char *help, double v)
 {
     head(b, name, "counter", help);
-    put(b, "%s %.17g\n", name, v);
+    lkq_sb_printf(b, "%s %.17g\n", name, v);
 }
 
-static void hist(sbuf *b, const char *name, const char *help, const sched_hist *h)
+static void hist(lkq_sb *b, const char *name, const char *help, const sched_hist *h)
 {
     head(b, name, "histogram", help);
     uint64_t cum = 0;
     for (int i = 0; i < h->n_le; i++) {
         cum += h->count[i];
-        put(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->le[i], (unsigned long long)cum);
+        lkq_sb_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->le[i], (unsigned long long)cum);
     }
     cum += h->count[h->n_le];
-    put(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
-    put(b, "%s_sum %.17g\n%s_count %llu\n", name, h->sum, name, (unsigned long long)h->total);
+    lkq_sb_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    lkq_sb_printf(b, "%s_sum %.17g\n%s_count %llu\n", name, h->sum, name, (unsigned long long)h->total);
 }
 
 /* Escapes a label value (backslash, quote, newline). */
@@ -107,23 +65,23 @@ static void label(char *out, size_t cap, const char *v)
 char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char *model_id,
                      const char *kv_mode, double uptime_s)
 {
-    sbuf b = {0};
+    lkq_sb b = {0};
     const kvc_stats *kv = &sm->kv;
     char model[256];
     label(model, sizeof model, model_id);
 
     head(&b, "livekvq_build_info", "gauge", "Build and serving configuration (value 1).");
-    put(&b, "livekvq_build_info{version=\"0.1.0\",model=\"%s\",kv_cache=\"%s\"} 1\n", model,
+    lkq_sb_printf(&b, "livekvq_build_info{version=\"0.1.0\",model=\"%s\",kv_cache=\"%s\"} 1\n", model,
         kv_mode);
     gauge(&b, "livekvq_uptime_seconds", "Seconds since the server started.", uptime_s);
 
     /* KV cache memory */
     head(&b, "livekvq_kv_bytes", "gauge", "KV cache bytes held, by kind.");
-    put(&b, "livekvq_kv_bytes{kind=\"int4\"} %lld\n", (long long)kv->bytes_int4);
-    put(&b, "livekvq_kv_bytes{kind=\"scales\"} %lld\n", (long long)kv->bytes_scales);
-    put(&b, "livekvq_kv_bytes{kind=\"outliers\"} %lld\n", (long long)kv->bytes_outliers);
-    put(&b, "livekvq_kv_bytes{kind=\"fp16\"} %lld\n", (long long)kv->bytes_fp16);
-    put(&b, "livekvq_kv_bytes{kind=\"other\"} %lld\n", (long long)kv->bytes_other);
+    lkq_sb_printf(&b, "livekvq_kv_bytes{kind=\"int4\"} %lld\n", (long long)kv->bytes_int4);
+    lkq_sb_printf(&b, "livekvq_kv_bytes{kind=\"scales\"} %lld\n", (long long)kv->bytes_scales);
+    lkq_sb_printf(&b, "livekvq_kv_bytes{kind=\"outliers\"} %lld\n", (long long)kv->bytes_outliers);
+    lkq_sb_printf(&b, "livekvq_kv_bytes{kind=\"fp16\"} %lld\n", (long long)kv->bytes_fp16);
+    lkq_sb_printf(&b, "livekvq_kv_bytes{kind=\"other\"} %lld\n", (long long)kv->bytes_other);
     gauge(&b, "livekvq_kv_bytes_held", "KV cache bytes held, all kinds.",
           (double)kv->bytes_total);
     gauge(&b, "livekvq_kv_fp16_equivalent_bytes",
@@ -143,11 +101,11 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
           "Quantized elements out of range but over the outlier budget (fraction).",
           kv->n_quantized ? (double)kv->n_clamped / (double)kv->n_quantized : 0.0);
     head(&b, "livekvq_kv_blocks_used", "gauge", "Pool units in use (INT4 blocks, FP16 pages).");
-    put(&b, "livekvq_kv_blocks_used{kind=\"int4\"} %lld\n", (long long)kv->qblocks_used);
-    put(&b, "livekvq_kv_blocks_used{kind=\"fp16\"} %lld\n", (long long)kv->fpages_used);
+    lkq_sb_printf(&b, "livekvq_kv_blocks_used{kind=\"int4\"} %lld\n", (long long)kv->qblocks_used);
+    lkq_sb_printf(&b, "livekvq_kv_blocks_used{kind=\"fp16\"} %lld\n", (long long)kv->fpages_used);
     head(&b, "livekvq_kv_blocks_total", "gauge", "Pool units (INT4 blocks, FP16 pages).");
-    put(&b, "livekvq_kv_blocks_total{kind=\"int4\"} %lld\n", (long long)kv->qblocks_total);
-    put(&b, "livekvq_kv_blocks_total{kind=\"fp16\"} %lld\n", (long long)kv->fpages_total);
+    lkq_sb_printf(&b, "livekvq_kv_blocks_total{kind=\"int4\"} %lld\n", (long long)kv->qblocks_total);
+    lkq_sb_printf(&b, "livekvq_kv_blocks_total{kind=\"fp16\"} %lld\n", (long long)kv->fpages_total);
     gauge(&b, "livekvq_kv_pool_bytes", "Bytes of the KV pool (its capacity).",
           (double)sm->kv_budget_bytes);
     gauge(&b, "livekvq_kv_usage_ratio", "Fraction of the KV pool's bytes in use.",
@@ -172,7 +130,7 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
                 double v = k == 0 ? sm->ema_lo[l][x]
                            : k == 1 ? sm->ema_hi[l][x]
                                     : (double)sm->ema_hi[l][x] - sm->ema_lo[l][x];
-                put(&b, "%s{layer=\"%d\",tensor=\"%s\"} %.9g\n", names[k], l, x ? "v" : "k", v);
+                lkq_sb_printf(&b, "%s{layer=\"%d\",tensor=\"%s\"} %.9g\n", names[k], l, x ? "v" : "k", v);
             }
         }
     }
@@ -184,24 +142,24 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
     gauge(&b, "livekvq_max_sequences", "Sequence slots.", sm->max_seqs);
     head(&b, "livekvq_requests_total", "counter", "HTTP requests answered, by endpoint and code.");
     for (int i = 0; i < hm->n; i++)
-        put(&b, "livekvq_requests_total{endpoint=\"%s\",code=\"%d\"} %llu\n",
+        lkq_sb_printf(&b, "livekvq_requests_total{endpoint=\"%s\",code=\"%d\"} %llu\n",
             hm->c[i].endpoint, hm->c[i].code, (unsigned long long)hm->c[i].n);
     head(&b, "livekvq_requests_rejected_total", "counter",
          "Requests refused before running, by reason.");
-    put(&b, "livekvq_requests_rejected_total{reason=\"queue_full\"} %llu\n",
+    lkq_sb_printf(&b, "livekvq_requests_rejected_total{reason=\"queue_full\"} %llu\n",
         (unsigned long long)hm->rejected_queue_full);
-    put(&b, "livekvq_requests_rejected_total{reason=\"shutting_down\"} %llu\n",
+    lkq_sb_printf(&b, "livekvq_requests_rejected_total{reason=\"shutting_down\"} %llu\n",
         (unsigned long long)hm->rejected_shutdown);
-    put(&b, "livekvq_requests_rejected_total{reason=\"invalid\"} %llu\n",
+    lkq_sb_printf(&b, "livekvq_requests_rejected_total{reason=\"invalid\"} %llu\n",
         (unsigned long long)hm->rejected_invalid);
     head(&b, "livekvq_requests_finished_total", "counter", "Sequences ended, by reason.");
-    put(&b, "livekvq_requests_finished_total{reason=\"stop\"} %llu\n",
+    lkq_sb_printf(&b, "livekvq_requests_finished_total{reason=\"stop\"} %llu\n",
         (unsigned long long)sm->finished_stop);
-    put(&b, "livekvq_requests_finished_total{reason=\"length\"} %llu\n",
+    lkq_sb_printf(&b, "livekvq_requests_finished_total{reason=\"length\"} %llu\n",
         (unsigned long long)sm->finished_length);
-    put(&b, "livekvq_requests_finished_total{reason=\"cancelled\"} %llu\n",
+    lkq_sb_printf(&b, "livekvq_requests_finished_total{reason=\"cancelled\"} %llu\n",
         (unsigned long long)sm->cancelled);
-    put(&b, "livekvq_requests_finished_total{reason=\"error\"} %llu\n",
+    lkq_sb_printf(&b, "livekvq_requests_finished_total{reason=\"error\"} %llu\n",
         (unsigned long long)sm->failed);
     counter(&b, "livekvq_preemptions_total",
             "Sequences preempted (KV blocks freed, recomputed later).", (double)sm->preemptions);
@@ -222,11 +180,11 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
 
     /* vLLM-compatible gauges (inference gateways route on these) */
     head(&b, "vllm:kv_cache_usage_perc", "gauge", "KV cache usage, 0 to 1 (vLLM-compatible).");
-    put(&b, "vllm:kv_cache_usage_perc{model_name=\"%s\"} %.17g\n", model, sm->kv_usage);
+    lkq_sb_printf(&b, "vllm:kv_cache_usage_perc{model_name=\"%s\"} %.17g\n", model, sm->kv_usage);
     head(&b, "vllm:num_requests_running", "gauge", "Requests running (vLLM-compatible).");
-    put(&b, "vllm:num_requests_running{model_name=\"%s\"} %d\n", model, sm->running);
+    lkq_sb_printf(&b, "vllm:num_requests_running{model_name=\"%s\"} %d\n", model, sm->running);
     head(&b, "vllm:num_requests_waiting", "gauge", "Requests waiting (vLLM-compatible).");
-    put(&b, "vllm:num_requests_waiting{model_name=\"%s\"} %d\n", model, sm->waiting);
+    lkq_sb_printf(&b, "vllm:num_requests_waiting{model_name=\"%s\"} %d\n", model, sm->waiting);
     if (b.oom) {
         free(b.s);
         return NULL;

@@ -29,7 +29,6 @@
 #include <getopt.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +39,7 @@
 #include "engine/forward.h"
 #include "engine/kvcache.h"
 #include "engine/model.h"
+#include "engine/strbuf.h"
 #include "tokenizer/tok.h"
 #include "tools/cli_common.h"
 #include "tools/eval_cmds.h"
@@ -94,48 +94,6 @@ typedef struct {
     double t0, units_total, units_done, cell_units_eval, last_print;
     int tty;
 } abl_progress;
-
-/* ---- a growing string ------------------------------------------------- */
-
-typedef struct {
-    char *s;
-    size_t len, cap;
-    int oom;
-} abl_sb;
-
-static void sb_printf(abl_sb *b, const char *fmt, ...)
-{
-    if (b->oom)
-        return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->oom = 1;
-            return;
-        }
-        if (b->s && b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t nc = (b->cap ? b->cap * 2 : 4096) + (size_t)n;
-        char *ns = realloc(b->s, nc);
-        if (!ns) {
-            b->oom = 1;
-            return;
-        }
-        b->s = ns;
-        b->cap = nc;
-    }
-}
-
-static void sb_free(abl_sb *b)
-{
-    free(b->s);
-    memset(b, 0, sizeof *b);
-}
 
 /* ---- options ---------------------------------------------------------- */
 
@@ -596,7 +554,7 @@ static void peak_update(const fwd_state *fs, abl_res *r)
  * trace after each chunk), then decode steps teacher-forced on the text;
  * per-layer outlier counts at the end. Appends rows to ema and layers. */
 static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
-                      const int32_t *tok, abl_res *r, abl_sb *ema, abl_sb *layers,
+                      const int32_t *tok, abl_res *r, lkq_sb *ema, lkq_sb *layers,
                       abl_progress *P, char *err, size_t errlen)
 {
     fwd_params fp = fwd_default_params();
@@ -624,7 +582,7 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
             for (int t = 0; t < 2; t++) {
                 float lo, hi;
                 if (kvc_seq_ema(sq, l, t, &lo, &hi) == 0)
-                    sb_printf(ema, "%s,\"%s\",%d,%d,%s,%.6g,%.6g,%.6g\n", c->hash, c->label,
+                    lkq_sb_printf(ema, "%s,\"%s\",%d,%d,%s,%.6g,%.6g,%.6g\n", c->hash, c->label,
                               ch, l, t ? "v" : "k", lo, hi, hi - lo);
             }
         P->units_done = units0 + (double)(pos + len);
@@ -653,7 +611,7 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
         if (kvc_seq_layer_counts(sq, l, &lc) < 0)
             continue;
         double q = lc.n_quantized > 0 ? (double)lc.n_quantized : 1;
-        sb_printf(layers, "%s,\"%s\",%d,%lld,%lld,%lld,%lld,%.6g,%.6g\n", c->hash, c->label,
+        lkq_sb_printf(layers, "%s,\"%s\",%d,%lld,%lld,%lld,%lld,%.6g,%.6g\n", c->hash, c->label,
                   l, (long long)lc.n_quantized, (long long)lc.n_k_outliers,
                   (long long)lc.n_v_outliers, (long long)lc.n_clamped,
                   (double)(lc.n_k_outliers + lc.n_v_outliers) / q, (double)lc.n_clamped / q);
@@ -677,7 +635,7 @@ static const char abl_ema_header[] = "cell,label,chunk,layer,tensor,lo,hi,width\
 
 /* The cell's CSV row and JSON object (one line each, with newline). */
 static void format_cell(const abl_opts *o, const abl_cell *c, const abl_res *r,
-                        abl_sb *csv, abl_sb *js)
+                        lkq_sb *csv, lkq_sb *js)
 {
     const cfg_kv *k = &c->kv;
     char budget[32];
@@ -689,7 +647,7 @@ static void format_cell(const abl_opts *o, const abl_cell *c, const abl_res *r,
     double bits = kvc_stats_bits(st);
     double nq = st->n_quantized ? (double)st->n_quantized : 1;
     double orat = (double)st->n_outliers / nq, crat = (double)st->n_clamped / nq;
-    sb_printf(csv, "%s,\"%s\",%d,%ld,%s,%d,%d,%d,%g,%g,%g,%d,%g,%d,%d,%s,%s,", c->hash,
+    lkq_sb_printf(csv, "%s,\"%s\",%d,%ld,%s,%d,%d,%d,%g,%g,%g,%d,%g,%d,%d,%s,%s,", c->hash,
               c->label, c->ctx, o->windows, cli_kv_mode_name(k), k->chunk_size,
               k->block_tokens, k->warmup_chunks, k->ema_decay, k->ema_clip,
               k->clip_quantile, k->v_group, k->outlier_budget, k->sink_tokens,
@@ -697,54 +655,54 @@ static void format_cell(const abl_opts *o, const abl_cell *c, const abl_res *r,
               budget);
     char cfg[1024];
     cfg_kv_json(k, cfg, sizeof cfg);
-    sb_printf(js, "{\"cell\": \"%s\", \"label\": \"%s\", \"ctx\": %d, \"windows\": %ld, %s",
+    lkq_sb_printf(js, "{\"cell\": \"%s\", \"label\": \"%s\", \"ctx\": %d, \"windows\": %ld, %s",
               c->hash, c->label, c->ctx, o->windows, cfg);
     if (r->have_eval) {
         const eval_result *e = &r->ev;
-        sb_printf(csv, "%lld,%.6f,%.6f,%.6f,%.6g,%.6g,%.6f,", (long long)e->n_scored, e->ppl,
+        lkq_sb_printf(csv, "%lld,%.6f,%.6f,%.6f,%.6g,%.6g,%.6f,", (long long)e->n_scored, e->ppl,
                   e->ppl_ref, e->ppl / e->ppl_ref - 1.0, e->kld, e->kld_max, e->top1_agree);
-        sb_printf(js, ", \"n_scored\": %lld, \"ppl\": %.6f, \"ppl_fp16\": %.6f, "
+        lkq_sb_printf(js, ", \"n_scored\": %lld, \"ppl\": %.6f, \"ppl_fp16\": %.6f, "
                   "\"ppl_rel\": %.6f, \"kld\": %.6g, \"kld_max\": %.6g, \"top1_agree\": %.6f",
                   (long long)e->n_scored, e->ppl, e->ppl_ref, e->ppl / e->ppl_ref - 1.0,
                   e->kld, e->kld_max, e->top1_agree);
     } else {
-        sb_printf(csv, ",,,,,,,");
+        lkq_sb_printf(csv, ",,,,,,,");
     }
-    sb_printf(csv, "%.4f,%lld,%lld,", bits, (long long)st->bytes_total,
+    lkq_sb_printf(csv, "%.4f,%lld,%lld,", bits, (long long)st->bytes_total,
               (long long)st->bytes_fp16_equiv);
-    sb_printf(js, ", \"bits_per_element\": %.4f, \"kv_bytes\": %lld, \"kv_bytes_fp16\": %lld",
+    lkq_sb_printf(js, ", \"bits_per_element\": %.4f, \"kv_bytes\": %lld, \"kv_bytes_fp16\": %lld",
               bits, (long long)st->bytes_total, (long long)st->bytes_fp16_equiv);
     if (r->have_timing)
-        sb_printf(csv, "%lld,", (long long)r->kv_peak);
+        lkq_sb_printf(csv, "%lld,", (long long)r->kv_peak);
     else
-        sb_printf(csv, ",");
-    sb_printf(csv, "%.6g,%.6g,", orat, crat);
-    sb_printf(js, ", \"outlier_ratio\": %.6g, \"clamp_ratio\": %.6g", orat, crat);
+        lkq_sb_printf(csv, ",");
+    lkq_sb_printf(csv, "%.6g,%.6g,", orat, crat);
+    lkq_sb_printf(js, ", \"outlier_ratio\": %.6g, \"clamp_ratio\": %.6g", orat, crat);
     if (r->have_timing) {
         double dms = r->n_decode ? 1e3 * r->decode_s / r->n_decode : 0;
-        sb_printf(csv, "%d,%.4f,%.2f,%d,%.3f,", r->n_prefill, r->prefill_s,
+        lkq_sb_printf(csv, "%d,%.4f,%.2f,%d,%.3f,", r->n_prefill, r->prefill_s,
                   r->n_prefill / (r->prefill_s > 0 ? r->prefill_s : 1e-9), r->n_decode, dms);
-        sb_printf(js, ", \"kv_peak_bytes\": %lld, \"prefill_tokens\": %d, \"prefill_s\": %.4f, "
+        lkq_sb_printf(js, ", \"kv_peak_bytes\": %lld, \"prefill_tokens\": %d, \"prefill_s\": %.4f, "
                   "\"decode_tokens\": %d, \"decode_ms_per_tok\": %.3f",
                   (long long)r->kv_peak, r->n_prefill, r->prefill_s, r->n_decode, dms);
     } else {
-        sb_printf(csv, ",,,,,");
+        lkq_sb_printf(csv, ",,,,,");
     }
     if (r->have_eval) {
-        sb_printf(csv, "%.3f\n", r->eval_s);
-        sb_printf(js, ", \"quality_s\": %.3f", r->eval_s);
+        lkq_sb_printf(csv, "%.3f\n", r->eval_s);
+        lkq_sb_printf(js, ", \"quality_s\": %.3f", r->eval_s);
     } else {
-        sb_printf(csv, "\n");
+        lkq_sb_printf(csv, "\n");
     }
-    sb_printf(js, ", \"key\": \"");
+    lkq_sb_printf(js, ", \"key\": \"");
     for (const char *p = c->key; *p; p++)
-        sb_printf(js, *p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
-    sb_printf(js, "\"}\n");
+        lkq_sb_printf(js, *p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
+    lkq_sb_printf(js, "\"}\n");
 }
 
 /* Writes one file of a cell atomically. */
 static int write_cell_file(const abl_opts *o, const abl_cell *c, const char *ext,
-                           const abl_sb *b, char *err, size_t errlen)
+                           const lkq_sb *b, char *err, size_t errlen)
 {
     char path[4096];
     snprintf(path, sizeof path, "%s/cells/%s.%s", o->out, c->hash, ext);
@@ -756,9 +714,9 @@ static int write_cell_file(const abl_opts *o, const abl_cell *c, const char *ext
 static int rebuild(const abl_opts *o, const abl_cell *cells, int n, const char *name,
                    const char *header, const char *ext, char *err, size_t errlen)
 {
-    abl_sb b = {0};
+    lkq_sb b = {0};
     if (header)
-        sb_printf(&b, "%s", header);
+        lkq_sb_printf(&b, "%s", header);
     for (int i = 0; i < n; i++) {
         if (!cells[i].done)
             continue;
@@ -768,7 +726,7 @@ static int rebuild(const abl_opts *o, const abl_cell *cells, int n, const char *
         char *s = cli_read_file(path, &len, lerr, sizeof lerr);
         if (!s)
             continue; /* a cell measured with --no-timing has no per-layer files */
-        sb_printf(&b, "%s", s);
+        lkq_sb_printf(&b, "%s", s);
         free(s);
     }
     char path[4096];
@@ -776,7 +734,7 @@ static int rebuild(const abl_opts *o, const abl_cell *cells, int n, const char *
     int rc = b.oom ? -1 : cli_write_atomic(path, b.s ? b.s : "", b.len, err, errlen);
     if (b.oom)
         snprintf(err, errlen, "out of memory rebuilding %.300s", path);
-    sb_free(&b);
+    lkq_sb_free(&b);
     return rc;
 }
 
@@ -798,7 +756,7 @@ static int run_cell(const abl_opts *o, const mdl_model *m, const abl_cell *c,
 {
     abl_res r;
     memset(&r, 0, sizeof r);
-    abl_sb csv = {0}, js = {0}, ema = {0}, layers = {0}, key = {0};
+    lkq_sb csv = {0}, js = {0}, ema = {0}, layers = {0}, key = {0};
     int rc = -1;
     double eval_units;
     double units = cell_units(o, c, &eval_units);
@@ -822,7 +780,7 @@ static int run_cell(const abl_opts *o, const mdl_model *m, const abl_cell *c,
         goto done;
     P->units_done = units0 + units;
     format_cell(o, c, &r, &csv, &js);
-    sb_printf(&key, "%s\n", c->key);
+    lkq_sb_printf(&key, "%s\n", c->key);
     if (csv.oom || js.oom || ema.oom || layers.oom || key.oom) {
         snprintf(err, errlen, "out of memory formatting the results");
         goto done;
@@ -850,11 +808,11 @@ static int run_cell(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     }
     rc = 0;
 done:
-    sb_free(&csv);
-    sb_free(&js);
-    sb_free(&ema);
-    sb_free(&layers);
-    sb_free(&key);
+    lkq_sb_free(&csv);
+    lkq_sb_free(&js);
+    lkq_sb_free(&ema);
+    lkq_sb_free(&layers);
+    lkq_sb_free(&key);
     return rc;
 }
 
@@ -916,8 +874,8 @@ static int check_cells(const abl_opts *o, const mdl_model *m, const abl_cell *ce
 /* Writes DIR/command.txt (the command line, shell-quoted). */
 static void write_command(const abl_opts *o, int argc, char **argv)
 {
-    abl_sb b = {0};
-    sb_printf(&b, "livekvq");
+    lkq_sb b = {0};
+    lkq_sb_printf(&b, "livekvq");
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         int plain = *a != '\0';
@@ -926,20 +884,20 @@ static void write_command(const abl_opts *o, int argc, char **argv)
                         "-_=.,/:+", *p))
                 plain = 0;
         if (plain) {
-            sb_printf(&b, " %s", a);
+            lkq_sb_printf(&b, " %s", a);
         } else {
-            sb_printf(&b, " '");
+            lkq_sb_printf(&b, " '");
             for (const char *p = a; *p; p++)
-                sb_printf(&b, *p == '\'' ? "'\\''" : "%c", *p);
-            sb_printf(&b, "'");
+                lkq_sb_printf(&b, *p == '\'' ? "'\\''" : "%c", *p);
+            lkq_sb_printf(&b, "'");
         }
     }
-    sb_printf(&b, "\n");
+    lkq_sb_printf(&b, "\n");
     char path[4096], err[256];
     snprintf(path, sizeof path, "%s/command.txt", o->out);
     if (!b.oom)
         (void)cli_write_atomic(path, b.s, b.len, err, sizeof err);
-    sb_free(&b);
+    lkq_sb_free(&b);
 }
 
 int abl_main(int argc, char **argv)
