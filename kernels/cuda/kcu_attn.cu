@@ -11,10 +11,11 @@
  * their elements), the group's scores and an online softmax update the
  * accumulators. Exact where the oracle is exact; sums in f32.
  *
- * Splits: when the items have few queries (decode), the positions
- * [0, pos0 + n_q) are cut into n_splits ranges of `span` positions so that
- * the GPU is filled; each range writes its partial (m, l, acc) and a merge
- * kernel combines them.
+ * Splits: an item with few queries (decode) has its positions [0, pos0 +
+ * n_q) cut into ranges (kcu_attn_item_split: planned per item, so that a
+ * sequence's result does not depend on the rest of the batch) to fill the
+ * GPU; each range writes its partial (m, l, acc) and a merge kernel
+ * combines them.
  */
 #include "kernels/cuda/kcu_attn_impl.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
@@ -45,12 +46,13 @@ static __global__ void __launch_bounds__(GEN_THREADS)
     const kcu_attn_item item = P.items[blockIdx.z];
     const int n_kv = P.n_kv, hd = P.hd, g = P.n_head / n_kv, D = P.A.kv_dim;
     const int j = (int)blockIdx.x / n_kv, h = (int)blockIdx.x % n_kv, split = (int)blockIdx.y;
-    if (j >= item.n_q)
+    const kcu_attn_split sp = kcu_attn_item_split(P, item);
+    if (j >= item.n_q || split >= sp.n)
         return; /* uniform over the block */
     const int tid = (int)threadIdx.x;
     const int qpos = item.pos0 + j;
-    const int lo_pos = split * P.span;
-    const int hi_pos = lo_pos + P.span < qpos + 1 ? lo_pos + P.span : qpos + 1;
+    const int lo_pos = split * sp.span;
+    const int hi_pos = lo_pos + sp.span < qpos + 1 ? lo_pos + sp.span : qpos + 1;
     float *qs = sm, *Kt = qs + g * hd, *Vt = Kt + TP * hd, *S = Vt + TP * hd;
     float *acc = S + g * TP, *sm_m = acc + g * hd, *sm_l = sm_m + g, *sm_a = sm_l + g;
     const size_t qrow = ((size_t)item.q_row0 + (size_t)j) * (size_t)P.n_head * (size_t)hd;
@@ -153,7 +155,7 @@ static __global__ void __launch_bounds__(GEN_THREADS)
 
     for (int e = tid; e < g * hd; e += GEN_THREADS) {
         int hh = e / hd, d = e % hd, head = h * g + hh;
-        if (P.n_splits == 1) {
+        if (sp.n == 1) {
             float l = sm_l[hh];
             P.out[qrow + (size_t)head * (size_t)hd + (size_t)d] = l > 0.0f ? acc[e] / l : 0.0f;
         } else {
@@ -167,20 +169,22 @@ static __global__ void __launch_bounds__(GEN_THREADS)
     }
 }
 
-/* out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over the splits. */
+/* out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over the item's
+ * splits (items that were not split wrote their output directly). */
 static __global__ void kcu_attn_merge_kernel(kcu_attn_args P)
 {
     int rec = (int)blockIdx.x;
-    int head = rec % P.n_head, j = (rec / P.n_head) % P.n_q_max;
-    int item_i = rec / (P.n_head * P.n_q_max);
+    int head = rec % P.n_head, j = (rec / P.n_head) % P.q_part;
+    int item_i = rec / (P.n_head * P.q_part);
     const kcu_attn_item item = P.items[item_i];
-    if (j >= item.n_q)
+    const int ns = kcu_attn_item_split(P, item).n;
+    if (j >= item.n_q || ns == 1)
         return;
     float M = -INFINITY;
-    for (int s = 0; s < P.n_splits; s++)
+    for (int s = 0; s < ns; s++)
         M = fmaxf(M, kcu_attn_part(P, item_i, j, head, s)[0]);
     float wsum = 0.0f;
-    for (int s = 0; s < P.n_splits; s++) {
+    for (int s = 0; s < ns; s++) {
         const float *r = kcu_attn_part(P, item_i, j, head, s);
         if (r[1] > 0.0f)
             wsum += expf(r[0] - M) * r[1];
@@ -189,7 +193,7 @@ static __global__ void kcu_attn_merge_kernel(kcu_attn_args P)
                (size_t)head * (size_t)P.hd;
     for (int d = (int)threadIdx.x; d < P.hd; d += (int)blockDim.x) {
         float v = 0.0f;
-        for (int s = 0; s < P.n_splits; s++) {
+        for (int s = 0; s < ns; s++) {
             const float *r = kcu_attn_part(P, item_i, j, head, s);
             if (r[1] > 0.0f)
                 v += expf(r[0] - M) * r[2 + d];
@@ -200,8 +204,6 @@ static __global__ void kcu_attn_merge_kernel(kcu_attn_args P)
 
 /* ---- planning -------------------------------------------------------------------- */
 
-#define MAX_SPLITS 64
-#define DECODE_MAX_Q 4 /* items with at most this many queries are split */
 
 extern "C" int kcu_attn_mma_supported(const kcu_attn_shape *sh)
 {
@@ -232,19 +234,6 @@ static int gen_tile(const kcu_attn_shape *sh, size_t limit, size_t *smem)
     return 0;
 }
 
-/* Splits so that about `target` blocks run (decode batches only). */
-static int plan_splits(int target, int blocks_base, int max_q, int max_ctx)
-{
-    if (max_q > DECODE_MAX_Q || blocks_base <= 0)
-        return 1;
-    int want = (target + blocks_base - 1) / blocks_base;
-    int by_ctx = (max_ctx + 255) / 256; /* at least 256 positions per split */
-    int s = want < by_ctx ? want : by_ctx;
-    if (s > MAX_SPLITS)
-        s = MAX_SPLITS;
-    return s < 1 ? 1 : s;
-}
-
 extern "C" size_t kcu_attn_scratch_bytes(const kcu_attn_shape *sh, int n_items, int total_q,
                                          int max_q)
 {
@@ -252,8 +241,8 @@ extern "C" size_t kcu_attn_scratch_bytes(const kcu_attn_shape *sh, int n_items, 
     size_t step16 = (size_t)total_q * D * 2 * sizeof(uint16_t);
     /* batches with up to max_q queries per item include decode batches
      * (at most DECODE_MAX_Q queries), which keep split partials */
-    int qd = max_q < DECODE_MAX_Q ? max_q : DECODE_MAX_Q;
-    size_t part = (size_t)n_items * (size_t)qd * (size_t)sh->n_head * MAX_SPLITS *
+    int qd = max_q < KCU_ATTN_DECODE_MAX_Q ? max_q : KCU_ATTN_DECODE_MAX_Q;
+    size_t part = (size_t)n_items * (size_t)qd * (size_t)sh->n_head * KCU_ATTN_MAX_SPLITS *
                   ((size_t)sh->head_dim + 2) * sizeof(float);
     return ((step16 + 255) & ~(size_t)255) + part + 256;
 }
@@ -275,19 +264,22 @@ extern "C" int kcu_attn(kcu_ctx *c, const kcu_attn_shape *sh, const kcu_kv_arena
     if (path == KCU_ATTN_MMA && !kcu_attn_mma_supported(sh))
         return kcu_failf(err, errlen, "kcu_attn: the tensor-core kernel does not support "
                          "head_dim %d with this cache layout", sh->head_dim);
-    int max_q = 0, total_q = 0, max_ctx = 0, rows_max = 0;
+    int max_q = 0, total_q = 0, rows_max = 0, step_end = 0;
     for (int i = 0; i < n_items; i++) {
         const kcu_attn_item *it = &items_host[i];
-        if (it->n_q <= 0 || it->pos0 < 0)
+        if (it->n_q <= 0 || it->pos0 < 0 || it->step_row0 < 0)
             return kcu_failf(err, errlen, "kcu_attn: item %d has %d queries at %d", i, it->n_q,
                              it->pos0);
         max_q = it->n_q > max_q ? it->n_q : max_q;
         total_q += it->n_q;
-        int ctx = it->pos0 + it->n_q;
-        max_ctx = ctx > max_ctx ? ctx : max_ctx;
         int rows = it->n_q * (sh->n_head / sh->n_kv_head);
         rows_max = rows > rows_max ? rows : rows_max;
+        int end = it->step_row0 + it->n_q;
+        step_end = end > step_end ? end : step_end;
     }
+    if (step_end > total_q) /* the FP16 copy of the step rows holds total_q rows */
+        return kcu_failf(err, errlen, "kcu_attn: step rows up to %d, but only %d queries",
+                         step_end, total_q);
     if (scratch_bytes < kcu_attn_scratch_bytes(sh, n_items, total_q, max_q))
         return kcu_failf(err, errlen, "kcu_attn: scratch too small for %d items, %d queries",
                          n_items, total_q);
@@ -310,38 +302,32 @@ extern "C" int kcu_attn(kcu_ctx *c, const kcu_attn_shape *sh, const kcu_kv_arena
         P.has_L = 1;
     }
     P.n_q_max = max_q;
+    P.q_part = max_q < KCU_ATTN_DECODE_MAX_Q ? max_q : KCU_ATTN_DECODE_MAX_Q;
+    P.mma = use_mma;
+    /* the tensor-core kernel keeps few warps per block and is memory bound
+     * in decode: aim at ~8 blocks per SM for enough loads in flight */
+    P.split_target = (use_mma ? 8 : 2) * c->n_sm;
+    P.n_splits = 1;
+    for (int i = 0; i < n_items; i++) {
+        int ns = kcu_attn_item_split(P, items_host[i]).n;
+        P.n_splits = ns > P.n_splits ? ns : P.n_splits;
+    }
     size_t D = (size_t)A->kv_dim;
     size_t step16 = (size_t)total_q * D * 2 * sizeof(uint16_t);
     P.part = (float *)((char *)scratch + ((step16 + 255) & ~(size_t)255));
 
-    int tasks_max = 0, blocks_base;
+    int tasks_max = 0;
     if (use_mma) {
-        /* the step's own K/V as FP16 for the tensor cores */
+        /* the step's own K/V as FP16 for the tensor cores: every item's rows
+         * lie in [0, total_q), converted in one pass each */
         uint16_t *k16 = (uint16_t *)scratch, *v16 = k16 + (size_t)total_q * D;
-        for (int i = 0; i < n_items; i++) {
-            const kcu_attn_item *it = &items_host[i];
-            if (kcu_convert(c, KT_F16, k16 + (size_t)it->step_row0 * D,
-                            k_step + (size_t)it->step_row0 * D, (size_t)it->n_q * D, err,
-                            errlen) < 0 ||
-                kcu_convert(c, KT_F16, v16 + (size_t)it->step_row0 * D,
-                            v_step + (size_t)it->step_row0 * D, (size_t)it->n_q * D, err,
-                            errlen) < 0)
-                return -1;
-        }
+        if (kcu_convert(c, KT_F16, k16, k_step, (size_t)total_q * D, err, errlen) < 0 ||
+            kcu_convert(c, KT_F16, v16, v_step, (size_t)total_q * D, err, errlen) < 0)
+            return -1;
         P.k_step16 = k16;
         P.v_step16 = v16;
         tasks_max = P.n_kv * ((rows_max + 7) / 8);
-        blocks_base = n_items * ((tasks_max + KCU_MMA_WARPS - 1) / KCU_MMA_WARPS);
-    } else {
-        blocks_base = n_items * max_q * P.n_kv;
     }
-    /* the tensor-core kernel keeps few warps per block and is memory bound
-     * in decode: aim at ~8 blocks per SM for enough loads in flight */
-    P.n_splits = plan_splits((use_mma ? 8 : 2) * c->n_sm, blocks_base, max_q, max_ctx);
-    int span = (max_ctx + P.n_splits - 1) / P.n_splits;
-    P.span = (span + 63) / 64 * 64;
-    if (P.n_splits > 1)
-        P.n_splits = (max_ctx + P.span - 1) / P.span;
 
     if (use_mma) {
         if (kcu_attn_mma_launch(c, P, n_items, tasks_max, err, errlen) < 0)
@@ -368,7 +354,7 @@ extern "C" int kcu_attn(kcu_ctx *c, const kcu_attn_shape *sh, const kcu_kv_arena
     }
     if (P.n_splits > 1) {
         KCU_LAUNCH(kcu_attn_merge_kernel,
-                   dim3((unsigned)(n_items * max_q * P.n_head)), dim3(128), 0, c->stream, P);
+                   dim3((unsigned)(n_items * P.q_part * P.n_head)), dim3(128), 0, c->stream, P);
         KCU_CHECK_LAUNCH(err, errlen, "kcu_attn (merge)");
     }
     return 0;

@@ -30,7 +30,9 @@ extern "C" {
  * head_dim]); their own K/V (positions pos0 .. pos0+n_q-1, visible
  * causally) in rows step_row0 .. of k_step / v_step ([rows][kv_dim] f32);
  * the history (positions < pos0) is segs[seg0 .. seg0+n_segs), in position
- * order. */
+ * order. The step rows of all items lie in [0, total queries). An item's
+ * result depends on the item alone, not on the rest of the batch (the
+ * split of long decode histories is planned per item). */
 typedef struct {
     int32_t seg0, n_segs;
     int32_t pos0, n_q;

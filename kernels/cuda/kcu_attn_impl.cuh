@@ -21,15 +21,60 @@ struct kcu_attn_args {
     float scale;
     kvq_layout L;
     int has_L;
-    int n_splits, span, n_q_max;
-    float *part; /* [items][n_q_max][n_head][n_splits][hd + 2] when n_splits > 1 */
+    int n_splits;     /* the grid's splits: the most any item has */
+    int split_target; /* blocks one item alone should fill (0: never split) */
+    int mma;          /* 1: the tensor-core kernel (its blocks per item) */
+    int n_q_max, q_part;
+    float *part; /* [items][q_part][n_head][n_splits][hd + 2] when n_splits > 1 */
 };
+
+/* Warps per block, positions per chunk, query rows per warp. */
+#define KCU_MMA_WARPS 4
+#define KCU_MMA_CH 64
+#define KCU_ATTN_MAX_SPLITS 64
+#define KCU_ATTN_DECODE_MAX_Q 4 /* items with at most this many queries are split */
+
+/* How an item's positions [0, pos0 + n_q) are cut into n ranges of span
+ * positions (n == 1: one range over everything). A function of the item
+ * alone (its queries and context) and of the device (split_target), never
+ * of the other items of the batch: a sequence's attention is then summed
+ * in the same order whatever runs beside it. Decode items are split so
+ * that, alone, about split_target blocks run, with at least 256 positions
+ * per range; items with more queries are not split. */
+struct kcu_attn_split {
+    int n, span;
+};
+static __host__ __device__ __forceinline__ kcu_attn_split
+kcu_attn_item_split(const kcu_attn_args &P, const kcu_attn_item &it)
+{
+    const int ctx = it.pos0 + it.n_q;
+    int s = 1;
+    if (it.n_q <= KCU_ATTN_DECODE_MAX_Q && P.split_target > 0) {
+        int base; /* blocks of the item without splitting */
+        if (P.mma) {
+            int tasks = P.n_kv * ((it.n_q * (P.n_head / P.n_kv) + 7) / 8);
+            base = (tasks + KCU_MMA_WARPS - 1) / KCU_MMA_WARPS;
+        } else {
+            base = it.n_q * P.n_kv;
+        }
+        int want = (P.split_target + base - 1) / base;
+        int by_ctx = (ctx + 255) / 256;
+        s = want < by_ctx ? want : by_ctx;
+        s = s > KCU_ATTN_MAX_SPLITS ? KCU_ATTN_MAX_SPLITS : s < 1 ? 1 : s;
+    }
+    int span = (ctx + s - 1) / s;
+    span = (span + 63) / 64 * 64;
+    if (s > 1)
+        s = (ctx + span - 1) / span;
+    kcu_attn_split r = {s, span};
+    return r;
+}
 
 /* Partial softmax state of one (item, query, head, split): m, l, acc[hd]. */
 static __device__ __forceinline__ float *kcu_attn_part(const kcu_attn_args &P, int item, int j,
                                                        int head, int split)
 {
-    size_t rec = (((size_t)item * (size_t)P.n_q_max + (size_t)j) * (size_t)P.n_head +
+    size_t rec = (((size_t)item * (size_t)P.q_part + (size_t)j) * (size_t)P.n_head +
                   (size_t)head) * (size_t)P.n_splits + (size_t)split;
     return P.part + rec * (size_t)(P.hd + 2);
 }
@@ -69,10 +114,6 @@ kcu_attn_segment(const kcu_attn_args &P, const kcu_attn_item &item, int si, cons
     }
     return v;
 }
-
-/* Warps per block, positions per chunk, query rows per warp. */
-#define KCU_MMA_WARPS 4
-#define KCU_MMA_CH 64
 
 /* Shared memory and launch of the tensor-core kernel (kcu_attn_mma.cu). */
 size_t kcu_attn_mma_smem(const kcu_attn_args &P);

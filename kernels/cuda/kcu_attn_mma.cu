@@ -123,8 +123,11 @@ static __global__ void __launch_bounds__(W * 32) kcu_attn_mma_kernel(kcu_attn_ar
     const bool active = task < n_kv * n_rt;
     const int h = task % n_kv, rt = task / n_kv;
     const int ctx = item.pos0 + item.n_q;
-    const int lo_pos = split * P.span;
-    const int hi_pos = lo_pos + P.span < ctx ? lo_pos + P.span : ctx;
+    const kcu_attn_split sp = kcu_attn_item_split(P, item);
+    if (split >= sp.n)
+        return; /* uniform over the block: the item has fewer splits */
+    const int lo_pos = split * sp.span;
+    const int hi_pos = lo_pos + sp.span < ctx ? lo_pos + sp.span : ctx;
     const int out_cap = P.has_L ? P.L.out_cap : 0;
 
     /* shared memory: block staging, then one region per warp */
@@ -528,7 +531,7 @@ KCU_UNROLL
                 continue;
             int j = grow / g, head = h * g + grow % g;
             float v = o[i][e] + corr[ch * ROWS + r];
-            if (P.n_splits == 1) {
+            if (sp.n == 1) {
                 float l = rl[r];
                 P.out[((size_t)item.q_row0 + (size_t)j) * (size_t)P.n_head * HD +
                       (size_t)head * HD + (size_t)ch] = l > 0.0f ? v / l : 0.0f;

@@ -7,8 +7,8 @@
 #include "kernels/cuda/kcu_rope.cuh"
 
 static __global__ void kcu_rope_kernel(float *x, int n_tok, size_t row_stride, int n_heads,
-                                       int head_dim, int n_rot, int pos0, float theta,
-                                       float freq_scale)
+                                       int head_dim, int n_rot, int pos0,
+                                       const int32_t *pos, float theta, float freq_scale)
 {
     int half = n_rot / 2;
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -19,7 +19,8 @@ static __global__ void kcu_rope_kernel(float *x, int n_tok, size_t row_stride, i
     int h = (int)((i / (size_t)half) % (size_t)n_heads);
     int t = (int)(i / ((size_t)half * (size_t)n_heads));
     double freq = pow((double)theta, -2.0 * j / n_rot);
-    double a = __dmul_rn(__dmul_rn((double)(pos0 + t), (double)freq_scale), freq);
+    int at = pos ? pos[t] : pos0 + t;
+    double a = __dmul_rn(__dmul_rn((double)at, (double)freq_scale), freq);
     double s, co;
     sincos(a, &s, &co);
     float *p = x + (size_t)t * row_stride + (size_t)h * (size_t)head_dim + 2 * (size_t)j;
@@ -28,9 +29,10 @@ static __global__ void kcu_rope_kernel(float *x, int n_tok, size_t row_stride, i
     p[1] = (float)__dadd_rn(__dmul_rn(x0, s), __dmul_rn(x1, co));
 }
 
-extern "C" int kcu_rope(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int n_heads,
-                        int head_dim, int n_rot, int pos0, float theta, float freq_scale,
-                        char *err, size_t errlen)
+/* Shared by both launchers: pos NULL means consecutive positions from pos0. */
+static int rope_launch(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int n_heads,
+                       int head_dim, int n_rot, int pos0, const int32_t *pos, float theta,
+                       float freq_scale, char *err, size_t errlen)
 {
     if (n_rot < 2 || n_rot > head_dim || n_rot % 2)
         return kcu_failf(err, errlen, "kcu_rope: n_rot %d must be even and <= head_dim %d",
@@ -39,7 +41,23 @@ extern "C" int kcu_rope(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int 
     if (total == 0)
         return 0;
     KCU_LAUNCH(kcu_rope_kernel, dim3(kcu_cdiv(total, 256)), dim3(256), 0, c->stream, x, n_tok,
-               row_stride, n_heads, head_dim, n_rot, pos0, theta, freq_scale);
+               row_stride, n_heads, head_dim, n_rot, pos0, pos, theta, freq_scale);
     KCU_CHECK_LAUNCH(err, errlen, "kcu_rope");
     return 0;
+}
+
+extern "C" int kcu_rope(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int n_heads,
+                        int head_dim, int n_rot, int pos0, float theta, float freq_scale,
+                        char *err, size_t errlen)
+{
+    return rope_launch(c, x, n_tok, row_stride, n_heads, head_dim, n_rot, pos0, NULL, theta,
+                       freq_scale, err, errlen);
+}
+
+extern "C" int kcu_rope_at(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int n_heads,
+                           int head_dim, int n_rot, const int32_t *pos, float theta,
+                           float freq_scale, char *err, size_t errlen)
+{
+    return rope_launch(c, x, n_tok, row_stride, n_heads, head_dim, n_rot, 0, pos, theta,
+                       freq_scale, err, errlen);
 }

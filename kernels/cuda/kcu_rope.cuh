@@ -1,7 +1,8 @@
 /*
  * kcu_rope.cuh - rotary position embedding on the GPU, same contract as
  * kref_rope (interleaved pairs, angles in double) for n_tok consecutive
- * positions. C-callable launcher; kernel in kcu_rope.cu.
+ * positions (kcu_rope) or one position per token (kcu_rope_at: a batched
+ * step of several sequences). C-callable launchers; kernel in kcu_rope.cu.
  */
 #ifndef LKQ_KCU_ROPE_CUH
 #define LKQ_KCU_ROPE_CUH
@@ -18,6 +19,11 @@ extern "C" {
  * theta^(-2j/n_rot) for pair j. */
 int kcu_rope(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int n_heads, int head_dim,
              int n_rot, int pos0, float theta, float freq_scale, char *err, size_t errlen);
+
+/* The same with token i at position pos[i] (pos: device int32 [n_tok]). */
+int kcu_rope_at(kcu_ctx *c, float *x, int n_tok, size_t row_stride, int n_heads, int head_dim,
+                int n_rot, const int32_t *pos, float theta, float freq_scale, char *err,
+                size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -5,7 +5,8 @@
  * kvq_quantize_block from data with injected outliers (full and partial
  * blocks), FP16 staging pages, the step's own exact K/V (causal), several
  * sequences in one launch, decode (one query, the history split across
- * blocks and merged) and prefill chunks, the FP16 cache (pages of
+ * blocks and merged; an item alone bit-identical to the same item in a
+ * batch) and prefill chunks, the FP16 cache (pages of
  * block_tokens), no history at all, and the real head layouts (SmolLM2
  * 9/3 x 64, Llama-3-8B 32/8 x 128, stories15M 6/6 x 48, stories260K 8/4 x
  * 8). The history sits in layer 1 of a two-layer arena.
@@ -19,6 +20,10 @@
  *    f32 accumulation): ATOL_MMA 2e-3, RTOL_MMA 2e-3 - the f16 rounding of q
  *    and of P (relative 2^-11 each) on scores of a few units (measured in
  *    the emulator: at most 3.2e-4 * vmax).
+ * An item alone against the same item in a batch: bit-identical (generic),
+ * or within ATOL_MMA_ORDER 1e-5 * vmax + RTOL_MMA_ORDER 1e-5 (tensor cores:
+ * the order of the float atomics that add outlier corrections is not
+ * fixed, so a few f32 sums may round differently).
  */
 #include "tests/gpu/gpu_test.h"
 
@@ -31,6 +36,8 @@
 #define RTOL_GEN 2e-4
 #define ATOL_MMA 2e-3
 #define RTOL_MMA 2e-3
+#define ATOL_MMA_ORDER 1e-5
+#define RTOL_MMA_ORDER 1e-5
 
 typedef struct {
     int n_head, n_kv, hd;
@@ -252,6 +259,32 @@ static void run_path(const scen *s, batch *b, int path, const char *name)
         gt_close(what, got, ref, (size_t)b->rows * Qw, ATOL_MMA * b->vmax, RTOL_MMA);
     else
         gt_close(what, got, ref, (size_t)b->rows * Qw, ATOL_GEN * b->vmax, RTOL_GEN);
+    /* each item alone gives the same rows: the split of its history is
+     * planned from the item alone, never from the rest of the batch (bit for
+     * bit with the generic kernel; the tensor-core kernel adds outlier
+     * corrections with shared-memory float atomics, whose order is not
+     * fixed: last-bit differences, ATOL_MMA_ORDER) */
+    for (int it = 0; s->n_items > 1 && it < s->n_items; it++) {
+        kcu_attn_item one = b->items[it];
+        size_t r0 = (size_t)one.q_row0, nq = (size_t)one.n_q;
+        one.q_row0 = one.step_row0 = 0;
+        kcu_attn_item *d1 = gt_up(&one, sizeof one);
+        float *dout1 = gt_up(NULL, nq * Qw * 4), *got1 = malloc(nq * Qw * 4);
+        GT_OK(kcu_attn(gt_c, &sh, &b->A, 1, &one, d1, 1, dsegs, dq + r0 * Qw, dout1,
+                       dk + r0 * b->D, dv + r0 * b->D, path, dscr, sb, gt_err, sizeof gt_err));
+        gt_down(got1, dout1, nq * Qw * 4);
+        if (path == KCU_ATTN_GENERIC) {
+            GT_CHECK(memcmp(got1, got + r0 * Qw, nq * Qw * 4) == 0,
+                     "%s: item %d alone differs from the same item in the batch", what, it);
+        } else {
+            char w2[200];
+            snprintf(w2, sizeof w2, "%s item %d alone vs batched", what, it);
+            gt_close(w2, got1, got + r0 * Qw, nq * Qw, ATOL_MMA_ORDER * b->vmax, RTOL_MMA_ORDER);
+        }
+        kcu_free(gt_c, d1);
+        kcu_free(gt_c, dout1);
+        free(got1);
+    }
     kcu_free(gt_c, ditems);
     kcu_free(gt_c, dsegs);
     kcu_free(gt_c, dq);

@@ -98,6 +98,35 @@ static void case_rope(void)
     kcu_free(gt_c, dx);
 }
 
+/* kcu_rope_at: one position per token (a batched step of several
+ * sequences), against kref_rope row by row. */
+static void case_rope_at(void)
+{
+    const int32_t pos[] = {0, 7, 8, 9, 250, 3, 8191, 32766, 1};
+    const int n_tok = (int)(sizeof pos / sizeof pos[0]);
+    const int hs[][3] = {{8, 8, 8}, {6, 48, 48}, {8, 128, 128}, {4, 64, 32}};
+    for (size_t i = 0; i < sizeof hs / sizeof hs[0]; i++) {
+        int n_heads = hs[i][0], hd = hs[i][1], n_rot = hs[i][2];
+        int row = n_heads * hd + 1;
+        size_t N = (size_t)n_tok * (size_t)row;
+        float *x = rand_vec(N, 2.0f), *ref = malloc(N * 4), *got = malloc(N * 4);
+        memcpy(ref, x, N * 4);
+        for (int t = 0; t < n_tok; t++)
+            kref_rope(ref + (size_t)t * row, n_heads, hd, n_rot, pos[t], 500000.0f, 1.0f);
+        float *dx = gt_up(x, N * 4);
+        int32_t *dp = gt_up(pos, sizeof pos);
+        GT_OK(kcu_rope_at(gt_c, dx, n_tok, (size_t)row, n_heads, hd, n_rot, dp, 500000.0f, 1.0f,
+                          gt_err, sizeof gt_err));
+        gt_down(got, dx, N * 4);
+        char what[64];
+        snprintf(what, sizeof what, "rope_at hd %d", hd);
+        gt_close(what, got, ref, N, ATOL_DBL * 4, RTOL_DBL);
+        kcu_free(gt_c, dx);
+        kcu_free(gt_c, dp);
+        free(x), free(ref), free(got);
+    }
+}
+
 static void case_swiglu(void)
 {
     const size_t ns[] = {1, 7, 172, 768, 100003};
@@ -298,6 +327,7 @@ int main(void)
     gt_begin("test_gpu_ops");
     gt_case("rmsnorm", case_rmsnorm);
     gt_case("rope", case_rope);
+    gt_case("rope_at", case_rope_at);
     gt_case("swiglu", case_swiglu);
     gt_case("add_convert", case_add_convert);
     gt_case("embed", case_embed);
