@@ -121,7 +121,7 @@ static int is_int4(const kvc_pool *p)
 
 /* ---- pool ----------------------------------------------------------------- */
 
-static int page_tokens_for(const cfg_kv *c)
+int kvc_plan_page_tokens(const cfg_kv *c)
 {
     /* fp16 mode: pages are the blocks; int4 mode: small pages so sinks, the
      * tail and staging hold little slack */
@@ -145,7 +145,7 @@ int kvc_pool_plan(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
         return -EINVAL;
     if (n_ctx <= 0 || max_seqs <= 0)
         return fail(err, errlen, -EINVAL, "n_ctx and max_seqs must be positive");
-    const int T = cfg->block_tokens, P = page_tokens_for(cfg);
+    const int T = cfg->block_tokens, P = kvc_plan_page_tokens(cfg);
     const int64_t L = d->n_layers, D = d->kv_dim;
     const int64_t fbytes = (int64_t)P * L * D * 2 * 2;
     if (cfg->mode == CFG_KV_FP16) {
@@ -227,7 +227,7 @@ int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
         return fail(err, errlen, -ENOMEM, "out of memory");
     p->cfg = *cfg;
     p->d = *d;
-    p->P = page_tokens_for(cfg);
+    p->P = kvc_plan_page_tokens(cfg);
     p->has_q = is_int4(p);
     if (p->has_q) {
         if (make_layout(cfg, d, &p->L, err, errlen) < 0) {
@@ -380,9 +380,13 @@ void kvc_pool_free_units(const kvc_pool *p, int64_t *qfree, int64_t *ffree)
 
 void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf)
 {
-    const cfg_kv *c = &p->cfg;
-    const int64_t P = p->P, T = c->block_tokens, C = c->chunk_size;
-    if (!is_int4(p)) {
+    kvc_plan_estimate(&p->cfg, n, nq, nf);
+}
+
+void kvc_plan_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf)
+{
+    const int64_t P = kvc_plan_page_tokens(c), T = c->block_tokens, C = c->chunk_size;
+    if (c->mode != CFG_KV_INT4) {
         *nq = 0;
         *nf = (n + P - 1) / P + 1;
         return;

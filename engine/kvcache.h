@@ -95,6 +95,11 @@ void kvc_pool_free_units(const kvc_pool *p, int64_t *qfree, int64_t *ffree);
  * its peak while prefilling n tokens (warm-up staging included); the
  * scheduler admits by it. */
 void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf);
+/* The same for any pool of configuration cfg (the GPU cache,
+ * engine/kvcache_cuda.h, holds the same blocks and pages), and the tokens
+ * per FP16 page such a pool uses. */
+void kvc_plan_estimate(const cfg_kv *cfg, int n, int64_t *nq, int64_t *nf);
+int kvc_plan_page_tokens(const cfg_kv *cfg);
 
 /* A sequence of at most max_tokens positions. Its metadata (entry list,
  * EMA state, scratch) is allocated here, once. */
