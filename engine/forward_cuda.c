@@ -4,10 +4,15 @@
  * the host waits only for the logits (or for the profile timers).
  *
  * Device shapes (B = max_batch, D = dim, Q = n_heads * head_dim, KV =
- * n_kv_heads * head_dim, H = hidden_dim, V = n_vocab):
+ * n_kv_heads * head_dim, H = hidden_dim, V = n_vocab, R = logit rows):
  *   x [B][D] residual stream; xb [B][max(D, Q)]; xb2 [B][D]; q [B][Q];
  *   k, v [B][KV]; att [B][Q]; hb, hb2 [B][H]; conv: the GEMM input in the
- *   weight's 16-bit type [B][max(D, Q, H)]; logits [B or 1][V].
+ *   weight's 16-bit type [B][max(D, Q, H)]; logits [R][V].
+ * A step is one or more slices (one per sequence) of consecutive rows; its
+ * tables go up in one copy (tab, laid out as the host staging buffer):
+ *   tokens [B] int32 | positions [B] int32 | attention items [S] |
+ *   history segments of all slices, concatenated [S * segs per sequence]
+ * (S = max(1, max_seqs)); each item's seg0 points at its sequence's part.
  */
 #include "engine/forward_cuda.h"
 
@@ -37,9 +42,17 @@ typedef struct {
     dweight wq, wk, wv, wo, gate, down, up;
 } dlayer;
 
+/* One sequence's slice of a step. */
+typedef struct {
+    kvcd_seq *seq;
+    int off, n, pos0; /* first row, tokens, position of the first token */
+} fwdc_slice;
+
 struct fwdc_state {
     mdl_hparams hp;
     fwd_params p;
+    int max_items;  /* sequences per step: max(1, max_seqs) */
+    int logit_rows; /* rows of logits */
     kcu_ctx *c;
     dweight tok_embd, output;
     int output_shared;
@@ -51,11 +64,15 @@ struct fwdc_state {
     const float *conv_src; /* what conv holds: conversion of conv_src ... */
     kt_type conv_t;        /* ... to conv_t, conv_n values */
     size_t conv_n;
-    int32_t *tok_d;
-    float *logits; /* host */
+    float *logits; /* host [logit_rows][V] */
     kvcd_pool *pool;
     kvcd_seq *seq;
-    kcu_attn_item *item_d;
+    /* the step's tables: host staging and its device copy (see above) */
+    char *tab_h, *tab_d;
+    size_t off_pos, off_items, off_segs;
+    int cap_segs;        /* segments of all slices */
+    fwdc_slice *slices;  /* [max_items] */
+    int *head_rows;      /* [logit_rows] rows that get logits */
     void *attn_scr;
     size_t attn_scr_bytes;
     int attn_path;
@@ -193,17 +210,30 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp, int device
         p.n_ctx = hp->n_ctx_train > 0 ? hp->n_ctx_train : 2048;
     if (p.max_batch <= 0)
         p.max_batch = 512;
-    if (p.max_batch > p.kv.chunk_size)
-        p.max_batch = p.kv.chunk_size; /* a step never spans two chunks */
-    if (p.max_batch > p.n_ctx)
-        p.max_batch = p.n_ctx;
+    if (p.max_seqs <= 0)
+        p.max_seqs = 1;
+    if (p.max_seqs == 1) { /* as fwd_create */
+        if (p.max_batch > p.kv.chunk_size)
+            p.max_batch = p.kv.chunk_size; /* a step never spans two chunks */
+        if (p.max_batch > p.n_ctx)
+            p.max_batch = p.n_ctx;
+    }
     fwdc_state *s = calloc(1, sizeof *s);
     if (!s)
         return fail(err, errlen, -ENOMEM, "out of memory");
     s->hp = *hp;
     s->p = p;
+    s->max_items = p.max_seqs;
+    s->logit_rows = p.logits_all ? p.max_batch : 1;
+    if (s->logit_rows < p.max_seqs)
+        s->logit_rows = p.max_seqs < p.max_batch ? p.max_seqs : p.max_batch;
     s->layers = calloc((size_t)hp->n_layers, sizeof *s->layers);
-    if (!s->layers) {
+    s->slices = calloc((size_t)s->max_items, sizeof *s->slices);
+    s->head_rows = calloc((size_t)s->logit_rows, sizeof *s->head_rows);
+    if (!s->layers || !s->slices || !s->head_rows) {
+        free(s->slices);
+        free(s->head_rows);
+        free(s->layers);
         free(s);
         return fail(err, errlen, -ENOMEM, "out of memory");
     }
@@ -214,24 +244,35 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp, int device
     const size_t B = (size_t)p.max_batch, D = (size_t)hp->dim, H = (size_t)hp->hidden_dim;
     const size_t Q = (size_t)hp->n_heads * (size_t)hp->head_dim;
     const size_t KV = (size_t)hp->n_kv_heads * (size_t)hp->head_dim, V = (size_t)hp->n_vocab;
-    const size_t nlog = (p.logits_all ? B : 1) * V;
+    const size_t nlog = (size_t)s->logit_rows * V;
+    /* the step tables: every slice's history is at most n_ctx positions
+     * (kvcache.c's bound on a sequence's entries) */
+    int unit = kvc_plan_page_tokens(&p.kv) < p.kv.block_tokens ? kvc_plan_page_tokens(&p.kv)
+                                                                : p.kv.block_tokens;
+    s->cap_segs = s->max_items * (p.n_ctx / unit + p.n_ctx / p.kv.chunk_size + 16);
+    s->off_pos = B * sizeof(int32_t);
+    s->off_items = (s->off_pos + B * sizeof(int32_t) + 255) & ~(size_t)255;
+    s->off_segs = (s->off_items + (size_t)s->max_items * sizeof(kcu_attn_item) + 255) &
+                  ~(size_t)255;
+    size_t tab_bytes = s->off_segs + (size_t)s->cap_segs * sizeof(kcu_seg);
     int rc = 0;
     void **bufs[] = {(void **)&s->x, (void **)&s->xb, (void **)&s->xb2, (void **)&s->q,
                      (void **)&s->k, (void **)&s->v, (void **)&s->att, (void **)&s->hb,
-                     (void **)&s->hb2, (void **)&s->logits_d, &s->conv, (void **)&s->tok_d};
+                     (void **)&s->hb2, (void **)&s->logits_d, &s->conv, (void **)&s->tab_d};
     size_t sizes[] = {B * D * 4, B * max_sz(D, Q) * 4, B * D * 4, B * Q * 4, B * KV * 4,
                       B * KV * 4, B * Q * 4, B * H * 4, B * H * 4, nlog * 4,
-                      B * max_sz(max_sz(D, Q), H) * 2, B * 4};
+                      B * max_sz(max_sz(D, Q), H) * 2, tab_bytes};
     for (size_t i = 0; rc == 0 && i < sizeof sizes / sizeof sizes[0]; i++)
         rc = dev_alloc(s, bufs[i], sizes[i], err, errlen);
     s->logits = malloc(nlog * sizeof(float));
-    if (rc == 0 && !s->logits)
+    s->tab_h = malloc(tab_bytes);
+    if (rc == 0 && (!s->logits || !s->tab_h))
         rc = fail(err, errlen, -ENOMEM, "out of host memory for the logits");
-    /* the KV pool: sized like the CPU's for this one sequence */
+    /* the KV pool: planned like the CPU's (max_seqs sequences or the budget) */
     kvc_dims kd = {hp->n_layers, (int32_t)KV, hp->head_dim};
     int64_t nq = 0, nf = 0;
     if (rc == 0)
-        rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, 1, &nq, &nf, err, errlen);
+        rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, p.max_seqs, &nq, &nf, err, errlen);
     if (rc == 0)
         rc = kvcd_pool_create(s->c, &p.kv, &kd, nq, nf, &s->pool, err, errlen);
     if (rc == 0)
@@ -239,11 +280,10 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp, int device
     kcu_attn_shape sh = {hp->n_heads, hp->n_kv_heads, hp->head_dim,
                          1.0f / sqrtf((float)hp->head_dim),
                          s->pool ? kvcd_pool_layout(s->pool) : NULL};
-    s->attn_scr_bytes = kcu_attn_scratch_bytes(&sh, 1, p.max_batch, p.max_batch);
+    int max_q = p.max_batch < p.kv.chunk_size ? p.max_batch : p.kv.chunk_size;
+    s->attn_scr_bytes = kcu_attn_scratch_bytes(&sh, s->max_items, p.max_batch, max_q);
     if (rc == 0)
         rc = dev_alloc(s, &s->attn_scr, s->attn_scr_bytes, err, errlen);
-    if (rc == 0)
-        rc = dev_alloc(s, (void **)&s->item_d, sizeof(kcu_attn_item), err, errlen);
     if (rc < 0) {
         fwdc_destroy(s);
         return rc;
@@ -361,7 +401,7 @@ void fwdc_destroy(fwdc_state *s)
                 free_weight(s, ws[i]);
         }
         void *bufs[] = {s->x, s->xb, s->xb2, s->q, s->k, s->v, s->att, s->hb, s->hb2,
-                        s->logits_d, s->conv, s->tok_d, s->attn_scr, s->item_d};
+                        s->logits_d, s->conv, s->tab_d, s->attn_scr};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
             kcu_free(s->c, bufs[i]);
         (void)fwdc_set_profile(s, 0, NULL, 0);
@@ -369,6 +409,9 @@ void fwdc_destroy(fwdc_state *s)
     }
     free(s->layers);
     free(s->logits);
+    free(s->tab_h);
+    free(s->slices);
+    free(s->head_rows);
     free(s);
 }
 
@@ -495,20 +538,51 @@ static int gemm(fwdc_state *s, const dweight *w, const float *x, float *y, int n
             return -EIO;                                                                    \
     } while (0)
 
-/* One step of n tokens at pos0 (the KV step is open). head: 0 no logits,
- * 1 the last token's, 2 every token's, written to logits_d row out_row. */
-static int step(fwdc_state *s, const int32_t *tok, int n, int pos0, int head, int out_row,
-                char *err, size_t errlen)
+/* Fills the step tables for the s->slices[0..n_sl) (each with an open KV
+ * step; their tokens already in the staging area) and uploads them in one
+ * copy: positions per row, one attention item per slice with seg0 at its
+ * sequence's segments in the concatenated table. */
+static int upload_tables(fwdc_state *s, int n_sl, char *err, size_t errlen)
+{
+    int32_t *pos = (int32_t *)(s->tab_h + s->off_pos);
+    kcu_attn_item *items = (kcu_attn_item *)(s->tab_h + s->off_items);
+    kcu_seg *segs = (kcu_seg *)(s->tab_h + s->off_segs);
+    int n_segs = 0;
+    for (int c = 0; c < n_sl; c++) {
+        const fwdc_slice *sl = &s->slices[c];
+        for (int i = 0; i < sl->n; i++)
+            pos[sl->off + i] = sl->pos0 + i;
+        int ns;
+        const kcu_seg *src = kvcd_seq_host_segs(sl->seq, &ns);
+        if (n_segs + ns > s->cap_segs)
+            return fail(err, errlen, -EINVAL, "the step's histories have more than %d "
+                        "segments (a sequence longer than n_ctx %d?)", s->cap_segs,
+                        s->p.n_ctx);
+        memcpy(segs + n_segs, src, (size_t)ns * sizeof *segs);
+        items[c] = (kcu_attn_item){n_segs, ns, sl->pos0, sl->n, sl->off, sl->off, {0, 0}};
+        n_segs += ns;
+    }
+    size_t bytes = s->off_segs + (size_t)n_segs * sizeof(kcu_seg);
+    return kcu_h2d(s->c, s->tab_d, s->tab_h, bytes, err, errlen) < 0 ? -EIO : 0;
+}
+
+/* One step over the n rows of the s->slices[0..n_sl) (tables uploaded,
+ * every slice's KV step open): every layer's K/V of each slice is stored
+ * into its sequence; logits of the n_head rows in s->head_rows go to
+ * logits_d rows 0 .. n_head-1. */
+static int step(fwdc_state *s, int n, int n_sl, int n_head, char *err, size_t errlen)
 {
     const mdl_hparams *hp = &s->hp;
     const int D = hp->dim, H = hp->hidden_dim, hd = hp->head_dim;
     const size_t Q = (size_t)hp->n_heads * hd, KV = (size_t)hp->n_kv_heads * hd;
     kcu_ctx *c = s->c;
+    const int32_t *tok_d = (const int32_t *)s->tab_d;
+    const int32_t *pos_d = (const int32_t *)(s->tab_d + s->off_pos);
+    const kcu_attn_item *items_h = (const kcu_attn_item *)(s->tab_h + s->off_items);
+    const kcu_attn_item *items_d = (const kcu_attn_item *)(s->tab_d + s->off_items);
+    const kcu_seg *segs_d = (const kcu_seg *)(s->tab_d + s->off_segs);
     s->conv_src = NULL;
-    TRY(kcu_h2d(c, s->tok_d, tok, (size_t)n * sizeof(int32_t), err, errlen));
-    TRY(kcu_embed(c, s->tok_embd.t, s->tok_embd.d, s->tok_d, n, D, s->x, err, errlen));
-    kcu_attn_item item = {0, kvcd_n_segs(s->seq), pos0, n, 0, 0, {0, 0}};
-    TRY(kcu_h2d(c, s->item_d, &item, sizeof item, err, errlen));
+    TRY(kcu_embed(c, s->tok_embd.t, s->tok_embd.d, tok_d, n, D, s->x, err, errlen));
     kcu_attn_shape sh = {hp->n_heads, hp->n_kv_heads, hd, 1.0f / sqrtf((float)hd),
                          kvcd_pool_layout(s->pool)};
     const kcu_kv_arena *A = kvcd_pool_arena(s->pool);
@@ -519,21 +593,25 @@ static int step(fwdc_state *s, const int32_t *tok, int n, int pos0, int head, in
         TRY(gemm(s, &L->wq, s->xb, s->q, n, err, errlen));
         TRY(gemm(s, &L->wk, s->xb, s->k, n, err, errlen));
         TRY(gemm(s, &L->wv, s->xb, s->v, n, err, errlen));
-        TRY(kcu_rope(c, s->q, n, Q, hp->n_heads, hd, hp->n_rot, pos0, hp->rope_theta,
-                     hp->rope_freq_scale, err, errlen));
-        TRY(kcu_rope(c, s->k, n, KV, hp->n_kv_heads, hd, hp->n_rot, pos0, hp->rope_theta,
-                     hp->rope_freq_scale, err, errlen));
+        TRY(kcu_rope_at(c, s->q, n, Q, hp->n_heads, hd, hp->n_rot, pos_d, hp->rope_theta,
+                        hp->rope_freq_scale, err, errlen));
+        TRY(kcu_rope_at(c, s->k, n, KV, hp->n_kv_heads, hd, hp->n_rot, pos_d, hp->rope_theta,
+                        hp->rope_freq_scale, err, errlen));
         if (s->prof)
             TRY(kcu_timer_start(s->t_attn[l], err, errlen));
-        TRY(kcu_attn(c, &sh, A, l, &item, s->item_d, 1, kvcd_segs(s->seq), s->q, s->att, s->k,
-                     s->v, s->attn_path, s->attn_scr, s->attn_scr_bytes, err, errlen));
+        TRY(kcu_attn(c, &sh, A, l, items_h, items_d, n_sl, segs_d, s->q, s->att, s->k, s->v,
+                     s->attn_path, s->attn_scr, s->attn_scr_bytes, err, errlen));
         if (s->prof) {
             TRY(kcu_timer_stop(s->t_attn[l], err, errlen));
             TRY(kcu_timer_start(s->t_kv[l], err, errlen));
         }
-        int rc = kvcd_store(s->seq, l, s->k, s->v, err, errlen);
-        if (rc < 0)
-            return rc;
+        for (int i = 0; i < n_sl; i++) {
+            const fwdc_slice *sl = &s->slices[i];
+            int rc = kvcd_store(sl->seq, l, s->k + (size_t)sl->off * KV,
+                                s->v + (size_t)sl->off * KV, err, errlen);
+            if (rc < 0)
+                return rc;
+        }
         if (s->prof)
             TRY(kcu_timer_stop(s->t_kv[l], err, errlen));
         TRY(gemm(s, &L->wo, s->att, s->xb2, n, err, errlen));
@@ -546,14 +624,19 @@ static int step(fwdc_state *s, const int32_t *tok, int n, int pos0, int head, in
         TRY(gemm(s, &L->down, s->hb, s->xb2, n, err, errlen));
         TRY(kcu_add(c, s->x, s->xb2, (size_t)n * D, err, errlen));
     }
-    if (head == 0)
+    if (n_head == 0)
         return 0;
-    int first = head == 2 ? 0 : n - 1, cnt = n - first;
-    TRY(kcu_rmsnorm(c, s->xb, s->x + (size_t)first * D, s->out_norm, cnt, D, hp->norm_eps, err,
-                    errlen));
+    /* the final norm of the head rows: one call per run of consecutive rows */
+    for (int i = 0; i < n_head;) {
+        int k = 1;
+        while (i + k < n_head && s->head_rows[i + k] == s->head_rows[i] + k)
+            k++;
+        TRY(kcu_rmsnorm(c, s->xb + (size_t)i * D, s->x + (size_t)s->head_rows[i] * D,
+                        s->out_norm, k, D, hp->norm_eps, err, errlen));
+        i += k;
+    }
     s->conv_src = NULL;
-    TRY(gemm(s, &s->output, s->xb, s->logits_d + (size_t)out_row * hp->n_vocab, cnt, err,
-             errlen));
+    TRY(gemm(s, &s->output, s->xb, s->logits_d, n_head, err, errlen));
     return 0;
 }
 
@@ -574,10 +657,27 @@ static int collect_profile(fwdc_state *s, int n, char *err, size_t errlen)
     return 0;
 }
 
+/* Runs the s->slices[0..n_sl) of n rows as one timed step (tables
+ * uploaded first); the KV steps stay open. */
+static int run_step(fwdc_state *s, int n, int n_sl, int n_head, char *err, size_t errlen)
+{
+    int rc = upload_tables(s, n_sl, err, errlen);
+    if (rc == 0 && s->prof && kcu_timer_start(s->t_step, err, errlen) < 0)
+        rc = -EIO;
+    if (rc == 0)
+        rc = step(s, n, n_sl, n_head, err, errlen);
+    if (rc == 0 && s->prof)
+        rc = kcu_timer_stop(s->t_step, err, errlen) < 0 ? -EIO : 0;
+    if (rc == 0 && s->prof)
+        rc = collect_profile(s, n, err, errlen);
+    return rc;
+}
+
 int fwdc_eval(fwdc_state *s, const int32_t *tokens, int n, int pos, int want_all,
               const float **logits, char *err, size_t errlen)
 {
     const mdl_hparams *hp = &s->hp;
+    const size_t V = (size_t)hp->n_vocab;
     *logits = NULL;
     if (n <= 0 || pos < 0)
         return fail(err, errlen, -EINVAL, "nothing to evaluate (n %d, pos %d)", n, pos);
@@ -598,26 +698,35 @@ int fwdc_eval(fwdc_state *s, const int32_t *tokens, int n, int pos, int want_all
                     "position %d: the cache holds %d positions (continue at %d or restart at 0)",
                     pos, kvcd_seq_n_tokens(s->seq), kvcd_seq_n_tokens(s->seq));
     const int C = s->p.kv.chunk_size;
+    const int cap = s->p.max_batch < C ? s->p.max_batch : C;
     int prefill = n > 1 || pos == 0;
     for (int done = 0; done < n;) {
         int at = pos + done;
-        int b = n - done < s->p.max_batch ? n - done : s->p.max_batch;
+        int b = n - done < cap ? n - done : cap;
         int to_boundary = C - at % C; /* chunks are aligned to multiples of C */
         if (b > to_boundary)
             b = to_boundary;
         int rc = kvcd_begin(s->seq, at, b, prefill, err, errlen);
         if (rc < 0)
             return rc;
-        if (s->prof && kcu_timer_start(s->t_step, err, errlen) < 0) {
-            kvcd_abort(s->seq);
-            return -EIO;
+        memcpy(s->tab_h, tokens + done, (size_t)b * sizeof *tokens);
+        s->slices[0] = (fwdc_slice){s->seq, 0, b, at};
+        int n_head = 0;
+        if (want_all) {
+            for (int i = 0; i < b; i++)
+                s->head_rows[i] = i;
+            n_head = b;
+        } else if (done + b == n) {
+            s->head_rows[0] = b - 1;
+            n_head = 1;
         }
-        rc = step(s, tokens + done, b, at, want_all ? 2 : done + b == n ? 1 : 0,
-                  want_all ? done : 0, err, errlen);
-        if (rc == 0 && s->prof)
-            rc = kcu_timer_stop(s->t_step, err, errlen) < 0 ? -EIO : 0;
-        if (rc == 0 && s->prof)
-            rc = collect_profile(s, b, err, errlen);
+        rc = run_step(s, b, 1, n_head, err, errlen);
+        /* all-token logits: this piece's rows, copied before the next piece
+         * overwrites the device rows */
+        if (rc == 0 && n_head > 0 &&
+            kcu_d2h(s->c, s->logits + (want_all ? (size_t)done * V : 0), s->logits_d,
+                    (size_t)n_head * V * sizeof(float), err, errlen) < 0)
+            rc = -EIO;
         if (rc < 0) {
             kvcd_abort(s->seq);
             return rc;
@@ -625,9 +734,100 @@ int fwdc_eval(fwdc_state *s, const int32_t *tokens, int n, int pos, int want_all
         kvcd_commit(s->seq);
         done += b;
     }
-    size_t nv = (size_t)(want_all ? n : 1) * (size_t)hp->n_vocab;
-    if (kcu_d2h(s->c, s->logits, s->logits_d, nv * sizeof(float), err, errlen) < 0)
-        return -EIO;
     *logits = s->logits;
+    return 0;
+}
+
+kvcd_pool *fwdc_kv_pool(fwdc_state *s)
+{
+    return s->pool;
+}
+
+int32_t fwdc_max_batch(const fwdc_state *s)
+{
+    return s->p.max_batch;
+}
+
+int fwdc_eval_batch(fwdc_state *s, fwdc_item *items, int n_items, int *failed, char *err,
+                    size_t errlen)
+{
+    const int C = s->p.kv.chunk_size;
+    const size_t V = (size_t)s->hp.n_vocab;
+    int total = 0, n_head = 0;
+    char dummy[8];
+    if (!err || !errlen) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    if (failed)
+        *failed = -1;
+    for (int i = 0; i < n_items; i++) {
+        fwdc_item *it = &items[i];
+        it->out_logits = NULL;
+        int pos = kvcd_seq_n_tokens(it->seq);
+        int rc = 0;
+        if (i >= s->max_items) {
+            rc = fail(err, errlen, -EINVAL, "more than %d sequences in one step (max_seqs)",
+                      s->max_items);
+        } else if (it->n <= 0 || (!it->prefill && it->n != 1)) {
+            rc = fail(err, errlen, -EINVAL, "item %d: %d tokens (decode steps take one)", i,
+                      it->n);
+        } else if (it->prefill && pos % C + it->n > C) {
+            rc = fail(err, errlen, -EINVAL, "item %d: %d prompt tokens at position %d cross a "
+                      "chunk boundary (chunk_size %d)", i, it->n, pos, C);
+        } else if ((int64_t)pos + it->n > s->p.n_ctx) {
+            rc = fail(err, errlen, -EINVAL, "context full: %d + %d tokens exceed n_ctx %d", pos,
+                      it->n, s->p.n_ctx);
+        } else if (total + it->n > s->p.max_batch) {
+            rc = fail(err, errlen, -EINVAL, "batch of more than %d tokens", s->p.max_batch);
+        } else if (it->want_logits && n_head >= s->logit_rows) {
+            rc = fail(err, errlen, -EINVAL, "more than %d sequences want logits",
+                      s->logit_rows);
+        } else {
+            for (int k = 0; k < it->n && rc == 0; k++)
+                if (it->tokens[k] < 0 || it->tokens[k] >= s->hp.n_vocab)
+                    rc = fail(err, errlen, -EINVAL, "token id %d out of range [0, %d)",
+                              it->tokens[k], s->hp.n_vocab);
+        }
+        if (rc < 0) {
+            if (failed)
+                *failed = i;
+            return rc;
+        }
+        memcpy((int32_t *)s->tab_h + total, it->tokens, (size_t)it->n * sizeof *it->tokens);
+        s->slices[i] = (fwdc_slice){it->seq, total, it->n, pos};
+        total += it->n;
+        if (it->want_logits)
+            s->head_rows[n_head++] = total - 1;
+    }
+    for (int i = 0; i < n_items; i++) {
+        int rc = kvcd_begin(items[i].seq, s->slices[i].pos0, items[i].n, items[i].prefill, err,
+                            errlen);
+        if (rc < 0) {
+            for (int j = 0; j < i; j++)
+                kvcd_abort(items[j].seq);
+            if (failed)
+                *failed = i;
+            return rc;
+        }
+    }
+    int rc = 0;
+    if (total > 0)
+        rc = run_step(s, total, n_items, n_head, err, errlen);
+    if (rc == 0 && n_head > 0 &&
+        kcu_d2h(s->c, s->logits, s->logits_d, (size_t)n_head * V * sizeof(float), err,
+                errlen) < 0)
+        rc = -EIO;
+    if (rc < 0) { /* a device error: the step is undone on the host side */
+        for (int i = 0; i < n_items; i++)
+            kvcd_abort(items[i].seq);
+        return rc;
+    }
+    int h = 0;
+    for (int i = 0; i < n_items; i++) {
+        kvcd_commit(items[i].seq);
+        if (items[i].want_logits)
+            items[i].out_logits = s->logits + (size_t)h++ * V;
+    }
     return 0;
 }

@@ -14,6 +14,13 @@
  * cuBLAS call is checked: an error fails the call with a message, never the
  * process (after a device fault the state only returns errors).
  *
+ * Two ways to drive it, as engine/forward.h: fwdc_eval runs the state's
+ * own sequence; fwdc_eval_batch runs one step over several sequences
+ * created on the state's device KV pool (fwdc_kv_pool) - the server's
+ * continuous batching on the GPU: the step's tokens of all sequences go
+ * through each weight GEMM together, attention is one kcu_attn call with
+ * an item per sequence, the KV store runs per sequence.
+ *
  * Threading: one thread at a time per state. The model is borrowed (only
  * during fwdc_create; the state keeps no pointer into it afterwards except
  * the hyper-parameters it copies).
@@ -23,14 +30,16 @@
 
 #include "engine/forward.h"
 #include "engine/kvcache.h"
+#include "engine/kvcache_cuda.h"
 #include "engine/model.h"
 
 typedef struct fwdc_state fwdc_state;
 
 /* Uploads model m to CUDA device `device` and allocates everything for
- * the parameters p (n_ctx, max_batch, logits_all, kv; n_threads and use_ref
- * are ignored). Returns 0 and *out (fwdc_destroy) or negative with a reason
- * (no device, out of device memory, unsupported shape). */
+ * the parameters p (n_ctx, max_batch, logits_all, max_seqs, kv; n_threads
+ * and use_ref are ignored; the KV pool is planned by kvc_pool_plan as the
+ * CPU's). Returns 0 and *out (fwdc_destroy) or negative with a reason (no
+ * device, out of device memory, unsupported shape). */
 int fwdc_create(const mdl_model *m, const fwd_params *p, int device, fwdc_state **out,
                 char *err, size_t errlen);
 
@@ -62,6 +71,39 @@ int fwdc_finish_prefill(fwdc_state *s, char *err, size_t errlen);
  * a reason (-ENOSPC: KV pool exhausted). */
 int fwdc_eval(fwdc_state *s, const int32_t *tokens, int n, int pos, int want_all,
               const float **logits, char *err, size_t errlen);
+
+/* The device KV pool (sequences for fwdc_eval_batch are created on it
+ * with kvcd_seq_create, at most n_ctx positions each). */
+kvcd_pool *fwdc_kv_pool(fwdc_state *s);
+int32_t fwdc_max_batch(const fwdc_state *s);
+
+/* One sequence's part of a batched step (fwd_item with a device sequence). */
+typedef struct {
+    kvcd_seq *seq;           /* borrowed; created on fwdc_kv_pool(s) */
+    const int32_t *tokens;   /* n tokens, at positions kvcd_seq_n_tokens(seq).. */
+    int n;
+    int prefill;             /* 1: prompt tokens (must not cross a multiple of
+                                chunk_size); 0: one decode token */
+    int want_logits;         /* 1: logits of the last token */
+    const float *out_logits; /* out: [n_vocab] host memory of the state, valid
+                                until the next call, when want_logits */
+} fwdc_item;
+
+/* fwd_eval_batch's contract on the GPU: one step over n_items distinct
+ * sequences (total tokens <= max_batch, at most max(1, max_seqs) items -
+ * the attention scratch is planned for that many). Reserves every
+ * sequence's blocks first (kvcd_begin): if one cannot (-ENOSPC) or an item
+ * is invalid (-EINVAL), nothing runs, nothing changes, *failed is its index
+ * and its error is returned. A device error during the step returns
+ * negative with *failed = -1; the sequences are then not advanced (their
+ * device state may be partly written: reset them). On success every
+ * sequence is advanced by its n tokens and the logits of those that want
+ * them are on the host. A sequence's result does not depend on the rest of
+ * the batch except through the weight GEMMs: cuBLAS may sum a row in
+ * another order for another number of rows (see tests/gpu/test_gpu_batch.c
+ * for the tolerance). */
+int fwdc_eval_batch(fwdc_state *s, fwdc_item *items, int n_items, int *failed, char *err,
+                    size_t errlen);
 
 /* Attention kernel choice for tests and benchmarks: KCU_ATTN_AUTO (0,
  * default), KCU_ATTN_GENERIC (1), KCU_ATTN_MMA (2). */

@@ -62,10 +62,12 @@ struct kvcd_pool {
     float *gk, *gv;    /* re-quantization rows [rq_rows][kv_dim] */
     int rq_rows;
     int64_t *cnt;      /* [4] header sums */
+    kvcd_seq *seqs;    /* live sequences (pool-wide statistics) */
 };
 
 struct kvcd_seq {
     kvcd_pool *p;
+    kvcd_seq *next, *prev;
     int max_tokens;
     kvcd_ent *ents;
     int n_ents, cap_ents;
@@ -73,6 +75,9 @@ struct kvcd_seq {
     int stage_first, tail_first; /* entry indices, -1 none */
     float *ema;                  /* device [layers][2][4][kv_dim]: lo, hi, sum_a, sum_b */
     int *ema_n;                  /* [layers][2] chunks folded */
+    uint64_t ema_ver, mean_ver;  /* EMA changes; the version of ema_mean */
+    float *ema_host;             /* host copy of ema (means for metrics) */
+    float *ema_mean;             /* [layers][2][2] channel means of lo, hi */
     int32_t *pend;               /* committed blocks not yet counted */
     int n_pend, cap_pend;
     int64_t n_quantized, n_outliers, n_clamped;
@@ -135,9 +140,7 @@ int kvcd_pool_create(kcu_ctx *c, const cfg_kv *cfg, const kvc_dims *d, int64_t n
     p->cfg = *cfg;
     p->d = *d;
     const int T = cfg->block_tokens, C = cfg->chunk_size, D = d->kv_dim;
-    /* as kvcache.c: pages are the blocks in fp16 mode, 16-token pages in
-     * int4 mode (sinks, staging and the tail hold little slack) */
-    p->P = cfg->mode == CFG_KV_FP16 ? T : (T < 16 ? T : 16);
+    p->P = kvc_plan_page_tokens(cfg); /* as kvcache.c */
     p->has_q = is_int4(p);
     if (p->has_q) {
         if (kvq_layout_init(&p->L, T, D, d->head_dim, cfg_kv_v_group(cfg, d->head_dim),
@@ -245,6 +248,67 @@ size_t kvcd_pool_bytes(const kvcd_pool *p)
     return (size_t)p->nq * p->qbytes + (size_t)p->nf * p->fbytes;
 }
 
+void kvcd_pool_free_units(const kvcd_pool *p, int64_t *qfree, int64_t *ffree)
+{
+    *qfree = p->nqfree;
+    *ffree = p->nffree;
+}
+
+void kvcd_pool_estimate(const kvcd_pool *p, int n, int64_t *nq, int64_t *nf)
+{
+    kvc_plan_estimate(&p->cfg, n, nq, nf);
+}
+
+double kvcd_pool_usage(const kvcd_pool *p)
+{
+    double total = (double)p->nq * (double)p->qbytes + (double)p->nf * (double)p->fbytes;
+    double used = (double)(p->nq - p->nqfree) * (double)p->qbytes +
+                  (double)(p->nf - p->nffree) * (double)p->fbytes;
+    return total > 0 ? used / total : 0.0;
+}
+
+/* The byte split of nq blocks and nf pages (as kvcache.c's fill_bytes). */
+static void pool_bytes(const kvcd_pool *p, int64_t nq, int64_t nf, kvc_stats *out)
+{
+    const int64_t L = p->d.n_layers;
+    if (p->has_q) {
+        out->bytes_int4 = nq * L * (int64_t)p->L.bytes_dense;
+        out->bytes_scales = nq * L * (int64_t)p->L.bytes_scales;
+        out->bytes_outliers = nq * L * (int64_t)p->L.bytes_outliers;
+        out->bytes_other = nq * (int64_t)p->qbytes - out->bytes_int4 - out->bytes_scales -
+                           out->bytes_outliers;
+    }
+    out->bytes_fp16 = nf * (int64_t)p->fbytes;
+    out->bytes_total = out->bytes_int4 + out->bytes_scales + out->bytes_outliers +
+                       out->bytes_fp16 + out->bytes_other;
+    out->qblocks_total = p->nq;
+    out->fpages_total = p->nf;
+}
+
+int kvcd_pool_stats(kvcd_pool *p, kvc_stats *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    int rc = 0;
+    for (kvcd_seq *s = p->seqs; s; s = s->next) {
+        kvc_stats t;
+        int r = kvcd_seq_stats(s, &t, err, errlen);
+        if (r < 0) {
+            rc = r; /* the others are still counted */
+            continue;
+        }
+        out->tokens += t.tokens;
+        out->elements += t.elements;
+        out->n_quantized += t.n_quantized;
+        out->n_outliers += t.n_outliers;
+        out->n_clamped += t.n_clamped;
+    }
+    out->qblocks_used = p->nq - p->nqfree;
+    out->fpages_used = p->nf - p->nffree;
+    pool_bytes(p, out->qblocks_used, out->fpages_used, out);
+    out->bytes_fp16_equiv = out->elements * 2;
+    return rc;
+}
+
 /* ---- sequences ------------------------------------------------------------------- */
 
 int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, size_t errlen)
@@ -272,6 +336,10 @@ int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, siz
     s->rq_ids = malloc((size_t)s->cap_rq * sizeof *s->rq_ids);
     s->pend = malloc((size_t)s->cap_pend * sizeof *s->pend);
     s->ema_n = calloc((size_t)L * 2, sizeof *s->ema_n);
+    if (p->has_q) {
+        s->ema_host = malloc((size_t)L * 8 * (size_t)D * sizeof(float));
+        s->ema_mean = malloc((size_t)L * 4 * sizeof(float));
+    }
     /* step tables: segments | page targets | block targets | re-quantization
      * rows | re-quantization blocks */
     size_t off = 0;
@@ -287,7 +355,8 @@ int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, siz
     off = al256(off + (size_t)s->cap_rq * sizeof(kcu_q_tgt));
     s->tab_bytes = off;
     s->htab = malloc(off);
-    if (!s->ents || !s->tgt || !s->src || !s->rq_ids || !s->pend || !s->ema_n || !s->htab) {
+    if (!s->ents || !s->tgt || !s->src || !s->rq_ids || !s->pend || !s->ema_n || !s->htab ||
+        (p->has_q && (!s->ema_host || !s->ema_mean))) {
         kvcd_seq_destroy(s);
         return fail(err, errlen, -ENOMEM, "out of memory for a sequence");
     }
@@ -301,6 +370,10 @@ int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, siz
     }
     s->stage_first = s->tail_first = -1;
     kvcd_seq_reset(s);
+    s->next = p->seqs;
+    if (p->seqs)
+        p->seqs->prev = s;
+    p->seqs = s;
     *out = s;
     return 0;
 }
@@ -341,6 +414,7 @@ void kvcd_seq_reset(kvcd_seq *s)
     s->n_quantized = s->n_outliers = s->n_clamped = 0;
     s->n_pend = 0;
     memset(s->ema_n, 0, (size_t)s->p->d.n_layers * 2 * sizeof *s->ema_n);
+    s->ema_ver++;
     if (s->ema) /* a failure here surfaces at the next device call */
         (void)kcu_memset(s->p->c, s->ema, 0,
                          (size_t)s->p->d.n_layers * 8 * (size_t)s->p->d.kv_dim * sizeof(float),
@@ -351,8 +425,15 @@ void kvcd_seq_destroy(kvcd_seq *s)
 {
     if (!s)
         return;
-    if (s->ents)
+    kvcd_pool *p = s->p;
+    if (s->ents && s->ema_n)
         kvcd_seq_reset(s);
+    if (s->prev)
+        s->prev->next = s->next;
+    else if (p->seqs == s)
+        p->seqs = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
     kcu_free(s->p->c, s->dtab);
     kcu_free(s->p->c, s->ema);
     free(s->ents);
@@ -361,6 +442,8 @@ void kvcd_seq_destroy(kvcd_seq *s)
     free(s->rq_ids);
     free(s->pend);
     free(s->ema_n);
+    free(s->ema_host);
+    free(s->ema_mean);
     free(s->htab);
     free(s);
 }
@@ -381,6 +464,48 @@ int kvcd_seq_ema(const kvcd_seq *s, int layer, int tensor, const float **lo, con
     *hi = b + D;
     *n_chunks = s->ema_n[layer * 2 + tensor];
     return 0;
+}
+
+int kvcd_seq_ema_mean(kvcd_seq *s, int layer, int tensor, float *lo, float *hi)
+{
+    const int L = s->p->d.n_layers;
+    const size_t D = (size_t)s->p->d.kv_dim;
+    if (!s->ema || layer < 0 || layer >= L || tensor < 0 || tensor > 1 ||
+        s->ema_n[layer * 2 + tensor] == 0)
+        return -1;
+    if (s->mean_ver != s->ema_ver) {
+        /* one copy of every layer's EMA state (lo, hi, sums), then the
+         * channel means in double as kvc_seq_ema */
+        if (s->st.active ||
+            kcu_d2h(s->p->c, s->ema_host, s->ema, (size_t)L * 8 * D * sizeof(float), NULL, 0) < 0)
+            return -1;
+        for (int l = 0; l < L; l++)
+            for (int t = 0; t < 2; t++) {
+                const float *b = s->ema_host + ((size_t)l * 2 + (size_t)t) * 4 * D;
+                double sl = 0, sh = 0;
+                for (size_t c = 0; c < D; c++) {
+                    sl += b[c];
+                    sh += b[D + c];
+                }
+                s->ema_mean[(l * 2 + t) * 2] = (float)(sl / (double)D);
+                s->ema_mean[(l * 2 + t) * 2 + 1] = (float)(sh / (double)D);
+            }
+        s->mean_ver = s->ema_ver;
+    }
+    *lo = s->ema_mean[(layer * 2 + tensor) * 2];
+    *hi = s->ema_mean[(layer * 2 + tensor) * 2 + 1];
+    return 0;
+}
+
+int kvcd_seq_warming(const kvcd_seq *s)
+{
+    return is_int4(s->p) && s->chunk_idx < s->p->cfg.warmup_chunks && !s->prefill_done;
+}
+
+const kcu_seg *kvcd_seq_host_segs(const kvcd_seq *s, int *n)
+{
+    *n = s->n_segs;
+    return (const kcu_seg *)(s->htab + s->off_segs);
 }
 
 int kvcd_seq_stats(kvcd_seq *s, kvc_stats *out, char *err, size_t errlen)
@@ -412,19 +537,7 @@ int kvcd_seq_stats(kvcd_seq *s, kvc_stats *out, char *err, size_t errlen)
             nq++;
         else
             nf++;
-    const int64_t L = p->d.n_layers;
-    if (p->has_q) {
-        out->bytes_int4 = nq * L * (int64_t)p->L.bytes_dense;
-        out->bytes_scales = nq * L * (int64_t)p->L.bytes_scales;
-        out->bytes_outliers = nq * L * (int64_t)p->L.bytes_outliers;
-        out->bytes_other = nq * (int64_t)p->qbytes - out->bytes_int4 - out->bytes_scales -
-                           out->bytes_outliers;
-    }
-    out->bytes_fp16 = nf * (int64_t)p->fbytes;
-    out->bytes_total = out->bytes_int4 + out->bytes_scales + out->bytes_outliers +
-                       out->bytes_fp16 + out->bytes_other;
-    out->qblocks_total = p->nq;
-    out->fpages_total = p->nf;
+    pool_bytes(p, nq, nf, out);
     out->qblocks_used = nq;
     out->fpages_used = nf;
     out->tokens = s->n_tokens;
@@ -680,6 +793,7 @@ static int fold(kvcd_seq *s, int layer, const float *k, const float *v, int n, f
         return -EIO;
     s->ema_n[layer * 2]++;
     s->ema_n[layer * 2 + 1]++;
+    s->ema_ver++;
     return 0;
 }
 

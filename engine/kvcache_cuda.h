@@ -39,8 +39,21 @@ void kvcd_pool_destroy(kvcd_pool *p); /* NULL is a no-op; sequences first */
 
 const kvq_layout *kvcd_pool_layout(const kvcd_pool *p); /* NULL in fp16 mode */
 const kcu_kv_arena *kvcd_pool_arena(const kvcd_pool *p);
-/* Device bytes held by the two arenas. */
+/* Device bytes held by the two arenas (what the pool can hold, all
+ * overheads: kvc_pool_capacity_bytes). */
 size_t kvcd_pool_bytes(const kvcd_pool *p);
+/* As kvc_pool_free_units / kvc_pool_estimate / kvc_pool_usage (host
+ * bookkeeping only: no device access). */
+void kvcd_pool_free_units(const kvcd_pool *p, int64_t *qfree, int64_t *ffree);
+void kvcd_pool_estimate(const kvcd_pool *p, int n, int64_t *nq, int64_t *nf);
+double kvcd_pool_usage(const kvcd_pool *p);
+/* kvc_pool_stats over the pool's live sequences. The outlier and clamp
+ * counters of blocks committed since the last call are read from their
+ * device headers (one small kernel and a 32-byte copy per sequence with
+ * new blocks; waits for pending work); everything else is host
+ * bookkeeping. Returns 0, or negative with a reason (the sums then miss
+ * the sequences that failed). Not during an open step. */
+int kvcd_pool_stats(kvcd_pool *p, kvc_stats *out, char *err, size_t errlen);
 
 /* A sequence of at most max_tokens positions (metadata and its device
  * tables allocated here, once). */
@@ -68,6 +81,19 @@ void kvcd_commit(kvcd_seq *s);
 void kvcd_abort(kvcd_seq *s);
 /* kvc_finish_prefill. */
 int kvcd_finish_prefill(kvcd_seq *s, char *err, size_t errlen);
+
+/* kvc_seq_ema: the channel means of layer l's EMA range, tensor 0 = K /
+ * 1 = V; 0 when the range exists, else -1 (also on a device error). The
+ * first call after the EMA changed (a prefill chunk or a full decode tail
+ * was folded) copies the sequence's whole EMA state to the host (n_layers
+ * * 8 * kv_dim floats: 1 MiB for Llama-3-8B) and waits for pending work;
+ * later calls read the cached means. Not during an open step. */
+int kvcd_seq_ema_mean(kvcd_seq *s, int layer, int tensor, float *lo, float *hi);
+/* kvc_seq_warming: 1 while the sequence is still in warm-up (int4 mode). */
+int kvcd_seq_warming(const kvcd_seq *s);
+/* The host copy of the committed history's segment table of the open
+ * step (what kvcd_segs holds on the device), and its count in *n. */
+const kcu_seg *kvcd_seq_host_segs(const kvcd_seq *s, int *n);
 
 /* Device EMA ranges of layer l, tensor 0 = K / 1 = V (lo, hi: [kv_dim]),
  * and the chunks folded so far; for tests. */

@@ -5,7 +5,8 @@
  * The HTTP layer turns a request into native parameters (token ids,
  * sampling, limits), submits it, and polls its output; it never touches
  * the model. One engine thread owns the forward state, the shared KV pool
- * and every sequence. Each step packs the decode token of every running
+ * and every sequence, on the CPU or a CUDA GPU (sched_params.device,
+ * engine/backend.h). Each step packs the decode token of every running
  * sequence plus chunk-aligned prefill pieces of new ones within a token
  * budget (max_batch); a sequence is admitted when a slot is free and the
  * pool's free blocks cover its prompt. When the pool runs out mid-flight,
@@ -33,6 +34,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/backend.h"
 #include "engine/forward.h"
 #include "engine/kvcache.h"
 #include "engine/model.h"
@@ -53,6 +55,10 @@ typedef struct {
     int32_t max_batch;   /* tokens per step (<= 0: chunk_size + max_seqs) */
     int32_t n_threads;   /* compute threads (<= 0: online CPUs) */
     cfg_kv kv;           /* cache mode, knobs and budget */
+    bk_device device;    /* where the forward pass and the KV pool live:
+                            BK_DEVICE_CPU (default) or BK_DEVICE_CUDA (device 0;
+                            sched_create fails with a reason when the build has
+                            no CUDA backend or there is no device) */
 } sched_params;
 
 sched_params sched_default_params(void);
@@ -122,6 +128,8 @@ int sched_create(const mdl_model *m, const sched_params *p, sched **out, char *e
 void sched_destroy(sched *s);
 
 int32_t sched_n_ctx(const sched *s);
+/* The engine's device: "cpu (avx2, 2 threads)" or "cuda (NVIDIA H200, ...)". */
+const char *sched_describe(const sched *s);
 
 /* Submits a request. Returns 0 and *out (one reference for the caller;
  * drop it with sched_req_release), or: -EBUSY the queue is full (429),
