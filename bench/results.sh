@@ -45,6 +45,12 @@ CMD_NDL_MULTI="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 1024 --d
 --trials 2 --seed 1234 --variant multi"
 CMD_NDL_KV="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 1024 --depths 0,25,50,75,100 \
 --trials 2 --seed 1234 --variant kv"
+CMD_NDL_4K="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 4096 --depths 0,25,50,75,100 \
+--trials 4 --seed 1234"
+CMD_NDL_8K="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 8192 --depths 0,25,50,75,100 \
+--trials 2 --seed 1234"
+CMD_A4K="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ablate-4k -c 4096 --vary warmup_chunks=0,1,2 \
+--vary sink_tokens=4,16"
 CMD_PRF="$BIN profile -m $MODEL -f $TEXT -c 2048 -n 32"
 CMD_FULL_GRID="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ablate-grid --vary ctx=1024,2048,4096,8192 \
 --vary chunk_size=256,512,1024 --vary warmup_chunks=0,1,2 --vary ema_decay=0,0.3,0.6,0.9"
@@ -58,6 +64,9 @@ if [ $RUN = 1 ]; then
     nice -n 10 $CMD_NDL
     nice -n 10 $CMD_NDL_MULTI
     nice -n 10 $CMD_NDL_KV
+    nice -n 10 $CMD_NDL_4K
+    nice -n 10 $CMD_A4K
+    nice -n 10 $CMD_NDL_8K
     nice -n 10 $CMD_PRF >$DATA/profile-2k.txt
     if [ $FULL = 1 ]; then
         nice -n 10 $CMD_FULL_GRID
@@ -78,8 +87,9 @@ csvcols() {
           print line }' "$f"
 }
 
+# oat_table [DIR]: one row per cell of an ablate run (default ablate-oat-2k)
 oat_table() {
-    local f=$DATA/ablate-oat-2k/ablate.csv
+    local f=$DATA/${1:-ablate-oat-2k}/ablate.csv
     [ -s "$f" ] || { echo "_(no data: run \`bench/results.sh --run\`)_"; return; }
     echo "| cell | Δppl vs FP16 | KLD | top-1 | bits/elt | KV MiB (peak) | outliers | clamped | prefill tok/s | decode ms/tok |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
@@ -146,7 +156,8 @@ echo
 echo "Reduced sweeps reported here (each resumable: a finished cell is never rerun):"
 echo
 echo '```sh'
-printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_NDL_MULTI" "$CMD_NDL_KV" "$CMD_PRF > $DATA/profile-2k.txt"
+printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_NDL_MULTI" "$CMD_NDL_KV" "$CMD_NDL_4K" "$CMD_NDL_8K" \
+    "$CMD_A4K" "$CMD_PRF > $DATA/profile-2k.txt"
 echo '```'
 echo
 echo "The full grid (\`--full\`; not run for this page: about 144 cells of 1K-8K"
@@ -178,6 +189,16 @@ signal.
 
 EOF
 img pareto.png "KLD vs bits per element"
+cat <<'EOF'
+
+The two knobs whose defaults section 7 revisits, warm-up chunks x sink
+tokens, at 4K (one window of 4096 tokens; with W warm-up chunks of 512 the
+first 512 W positions see only FP16 history, so the 4K window scores 3584 /
+3072 / 2560 positions against INT4 history for W = 0 / 1 / 2). Raw rows:
+`docs/data/ablate-4k/ablate.csv`.
+
+EOF
+oat_table ablate-4k
 cat <<'EOF'
 
 ## 2. Memory and speed vs context (FP16 vs INT4, defaults)
