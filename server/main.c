@@ -23,10 +23,10 @@
 #include <unistd.h>
 
 #include "config/kvq_config.h"
+#include "engine/backend.h"
 #include "engine/log.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
-#include "kernels/cpu/kcpu.h"
 #include "server/http.h"
 
 typedef struct {
@@ -38,6 +38,7 @@ typedef struct {
     char *api_key;
     size_t max_body;
     double grace_s;
+    bk_device device;
     cfg_kv kv;
 } srv_opts;
 
@@ -54,6 +55,8 @@ static void usage(FILE *f)
         "      --tokenizer PATH      tokenizer for a llama2.c model\n"
         "      --host ADDR           bind address (default 127.0.0.1)\n"
         "      --port N              port (default 8080; 0 = any free port)\n"
+        "      --device cpu|cuda     where the model runs and the KV cache lives\n"
+        "                            (default cpu; cuda: GPU 0, needs a CUDA build)\n"
         "  -t, --threads N           compute threads (default: online CPUs)\n"
         "      --http-threads N      HTTP worker threads (default 4)\n"
         "  -c, --ctx-size N          positions per sequence (default: the model's, max 8192)\n"
@@ -111,6 +114,11 @@ static int set_opt(srv_opts *o, const char *key, const char *val)
     } else if (!strcmp(k, "port")) {
         if (parse_long("--port", val, 0, 65535, &v) < 0) return -1;
         o->port = (int)v;
+    } else if (!strcmp(k, "device")) {
+        if (bk_parse_device(val, &o->device) < 0) {
+            fprintf(stderr, "livekvq-server: --device '%s': cpu|cuda\n", val);
+            return -1;
+        }
     } else if (!strcmp(k, "t") || !strcmp(k, "threads")) {
         if (parse_long("--threads", val, 1, 256, &v) < 0) return -1;
         o->threads = (int)v;
@@ -313,6 +321,11 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
 
+    if (o.device == BK_DEVICE_CUDA && !bk_cuda_built()) {
+        fprintf(stderr, "livekvq-server: --device cuda: this build has no CUDA backend "
+                        "(configure with -Dcuda=enabled where the CUDA toolkit is installed)\n");
+        return 1;
+    }
     char err[512];
     double t0 = mono_s();
     mdl_model *m = NULL;
@@ -327,9 +340,11 @@ int main(int argc, char **argv)
     sp.max_batch = o.max_batch;
     sp.n_threads = o.threads;
     sp.kv = o.kv;
+    sp.device = o.device;
     sched *s = NULL;
     if (sched_create(m, &sp, &s, err, sizeof err) < 0) {
-        fprintf(stderr, "livekvq-server: %s\n", err);
+        fprintf(stderr, "livekvq-server: %s%s\n",
+                o.device == BK_DEVICE_CUDA ? "--device cuda: " : "", err);
         mdl_free(m);
         return 1;
     }
@@ -347,10 +362,10 @@ int main(int argc, char **argv)
     sched_metrics sm;
     sched_get_metrics(s, &sm);
     log_info("model %s (%s): %d layers, ctx %d per sequence, %d sequences; KV cache %s, "
-             "pool %.1f MiB; kernels %s; loaded in %.2f s",
+             "pool %.1f MiB; device %s; loaded in %.2f s",
              id, m->format, m->hp.n_layers, sched_n_ctx(s), o.max_seqs,
              o.kv.mode == CFG_KV_INT4 ? "int4" : "fp16",
-             (double)sm.kv_budget_bytes / (1024.0 * 1024.0), kcpu_simd_name(), mono_s() - t0);
+             (double)sm.kv_budget_bytes / (1024.0 * 1024.0), sched_describe(s), mono_s() - t0);
     /* the line scripts and tests wait for */
     printf("livekvq-server: listening on http://%s:%d\n", o.host, http_port(h));
     fflush(stdout);

@@ -23,7 +23,7 @@
  */
 #include "tests/gpu/gpu_test.h"
 
-#include <unistd.h>
+#include "tests/gpu/gpu_models.h"
 
 #include "engine/eval.h"
 #include "engine/forward.h"
@@ -42,32 +42,9 @@
 #define LIGHT 1
 #endif
 
-/* A file under the shared directory: $LKQ_SHARED, else $LKQ_SHARED_DEFAULT
- * (set by meson), else ../shared. Static buffer. */
-static const char *shared(const char *rel)
-{
-    static char buf[2][1024];
-    static int k;
-    const char *root = getenv("LKQ_SHARED");
-    if (!root || !*root)
-        root = getenv("LKQ_SHARED_DEFAULT");
-    char *b = buf[k++ & 1];
-    snprintf(b, sizeof buf[0], "%s/%s", root && *root ? root : "../shared", rel);
-    return b;
-}
-
 static mdl_model *load(const char *rel)
 {
-    const char *path = shared(rel);
-    if (access(path, R_OK) != 0)
-        return NULL;
-    char err[512];
-    mdl_model *m = NULL;
-    if (mdl_load(path, NULL, &m, err, sizeof err) < 0) {
-        GT_CHECK(0, "%s: %s", rel, err);
-        return NULL;
-    }
-    return m;
+    return gt_load_model(rel);
 }
 
 static int argmax(const float *x, int n)
@@ -151,10 +128,8 @@ static int32_t *own_prompt(const mdl_model *m, int np)
 static void fp16_equal(const char *rel, int np, int n_gen, int small)
 {
     mdl_model *m = load(rel);
-    if (!m) {
-        printf("     (%s absent: skipped)\n", rel);
+    if (!m)
         return;
-    }
     int32_t *prompt = own_prompt(m, np);
     cfg_kv kv = small ? small_chunks(CFG_KV_FP16) : cfg_kv_default();
     kv.mode = CFG_KV_FP16;
@@ -188,11 +163,9 @@ static void case_greedy_fp16(void)
 static void ppl_equal(const char *rel, int ctx)
 {
     mdl_model *m = load(rel);
-    if (!m) {
-        printf("     (%s absent: skipped)\n", rel);
+    if (!m)
         return;
-    }
-    FILE *f = fopen(shared("data/moby-dick.txt"), "rb");
+    FILE *f = fopen(gt_shared("data/moby-dick.txt"), "rb");
     if (!f) {
         printf("     (moby-dick.txt absent: skipped)\n");
         mdl_free(m);
@@ -269,10 +242,8 @@ static void case_int4_decode(void)
 {
     const char *rel = "models/stories260K/stories260K.bin";
     mdl_model *m = load(rel);
-    if (!m) {
-        printf("     (%s absent: skipped)\n", rel);
+    if (!m)
         return;
-    }
     int np = 100, n_gen = 90;
     int32_t *prompt = own_prompt(m, np);
     cfg_kv kv = small_chunks(CFG_KV_INT4);
@@ -303,10 +274,8 @@ static void case_int4_decode(void)
 static void case_errors(void)
 {
     mdl_model *m = load("models/stories260K/stories260K.bin");
-    if (!m) {
-        printf("     (stories260K absent: skipped)\n");
+    if (!m)
         return;
-    }
     fwd_params fp = fwd_default_params();
     fp.n_ctx = 16;
     fwdc_state *s = NULL;

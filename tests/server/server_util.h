@@ -38,7 +38,8 @@ static inline const char *ts_bin(const char *name)
     return b;
 }
 
-/* Starts the server with args (NULL-terminated, after the program name);
+/* Starts the server ($LKQ_SERVER_BIN if set, else $LKQ_BUILDDIR/
+ * livekvq-server) with args (NULL-terminated, after the program name);
  * --port 0 is added. Returns 0 when it printed its URL within 60 s. */
 static inline int ts_start(tsrv *s, const char *const *args)
 {
@@ -47,7 +48,8 @@ static inline int ts_start(tsrv *s, const char *const *args)
         return -1;
     const char *argv[64];
     int n = 0;
-    argv[n++] = ts_bin("livekvq-server");
+    const char *bin = getenv("LKQ_SERVER_BIN");
+    argv[n++] = bin && *bin ? bin : ts_bin("livekvq-server");
     for (int i = 0; args[i] && n < 60; i++)
         argv[n++] = args[i];
     argv[n++] = "--port";
