@@ -6,7 +6,7 @@
  * throughput does not need trained weights.
  *
  *   bench_gpu [--ctx 1024,8192,32768] [--decode N] [--batch B] [--tiny]
- *             [--no-model] [--no-attn]
+ *             [--no-model] [--no-attn] [--no-batched] [--batched-budget S]
  *
  * Measures, for each context L and cache mode:
  *  - prefill tok/s: L random tokens from position 0 (chunks of 512);
@@ -21,8 +21,18 @@
  * the outlier entries present, headers; FP16: K and V) and the achieved
  * bandwidth against the device-to-device copy bandwidth measured the same
  * way (read + write bytes / time).
- * The summary table is printed last. --tiny runs a miniature version of
- * everything (used as a smoke test, also in the CPU emulator).
+ * and continuous batching: B sequences (the scheduler's slots) decoding
+ * together, one fwdc_eval_batch step of B tokens (logits of all B copied
+ * to the host, as the server needs them), at each context L (the
+ * sequences are grown to L by batched prefill steps of up to B chunks,
+ * after the previous row's decode tokens): time per step (median), decode
+ * tok/s (B / step) and its gain over one sequence's decode at the same L.
+ * The batched rows stop (marked "not run") when the prefill they need
+ * would not finish within --batched-budget seconds (default 150),
+ * predicted from the prefill rate measured so far.
+ * The tables are printed as each part finishes (the batched one last).
+ * --tiny runs a miniature version of everything (used as a smoke test,
+ * also in the CPU emulator).
  */
 #include <errno.h>
 #include <math.h>
@@ -70,6 +80,12 @@ typedef struct {
     int ok;
     double ms, bytes, gbps;
 } attn_row;
+
+typedef struct {
+    int ctx;
+    int ok, skipped;
+    double step_ms, tps, gain, prefill_tps;
+} batch_row;
 
 /* ---- forward pass ---------------------------------------------------------------- */
 
@@ -161,6 +177,136 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
         }
     }
     free(tok);
+    fwdc_destroy(s);
+}
+
+/* ---- continuous batching: B sequences decoding together -------------------------- */
+
+static uint64_t lcg(uint64_t *r)
+{
+    *r = *r * 6364136223846793005ull + 1442695040888963407ull;
+    return *r >> 33;
+}
+
+/* B sequences on one state grown to each context in ctxs by batched prefill
+ * steps, then n_dec batched decode steps per context; single[] (may have
+ * ok == 0) gives one sequence's decode rate for the gain and the first
+ * prefill-rate guess. Rows left when budget_s would be exceeded are marked
+ * skipped. */
+static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, int n_ctx,
+                        int n_dec, int B, double budget_s, const model_row *single,
+                        batch_row *rows)
+{
+    char err[512] = "";
+    const char *mname = kv->mode == CFG_KV_FP16 ? "fp16" : "int4";
+    const int C = kv->chunk_size;
+    fwd_params fp = fwd_default_params();
+    fp.n_ctx = ctxs[n_ctx - 1] + n_ctx * n_dec + 1;
+    fp.max_seqs = B;
+    fp.max_batch = B * C < 8192 ? B * C : 8192; /* prefill: up to B chunks per step */
+    if (fp.max_batch < C + B)
+        fp.max_batch = C + B;
+    fp.kv = *kv;
+    double t_end = now_s() + budget_s;
+    for (int i = 0; i < n_ctx; i++)
+        rows[i].ctx = ctxs[i];
+    fwdc_state *s = NULL;
+    if (fwdc_create_synthetic(hp, KT_F16, 7, &fp, 0, &s, err, sizeof err) < 0) {
+        fprintf(stderr, "bench_gpu: batched %s (%d sequences): %s\n", mname, B, err);
+        return;
+    }
+    fprintf(stderr, "bench_gpu: batched %s: %d sequences of up to %d positions, %.2f GiB KV "
+            "pool, steps of up to %d tokens\n", mname, B, fp.n_ctx,
+            fwdc_kv_pool_bytes(s) / 1073741824.0, fp.max_batch);
+    kvcd_seq **seq = calloc((size_t)B, sizeof *seq);
+    int32_t *tok = malloc((size_t)B * (size_t)fp.n_ctx * sizeof *tok);
+    int *len = calloc((size_t)B, sizeof *len), *who = calloc((size_t)B, sizeof *who);
+    fwdc_item *it = calloc((size_t)B, sizeof *it);
+    double *dt = malloc((size_t)(n_dec > 0 ? n_dec : 1) * sizeof *dt);
+    int rc = seq && tok && len && who && it && dt ? 0 : -ENOMEM;
+    uint64_t r = 999;
+    for (size_t i = 0; rc == 0 && i < (size_t)B * (size_t)fp.n_ctx; i++)
+        tok[i] = (int32_t)(lcg(&r) % (uint64_t)hp->n_vocab);
+    for (int q = 0; rc == 0 && q < B; q++)
+        rc = kvcd_seq_create(fwdc_kv_pool(s), fp.n_ctx, &seq[q], err, sizeof err);
+    double rate = 0; /* prefill tokens/s measured so far */
+    for (int ci = 0; rc == 0 && ci < n_ctx; ci++) {
+        const int L = ctxs[ci];
+        int64_t need = 0;
+        for (int q = 0; q < B; q++)
+            need += L > len[q] ? L - len[q] : 0;
+        double guess = rate > 0 ? rate : single[ci].ok ? single[ci].prefill_tps : 0;
+        if (guess > 0 && now_s() + (double)need / guess > t_end) {
+            for (int k = ci; k < n_ctx; k++)
+                rows[k].skipped = 1;
+            fprintf(stderr, "bench_gpu: batched %s: growing %d sequences to %d would take ~%.0f "
+                    "s (beyond --batched-budget): not run\n", mname, B, L,
+                    (double)need / guess);
+            break;
+        }
+        double ta = now_s();
+        for (;;) { /* prefill steps: a chunk-aligned piece per sequence */
+            int n = 0, total = 0;
+            for (int q = 0; q < B; q++) {
+                if (len[q] >= L)
+                    continue;
+                int piece = L - len[q], tb = C - len[q] % C;
+                piece = piece < tb ? piece : tb;
+                if (total + piece > fp.max_batch)
+                    break;
+                who[n] = q;
+                it[n++] = (fwdc_item){seq[q], tok + (size_t)q * fp.n_ctx + len[q], piece, 1, 0,
+                                      NULL};
+                total += piece;
+            }
+            if (n == 0)
+                break;
+            int failed;
+            rc = fwdc_eval_batch(s, it, n, &failed, err, sizeof err);
+            if (rc < 0)
+                break;
+            for (int k = 0; k < n; k++)
+                len[who[k]] += it[k].n;
+        }
+        double tp = now_s() - ta;
+        if (rc < 0) {
+            fprintf(stderr, "bench_gpu: batched %s prefill to %d: %s\n", mname, L, err);
+            break;
+        }
+        if (need > 0 && tp > 0)
+            rate = (double)need / tp;
+        for (int i = 0; i < n_dec && rc == 0; i++) {
+            for (int q = 0; q < B; q++)
+                it[q] = (fwdc_item){seq[q], tok + (size_t)q * fp.n_ctx + len[q], 1, 0, 1, NULL};
+            double tb = now_s();
+            int failed;
+            rc = fwdc_eval_batch(s, it, B, &failed, err, sizeof err);
+            dt[i] = now_s() - tb;
+            for (int q = 0; rc == 0 && q < B; q++)
+                len[q]++;
+        }
+        if (rc < 0) {
+            fprintf(stderr, "bench_gpu: batched %s decode at %d: %s\n", mname, L, err);
+            break;
+        }
+        batch_row *row = &rows[ci];
+        row->step_ms = n_dec > 0 ? 1000.0 * median(dt, n_dec) : 0;
+        row->tps = row->step_ms > 0 ? B / (row->step_ms / 1000.0) : 0;
+        row->gain = single[ci].ok && single[ci].decode_tps > 0 ? row->tps / single[ci].decode_tps
+                                                               : 0;
+        row->prefill_tps = rate;
+        row->ok = 1;
+        fprintf(stderr, "bench_gpu: batched %s ctx %6d: grown in %.1f s (%.0f tok/s), decode "
+                "step of %d: %.2f ms (%.0f tok/s, %.2fx one sequence)\n", mname, L, tp, rate, B,
+                row->step_ms, row->tps, row->gain);
+    }
+    if (rc == -ENOMEM)
+        fprintf(stderr, "bench_gpu: batched %s: out of host memory\n", mname);
+    else if (rc < 0)
+        fprintf(stderr, "bench_gpu: batched %s: %s\n", mname, err);
+    for (int q = 0; seq && q < B; q++)
+        kvcd_seq_destroy(seq[q]);
+    free(seq), free(tok), free(len), free(who), free(it), free(dt);
     fwdc_destroy(s);
 }
 
@@ -403,7 +549,8 @@ static int parse_ctx(const char *s, int *ctx)
 int main(int argc, char **argv)
 {
     int ctx[MAX_CTX] = {1024, 8192, 32768}, n_ctx = 3, n_dec = 16, B = 16, tiny = 0;
-    int do_model = 1, do_attn = 1;
+    int do_model = 1, do_attn = 1, do_batched = 1;
+    double batched_budget = 150;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--ctx") && i + 1 < argc) {
             n_ctx = parse_ctx(argv[++i], ctx);
@@ -421,9 +568,14 @@ int main(int argc, char **argv)
             do_model = 0;
         } else if (!strcmp(argv[i], "--no-attn")) {
             do_attn = 0;
+        } else if (!strcmp(argv[i], "--no-batched")) {
+            do_batched = 0;
+        } else if (!strcmp(argv[i], "--batched-budget") && i + 1 < argc) {
+            batched_budget = atof(argv[++i]);
         } else {
             fprintf(stderr, "usage: bench_gpu [--ctx 1024,8192,32768] [--decode N] [--batch B] "
-                            "[--tiny] [--no-model] [--no-attn]\n");
+                            "[--tiny] [--no-model] [--no-attn] [--no-batched] "
+                            "[--batched-budget S]\n");
             return 2;
         }
     }
@@ -531,9 +683,43 @@ int main(int argc, char **argv)
                    ar[i].bytes / 1e6, ar[i].gbps, copy_gbps > 0 ? 100 * ar[i].gbps / copy_gbps : 0);
         }
     }
+    fflush(stdout);
+    /* continuous batching last: the longest part, bounded by its budget */
+    batch_row br[2][MAX_CTX];
+    memset(br, 0, sizeof br);
+    int n_dec_b = n_dec > 0 ? n_dec : 1;
+    if (do_batched) {
+        kv.mode = CFG_KV_FP16;
+        run_batched(&hp, &kv, ctx, n_ctx, n_dec_b, B, batched_budget / 2, rows[0], br[0]);
+        kv.mode = CFG_KV_INT4;
+        run_batched(&hp, &kv, ctx, n_ctx, n_dec_b, B, batched_budget / 2, rows[1], br[1]);
+        printf("\nContinuous batching: %d sequences decoding together, one fwdc_eval_batch step "
+               "of %d tokens (logits of all copied to the host), median of %d steps; gain = "
+               "decode tok/s over one sequence's at the same context (table above):\n\n", B, B,
+               n_dec_b);
+        printf("| context | cache | step ms | decode tok/s | gain | batched prefill tok/s |\n");
+        printf("|---:|---|---:|---:|---:|---:|\n");
+        for (int i = 0; i < n_ctx; i++)
+            for (int mo = 0; mo < 2; mo++) {
+                const batch_row *r = &br[mo][i];
+                const char *mn = mo ? "int4" : "fp16";
+                if (r->skipped)
+                    printf("| %d | %s | not run (budget) | | | |\n", ctx[i], mn);
+                else if (!r->ok)
+                    printf("| %d | %s | failed | | | |\n", ctx[i], mn);
+                else if (r->gain > 0)
+                    printf("| %d | %s | %.2f | %.0f | %.2fx | %.0f |\n", ctx[i], mn, r->step_ms,
+                           r->tps, r->gain, r->prefill_tps);
+                else
+                    printf("| %d | %s | %.2f | %.0f | | %.0f |\n", ctx[i], mn, r->step_ms, r->tps,
+                           r->prefill_tps);
+            }
+    }
     int ok = 1;
     for (int i = 0; do_model && i < n_ctx; i++)
         ok = ok && rows[0][i].ok && rows[1][i].ok;
+    for (int i = 0; do_batched && i < n_ctx; i++)
+        ok = ok && (br[0][i].ok || br[0][i].skipped) && (br[1][i].ok || br[1][i].skipped);
     ok = ok && (!do_attn || (ar[0].ok && ar[1].ok));
     return ok ? 0 : 1;
 }

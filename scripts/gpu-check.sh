@@ -6,8 +6,11 @@
 #   2. runs the test suite `gpu` (every kernel against kernels/ref, the GPU
 #      forward pass against the CPU one on stories260K / stories15M when the
 #      models are found: $LKQ_SHARED, ../shared or ./shared);
-#   3. runs bench/bench_gpu (synthetic Llama-3-8B shape, FP16 vs INT4 cache)
-#      and prints its table last.
+#   3. runs bench/bench_gpu (synthetic Llama-3-8B shape, FP16 vs INT4 cache:
+#      one sequence's prefill/decode, decode attention alone, then continuous
+#      batching - 16 sequences per fwdc_eval_batch decode step at each
+#      context, bounded by --batched-budget, 150 s) and prints its tables
+#      last.
 # Logs (build, tests, benchmark, nvidia-smi) go to $OUT when it is set, else
 # to BUILD/gpu-check. Sized for one H200 in under 8 minutes; the benchmark
 # alone is bounded by LKQ_BENCH_TIMEOUT seconds (default 420 minus the time
