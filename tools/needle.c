@@ -375,7 +375,9 @@ static void usage(FILE *f)
         "prompt lengths, asks for it, and scores the greedy answer with the FP16\n"
         "and the INT4 cache. Rows go to DIR/needle.csv (answers already there for\n"
         "the same configuration are not asked again), accuracy per (cache, length,\n"
-        "depth) to DIR/needle_summary.csv and stdout.\n"
+        "depth) over every answer of that configuration in DIR (earlier runs with\n"
+        "other lengths, depths or trials included) to DIR/needle_summary.csv and\n"
+        "stdout.\n"
         "\n"
         "  -m, --model PATH      model file\n"
         "  -f, --file PATH       filler text (from the first line starting with\n"
@@ -557,9 +559,26 @@ static void cfg_tag(const ndl_opts *o, const cfg_kv *kv, char *out, size_t cap)
     snprintf(out, cap, "%016llx", (unsigned long long)cli_hash64(all));
 }
 
-/* Loads needle.csv rows of this configuration into rows (capacity cap);
- * truncates a torn last line. Returns the count or -1. */
-static int load_rows(const ndl_opts *o, const char *path, ndl_row *rows, int cap,
+/* Appends one row to the growing array *rows (*n used, *cap allocated).
+ * Returns 0 or -1 (out of memory). */
+static int push_row(ndl_row **rows, int *n, int *cap, ndl_row r)
+{
+    if (*n == *cap) {
+        int nc = *cap ? *cap * 2 : 64;
+        ndl_row *t = realloc(*rows, (size_t)nc * sizeof *t);
+        if (!t)
+            return -1;
+        *rows = t;
+        *cap = nc;
+    }
+    (*rows)[(*n)++] = r;
+    return 0;
+}
+
+/* Loads every needle.csv row of this configuration (variant, seed, cache
+ * tags; any length, depth, trial) into the growing array *rows (*n, *cap);
+ * truncates a torn last line. Returns 0 or -1. */
+static int load_rows(const ndl_opts *o, const char *path, ndl_row **rows, int *n, int *cap,
                      char *err, size_t errlen)
 {
     size_t len;
@@ -567,6 +586,7 @@ static int load_rows(const ndl_opts *o, const char *path, ndl_row *rows, int cap
     char *s = cli_read_file(path, &len, lerr, sizeof lerr);
     if (!s)
         return 0; /* no file yet */
+    int rc = 0;
     size_t good = len;
     while (good > 0 && s[good - 1] != '\n')
         good--;
@@ -580,9 +600,9 @@ static int load_rows(const ndl_opts *o, const char *path, ndl_row *rows, int cap
     char tags[2][32];
     for (int i = 0; i < o->n_modes; i++)
         cfg_tag(o, &o->modes[i], tags[i], sizeof tags[i]);
-    int n = 0;
     char *save = NULL;
-    for (char *line = strtok_r(s, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    for (char *line = strtok_r(s, "\n", &save); line && rc == 0;
+         line = strtok_r(NULL, "\n", &save)) {
         char var[16], mode[8], tag[32];
         int length, depth, trial, correct = 0;
         unsigned long long seed;
@@ -600,11 +620,14 @@ static int load_rows(const ndl_opts *o, const char *path, ndl_row *rows, int cap
             continue;
         for (int i = 0; i < o->n_modes; i++)
             if (!strcmp(tag, tags[i]) && !strcmp(mode, cli_kv_mode_name(&o->modes[i])) &&
-                n < cap)
-                rows[n++] = (ndl_row){o->variant, i, length, depth, trial, correct};
+                push_row(rows, n, cap, (ndl_row){o->variant, i, length, depth, trial,
+                                                 correct}) < 0) {
+                snprintf(err, errlen, "out of memory reading '%.300s'", path);
+                rc = -1;
+            }
     }
     free(s);
-    return n;
+    return rc;
 }
 
 /* Appends one line with a single write and fsync. */
@@ -690,10 +713,32 @@ static int score(const char *text, const char *want)
     return n == strlen(want) && !strncmp(p, want, n);
 }
 
-/* Writes the summary (accuracy per mode, length, depth) to DIR and stdout. */
+/* Adds v to the ascending set vals (*nv of at most cap). */
+static void add_sorted(long *vals, int *nv, int cap, long v)
+{
+    int i = 0;
+    while (i < *nv && vals[i] < v)
+        i++;
+    if ((i < *nv && vals[i] == v) || *nv >= cap)
+        return;
+    memmove(vals + i + 1, vals + i, (size_t)(*nv - i) * sizeof *vals);
+    vals[i] = v;
+    (*nv)++;
+}
+
+/* Writes the summary (accuracy per mode, length, depth) of every answer in
+ * needle.csv for this configuration - the lengths and depths of earlier
+ * runs into the same directory included, all their trials - to DIR and
+ * stdout. */
 static int summarize(const ndl_opts *o, const ndl_row *rows, int n, char *err,
                      size_t errlen)
 {
+    long lens[64], deps[64];
+    int n_lens = 0, n_deps = 0;
+    for (int i = 0; i < n; i++) {
+        add_sorted(lens, &n_lens, 64, rows[i].length);
+        add_sorted(deps, &n_deps, 64, rows[i].depth);
+    }
     char path[4096];
     char *buf = malloc(1 << 16);
     if (!buf) {
@@ -704,25 +749,25 @@ static int summarize(const ndl_opts *o, const ndl_row *rows, int n, char *err,
                                   "variant,kv_cache,length,depth,n,correct,accuracy\n");
     const char *vn = ndl_variant_names[o->variant];
     printf("needle (%s%s): accuracy per prompt length (rows) and needle depth %% "
-           "(columns), %ld trial(s), seed %llu\n", vn, o->chat ? ", chat" : "", o->trials,
+           "(columns), every answer in the results for seed %llu\n", vn, o->chat ? ", chat" : "",
            o->seed);
     for (int mi = 0; mi < o->n_modes; mi++) {
         printf("\n%s cache\n| length |", cli_kv_mode_name(&o->modes[mi]));
-        for (int d = 0; d < o->n_depths; d++)
-            printf(" %ld%% |", o->depths[d]);
+        for (int d = 0; d < n_deps; d++)
+            printf(" %ld%% |", deps[d]);
         printf(" all |\n|---|");
-        for (int d = 0; d <= o->n_depths; d++)
+        for (int d = 0; d <= n_deps; d++)
             printf("---|");
         printf("\n");
         int tot_n = 0, tot_c = 0;
-        for (int li = 0; li < o->n_lengths; li++) {
-            printf("| %ld |", o->lengths[li]);
+        for (int li = 0; li < n_lens; li++) {
+            printf("| %ld |", lens[li]);
             int ln = 0, lc = 0;
-            for (int d = 0; d < o->n_depths; d++) {
+            for (int d = 0; d < n_deps; d++) {
                 int cn = 0, cc = 0;
                 for (int i = 0; i < n; i++)
-                    if (rows[i].mode == mi && rows[i].length == o->lengths[li] &&
-                        rows[i].depth == o->depths[d] && rows[i].trial < o->trials) {
+                    if (rows[i].mode == mi && rows[i].length == lens[li] &&
+                        rows[i].depth == deps[d]) {
                         cn++;
                         cc += rows[i].correct;
                     }
@@ -735,7 +780,7 @@ static int summarize(const ndl_opts *o, const ndl_row *rows, int n, char *err,
                 if (cn && len < (1 << 16) - 128)
                     len += (size_t)snprintf(buf + len, (1 << 16) - len, "%s,%s,%ld,%ld,%d,%d,%.4f\n",
                                             vn, cli_kv_mode_name(&o->modes[mi]),
-                                            o->lengths[li], o->depths[d], cn, cc,
+                                            lens[li], deps[d], cn, cc,
                                             (double)cc / cn);
             }
             printf(ln ? " %.2f |\n" : " - |\n", ln ? (double)lc / ln : 0.0);
@@ -826,18 +871,12 @@ int ndl_main(int argc, char **argv)
             goto out;
         }
     const int total = o->n_modes * o->n_lengths * o->n_depths * (int)o->trials;
-    const int cap = total + 16;
-    rows = calloc((size_t)cap, sizeof *rows);
-    if (!rows) {
-        fprintf(stderr, "livekvq needle: out of memory\n");
-        goto out;
-    }
+    int n_rows = 0, cap_rows = 0;
     char csv[4096];
     snprintf(csv, sizeof csv, "%s/needle%s%s.csv", o->out,
              o->variant == NDL_PASSKEY ? "" : "_",
              o->variant == NDL_PASSKEY ? "" : ndl_variant_names[o->variant]);
-    int n_rows = load_rows(o, csv, rows, cap, err, sizeof err);
-    if (n_rows < 0) {
+    if (load_rows(o, csv, &rows, &n_rows, &cap_rows, err, sizeof err) < 0) {
         fprintf(stderr, "livekvq needle: %s\n", err);
         goto out;
     }
@@ -846,15 +885,19 @@ int ndl_main(int argc, char **argv)
         cfg_tag(o, &o->modes[i], tags[i], sizeof tags[i]);
     /* work in tokens, for the ETA */
     double work_total = 0, work_done = 0;
+    int have = 0;
     for (int li = 0; li < o->n_lengths; li++)
         for (int d = 0; d < o->n_depths; d++)
             for (int t = 0; t < o->trials; t++)
-                for (int mi = 0; mi < o->n_modes; mi++)
+                for (int mi = 0; mi < o->n_modes; mi++) {
                     if (find_row(rows, n_rows, mi, (int)o->lengths[li], (int)o->depths[d], t) < 0)
                         work_total += (double)o->lengths[li];
+                    else
+                        have++;
+                }
     if (!o->quiet)
         fprintf(stderr, "needle: %d answers, %d in %s already, %.0f prompt tokens to run\n",
-                total, n_rows, csv, work_total);
+                total, have, csv, work_total);
     double t0 = cli_now_s(), last = 0;
     for (int li = 0; li < o->n_lengths; li++) {
         const int L = (int)o->lengths[li];
@@ -918,7 +961,12 @@ int ndl_main(int argc, char **argv)
                         fprintf(stderr, "livekvq needle: %s\n", err);
                         goto out;
                     }
-                    rows[n_rows++] = (ndl_row){o->variant, mi, L, (int)o->depths[d], t, ok};
+                    if (push_row(&rows, &n_rows, &cap_rows,
+                                 (ndl_row){o->variant, mi, L, (int)o->depths[d], t, ok}) < 0) {
+                        prompt_free(&p);
+                        fprintf(stderr, "livekvq needle: out of memory\n");
+                        goto out;
+                    }
                     work_done += L;
                     double el = cli_now_s() - t0;
                     if (!o->quiet && (el - last > 10 || work_done >= work_total)) {

@@ -290,6 +290,25 @@ Test(needle, runs_both_caches_and_resumes, .init = make_tmp, .fini = rm_tmp, .ti
     snprintf(path, sizeof path, "%s/needle.csv", out);
     slurp(path, csv2, sizeof csv2);
     cr_assert_str_eq(csv1, csv2, "a rerun adds nothing");
+    /* a run with other lengths into the same directory: only its answers run,
+     * the summary covers both runs (the rows of earlier runs once overflowed
+     * a buffer sized for the new run) */
+    snprintf(args, sizeof args,
+             "needle -m %s -f %s -o %s --lengths 200 --depths 0,100 --trials 1 --plain -t 1 "
+             "--set chunk_size=128 --set block_tokens=64", m, tu_shared("data/moby-dick.txt"), out);
+    lkq(&R, args);
+    cr_assert_eq(R.status, 0, "%s", R.err);
+    cr_assert(strstr(R.err, "4 answers, 0 in"), "%s", R.err);
+    cr_assert(strstr(R.out, "| 200 |") && strstr(R.out, "| 384 |"), "%s", R.out);
+    snprintf(path, sizeof path, "%s/needle.csv", out);
+    slurp(path, csv2, sizeof csv2);
+    cr_assert_eq(count_lines(csv2), count_lines(csv1) + 4, "%s", csv2);
+    snprintf(path, sizeof path, "%s/needle_summary.csv", out);
+    slurp(path, csv2, sizeof csv2);
+    /* (256, 384) x (0, 50, 100) + 200 x (0, 100), both caches */
+    cr_assert_eq(count_lines(csv2), 1 + 2 * (2 * 3 + 2), "%s", csv2);
+    cr_assert(strstr(csv2, "passkey,fp16,384,50,2,") && strstr(csv2, "passkey,int4,200,100,1,"),
+              "%s", csv2);
     /* bad input */
     needle_args(args, sizeof args, m, out, "--depths 0,150");
     lkq(&R, args);
