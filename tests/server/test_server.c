@@ -139,7 +139,7 @@ static void same_as_cli(const char *model, const char *extra_srv, const char *cl
 
 Test(server, completions_equal_cli_stories260k, .timeout = 120)
 {
-    char margs[1024];
+    char margs[1100];
     snprintf(margs, sizeof margs, "-m %s --tokenizer %s", m260(), tok260());
     same_as_cli(m260(), tok260(), margs);
 }
@@ -149,7 +149,7 @@ Test(server, completions_equal_cli_smollm2, .timeout = 240)
     const char *p = tu_smollm2();
     if (!p)
         cr_skip_test("SmolLM2 not fetched");
-    char margs[1024];
+    char margs[1100];
     snprintf(margs, sizeof margs, "-m %s", p);
     same_as_cli(p, NULL, margs);
 }
