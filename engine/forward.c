@@ -498,10 +498,47 @@ int32_t fwd_max_batch(const fwd_state *s)
     return s->p.max_batch;
 }
 
+int fwd_batch_check_item(const fwd_batch_limits *lim, int i, const int32_t *tokens, int n,
+                         int prefill, int want_logits, int pos, int total, int n_head, char *err,
+                         size_t errlen)
+{
+    const int C = lim->chunk_size;
+    if (n <= 0 || (!prefill && n != 1)) {
+        snprintf(err, errlen, "item %d: %d tokens (decode steps take one)", i, n);
+        return -EINVAL;
+    }
+    if (prefill && pos % C + n > C) {
+        snprintf(err, errlen, "item %d: %d prompt tokens at position %d cross a chunk "
+                 "boundary (chunk_size %d)", i, n, pos, C);
+        return -EINVAL;
+    }
+    if ((int64_t)pos + n > lim->n_ctx) {
+        snprintf(err, errlen, "context full: %d + %d tokens exceed n_ctx %d", pos, n,
+                 lim->n_ctx);
+        return -EINVAL;
+    }
+    if (total + n > lim->max_batch) {
+        snprintf(err, errlen, "batch of more than %d tokens", lim->max_batch);
+        return -EINVAL;
+    }
+    if (want_logits && n_head >= lim->logit_rows) {
+        snprintf(err, errlen, "more than %d sequences want logits", lim->logit_rows);
+        return -EINVAL;
+    }
+    for (int k = 0; k < n; k++) {
+        if (tokens[k] < 0 || tokens[k] >= lim->n_vocab) {
+            snprintf(err, errlen, "token id %d out of range [0, %d)", tokens[k], lim->n_vocab);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
 int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char *err,
                    size_t errlen)
 {
-    const int C = s->p.kv.chunk_size;
+    const fwd_batch_limits lim = {s->p.kv.chunk_size, s->p.n_ctx, s->p.max_batch,
+                                  s->logit_rows, s->m->hp.n_vocab};
     const size_t V = (size_t)s->m->hp.n_vocab;
     int total = 0, n_head = 0;
     char dummy[8];
@@ -515,27 +552,8 @@ int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char
         fwd_item *it = &items[i];
         it->out_logits = NULL;
         int pos = kvc_seq_n_tokens(it->seq);
-        int rc = 0;
-        if (it->n <= 0 || (!it->prefill && it->n != 1)) {
-            snprintf(err, errlen, "item %d: %d tokens (decode steps take one)", i, it->n);
-            rc = -EINVAL;
-        } else if (it->prefill && pos % C + it->n > C) {
-            snprintf(err, errlen, "item %d: %d prompt tokens at position %d cross a chunk "
-                     "boundary (chunk_size %d)", i, it->n, pos, C);
-            rc = -EINVAL;
-        } else if ((int64_t)pos + it->n > s->p.n_ctx) {
-            snprintf(err, errlen, "context full: %d + %d tokens exceed n_ctx %d", pos,
-                     it->n, s->p.n_ctx);
-            rc = -EINVAL;
-        } else if (total + it->n > s->p.max_batch) {
-            snprintf(err, errlen, "batch of more than %d tokens", s->p.max_batch);
-            rc = -EINVAL;
-        } else if (it->want_logits && n_head >= s->logit_rows) {
-            snprintf(err, errlen, "more than %d sequences want logits", s->logit_rows);
-            rc = -EINVAL;
-        } else {
-            rc = check_tokens(s, it->tokens, it->n, err, errlen);
-        }
+        int rc = fwd_batch_check_item(&lim, i, it->tokens, it->n, it->prefill, it->want_logits,
+                                      pos, total, n_head, err, errlen);
         if (rc < 0) {
             if (failed)
                 *failed = i;

@@ -104,6 +104,21 @@ typedef struct {
 int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char *err,
                    size_t errlen);
 
+/* What a batched step's items are checked against (fwd_eval_batch and
+ * the GPU's fwdc_eval_batch share the checks). */
+typedef struct {
+    int chunk_size, n_ctx, max_batch, logit_rows, n_vocab;
+} fwd_batch_limits;
+
+/* Checks item i of a batched step: n tokens (ids in [0, n_vocab)) at
+ * position pos, a prompt piece within one chunk or one decode token, the
+ * context and the step's token budget (total tokens of the items before
+ * it), a logits row free when it wants one (n_head taken before it).
+ * Returns 0, or -EINVAL with a reason in err (err must not be NULL). */
+int fwd_batch_check_item(const fwd_batch_limits *lim, int i, const int32_t *tokens, int n,
+                         int prefill, int want_logits, int pos, int total, int n_head, char *err,
+                         size_t errlen);
+
 /* Time per phase since creation or the last reset (wall seconds on the
  * calling thread; attn_s includes the fused dequantization of INT4 history,
  * kv_store_s the EMA update and live quantization). */

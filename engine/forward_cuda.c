@@ -751,7 +751,8 @@ int32_t fwdc_max_batch(const fwdc_state *s)
 int fwdc_eval_batch(fwdc_state *s, fwdc_item *items, int n_items, int *failed, char *err,
                     size_t errlen)
 {
-    const int C = s->p.kv.chunk_size;
+    const fwd_batch_limits lim = {s->p.kv.chunk_size, s->p.n_ctx, s->p.max_batch,
+                                  s->logit_rows, s->hp.n_vocab};
     const size_t V = (size_t)s->hp.n_vocab;
     int total = 0, n_head = 0;
     char dummy[8];
@@ -766,29 +767,12 @@ int fwdc_eval_batch(fwdc_state *s, fwdc_item *items, int n_items, int *failed, c
         it->out_logits = NULL;
         int pos = kvcd_seq_n_tokens(it->seq);
         int rc = 0;
-        if (i >= s->max_items) {
+        if (i >= s->max_items)
             rc = fail(err, errlen, -EINVAL, "more than %d sequences in one step (max_seqs)",
                       s->max_items);
-        } else if (it->n <= 0 || (!it->prefill && it->n != 1)) {
-            rc = fail(err, errlen, -EINVAL, "item %d: %d tokens (decode steps take one)", i,
-                      it->n);
-        } else if (it->prefill && pos % C + it->n > C) {
-            rc = fail(err, errlen, -EINVAL, "item %d: %d prompt tokens at position %d cross a "
-                      "chunk boundary (chunk_size %d)", i, it->n, pos, C);
-        } else if ((int64_t)pos + it->n > s->p.n_ctx) {
-            rc = fail(err, errlen, -EINVAL, "context full: %d + %d tokens exceed n_ctx %d", pos,
-                      it->n, s->p.n_ctx);
-        } else if (total + it->n > s->p.max_batch) {
-            rc = fail(err, errlen, -EINVAL, "batch of more than %d tokens", s->p.max_batch);
-        } else if (it->want_logits && n_head >= s->logit_rows) {
-            rc = fail(err, errlen, -EINVAL, "more than %d sequences want logits",
-                      s->logit_rows);
-        } else {
-            for (int k = 0; k < it->n && rc == 0; k++)
-                if (it->tokens[k] < 0 || it->tokens[k] >= s->hp.n_vocab)
-                    rc = fail(err, errlen, -EINVAL, "token id %d out of range [0, %d)",
-                              it->tokens[k], s->hp.n_vocab);
-        }
+        else
+            rc = fwd_batch_check_item(&lim, i, it->tokens, it->n, it->prefill, it->want_logits,
+                                      pos, total, n_head, err, errlen);
         if (rc < 0) {
             if (failed)
                 *failed = i;

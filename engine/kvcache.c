@@ -304,19 +304,26 @@ static uint16_t *fpage_v(const kvc_pool *p, int32_t id, int layer)
     return fpage_k(p, id, layer) + (size_t)p->P * (size_t)p->d.kv_dim;
 }
 
-static void fill_bytes(const kvc_pool *p, int64_t nq, int64_t nf, kvc_stats *s)
+void kvc_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
+                         size_t fbytes, int64_t nq, int64_t nf)
 {
-    const int64_t L = p->d.n_layers;
-    if (p->has_q) {
-        s->bytes_int4 = nq * L * (int64_t)p->L.bytes_dense;
-        s->bytes_scales = nq * L * (int64_t)p->L.bytes_scales;
-        s->bytes_outliers = nq * L * (int64_t)p->L.bytes_outliers;
-        s->bytes_other = nq * (int64_t)p->qbytes - s->bytes_int4 - s->bytes_scales -
+    const int64_t L = n_layers;
+    if (Lq) {
+        s->bytes_int4 = nq * L * (int64_t)Lq->bytes_dense;
+        s->bytes_scales = nq * L * (int64_t)Lq->bytes_scales;
+        s->bytes_outliers = nq * L * (int64_t)Lq->bytes_outliers;
+        s->bytes_other = nq * (int64_t)qbytes - s->bytes_int4 - s->bytes_scales -
                          s->bytes_outliers;
     }
-    s->bytes_fp16 = nf * (int64_t)p->fbytes;
+    s->bytes_fp16 = nf * (int64_t)fbytes;
     s->bytes_total = s->bytes_int4 + s->bytes_scales + s->bytes_outliers +
                      s->bytes_fp16 + s->bytes_other;
+}
+
+static void fill_bytes(const kvc_pool *p, int64_t nq, int64_t nf, kvc_stats *s)
+{
+    kvc_stats_set_bytes(s, p->has_q ? &p->L : NULL, p->d.n_layers, p->qbytes, p->fbytes, nq,
+                        nf);
     s->qblocks_total = p->nq;
     s->fpages_total = p->nf;
 }

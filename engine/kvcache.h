@@ -67,6 +67,12 @@ typedef struct {
 
 /* Bits per element all-in (8 * bytes_total / elements), 0 when empty. */
 double kvc_stats_bits(const kvc_stats *s);
+/* Sets the bytes_* fields of *s for nq INT4 blocks and nf FP16 pages of a
+ * pool whose layer-blocks have layout Lq (NULL in fp16 mode) and whose
+ * blocks / pages take qbytes / fbytes over all n_layers layers (the
+ * accounting of any device's pool). */
+void kvc_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
+                         size_t fbytes, int64_t nq, int64_t nf);
 
 /* Plans a pool: for a byte or token budget in cfg (kv_budget), or else for
  * max_seqs sequences of n_ctx tokens each. Returns the arena sizes. */

@@ -267,20 +267,11 @@ double kvcd_pool_usage(const kvcd_pool *p)
     return total > 0 ? used / total : 0.0;
 }
 
-/* The byte split of nq blocks and nf pages (as kvcache.c's fill_bytes). */
+/* The byte split of nq blocks and nf pages (kvcache.c's accounting). */
 static void pool_bytes(const kvcd_pool *p, int64_t nq, int64_t nf, kvc_stats *out)
 {
-    const int64_t L = p->d.n_layers;
-    if (p->has_q) {
-        out->bytes_int4 = nq * L * (int64_t)p->L.bytes_dense;
-        out->bytes_scales = nq * L * (int64_t)p->L.bytes_scales;
-        out->bytes_outliers = nq * L * (int64_t)p->L.bytes_outliers;
-        out->bytes_other = nq * (int64_t)p->qbytes - out->bytes_int4 - out->bytes_scales -
-                           out->bytes_outliers;
-    }
-    out->bytes_fp16 = nf * (int64_t)p->fbytes;
-    out->bytes_total = out->bytes_int4 + out->bytes_scales + out->bytes_outliers +
-                       out->bytes_fp16 + out->bytes_other;
+    kvc_stats_set_bytes(out, p->has_q ? &p->L : NULL, p->d.n_layers, p->qbytes, p->fbytes, nq,
+                        nf);
     out->qblocks_total = p->nq;
     out->fpages_total = p->nf;
 }
