@@ -1,7 +1,9 @@
 /*
- * backend.c - dispatch of the forward pass and its KV pool to the CPU or the GPU (see
- * backend.h). The CUDA half is compiled only with LKQ_HAVE_CUDA (set by
- * engine/meson.build when the CUDA backend is built).
+ * backend.c - dispatch of the forward pass and its KV pool to the CPU or
+ * the GPU (see backend.h). The CUDA half is compiled only with
+ * LKQ_HAVE_CUDA (set by engine/meson.build when the CUDA backend is built).
+ * Threading: as backend.h (one thread at a time per state; the pool
+ * estimate reads the configuration only).
  */
 #include "engine/backend.h"
 
