@@ -15,27 +15,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench_util.h"
 #include "engine/forward.h"
 #include "engine/model.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static int32_t next_tok(uint32_t *x, int32_t n_vocab)
 {
@@ -79,7 +61,7 @@ static double run(fwd_state *s, const mdl_model *m, int b, int L, int steps, int
         }
     }
     fwd_profile_reset(s);
-    double t0 = now_s();
+    double t0 = bu_now_s();
     for (int k = 0; k < steps; k++) {
         for (int i = 0; i < b; i++) {
             dec[i] = next_tok(&x, m->hp.n_vocab);
@@ -90,7 +72,7 @@ static double run(fwd_state *s, const mdl_model *m, int b, int L, int steps, int
         if (fwd_eval_batch(s, it, b, &failed, err, sizeof err) < 0)
             die("decode", err);
     }
-    double wall = now_s() - t0;
+    double wall = bu_now_s() - t0;
     fwd_profile_get(s, prof);
     for (int i = 0; i < b; i++)
         kvc_seq_destroy(seq[i]);
@@ -164,11 +146,11 @@ int main(int argc, char **argv)
     printf("|---|---|---|---|---|---|---|---|\n");
     double tps[2];
     for (int k = 0; k < 2; k++) {
-        double w = median(wall[k], rounds);
+        double w = bu_median(wall[k], rounds);
         tps[k] = bs[k] / w;
         printf("| %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f | %.2f |\n", bs[k], 1e3 * w,
-               1e3 * median(ph[k][0], rounds), 1e3 * median(ph[k][1], rounds),
-               1e3 * median(ph[k][2], rounds), 1e3 * median(ph[k][3], rounds), tps[k],
+               1e3 * bu_median(ph[k][0], rounds), 1e3 * bu_median(ph[k][1], rounds),
+               1e3 * bu_median(ph[k][2], rounds), 1e3 * bu_median(ph[k][3], rounds), tps[k],
                1e3 * w / bs[k]);
     }
     printf("\nbatching gain (decode tok/s, %d vs 1 sequences): %.2fx\n", N, tps[1] / tps[0]);

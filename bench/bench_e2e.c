@@ -18,28 +18,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench/bench_util.h"
 #include "engine/forward.h"
 #include "engine/model.h"
 #include "kernels/cpu/kcpu.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 int main(int argc, char **argv)
 {
@@ -116,15 +98,15 @@ int main(int argc, char **argv)
     for (int k = 0; k < npp; k++) {
         fwd_eval(s, ids, 64, 0, 0, &lg, err, sizeof err); /* warm-up */
         for (int r = 0; r < reps; r++) {
-            double t0 = now_s();
+            double t0 = bu_now_s();
             if (fwd_eval(s, ids, pp[k], 0, 0, &lg, err, sizeof err) < 0) {
                 fprintf(stderr, "bench_e2e: %s\n", err);
                 return 1;
             }
-            t[r] = pp[k] / (now_s() - t0);
+            t[r] = pp[k] / (bu_now_s() - t0);
         }
         printf("| %s | %s | %s | %d | pp%d | %.1f |\n", m->name, kcpu_simd_name(), kvn,
-               threads, pp[k], median(t, reps));
+               threads, pp[k], bu_median(t, reps));
         fflush(stdout);
     }
     const int n_gen = 64;
@@ -134,13 +116,13 @@ int main(int argc, char **argv)
                 fprintf(stderr, "bench_e2e: %s\n", err);
                 return 1;
             }
-            double t0 = now_s();
+            double t0 = bu_now_s();
             for (int i = 0; i < n_gen; i++)
                 fwd_eval(s, &ids[tg_ctx[k] + i], 1, tg_ctx[k] + i, 0, &lg, err, sizeof err);
-            t[r] = n_gen / (now_s() - t0);
+            t[r] = n_gen / (bu_now_s() - t0);
         }
         printf("| %s | %s | %s | %d | tg%d@%d | %.1f |\n", m->name, kcpu_simd_name(), kvn,
-               threads, n_gen, tg_ctx[k], median(t, reps));
+               threads, n_gen, tg_ctx[k], bu_median(t, reps));
         fflush(stdout);
     }
     fwd_destroy(s);

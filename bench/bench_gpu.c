@@ -42,6 +42,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench_util.h"
 #include "engine/forward_cuda.h"
 #include "kernels/cuda/kcu_attn.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
@@ -49,25 +50,6 @@
 #include "kernels/cuda/kcu_rt.cuh"
 
 #define MAX_CTX 8
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 typedef struct {
     int ctx;
@@ -99,14 +81,14 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
     cfg_kv_mode mode = kv->mode;
     fwdc_state *s = NULL;
     const char *mname = mode == CFG_KV_FP16 ? "fp16" : "int4";
-    double t0 = now_s();
+    double t0 = bu_now_s();
     if (fwdc_create_synthetic(hp, KT_F16, 7, &fp, 0, &s, err, sizeof err) < 0) {
         fprintf(stderr, "bench_gpu: %s model: %s\n", mname, err);
         return;
     }
     fprintf(stderr, "bench_gpu: %s: %.2f GiB of weights, %.2f GiB KV pool, created in %.1f s on %s\n",
             mname, fwdc_weight_bytes(s) / 1073741824.0, fwdc_kv_pool_bytes(s) / 1073741824.0,
-            now_s() - t0, fwdc_device_name(s));
+            bu_now_s() - t0, fwdc_device_name(s));
     int maxc = ctxs[n_ctx - 1] + n_dec + 1;
     int32_t *tok = malloc((size_t)maxc * sizeof *tok);
     uint64_t r = 12345;
@@ -126,18 +108,18 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
         int L = ctxs[ci];
         model_row *row = &rows[ci];
         row->ctx = L;
-        double ta = now_s();
+        double ta = bu_now_s();
         if (fwdc_eval(s, tok, L, 0, 0, &lg, err, sizeof err) < 0) {
             fprintf(stderr, "bench_gpu: %s prefill %d: %s\n", mname, L, err);
             continue;
         }
-        double tp = now_s() - ta;
+        double tp = bu_now_s() - ta;
         double *dt = malloc((size_t)(n_dec > 0 ? n_dec : 1) * sizeof *dt);
         int ok = 1;
         for (int i = 0; i < n_dec && ok; i++) {
-            double tb = now_s();
+            double tb = bu_now_s();
             ok = fwdc_eval(s, &tok[L + i], 1, L + i, 0, &lg, err, sizeof err) == 0;
-            dt[i] = now_s() - tb;
+            dt[i] = bu_now_s() - tb;
         }
         if (!ok) {
             fprintf(stderr, "bench_gpu: %s decode at %d: %s\n", mname, L, err);
@@ -151,7 +133,7 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
             continue;
         }
         row->prefill_tps = L / tp;
-        row->decode_tps = n_dec > 0 ? 1.0 / median(dt, n_dec) : 0;
+        row->decode_tps = n_dec > 0 ? 1.0 / bu_median(dt, n_dec) : 0;
         row->kv_bytes_tok = st.tokens ? (double)st.bytes_total / (double)st.tokens : 0;
         row->bits = kvc_stats_bits(&st);
         row->ok = 1;
@@ -207,7 +189,7 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
     if (fp.max_batch < C + B)
         fp.max_batch = C + B;
     fp.kv = *kv;
-    double t_end = now_s() + budget_s;
+    double t_end = bu_now_s() + budget_s;
     for (int i = 0; i < n_ctx; i++)
         rows[i].ctx = ctxs[i];
     fwdc_state *s = NULL;
@@ -236,7 +218,7 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
         for (int q = 0; q < B; q++)
             need += L > len[q] ? L - len[q] : 0;
         double guess = rate > 0 ? rate : single[ci].ok ? single[ci].prefill_tps : 0;
-        if (guess > 0 && now_s() + (double)need / guess > t_end) {
+        if (guess > 0 && bu_now_s() + (double)need / guess > t_end) {
             for (int k = ci; k < n_ctx; k++)
                 rows[k].skipped = 1;
             fprintf(stderr, "bench_gpu: batched %s: growing %d sequences to %d would take ~%.0f "
@@ -244,7 +226,7 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
                     (double)need / guess);
             break;
         }
-        double ta = now_s();
+        double ta = bu_now_s();
         for (;;) { /* prefill steps: a chunk-aligned piece per sequence */
             int n = 0, total = 0;
             for (int q = 0; q < B; q++) {
@@ -268,7 +250,7 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
             for (int k = 0; k < n; k++)
                 len[who[k]] += it[k].n;
         }
-        double tp = now_s() - ta;
+        double tp = bu_now_s() - ta;
         if (rc < 0) {
             fprintf(stderr, "bench_gpu: batched %s prefill to %d: %s\n", mname, L, err);
             break;
@@ -278,10 +260,10 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
         for (int i = 0; i < n_dec && rc == 0; i++) {
             for (int q = 0; q < B; q++)
                 it[q] = (fwdc_item){seq[q], tok + (size_t)q * fp.n_ctx + len[q], 1, 0, 1, NULL};
-            double tb = now_s();
+            double tb = bu_now_s();
             int failed;
             rc = fwdc_eval_batch(s, it, B, &failed, err, sizeof err);
-            dt[i] = now_s() - tb;
+            dt[i] = bu_now_s() - tb;
             for (int q = 0; rc == 0 && q < B; q++)
                 len[q]++;
         }
@@ -290,7 +272,7 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
             break;
         }
         batch_row *row = &rows[ci];
-        row->step_ms = n_dec > 0 ? 1000.0 * median(dt, n_dec) : 0;
+        row->step_ms = n_dec > 0 ? 1000.0 * bu_median(dt, n_dec) : 0;
         row->tps = row->step_ms > 0 ? B / (row->step_ms / 1000.0) : 0;
         row->gain = single[ci].ok && single[ci].decode_tps > 0 ? row->tps / single[ci].decode_tps
                                                                : 0;
@@ -335,7 +317,7 @@ static double copy_bandwidth(kcu_ctx *c, size_t bytes, int reps)
         v[n++] = ms;
     }
     if (n > 0)
-        best = 2.0 * (double)bytes / (median(v, n) * 1e-3) / 1e9; /* read + write */
+        best = 2.0 * (double)bytes / (bu_median(v, n) * 1e-3) / 1e9; /* read + write */
     free(v);
 done:
     kcu_timer_destroy(t);
@@ -499,7 +481,7 @@ static void run_attn(kcu_ctx *c, int int4, int B, int L, int n_head, int n_kv, i
     }
     if (rc == 0 && n > 0) {
         out->ok = 1;
-        out->ms = median(v, n);
+        out->ms = bu_median(v, n);
         out->bytes = bytes;
         out->gbps = bytes / (out->ms * 1e-3) / 1e9;
         fprintf(stderr, "bench_gpu: decode attention %s, %d x %d positions: %.3f ms, %.1f MB "

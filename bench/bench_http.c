@@ -17,29 +17,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench_util.h"
 #include "engine/forward.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "tokenizer/tok.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static size_t sink(char *p, size_t sz, size_t nm, void *ud)
 {
@@ -58,7 +40,7 @@ static double cli_work(const mdl_model *m, fwd_state *fs, const int32_t *ids, in
     smp_sampler *smp;
     if (smp_create(&sp, m->hp.n_vocab, &smp, err, sizeof err) < 0)
         return -1;
-    double t0 = now_s();
+    double t0 = bu_now_s();
     memcpy(hist, ids, (size_t)n_prompt * sizeof *ids);
     const float *lg;
     if (fwd_eval(fs, ids, n_prompt, 0, 0, &lg, err, sizeof err) < 0) {
@@ -79,7 +61,7 @@ static double cli_work(const mdl_model *m, fwd_state *fs, const int32_t *ids, in
             break;
         pos++;
     }
-    double dt = now_s() - t0;
+    double dt = bu_now_s() - t0;
     smp_destroy(smp);
     return dt;
 }
@@ -154,16 +136,16 @@ int main(int argc, char **argv)
     }
     for (int r = 0; r < rounds; r++) {
         tc[r] = cli_work(m, fs, ids, n_prompt, n_gen, hist);
-        double t0 = now_s();
+        double t0 = bu_now_s();
         long st = 0;
         if (curl_easy_perform(c) != CURLE_OK ||
             (curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &st), st != 200)) {
             fprintf(stderr, "bench_http: request failed (status %ld)\n", st);
             return 1;
         }
-        th[r] = now_s() - t0;
+        th[r] = bu_now_s() - t0;
     }
-    double mc = median(tc, rounds), mh = median(th, rounds);
+    double mc = bu_median(tc, rounds), mh = bu_median(th, rounds);
     printf("| work | median ms (%d rounds) |\n|---|---|\n", rounds);
     printf("| in-process (CLI loop): %d prompt + %d generated tokens | %.3f |\n", n_prompt,
            n_gen, mc * 1e3);
