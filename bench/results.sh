@@ -49,6 +49,8 @@ CMD_NDL_4K="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 4096 --dept
 --trials 4 --seed 1234"
 CMD_NDL_MORE="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 2048,4096 --depths 0,25,50,75,100 \
 --trials 8 --seed 1234"
+CMD_NDL_KW="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle-keepwarm --lengths 2048,4096 --depths 0 \
+--trials 8 --seed 1234 --kv-cache int4 --set keep_warmup_fp16=1"
 CMD_NDL_8K="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 8192 --depths 0,25,50,75,100 \
 --trials 2 --seed 1234"
 CMD_A4K="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ablate-4k -c 4096 --vary warmup_chunks=0,1,2 \
@@ -69,6 +71,7 @@ if [ $RUN = 1 ]; then
     nice -n 10 $CMD_NDL_KV
     nice -n 10 $CMD_NDL_4K
     nice -n 10 $CMD_NDL_MORE
+    nice -n 10 $CMD_NDL_KW
     nice -n 10 $CMD_A4K
     nice -n 10 $CMD_A4K_CHUNK
     nice -n 10 $CMD_NDL_8K
@@ -161,7 +164,7 @@ echo
 echo "Reduced sweeps reported here (each resumable: a finished cell is never rerun):"
 echo
 echo '```sh'
-printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_NDL_MULTI" "$CMD_NDL_KV" "$CMD_NDL_4K" "$CMD_NDL_MORE" "$CMD_NDL_8K" \
+printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_NDL_MULTI" "$CMD_NDL_KV" "$CMD_NDL_4K" "$CMD_NDL_MORE" "$CMD_NDL_KW" "$CMD_NDL_8K" \
     "$CMD_A4K" "$CMD_A4K_CHUNK" "$CMD_PRF > $DATA/profile-2k.txt"
 echo '```'
 echo
