@@ -304,6 +304,15 @@ static uint16_t *fpage_v(const kvc_pool *p, int32_t id, int layer)
     return fpage_k(p, id, layer) + (size_t)p->P * (size_t)p->d.kv_dim;
 }
 
+void kvc_stats_add_counts(kvc_stats *sum, const kvc_stats *s)
+{
+    sum->tokens += s->tokens;
+    sum->elements += s->elements;
+    sum->n_quantized += s->n_quantized;
+    sum->n_outliers += s->n_outliers;
+    sum->n_clamped += s->n_clamped;
+}
+
 void kvc_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
                          size_t fbytes, int64_t nq, int64_t nf)
 {
@@ -354,11 +363,7 @@ void kvc_pool_stats(const kvc_pool *p, kvc_stats *out)
     for (const kvc_seq *s = p->seqs; s; s = s->next) {
         kvc_stats t;
         kvc_seq_stats(s, &t);
-        out->tokens += t.tokens;
-        out->elements += t.elements;
-        out->n_quantized += t.n_quantized;
-        out->n_outliers += t.n_outliers;
-        out->n_clamped += t.n_clamped;
+        kvc_stats_add_counts(out, &t);
     }
     out->qblocks_used = p->nq - p->nqfree;
     out->fpages_used = p->nf - p->nffree;

@@ -67,6 +67,9 @@ typedef struct {
 
 /* Bits per element all-in (8 * bytes_total / elements), 0 when empty. */
 double kvc_stats_bits(const kvc_stats *s);
+/* Adds the token / element / quantized / outlier / clamped counts of s to
+ * sum (a pool's total over its sequences, on either device). */
+void kvc_stats_add_counts(kvc_stats *sum, const kvc_stats *s);
 /* Sets the bytes_* fields of *s for nq INT4 blocks and nf FP16 pages of a
  * pool whose layer-blocks have layout Lq (NULL in fp16 mode) and whose
  * blocks / pages take qbytes / fbytes over all n_layers layers (the

@@ -287,11 +287,7 @@ int kvcd_pool_stats(kvcd_pool *p, kvc_stats *out, char *err, size_t errlen)
             rc = r; /* the others are still counted */
             continue;
         }
-        out->tokens += t.tokens;
-        out->elements += t.elements;
-        out->n_quantized += t.n_quantized;
-        out->n_outliers += t.n_outliers;
-        out->n_clamped += t.n_clamped;
+        kvc_stats_add_counts(out, &t);
     }
     out->qblocks_used = p->nq - p->nqfree;
     out->fpages_used = p->nf - p->nffree;
