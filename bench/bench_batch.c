@@ -16,8 +16,8 @@
 #include <time.h>
 
 #include "bench/bench_util.h"
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 
 static int32_t next_tok(uint32_t *x, int32_t n_vocab)
 {

@@ -19,8 +19,8 @@
 #include <unistd.h>
 
 #include "bench/bench_util.h"
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 #include "kernels/cpu/kcpu.h"
 
 int main(int argc, char **argv)

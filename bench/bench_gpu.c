@@ -43,7 +43,7 @@
 #include <time.h>
 
 #include "bench/bench_util.h"
-#include "engine/forward_cuda.h"
+#include "engine/backend/forward_cuda.h"
 #include "kernels/cuda/kcu_attn.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
 #include "kernels/cuda/kcu_kvq_quant.cuh"

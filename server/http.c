@@ -28,7 +28,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "engine/log.h"
+#include "engine/util/log.h"
 #include "server/api.h"
 #include "server/metrics.h"
 

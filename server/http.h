@@ -13,8 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/model.h"
-#include "engine/scheduler.h"
+#include "engine/model/model.h"
+#include "engine/sched/scheduler.h"
 
 typedef struct {
     const char *host;        /* bind address, e.g. "127.0.0.1" or "0.0.0.0" */

@@ -23,10 +23,10 @@
 #include <unistd.h>
 
 #include "config/kvq_config.h"
-#include "engine/backend.h"
-#include "engine/log.h"
-#include "engine/model.h"
-#include "engine/scheduler.h"
+#include "engine/backend/backend.h"
+#include "engine/util/log.h"
+#include "engine/model/model.h"
+#include "engine/sched/scheduler.h"
 #include "server/http.h"
 
 typedef struct {

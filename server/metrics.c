@@ -10,8 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/forward.h"
-#include "engine/strbuf.h"
+#include "engine/graph/forward.h"
+#include "engine/util/strbuf.h"
 
 static void head(lkq_sb *b, const char *name, const char *type, const char *help)
 {

@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#include "engine/scheduler.h"
+#include "engine/sched/scheduler.h"
 
 #define METRICS_MAX_COUNTERS 64
 

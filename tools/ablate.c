@@ -2,7 +2,7 @@
  * ablate.c - `livekvq ablate`: sweeps of the KV cache knobs. Each cell of
  * the sweep (one cache configuration at one context length) measures
  *   quality  perplexity, KL divergence and top-1 agreement against the FP16
- *            cache (engine/eval.h, both caches side by side on the text),
+ *            cache (engine/eval/eval.h, both caches side by side on the text),
  *            bits per element, outlier and clamp ratios;
  *   cost     prefill time of ctx - decode tokens and time per decode step
  *            (teacher-forced on the text) in a separate run without the
@@ -35,11 +35,11 @@
 #include <unistd.h>
 
 #include "config/kvq_config.h"
-#include "engine/eval.h"
-#include "engine/forward.h"
-#include "engine/kvcache.h"
-#include "engine/model.h"
-#include "engine/strbuf.h"
+#include "engine/eval/eval.h"
+#include "engine/graph/forward.h"
+#include "engine/kv/kvcache.h"
+#include "engine/model/model.h"
+#include "engine/util/strbuf.h"
 #include "tokenizer/tok.h"
 #include "tools/cli_common.h"
 #include "tools/eval_cmds.h"

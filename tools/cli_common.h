@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 #include "config/kvq_config.h"
-#include "engine/model.h"
+#include "engine/model/model.h"
 
 /* Monotonic clock, seconds. */
 double cli_now_s(void);

@@ -17,13 +17,13 @@
 #include <unistd.h>
 
 #include "config/kvq_config.h"
-#include "engine/backend.h"
-#include "engine/chat.h"
-#include "engine/eval.h"
-#include "engine/forward.h"
-#include "engine/log.h"
-#include "engine/model.h"
-#include "engine/sampler.h"
+#include "engine/backend/backend.h"
+#include "engine/sample/chat.h"
+#include "engine/eval/eval.h"
+#include "engine/graph/forward.h"
+#include "engine/util/log.h"
+#include "engine/model/model.h"
+#include "engine/sample/sampler.h"
 #include "kernels/cpu/kcpu.h"
 #include "tools/eval_cmds.h"
 

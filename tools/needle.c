@@ -27,9 +27,9 @@
 #include <unistd.h>
 
 #include "config/kvq_config.h"
-#include "engine/chat.h"
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/sample/chat.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 #include "tokenizer/tok.h"
 #include "tools/cli_common.h"
 #include "tools/eval_cmds.h"

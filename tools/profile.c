@@ -11,7 +11,7 @@
  * negative when the smaller reads win, as in decode over long histories). Then the peak KV bytes (largest held after any step), bits per
  * element, and the process's peak resident memory (VmHWM; note it covers
  * the whole process, both runs included). Phase times come from
- * fwd_profile (engine/forward.h), wall time on the engine thread.
+ * fwd_profile (engine/graph/forward.h), wall time on the engine thread.
  *
  * Single-threaded apart from the kernel thread pool.
  */
@@ -21,9 +21,9 @@
 #include <string.h>
 
 #include "config/kvq_config.h"
-#include "engine/forward.h"
-#include "engine/model.h"
-#include "engine/sampler.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
+#include "engine/sample/sampler.h"
 #include "tokenizer/tok.h"
 #include "tools/cli_common.h"
 #include "tools/eval_cmds.h"

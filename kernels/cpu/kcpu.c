@@ -395,26 +395,61 @@ void kcpu_f32_to_f16(uint16_t *dst, const float *src, int64_t n)
 void kcpu_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
                float theta, float freq_scale)
 {
+    kcpu_rope_ex(x, n_heads, head_dim, n_rot, pos, theta, freq_scale, NULL, 0);
+}
+
+void kcpu_rope_ex(float *x, int n_heads, int head_dim, int n_rot, int pos, float theta,
+                  float freq_scale, const float *freqs, int neox)
+{
     enum { MAX_PAIRS = 256 };
     float cs[MAX_PAIRS][2];
     const double two_pi = 6.283185307179586476925286766559;
     const double step = pow((double)theta, -2.0 / n_rot);
+    const int half = n_rot / 2;
     double freq = 1.0; /* theta^(-2i/n_rot), by repeated multiplication */
-    for (int i0 = 0; i0 < n_rot / 2; i0 += MAX_PAIRS) {
-        int n = n_rot / 2 - i0 < MAX_PAIRS ? n_rot / 2 - i0 : MAX_PAIRS;
+    for (int i0 = 0; i0 < half; i0 += MAX_PAIRS) {
+        int n = half - i0 < MAX_PAIRS ? half - i0 : MAX_PAIRS;
         for (int i = 0; i < n; i++, freq *= step) {
             double a = (double)pos * (double)freq_scale * freq;
+            if (freqs)
+                a /= (double)freqs[i0 + i];
             a -= two_pi * nearbyint(a / two_pi);
             cs[i][0] = cosf((float)a);
             cs[i][1] = sinf((float)a);
         }
         for (int h = 0; h < n_heads; h++) {
-            float *xh = x + (size_t)h * (size_t)head_dim + 2 * i0;
-            for (int i = 0; i < n; i++) {
-                float x0 = xh[2 * i], x1 = xh[2 * i + 1];
-                xh[2 * i] = x0 * cs[i][0] - x1 * cs[i][1];
-                xh[2 * i + 1] = x0 * cs[i][1] + x1 * cs[i][0];
+            float *xh = x + (size_t)h * (size_t)head_dim;
+            if (neox) {
+                float *lo = xh + i0, *hi = xh + half + i0;
+                for (int i = 0; i < n; i++) {
+                    float x0 = lo[i], x1 = hi[i];
+                    lo[i] = x0 * cs[i][0] - x1 * cs[i][1];
+                    hi[i] = x0 * cs[i][1] + x1 * cs[i][0];
+                }
+            } else {
+                float *xp = xh + 2 * i0;
+                for (int i = 0; i < n; i++) {
+                    float x0 = xp[2 * i], x1 = xp[2 * i + 1];
+                    xp[2 * i] = x0 * cs[i][0] - x1 * cs[i][1];
+                    xp[2 * i + 1] = x0 * cs[i][1] + x1 * cs[i][0];
+                }
             }
         }
     }
+}
+
+void kcpu_geglu(float *gate, const float *up, int n)
+{
+    const float k = 0.7978845608f; /* sqrt(2/pi) */
+    for (int i = 0; i < n; i++) {
+        float g = gate[i];
+        gate[i] = 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}
+
+void kcpu_softcap(float *x, int n, float cap)
+{
+    const float inv = 1.0f / cap;
+    for (int i = 0; i < n; i++)
+        x[i] = cap * tanhf(x[i] * inv);
 }

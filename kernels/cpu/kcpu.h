@@ -46,7 +46,13 @@ void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
 void kcpu_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void kcpu_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
                float theta, float freq_scale);
+/* kref_rope_ex's contract (neox pairing, per-frequency divisors). */
+void kcpu_rope_ex(float *x, int n_heads, int head_dim, int n_rot, int pos, float theta,
+                  float freq_scale, const float *freqs, int neox);
 void kcpu_softmax(float *x, int n);
+/* kref_geglu / kref_softcap (float math; tolerance in tests/kernels). */
+void kcpu_geglu(float *gate, const float *up, int n);
+void kcpu_softcap(float *x, int n, float cap);
 void kcpu_swiglu(float *gate, const float *up, int n);
 /* Row-wise dequantize (used for the token embedding lookup). */
 void kcpu_dequant_row(kt_type t, const void *row, float *out, int64_t n);

@@ -2,7 +2,7 @@
  * kcu_kv.cuh - how the GPU KV pool is laid out in device memory, shared by
  * the KV store, quantizer and attention launchers (C-callable types only).
  *
- * The pool has two arenas, as engine/kvcache.c on the host:
+ * The pool has two arenas, as engine/kv/kvcache.c on the host:
  *  - INT4 blocks: block id b, layer l at qarena + b * q_stride + l * q_layer;
  *    each layer-block is exactly the kvq_layout block of kernels/kvq.h
  *    (header, codes, scale/zero snapshots, outlier lists), so a block copied

@@ -2,7 +2,7 @@
  * kcu_kvstore.cuh - FP16 pages of the GPU KV pool: writing rows of a step's
  * K/V (f32, RoPE applied) into pages, and gathering page rows back as f32
  * (the input of re-quantization when warm-up ends or the decode tail is
- * full). Same rounding as engine/kvcache.c (kt_f32_to_f16). C-callable
+ * full). Same rounding as engine/kv/kvcache.c (kt_f32_to_f16). C-callable
  * launchers; kernels in kcu_kvstore.cu. Device pointers throughout.
  */
 #ifndef LKQ_KCU_KVSTORE_CUH

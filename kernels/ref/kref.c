@@ -124,6 +124,42 @@ void kref_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
     }
 }
 
+void kref_rope_ex(float *x, int n_heads, int head_dim, int n_rot, int pos, float theta,
+                  float freq_scale, const float *freqs, int neox)
+{
+    const int half = n_rot / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *xh = x + (size_t)h * (size_t)head_dim;
+        for (int i = 0; i < half; i++) {
+            double freq = pow((double)theta, -2.0 * i / n_rot);
+            if (freqs)
+                freq /= (double)freqs[i];
+            double a = (double)pos * (double)freq_scale * freq;
+            double c = cos(a), s = sin(a);
+            int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+            double x0 = xh[i0], x1 = xh[i1];
+            xh[i0] = (float)(x0 * c - x1 * s);
+            xh[i1] = (float)(x0 * s + x1 * c);
+        }
+    }
+}
+
+void kref_geglu(float *gate, const float *up, int n)
+{
+    const double k = 0.7978845608028654; /* sqrt(2/pi) */
+    for (int i = 0; i < n; i++) {
+        double g = gate[i];
+        double gl = 0.5 * g * (1.0 + tanh(k * (g + 0.044715 * g * g * g)));
+        gate[i] = (float)(gl * (double)up[i]);
+    }
+}
+
+void kref_softcap(float *x, int n, float cap)
+{
+    for (int i = 0; i < n; i++)
+        x[i] = (float)((double)cap * tanh((double)x[i] / (double)cap));
+}
+
 void kref_softmax(float *x, int n)
 {
     if (n <= 0)

@@ -32,11 +32,26 @@ void kref_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void kref_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
                float theta, float freq_scale);
 
+/* kref_rope with the model descriptor's options: neox = 1 rotates the
+ * halves (x[i], x[i + n_rot/2]) (Qwen2, Gemma) instead of adjacent pairs;
+ * freqs (NULL or [n_rot/2]) divides pair i's frequency (Llama-3
+ * rope_freqs): angle_i = pos * freq_scale * theta^(-2i/n_rot) / freqs[i].
+ * neox 0 and freqs NULL is exactly kref_rope. */
+void kref_rope_ex(float *x, int n_heads, int head_dim, int n_rot, int pos, float theta,
+                  float freq_scale, const float *freqs, int neox);
+
 /* In-place numerically stable softmax over x[n]. */
 void kref_softmax(float *x, int n);
 
 /* gate[i] = silu(gate[i]) * up[i], i < n. */
 void kref_swiglu(float *gate, const float *up, int n);
+
+/* gate[i] = gelu_tanh(gate[i]) * up[i], i < n, with
+ * gelu_tanh(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (GeGLU). */
+void kref_geglu(float *gate, const float *up, int n);
+
+/* x[i] = cap * tanh(x[i] / cap), i < n (logit soft-capping; cap > 0). */
+void kref_softcap(float *x, int n, float cap);
 
 /* Causal attention of one query token over an FP16 KV cache.
  * q   [n_head, head_dim] (already roped)

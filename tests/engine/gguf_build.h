@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 #include "kernels/ktypes.h"
 
 typedef struct {

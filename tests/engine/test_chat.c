@@ -4,7 +4,7 @@
 #include <criterion/criterion.h>
 #include <string.h>
 
-#include "engine/chat.h"
+#include "engine/sample/chat.h"
 
 static const chat_msg conv[] = {
     {"system", "Be brief."},

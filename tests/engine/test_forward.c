@@ -7,8 +7,8 @@
 #include <math.h>
 #include <string.h>
 
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 #include "tests/test_util.h"
 
 static mdl_model *load(const char *path)

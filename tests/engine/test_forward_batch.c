@@ -9,8 +9,8 @@
 #include <errno.h>
 #include <string.h>
 
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 #include "tests/test_util.h"
 
 #define NMAX 4

@@ -6,8 +6,8 @@
 #include <criterion/criterion.h>
 #include <string.h>
 
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 #include "tests/test_util.h"
 
 /* Greedy-generates n tokens after prompt (BOS added) and returns the decoded

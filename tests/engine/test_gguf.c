@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 #include "tests/engine/gguf_build.h"
 
 /* A small valid file with one key of each kind and three tensors. */

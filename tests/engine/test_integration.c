@@ -19,9 +19,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "engine/eval.h"
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/eval/eval.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 #include "kernels/cpu/kcpu.h"
 #include "kernels/ref/kref.h"
 #include "tests/test_util.h"

@@ -11,7 +11,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "engine/kvcache.h"
+#include "engine/kv/kvcache.h"
 #include "kernels/ktypes.h"
 
 static const kvc_dims dims = {2, 16, 8}; /* 2 layers, 2 kv heads of 8 */

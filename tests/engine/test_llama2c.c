@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/llama2c.h"
+#include "engine/model/llama2c.h"
 
 static const char *shared_path(const char *rel, char *buf, size_t cap)
 {

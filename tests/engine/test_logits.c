@@ -22,8 +22,8 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "engine/forward.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
 #include "tests/test_util.h"
 
 #define MAXPOS 128

@@ -11,7 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "engine/model.h"
+#include "engine/model/model.h"
 #include "tests/engine/gguf_build.h"
 
 static const char *shared_path(const char *rel, char *buf, size_t cap)

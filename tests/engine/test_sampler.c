@@ -6,7 +6,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "engine/sampler.h"
+#include "engine/sample/sampler.h"
 
 #define NV 8
 

@@ -11,9 +11,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/forward.h"
-#include "engine/model.h"
-#include "engine/scheduler.h"
+#include "engine/graph/forward.h"
+#include "engine/model/model.h"
+#include "engine/sched/scheduler.h"
 #include "tokenizer/tok.h"
 #include "tests/test_util.h"
 

@@ -11,7 +11,7 @@
 
 #include <unistd.h>
 
-#include "engine/model.h"
+#include "engine/model/model.h"
 #include "tests/gpu/gpu_test.h"
 
 #define GT_260K "models/stories260K/stories260K.bin"

@@ -27,9 +27,9 @@
 
 #include <errno.h>
 
-#include "engine/backend.h"
-#include "engine/forward.h"
-#include "engine/forward_cuda.h"
+#include "engine/backend/backend.h"
+#include "engine/graph/forward.h"
+#include "engine/backend/forward_cuda.h"
 #include "tests/gpu/gpu_models.h"
 
 #define NMAX 4

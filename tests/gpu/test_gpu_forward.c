@@ -1,6 +1,6 @@
 /*
  * test_gpu_forward.c - the forward pass on the GPU end to end against the
- * CPU forward pass (engine/forward.c) on the real stories260K and
+ * CPU forward pass (engine/graph/forward.c) on the real stories260K and
  * stories15M checkpoints (../shared/models; the program exits 77 saying so
  * when they are absent):
  *  - with the FP16 cache, the greedy continuation equals the CPU's token for
@@ -25,10 +25,10 @@
 
 #include "tests/gpu/gpu_models.h"
 
-#include "engine/eval.h"
-#include "engine/forward.h"
-#include "engine/forward_cuda.h"
-#include "engine/model.h"
+#include "engine/eval/eval.h"
+#include "engine/graph/forward.h"
+#include "engine/backend/forward_cuda.h"
+#include "engine/model/model.h"
 
 #define ATOL_LOGIT 2e-3
 #define PPL_REL 2e-3

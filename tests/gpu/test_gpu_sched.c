@@ -22,7 +22,7 @@
 
 #include <errno.h>
 
-#include "engine/scheduler.h"
+#include "engine/sched/scheduler.h"
 #include "tests/gpu/gpu_models.h"
 #include "tokenizer/tok.h"
 

@@ -1,7 +1,7 @@
 /*
  * strbuf.c - growing printf buffer (see strbuf.h).
  */
-#include "engine/strbuf.h"
+#include "engine/util/strbuf.h"
 
 #include <stdarg.h>
 #include <stdio.h>

@@ -9,7 +9,7 @@
  * Threading: matmuls and attention run on the state's kcpu_pool; the small
  * per-token ops (norms, RoPE, SwiGLU) run on the calling thread.
  */
-#include "engine/forward.h"
+#include "engine/graph/forward.h"
 
 #include <errno.h>
 #include <math.h>

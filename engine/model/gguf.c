@@ -9,7 +9,7 @@
  *
  * Threading: open/close from one thread; lookups on an open file from any.
  */
-#include "engine/gguf.h"
+#include "engine/model/gguf.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -8,7 +8,7 @@
  * tokens, never during bk_eval_batch or sampling. Fields marked "engine"
  * are touched by the engine thread only.
  */
-#include "engine/scheduler.h"
+#include "engine/sched/scheduler.h"
 
 #include <errno.h>
 #include <math.h>
@@ -19,7 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine/log.h"
+#include "engine/util/log.h"
 #include "tokenizer/tok.h"
 
 typedef enum { JOB_WAITING, JOB_RUNNING, JOB_DONE } job_state;

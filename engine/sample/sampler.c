@@ -6,7 +6,7 @@
  * matter are sorted (top-k selects first; top-p sorts the tokens above a
  * probability floor when they already hold enough mass).
  */
-#include "engine/sampler.h"
+#include "engine/sample/sampler.h"
 
 #include <math.h>
 #include <stdio.h>

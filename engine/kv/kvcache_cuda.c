@@ -13,7 +13,7 @@
  * the step reads the history as it was before the step.
  * Engine thread only.
  */
-#include "engine/kvcache_cuda.h"
+#include "engine/kv/kvcache_cuda.h"
 
 #include <errno.h>
 #include <stdarg.h>

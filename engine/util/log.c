@@ -3,7 +3,7 @@
  * int; each line is formatted into a stack buffer and written with one
  * write(2) so concurrent lines do not interleave.
  */
-#include "engine/log.h"
+#include "engine/util/log.h"
 
 #include <stdarg.h>
 #include <stdatomic.h>

@@ -14,8 +14,8 @@
 #define LKQ_EVAL_H
 
 #include "config/kvq_config.h"
-#include "engine/kvcache.h"
-#include "engine/model.h"
+#include "engine/kv/kvcache.h"
+#include "engine/model/model.h"
 
 typedef struct {
     int32_t n_ctx;      /* tokens per window */

@@ -28,8 +28,8 @@
 #define LKQ_FORWARD_H
 
 #include "config/kvq_config.h"
-#include "engine/kvcache.h"
-#include "engine/model.h"
+#include "engine/kv/kvcache.h"
+#include "engine/model/model.h"
 
 typedef struct {
     int32_t n_ctx;      /* KV cache positions (<= 0: the model's n_ctx_train) */

@@ -34,11 +34,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/backend.h"
-#include "engine/forward.h"
-#include "engine/kvcache.h"
-#include "engine/model.h"
-#include "engine/sampler.h"
+#include "engine/backend/backend.h"
+#include "engine/graph/forward.h"
+#include "engine/kv/kvcache.h"
+#include "engine/model/model.h"
+#include "engine/sample/sampler.h"
 
 #define SCHED_MAX_N 16        /* choices per request */
 #define SCHED_MAX_LOGPROBS 20 /* top alternatives per token */

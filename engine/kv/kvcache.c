@@ -10,7 +10,7 @@
  * kvc_begin and not yet visible, so attention during the step reads the
  * history exactly as it was before the step.
  */
-#include "engine/kvcache.h"
+#include "engine/kv/kvcache.h"
 
 #include <errno.h>
 #include <math.h>

@@ -2,7 +2,7 @@
  * chat.c - chat templates (see chat.h). Output is text in which special
  * tokens are spelled out ("<|im_start|>"); encode it with parse_special.
  */
-#include "engine/chat.h"
+#include "engine/sample/chat.h"
 
 #include <stdio.h>
 #include <string.h>

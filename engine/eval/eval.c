@@ -2,7 +2,7 @@
  * eval.c - perplexity / KL-divergence / top-1 evaluation of a KV cache
  * configuration against the FP16 cache (see eval.h).
  */
-#include "engine/eval.h"
+#include "engine/eval/eval.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -10,8 +10,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "engine/backend.h"
-#include "engine/forward.h"
+#include "engine/backend/backend.h"
+#include "engine/graph/forward.h"
 
 static double now_s(void)
 {

@@ -19,9 +19,9 @@
 #ifndef LKQ_BACKEND_H
 #define LKQ_BACKEND_H
 
-#include "engine/forward.h"
-#include "engine/kvcache.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/kv/kvcache.h"
+#include "engine/model/model.h"
 
 typedef enum { BK_DEVICE_CPU = 0, BK_DEVICE_CUDA = 1 } bk_device;
 

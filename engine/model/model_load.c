@@ -15,7 +15,7 @@
  *
  * Threading: mdl_load/mdl_free from one thread; a loaded model is read-only.
  */
-#include "engine/model.h"
+#include "engine/model/model.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -27,8 +27,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "engine/gguf.h"
-#include "engine/llama2c.h"
+#include "engine/model/gguf.h"
+#include "engine/model/llama2c.h"
 
 typedef struct {
     gguf_file *gf;

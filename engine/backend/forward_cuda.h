@@ -28,10 +28,10 @@
 #ifndef LKQ_FORWARD_CUDA_H
 #define LKQ_FORWARD_CUDA_H
 
-#include "engine/forward.h"
-#include "engine/kvcache.h"
-#include "engine/kvcache_cuda.h"
-#include "engine/model.h"
+#include "engine/graph/forward.h"
+#include "engine/kv/kvcache.h"
+#include "engine/kv/kvcache_cuda.h"
+#include "engine/model/model.h"
 
 typedef struct fwdc_state fwdc_state;
 

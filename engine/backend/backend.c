@@ -5,7 +5,7 @@
  * Threading: as backend.h (one thread at a time per state; the pool
  * estimate reads the configuration only).
  */
-#include "engine/backend.h"
+#include "engine/backend/backend.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -14,7 +14,7 @@
 
 #include "kernels/cpu/kcpu.h"
 #ifdef LKQ_HAVE_CUDA
-#include "engine/forward_cuda.h"
+#include "engine/backend/forward_cuda.h"
 #endif
 
 struct bk_state {

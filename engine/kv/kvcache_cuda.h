@@ -22,7 +22,7 @@
 #define LKQ_KVCACHE_CUDA_H
 
 #include "config/kvq_config.h"
-#include "engine/kvcache.h"
+#include "engine/kv/kvcache.h"
 #include "kernels/cuda/kcu_kv.cuh"
 #include "kernels/cuda/kcu_rt.cuh"
 

@@ -14,7 +14,7 @@
  *   history segments of all slices, concatenated [S * segs per sequence]
  * (S = max(1, max_seqs)); each item's seg0 points at its sequence's part.
  */
-#include "engine/forward_cuda.h"
+#include "engine/backend/forward_cuda.h"
 
 #include <errno.h>
 #include <math.h>
@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kvcache_cuda.h"
+#include "engine/kv/kvcache_cuda.h"
 #include "kernels/cuda/kcu_attn.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
 #include "kernels/cuda/kcu_rmsnorm.cuh"

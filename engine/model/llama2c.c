@@ -4,7 +4,7 @@
  *
  * Threading: open/close from one thread; the opened file is read-only.
  */
-#include "engine/llama2c.h"
+#include "engine/model/llama2c.h"
 
 #include <errno.h>
 #include <fcntl.h>
