@@ -23,11 +23,12 @@
  */
 #include "tests/gpu/gpu_test.h"
 
+#include <errno.h>
+
 #include "tests/gpu/gpu_models.h"
 
 #include "engine/eval/eval.h"
 #include "engine/graph/forward.h"
-#include "engine/backend/forward_cuda.h"
 #include "engine/model/model.h"
 
 #define ATOL_LOGIT 2e-3
@@ -67,47 +68,42 @@ static cfg_kv small_chunks(cfg_kv_mode mode)
     return c;
 }
 
-/* Greedy run of n_gen tokens after prompt[0..np) on the CPU (gpu = 0) or
- * the GPU; tokens to out, the prompt's last logits to first_logits. */
+/* Greedy run of n_gen tokens after prompt[0..np) through the one graph on
+ * the CPU (gpu = 0) or the CUDA backend; tokens to out, the prompt's last
+ * logits to first_logits. */
 static int greedy(const mdl_model *m, const cfg_kv *kv, int gpu, const int32_t *prompt, int np,
                   int n_gen, int32_t *out, float *first_logits, kvc_stats *st)
 {
     char err[512] = "";
+    const char *dev = gpu ? "gpu" : "cpu";
     fwd_params fp = fwd_default_params();
     fp.n_ctx = np + n_gen + 1;
     fp.n_threads = 2;
+    fp.device = gpu ? BK_DEVICE_CUDA : BK_DEVICE_CPU;
     fp.kv = *kv;
-    fwd_state *cs = NULL;
-    fwdc_state *gs = NULL;
-    int rc = gpu ? fwdc_create(m, &fp, 0, &gs, err, sizeof err)
-                 : fwd_create(m, &fp, &cs, err, sizeof err);
-    GT_CHECK(rc == 0, "create (%s): %s", gpu ? "gpu" : "cpu", err);
+    fwd_state *s = NULL;
+    int rc = fwd_create(m, &fp, &s, err, sizeof err);
+    GT_CHECK(rc == 0, "create (%s): %s", dev, err);
     if (rc < 0)
         return -1;
     const float *lg = NULL;
     int V = m->hp.n_vocab, pos = np;
-    rc = gpu ? fwdc_eval(gs, prompt, np, 0, 0, &lg, err, sizeof err)
-             : fwd_eval(cs, prompt, np, 0, 0, &lg, err, sizeof err);
-    GT_CHECK(rc == 0, "prompt (%s): %s", gpu ? "gpu" : "cpu", err);
+    rc = fwd_eval(s, prompt, np, 0, 0, &lg, err, sizeof err);
+    GT_CHECK(rc == 0, "prompt (%s): %s", dev, err);
     if (rc == 0 && first_logits)
         memcpy(first_logits, lg, (size_t)V * sizeof(float));
     for (int i = 0; rc == 0 && i < n_gen; i++) {
         int32_t t = argmax(lg, V);
         out[i] = t;
-        rc = gpu ? fwdc_eval(gs, &t, 1, pos, 0, &lg, err, sizeof err)
-                 : fwd_eval(cs, &t, 1, pos, 0, &lg, err, sizeof err);
-        GT_CHECK(rc == 0, "decode %d (%s): %s", i, gpu ? "gpu" : "cpu", err);
+        rc = fwd_eval(s, &t, 1, pos, 0, &lg, err, sizeof err);
+        GT_CHECK(rc == 0, "decode %d (%s): %s", i, dev, err);
         pos++;
     }
     if (rc == 0 && st) {
-        if (gpu)
-            rc = fwdc_kv_stats(gs, st, err, sizeof err);
-        else
-            fwd_kv_stats(cs, st);
-        GT_CHECK(rc == 0, "kv stats: %s", err);
+        rc = fwd_kv_stats(s, st, err, sizeof err);
+        GT_CHECK(rc == 0, "kv stats (%s): %s", dev, err);
     }
-    fwd_destroy(cs);
-    fwdc_destroy(gs);
+    fwd_destroy(s);
     return rc;
 }
 
@@ -278,29 +274,39 @@ static void case_errors(void)
         return;
     fwd_params fp = fwd_default_params();
     fp.n_ctx = 16;
-    fwdc_state *s = NULL;
+    fp.device = BK_DEVICE_CUDA;
+    fwd_state *s = NULL;
     char err[512] = "";
-    GT_CHECK(fwdc_create(m, &fp, 0, &s, err, sizeof err) == 0, "create: %s", err);
+    GT_CHECK(fwd_create(m, &fp, &s, err, sizeof err) == 0, "create: %s", err);
     if (s) {
         const float *lg;
         int32_t bad = 100000, ok[20] = {1, 2, 3};
+        GT_CHECK(fwd_device(s) == BK_DEVICE_CUDA && strstr(fwd_describe(s), "cuda"),
+                 "device %d: %s", (int)fwd_device(s), fwd_describe(s));
         err[0] = '\0';
-        GT_CHECK(fwdc_eval(s, &bad, 1, 0, 0, &lg, err, sizeof err) < 0 && strstr(err, "range"),
+        GT_CHECK(fwd_eval(s, &bad, 1, 0, 0, &lg, err, sizeof err) < 0 && strstr(err, "range"),
                  "a bad token id: %s", err);
-        GT_CHECK(fwdc_eval(s, ok, 3, 0, 0, &lg, err, sizeof err) == 0, "eval: %s", err);
+        GT_CHECK(fwd_eval(s, ok, 3, 0, 0, &lg, err, sizeof err) == 0, "eval: %s", err);
         err[0] = '\0';
-        GT_CHECK(fwdc_eval(s, ok, 1, 7, 0, &lg, err, sizeof err) < 0 && strstr(err, "position"),
+        GT_CHECK(fwd_eval(s, ok, 1, 7, 0, &lg, err, sizeof err) < 0 && strstr(err, "position"),
                  "a gap in positions: %s", err);
         err[0] = '\0';
-        GT_CHECK(fwdc_eval(s, ok, 20, 0, 0, &lg, err, sizeof err) < 0 && strstr(err, "context"),
+        GT_CHECK(fwd_eval(s, ok, 20, 0, 0, &lg, err, sizeof err) < 0 && strstr(err, "context"),
                  "context overflow: %s", err);
-        GT_CHECK(fwdc_eval(s, ok, 1, 3, 0, &lg, err, sizeof err) == 0,
+        GT_CHECK(fwd_eval(s, ok, 1, 3, 0, &lg, err, sizeof err) == 0,
                  "the state stays usable after errors: %s", err);
-        fwdc_destroy(s);
+        /* controls: an unknown one is -ENOTSUP, the byte counts are filled */
+        size_t wb = 0, pb = 0;
+        GT_OK(fwd_ctl(s, BK_CTL_WEIGHT_BYTES, &wb, err, sizeof err));
+        GT_OK(fwd_ctl(s, BK_CTL_POOL_BYTES, &pb, err, sizeof err));
+        GT_CHECK(wb > 0 && pb > 0, "weight bytes %zu, pool bytes %zu", wb, pb);
+        GT_CHECK(fwd_ctl(s, 999, NULL, err, sizeof err) == -ENOTSUP, "control 999 accepted");
+        fwd_destroy(s);
     }
     /* a device that does not exist */
     err[0] = '\0';
-    GT_CHECK(fwdc_create(m, &fp, 99, &s, err, sizeof err) < 0 && strstr(err, "device"),
+    fp.device_index = 99;
+    GT_CHECK(fwd_create(m, &fp, &s, err, sizeof err) < 0 && strstr(err, "device"),
              "device 99: %s", err);
     mdl_free(m);
 }
