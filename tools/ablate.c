@@ -542,11 +542,10 @@ static double cell_units(const abl_opts *o, const abl_cell *c, double *eval_unit
     return q + (o->no_timing ? 0 : (double)c->ctx);
 }
 
-static void peak_update(const fwd_state *fs, abl_res *r)
+static void peak_update(fwd_state *fs, abl_res *r)
 {
     kvc_stats st;
-    fwd_kv_stats(fs, &st);
-    if (st.bytes_total > r->kv_peak)
+    if (fwd_kv_stats(fs, &st, NULL, 0) == 0 && st.bytes_total > r->kv_peak)
         r->kv_peak = st.bytes_total;
 }
 
@@ -577,11 +576,11 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
         if (fwd_eval(fs, tok + pos, len, pos, 0, &lg, err, errlen) < 0)
             goto done;
         peak_update(fs, r);
-        const kvc_seq *sq = fwd_seq(fs);
-        for (int l = 0; sq && l < L; l++)
+        fwd_seq *sq = fwd_own_seq(fs);
+        for (int l = 0; l < L; l++)
             for (int t = 0; t < 2; t++) {
                 float lo, hi;
-                if (kvc_seq_ema(sq, l, t, &lo, &hi) == 0)
+                if (fwd_seq_ema(sq, l, t, &lo, &hi) == 0)
                     lkq_sb_printf(ema, "%s,\"%s\",%d,%d,%s,%.6g,%.6g,%.6g\n", c->hash, c->label,
                               ch, l, t ? "v" : "k", lo, hi, hi - lo);
             }
@@ -595,7 +594,8 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     r->prefill_s = cli_now_s() - t0;
     r->n_prefill = n_prompt;
     peak_update(fs, r);
-    fwd_kv_stats(fs, &r->kv_after_prefill);
+    if (fwd_kv_stats(fs, &r->kv_after_prefill, err, errlen) < 0)
+        goto done;
     t0 = cli_now_s();
     for (int i = 0; i < (int)o->decode; i++) {
         int pos = n_prompt + i;
@@ -605,10 +605,10 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     }
     r->decode_s = cli_now_s() - t0;
     r->n_decode = (int)o->decode;
-    const kvc_seq *sq = fwd_seq(fs);
-    for (int l = 0; sq && l < L; l++) {
+    fwd_seq *sq = fwd_own_seq(fs);
+    for (int l = 0; l < L; l++) {
         kvc_layer_counts lc;
-        if (kvc_seq_layer_counts(sq, l, &lc) < 0)
+        if (fwd_seq_layer_counts(sq, l, &lc, NULL, 0) < 0)
             continue;
         double q = lc.n_quantized > 0 ? (double)lc.n_quantized : 1;
         lkq_sb_printf(layers, "%s,\"%s\",%d,%lld,%lld,%lld,%lld,%.6g,%.6g\n", c->hash, c->label,

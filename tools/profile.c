@@ -151,10 +151,11 @@ static int parse_opts(int argc, char **argv, prf_opts *o, char *err, size_t errl
     return 0;
 }
 
-static void peak(const fwd_state *fs, prf_run *r)
+static void peak(fwd_state *fs, prf_run *r)
 {
     kvc_stats st;
-    fwd_kv_stats(fs, &st);
+    if (fwd_kv_stats(fs, &st, NULL, 0) < 0)
+        memset(&st, 0, sizeof st);
     if (st.bytes_total > r->kv_peak)
         r->kv_peak = st.bytes_total;
     r->bits = kvc_stats_bits(&st);
