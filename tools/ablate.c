@@ -68,6 +68,7 @@ typedef struct {
 typedef struct {
     const char *model, *text, *out, *start;
     long ctx, windows, decode, threads, max_cells;
+    bk_device device;
     int oat, no_timing, no_quality, no_compare, dry_run, quiet;
     cfg_kv base;
     abl_axis axes[ABL_MAX_AXES];
@@ -131,6 +132,7 @@ static void usage(FILE *f)
         "      --max-cells N     refuse sweeps of more cells (default 1000)\n"
         "      --dry-run         list the cells (done / to run) and exit\n"
         "  -t, --threads N       threads (default: online CPUs)\n"
+        "      --device cpu|cuda where the forward pass runs (default cpu)\n"
         "  -q, --quiet           no progress on stderr\n");
 }
 
@@ -297,7 +299,8 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
                     break;
                 }
             }
-            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, &o->device,
+                             err, errlen) < 0)
                 return -1;
             break;
         }
@@ -318,7 +321,8 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
         case 'q': o->quiet = 1; break;
         case 'h': return 1;
         default:
-            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, &o->device,
+                             err, errlen) < 0)
                 return -1;
             break;
         }
@@ -560,6 +564,7 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     fp.n_ctx = c->ctx;
     fp.max_batch = c->kv.chunk_size;
     fp.n_threads = (int32_t)o->threads;
+    fp.device = o->device;
     fp.kv = c->kv;
     fwd_state *fs = NULL;
     if (fwd_create(m, &fp, &fs, err, errlen) < 0)
@@ -765,7 +770,7 @@ static int run_cell(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     if (!o->no_quality) {
         eval_params ep = {
             .n_ctx = c->ctx, .n_windows = (int32_t)o->windows,
-            .n_threads = (int32_t)o->threads, .compare = !o->no_compare, .kv = c->kv,
+            .n_threads = (int32_t)o->threads, .device = (int)o->device, .compare = !o->no_compare, .kv = c->kv,
             .progress = eval_cb, .progress_ctx = P,
         };
         double t0 = cli_now_s();
