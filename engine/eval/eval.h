@@ -22,7 +22,7 @@ typedef struct {
     int32_t n_windows;  /* windows evaluated (consecutive, non-overlapping) */
     int32_t n_threads;  /* <= 0: online CPUs */
     int use_ref;        /* reference kernels (slow; tests) */
-    int device;         /* bk_device (engine/backend.h): 0 = CPU, 1 = CUDA */
+    int device;         /* bk_device (engine/backend/backend.h): 0 = CPU, 1 = CUDA */
     int compare;        /* 1: run the FP16 reference beside (KLD, top-1) */
     cfg_kv kv;          /* configuration under test */
     /* progress callback, called after every chunk (may be NULL) */
