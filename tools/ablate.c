@@ -68,6 +68,7 @@ typedef struct {
 typedef struct {
     const char *model, *text, *out, *start;
     long ctx, windows, decode, threads, max_cells;
+    bk_device device;
     int oat, no_timing, no_quality, no_compare, dry_run, quiet;
     cfg_kv base;
     abl_axis axes[ABL_MAX_AXES];
@@ -131,6 +132,7 @@ static void usage(FILE *f)
         "      --max-cells N     refuse sweeps of more cells (default 1000)\n"
         "      --dry-run         list the cells (done / to run) and exit\n"
         "  -t, --threads N       threads (default: online CPUs)\n"
+        "      --device cpu|cuda where the forward pass runs (default cpu)\n"
         "  -q, --quiet           no progress on stderr\n");
 }
 
@@ -297,7 +299,8 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
                     break;
                 }
             }
-            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, &o->device,
+                             err, errlen) < 0)
                 return -1;
             break;
         }
@@ -318,7 +321,8 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
         case 'q': o->quiet = 1; break;
         case 'h': return 1;
         default:
-            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, &o->device,
+                             err, errlen) < 0)
                 return -1;
             break;
         }
@@ -542,11 +546,10 @@ static double cell_units(const abl_opts *o, const abl_cell *c, double *eval_unit
     return q + (o->no_timing ? 0 : (double)c->ctx);
 }
 
-static void peak_update(const fwd_state *fs, abl_res *r)
+static void peak_update(fwd_state *fs, abl_res *r)
 {
     kvc_stats st;
-    fwd_kv_stats(fs, &st);
-    if (st.bytes_total > r->kv_peak)
+    if (fwd_kv_stats(fs, &st, NULL, 0) == 0 && st.bytes_total > r->kv_peak)
         r->kv_peak = st.bytes_total;
 }
 
@@ -561,6 +564,7 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     fp.n_ctx = c->ctx;
     fp.max_batch = c->kv.chunk_size;
     fp.n_threads = (int32_t)o->threads;
+    fp.device = o->device;
     fp.kv = c->kv;
     fwd_state *fs = NULL;
     if (fwd_create(m, &fp, &fs, err, errlen) < 0)
@@ -577,11 +581,11 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
         if (fwd_eval(fs, tok + pos, len, pos, 0, &lg, err, errlen) < 0)
             goto done;
         peak_update(fs, r);
-        const kvc_seq *sq = fwd_seq(fs);
-        for (int l = 0; sq && l < L; l++)
+        fwd_seq *sq = fwd_own_seq(fs);
+        for (int l = 0; l < L; l++)
             for (int t = 0; t < 2; t++) {
                 float lo, hi;
-                if (kvc_seq_ema(sq, l, t, &lo, &hi) == 0)
+                if (fwd_seq_ema(sq, l, t, &lo, &hi) == 0)
                     lkq_sb_printf(ema, "%s,\"%s\",%d,%d,%s,%.6g,%.6g,%.6g\n", c->hash, c->label,
                               ch, l, t ? "v" : "k", lo, hi, hi - lo);
             }
@@ -595,7 +599,8 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     r->prefill_s = cli_now_s() - t0;
     r->n_prefill = n_prompt;
     peak_update(fs, r);
-    fwd_kv_stats(fs, &r->kv_after_prefill);
+    if (fwd_kv_stats(fs, &r->kv_after_prefill, err, errlen) < 0)
+        goto done;
     t0 = cli_now_s();
     for (int i = 0; i < (int)o->decode; i++) {
         int pos = n_prompt + i;
@@ -605,10 +610,10 @@ static int timing_run(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     }
     r->decode_s = cli_now_s() - t0;
     r->n_decode = (int)o->decode;
-    const kvc_seq *sq = fwd_seq(fs);
-    for (int l = 0; sq && l < L; l++) {
+    fwd_seq *sq = fwd_own_seq(fs);
+    for (int l = 0; l < L; l++) {
         kvc_layer_counts lc;
-        if (kvc_seq_layer_counts(sq, l, &lc) < 0)
+        if (fwd_seq_layer_counts(sq, l, &lc, NULL, 0) < 0)
             continue;
         double q = lc.n_quantized > 0 ? (double)lc.n_quantized : 1;
         lkq_sb_printf(layers, "%s,\"%s\",%d,%lld,%lld,%lld,%lld,%.6g,%.6g\n", c->hash, c->label,
@@ -765,7 +770,7 @@ static int run_cell(const abl_opts *o, const mdl_model *m, const abl_cell *c,
     if (!o->no_quality) {
         eval_params ep = {
             .n_ctx = c->ctx, .n_windows = (int32_t)o->windows,
-            .n_threads = (int32_t)o->threads, .compare = !o->no_compare, .kv = c->kv,
+            .n_threads = (int32_t)o->threads, .device = (int)o->device, .compare = !o->no_compare, .kv = c->kv,
             .progress = eval_cb, .progress_ctx = P,
         };
         double t0 = cli_now_s();

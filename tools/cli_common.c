@@ -304,6 +304,7 @@ void cli_eval_opts(const struct option *base, int nb, struct option *opts, int c
         {"set", required_argument, 0, CLI_OPT_SET},
         {"config", required_argument, 0, CLI_OPT_CONFIG},
         {"start", required_argument, 0, CLI_OPT_START},
+        {"device", required_argument, 0, CLI_OPT_DEVICE},
     };
     int n = 0;
     for (int i = 0; i < nb && n + 1 < cap; i++)
@@ -314,6 +315,7 @@ void cli_eval_opts(const struct option *base, int nb, struct option *opts, int c
 }
 
 int cli_eval_opt(int c, const char *arg, char **argv, cfg_kv *kv, const char **start,
+                 bk_device *device,
                  char *err, size_t errlen)
 {
     char lerr[256];
@@ -328,6 +330,12 @@ int cli_eval_opt(int c, const char *arg, char **argv, cfg_kv *kv, const char **s
         return cfg_kv_load_file(kv, arg, err, errlen) < 0 ? -1 : 0;
     case CLI_OPT_START:
         *start = arg;
+        return 0;
+    case CLI_OPT_DEVICE:
+        if (bk_parse_device(arg, device) < 0) {
+            snprintf(err, errlen, "--device expects cpu or cuda, got '%s'", arg);
+            return -1;
+        }
         return 0;
     case ':':
         snprintf(err, errlen, "option '%s' needs a value", argv[optind - 1]);

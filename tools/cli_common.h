@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "config/kvq_config.h"
+#include "engine/backend/backend.h"
 #include "engine/model/model.h"
 
 /* Monotonic clock, seconds. */
@@ -66,12 +67,13 @@ enum {
     CLI_OPT_SET = 400, /* --set K=V       a cache knob */
     CLI_OPT_CONFIG,    /* --config FILE   cache knobs from a file */
     CLI_OPT_START,     /* --start TEXT    where the text starts */
+    CLI_OPT_DEVICE,    /* --device cpu|cuda where the forward pass runs */
     CLI_OPT_KV = 512,  /* --knob-name V   + index into cfg_kv_keys */
 };
 
 /* Builds a command's long-option table: base[0..nb) plus --model (-m),
  * --file (-f), --threads (-t), --help (-h) (the command handles those four),
- * --set, --config, --start and one --knob-name flag per cache knob (names:
+ * --set, --config, --start, --device and one --knob-name flag per cache knob (names:
  * caller storage of 32 entries). opts needs room for nb + 40 entries. */
 void cli_eval_opts(const struct option *base, int nb, struct option *opts, int cap,
                    char names[][32]);
@@ -81,6 +83,7 @@ void cli_eval_opts(const struct option *base, int nb, struct option *opts, int c
  * "needs a value" / "unknown option" cases. Returns 0, or -1 with one line
  * in err. */
 int cli_eval_opt(int c, const char *arg, char **argv, cfg_kv *kv, const char **start,
+                 bk_device *device,
                  char *err, size_t errlen);
 
 /* "--kv-cache fp16,int4": up to two distinct modes, each base with the mode

@@ -282,7 +282,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     char err[512];
     int rc = -1;
     int32_t *ids = NULL, *hist = NULL;
-    bk_state *fs = NULL;
+    fwd_state *fs = NULL;
     smp_sampler *smp = NULL;
     char *chat_buf = NULL;
     int add_bos = o->no_bos ? 0 : tok_default_add_bos(m->tok);
@@ -346,7 +346,8 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     fp.max_batch = (int32_t)o->n_batch;
     fp.use_ref = o->ref;
     fp.kv = o->kv;
-    if (bk_create(m, &fp, o->device, &fs, err, sizeof err) < 0) {
+    fp.device = o->device;
+    if (fwd_create(m, &fp, &fs, err, sizeof err) < 0) {
         fprintf(stderr, "livekvq: %s\n", err);
         goto done;
     }
@@ -365,7 +366,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
     }
     const float *logits;
     double t0 = now_s();
-    if (bk_eval(fs, ids, n_prompt, 0, 0, &logits, err, sizeof err) < 0) {
+    if (fwd_eval(fs, ids, n_prompt, 0, 0, &logits, err, sizeof err) < 0) {
         fprintf(stderr, "livekvq: %s\n", err);
         goto done;
     }
@@ -387,7 +388,7 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
         n_gen++;
         if (n_gen >= n_predict || pos + 1 >= n_ctx)
             break;
-        if (bk_eval(fs, &next, 1, pos, 0, &logits, err, sizeof err) < 0) {
+        if (fwd_eval(fs, &next, 1, pos, 0, &logits, err, sizeof err) < 0) {
             fprintf(stderr, "\nlivekvq: %s\n", err);
             goto done;
         }
@@ -404,14 +405,14 @@ static int generate_one(const cli_opts *o, const mdl_model *m, const char *text,
                 "tokens in %.3f s (%.1f tok/s); %s\n",
                 n_prompt, t_prompt, n_prompt / (t_prompt > 0 ? t_prompt : 1e-9),
                 n_gen, t_gen, n_gen > 0 ? n_gen / (t_gen > 0 ? t_gen : 1e-9) : 0.0,
-                bk_describe(fs));
+                fwd_describe(fs));
     rc = 0;
 done:
     free(ids);
     free(hist);
     free(chat_buf);
     smp_destroy(smp);
-    bk_destroy(fs);
+    fwd_destroy(fs);
     return rc;
 }
 

@@ -47,6 +47,7 @@ typedef struct {
     cfg_kv modes[2];
     int n_modes;
     long trials, n_predict, threads;
+    bk_device device;
     unsigned long long seed;
     ndl_variant variant;
     int chat, dump, dry_run, quiet;
@@ -400,6 +401,7 @@ static void usage(FILE *f)
         "      --dump-prompts    write each prompt to DIR/prompts/\n"
         "      --dry-run         build (and dump) the prompts, run nothing\n"
         "  -t, --threads N       threads (default: online CPUs)\n"
+        "      --device cpu|cuda where the forward pass runs (default cpu)\n"
         "  -q, --quiet           no progress on stderr\n");
 }
 
@@ -516,7 +518,8 @@ static int parse_opts(int argc, char **argv, ndl_opts *o, char *err, size_t errl
         case 'q': o->quiet = 1; break;
         case 'h': return 1;
         default:
-            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, &o->device,
+                             err, errlen) < 0)
                 return -1;
             break;
         }
@@ -931,6 +934,7 @@ int ndl_main(int argc, char **argv)
                         fwd_params fp = fwd_default_params();
                         fp.n_ctx = L;
                         fp.n_threads = (int32_t)o->threads;
+                        fp.device = o->device;
                         fp.max_batch = o->modes[mi].chunk_size;
                         fp.kv = o->modes[mi];
                         if (fwd_create(m, &fp, &fs[mi], err, sizeof err) < 0) {

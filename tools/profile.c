@@ -31,6 +31,7 @@
 typedef struct {
     const char *model, *text, *prompt, *start;
     long ctx, n_decode, threads;
+    bk_device device;
     float temp;
     unsigned long long seed;
     cfg_kv modes[2];
@@ -67,7 +68,8 @@ static void usage(FILE *f)
         "  -s, --seed S          sampler seed (default 1)\n"
         "      --json            one JSON line per mode at the end of stdout\n"
         "      --set K=V, --config FILE, --knob-name flags: cache knobs\n"
-        "  -t, --threads N       threads (default: online CPUs)\n");
+        "  -t, --threads N       threads (default: online CPUs)\n"
+        "      --device cpu|cuda where the forward pass runs (default cpu)\n");
 }
 
 enum { P_KVC = 256, P_TEMP, P_JSON };
@@ -126,7 +128,8 @@ static int parse_opts(int argc, char **argv, prf_opts *o, char *err, size_t errl
         case P_JSON: o->json = 1; break;
         case 'h': return 1;
         default:
-            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, err, errlen) < 0)
+            if (cli_eval_opt(c, optarg, argv, &o->base, &o->start, &o->device,
+                             err, errlen) < 0)
                 return -1;
             break;
         }
@@ -151,10 +154,11 @@ static int parse_opts(int argc, char **argv, prf_opts *o, char *err, size_t errl
     return 0;
 }
 
-static void peak(const fwd_state *fs, prf_run *r)
+static void peak(fwd_state *fs, prf_run *r)
 {
     kvc_stats st;
-    fwd_kv_stats(fs, &st);
+    if (fwd_kv_stats(fs, &st, NULL, 0) < 0)
+        memset(&st, 0, sizeof st);
     if (st.bytes_total > r->kv_peak)
         r->kv_peak = st.bytes_total;
     r->bits = kvc_stats_bits(&st);
@@ -170,6 +174,7 @@ static int profile_mode(const prf_opts *o, const mdl_model *m, const cfg_kv *kv,
     fp.n_ctx = n_prompt + (int)o->n_decode + 1;
     fp.max_batch = kv->chunk_size;
     fp.n_threads = (int32_t)o->threads;
+    fp.device = o->device;
     fp.kv = *kv;
     fwd_state *fs = NULL;
     smp_sampler *smp = NULL;

@@ -40,7 +40,7 @@ static int log_softmax(const float *x, float *out, int V)
 }
 
 static int make_state(const mdl_model *m, const eval_params *p, const cfg_kv *kv,
-                      bk_state **out, char *err, size_t errlen)
+                      fwd_state **out, char *err, size_t errlen)
 {
     fwd_params fp = fwd_default_params();
     fp.n_ctx = p->n_ctx;
@@ -49,7 +49,8 @@ static int make_state(const mdl_model *m, const eval_params *p, const cfg_kv *kv
     fp.logits_all = 1;
     fp.use_ref = p->use_ref;
     fp.kv = *kv;
-    return bk_create(m, &fp, (bk_device)p->device, out, err, errlen);
+    fp.device = (bk_device)p->device;
+    return fwd_create(m, &fp, out, err, errlen);
 }
 
 int eval_perplexity(const mdl_model *m, const int32_t *tokens, int64_t n_tokens,
@@ -75,7 +76,7 @@ int eval_perplexity(const mdl_model *m, const int32_t *tokens, int64_t n_tokens,
     int compare = p->compare && p->kv.mode != CFG_KV_FP16;
     cfg_kv ref_kv = p->kv;
     ref_kv.mode = CFG_KV_FP16;
-    bk_state *test = NULL, *ref = NULL;
+    fwd_state *test = NULL, *ref = NULL;
     float *lp_ref = NULL, *lp = NULL;
     int rc = -1;
     const int C = p->kv.chunk_size;
@@ -104,14 +105,14 @@ int eval_perplexity(const mdl_model *m, const int32_t *tokens, int64_t n_tokens,
             const float *lg;
             double ta = now_s();
             if (compare) {
-                if (bk_eval(ref, win + pos, len, pos, 1, &lg, err, errlen) < 0)
+                if (fwd_eval(ref, win + pos, len, pos, 1, &lg, err, errlen) < 0)
                     goto fail;
                 r->t_ref_s += now_s() - ta;
                 for (int i = 0; i < len; i++)
                     am_ref[i] = log_softmax(lg + (size_t)i * V, lp_ref + (size_t)i * V, V);
                 ta = now_s();
             }
-            if (bk_eval(test, win + pos, len, pos, 1, &lg, err, errlen) < 0)
+            if (fwd_eval(test, win + pos, len, pos, 1, &lg, err, errlen) < 0)
                 goto fail;
             r->t_test_s += now_s() - ta;
             for (int i = 0; i < len; i++) {
@@ -141,7 +142,7 @@ int eval_perplexity(const mdl_model *m, const int32_t *tokens, int64_t n_tokens,
                             exp(nll / (double)(n ? n : 1)), kld / (double)(n ? n : 1),
                             now_s() - t0);
         }
-        if (bk_finish_prefill(test, err, errlen) < 0 || bk_kv_stats(test, &r->kv, err, errlen) < 0)
+        if (fwd_finish_prefill(test, err, errlen) < 0 || fwd_kv_stats(test, &r->kv, err, errlen) < 0)
             goto fail;
     }
     r->n_scored = n;
@@ -157,7 +158,7 @@ fail:
 done:
     free(lp_ref);
     free(lp);
-    bk_destroy(test);
-    bk_destroy(ref);
+    fwd_destroy(test);
+    fwd_destroy(ref);
     return rc;
 }

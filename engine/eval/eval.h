@@ -2,6 +2,7 @@
  * eval.h - quality evaluation of a KV cache configuration on real text:
  * perplexity, mean KL divergence to the FP16-cache run, top-1 agreement,
  * and the cache's exact memory (bits per element all-in).
+ * Room: engine/eval. May call: engine/graph (fwd_* on any device).
  *
  * The text (already tokenized) is cut into windows of n_ctx tokens; each
  * window is prefilled chunk by chunk in two states side by side, the FP16
@@ -22,7 +23,7 @@ typedef struct {
     int32_t n_windows;  /* windows evaluated (consecutive, non-overlapping) */
     int32_t n_threads;  /* <= 0: online CPUs */
     int use_ref;        /* reference kernels (slow; tests) */
-    int device;         /* bk_device (engine/backend.h): 0 = CPU, 1 = CUDA */
+    int device;         /* bk_device (engine/backend/backend.h): 0 = CPU, 1 = CUDA */
     int compare;        /* 1: run the FP16 reference beside (KLD, top-1) */
     cfg_kv kv;          /* configuration under test */
     /* progress callback, called after every chunk (may be NULL) */

@@ -1,79 +1,117 @@
 /*
- * forward.c - Llama forward pass on the CPU (see forward.h).
+ * forward.c - the one layer graph (see forward.h): the layer sequence of
+ * every architecture, written once over the model descriptor
+ * (engine/model/model.h) and a backend's op table (engine/backend/
+ * backend.h). It decides what runs (which ops, on which rows, in which
+ * chunks, with which KV reservations); the backend decides how. Nothing
+ * here knows which device it drives.
  *
  * Shapes (B = tokens in this step, D = dim, Q = n_heads*head_dim,
  * KV = n_kv_heads*head_dim, H = hidden_dim, V = n_vocab):
- *   x [B, D] residual stream; xb [B, D] normed input; q [B, Q];
- *   k, v [B, KV]; att [B, Q]; hb, hb2 [B, H]; logits [B or 1, V].
- *   KV cache: kc, vc [n_layers][n_ctx][KV] fp16, K stored after RoPE.
- * Threading: matmuls and attention run on the state's kcpu_pool; the small
- * per-token ops (norms, RoPE, SwiGLU) run on the calling thread.
+ *   x [B, D] residual stream; xb [B, max(D, Q)] normed input; xb2 [B, D];
+ *   q [B, Q]; k, v [B, KV]; att [B, Q]; hb, hb2 [B, H]; logits [R, V]
+ *   (R = logit rows). All in backend memory; the logits are read back to
+ *   the host (a view when the backend's memory is host memory).
+ * A step is one or more slices (one per sequence) of consecutive rows.
+ *
+ * May call: engine/backend (the op table), engine/kv (plan estimate,
+ * accounting types), engine/model (the descriptor). Threading: one thread
+ * at a time per state.
  */
 #include "engine/graph/forward.h"
 
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "kernels/cpu/kcpu.h"
-#include "kernels/ref/kref.h"
-
-/* One sequence's slice of a batched step. */
+/* A layer's weights as the backend holds them. */
 typedef struct {
-    kvc_seq *seq;
-    int off;  /* first row of the step's activations */
-    int n;    /* tokens */
-    int pos0; /* position of the first token */
-} fwd_slice;
+    float *attn_norm, *ffn_norm, *post_attn_norm, *post_ffn_norm;
+    float *bq, *bk, *bv, *q_norm, *k_norm;
+    bk_weight *wq, *wk, *wv, *wo, *gate, *down, *up;
+    int32_t window;
+    float rope_theta;
+} gr_layer;
+
+struct fwd_seq {
+    fwd_state *s;
+    void *b; /* the backend's sequence */
+};
 
 struct fwd_state {
-    const mdl_model *m;
+    const bk_ops *ops;
+    void *be;
+    mdl_hparams hp;
     fwd_params p;
-    kcpu_pool *pool;
-    float *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *logits;
-    int logit_rows;     /* rows of logits */
-    int32_t *tok_buf;   /* [max_batch] the step's tokens, all sequences */
-    fwd_slice *slices;  /* [max_batch] */
-    int *head_rows;     /* [max_batch] rows that get logits */
+    int logit_rows;
+    /* weights */
+    bk_weight *tok_embd, *output;
+    float *out_norm, *rope_freqs;
+    gr_layer *layers;
+    /* activations (backend memory) */
+    float *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *logits_b;
+    float *logits; /* host [logit_rows][V] (= logits_b on a host-memory backend) */
+    int32_t *tok_buf;  /* [max_batch] the step's tokens, all sequences */
+    bk_slice *slices;  /* [max_seqs] */
+    int *head_rows;    /* [logit_rows] rows that get logits */
+    fwd_seq *own;
     fwd_profile prof;
-    kvc_pool *kvp;
-    kvc_seq *seq;
-    kvs_seg *segs;      /* [max segments + 1] */
-    int cap_segs;
-    void *ws_mm;
-    void *ws_attn;
-    float *ref_scratch; /* kref_attn_seg scratch (use_ref only) */
-    size_t ref_scratch_floats;
 };
+
+static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return rc;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 fwd_params fwd_default_params(void)
 {
-    fwd_params p = {.n_ctx = 0, .max_batch = 512, .n_threads = 0,
-                    .logits_all = 0, .use_ref = 0, .max_seqs = 1,
+    fwd_params p = {.n_ctx = 0, .max_batch = 512, .n_threads = 0, .logits_all = 0,
+                    .use_ref = 0, .max_seqs = 1, .device = BK_DEVICE_CPU, .device_index = 0,
                     .kv = cfg_kv_default()};
     return p;
 }
 
-static size_t mm_scratch(const mdl_weight *w, int n_tok)
+/* ---- creation ---------------------------------------------------------------------- */
+
+/* The descriptor's shape, checked before anything is allocated. */
+static int check_shape(const mdl_hparams *hp, char *err, size_t errlen)
 {
-    return kcpu_matmul_scratch_bytes(w->type, (int)w->n_cols, n_tok);
+    if (hp->n_layers <= 0 || hp->dim <= 0 || hp->n_heads <= 0 || hp->n_kv_heads <= 0 ||
+        hp->head_dim <= 0 || hp->hidden_dim <= 0 || hp->n_vocab <= 0)
+        return fail(err, errlen, -EINVAL, "model shape has a non-positive dimension");
+    if (hp->n_heads % hp->n_kv_heads)
+        return fail(err, errlen, -EINVAL, "head_count %d is not a multiple of head_count_kv %d",
+                    hp->n_heads, hp->n_kv_heads);
+    if (hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2)
+        return fail(err, errlen, -EINVAL, "rope dimension %d does not fit head_dim %d",
+                    hp->n_rot, hp->head_dim);
+    if (hp->act != MDL_ACT_SILU && hp->act != MDL_ACT_GELU_TANH)
+        return fail(err, errlen, -EINVAL, "unknown activation %d", (int)hp->act);
+    return 0;
 }
 
-static size_t max_sz(size_t a, size_t b)
+/* Plans the parameters: defaults, the step size a single sequence allows. */
+static fwd_params plan_params(const mdl_hparams *hp, const fwd_params *pp)
 {
-    return a > b ? a : b;
-}
-
-int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out,
-               char *err, size_t errlen)
-{
-    *out = NULL;
     fwd_params p = pp ? *pp : fwd_default_params();
-    const mdl_hparams *hp = &m->hp;
     if (p.n_ctx <= 0)
         p.n_ctx = hp->n_ctx_train > 0 ? hp->n_ctx_train : 2048;
     if (p.max_batch <= 0)
@@ -92,120 +130,239 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out,
     }
     if (p.n_threads > 256)
         p.n_threads = 256;
+    return p;
+}
 
+/* Everything but the weights: backend instance, activations, KV pool, the
+ * state's own sequence. */
+static int create_common(const mdl_hparams *hp, const fwd_params *pp, fwd_state **out,
+                         char *err, size_t errlen)
+{
+    *out = NULL;
+    int rc = check_shape(hp, err, errlen);
+    if (rc < 0)
+        return rc;
+    fwd_params p = plan_params(hp, pp);
+    const bk_ops *ops = bk_find(p.device, err, errlen);
+    if (!ops)
+        return -ENODEV;
     fwd_state *s = calloc(1, sizeof *s);
     if (!s)
-        goto oom;
-    s->m = m;
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    s->ops = ops;
+    s->hp = *hp;
     s->p = p;
-    const size_t B = (size_t)p.max_batch;
-    const size_t D = (size_t)hp->dim, H = (size_t)hp->hidden_dim;
-    const size_t Q = (size_t)hp->n_heads * (size_t)hp->head_dim;
-    const size_t KV = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
-    const size_t V = (size_t)hp->n_vocab;
-    s->x = malloc(B * D * sizeof(float));
-    s->xb = malloc(B * max_sz(D, Q) * sizeof(float));
-    s->xb2 = malloc(B * D * sizeof(float));
-    s->q = malloc(B * Q * sizeof(float));
-    s->k = malloc(B * KV * sizeof(float));
-    s->v = malloc(B * KV * sizeof(float));
-    s->att = malloc(B * Q * sizeof(float));
-    s->hb = malloc(B * H * sizeof(float));
-    s->hb2 = malloc(B * H * sizeof(float));
     s->logit_rows = p.logits_all ? p.max_batch : 1;
     if (s->logit_rows < p.max_seqs)
         s->logit_rows = p.max_seqs < p.max_batch ? p.max_seqs : p.max_batch;
-    s->logits = malloc((size_t)s->logit_rows * V * sizeof(float));
-    s->tok_buf = malloc(B * sizeof *s->tok_buf);
-    s->slices = malloc(B * sizeof *s->slices);
-    s->head_rows = malloc(B * sizeof *s->head_rows);
-    if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att ||
-        !s->hb || !s->hb2 || !s->logits || !s->tok_buf || !s->slices || !s->head_rows)
-        goto oom;
-
-    /* KV pool sized for this one sequence (or the configured budget) */
+    bk_config bc = {hp, p.max_batch, p.max_seqs, s->logit_rows, p.n_ctx, p.n_threads,
+                    p.use_ref, p.device_index};
+    rc = ops->create(&bc, &s->be, err, errlen);
+    if (rc < 0) {
+        s->be = NULL;
+        fwd_destroy(s);
+        return rc;
+    }
+    const size_t B = (size_t)p.max_batch, D = (size_t)hp->dim, H = (size_t)hp->hidden_dim;
+    const size_t Q = (size_t)hp->n_heads * (size_t)hp->head_dim;
+    const size_t KV = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
+    const size_t V = (size_t)hp->n_vocab;
+    struct {
+        float **dst;
+        size_t n;
+    } bufs[] = {{&s->x, B * D},  {&s->xb, B * (D > Q ? D : Q)}, {&s->xb2, B * D},
+                {&s->q, B * Q},  {&s->k, B * KV},  {&s->v, B * KV}, {&s->att, B * Q},
+                {&s->hb, B * H}, {&s->hb2, B * H}, {&s->logits_b, (size_t)s->logit_rows * V}};
+    for (size_t i = 0; rc == 0 && i < sizeof bufs / sizeof bufs[0]; i++)
+        rc = ops->alloc(s->be, bufs[i].n * sizeof(float), (void **)bufs[i].dst, err, errlen);
+    if (rc == 0) {
+        s->logits = ops->host_memory ? s->logits_b
+                                     : malloc((size_t)s->logit_rows * V * sizeof(float));
+        s->tok_buf = malloc(B * sizeof *s->tok_buf);
+        s->slices = malloc((size_t)p.max_seqs * sizeof *s->slices);
+        s->head_rows = malloc((size_t)s->logit_rows * sizeof *s->head_rows);
+        s->layers = calloc((size_t)hp->n_layers, sizeof *s->layers);
+        if (!s->logits || !s->tok_buf || !s->slices || !s->head_rows || !s->layers)
+            rc = fail(err, errlen, -ENOMEM, "out of memory for the forward state (batch %d)",
+                      p.max_batch);
+    }
+    /* KV pool sized for max_seqs sequences of n_ctx (or the configured budget) */
     kvc_dims kd = {hp->n_layers, (int32_t)KV, hp->head_dim};
     int64_t nq = 0, nf = 0;
-    int rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, p.max_seqs, &nq, &nf, err, errlen);
     if (rc == 0)
-        rc = kvc_pool_create(&p.kv, &kd, nq, nf, &s->kvp, err, errlen);
+        rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, p.max_seqs, &nq, &nf, err, errlen);
     if (rc == 0)
-        rc = kvc_seq_create(s->kvp, p.n_ctx, &s->seq, err, errlen);
+        rc = ops->pool_create(s->be, &p.kv, &kd, nq, nf, err, errlen);
+    if (rc == 0)
+        rc = fwd_seq_create(s, p.n_ctx, &s->own, err, errlen);
     if (rc < 0) {
         fwd_destroy(s);
-        return -1;
-    }
-    s->cap_segs = kvc_max_segments(s->seq) + 1;
-    s->segs = malloc((size_t)s->cap_segs * sizeof *s->segs);
-    if (!s->segs)
-        goto oom;
-    if (p.use_ref) {
-        /* dequantize-then-attend needs the whole history as f32 */
-        s->ref_scratch_floats = ((size_t)p.n_ctx + (size_t)p.kv.block_tokens) * KV * 2 +
-                                (size_t)p.n_ctx + 64;
-        s->ref_scratch = malloc(s->ref_scratch_floats * sizeof(float));
-        if (!s->ref_scratch)
-            goto oom;
-    }
-
-    size_t ws = mm_scratch(&m->output, (int)B);
-    ws = max_sz(ws, mm_scratch(&m->tok_embd, (int)B));
-    for (int l = 0; l < hp->n_layers; l++) {
-        const mdl_layer *L = &m->layers[l];
-        const mdl_weight *ws_list[] = {&L->wq, &L->wk, &L->wv, &L->wo,
-                                       &L->ffn_gate, &L->ffn_down, &L->ffn_up};
-        for (size_t i = 0; i < sizeof ws_list / sizeof ws_list[0]; i++)
-            ws = max_sz(ws, mm_scratch(ws_list[i], (int)B));
-    }
-    s->ws_mm = malloc(ws > 0 ? ws : 1);
-    s->ws_attn = malloc(max_sz(kcpu_attn_seg_scratch_bytes(p.n_threads,
-                                                           kvc_pool_layout(s->kvp),
-                                                           hp->head_dim), 1));
-    if (!s->ws_mm || !s->ws_attn)
-        goto oom;
-    if (kcpu_pool_create(p.n_threads, &s->pool) < 0) {
-        if (err && errlen)
-            snprintf(err, errlen, "cannot start %d worker threads", p.n_threads);
-        fwd_destroy(s);
-        return -1;
+        return rc < 0 ? rc : -EINVAL;
     }
     *out = s;
     return 0;
-oom:
-    fwd_destroy(s);
-    if (err && errlen)
-        snprintf(err, errlen,
-                 "out of memory allocating the forward state (n_ctx %d, batch %d)",
-                 p.n_ctx, p.max_batch);
-    return -1;
+}
+
+static int up_w(fwd_state *s, const mdl_weight *w, bk_weight **out, char *err, size_t errlen)
+{
+    return s->ops->upload_weight(s->be, w, out, err, errlen);
+}
+
+/* An optional vector (NULL stays NULL). */
+static int up_v(fwd_state *s, const float *v, size_t n, float **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    return v ? s->ops->upload_vector(s->be, v, n, out, err, errlen) : 0;
+}
+
+/* Checks that the vectors a feature needs are there (a loader bug or an
+ * incomplete file must not reach the backend as a NULL pointer). */
+static int check_layer(const mdl_hparams *hp, const mdl_layer *L, int l, char *err,
+                       size_t errlen)
+{
+    if (!L->attn_norm || !L->ffn_norm)
+        return fail(err, errlen, -EINVAL, "layer %d lacks its norms", l);
+    if (hp->qkv_bias && (!L->bq || !L->bk || !L->bv))
+        return fail(err, errlen, -EINVAL, "layer %d lacks the Q/K/V biases", l);
+    if (hp->qk_norm && (!L->q_norm || !L->k_norm))
+        return fail(err, errlen, -EINVAL, "layer %d lacks the Q/K norms", l);
+    if (hp->sandwich_norm && (!L->post_attn_norm || !L->post_ffn_norm))
+        return fail(err, errlen, -EINVAL, "layer %d lacks the post-attention/FFN norms", l);
+    return 0;
+}
+
+int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out, char *err,
+               size_t errlen)
+{
+    fwd_state *s;
+    int rc = create_common(&m->hp, pp, &s, err, errlen);
+    if (rc < 0)
+        return rc;
+    const mdl_hparams *hp = &m->hp;
+    const size_t D = (size_t)hp->dim, hd = (size_t)hp->head_dim;
+    const size_t Q = (size_t)hp->n_heads * hd, KV = (size_t)hp->n_kv_heads * hd;
+    rc = up_w(s, &m->tok_embd, &s->tok_embd, err, errlen);
+    if (rc == 0)
+        rc = up_w(s, &m->output, &s->output, err, errlen);
+    if (rc == 0)
+        rc = up_v(s, m->out_norm, D, &s->out_norm, err, errlen);
+    if (rc == 0 && hp->rope_scaling == MDL_ROPE_SCALE_LLAMA3 && !m->rope_freqs)
+        rc = fail(err, errlen, -EINVAL, "llama3 rope scaling without rope_freqs");
+    if (rc == 0)
+        rc = up_v(s, m->rope_freqs, (size_t)hp->n_rot / 2, &s->rope_freqs, err, errlen);
+    for (int l = 0; rc == 0 && l < hp->n_layers; l++) {
+        const mdl_layer *L = &m->layers[l];
+        gr_layer *G = &s->layers[l];
+        rc = check_layer(hp, L, l, err, errlen);
+        if (rc == 0)
+            rc = up_w(s, &L->wq, &G->wq, err, errlen);
+        if (rc == 0)
+            rc = up_w(s, &L->wk, &G->wk, err, errlen);
+        if (rc == 0)
+            rc = up_w(s, &L->wv, &G->wv, err, errlen);
+        if (rc == 0)
+            rc = up_w(s, &L->wo, &G->wo, err, errlen);
+        if (rc == 0)
+            rc = up_w(s, &L->ffn_gate, &G->gate, err, errlen);
+        if (rc == 0)
+            rc = up_w(s, &L->ffn_down, &G->down, err, errlen);
+        if (rc == 0)
+            rc = up_w(s, &L->ffn_up, &G->up, err, errlen);
+        if (rc == 0)
+            rc = up_v(s, L->attn_norm, D, &G->attn_norm, err, errlen);
+        if (rc == 0)
+            rc = up_v(s, L->ffn_norm, D, &G->ffn_norm, err, errlen);
+        if (rc == 0 && hp->sandwich_norm)
+            rc = up_v(s, L->post_attn_norm, D, &G->post_attn_norm, err, errlen);
+        if (rc == 0 && hp->sandwich_norm)
+            rc = up_v(s, L->post_ffn_norm, D, &G->post_ffn_norm, err, errlen);
+        if (rc == 0 && hp->qkv_bias)
+            rc = up_v(s, L->bq, Q, &G->bq, err, errlen);
+        if (rc == 0 && hp->qkv_bias)
+            rc = up_v(s, L->bk, KV, &G->bk, err, errlen);
+        if (rc == 0 && hp->qkv_bias)
+            rc = up_v(s, L->bv, KV, &G->bv, err, errlen);
+        if (rc == 0 && hp->qk_norm)
+            rc = up_v(s, L->q_norm, hd, &G->q_norm, err, errlen);
+        if (rc == 0 && hp->qk_norm)
+            rc = up_v(s, L->k_norm, hd, &G->k_norm, err, errlen);
+        G->window = L->window;
+        G->rope_theta = L->rope_theta > 0 ? L->rope_theta : hp->rope_theta;
+    }
+    if (rc < 0) {
+        fwd_destroy(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+int fwd_create_synthetic(const mdl_hparams *hp, kt_type wtype, uint64_t seed,
+                         const fwd_params *pp, fwd_state **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    fwd_params p = pp ? *pp : fwd_default_params();
+    const bk_ops *ops = bk_find(p.device, err, errlen);
+    if (!ops)
+        return -ENODEV;
+    if (!ops->synth_weight || !ops->synth_vector)
+        return fail(err, errlen, -ENOTSUP, "the %s backend has no synthetic weights", ops->name);
+    if (hp->qkv_bias || hp->qk_norm || hp->sandwich_norm ||
+        hp->rope_scaling == MDL_ROPE_SCALE_LLAMA3)
+        return fail(err, errlen, -ENOTSUP, "synthetic models are plain Llama shapes");
+    fwd_state *s;
+    int rc = create_common(hp, &p, &s, err, errlen);
+    if (rc < 0)
+        return rc;
+    const int D = hp->dim, H = hp->hidden_dim, V = hp->n_vocab;
+    const int Q = hp->n_heads * hp->head_dim, KV = hp->n_kv_heads * hp->head_dim;
+    uint64_t sd = seed;
+    rc = ops->synth_weight(s->be, wtype, V, D, sd++, 1.0f, &s->tok_embd, err, errlen);
+    if (rc == 0)
+        rc = ops->synth_weight(s->be, wtype, V, D, sd++, 0, &s->output, err, errlen);
+    if (rc == 0)
+        rc = ops->synth_vector(s->be, (size_t)D, 1.0f, &s->out_norm, err, errlen);
+    for (int l = 0; rc == 0 && l < hp->n_layers; l++) {
+        gr_layer *G = &s->layers[l];
+        struct {
+            bk_weight **w;
+            int rows, cols;
+        } ws[] = {{&G->wq, Q, D},    {&G->wk, KV, D}, {&G->wv, KV, D}, {&G->wo, D, Q},
+                  {&G->gate, H, D}, {&G->down, D, H}, {&G->up, H, D}};
+        for (size_t i = 0; rc == 0 && i < sizeof ws / sizeof ws[0]; i++)
+            rc = ops->synth_weight(s->be, wtype, ws[i].rows, ws[i].cols, sd++, 0, ws[i].w, err,
+                                   errlen);
+        if (rc == 0)
+            rc = ops->synth_vector(s->be, (size_t)D, 1.0f, &G->attn_norm, err, errlen);
+        if (rc == 0)
+            rc = ops->synth_vector(s->be, (size_t)D, 1.0f, &G->ffn_norm, err, errlen);
+        G->rope_theta = hp->rope_theta;
+    }
+    if (rc < 0) {
+        fwd_destroy(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
 }
 
 void fwd_destroy(fwd_state *s)
 {
     if (!s)
         return;
-    kcpu_pool_destroy(s->pool);
-    kvc_seq_destroy(s->seq);
-    kvc_pool_destroy(s->kvp);
-    free(s->segs);
-    free(s->x);
-    free(s->xb);
-    free(s->xb2);
-    free(s->q);
-    free(s->k);
-    free(s->v);
-    free(s->att);
-    free(s->hb);
-    free(s->hb2);
-    free(s->logits);
+    fwd_seq_destroy(s->own);
+    if (s->ops && !s->ops->host_memory)
+        free(s->logits);
+    if (s->ops)
+        s->ops->destroy(s->be); /* frees activations, weights, the pool */
     free(s->tok_buf);
     free(s->slices);
     free(s->head_rows);
-    free(s->ws_mm);
-    free(s->ws_attn);
-    free(s->ref_scratch);
+    free(s->layers);
     free(s);
 }
+
+/* ---- small accessors ----------------------------------------------------------------- */
 
 int32_t fwd_n_ctx(const fwd_state *s)
 {
@@ -217,260 +374,307 @@ int32_t fwd_n_threads(const fwd_state *s)
     return s->p.n_threads;
 }
 
-size_t fwd_kv_bytes(const fwd_state *s)
+int32_t fwd_max_batch(const fwd_state *s)
+{
+    return s->p.max_batch;
+}
+
+bk_device fwd_device(const fwd_state *s)
+{
+    return s->p.device;
+}
+
+const char *fwd_describe(const fwd_state *s)
+{
+    return s->ops->describe(s->be);
+}
+
+int fwd_ctl(fwd_state *s, int what, void *arg, char *err, size_t errlen)
+{
+    return s->ops->ctl(s->be, what, arg, err, errlen);
+}
+
+const cfg_kv *fwd_kv_cfg(const fwd_state *s)
+{
+    return &s->p.kv;
+}
+
+size_t fwd_kv_bytes(fwd_state *s)
 {
     kvc_stats st;
-    kvc_seq_stats(s->seq, &st);
+    if (fwd_kv_stats(s, &st, NULL, 0) < 0)
+        return 0;
     return (size_t)st.bytes_total;
 }
 
-void fwd_kv_stats(const fwd_state *s, kvc_stats *out)
+int fwd_kv_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen)
 {
-    kvc_seq_stats(s->seq, out);
+    return fwd_seq_stats(s->own, out, err, errlen);
 }
 
-const kvc_seq *fwd_seq(const fwd_state *s)
+fwd_seq *fwd_own_seq(fwd_state *s)
 {
-    return s->seq;
+    return s->own;
+}
+
+void *fwd_seq_backend(fwd_seq *q)
+{
+    return q->b;
 }
 
 void fwd_reset(fwd_state *s)
 {
-    kvc_seq_reset(s->seq);
+    fwd_seq_reset(s->own);
 }
 
 int fwd_finish_prefill(fwd_state *s, char *err, size_t errlen)
 {
-    return kvc_finish_prefill(s->seq, err, errlen);
+    return fwd_seq_finish_prefill(s->own, err, errlen);
 }
 
-/* y [n, w.n_rows] = x [n, w.n_cols] @ w^T */
-static void matmul(fwd_state *s, const mdl_weight *w, const float *x, float *y,
-                   int n)
-{
-    if (s->p.use_ref)
-        kref_matmul(w->type, w->data, x, y, (int)w->n_rows, (int)w->n_cols, n);
-    else
-        kcpu_matmul(s->pool, w->type, w->data, x, y, (int)w->n_rows,
-                    (int)w->n_cols, n, s->ws_mm);
-}
+/* ---- sequences and the pool ------------------------------------------------------------ */
 
-static void rmsnorm(fwd_state *s, float *out, const float *x, const float *w,
-                    int n)
+int fwd_seq_create(fwd_state *s, int max_tokens, fwd_seq **out, char *err, size_t errlen)
 {
-    if (s->p.use_ref)
-        kref_rmsnorm(out, x, w, n, s->m->hp.norm_eps);
-    else
-        kcpu_rmsnorm(out, x, w, n, s->m->hp.norm_eps);
-}
-
-static void rope(fwd_state *s, float *x, int n_heads, int pos)
-{
-    const mdl_hparams *hp = &s->m->hp;
-    if (s->p.use_ref)
-        kref_rope(x, n_heads, hp->head_dim, hp->n_rot, pos, hp->rope_theta,
-                  hp->rope_freq_scale);
-    else
-        kcpu_rope(x, n_heads, hp->head_dim, hp->n_rot, pos, hp->rope_theta,
-                  hp->rope_freq_scale);
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* y [n, w.n_rows] = x [n, w.n_cols] @ w^T, timed as matmul */
-static void matmul_t(fwd_state *s, const mdl_weight *w, const float *x, float *y, int n)
-{
-    double t = now_s();
-    matmul(s, w, x, y, n);
-    s->prof.matmul_s += now_s() - t;
-}
-
-/* Attention for slice c (its n queries at pos0.. of layer l): over the
- * sequence's cached history plus the slice's own exact K/V (an F32
- * segment, causal). */
-static void attention(fwd_state *s, int l, const fwd_slice *c)
-{
-    const mdl_hparams *hp = &s->m->hp;
-    const size_t KV = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
-    const size_t Q = (size_t)hp->n_heads * (size_t)hp->head_dim;
-    const size_t off = (size_t)c->off;
-    int ns = kvc_segments(c->seq, l, s->segs, s->cap_segs - 1);
-    s->segs[ns++] = (kvs_seg){KVS_F32, c->pos0, c->n, s->k + off * KV, s->v + off * KV, KV};
-    const kvq_layout *L = kvc_pool_layout(s->kvp);
-    float scale = 1.0f / sqrtf((float)hp->head_dim);
-    float *att = s->att + off * Q;
-    const float *q = s->q + off * Q;
-    if (s->p.use_ref) {
-        for (int i = 0; i < c->n; i++)
-            kref_attn_seg(att + (size_t)i * Q, q + (size_t)i * Q, c->pos0 + i, s->segs,
-                          ns, L, hp->n_heads, hp->n_kv_heads, hp->head_dim, scale,
-                          s->ref_scratch);
-    } else {
-        kcpu_attn_seg(s->pool, att, q, c->pos0, c->n, s->segs, ns, L, hp->n_heads,
-                      hp->n_kv_heads, hp->head_dim, scale, s->ws_attn);
+    *out = NULL;
+    if (max_tokens > s->p.n_ctx)
+        return fail(err, errlen, -EINVAL, "a sequence of %d positions exceeds n_ctx %d",
+                    max_tokens, s->p.n_ctx);
+    fwd_seq *q = calloc(1, sizeof *q);
+    if (!q)
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    q->s = s;
+    int rc = s->ops->seq_create(s->be, max_tokens, &q->b, err, errlen);
+    if (rc < 0) {
+        free(q);
+        return rc;
     }
+    *out = q;
+    return 0;
 }
 
-/* One step over the n = sum of slice lengths (<= max_batch) tokens in
- * s->tok_buf, n_sl slices (one per sequence, each with an open kvc_begin).
- * Every layer's K/V of each slice is stored into its sequence. Logits of
- * the n_head rows listed in s->head_rows are written to out [n_head, V]. */
-static void step(fwd_state *s, int n, int n_sl, int n_head, float *out)
+void fwd_seq_destroy(fwd_seq *q)
 {
-    const mdl_model *m = s->m;
-    const mdl_hparams *hp = &m->hp;
-    const int D = hp->dim, H = hp->hidden_dim;
-    const size_t Q = (size_t)hp->n_heads * (size_t)hp->head_dim;
-    const size_t KV = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
-    const size_t row = kt_row_bytes(m->tok_embd.type, D);
-    const int32_t *tok = s->tok_buf;
-    double t;
-
-    t = now_s();
-    for (int i = 0; i < n; i++) {
-        const uint8_t *src = (const uint8_t *)m->tok_embd.data + (size_t)tok[i] * row;
-        if (s->p.use_ref)
-            kref_dequant_row(m->tok_embd.type, src, s->x + (size_t)i * D, D);
-        else
-            kcpu_dequant_row(m->tok_embd.type, src, s->x + (size_t)i * D, D);
-    }
-    s->prof.other_s += now_s() - t;
-
-    for (int l = 0; l < hp->n_layers; l++) {
-        const mdl_layer *L = &m->layers[l];
-        t = now_s();
-        for (int i = 0; i < n; i++)
-            rmsnorm(s, s->xb + (size_t)i * D, s->x + (size_t)i * D, L->attn_norm, D);
-        s->prof.other_s += now_s() - t;
-        matmul_t(s, &L->wq, s->xb, s->q, n);
-        matmul_t(s, &L->wk, s->xb, s->k, n);
-        matmul_t(s, &L->wv, s->xb, s->v, n);
-        t = now_s();
-        for (int c = 0; c < n_sl; c++) {
-            const fwd_slice *sl = &s->slices[c];
-            for (int i = 0; i < sl->n; i++) {
-                size_t r = (size_t)(sl->off + i);
-                rope(s, s->q + r * Q, hp->n_heads, sl->pos0 + i);
-                rope(s, s->k + r * KV, hp->n_kv_heads, sl->pos0 + i);
-            }
-        }
-        double t2 = now_s();
-        s->prof.other_s += t2 - t;
-        for (int c = 0; c < n_sl; c++)
-            attention(s, l, &s->slices[c]);
-        t = now_s();
-        s->prof.attn_s += t - t2;
-        for (int c = 0; c < n_sl; c++) {
-            const fwd_slice *sl = &s->slices[c];
-            kvc_store(sl->seq, l, s->k + (size_t)sl->off * KV, s->v + (size_t)sl->off * KV);
-        }
-        t2 = now_s();
-        s->prof.kv_store_s += t2 - t;
-        matmul_t(s, &L->wo, s->att, s->xb2, n);
-        t = now_s();
-        for (size_t i = 0; i < (size_t)n * (size_t)D; i++)
-            s->x[i] += s->xb2[i];
-        for (int i = 0; i < n; i++)
-            rmsnorm(s, s->xb + (size_t)i * D, s->x + (size_t)i * D, L->ffn_norm, D);
-        s->prof.other_s += now_s() - t;
-        matmul_t(s, &L->ffn_gate, s->xb, s->hb, n);
-        matmul_t(s, &L->ffn_up, s->xb, s->hb2, n);
-        t = now_s();
-        for (int i = 0; i < n; i++) {
-            if (s->p.use_ref)
-                kref_swiglu(s->hb + (size_t)i * H, s->hb2 + (size_t)i * H, H);
-            else
-                kcpu_swiglu(s->hb + (size_t)i * H, s->hb2 + (size_t)i * H, H);
-        }
-        s->prof.other_s += now_s() - t;
-        matmul_t(s, &L->ffn_down, s->hb, s->xb2, n);
-        t = now_s();
-        for (size_t i = 0; i < (size_t)n * (size_t)D; i++)
-            s->x[i] += s->xb2[i];
-        s->prof.other_s += now_s() - t;
-    }
-
-    s->prof.steps++;
-    s->prof.tokens += n;
-    if (n_head == 0)
+    if (!q)
         return;
-    t = now_s();
-    for (int i = 0; i < n_head; i++)
-        rmsnorm(s, s->xb + (size_t)i * D, s->x + (size_t)s->head_rows[i] * D,
-                m->out_norm, D);
-    s->prof.other_s += now_s() - t;
-    matmul_t(s, &m->output, s->xb, out, n_head);
+    q->s->ops->seq_destroy(q->b);
+    free(q);
+}
+
+void fwd_seq_reset(fwd_seq *q)
+{
+    q->s->ops->seq_reset(q->b);
+}
+
+int fwd_seq_n_tokens(const fwd_seq *q)
+{
+    return q->s->ops->seq_n_tokens(q->b);
+}
+
+int fwd_seq_stats(fwd_seq *q, kvc_stats *out, char *err, size_t errlen)
+{
+    return q->s->ops->seq_stats(q->b, out, err, errlen);
+}
+
+int fwd_seq_ema(fwd_seq *q, int layer, int tensor, float *lo, float *hi)
+{
+    return q->s->ops->seq_ema(q->b, layer, tensor, lo, hi);
+}
+
+int fwd_seq_warming(const fwd_seq *q)
+{
+    return q->s->ops->seq_warming(q->b);
+}
+
+int fwd_seq_layer_counts(fwd_seq *q, int layer, kvc_layer_counts *out, char *err,
+                         size_t errlen)
+{
+    return q->s->ops->seq_layer_counts(q->b, layer, out, err, errlen);
+}
+
+int fwd_seq_finish_prefill(fwd_seq *q, char *err, size_t errlen)
+{
+    return q->s->ops->seq_finish_prefill(q->b, err, errlen);
+}
+
+int64_t fwd_pool_capacity_bytes(const fwd_state *s)
+{
+    return s->ops->pool_capacity_bytes(s->be);
+}
+
+void fwd_pool_free_units(const fwd_state *s, int64_t *qfree, int64_t *ffree)
+{
+    s->ops->pool_free_units(s->be, qfree, ffree);
+}
+
+void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf)
+{
+    kvc_plan_estimate(&s->p.kv, n, nq, nf);
+}
+
+double fwd_pool_usage(const fwd_state *s)
+{
+    return s->ops->pool_usage(s->be);
+}
+
+int fwd_pool_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen)
+{
+    return s->ops->pool_stats(s->be, out, err, errlen);
+}
+
+/* ---- the layer sequence -------------------------------------------------------------- */
+
+/* Runs an op, adds its wall time to *acc, returns from the caller on error. */
+#define OP(acc, call)                                                                       \
+    do {                                                                                    \
+        double t0_ = now_s();                                                               \
+        int rc_ = (call);                                                                   \
+        (acc) += now_s() - t0_;                                                             \
+        if (rc_ < 0)                                                                        \
+            return rc_;                                                                     \
+    } while (0)
+
+/* One step over the n rows of s->slices[0..n_sl) (tokens in s->tok_buf,
+ * every slice's KV step open): every layer's K/V of each slice is stored
+ * into its sequence. Logits of the n_head rows listed in s->head_rows go
+ * to s->logits_b rows 0 .. n_head-1 (backend memory). */
+static int step(fwd_state *s, int n, int n_sl, int n_head, char *err, size_t errlen)
+{
+    const bk_ops *o = s->ops;
+    void *be = s->be;
+    const mdl_hparams *hp = &s->hp;
+    const int D = hp->dim, H = hp->hidden_dim, hd = hp->head_dim;
+    const int Q = hp->n_heads * hd, KV = hp->n_kv_heads * hd;
+    const float eps = hp->norm_eps;
+    fwd_profile *pr = &s->prof;
+    const bk_step st = {s->tok_buf, n, s->slices, n_sl};
+    const float escale = hp->embd_scale > 0 ? hp->embd_scale : 1.0f;
+    const float ascale = hp->attn_scale > 0 ? hp->attn_scale : 1.0f / sqrtf((float)hd);
+    const float fscale = hp->rope_freq_scale > 0 ? hp->rope_freq_scale : 1.0f;
+
+    OP(pr->other_s, o->step_begin(be, &st, err, errlen));
+    OP(pr->other_s, o->embed(be, s->tok_embd, escale, s->x, err, errlen));
+    for (int l = 0; l < hp->n_layers; l++) {
+        const gr_layer *L = &s->layers[l];
+        const bk_rope rq = {hp->n_heads, hd, hp->n_rot, hp->rope_type == MDL_ROPE_NEOX,
+                            L->rope_theta, fscale, s->rope_freqs};
+        bk_rope rk = rq;
+        rk.n_heads = hp->n_kv_heads;
+        const bk_attn at = {hp->n_heads, hp->n_kv_heads, hd, ascale, L->window};
+
+        /* attention block */
+        OP(pr->other_s, o->rmsnorm(be, s->xb, s->x, L->attn_norm, n, D, eps, err, errlen));
+        OP(pr->matmul_s, o->matmul(be, L->wq, s->xb, s->q, n, err, errlen));
+        OP(pr->matmul_s, o->matmul(be, L->wk, s->xb, s->k, n, err, errlen));
+        OP(pr->matmul_s, o->matmul(be, L->wv, s->xb, s->v, n, err, errlen));
+        if (hp->qkv_bias) {
+            OP(pr->other_s, o->add_bias(be, s->q, L->bq, n, Q, err, errlen));
+            OP(pr->other_s, o->add_bias(be, s->k, L->bk, n, KV, err, errlen));
+            OP(pr->other_s, o->add_bias(be, s->v, L->bv, n, KV, err, errlen));
+        }
+        if (hp->qk_norm) { /* per head: rows of head_dim */
+            OP(pr->other_s, o->rmsnorm(be, s->q, s->q, L->q_norm, n * hp->n_heads, hd, eps,
+                                       err, errlen));
+            OP(pr->other_s, o->rmsnorm(be, s->k, s->k, L->k_norm, n * hp->n_kv_heads, hd, eps,
+                                       err, errlen));
+        }
+        OP(pr->other_s, o->rope(be, s->q, (size_t)Q, &rq, err, errlen));
+        OP(pr->other_s, o->rope(be, s->k, (size_t)KV, &rk, err, errlen));
+        OP(pr->attn_s, o->attention(be, l, &at, s->q, s->att, s->k, s->v, err, errlen));
+        OP(pr->kv_store_s, o->kv_store(be, l, s->k, s->v, err, errlen));
+        OP(pr->matmul_s, o->matmul(be, L->wo, s->att, s->xb2, n, err, errlen));
+        if (hp->sandwich_norm)
+            OP(pr->other_s, o->rmsnorm(be, s->xb2, s->xb2, L->post_attn_norm, n, D, eps, err,
+                                       errlen));
+        OP(pr->other_s, o->add(be, s->x, s->xb2, (size_t)n * D, err, errlen));
+
+        /* feed-forward block */
+        OP(pr->other_s, o->rmsnorm(be, s->xb, s->x, L->ffn_norm, n, D, eps, err, errlen));
+        OP(pr->matmul_s, o->matmul(be, L->gate, s->xb, s->hb, n, err, errlen));
+        OP(pr->matmul_s, o->matmul(be, L->up, s->xb, s->hb2, n, err, errlen));
+        OP(pr->other_s, o->glu(be, s->hb, s->hb2, n, H, hp->act, err, errlen));
+        OP(pr->matmul_s, o->matmul(be, L->down, s->hb, s->xb2, n, err, errlen));
+        if (hp->sandwich_norm)
+            OP(pr->other_s, o->rmsnorm(be, s->xb2, s->xb2, L->post_ffn_norm, n, D, eps, err,
+                                       errlen));
+        OP(pr->other_s, o->add(be, s->x, s->xb2, (size_t)n * D, err, errlen));
+    }
+    pr->steps++;
+    pr->tokens += n;
+    if (n_head == 0)
+        return 0;
+    /* the final norm of the head rows: one call per run of consecutive rows */
+    for (int i = 0; i < n_head;) {
+        int k = 1;
+        while (i + k < n_head && s->head_rows[i + k] == s->head_rows[i] + k)
+            k++;
+        OP(pr->other_s, o->rmsnorm(be, s->xb + (size_t)i * D, s->x + (size_t)s->head_rows[i] * D,
+                                   s->out_norm, k, D, eps, err, errlen));
+        i += k;
+    }
+    OP(pr->matmul_s, o->matmul(be, s->output, s->xb, s->logits_b, n_head, err, errlen));
+    if (hp->final_softcap > 0)
+        OP(pr->other_s, o->softcap(be, s->logits_b, (size_t)n_head * (size_t)hp->n_vocab,
+                                   hp->final_softcap, err, errlen));
+    return 0;
+}
+
+/* Reads n_head rows of logits to host row dst_row of s->logits. */
+static int read_logits(fwd_state *s, int dst_row, int n_head, char *err, size_t errlen)
+{
+    const size_t V = (size_t)s->hp.n_vocab;
+    return s->ops->read(s->be, s->logits + (size_t)dst_row * V, s->logits_b,
+                        (size_t)n_head * V, err, errlen);
 }
 
 static int check_tokens(const fwd_state *s, const int32_t *tokens, int n, char *err,
                         size_t errlen)
 {
-    for (int i = 0; i < n; i++) {
-        if (tokens[i] < 0 || tokens[i] >= s->m->hp.n_vocab) {
-            if (err && errlen)
-                snprintf(err, errlen, "token id %d out of range [0, %d)", tokens[i],
-                         s->m->hp.n_vocab);
-            return -EINVAL;
-        }
-    }
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= s->hp.n_vocab)
+            return fail(err, errlen, -EINVAL, "token id %d out of range [0, %d)", tokens[i],
+                        s->hp.n_vocab);
     return 0;
 }
 
 int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
              const float **logits, char *err, size_t errlen)
 {
-    const mdl_hparams *hp = &s->m->hp;
+    const bk_ops *o = s->ops;
+    void *q = s->own->b;
     *logits = NULL;
-    if (n <= 0 || pos < 0) {
-        if (err && errlen)
-            snprintf(err, errlen, "nothing to evaluate (n %d, pos %d)", n, pos);
-        return -EINVAL;
-    }
-    if ((int64_t)pos + n > s->p.n_ctx) {
-        if (err && errlen)
-            snprintf(err, errlen, "context full: %d + %d tokens exceed n_ctx %d",
-                     pos, n, s->p.n_ctx);
-        return -EINVAL;
-    }
-    if (want_all && (!s->p.logits_all || n > s->p.max_batch)) {
-        if (err && errlen)
-            snprintf(err, errlen, "all-token logits need logits_all and n <= %d",
-                     s->p.max_batch);
-        return -EINVAL;
-    }
+    if (n <= 0 || pos < 0)
+        return fail(err, errlen, -EINVAL, "nothing to evaluate (n %d, pos %d)", n, pos);
+    if ((int64_t)pos + n > s->p.n_ctx)
+        return fail(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
+                    n, s->p.n_ctx);
+    if (want_all && (!s->p.logits_all || n > s->p.max_batch))
+        return fail(err, errlen, -EINVAL, "all-token logits need logits_all and n <= %d",
+                    s->p.max_batch);
     int rc = check_tokens(s, tokens, n, err, errlen);
     if (rc < 0)
         return rc;
-    if (pos == 0 && kvc_seq_n_tokens(s->seq) > 0)
-        kvc_seq_reset(s->seq);
-    if (pos != kvc_seq_n_tokens(s->seq)) {
-        if (err && errlen)
-            snprintf(err, errlen,
-                     "position %d: the cache holds %d positions (continue at %d or "
-                     "restart at 0)", pos, kvc_seq_n_tokens(s->seq),
-                     kvc_seq_n_tokens(s->seq));
-        return -EINVAL;
-    }
+    if (pos == 0 && o->seq_n_tokens(q) > 0)
+        o->seq_reset(q);
+    int have = o->seq_n_tokens(q);
+    if (pos != have)
+        return fail(err, errlen, -EINVAL,
+                    "position %d: the cache holds %d positions (continue at %d or restart at 0)",
+                    pos, have, have);
     const int C = s->p.kv.chunk_size;
+    const int cap = s->p.max_batch < C ? s->p.max_batch : C;
     int prefill = n > 1 || pos == 0;
-    int cap = s->p.max_batch < C ? s->p.max_batch : C;
     for (int done = 0; done < n;) {
         int at = pos + done;
         int b = n - done < cap ? n - done : cap;
         int to_boundary = C - at % C; /* chunks are aligned to multiples of C */
         if (b > to_boundary)
             b = to_boundary;
-        rc = kvc_begin(s->seq, at, b, prefill, err, errlen);
+        rc = o->kv_begin(q, at, b, prefill, err, errlen);
         if (rc < 0)
             return rc;
-        float *out = want_all ? s->logits + (size_t)done * (size_t)hp->n_vocab : s->logits;
         memcpy(s->tok_buf, tokens + done, (size_t)b * sizeof *tokens);
-        s->slices[0] = (fwd_slice){s->seq, 0, b, at};
+        s->slices[0] = (bk_slice){q, 0, b, at};
         int n_head = 0;
         if (want_all) {
             for (int i = 0; i < b; i++)
@@ -480,107 +684,99 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
             s->head_rows[0] = b - 1;
             n_head = 1;
         }
-        step(s, b, 1, n_head, out);
-        kvc_commit(s->seq);
+        rc = step(s, b, 1, n_head, err, errlen);
+        /* all-token logits: this piece's rows, read before the next piece
+         * overwrites them */
+        if (rc == 0 && n_head > 0)
+            rc = read_logits(s, want_all ? done : 0, n_head, err, errlen);
+        if (rc < 0) {
+            o->kv_abort(q);
+            return rc;
+        }
+        o->kv_commit(q);
         done += b;
     }
     *logits = s->logits;
     return 0;
 }
 
-kvc_pool *fwd_kv_pool(fwd_state *s)
+/* Checks item i of a batched step: n tokens (ids in [0, n_vocab)) at
+ * position pos, a prompt piece within one chunk or one decode token, the
+ * context and the step's token budget (total tokens of the items before
+ * it), a logits row free when it wants one (n_head taken before it). */
+static int check_item(const fwd_state *s, int i, const fwd_item *it, int pos, int total,
+                      int n_head, char *err, size_t errlen)
 {
-    return s->kvp;
-}
-
-int32_t fwd_max_batch(const fwd_state *s)
-{
-    return s->p.max_batch;
-}
-
-int fwd_batch_check_item(const fwd_batch_limits *lim, int i, const int32_t *tokens, int n,
-                         int prefill, int want_logits, int pos, int total, int n_head, char *err,
-                         size_t errlen)
-{
-    const int C = lim->chunk_size;
-    if (n <= 0 || (!prefill && n != 1)) {
-        snprintf(err, errlen, "item %d: %d tokens (decode steps take one)", i, n);
-        return -EINVAL;
-    }
-    if (prefill && pos % C + n > C) {
-        snprintf(err, errlen, "item %d: %d prompt tokens at position %d cross a chunk "
-                 "boundary (chunk_size %d)", i, n, pos, C);
-        return -EINVAL;
-    }
-    if ((int64_t)pos + n > lim->n_ctx) {
-        snprintf(err, errlen, "context full: %d + %d tokens exceed n_ctx %d", pos, n,
-                 lim->n_ctx);
-        return -EINVAL;
-    }
-    if (total + n > lim->max_batch) {
-        snprintf(err, errlen, "batch of more than %d tokens", lim->max_batch);
-        return -EINVAL;
-    }
-    if (want_logits && n_head >= lim->logit_rows) {
-        snprintf(err, errlen, "more than %d sequences want logits", lim->logit_rows);
-        return -EINVAL;
-    }
-    for (int k = 0; k < n; k++) {
-        if (tokens[k] < 0 || tokens[k] >= lim->n_vocab) {
-            snprintf(err, errlen, "token id %d out of range [0, %d)", tokens[k], lim->n_vocab);
-            return -EINVAL;
-        }
-    }
-    return 0;
+    const int C = s->p.kv.chunk_size, n = it->n;
+    if (i >= s->p.max_seqs)
+        return fail(err, errlen, -EINVAL, "more than %d sequences in one step (max_seqs)",
+                    s->p.max_seqs);
+    if (!it->seq || it->seq->s != s)
+        return fail(err, errlen, -EINVAL, "item %d: a sequence of another state", i);
+    if (n <= 0 || (!it->prefill && n != 1))
+        return fail(err, errlen, -EINVAL, "item %d: %d tokens (decode steps take one)", i, n);
+    if (it->prefill && pos % C + n > C)
+        return fail(err, errlen, -EINVAL,
+                    "item %d: %d prompt tokens at position %d cross a chunk boundary "
+                    "(chunk_size %d)", i, n, pos, C);
+    if ((int64_t)pos + n > s->p.n_ctx)
+        return fail(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
+                    n, s->p.n_ctx);
+    if (total + n > s->p.max_batch)
+        return fail(err, errlen, -EINVAL, "batch of more than %d tokens", s->p.max_batch);
+    if (it->want_logits && n_head >= s->logit_rows)
+        return fail(err, errlen, -EINVAL, "more than %d sequences want logits", s->logit_rows);
+    return check_tokens(s, it->tokens, n, err, errlen);
 }
 
 int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char *err,
                    size_t errlen)
 {
-    const fwd_batch_limits lim = {s->p.kv.chunk_size, s->p.n_ctx, s->p.max_batch,
-                                  s->logit_rows, s->m->hp.n_vocab};
-    const size_t V = (size_t)s->m->hp.n_vocab;
+    const bk_ops *o = s->ops;
+    const size_t V = (size_t)s->hp.n_vocab;
     int total = 0, n_head = 0;
-    char dummy[8];
-    if (!err || !errlen) {
-        err = dummy;
-        errlen = sizeof dummy;
-    }
     if (failed)
         *failed = -1;
     for (int i = 0; i < n_items; i++) {
         fwd_item *it = &items[i];
         it->out_logits = NULL;
-        int pos = kvc_seq_n_tokens(it->seq);
-        int rc = fwd_batch_check_item(&lim, i, it->tokens, it->n, it->prefill, it->want_logits,
-                                      pos, total, n_head, err, errlen);
+        int pos = it->seq && it->seq->s == s ? o->seq_n_tokens(it->seq->b) : 0;
+        int rc = check_item(s, i, it, pos, total, n_head, err, errlen);
         if (rc < 0) {
             if (failed)
                 *failed = i;
             return rc;
         }
         memcpy(s->tok_buf + total, it->tokens, (size_t)it->n * sizeof *it->tokens);
-        s->slices[i] = (fwd_slice){it->seq, total, it->n, pos};
+        s->slices[i] = (bk_slice){it->seq->b, total, it->n, pos};
         total += it->n;
         if (it->want_logits)
             s->head_rows[n_head++] = total - 1;
     }
     for (int i = 0; i < n_items; i++) {
-        int rc = kvc_begin(items[i].seq, s->slices[i].pos0, items[i].n, items[i].prefill,
-                           err, errlen);
+        int rc = o->kv_begin(s->slices[i].seq, s->slices[i].pos0, items[i].n, items[i].prefill,
+                             err, errlen);
         if (rc < 0) {
             for (int j = 0; j < i; j++)
-                kvc_abort(items[j].seq);
+                o->kv_abort(s->slices[j].seq);
             if (failed)
                 *failed = i;
             return rc;
         }
     }
+    int rc = 0;
     if (total > 0)
-        step(s, total, n_items, n_head, s->logits);
+        rc = step(s, total, n_items, n_head, err, errlen);
+    if (rc == 0 && n_head > 0)
+        rc = read_logits(s, 0, n_head, err, errlen);
+    if (rc < 0) { /* a device error: the step is undone on the host side */
+        for (int i = 0; i < n_items; i++)
+            o->kv_abort(s->slices[i].seq);
+        return rc;
+    }
     int h = 0;
     for (int i = 0; i < n_items; i++) {
-        kvc_commit(items[i].seq);
+        o->kv_commit(s->slices[i].seq);
         if (items[i].want_logits)
             items[i].out_logits = s->logits + (size_t)h++ * V;
     }

@@ -5,7 +5,7 @@
  * Threading: one mutex (s->mu) guards the queues, every request's shared
  * fields (text, token records, cursors, flags) and the metrics. The engine
  * thread holds it while it picks a step and while it publishes the step's
- * tokens, never during bk_eval_batch or sampling. Fields marked "engine"
+ * tokens, never during fwd_eval_batch or sampling. Fields marked "engine"
  * are touched by the engine thread only.
  */
 #include "engine/sched/scheduler.h"
@@ -75,15 +75,15 @@ struct sched_req {
 struct sched {
     const mdl_model *m;
     sched_params p;
-    bk_state *bk;              /* forward state and KV pool (CPU or GPU) */
-    bk_seq **slots;            /* [max_seqs] */
+    fwd_state *bk;             /* forward state and KV pool (CPU or GPU) */
+    fwd_seq **slots;            /* [max_seqs] */
     job **running;             /* [max_seqs] by slot */
     int n_running;
     job *wait_head, *wait_tail;
     int n_waiting;             /* jobs */
     int n_wait_reqs;           /* requests with a job waiting and none running */
     int n_active_reqs;
-    bk_item *items;
+    fwd_item *items;
     job **item_job;
     uint64_t admit_counter;
     pthread_t thr;
@@ -217,7 +217,7 @@ static void release_slot(sched *s, job *j)
 {
     if (j->slot < 0)
         return;
-    bk_seq_reset(s->slots[j->slot]);
+    fwd_seq_reset(s->slots[j->slot]);
     s->running[j->slot] = NULL;
     s->n_running--;
     j->slot = -1;
@@ -272,7 +272,7 @@ int32_t sched_n_ctx(const sched *s)
 
 const char *sched_describe(const sched *s)
 {
-    return bk_describe(s->bk);
+    return fwd_describe(s->bk);
 }
 
 int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err,
@@ -305,7 +305,7 @@ int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err
         return -E2BIG;
     }
     int64_t nq, nf, capq = s->cap_q, capf = s->cap_f;
-    bk_pool_estimate(s->bk, p->n_prompt + 1, &nq, &nf);
+    fwd_pool_estimate(s->bk, p->n_prompt + 1, &nq, &nf);
     if (nq > capq || nf > capf) {
         if (err && errlen)
             snprintf(err, errlen,
@@ -567,8 +567,8 @@ static void snapshot_kv(sched *s, int force)
     if (!force && t - s->t_metrics < 0.2)
         return;
     s->t_metrics = t;
-    (void)bk_pool_stats(s->bk, &s->met.kv, NULL, 0); /* partial sums on a device error */
-    s->met.kv_usage = bk_pool_usage(s->bk);
+    (void)fwd_pool_stats(s->bk, &s->met.kv, NULL, 0); /* partial sums on a device error */
+    s->met.kv_usage = fwd_pool_usage(s->bk);
     int L = s->m->hp.n_layers < SCHED_MAX_LAYERS ? s->m->hp.n_layers : SCHED_MAX_LAYERS;
     s->met.n_layers = L;
     s->met.seqs_warming = 0;
@@ -580,7 +580,7 @@ static void snapshot_kv(sched *s, int force)
                 if (!s->running[k])
                     continue;
                 float a, b;
-                if (bk_seq_ema(s->slots[k], l, x, &a, &b) == 0) {
+                if (fwd_seq_ema(s->slots[k], l, x, &a, &b) == 0) {
                     lo += a;
                     hi += b;
                     n++;
@@ -595,8 +595,8 @@ static void snapshot_kv(sched *s, int force)
     }
     if (s->met.kv_int4)
         for (int k = 0; k < s->p.max_seqs; k++)
-            if (s->running[k] && bk_seq_n_tokens(s->slots[k]) > 0 &&
-                bk_seq_warming(s->slots[k]))
+            if (s->running[k] && fwd_seq_n_tokens(s->slots[k]) > 0 &&
+                fwd_seq_warming(s->slots[k]))
                 s->met.seqs_warming++;
 }
 
@@ -610,7 +610,7 @@ static int prefilling(const job *j)
 static void admit(sched *s)
 {
     int64_t fq, ff;
-    bk_pool_free_units(s->bk, &fq, &ff);
+    fwd_pool_free_units(s->bk, &fq, &ff);
     int n_pref = 0;
     for (int k = 0; k < s->p.max_seqs; k++) {
         job *j = s->running[k];
@@ -622,8 +622,8 @@ static void admit(sched *s)
         if (prefilling(j)) {
             n_pref++;
             int64_t q1, f1, q0, f0;
-            bk_pool_estimate(s->bk, j->prefill_to, &q1, &f1);
-            bk_pool_estimate(s->bk, j->n_past, &q0, &f0);
+            fwd_pool_estimate(s->bk, j->prefill_to, &q1, &f1);
+            fwd_pool_estimate(s->bk, j->n_past, &q0, &f0);
             fq -= q1 - q0;
             ff -= f1 - f0;
         }
@@ -635,7 +635,7 @@ static void admit(sched *s)
             continue;
         }
         int64_t nq, nf;
-        bk_pool_estimate(s->bk, j->n_tok, &nq, &nf);
+        fwd_pool_estimate(s->bk, j->n_tok, &nq, &nf);
         if (nq > fq || nf > ff) {
             if (s->n_running == 0) {
                 /* nothing will free blocks: it can never fit */
@@ -654,7 +654,7 @@ static void admit(sched *s)
         s->n_running++;
         j->slot = slot;
         j->st = JOB_RUNNING;
-        bk_seq_reset(s->slots[slot]);
+        fwd_seq_reset(s->slots[slot]);
         j->n_past = 0;
         j->prefill_to = j->n_tok;
         j->admit_seq = ++s->admit_counter;
@@ -691,7 +691,7 @@ static int build_batch(sched *s, int *has_prefill)
         job *j = s->running[k];
         if (!j || prefilling(j))
             continue;
-        s->items[n] = (bk_item){s->slots[k], j->toks + j->n_past, 1, 0, 1, NULL};
+        s->items[n] = (fwd_item){s->slots[k], j->toks + j->n_past, 1, 0, 1, NULL};
         s->item_job[n++] = j;
         total++;
     }
@@ -716,7 +716,7 @@ static int build_batch(sched *s, int *has_prefill)
         if (total + piece > s->p.max_batch)
             break;
         int last = best->n_past + piece == best->prefill_to;
-        s->items[n] = (bk_item){s->slots[best->slot], best->toks + best->n_past, piece, 1,
+        s->items[n] = (fwd_item){s->slots[best->slot], best->toks + best->n_past, piece, 1,
                                  last, NULL};
         s->item_job[n++] = best;
         total += piece;
@@ -888,7 +888,7 @@ static void *engine_main(void *arg)
 
         double t0 = now_s();
         int failed = -1;
-        int rc = bk_eval_batch(s->bk, s->items, n, &failed, err, sizeof err);
+        int rc = fwd_eval_batch(s->bk, s->items, n, &failed, err, sizeof err);
         double t1 = now_s();
         if (rc == 0) {
             for (int i = 0; i < n; i++) {
@@ -979,10 +979,11 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     fp.max_batch = p.max_batch;
     fp.n_threads = p.n_threads;
     fp.kv = p.kv;
-    int rc = bk_create(m, &fp, p.device, &s->bk, err, errlen);
+    fp.device = p.device;
+    int rc = fwd_create(m, &fp, &s->bk, err, errlen);
     if (rc < 0)
         goto fail;
-    bk_pool_free_units(s->bk, &s->cap_q, &s->cap_f);
+    fwd_pool_free_units(s->bk, &s->cap_q, &s->cap_f);
     s->slots = calloc((size_t)p.max_seqs, sizeof *s->slots);
     s->running = calloc((size_t)p.max_seqs, sizeof *s->running);
     s->items = calloc((size_t)p.max_batch, sizeof *s->items);
@@ -992,7 +993,7 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
         goto fail;
     }
     for (int i = 0; i < p.max_seqs; i++) {
-        rc = bk_seq_create(s->bk, p.n_ctx, &s->slots[i], err, errlen);
+        rc = fwd_seq_create(s->bk, p.n_ctx, &s->slots[i], err, errlen);
         if (rc < 0)
             goto fail;
     }
@@ -1007,7 +1008,7 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     hist_init(&s->met.itl, itl, 15);
     s->met.kv_int4 = p.kv.mode == CFG_KV_INT4;
     s->met.max_seqs = p.max_seqs;
-    s->met.kv_budget_bytes = bk_pool_capacity_bytes(s->bk);
+    s->met.kv_budget_bytes = fwd_pool_capacity_bytes(s->bk);
     snapshot_kv(s, 1);
     if (pthread_create(&s->thr, NULL, engine_main, s) != 0) {
         rc = fail(err, errlen, -EAGAIN, "cannot start the engine thread");
@@ -1035,12 +1036,12 @@ void sched_destroy(sched *s)
     }
     if (s->slots)
         for (int i = 0; i < s->p.max_seqs; i++)
-            bk_seq_destroy(s->slots[i]);
+            fwd_seq_destroy(s->slots[i]);
     free(s->slots);
     free(s->running);
     free(s->items);
     free(s->item_job);
-    bk_destroy(s->bk);
+    fwd_destroy(s->bk);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);

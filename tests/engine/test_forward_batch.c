@@ -61,11 +61,11 @@ static int run(fwd_state *s, const mdl_model *m, int n_seq, const int *lens, int
 {
     char err[512];
     const int V = m->hp.n_vocab, C = 64;
-    kvc_seq *seq[NMAX];
+    fwd_seq *seq[NMAX];
     int32_t ids[NMAX][200];
     int done[NMAX] = {0}, left_dec[NMAX];
     for (int i = 0; i < n_seq; i++) {
-        cr_assert_eq(kvc_seq_create(fwd_kv_pool(s), 256, &seq[i], err, sizeof err), 0, "%s", err);
+        cr_assert_eq(fwd_seq_create(s, 256, &seq[i], err, sizeof err), 0, "%s", err);
         prompt(ids[i], lens[i] + n_dec, V, 777u + (uint32_t)i * 31u);
         left_dec[i] = n_dec;
     }
@@ -102,7 +102,7 @@ static int run(fwd_state *s, const mdl_model *m, int n_seq, const int *lens, int
         }
     }
     for (int i = 0; i < n_seq; i++)
-        kvc_seq_destroy(seq[i]);
+        fwd_seq_destroy(seq[i]);
     return rows;
 }
 
@@ -181,9 +181,9 @@ Test(forward_batch, full_pool_refused_cleanly)
     p.kv.warmup_chunks = 1;
     p.kv.kv_budget_tokens = 128;
     cr_assert_eq(fwd_create(m, &p, &s, err, sizeof err), 0, "%s", err);
-    kvc_seq *a, *b;
-    cr_assert_eq(kvc_seq_create(fwd_kv_pool(s), 256, &a, err, sizeof err), 0);
-    cr_assert_eq(kvc_seq_create(fwd_kv_pool(s), 256, &b, err, sizeof err), 0);
+    fwd_seq *a, *b;
+    cr_assert_eq(fwd_seq_create(s, 256, &a, err, sizeof err), 0);
+    cr_assert_eq(fwd_seq_create(s, 256, &b, err, sizeof err), 0);
     int32_t ids[256];
     prompt(ids, 256, m->hp.n_vocab, 5);
     int failed = -2, rc = 0, pos = 0;
@@ -197,29 +197,29 @@ Test(forward_batch, full_pool_refused_cleanly)
     cr_assert_eq(rc, -ENOSPC, "a 128-token pool held %d tokens", pos);
     cr_assert(pos >= 128 && pos < 256, "pos %d", pos);
     kvc_stats before, after;
-    kvc_pool_stats(fwd_kv_pool(s), &before);
+    cr_assert_eq(fwd_pool_stats(s, &before, NULL, 0), 0);
     fwd_item two[2] = {{b, ids, 64, 1, 1, NULL}, {a, ids + pos, 64, 1, 1, NULL}};
     rc = fwd_eval_batch(s, two, 2, &failed, err, sizeof err);
     cr_assert_eq(rc, -ENOSPC, "%s", err);
     cr_assert(failed == 0 || failed == 1);
-    kvc_pool_stats(fwd_kv_pool(s), &after);
+    cr_assert_eq(fwd_pool_stats(s, &after, NULL, 0), 0);
     cr_assert_eq(after.bytes_total, before.bytes_total);
-    cr_assert_eq(kvc_seq_n_tokens(b), 0);
-    cr_assert_eq(kvc_seq_n_tokens(a), pos);
-    kvc_seq_reset(a); /* a preempted: its blocks return */
+    cr_assert_eq(fwd_seq_n_tokens(b), 0);
+    cr_assert_eq(fwd_seq_n_tokens(a), pos);
+    fwd_seq_reset(a); /* a preempted: its blocks return */
     fwd_item one = {b, ids, 64, 1, 1, NULL};
     cr_assert_eq(fwd_eval_batch(s, &one, 1, &failed, err, sizeof err), 0, "%s", err);
     cr_assert_not_null(one.out_logits);
-    cr_assert_eq(kvc_seq_n_tokens(b), 64);
+    cr_assert_eq(fwd_seq_n_tokens(b), 64);
     /* invalid: a prompt piece crossing a chunk boundary, a 2-token decode */
     fwd_item bad = {b, ids, 65, 1, 0, NULL};
     cr_assert_eq(fwd_eval_batch(s, &bad, 1, &failed, err, sizeof err), -EINVAL);
     cr_assert(strstr(err, "chunk") != NULL, "%s", err);
     fwd_item bad2 = {b, ids, 2, 0, 0, NULL};
     cr_assert_eq(fwd_eval_batch(s, &bad2, 1, &failed, err, sizeof err), -EINVAL);
-    cr_assert_eq(kvc_seq_n_tokens(b), 64);
-    kvc_seq_destroy(a);
-    kvc_seq_destroy(b);
+    cr_assert_eq(fwd_seq_n_tokens(b), 64);
+    fwd_seq_destroy(a);
+    fwd_seq_destroy(b);
     fwd_destroy(s);
     mdl_free(m);
 }

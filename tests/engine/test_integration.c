@@ -87,7 +87,7 @@ static void greedy(const mdl_model *m, const cfg_kv *kv, const int32_t *prompt, 
         cr_assert_eq(fwd_eval(s, &best, 1, np + i, 0, &lg, err, sizeof err), 0, "%s", err);
     }
     if (st)
-        fwd_kv_stats(s, st);
+        cr_assert_eq(fwd_kv_stats(s, st, NULL, 0), 0);
     fwd_destroy(s);
 }
 
@@ -201,7 +201,7 @@ Test(integration, fused_attention_matches_dequantized_reference, .timeout = 120)
     cr_assert_eq(fwd_create(m, &fp, &s, err, sizeof err), 0, "%s", err);
     const float *lg;
     cr_assert_eq(fwd_eval(s, ids, 250, 0, 0, &lg, err, sizeof err), 0, "%s", err);
-    const kvc_seq *seq = fwd_seq(s);
+    const kvc_seq *seq = fwd_seq_backend(fwd_own_seq(s)); /* cpu backend */
     const mdl_hparams *hp = &m->hp;
     int cap = kvc_max_segments(seq);
     kvs_seg *segs = malloc(sizeof *segs * (size_t)cap);

@@ -461,6 +461,80 @@ Test(ops, rope)
                 }
 }
 
+/* The descriptor's RoPE options: NEOX pairing (halves) and per-frequency
+ * divisors (Llama-3 rope_freqs), kcpu vs kref; and with neither, kref_rope_ex
+ * must equal kref_rope exactly (the old contract is a special case). */
+Test(ops, rope_ex)
+{
+    static const int pos[] = { 0, 3, 1000, 32767 };
+    static const struct { int n_heads, head_dim, n_rot; } shapes[] = {
+        { 6, 64, 64 }, { 2, 128, 128 }, { 1, 256, 256 }, { 4, 64, 32 }, { 1, 48, 48 },
+    };
+    for (int si = 0; si < 5; si++) {
+        int n = shapes[si].n_heads * shapes[si].head_dim, half = shapes[si].n_rot / 2;
+        float *freqs = malloc((size_t)half * 4);
+        for (int i = 0; i < half; i++)
+            freqs[i] = i < half / 4 ? 1.0f : i < half / 2 ? rnd_f(1.0f, 8.0f) : 8.0f;
+        for (int pi = 0; pi < 4; pi++)
+            for (int mode = 0; mode < 4; mode++) {
+                int neox = mode & 1;
+                const float *fq = mode & 2 ? freqs : NULL;
+                float *a = malloc((size_t)n * 4), *b = malloc((size_t)n * 4);
+                fill(a, (size_t)n, -4.0f, 4.0f);
+                memcpy(b, a, (size_t)n * 4);
+                kref_rope_ex(a, shapes[si].n_heads, shapes[si].head_dim, shapes[si].n_rot,
+                             pos[pi], 1e6f, 1.0f, fq, neox);
+                kcpu_rope_ex(b, shapes[si].n_heads, shapes[si].head_dim, shapes[si].n_rot,
+                             pos[pi], 1e6f, 1.0f, fq, neox);
+                check_close("rope_ex", b, a, NULL, (size_t)n, 4e-6, 1e-6);
+                if (mode == 0) {
+                    memcpy(b, a, (size_t)n * 4);
+                    kref_rope(a, shapes[si].n_heads, shapes[si].head_dim, shapes[si].n_rot,
+                              pos[pi], 1e6f, 1.0f);
+                    kref_rope_ex(b, shapes[si].n_heads, shapes[si].head_dim, shapes[si].n_rot,
+                                 pos[pi], 1e6f, 1.0f, NULL, 0);
+                    cr_assert(memcmp(a, b, (size_t)n * 4) == 0, "kref_rope_ex != kref_rope");
+                }
+                free(a); free(b);
+            }
+        free(freqs);
+    }
+    /* NEOX pairs dim i with i + n_rot/2: at position 1, theta^0 = 1 rad for pair 0 */
+    float x[8] = {1, 0, 0, 0, 0, 0, 0, 0};
+    kref_rope_ex(x, 1, 8, 8, 1, 10000.0f, 1.0f, NULL, 1);
+    cr_assert_float_eq(x[0], cosf(1.0f), 1e-6);
+    cr_assert_float_eq(x[4], sinf(1.0f), 1e-6);
+    cr_assert_float_eq(x[1], 0.0f, 0);
+}
+
+/* GELU-tanh GLU and soft-capping: kcpu (float tanh) vs kref (double). */
+Test(ops, geglu_softcap)
+{
+    for (int si = 0; si < N_EW; si++) {
+        int n = ew_sizes[si];
+        float *g = malloc((size_t)n * 4), *u = malloc((size_t)n * 4), *a = malloc((size_t)n * 4);
+        fill(g, (size_t)n, -12.0f, 12.0f);
+        fill(u, (size_t)n, -3.0f, 3.0f);
+        memcpy(a, g, (size_t)n * 4);
+        kref_geglu(a, u, n);
+        kcpu_geglu(g, u, n);
+        check_close("geglu", g, a, NULL, (size_t)n, EW_ATOL, 1e-5);
+        fill(g, (size_t)n, -200.0f, 200.0f);
+        memcpy(a, g, (size_t)n * 4);
+        kref_softcap(a, n, 30.0f);
+        kcpu_softcap(g, n, 30.0f);
+        check_close("softcap", g, a, NULL, (size_t)n, 1e-5, 1e-6);
+        for (int i = 0; i < n; i++)
+            cr_assert(fabsf(g[i]) <= 30.0f);
+        free(g); free(u); free(a);
+    }
+    /* known values: gelu_tanh(1) = 0.841192, gelu_tanh(-1) = -0.158808 */
+    float gv[2] = {1.0f, -1.0f}, uv[2] = {1.0f, 2.0f};
+    kref_geglu(gv, uv, 2);
+    cr_assert_float_eq(gv[0], 0.841192f, 1e-5);
+    cr_assert_float_eq(gv[1], -0.317616f, 1e-5);
+}
+
 Test(ops, f32_to_f16_bit_exact)
 {
     enum { N = 100003 };

@@ -348,3 +348,34 @@ Test(plots, pngs_from_committed_csvs, .init = make_tmp, .fini = rm_tmp, .timeout
         cr_assert(sig[0] == 0x89 && sig[1] == 'P' && sig[2] == 'N' && sig[3] == 'G', "%s", path);
     }
 }
+
+/* --device on the three evaluation commands: cpu runs, a name that is no
+ * device is refused at parsing (exit 2), and cuda without a usable CUDA
+ * backend or device fails with one line that says so (exit 1). */
+Test(device, eval_commands_take_device, .init = make_tmp, .fini = rm_tmp, .timeout = 120)
+{
+    const char *m = stories(), *txt = tu_shared("data/moby-dick.txt");
+    char args[4096];
+    snprintf(args, sizeof args, "profile -m %s -f %s -c 64 -n 2 -t 1 --device cpu", m, txt);
+    lkq(&R, args);
+    cr_assert_eq(R.status, 0, "profile --device cpu: %s", R.err);
+    cr_assert(strstr(R.out, "int4:") != NULL, "%s", R.out);
+    const char *cmds[] = {"profile -c 64 -n 2", "ablate -o %s/ab -c 64 --vary sink_tokens=0,4",
+                          "needle -o %s/nd --lengths 256 --depths 0 --trials 1"};
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
+        char c[512];
+        snprintf(c, sizeof c, cmds[i], tmpdir);
+        snprintf(args, sizeof args, "%s -m %s -f %s -t 1 --device tpu", c, m, txt);
+        lkq(&R, args);
+        cr_assert_eq(R.status, 2, "%s: exit %d (%s)", c, R.status, R.err);
+        cr_assert(strstr(R.err, "--device expects cpu or cuda, got 'tpu'") != NULL, "%s", R.err);
+        cr_assert_eq(count_lines(R.err), 1, "%s", R.err);
+        if (getenv("LKQ_HAVE_GPU"))
+            continue; /* a real device would run it */
+        snprintf(args, sizeof args, "%s -m %s -f %s -t 1 --device cuda", c, m, txt);
+        lkq(&R, args);
+        cr_assert_neq(R.status, 0, "%s --device cuda ran without a GPU", c);
+        cr_assert(strstr(R.err, "cuda") != NULL || strstr(R.err, "CUDA") != NULL, "%s", R.err);
+        cr_assert(R.status < 128, "%s crashed: %s", c, R.err);
+    }
+}

@@ -1,0 +1,579 @@
+/*
+ * backend_cpu.c - the CPU backend: the op table of backend.h over
+ * kernels/cpu (SIMD + the thread pool) or, with use_ref, kernels/ref (the
+ * single-threaded oracle), and the CPU KV cache (kv/kvcache.h) as the KV
+ * executor. Backend memory is host memory (host_memory = 1): weights stay
+ * where the model holds them (borrowed), activations are malloc'd once.
+ *
+ * May call: kernels/cpu, kernels/ref, engine/kv. Never the graph.
+ * Threading: one thread at a time per instance (matmuls and attention
+ * fan out to the instance's kcpu_pool workers; the small per-row ops run on
+ * the calling thread).
+ */
+#include "engine/backend/backend.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cpu/kcpu.h"
+#include "kernels/ref/kref.h"
+
+struct bk_weight {
+    mdl_weight w; /* a view of the model's tensor */
+};
+
+typedef struct {
+    kcpu_pool *pool;
+    int use_ref, n_threads, max_batch, max_seqs, n_ctx, head_dim, kv_dim;
+    /* everything handed out (alloc, weights), freed by destroy */
+    void **owned;
+    int n_owned, cap_owned;
+    /* the current step */
+    int32_t *tokens; /* [max_batch] */
+    int n;
+    bk_slice *slices; /* [max_seqs] */
+    int n_slices;
+    /* scratch: matmul (grown as weights are uploaded), attention */
+    void *ws_mm;
+    size_t ws_mm_bytes;
+    void *ws_attn;
+    float *ref_scratch; /* kref_attn_seg: the whole history as f32 */
+    kvs_seg *segs;
+    int cap_segs;
+    kvc_pool *kvp;
+    char desc[96];
+} cpu_be;
+
+static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return rc;
+}
+
+/* Keeps p to be freed by destroy; frees it and fails when it cannot. */
+static int own(cpu_be *b, void *p, char *err, size_t errlen)
+{
+    if (!p)
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    if (b->n_owned == b->cap_owned) {
+        int cap = b->cap_owned ? 2 * b->cap_owned : 64;
+        void **o = realloc(b->owned, (size_t)cap * sizeof *o);
+        if (!o) {
+            free(p);
+            return fail(err, errlen, -ENOMEM, "out of memory");
+        }
+        b->owned = o;
+        b->cap_owned = cap;
+    }
+    b->owned[b->n_owned++] = p;
+    return 0;
+}
+
+static void cpu_destroy(void *be)
+{
+    cpu_be *b = be;
+    if (!b)
+        return;
+    kcpu_pool_destroy(b->pool);
+    kvc_pool_destroy(b->kvp);
+    for (int i = 0; i < b->n_owned; i++)
+        free(b->owned[i]);
+    free(b->owned);
+    free(b->tokens);
+    free(b->slices);
+    free(b->ws_mm);
+    free(b->ws_attn);
+    free(b->ref_scratch);
+    free(b->segs);
+    free(b);
+}
+
+static int cpu_create(const bk_config *c, void **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    cpu_be *b = calloc(1, sizeof *b);
+    if (!b)
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    b->use_ref = c->use_ref;
+    b->n_threads = c->n_threads > 0 ? c->n_threads : 1;
+    b->max_batch = c->max_batch;
+    b->max_seqs = c->max_seqs > 0 ? c->max_seqs : 1;
+    b->n_ctx = c->n_ctx;
+    b->head_dim = c->hp->head_dim;
+    b->kv_dim = c->hp->n_kv_heads * c->hp->head_dim;
+    b->tokens = malloc((size_t)b->max_batch * sizeof *b->tokens);
+    b->slices = malloc((size_t)b->max_seqs * sizeof *b->slices);
+    if (!b->tokens || !b->slices) {
+        cpu_destroy(b);
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    }
+    if (kcpu_pool_create(b->n_threads, &b->pool) < 0) {
+        cpu_destroy(b);
+        return fail(err, errlen, -ENOMEM, "cannot start %d worker threads", c->n_threads);
+    }
+    snprintf(b->desc, sizeof b->desc, "cpu (%s, %d threads)",
+             b->use_ref ? "reference" : kcpu_simd_name(), b->n_threads);
+    *out = b;
+    return 0;
+}
+
+static const char *cpu_describe(void *be)
+{
+    return ((cpu_be *)be)->desc;
+}
+
+static int cpu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    if (what == BK_CTL_POOL_BYTES && b->kvp) {
+        *(size_t *)arg = (size_t)kvc_pool_capacity_bytes(b->kvp);
+        return 0;
+    }
+    if (what == BK_CTL_WEIGHT_BYTES) {
+        *(size_t *)arg = 0; /* the model's own mapping: nothing copied */
+        return 0;
+    }
+    return fail(err, errlen, -ENOTSUP, "control %d is not supported by the cpu backend", what);
+}
+
+/* ---- memory --------------------------------------------------------------------- */
+
+static int cpu_alloc(void *be, size_t bytes, void **out, char *err, size_t errlen)
+{
+    *out = malloc(bytes > 0 ? bytes : 1);
+    int rc = own(be, *out, err, errlen);
+    if (rc < 0)
+        *out = NULL;
+    return rc;
+}
+
+static int cpu_upload_weight(void *be, const mdl_weight *w, bk_weight **out, char *err,
+                             size_t errlen)
+{
+    cpu_be *b = be;
+    *out = NULL;
+    bk_weight *h = malloc(sizeof *h);
+    int rc = own(b, h, err, errlen);
+    if (rc < 0)
+        return rc;
+    h->w = *w;
+    /* the matmul scratch for this weight at a full step, grown once here */
+    size_t need = kcpu_matmul_scratch_bytes(w->type, (int)w->n_cols, b->max_batch);
+    if (need > b->ws_mm_bytes) {
+        void *ws = realloc(b->ws_mm, need);
+        if (!ws)
+            return fail(err, errlen, -ENOMEM, "out of memory for matmul scratch");
+        b->ws_mm = ws;
+        b->ws_mm_bytes = need;
+    }
+    *out = h;
+    return 0;
+}
+
+static int cpu_upload_vector(void *be, const float *v, size_t n, float **out, char *err,
+                             size_t errlen)
+{
+    (void)be;
+    (void)n;
+    (void)err;
+    (void)errlen;
+    *out = (float *)v; /* host memory already; the model outlives the backend */
+    return 0;
+}
+
+static int cpu_read(void *be, float *dst, const float *src, size_t n, char *err, size_t errlen)
+{
+    (void)be;
+    (void)err;
+    (void)errlen;
+    if (dst != src)
+        memcpy(dst, src, n * sizeof(float));
+    return 0;
+}
+
+/* ---- the step's ops --------------------------------------------------------------- */
+
+static int cpu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    if (st->n > b->max_batch || st->n_slices > b->max_seqs)
+        return fail(err, errlen, -EINVAL, "step of %d rows / %d sequences exceeds %d / %d",
+                    st->n, st->n_slices, b->max_batch, b->max_seqs);
+    memcpy(b->tokens, st->tokens, (size_t)st->n * sizeof *b->tokens);
+    memcpy(b->slices, st->slices, (size_t)st->n_slices * sizeof *b->slices);
+    b->n = st->n;
+    b->n_slices = st->n_slices;
+    return 0;
+}
+
+static int cpu_embed(void *be, const bk_weight *table, float scale, float *x, char *err,
+                     size_t errlen)
+{
+    cpu_be *b = be;
+    (void)err;
+    (void)errlen;
+    const mdl_weight *w = &table->w;
+    const size_t D = (size_t)w->n_cols, row = kt_row_bytes(w->type, w->n_cols);
+    for (int i = 0; i < b->n; i++) {
+        const uint8_t *src = (const uint8_t *)w->data + (size_t)b->tokens[i] * row;
+        float *xi = x + (size_t)i * D;
+        if (b->use_ref)
+            kref_dequant_row(w->type, src, xi, (int64_t)D);
+        else
+            kcpu_dequant_row(w->type, src, xi, (int64_t)D);
+        if (scale != 1.0f)
+            for (size_t j = 0; j < D; j++)
+                xi[j] *= scale;
+    }
+    return 0;
+}
+
+static int cpu_matmul(void *be, const bk_weight *wt, const float *x, float *y, int n, char *err,
+                      size_t errlen)
+{
+    cpu_be *b = be;
+    (void)err;
+    (void)errlen;
+    const mdl_weight *w = &wt->w;
+    if (b->use_ref)
+        kref_matmul(w->type, w->data, x, y, (int)w->n_rows, (int)w->n_cols, n);
+    else
+        kcpu_matmul(b->pool, w->type, w->data, x, y, (int)w->n_rows, (int)w->n_cols, n,
+                    b->ws_mm);
+    return 0;
+}
+
+static int cpu_rmsnorm(void *be, float *out, const float *x, const float *w, int rows, int dim,
+                       float eps, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    (void)err;
+    (void)errlen;
+    for (int i = 0; i < rows; i++) {
+        float *o = out + (size_t)i * (size_t)dim;
+        const float *xi = x + (size_t)i * (size_t)dim;
+        if (b->use_ref)
+            kref_rmsnorm(o, xi, w, dim, eps);
+        else
+            kcpu_rmsnorm(o, xi, w, dim, eps);
+    }
+    return 0;
+}
+
+static int cpu_add_bias(void *be, float *y, const float *bias, int rows, int cols, char *err,
+                        size_t errlen)
+{
+    (void)be;
+    (void)err;
+    (void)errlen;
+    for (int i = 0; i < rows; i++) {
+        float *yi = y + (size_t)i * (size_t)cols;
+        for (int j = 0; j < cols; j++)
+            yi[j] += bias[j];
+    }
+    return 0;
+}
+
+static int cpu_rope(void *be, float *x, size_t row_stride, const bk_rope *r, char *err,
+                    size_t errlen)
+{
+    cpu_be *b = be;
+    (void)err;
+    (void)errlen;
+    for (int c = 0; c < b->n_slices; c++) {
+        const bk_slice *sl = &b->slices[c];
+        for (int i = 0; i < sl->n; i++) {
+            float *xi = x + (size_t)(sl->off + i) * row_stride;
+            if (b->use_ref)
+                kref_rope_ex(xi, r->n_heads, r->head_dim, r->n_rot, sl->pos0 + i, r->theta,
+                             r->freq_scale, r->freqs, r->neox);
+            else
+                kcpu_rope_ex(xi, r->n_heads, r->head_dim, r->n_rot, sl->pos0 + i, r->theta,
+                             r->freq_scale, r->freqs, r->neox);
+        }
+    }
+    return 0;
+}
+
+static int cpu_glu(void *be, float *gate, const float *up, int rows, int cols, mdl_act act,
+                   char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    for (int i = 0; i < rows; i++) {
+        float *g = gate + (size_t)i * (size_t)cols;
+        const float *u = up + (size_t)i * (size_t)cols;
+        switch (act) {
+        case MDL_ACT_SILU:
+            if (b->use_ref)
+                kref_swiglu(g, u, cols);
+            else
+                kcpu_swiglu(g, u, cols);
+            break;
+        case MDL_ACT_GELU_TANH:
+            if (b->use_ref)
+                kref_geglu(g, u, cols);
+            else
+                kcpu_geglu(g, u, cols);
+            break;
+        default:
+            return fail(err, errlen, -ENOTSUP, "activation %d is not supported", (int)act);
+        }
+    }
+    return 0;
+}
+
+static int cpu_add(void *be, float *y, const float *x, size_t n, char *err, size_t errlen)
+{
+    (void)be;
+    (void)err;
+    (void)errlen;
+    for (size_t i = 0; i < n; i++)
+        y[i] += x[i];
+    return 0;
+}
+
+static int cpu_softcap(void *be, float *x, size_t n, float cap, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    (void)err;
+    (void)errlen;
+    if (b->use_ref)
+        kref_softcap(x, (int)n, cap);
+    else
+        kcpu_softcap(x, (int)n, cap);
+    return 0;
+}
+
+static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, float *out,
+                         const float *k, const float *v, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    if (a->window > 0)
+        return fail(err, errlen, -ENOTSUP, "sliding-window attention (window %d) is not "
+                    "supported by the cpu backend yet", a->window);
+    const size_t KV = (size_t)a->n_kv_heads * (size_t)a->head_dim;
+    const size_t Q = (size_t)a->n_heads * (size_t)a->head_dim;
+    const kvq_layout *L = kvc_pool_layout(b->kvp);
+    for (int c = 0; c < b->n_slices; c++) {
+        const bk_slice *sl = &b->slices[c];
+        const size_t off = (size_t)sl->off;
+        int ns = kvc_segments(sl->seq, layer, b->segs, b->cap_segs - 1);
+        b->segs[ns++] = (kvs_seg){KVS_F32, sl->pos0, sl->n, k + off * KV, v + off * KV, KV};
+        float *o = out + off * Q;
+        const float *qs = q + off * Q;
+        if (b->use_ref) {
+            for (int i = 0; i < sl->n; i++)
+                kref_attn_seg(o + (size_t)i * Q, qs + (size_t)i * Q, sl->pos0 + i, b->segs, ns,
+                              L, a->n_heads, a->n_kv_heads, a->head_dim, a->scale,
+                              b->ref_scratch);
+        } else {
+            kcpu_attn_seg(b->pool, o, qs, sl->pos0, sl->n, b->segs, ns, L, a->n_heads,
+                          a->n_kv_heads, a->head_dim, a->scale, b->ws_attn);
+        }
+    }
+    return 0;
+}
+
+static int cpu_kv_store(void *be, int layer, const float *k, const float *v, char *err,
+                        size_t errlen)
+{
+    cpu_be *b = be;
+    (void)err;
+    (void)errlen;
+    const size_t KV = (size_t)b->kv_dim;
+    for (int c = 0; c < b->n_slices; c++) {
+        const bk_slice *sl = &b->slices[c];
+        kvc_store(sl->seq, layer, k + (size_t)sl->off * KV, v + (size_t)sl->off * KV);
+    }
+    return 0;
+}
+
+/* ---- KV pool and sequences ------------------------------------------------------ */
+
+static int cpu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_t nq,
+                           int64_t nf, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    if (b->kvp)
+        return fail(err, errlen, -EINVAL, "the backend already has a KV pool");
+    int rc = kvc_pool_create(cfg, d, nq, nf, &b->kvp, err, errlen);
+    if (rc < 0)
+        return rc;
+    size_t ws = kcpu_attn_seg_scratch_bytes(b->n_threads, kvc_pool_layout(b->kvp), b->head_dim);
+    b->ws_attn = malloc(ws > 0 ? ws : 1);
+    if (!b->ws_attn)
+        return fail(err, errlen, -ENOMEM, "out of memory for attention scratch");
+    if (b->use_ref) {
+        /* dequantize-then-attend needs the whole history as f32 */
+        size_t fl = ((size_t)b->n_ctx + (size_t)cfg->block_tokens) * (size_t)d->kv_dim * 2 +
+                    (size_t)b->n_ctx + 64;
+        b->ref_scratch = malloc(fl * sizeof(float));
+        if (!b->ref_scratch)
+            return fail(err, errlen, -ENOMEM, "out of memory for the reference attention");
+    }
+    return 0;
+}
+
+static int64_t cpu_pool_capacity_bytes(void *be)
+{
+    return kvc_pool_capacity_bytes(((cpu_be *)be)->kvp);
+}
+
+static void cpu_pool_free_units(void *be, int64_t *qfree, int64_t *ffree)
+{
+    kvc_pool_free_units(((cpu_be *)be)->kvp, qfree, ffree);
+}
+
+static double cpu_pool_usage(void *be)
+{
+    return kvc_pool_usage(((cpu_be *)be)->kvp);
+}
+
+static int cpu_pool_stats(void *be, kvc_stats *out, char *err, size_t errlen)
+{
+    (void)err;
+    (void)errlen;
+    kvc_pool_stats(((cpu_be *)be)->kvp, out);
+    return 0;
+}
+
+static const kvq_layout *cpu_pool_layout(void *be)
+{
+    return kvc_pool_layout(((cpu_be *)be)->kvp);
+}
+
+static int cpu_seq_create(void *be, int max_tokens, void **out, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    kvc_seq *q = NULL;
+    *out = NULL;
+    int rc = kvc_seq_create(b->kvp, max_tokens, &q, err, errlen);
+    if (rc < 0)
+        return rc;
+    /* the segment table must hold this sequence's history plus the step */
+    int need = kvc_max_segments(q) + 1;
+    if (need > b->cap_segs) {
+        kvs_seg *segs = realloc(b->segs, (size_t)need * sizeof *segs);
+        if (!segs) {
+            kvc_seq_destroy(q);
+            return fail(err, errlen, -ENOMEM, "out of memory for a segment table");
+        }
+        b->segs = segs;
+        b->cap_segs = need;
+    }
+    *out = q;
+    return 0;
+}
+
+static void cpu_seq_destroy(void *q)
+{
+    kvc_seq_destroy(q);
+}
+
+static void cpu_seq_reset(void *q)
+{
+    kvc_seq_reset(q);
+}
+
+static int cpu_seq_n_tokens(const void *q)
+{
+    return kvc_seq_n_tokens(q);
+}
+
+static int cpu_seq_stats(void *q, kvc_stats *out, char *err, size_t errlen)
+{
+    (void)err;
+    (void)errlen;
+    kvc_seq_stats(q, out);
+    return 0;
+}
+
+static int cpu_seq_ema(void *q, int layer, int tensor, float *lo, float *hi)
+{
+    return kvc_seq_ema(q, layer, tensor, lo, hi);
+}
+
+static int cpu_seq_warming(const void *q)
+{
+    return kvc_seq_warming(q);
+}
+
+static int cpu_seq_layer_counts(void *q, int layer, kvc_layer_counts *out, char *err,
+                                size_t errlen)
+{
+    if (kvc_seq_layer_counts(q, layer, out) < 0)
+        return fail(err, errlen, -EINVAL, "layer %d out of range", layer);
+    return 0;
+}
+
+static int cpu_seq_finish_prefill(void *q, char *err, size_t errlen)
+{
+    return kvc_finish_prefill(q, err, errlen);
+}
+
+static int cpu_kv_begin(void *q, int pos0, int n, int prefill, char *err, size_t errlen)
+{
+    return kvc_begin(q, pos0, n, prefill, err, errlen);
+}
+
+static void cpu_kv_commit(void *q)
+{
+    kvc_commit(q);
+}
+
+static void cpu_kv_abort(void *q)
+{
+    kvc_abort(q);
+}
+
+const bk_ops bk_cpu_ops = {
+    .name = "cpu",
+    .host_memory = 1,
+    .create = cpu_create,
+    .destroy = cpu_destroy,
+    .describe = cpu_describe,
+    .ctl = cpu_ctl,
+    .alloc = cpu_alloc,
+    .upload_weight = cpu_upload_weight,
+    .upload_vector = cpu_upload_vector,
+    .synth_weight = NULL,
+    .synth_vector = NULL,
+    .read = cpu_read,
+    .step_begin = cpu_step_begin,
+    .embed = cpu_embed,
+    .matmul = cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .add_bias = cpu_add_bias,
+    .rope = cpu_rope,
+    .glu = cpu_glu,
+    .add = cpu_add,
+    .softcap = cpu_softcap,
+    .attention = cpu_attention,
+    .kv_store = cpu_kv_store,
+    .pool_create = cpu_pool_create,
+    .pool_capacity_bytes = cpu_pool_capacity_bytes,
+    .pool_free_units = cpu_pool_free_units,
+    .pool_usage = cpu_pool_usage,
+    .pool_stats = cpu_pool_stats,
+    .pool_layout = cpu_pool_layout,
+    .seq_create = cpu_seq_create,
+    .seq_destroy = cpu_seq_destroy,
+    .seq_reset = cpu_seq_reset,
+    .seq_n_tokens = cpu_seq_n_tokens,
+    .seq_stats = cpu_seq_stats,
+    .seq_ema = cpu_seq_ema,
+    .seq_warming = cpu_seq_warming,
+    .seq_layer_counts = cpu_seq_layer_counts,
+    .seq_finish_prefill = cpu_seq_finish_prefill,
+    .kv_begin = cpu_kv_begin,
+    .kv_commit = cpu_kv_commit,
+    .kv_abort = cpu_kv_abort,
+};
