@@ -17,8 +17,9 @@
 #                      cache): files found there are copied instead of being
 #                      downloaded (tests use it to run setup without network)
 #   LKQ_EXTRA_PKGS     more Debian packages to require (space separated)
-#   LKQ_SETUP_GGUF=0       skip the optional gguf venv (tiny-model tests)
-#   LKQ_SETUP_CONSUMERS=0  skip the optional openai venv / prometheus step
+#   LKQ_SETUP_GGUF=0       skip the optional gguf venv (step 3)
+#   LKQ_SETUP_CONSUMERS=0  skip the optional steps 3 and 4 (gguf venv, openai
+#                          venv, prometheus): LKQ_SETUP_GGUF=1 keeps step 3
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -107,11 +108,11 @@ fi
 GGUF_PIN=${LKQ_GGUF_PIN:-gguf==0.19.0}
 gvenv="$CACHE/venv-gguf"
 gstamp="$gvenv/.lkq-${GGUF_PIN//[^A-Za-z0-9.]/_}"
-if [ "${LKQ_SETUP_GGUF:-1}" != 0 ] && { [ ! -f "$gstamp" ] || [ ! -x "$gvenv/bin/python" ]; }; then
+if [ "${LKQ_SETUP_GGUF:-${LKQ_SETUP_CONSUMERS:-1}}" != 0 ] && { [ ! -f "$gstamp" ] || [ ! -x "$gvenv/bin/python" ]; }; then
     if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "ok installed"; then
         apt_install "$CACHE/apt-venv.log" python3-venv || true
     fi
-    say "creating $gvenv ($GGUF_PIN, numpy)"
+    note "creating $gvenv ($GGUF_PIN, numpy)"
     rm -rf "$gvenv"
     vpy=/usr/bin/python3
     [ -x "$vpy" ] || vpy=python3

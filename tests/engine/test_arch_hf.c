@@ -16,18 +16,23 @@
  *
  * Models: qwen2_gqa3 (6 heads / 2 KV, biases, untied), qwen2_mha_tied
  * (4/4, biases, tied), llama31_gqa8 (8/1, rope_freqs, untied),
- * llama_linear_hd32 (4/2, head_dim 32 via key_length, linear x2, tied):
- * GQA ratios 1, 2, 3, 8.
+ * llama_linear_hd32 (4/2, head_dim 32 via key_length, linear x2, tied),
+ * gemma3_global (6 layers, 4/1 heads of 32, Q/K norms, sandwich norms,
+ * GELU-tanh, sqrt(dim) embedding scale, soft-cap 10, tied; no window) and
+ * gemma3_swa (the same with window 8 on layers 0-4, RoPE base 1e4 there,
+ * 1e6 on layer 5): GQA ratios 1, 2, 3, 4, 8. While the CPU backend refuses
+ * sliding-window attention, gemma3_swa checks its descriptor and skips
+ * the logits (one line says so).
  *
  * Each model runs four ways: {optimized CPU kernels, kernels/ref} x
  * {one prefill of all 40 tokens; a prefill of 20 then 20 single-token
  * decodes}, KV cache FP16, logits of every position compared with HF:
  * - prefill: max |diff| <= TOL_PREFILL = 1e-4. A 40-token prompt is one
  *   chunk, which attends to its own exact float K/V: only float32
- *   summation order differs (measured <= 5e-6 on llama_linear_hd32).
+ *   summation order differs. Measured max over the models 4.8e-6.
  * - prefill + decode: max |diff| <= TOL_DECODE = 1e-2. Decode steps read
- *   positions from the FP16 cache (11 significant bits): measured 2.4e-3
- *   on llama_linear_hd32, logits of std ~2.
+ *   positions from the FP16 cache (11 significant bits). Measured 8.3e-4
+ *   (qwen2_gqa3) to 2.4e-3 (llama_linear_hd32); logits have std 1-2.
  * - argmax equal wherever the golden top-1 / top-2 margin is >= 10 x tol.
  * The measured values per model are printed (cr_log_info, --verbose) and
  * listed in docs/models.md.
@@ -116,6 +121,15 @@ static double margin(const float *x, int n)
 
 static float E[MAXT][MAXV];
 
+/* While the backend refuses sliding-window attention, a model with window
+ * layers is skipped (after its descriptor was checked), saying why. */
+static void skip_if_no_window(const mdl_model *m, const char *name, int rc, const char *err)
+{
+    if (rc && m->hp.sliding_window > 0 && strstr(err, "sliding-window") &&
+        strstr(err, "not supported"))
+        cr_skip_test("tiny_%s: descriptor checked; logits skipped: %s", name, err);
+}
+
 /* Runs the golden tokens through m: a prefill of the first `split` tokens
  * (logits of every position), then one decode step per remaining token
  * (these read the earlier positions from the FP16 KV cache), on kernels/ref
@@ -131,10 +145,14 @@ static void compare_run(const mdl_model *m, const char *name, int ref, int split
     p.use_ref = ref;
     p.kv.mode = CFG_KV_FP16;
     fwd_state *s = NULL;
-    cr_assert_eq(fwd_create(m, &p, &s, err, sizeof err), 0, "%s: %s", name, err);
+    int rc = fwd_create(m, &p, &s, err, sizeof err);
+    skip_if_no_window(m, name, rc, err);
+    cr_assert_eq(rc, 0, "%s: %s", name, err);
     const float *lg = NULL;
     const size_t V = (size_t)G.vocab;
-    cr_assert_eq(fwd_eval(s, G.tok, split, 0, 1, &lg, err, sizeof err), 0, "%s: %s", name, err);
+    rc = fwd_eval(s, G.tok, split, 0, 1, &lg, err, sizeof err);
+    skip_if_no_window(m, name, rc, err);
+    cr_assert_eq(rc, 0, "%s: %s", name, err);
     memcpy(E, lg, (size_t)split * V * sizeof(float));
     for (int i = split; i < G.n_tok; i++) {
         cr_assert_eq(fwd_eval(s, &G.tok[i], 1, i, 0, &lg, err, sizeof err), 0, "%s: %s", name, err);
@@ -215,4 +233,14 @@ Test(arch_hf, llama31_rope_freqs_gqa8, .timeout = 120)
 Test(arch_hf, llama_linear_head_dim32_tied, .timeout = 120)
 {
     check_model("llama_linear_hd32", "llama", 1, 0, MDL_ROPE_NORM, MDL_ROPE_SCALE_LINEAR);
+}
+
+Test(arch_hf, gemma3_global_qk_sandwich_norms_softcap, .timeout = 120)
+{
+    check_model("gemma3_global", "gemma3", 1, 0, MDL_ROPE_NEOX, MDL_ROPE_SCALE_NONE);
+}
+
+Test(arch_hf, gemma3_window_layers, .timeout = 120)
+{
+    check_model("gemma3_swa", "gemma3", 1, 0, MDL_ROPE_NEOX, MDL_ROPE_SCALE_NONE);
 }

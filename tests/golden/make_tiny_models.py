@@ -70,7 +70,23 @@ MODELS = {
     "llama_linear_hd32": dict(arch="llama", seed=104, dim=64, hidden=128, layers=2, heads=4, kv=2,
                               head_dim=32, theta=10000.0, eps=1e-5, tied=True, bias=False,
                               rope=dict(rope_type="linear", factor=2.0)),
+    # Gemma-3, every layer global (no sliding_window key): Q/K norms, sandwich
+    # norms, GELU-tanh, sqrt(dim) embedding scale, head_dim 32 (Q 128 rows for
+    # dim 64), 4 heads on 1 KV head, logit soft-cap 10, tied output.
+    "gemma3_global": dict(arch="gemma3", seed=105, dim=64, hidden=128, layers=6, heads=4, kv=1,
+                          head_dim=32, theta=1000000.0, eps=1e-6, tied=True, bias=False,
+                          gemma=True, window=0, softcap=10.0),
+    # Gemma-3 with window layers: window 8 on layers 0-4 (RoPE base 10000),
+    # layer 5 global (base 1e6).
+    "gemma3_swa": dict(arch="gemma3", seed=106, dim=64, hidden=128, layers=6, heads=4, kv=1,
+                       head_dim=32, theta=1000000.0, eps=1e-6, tied=True, bias=False,
+                       gemma=True, window=8, theta_local=10000.0, softcap=10.0),
 }
+
+
+def is_window_layer(cfg, i):
+    """Gemma-3 / llama.cpp pattern: 5 window layers, then 1 global."""
+    return cfg.get("window", 0) > 0 and i % 6 < 5
 
 
 def make_weights(cfg):
@@ -96,8 +112,14 @@ def make_weights(cfg):
              "down": mat(d, h)}
         if cfg["bias"]:
             L.update(bq=vec(qd, 0.0, 0.5), bk=vec(kvd, 0.0, 0.5), bv=vec(kvd, 0.0, 0.5))
+        if cfg.get("gemma"):
+            # HF Gemma3RMSNorm multiplies by (1 + w): these are the w, near 0
+            for k in ("attn_norm", "ffn_norm"):
+                L[k] = L[k] - 1.0
+            L.update(q_norm=vec(hd, 0.0, 0.1), k_norm=vec(hd, 0.0, 0.1),
+                     post_attn_norm=vec(d, 0.0, 0.1), post_ffn_norm=vec(d, 0.0, 0.1))
         w["layers"].append(L)
-    w["norm"] = vec(d, 1.0, 0.1)
+    w["norm"] = vec(d, 0.0 if cfg.get("gemma") else 1.0, 0.1)
     if not cfg["tied"]:
         w["output"] = mat(VOCAB, d)
     return w
@@ -145,8 +167,11 @@ def permute(w, n_head):
 
 
 def gguf_tensors(cfg, w):
-    """(name, array) in the converter's names and layout (arrays [out, in])."""
+    """(name, array) in the converter's names and layout (arrays [out, in]).
+    gemma3: the converter stores Gemma's RMSNorm weights as 1 + w."""
     llama = cfg["arch"] == "llama"
+    gemma = cfg.get("gemma", False)
+    nw = (lambda v: v + np.float32(1.0)) if gemma else (lambda v: v)
     t = [("token_embd.weight", w["embed"])]
     if cfg.get("rope", {}).get("rope_type") == "llama3":
         t.append(("rope_freqs.weight", llama3_rope_factors(cfg)))
@@ -155,7 +180,7 @@ def gguf_tensors(cfg, w):
         wq, wk = L["wq"], L["wk"]
         if llama:
             wq, wk = permute(wq, cfg["heads"]), permute(wk, cfg["kv"])
-        t += [(p + "attn_norm.weight", L["attn_norm"]), (p + "attn_q.weight", wq),
+        t += [(p + "attn_norm.weight", nw(L["attn_norm"])), (p + "attn_q.weight", wq),
               (p + "attn_k.weight", wk), (p + "attn_v.weight", L["wv"]),
               (p + "attn_output.weight", L["wo"])]
         if cfg["bias"]:
@@ -163,9 +188,14 @@ def gguf_tensors(cfg, w):
             if llama:
                 bq, bk = permute(bq, cfg["heads"]), permute(bk, cfg["kv"])
             t += [(p + "attn_q.bias", bq), (p + "attn_k.bias", bk), (p + "attn_v.bias", L["bv"])]
-        t += [(p + "ffn_norm.weight", L["ffn_norm"]), (p + "ffn_gate.weight", L["gate"]),
+        if gemma:
+            t += [(p + "attn_q_norm.weight", nw(L["q_norm"])),
+                  (p + "attn_k_norm.weight", nw(L["k_norm"])),
+                  (p + "post_attention_norm.weight", nw(L["post_attn_norm"])),
+                  (p + "post_ffw_norm.weight", nw(L["post_ffn_norm"]))]
+        t += [(p + "ffn_norm.weight", nw(L["ffn_norm"])), (p + "ffn_gate.weight", L["gate"]),
               (p + "ffn_up.weight", L["up"]), (p + "ffn_down.weight", L["down"])]
-    t.append(("output_norm.weight", w["norm"]))
+    t.append(("output_norm.weight", nw(w["norm"])))
     if not cfg["tied"]:
         t.append(("output.weight", w["output"]))
     return t
@@ -207,6 +237,10 @@ def write_gguf(name, cfg, w, path):
     if a == "llama":
         wr.add_vocab_size(VOCAB)
         wr.add_rope_dimension_count(cfg["head_dim"])
+    if cfg.get("window"):
+        wr.add_sliding_window(cfg["window"])
+    if cfg.get("softcap"):
+        wr.add_final_logit_softcapping(cfg["softcap"])
     rope = cfg.get("rope", {})
     if rope.get("rope_type") == "linear":
         wr.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -226,24 +260,30 @@ def write_gguf(name, cfg, w, path):
 
 # ------------------------------------------------- numpy fp64, GGUF layout
 def np_forward(cfg, tensors, ids):
-    """Forward pass in float64 over the GGUF tensors (llama: permuted Q/K rows
-    with adjacent-pair RoPE; qwen2: rotate-half)."""
+    """Forward pass in float64 over the GGUF tensors, llama.cpp's reading of
+    them (llama: permuted Q/K rows with adjacent-pair RoPE; qwen2, gemma3:
+    rotate-half; gemma3: norms stored as 1 + w, Q/K and sandwich norms,
+    GELU-tanh, sqrt(dim) embedding scale, window layers with their own RoPE
+    base, logit soft-cap)."""
     T = {k: v.astype(np.float64) for k, v in tensors}
     nh, nkv, hd, eps = cfg["heads"], cfg["kv"], cfg["head_dim"], cfg["eps"]
-    neox = cfg["arch"] != "llama"
+    neox, gemma = cfg["arch"] != "llama", cfg.get("gemma", False)
     rope = cfg.get("rope", {})
-    freq = cfg["theta"] ** (-np.arange(0, hd, 2) / hd)
-    if "rope_freqs.weight" in T:
-        freq = freq / T["rope_freqs.weight"]
     scale = 1.0 / rope["factor"] if rope.get("rope_type") == "linear" else 1.0
     n = len(ids)
-    ang = (np.arange(n) * scale)[:, None] * freq[None, :]          # [n, hd/2]
-    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    pos = np.arange(n)
+
+    def rope_cs(theta):
+        freq = theta ** (-np.arange(0, hd, 2) / hd)
+        if "rope_freqs.weight" in T:
+            freq = freq / T["rope_freqs.weight"]
+        ang = (pos * scale)[:, None] * freq[None, :]                  # [n, hd/2]
+        return np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
 
     def rms(x, g):
         return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
 
-    def rot(x):                                                      # x [n, H, hd]
+    def rot(x, c, s):                                                # x [n, H, hd]
         a, b = (x[..., :hd // 2], x[..., hd // 2:]) if neox else (x[..., 0::2], x[..., 1::2])
         ra, rb = a * c - b * s, a * s + b * c
         out = np.empty_like(x)
@@ -253,33 +293,49 @@ def np_forward(cfg, tensors, ids):
             out[..., 0::2], out[..., 1::2] = ra, rb
         return out
 
-    x = T["token_embd.weight"][np.asarray(ids)]
-    mask = np.triu(np.full((n, n), -np.inf), 1)
+    x = T["token_embd.weight"][np.asarray(ids)] * (math.sqrt(cfg["dim"]) if gemma else 1.0)
+    causal = np.triu(np.full((n, n), -np.inf), 1)
     for i in range(cfg["layers"]):
         p = f"blk.{i}."
+        local = is_window_layer(cfg, i)
+        c, s = rope_cs(cfg["theta_local"] if local else cfg["theta"])
+        mask = causal.copy()
+        if local:  # query t sees keys t - window + 1 .. t
+            mask[pos[:, None] - pos[None, :] >= cfg["window"]] = -np.inf
         h = rms(x, T[p + "attn_norm.weight"])
         q, k, v = h @ T[p + "attn_q.weight"].T, h @ T[p + "attn_k.weight"].T, h @ T[p + "attn_v.weight"].T
         if cfg["bias"]:
             q, k, v = q + T[p + "attn_q.bias"], k + T[p + "attn_k.bias"], v + T[p + "attn_v.bias"]
-        q, k = rot(q.reshape(n, nh, hd)), rot(k.reshape(n, nkv, hd))
-        v = v.reshape(n, nkv, hd)
+        q, k, v = q.reshape(n, nh, hd), k.reshape(n, nkv, hd), v.reshape(n, nkv, hd)
+        if gemma:
+            q, k = rms(q, T[p + "attn_q_norm.weight"]), rms(k, T[p + "attn_k_norm.weight"])
+        q, k = rot(q, c, s), rot(k, c, s)
         k, v = np.repeat(k, nh // nkv, 1), np.repeat(v, nh // nkv, 1)
         sc = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd) + mask
         sc = np.exp(sc - sc.max(-1, keepdims=True))
         sc /= sc.sum(-1, keepdims=True)
-        a = np.einsum("hts,shd->thd", sc, v).reshape(n, nh * hd)
-        x = x + a @ T[p + "attn_output.weight"].T
+        a = np.einsum("hts,shd->thd", sc, v).reshape(n, nh * hd) @ T[p + "attn_output.weight"].T
+        x = x + (rms(a, T[p + "post_attention_norm.weight"]) if gemma else a)
         h = rms(x, T[p + "ffn_norm.weight"])
         g = h @ T[p + "ffn_gate.weight"].T
-        x = x + ((g / (1 + np.exp(-g))) * (h @ T[p + "ffn_up.weight"].T)) @ T[p + "ffn_down.weight"].T
+        if gemma:
+            act = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+        else:
+            act = g / (1 + np.exp(-g))
+        f = (act * (h @ T[p + "ffn_up.weight"].T)) @ T[p + "ffn_down.weight"].T
+        x = x + (rms(f, T[p + "post_ffw_norm.weight"]) if gemma else f)
     out = T.get("output.weight", T["token_embd.weight"])
-    return rms(x, T["output_norm.weight"]) @ out.T
+    logits = rms(x, T["output_norm.weight"]) @ out.T
+    if cfg.get("softcap"):
+        logits = cfg["softcap"] * np.tanh(logits / cfg["softcap"])
+    return logits
 
 
 # ------------------------------------------------------------- HF goldens
 def hf_logits(cfg, w, ids, ablate=None):
     """HF transformers float32 logits [n, V]. ablate: drop the model's
-    distinguishing feature ('rope' scaling or 'bias') to measure its effect."""
+    distinguishing feature ('rope' scaling, 'bias', gemma3's 'window' or
+    'softcap') to measure how much the golden depends on it."""
     import torch
     import transformers
     torch.set_num_threads(1)
@@ -293,28 +349,46 @@ def hf_logits(cfg, w, ids, ablate=None):
     if rope and ablate != "rope":
         rp.update(rope)
     if cfg["arch"] == "llama":
-        conf = transformers.LlamaConfig(rope_parameters=rp, **common)
-        model = transformers.LlamaForCausalLM(conf)
-    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=rp, **common))
+    elif cfg["arch"] == "qwen2":
         conf = transformers.Qwen2Config(rope_parameters=rp, use_sliding_window=False, **common)
         model = transformers.Qwen2ForCausalLM(conf)
+    else:
+        window = cfg["window"] > 0 and ablate != "window"
+        types = ["sliding_attention" if window and is_window_layer(cfg, i) else "full_attention"
+                 for i in range(cfg["layers"])]
+        rps = {"full_attention": dict(rp), "sliding_attention": {
+            "rope_type": "default", "rope_theta": cfg.get("theta_local", cfg["theta"])}}
+        conf = transformers.Gemma3TextConfig(
+            rope_parameters=rps, layer_types=types, sliding_window=cfg["window"] or 4096,
+            query_pre_attn_scalar=cfg["head_dim"], hidden_activation="gelu_pytorch_tanh",
+            final_logit_softcapping=None if ablate == "softcap" else cfg.get("softcap"),
+            pad_token_id=0, bos_token_id=None, eos_token_id=None, **common)
+        model = transformers.Gemma3ForCausalLM(conf)
     sd = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["norm"],
           "lm_head.weight": w["embed"] if cfg["tied"] else w["output"]}
     for i, L in enumerate(w["layers"]):
         p = f"model.layers.{i}."
         sd.update({p + "input_layernorm.weight": L["attn_norm"],
-                   p + "post_attention_layernorm.weight": L["ffn_norm"],
                    p + "self_attn.q_proj.weight": L["wq"], p + "self_attn.k_proj.weight": L["wk"],
                    p + "self_attn.v_proj.weight": L["wv"], p + "self_attn.o_proj.weight": L["wo"],
                    p + "mlp.gate_proj.weight": L["gate"], p + "mlp.up_proj.weight": L["up"],
                    p + "mlp.down_proj.weight": L["down"]})
+        if cfg.get("gemma"):
+            sd.update({p + "self_attn.q_norm.weight": L["q_norm"],
+                       p + "self_attn.k_norm.weight": L["k_norm"],
+                       p + "post_attention_layernorm.weight": L["post_attn_norm"],
+                       p + "pre_feedforward_layernorm.weight": L["ffn_norm"],
+                       p + "post_feedforward_layernorm.weight": L["post_ffn_norm"]})
+        else:
+            sd[p + "post_attention_layernorm.weight"] = L["ffn_norm"]
         if cfg["bias"]:
             z = ablate == "bias"
             for nm, key in (("q", "bq"), ("k", "bk"), ("v", "bv")):
                 sd[p + f"self_attn.{nm}_proj.bias"] = L[key] * (0 if z else 1)
     sd = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    missing = [m for m in missing if not m.endswith("inv_freq")]
     if missing or unexpected:
         sys.exit(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     model.eval()
@@ -385,10 +459,12 @@ def main():
                  f"{cfg.get('rope', {'rope_type': 'default'})}",
                  f"numpy float64 forward on the GGUF layout vs HF: max |diff| {d_np:.3g}",
                  f"logits range [{ref.min():.3f}, {ref.max():.3f}], std {ref.std():.3f}"]
-        for feat in (["rope"] if cfg.get("rope") else []) + (["bias"] if cfg["bias"] else []):
+        feats = [f for f, on in (("rope", cfg.get("rope")), ("bias", cfg["bias"]),
+                                 ("window", cfg.get("window")), ("softcap", cfg.get("softcap")))
+                 if on]
+        for feat in feats:
             d = float(np.abs(hf_logits(cfg, w, ids, ablate=feat) - ref).max())
-            notes.append(f"without its {feat} {'scaling' if feat == 'rope' else 'terms'}, "
-                         f"HF logits move by max |diff| {d:.3g}")
+            notes.append(f"without its {feat}, HF logits move by max |diff| {d:.3g}")
         if d_np > 1e-3:
             sys.exit(f"tiny_{name}: numpy and HF disagree by {d_np:g}: layout bug")
         write_golden(golden_path(outdir, name), name, cfg, ids, ref, notes)
