@@ -9,13 +9,18 @@
 # bench/llamacpp_bench.py for the two setup commands). Not run by CI.
 # The two engines alternate (ours, peer, ours, peer ...) so slow periods of
 # the shared machine hit both; each figure is the median over all rounds.
+# LKQ_BASE_BUILD=DIR adds a third engine to the rotation: the bench_e2e of
+# another build of LiveKVQuant (e.g. the commit before a restructure), with
+# its column and the ratios in the table (OUT=FILE writes the table
+# elsewhere than docs/bench.md).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=${1:-5}
 MODEL=${LKQ_MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 PY=${LKQ_LLAMA_PY:-$HOME/.cache/livekvq/venv-llama/bin/python}
 THREADS=${LKQ_THREADS:-2}
-OUT=$ROOT/docs/bench.md
+OUT=${OUT:-$ROOT/docs/bench.md}
+BASE=${LKQ_BASE_BUILD:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -23,6 +28,9 @@ trap 'rm -rf "$tmp"' EXIT
 for r in $(seq 1 "$REPS"); do
     echo "round $r/$REPS" >&2
     "$ROOT/build/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 | grep -E '\| (pp|tg)[0-9]' >>"$tmp/ours"
+    if [ -n "$BASE" ]; then
+        "$BASE/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 | grep -E '\| (pp|tg)[0-9]' >>"$tmp/base"
+    fi
     if [ -x "$PY" ]; then
         OMP_WAIT_POLICY=passive "$PY" "$ROOT/bench/llamacpp_bench.py" -m "$MODEL" -t "$THREADS" -r 1 >>"$tmp/peer"
     fi
@@ -41,13 +49,21 @@ def load(name):
         if len(f) >= 5:
             d.setdefault(f[-2], []).append(float(f[-1]))
     return d
-ours, peer = load("ours"), load("peer")
-print("| test | LiveKVQuant tok/s | llama.cpp tok/s | ratio |")
-print("|---|---|---|---|")
+ours, peer, base = load("ours"), load("peer"), load("base")
+med = lambda d, t: statistics.median(d[t]) if t in d else float("nan")
+div = lambda a, b: a / b if b == b and b else float("nan")
+if base:
+    print("| test | LiveKVQuant tok/s | base build tok/s | ours/base | llama.cpp tok/s | ours/llama.cpp | base/llama.cpp |")
+    print("|---|---|---|---|---|---|---|")
+else:
+    print("| test | LiveKVQuant tok/s | llama.cpp tok/s | ratio |")
+    print("|---|---|---|---|")
 for t in ("pp512", "pp2048", "tg64@16", "tg64@2048"):
-    o = statistics.median(ours[t]) if t in ours else float("nan")
-    p = statistics.median(peer[t]) if t in peer else float("nan")
-    print("| %s | %.1f | %.1f | %.2f |" % (t, o, p, o / p if p == p and p else float("nan")))
+    o, p, b = med(ours, t), med(peer, t), med(base, t)
+    if base:
+        print("| %s | %.1f | %.1f | %.3f | %.1f | %.2f | %.2f |" % (t, o, b, div(o, b), p, div(o, p), div(b, p)))
+    else:
+        print("| %s | %.1f | %.1f | %.2f |" % (t, o, p, div(o, p)))
 PY
 
 {
@@ -55,7 +71,7 @@ PY
     echo
     echo "Model: $(basename "$MODEL"), $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores."
     echo "Date: $(date -u +%Y-%m-%d). Median of $REPS rounds; the two engines alternate within one run."
-    echo "Command: \`bench/run_bench.sh $REPS\`"
+    echo "Command: \`${BASE:+LKQ_BASE_BUILD=$BASE }bench/run_bench.sh $REPS\`"
     echo
     echo "pp N = prompt processing of N tokens from an empty cache (batches of 512);"
     echo "tg 64@C = 64 tokens generated one at a time after a C-token prompt. Both"

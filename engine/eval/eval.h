@@ -2,6 +2,7 @@
  * eval.h - quality evaluation of a KV cache configuration on real text:
  * perplexity, mean KL divergence to the FP16-cache run, top-1 agreement,
  * and the cache's exact memory (bits per element all-in).
+ * Room: engine/eval. May call: engine/graph (fwd_* on any device).
  *
  * The text (already tokenized) is cut into windows of n_ctx tokens; each
  * window is prefilled chunk by chunk in two states side by side, the FP16

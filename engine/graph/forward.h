@@ -21,6 +21,11 @@
  * Prompt tokens run in chunks aligned to multiples of kv.chunk_size; each
  * chunk attends to its own exact K/V and to the cached history (INT4
  * blocks dequantized inside the attention), then its K/V enter the cache.
+ *
+ * Room: engine/graph. May call: engine/backend (the op table of the chosen
+ * device, found in its registry), engine/kv (plan sizes and estimates,
+ * accounting types), engine/model (the descriptor). Called by
+ * engine/sched, engine/eval, tools/, bench/.
  */
 #ifndef LKQ_FORWARD_H
 #define LKQ_FORWARD_H

@@ -1,6 +1,7 @@
 /*
  * chat.h - chat prompt formatting for the template families a GGUF names
  * (ChatML, Llama-2, Llama-3, Zephyr) without a Jinja interpreter.
+ * Room: engine/sample. May call: libc only.
  * Pure functions; thread-safe.
  */
 #ifndef LKQ_CHAT_H

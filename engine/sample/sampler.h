@@ -2,6 +2,7 @@
  * sampler.h - token sampling: penalties (repetition, presence, frequency),
  * temperature, top-k, top-p (nucleus), min-p, greedy at temperature 0, and
  * a seeded PRNG so the same seed gives the same tokens.
+ * Room: engine/sample (sampling and chat formatting). May call: libc only.
  *
  * A smp_sampler is per sequence and not thread-safe; all scratch is
  * allocated at creation (no allocation per token).

@@ -1,12 +1,16 @@
 /*
  * scheduler.h - the engine thread and its scheduler: continuous batching over
  * chunked prefill (../shared/DESIGN.md §1, §6).
+ * Room: engine/sched. Owns the request queue, admission, the step plan of
+ * every engine step and the published metrics. May call: engine/graph
+ * (fwd_*: the forward state, its sequences and pool), engine/sample,
+ * engine/util; never a backend or a KV executor directly.
  *
  * The HTTP layer turns a request into native parameters (token ids,
  * sampling, limits), submits it, and polls its output; it never touches
  * the model. One engine thread owns the forward state, the shared KV pool
  * and every sequence, on the CPU or a CUDA GPU (sched_params.device,
- * engine/backend.h). Each step packs the decode token of every running
+ * engine/backend/backend.h). Each step packs the decode token of every running
  * sequence plus chunk-aligned prefill pieces of new ones within a token
  * budget (max_batch); a sequence is admitted when a slot is free and the
  * pool's free blocks cover its prompt. When the pool runs out mid-flight,

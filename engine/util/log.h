@@ -2,6 +2,7 @@
  * log.h - the one logging module: leveled lines to stderr, each line
  * written with a single write so lines from different threads never
  * interleave. Never called from kernels.
+ * Room: engine/util. May call: libc only.
  * Thread-safety: all functions may be called from any thread.
  */
 #ifndef LKQ_LOG_H

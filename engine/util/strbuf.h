@@ -1,6 +1,7 @@
 /*
  * strbuf.h - a growing, NUL-terminated text buffer filled printf-style
  * (Prometheus exposition in server/metrics.c, CSV/JSON rows in tools/).
+ * Room: engine/util. May call: libc only.
  *
  * An allocation failure is sticky: later appends do nothing and `oom`
  * stays set, so a caller checks once at the end. Threading: a buffer is
