@@ -458,6 +458,11 @@ static int cu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
         int p = *(const int *)arg;
         if (p != KCU_ATTN_AUTO && p != KCU_ATTN_GENERIC && p != KCU_ATTN_MMA)
             return fail(err, errlen, -EINVAL, "attention path %d (0 auto, 1 generic, 2 mma)", p);
+        kcu_attn_shape sh = {s->hp.n_heads, s->hp.n_kv_heads, s->hp.head_dim, 1.0f,
+                             s->pool ? kvcd_pool_layout(s->pool) : NULL};
+        if (p == KCU_ATTN_MMA && (!s->pool || !kcu_attn_mma_supported(&sh)))
+            return fail(err, errlen, -ENOTSUP, "the tensor-core attention does not take "
+                        "head_dim %d with this cache layout", s->hp.head_dim);
         s->attn_path = p;
         return 0;
     }
