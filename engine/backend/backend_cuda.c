@@ -22,6 +22,10 @@
  * part). The tables, the attention scratch and the KV pool are allocated by
  * pool_create (they depend on the cache configuration).
  *
+ * May call: kernels/cuda (and cuBLAS through kcu_rt), kernels/ref (the
+ * dequantization of quantized weights at upload), engine/kv (the device
+ * KV executor kvcache_cuda and the plan's page size). Never the graph.
+ *
  * Errors: kernels/cuda and cuBLAS failures are -EIO with their message
  * (after a device fault the context stays unusable and every later op
  * fails); out of device memory -ENOMEM; a call outside what the instance
