@@ -1,6 +1,6 @@
 /*
  * sampler.c - see sampler.h. Pipeline per token:
- *   logits -> penalties -> (greedy if temperature == 0) -> /temperature ->
+ *   logits -> logit bias -> penalties -> (greedy if temperature == 0) -> /temperature ->
  *   top-k -> softmax -> min-p -> top-p -> renormalize -> draw.
  * Candidates live in one preallocated array; only the candidates that can
  * matter are sorted (top-k selects first; top-p sorts the tokens above a
@@ -25,6 +25,7 @@ struct smp_sampler {
     smp_cand *cand;   /* [n_vocab] */
     float *adj;       /* [n_vocab] penalized logits */
     int32_t *counts;  /* [n_vocab] occurrence counts, reset after use */
+    smp_bias *bias;   /* [p.n_logit_bias] own copy */
 };
 
 smp_params smp_default_params(void)
@@ -39,6 +40,8 @@ smp_params smp_default_params(void)
         .presence_penalty = 0.0f,
         .frequency_penalty = 0.0f,
         .seed = 0,
+        .logit_bias = NULL,
+        .n_logit_bias = 0,
     };
     return p;
 }
@@ -62,6 +65,11 @@ int smp_validate(const smp_params *p, char *err, size_t errlen)
         why = "presence_penalty must be in [-2, 2]";
     else if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
         why = "frequency_penalty must be in [-2, 2]";
+    else if (p->n_logit_bias < 0 || (p->n_logit_bias > 0 && !p->logit_bias))
+        why = "logit_bias: no entries given";
+    for (int32_t i = 0; !why && i < p->n_logit_bias; i++)
+        if (!(p->logit_bias[i].bias >= SMP_BIAS_MIN && p->logit_bias[i].bias <= SMP_BIAS_MAX))
+            why = "logit_bias values must be in [-100, 100]";
     if (why) {
         if (err && errlen)
             snprintf(err, errlen, "%s", why);
@@ -106,6 +114,23 @@ int smp_create(const smp_params *p, int32_t n_vocab, smp_sampler **out,
     s->counts = calloc((size_t)n_vocab, sizeof *s->counts);
     if (!s->cand || !s->adj || !s->counts)
         goto oom;
+    s->p.logit_bias = NULL;
+    if (p->n_logit_bias > 0) {
+        for (int32_t i = 0; i < p->n_logit_bias; i++) {
+            if (p->logit_bias[i].token < 0 || p->logit_bias[i].token >= n_vocab) {
+                if (err && errlen)
+                    snprintf(err, errlen, "logit_bias: token %d is not in [0, %d)",
+                             p->logit_bias[i].token, n_vocab);
+                smp_destroy(s);
+                return -1;
+            }
+        }
+        s->bias = malloc((size_t)p->n_logit_bias * sizeof *s->bias);
+        if (!s->bias)
+            goto oom;
+        memcpy(s->bias, p->logit_bias, (size_t)p->n_logit_bias * sizeof *s->bias);
+        s->p.logit_bias = s->bias;
+    }
     *out = s;
     return 0;
 oom:
@@ -122,6 +147,7 @@ void smp_destroy(smp_sampler *s)
     free(s->cand);
     free(s->adj);
     free(s->counts);
+    free(s->bias);
     free(s);
 }
 
@@ -208,6 +234,10 @@ int32_t smp_sample(smp_sampler *s, const float *logits, const int32_t *history,
     const smp_params *p = &s->p;
     const int nv = s->n_vocab;
     memcpy(s->adj, logits, (size_t)nv * sizeof *s->adj);
+    for (int32_t i = 0; i < p->n_logit_bias; i++) {
+        const smp_bias *b = &s->bias[i];
+        s->adj[b->token] = b->bias <= SMP_BIAS_MIN ? -INFINITY : s->adj[b->token] + b->bias;
+    }
     apply_penalties(s, history, n_history);
 
     /* NaN logits are treated as -inf so they can never be chosen. */

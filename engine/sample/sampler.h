@@ -1,6 +1,6 @@
 /*
- * sampler.h - token sampling: penalties (repetition, presence, frequency),
- * temperature, top-k, top-p (nucleus), min-p, greedy at temperature 0, and
+ * sampler.h - token sampling: logit bias, penalties (repetition, presence,
+ * frequency), temperature, top-k, top-p (nucleus), min-p, greedy at temperature 0, and
  * a seeded PRNG so the same seed gives the same tokens.
  * Room: engine/sample (sampling and chat formatting). May call: libc only.
  *
@@ -23,18 +23,34 @@ typedef struct {
     float presence_penalty; /* OpenAI: logit -= p if the token appeared */
     float frequency_penalty;/* OpenAI: logit -= f * count */
     uint64_t seed;
+    /* OpenAI logit_bias: added to the logit of each listed token before the
+     * penalties (llama.cpp's order); a bias of -100 or less bans the token
+     * (its logit becomes -inf). Borrowed here; smp_create copies it. */
+    const struct smp_bias *logit_bias;
+    int32_t n_logit_bias;
 } smp_params;
+
+typedef struct smp_bias {
+    int32_t token;          /* [0, n_vocab) */
+    float bias;             /* [-100, 100] */
+} smp_bias;
+
+#define SMP_BIAS_MIN (-100.0f)
+#define SMP_BIAS_MAX 100.0f
 
 typedef struct smp_sampler smp_sampler;
 
 /* Defaults: temperature 1, top_k 0, top_p 1, min_p 0, penalties off,
- * repeat_last_n 64, seed 0. */
+ * repeat_last_n 64, seed 0, no logit bias. */
 smp_params smp_default_params(void);
 
-/* Checks ranges; writes a reason to err and returns negative if invalid. */
+/* Checks ranges (the bias values too, not the token ids: smp_create knows
+ * the vocabulary); writes a reason to err and returns negative if invalid. */
 int smp_validate(const smp_params *p, char *err, size_t errlen);
 
-/* Creates a sampler for n_vocab logits; caller frees with smp_destroy. */
+/* Creates a sampler for n_vocab logits; caller frees with smp_destroy.
+ * Copies p->logit_bias (a token out of range or a bias outside
+ * [SMP_BIAS_MIN, SMP_BIAS_MAX] is refused with a reason). */
 int smp_create(const smp_params *p, int32_t n_vocab, smp_sampler **out,
                char *err, size_t errlen);
 void smp_destroy(smp_sampler *s); /* NULL is a no-op */

@@ -1,6 +1,6 @@
 /*
  * test_sampler.c - sampling: greedy, seeds, top-k/top-p/min-p filters,
- * penalties, temperature, validation, NaN logits.
+ * penalties, temperature, validation, NaN logits, logit bias.
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -197,6 +197,58 @@ Test(sampler, validation_rejects_bad_params)
     p = smp_default_params();
     cr_assert_lt(smp_create(&p, 0, &s, err, sizeof err), 0);
     cr_assert_null(s);
+}
+
+/* OpenAI logit_bias: added to the logits before everything else; -100
+ * bans; the caller's array is copied; bad entries are refused. */
+Test(sampler, logit_bias)
+{
+    smp_params p = smp_default_params();
+    p.temperature = 0.0f;
+    smp_bias b[2] = {{4, 100.0f}, {1, -100.0f}};
+    p.logit_bias = b;
+    p.n_logit_bias = 1;
+    smp_sampler *s = mk(p);
+    b[0].token = 7; /* the sampler holds its own copy */
+    cr_assert_eq(smp_sample(s, logits, NULL, 0, NULL), 4, "+100 makes token 4 win");
+    smp_destroy(s);
+    /* -100 bans the argmax (1): the runner-up (5) wins, even against +1e30
+     * logits a ban is a ban */
+    b[0] = (smp_bias){1, -100.0f};
+    p.n_logit_bias = 1;
+    s = mk(p);
+    float big[NV];
+    memcpy(big, logits, sizeof big);
+    big[1] = 1e30f;
+    cr_assert_eq(smp_sample(s, big, NULL, 0, NULL), 5);
+    smp_destroy(s);
+    /* sampled: a banned token is never drawn, a +5 token dominates */
+    b[0] = (smp_bias){1, -100.0f};
+    b[1] = (smp_bias){6, 5.0f};
+    p.n_logit_bias = 2;
+    p.temperature = 1.0f;
+    p.seed = 7;
+    s = mk(p);
+    int n6 = 0;
+    for (int i = 0; i < 500; i++) {
+        int32_t t = smp_sample(s, logits, NULL, 0, NULL);
+        cr_assert_neq(t, 1, "a banned token was drawn");
+        n6 += t == 6;
+    }
+    cr_assert_gt(n6, 250, "token 6 (logit 0 + 5) drawn %d of 500 times", n6);
+    smp_destroy(s);
+    /* refused: a token outside the vocabulary, a value outside [-100, 100] */
+    char err[128];
+    b[0] = (smp_bias){NV, 1.0f};
+    p.n_logit_bias = 1;
+    s = NULL;
+    cr_assert_lt(smp_create(&p, NV, &s, err, sizeof err), 0);
+    cr_assert_null(s);
+    cr_assert(strstr(err, "logit_bias") != NULL, "%s", err);
+    b[0] = (smp_bias){2, 100.5f};
+    cr_assert_lt(smp_validate(&p, err, sizeof err), 0);
+    b[0] = (smp_bias){2, NAN};
+    cr_assert_lt(smp_create(&p, NV, &s, err, sizeof err), 0);
 }
 
 Test(sampler, rng_is_splitmix64)
