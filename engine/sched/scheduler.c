@@ -1,6 +1,7 @@
 /*
- * scheduler.c - engine thread, continuous batching, admission by free KV
- * blocks, preemption by recomputation, output publishing (see scheduler.h).
+ * scheduler.c - engine thread, continuous batching, fair admission by free
+ * KV blocks, preemption by recomputation, output publishing (see
+ * scheduler.h).
  *
  * Threading: one mutex (s->mu) guards the queues, every request's shared
  * fields (text, token records, cursors, flags) and the metrics. The engine
@@ -24,6 +25,14 @@
 
 typedef enum { JOB_WAITING, JOB_RUNNING, JOB_DONE } job_state;
 
+/* One client request: the sched_reqs of its prompts share it. Fairness
+ * counts sequences per group. */
+typedef struct sched_group {
+    int refs;                  /* sched_reqs pointing here */
+    int running;               /* jobs holding a slot (engine, under mu) */
+    uint64_t seq;              /* arrival order */
+} sched_group;
+
 typedef struct job {
     sched_req *req;
     int index;
@@ -37,6 +46,8 @@ typedef struct job {
     smp_sampler *smp;
     tok_decoder dec;
     uint64_t admit_seq;
+    uint64_t prefill_turn;     /* prefill round robin: served at this turn */
+    uint64_t skip_step;        /* its piece did not fit this step */
     double t_last_tok;
     int32_t next_tok;          /* sampled in the current step */
     sched_tok next_rec;
@@ -51,6 +62,7 @@ typedef struct job {
 
 struct sched_req {
     int refs;                  /* HTTP side + engine side */
+    sched_group *grp;
     int engine_ref;
     int cancelled;
     int n_jobs, n_done;
@@ -86,6 +98,10 @@ struct sched {
     fwd_item *items;
     job **item_job;
     uint64_t admit_counter;
+    uint64_t group_counter, turn_counter, step_no;
+    int max_per_req;           /* sequences one group may run at once */
+    int32_t max_seq_tokens;    /* longest sequence the pool holds alone */
+    sched_capacity cap;
     pthread_t thr;
     int thr_started;
     pthread_mutex_t mu;
@@ -132,8 +148,9 @@ static void hist_add(sched_hist *h, double v)
 
 sched_params sched_default_params(void)
 {
-    sched_params p = {.n_ctx = 0, .max_seqs = 16, .max_queue = 64, .max_batch = 0,
-                      .n_threads = 0, .kv = cfg_kv_default(), .device = BK_DEVICE_CPU};
+    sched_params p = {.n_ctx = 0, .max_seqs = 16, .max_seqs_per_req = 0, .max_queue = 64,
+                      .max_batch = 0, .n_threads = 0, .kv = cfg_kv_default(),
+                      .device = BK_DEVICE_CPU};
     return p;
 }
 
@@ -163,6 +180,8 @@ static void req_free(sched_req *r)
     }
     for (int i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
+    if (r->grp && --r->grp->refs == 0)
+        free(r->grp);
     free(r);
 }
 
@@ -220,6 +239,7 @@ static void release_slot(sched *s, job *j)
     fwd_seq_reset(s->slots[j->slot]);
     s->running[j->slot] = NULL;
     s->n_running--;
+    j->req->grp->running--;
     j->slot = -1;
 }
 
@@ -275,8 +295,19 @@ const char *sched_describe(const sched *s)
     return fwd_describe(s->bk);
 }
 
-int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err,
-                 size_t errlen)
+int32_t sched_max_seq_tokens(const sched *s)
+{
+    return s->max_seq_tokens;
+}
+
+void sched_get_capacity(const sched *s, sched_capacity *out)
+{
+    *out = s->cap;
+}
+
+/* Validates p and builds its request (not yet visible to the engine). */
+static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *err,
+                   size_t errlen)
 {
     *out = NULL;
     const int n_ctx = s->p.n_ctx;
@@ -304,15 +335,16 @@ int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err
                      p->max_tokens);
         return -E2BIG;
     }
-    int64_t nq, nf, capq = s->cap_q, capf = s->cap_f;
-    fwd_pool_estimate(s->bk, p->n_prompt + 1, &nq, &nf);
-    if (nq > capq || nf > capf) {
+    if ((int64_t)p->n_prompt + p->max_tokens > s->max_seq_tokens) {
+        /* it could start, but the pool would run out before max_tokens
+         * with nothing left to preempt: say so now, not with a cut text */
         if (err && errlen)
             snprintf(err, errlen,
-                     "the prompt (%d tokens) needs more KV cache than the server's whole "
-                     "pool holds (%lld/%lld INT4 blocks, %lld/%lld FP16 pages); raise "
-                     "--kv-budget", p->n_prompt, (long long)nq, (long long)capq,
-                     (long long)nf, (long long)capf);
+                     "This request needs up to %lld tokens of KV cache (%d in the prompt, %d "
+                     "for the completion), but the server's KV pool holds at most %d tokens "
+                     "for one sequence (--kv-budget). Please reduce the prompt or max_tokens.",
+                     (long long)p->n_prompt + p->max_tokens, p->n_prompt, p->max_tokens,
+                     s->max_seq_tokens);
         return -E2BIG;
     }
     if (p->logprobs > SCHED_MAX_LOGPROBS)
@@ -344,6 +376,7 @@ int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err
             r->n_stop++;
         }
     }
+    char e2[256] = "out of memory";
     for (int i = 0; i < p->n && rc == 0; i++) {
         job *j = &r->jobs[i];
         j->req = r;
@@ -352,9 +385,12 @@ int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err
         j->toks = malloc((size_t)n_ctx * sizeof *j->toks);
         smp_params sp = p->sp;
         sp.seed = p->sp.seed + (uint64_t)i;
-        char e2[256];
-        if (!j->toks || smp_create(&sp, s->m->hp.n_vocab, &j->smp, e2, sizeof e2) < 0) {
+        if (!j->toks) {
             rc = -ENOMEM;
+            break;
+        }
+        if (smp_create(&sp, s->m->hp.n_vocab, &j->smp, e2, sizeof e2) < 0) {
+            rc = -EINVAL;
             break;
         }
         memcpy(j->toks, p->prompt, (size_t)p->n_prompt * sizeof *j->toks);
@@ -364,31 +400,81 @@ int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err
     }
     if (rc < 0) {
         req_free(r);
-        return fail(err, errlen, rc, "out of memory");
+        return fail(err, errlen, rc, rc == -ENOMEM ? "out of memory" : e2);
     }
     r->refs = 2;
     r->engine_ref = 1;
-    r->t_submit = now_s();
-
-    pthread_mutex_lock(&s->mu);
-    if (!s->admitting || s->quit) {
-        pthread_mutex_unlock(&s->mu);
-        req_free(r);
-        return fail(err, errlen, -ESHUTDOWN, "the server is shutting down");
-    }
-    if (s->n_waiting + p->n > s->p.max_queue) {
-        pthread_mutex_unlock(&s->mu);
-        req_free(r);
-        return fail(err, errlen, -EBUSY,
-                    "the server is at capacity: too many requests are waiting; retry later");
-    }
-    for (int i = 0; i < p->n; i++)
-        wait_push(s, &r->jobs[i], 0);
-    s->n_active_reqs++;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
     *out = r;
     return 0;
+}
+
+int sched_submit_group(sched *s, const sched_req_params *p, int n, sched_req **out, char *err,
+                       size_t errlen)
+{
+    if (n < 1)
+        return fail(err, errlen, -EINVAL, "no request to submit");
+    for (int k = 0; k < n; k++)
+        out[k] = NULL;
+    int64_t total = 0;
+    for (int k = 0; k < n; k++)
+        total += p[k].n;
+    if (total > s->p.max_queue) {
+        if (err && errlen)
+            snprintf(err, errlen,
+                     "This request has %lld sequences (%d prompt%s x n = %d), but the server "
+                     "queues at most %d (--max-queue): it could never be accepted. Send fewer "
+                     "prompts or a smaller n.", (long long)total, n, n == 1 ? "" : "s", p[0].n,
+                     s->p.max_queue);
+        return -EOVERFLOW;
+    }
+    sched_group *g = calloc(1, sizeof *g);
+    if (!g)
+        return fail(err, errlen, -ENOMEM, "out of memory");
+    int rc = 0;
+    for (int k = 0; k < n && rc == 0; k++) {
+        rc = req_new(s, &p[k], &out[k], err, errlen);
+        if (rc == 0) {
+            out[k]->grp = g;
+            g->refs++;
+        }
+    }
+    if (rc == 0) {
+        pthread_mutex_lock(&s->mu);
+        if (!s->admitting || s->quit)
+            rc = fail(err, errlen, -ESHUTDOWN, "the server is shutting down");
+        else if (s->n_waiting + total > s->p.max_queue)
+            rc = fail(err, errlen, -EBUSY,
+                      "the server is at capacity: too many requests are waiting; retry later");
+        if (rc == 0) {
+            double t = now_s();
+            g->seq = ++s->group_counter;
+            for (int k = 0; k < n; k++) {
+                out[k]->t_submit = t;
+                for (int i = 0; i < out[k]->n_jobs; i++)
+                    wait_push(s, &out[k]->jobs[i], 0);
+                s->n_active_reqs++;
+            }
+            pthread_cond_signal(&s->cv);
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
+    if (rc < 0) {
+        int built = g->refs;
+        for (int k = 0; k < n; k++) {
+            if (out[k])
+                req_free(out[k]); /* the last one frees g */
+            out[k] = NULL;
+        }
+        if (built == 0)
+            free(g);
+    }
+    return rc;
+}
+
+int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err,
+                 size_t errlen)
+{
+    return sched_submit_group(s, p, 1, out, err, errlen);
 }
 
 /* Grows a byte buffer to hold need more bytes. */
@@ -430,6 +516,7 @@ static int poll_one(sched_req *r, sched_out *o)
     o->n_choices = r->n_jobs;
     o->n_prompt = r->n_prompt;
     o->status = r->status;
+    o->cancelled = r->cancelled;
     if (r->status)
         snprintf(o->error, sizeof o->error, "%.250s", r->error);
     if (r->status && !r->status_delivered) {
@@ -513,6 +600,31 @@ void sched_req_release(sched *s, sched_req *r)
     }
     req_unref(r);
     pthread_mutex_unlock(&s->mu);
+}
+
+void sched_req_cancel(sched *s, sched_req *r)
+{
+    if (!r)
+        return;
+    pthread_mutex_lock(&s->mu);
+    if (r->engine_ref && !r->cancelled) {
+        r->cancelled = 1;
+        s->met.cancelled++;
+        pthread_cond_signal(&s->cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+int64_t sched_req_generated(sched *s, const sched_req *r)
+{
+    if (!r)
+        return 0;
+    int64_t n = 0;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < r->n_jobs; i++)
+        n += r->jobs[i].n_gen;
+    pthread_mutex_unlock(&s->mu);
+    return n;
 }
 
 void sched_stop_admitting(sched *s)
@@ -605,35 +717,94 @@ static int prefilling(const job *j)
     return j->n_past < j->prefill_to;
 }
 
-/* Admits waiting jobs in order while a slot is free and the pool's free
- * blocks cover the job's prompt plus what admitted prefills still need. */
-static void admit(sched *s)
+/* What admission may still hand out: the pool's free INT4 blocks and FP16
+ * pages less a page of decode headroom per running job and what admitted
+ * prompts still need for their prefill; and the prefills in progress. */
+static void admit_budget(sched *s, int64_t *fq, int64_t *ff, int *n_pref)
 {
-    int64_t fq, ff;
-    fwd_pool_free_units(s->bk, &fq, &ff);
-    int n_pref = 0;
+    fwd_pool_free_units(s->bk, fq, ff);
+    *n_pref = 0;
     for (int k = 0; k < s->p.max_seqs; k++) {
         job *j = s->running[k];
         if (!j)
             continue;
         /* headroom: a page of decode tail per running job (more is taken
          * lazily; preemption covers the rest) */
-        ff -= 1;
+        *ff -= 1;
         if (prefilling(j)) {
-            n_pref++;
+            (*n_pref)++;
             int64_t q1, f1, q0, f0;
             fwd_pool_estimate(s->bk, j->prefill_to, &q1, &f1);
             fwd_pool_estimate(s->bk, j->n_past, &q0, &f0);
-            fq -= q1 - q0;
-            ff -= f1 - f0;
+            *fq -= q1 - q0;
+            *ff -= f1 - f0;
         }
     }
-    while (s->wait_head && s->n_running < s->p.max_seqs && n_pref < KVC_PREFILL_SLOTS) {
-        job *j = s->wait_head;
-        if (j->req->cancelled) {
-            job_end(s, j, NULL);
+}
+
+/* The waiting job to admit next: one of the group with the fewest
+ * sequences running that is below its cap (round robin between requests),
+ * the oldest group on ties, queue order within a group (a preempted job
+ * is at the front). NULL if none may start. */
+static job *next_waiting(sched *s)
+{
+    job *best = NULL;
+    for (job *j = s->wait_head; j; j = j->qnext) {
+        const sched_group *g = j->req->grp;
+        if (j->req->cancelled || g->running >= s->max_per_req)
             continue;
-        }
+        if (!best || g->running < best->req->grp->running ||
+            (g->running == best->req->grp->running && g->seq < best->req->grp->seq))
+            best = j;
+    }
+    return best;
+}
+
+static void start_job(sched *s, job *j)
+{
+    wait_remove(s, j);
+    int slot = 0;
+    while (s->running[slot])
+        slot++;
+    s->running[slot] = j;
+    s->n_running++;
+    j->req->grp->running++;
+    j->slot = slot;
+    j->st = JOB_RUNNING;
+    fwd_seq_reset(s->slots[slot]);
+    j->n_past = 0;
+    j->prefill_to = j->n_tok;
+    j->admit_seq = ++s->admit_counter;
+    j->prefill_turn = ++s->turn_counter; /* behind the prefills already going */
+    if (j->n_gen == 0 && j->index == 0)
+        hist_add(&s->met.queue_time, now_s() - j->req->t_submit);
+}
+
+/* A running job gives its slot and blocks back and waits at the front of
+ * the queue; it is recomputed later from its prompt plus the tokens it
+ * produced (nothing already delivered is repeated). */
+static void preempt(sched *s, job *v, const char *why)
+{
+    log_msg(LOG_LEVEL_INFO, v->req->id, "sequence %d preempted at %d tokens (%s); it will be "
+            "recomputed", v->index, v->n_tok, why);
+    release_slot(s, v);
+    v->st = JOB_WAITING;
+    v->n_past = 0;
+    wait_push(s, v, 1);
+    s->met.preemptions++;
+}
+
+/* Admits waiting jobs (next_waiting's order) while a slot and a prefill
+ * slot are free and the pool's free blocks cover the job's prompt. */
+static int admit_some(sched *s)
+{
+    int64_t fq, ff;
+    int n_pref, n = 0;
+    admit_budget(s, &fq, &ff, &n_pref);
+    while (s->n_running < s->p.max_seqs && n_pref < KVC_PREFILL_SLOTS) {
+        job *j = next_waiting(s);
+        if (!j)
+            break;
         int64_t nq, nf;
         fwd_pool_estimate(s->bk, j->n_tok, &nq, &nf);
         if (nq > fq || nf > ff) {
@@ -646,22 +817,62 @@ static void admit(sched *s)
         }
         fq -= nq;
         ff -= nf;
-        wait_remove(s, j);
-        int slot = 0;
-        while (s->running[slot])
-            slot++;
-        s->running[slot] = j;
-        s->n_running++;
-        j->slot = slot;
-        j->st = JOB_RUNNING;
-        fwd_seq_reset(s->slots[slot]);
-        j->n_past = 0;
-        j->prefill_to = j->n_tok;
-        j->admit_seq = ++s->admit_counter;
-        if (j->n_gen == 0 && j->index == 0)
-            hist_add(&s->met.queue_time, now_s() - j->req->t_submit);
+        start_job(s, j);
         n_pref++;
+        n++;
     }
+    return n;
+}
+
+/* Fairness: the oldest request with nothing running whose next sequence
+ * cannot start (no free slot, both prefill slots busy, or no room in the
+ * pool) takes one sequence from the request holding the most slots (it
+ * keeps at least one): the one with the least computed, so recomputing it
+ * is cheap (a prefilling one when the prefill slots are the obstacle).
+ * One preemption per step: the blocks come back at once, the next step
+ * looks again. Returns 1 if it preempted. */
+static int make_room(sched *s)
+{
+    job *w = NULL;
+    for (job *j = s->wait_head; j; j = j->qnext)
+        if (!j->req->cancelled && j->req->grp->running == 0 &&
+            (!w || j->req->grp->seq < w->req->grp->seq))
+            w = j;
+    if (!w)
+        return 0;
+    int64_t fq, ff, nq, nf;
+    int n_pref;
+    admit_budget(s, &fq, &ff, &n_pref);
+    fwd_pool_estimate(s->bk, w->n_tok, &nq, &nf);
+    int need_pref = n_pref >= KVC_PREFILL_SLOTS;
+    if (s->n_running < s->p.max_seqs && !need_pref && nq <= fq && nf <= ff)
+        return 0; /* it can start as it is */
+    job *v = NULL;
+    for (int k = 0; k < s->p.max_seqs; k++) {
+        job *j = s->running[k];
+        if (!j || j->req->grp->running < 2 || (need_pref && !prefilling(j)))
+            continue;
+        int gj = j->req->grp->running, gv = v ? v->req->grp->running : 0;
+        if (!v || gj > gv ||
+            (gj == gv && (j->n_past < v->n_past ||
+                          (j->n_past == v->n_past && j->admit_seq > v->admit_seq))))
+            v = j;
+    }
+    if (!v)
+        return 0;
+    char why[160];
+    snprintf(why, sizeof why, "fair share: request %.60s waits with nothing running",
+             w->req->id);
+    preempt(s, v, why);
+    s->met.preemptions_fair++;
+    return 1;
+}
+
+static void admit(sched *s)
+{
+    admit_some(s);
+    if (make_room(s))
+        admit_some(s);
 }
 
 /* Frees the jobs of cancelled requests. */
@@ -681,12 +892,15 @@ static void reap(sched *s)
 
 /* Packs the step: every decoding job's next token, then prefill pieces (a
  * piece always runs to the end of its chunk or prompt, so a sequence's
- * results never depend on the load) in admission order within max_batch. */
+ * results never depend on the load) within max_batch, round robin: the
+ * job served longest ago first; a piece that does not fit waits (it is
+ * first in line next step) while smaller ones may still fit. */
 static int build_batch(sched *s, int *has_prefill)
 {
     const int C = s->p.kv.chunk_size;
     int n = 0, total = 0;
     *has_prefill = 0;
+    s->step_no++;
     for (int k = 0; k < s->p.max_seqs; k++) {
         job *j = s->running[k];
         if (!j || prefilling(j))
@@ -699,12 +913,12 @@ static int build_batch(sched *s, int *has_prefill)
         job *best = NULL;
         for (int k = 0; k < s->p.max_seqs; k++) {
             job *j = s->running[k];
-            if (!j || !prefilling(j))
+            if (!j || !prefilling(j) || j->skip_step == s->step_no)
                 continue;
             int in_batch = 0;
             for (int i = 0; i < n; i++)
                 in_batch |= s->item_job[i] == j;
-            if (!in_batch && (!best || j->admit_seq < best->admit_seq))
+            if (!in_batch && (!best || j->prefill_turn < best->prefill_turn))
                 best = j;
         }
         if (!best)
@@ -713,12 +927,15 @@ static int build_batch(sched *s, int *has_prefill)
         int tb = C - best->n_past % C;
         if (piece > tb)
             piece = tb;
-        if (total + piece > s->p.max_batch)
-            break;
+        if (total + piece > s->p.max_batch) {
+            best->skip_step = s->step_no;
+            continue;
+        }
         int last = best->n_past + piece == best->prefill_to;
         s->items[n] = (fwd_item){s->slots[best->slot], best->toks + best->n_past, piece, 1,
                                  last, NULL};
         s->item_job[n++] = best;
+        best->prefill_turn = ++s->turn_counter;
         total += piece;
         *has_prefill = 1;
     }
@@ -726,35 +943,34 @@ static int build_batch(sched *s, int *has_prefill)
 }
 
 /* The pool could not hold item `failed`'s step: preempt the youngest
- * running job (its blocks return; it is recomputed later from its prompt
- * plus the tokens it produced). If it is the only one, it cannot grow: a
- * decoding job ends with "length", a prefill fails. */
+ * sequence of the request holding the most slots (its blocks return; it
+ * is recomputed later from its prompt plus the tokens it produced). A
+ * sequence alone in the pool cannot grow: submit keeps prompt + max_tokens
+ * within what the pool holds alone (sched_max_seq_tokens), so this means
+ * the estimate fell short - the request fails with a reason the client
+ * sees (503 / an error event), never a silent "length". */
 static void on_nospc(sched *s, int failed, const char *why)
 {
     job *victim = NULL;
     for (int k = 0; k < s->p.max_seqs; k++) {
         job *j = s->running[k];
-        if (j && (!victim || j->admit_seq > victim->admit_seq))
+        if (!j)
+            continue;
+        int gj = j->req->grp->running, gv = victim ? victim->req->grp->running : 0;
+        if (!victim || gj > gv || (gj == gv && j->admit_seq > victim->admit_seq))
             victim = j;
     }
     job *jf = s->item_job[failed];
     if (s->n_running <= 1 || !victim) {
-        if (!prefilling(jf) && jf->n_gen > 0) {
-            log_msg(LOG_LEVEL_WARN, jf->req->id, "KV pool full with one sequence: "
-                    "ending it at %d tokens (%s)", jf->n_tok, why);
-            job_end(s, jf, "length");
-        } else {
-            req_fail(s, jf->req, 503, "the KV pool cannot hold this request");
-        }
+        char msg[256];
+        snprintf(msg, sizeof msg,
+                 "the KV cache is full: this sequence (%d tokens) does not fit the server's "
+                 "KV pool even alone; retry with a shorter prompt or max_tokens", jf->n_tok);
+        log_msg(LOG_LEVEL_WARN, jf->req->id, "%s (%s)", msg, why);
+        req_fail(s, jf->req, 503, msg);
         return;
     }
-    log_msg(LOG_LEVEL_INFO, victim->req->id, "preempted at %d tokens (KV pool full); "
-            "it will be recomputed", victim->n_tok);
-    release_slot(s, victim);
-    victim->st = JOB_WAITING;
-    victim->n_past = 0;
-    wait_push(s, victim, 1);
-    s->met.preemptions++;
+    preempt(s, victim, "KV pool full");
 }
 
 /* log-probabilities of the chosen token and the top-n alternatives. */
@@ -947,6 +1163,57 @@ static void *engine_main(void *arg)
     return NULL;
 }
 
+static int fits_alone(const sched *s, int n)
+{
+    int64_t nq, nf;
+    fwd_pool_estimate(s->bk, n, &nq, &nf);
+    return nq <= s->cap_q && nf <= s->cap_f;
+}
+
+/* The per-request cap, the longest sequence the pool holds alone (the
+ * admission estimate's peak against the whole pool, by bisection: it
+ * grows with n) and the capacity figures of the startup line. */
+static void plan_capacity(sched *s)
+{
+    const sched_params *p = &s->p;
+    s->max_per_req = p->max_seqs_per_req > 0 ? p->max_seqs_per_req
+                                             : p->max_seqs - p->max_seqs / 4;
+    if (s->max_per_req < 1)
+        s->max_per_req = 1;
+    if (s->max_per_req > p->max_seqs)
+        s->max_per_req = p->max_seqs;
+    int lo = 0, hi = p->n_ctx;
+    while (lo < hi) {
+        int mid = lo + (hi - lo + 1) / 2;
+        if (fits_alone(s, mid))
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    s->max_seq_tokens = lo;
+    sched_capacity *c = &s->cap;
+    c->pool_bytes = fwd_pool_capacity_bytes(s->bk);
+    c->n_ctx = p->n_ctx;
+    c->max_seq_tokens = lo;
+    c->kv_int4 = p->kv.mode == CFG_KV_INT4;
+    c->max_seqs = p->max_seqs;
+    c->max_seqs_per_req = s->max_per_req;
+    c->max_queue = p->max_queue;
+    int64_t nq, nf;
+    fwd_pool_estimate(s->bk, p->n_ctx, &nq, &nf);
+    const mdl_hparams *hp = &s->m->hp;
+    int64_t fp16_seq = (int64_t)p->n_ctx * hp->n_layers * hp->n_kv_heads * hp->head_dim * 4;
+    if (c->kv_int4) {
+        /* INT4 blocks bound it: the FP16 pages are staging shared by the
+         * prefills in progress plus a short tail per sequence */
+        c->seqs_int4 = nq > 0 ? s->cap_q / nq : 0;
+        c->seqs_fp16 = fp16_seq > 0 ? c->pool_bytes / fp16_seq : 0;
+    } else {
+        c->seqs_int4 = -1;
+        c->seqs_fp16 = nf > 0 ? s->cap_f / nf : 0;
+    }
+}
+
 int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *err,
                  size_t errlen)
 {
@@ -984,6 +1251,7 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     if (rc < 0)
         goto fail;
     fwd_pool_free_units(s->bk, &s->cap_q, &s->cap_f);
+    plan_capacity(s);
     s->slots = calloc((size_t)p.max_seqs, sizeof *s->slots);
     s->running = calloc((size_t)p.max_seqs, sizeof *s->running);
     s->items = calloc((size_t)p.max_batch, sizeof *s->items);

@@ -14,10 +14,23 @@
  * sequence plus chunk-aligned prefill pieces of new ones within a token
  * budget (max_batch); a sequence is admitted when a slot is free and the
  * pool's free blocks cover its prompt. When the pool runs out mid-flight,
- * the youngest running sequence is preempted (its blocks freed) and
- * recomputed later from its prompt plus the tokens it had produced; output
- * already delivered is never repeated. Waiting requests sit in a bounded
- * queue; a full queue is refused at submit (the HTTP layer answers 429).
+ * the youngest sequence of the request holding the most slots is
+ * preempted (its blocks freed) and recomputed later from its prompt plus
+ * the tokens it had produced; output already delivered is never repeated.
+ * Waiting requests sit in a bounded queue; a full queue is refused at
+ * submit (the HTTP layer answers 429).
+ *
+ * Fairness: a request is a group of sequences (its n choices, and with
+ * sched_submit_group its several prompts). Admission takes the waiting
+ * sequence of the group with the fewest sequences running (round robin
+ * between requests, oldest request first on ties), a group runs at most
+ * max_seqs_per_req sequences at once, and a request with nothing running
+ * that finds no free slot (or no room in the pool) preempts one sequence of
+ * the group holding the most slots - the one with the least computed, so
+ * the recomputation is cheap. Prefill pieces of different sequences take
+ * turns (the one served longest ago first), so a short prompt is never
+ * queued behind every chunk of a long one; every step still carries the
+ * decode token of every running sequence.
  *
  * Output: per choice, the text (UTF-8, stop sequences cut, text that could
  * still become a stop sequence held back) and per-token records; the HTTP
@@ -55,6 +68,9 @@ typedef struct sched_req sched_req;
 typedef struct {
     int32_t n_ctx;       /* positions per sequence (<= 0: the model's, max 8192) */
     int32_t max_seqs;    /* sequences running at once (slots) */
+    int32_t max_seqs_per_req; /* sequences one request (group) may run at once
+                            (<= 0: max_seqs - max_seqs / 4, at least 1: a
+                            quarter of the slots stays free for others) */
     int32_t max_queue;   /* waiting requests before submit refuses (-EBUSY) */
     int32_t max_batch;   /* tokens per step (<= 0: chunk_size + max_seqs) */
     int32_t n_threads;   /* compute threads (<= 0: online CPUs) */
@@ -72,7 +88,8 @@ sched_params sched_default_params(void);
 typedef struct {
     const int32_t *prompt; /* copied */
     int n_prompt;
-    int max_tokens;        /* >= 1 */
+    int max_tokens;        /* >= 1; prompt + max_tokens must fit the context and
+                              the KV pool (sched_max_seq_tokens) */
     int n;                 /* choices, 1..SCHED_MAX_N; choice i uses seed + i */
     smp_params sp;
     int logprobs;          /* -1: none; else top alternatives (0..20) */
@@ -114,6 +131,7 @@ typedef struct {
     int n_choices;
     sched_choice_out ch[SCHED_MAX_N];
     int done;              /* every choice ended and was delivered */
+    int cancelled;         /* the request was cancelled (sched_req_cancel) */
     int status;            /* 0, or an HTTP status when the request failed */
     char error[256];       /* the reason, when status != 0 */
     int n_prompt;
@@ -132,17 +150,43 @@ int sched_create(const mdl_model *m, const sched_params *p, sched **out, char *e
 void sched_destroy(sched *s);
 
 int32_t sched_n_ctx(const sched *s);
+/* The longest sequence (prompt + completion) the KV pool can hold alone:
+ * min(n_ctx, what the pool's blocks cover). A request beyond it is
+ * refused at submit (-E2BIG); it could never finish. */
+int32_t sched_max_seq_tokens(const sched *s);
+
+/* The pool's capacity, for the startup line. */
+typedef struct {
+    int64_t pool_bytes;       /* the pool's arenas */
+    int32_t n_ctx;            /* positions per sequence */
+    int32_t max_seq_tokens;   /* sched_max_seq_tokens */
+    int kv_int4;              /* the pool's mode: 1 int4, 0 fp16 */
+    int64_t seqs_int4;        /* sequences of n_ctx tokens the pool holds in int4
+                                 (-1: unknown, the pool is fp16) */
+    int64_t seqs_fp16;        /* ... in fp16 (int4 pools: the same bytes as an
+                                 FP16 cache: n_ctx x layers x kv_dim x 2 x 2 B) */
+    int32_t max_seqs, max_seqs_per_req, max_queue;
+} sched_capacity;
+void sched_get_capacity(const sched *s, sched_capacity *out);
 /* The engine's device: "cpu (avx2, 2 threads)" or "cuda (NVIDIA H200, ...)". */
 const char *sched_describe(const sched *s);
 
 /* Submits a request. Returns 0 and *out (one reference for the caller;
  * drop it with sched_req_release), or: -EBUSY the queue is full (429),
- * -ESHUTDOWN not admitting any more (503), -E2BIG the prompt plus
- * max_tokens exceed the context or the prompt cannot fit the KV pool even
- * alone (400), -EINVAL bad token id (400), -ENOMEM; each with a reason in
- * err. */
+ * -EOVERFLOW the request has more sequences (n) than the queue holds at
+ * all (400: it could never be queued), -ESHUTDOWN not admitting any more
+ * (503), -E2BIG the prompt plus max_tokens exceed the context or cannot
+ * fit the KV pool even alone (400), -EINVAL bad token id (400), -ENOMEM;
+ * each with a reason in err. */
 int sched_submit(sched *s, const sched_req_params *p, sched_req **out, char *err,
                  size_t errlen);
+/* Submits n requests as one group (one client request with several
+ * prompts): all or none are queued, and the scheduler shares slots
+ * fairly between groups, not between the n requests. Errors as
+ * sched_submit (-EOVERFLOW when the sum of their n exceeds the queue);
+ * on success out[0..n) each hold one reference. */
+int sched_submit_group(sched *s, const sched_req_params *p, int n, sched_req **out, char *err,
+                       size_t errlen);
 
 /* Copies the new output of n requests into o[0..n) (appending to their
  * buffers; the caller empties them between calls by setting len/n_toks to
@@ -159,6 +203,13 @@ int sched_poll(sched *s, sched_req *const *r, sched_out *o, int n, int arm,
 /* Drops the caller's reference; a request not yet done is cancelled (its
  * KV blocks are freed at the next step). NULL is a no-op. */
 void sched_req_release(sched *s, sched_req *r);
+/* Cancels a request without dropping the reference (the client went
+ * away): its sequences end at the next step, it reports done with
+ * cancelled set, and its notify callback is called as for any end. */
+void sched_req_cancel(sched *s, sched_req *r);
+/* Tokens generated so far over all choices (the access log's count: what
+ * was generated, whatever the client received). */
+int64_t sched_req_generated(sched *s, const sched_req *r);
 
 /* Stops admitting: new submits get -ESHUTDOWN; queued and running requests
  * continue. */
@@ -191,6 +242,7 @@ typedef struct {
     int seqs_warming;
     int running, waiting;
     uint64_t prompt_tokens, generated_tokens, preemptions, steps;
+    uint64_t preemptions_fair;        /* of those, to give a waiting request a slot */
     uint64_t finished_stop, finished_length, cancelled, failed;
     sched_hist ttft, itl, e2e, prefill_chunk, queue_time;
     int kv_int4;                      /* 1 in int4 mode */

@@ -4,7 +4,12 @@
  * requests changes nothing (FP16 and INT4 cache), stop sequences, n > 1,
  * logprobs, a full queue is refused, a pool too small for all requests
  * preempts and still finishes everything, and a cancelled request's
- * blocks return to the pool.
+ * blocks return to the pool. Fairness (issue 13): a small request is not
+ * starved by one holding 16 sequences (a reserved quarter of the slots,
+ * or a fair-share preemption when there is none), a short prompt's
+ * prefill is not queued behind every chunk of a long one, a group is
+ * queued all or nothing and refused when it can never fit the queue, and
+ * a request longer than the KV pool holds is refused at submit.
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -30,10 +35,12 @@ static const char *m260(void)
     return tu_shared("models/stories260K/stories260K.bin");
 }
 
-static sched *mk(const mdl_model *m, cfg_kv_mode mode, int max_seqs, int64_t budget_tokens)
+static sched *mk_cap(const mdl_model *m, cfg_kv_mode mode, int max_seqs, int64_t budget_tokens,
+                     int per_req)
 {
     char err[512];
     sched_params p = sched_default_params();
+    p.max_seqs_per_req = per_req;
     p.n_ctx = 512;
     p.max_seqs = max_seqs;
     p.n_threads = 2;
@@ -45,6 +52,11 @@ static sched *mk(const mdl_model *m, cfg_kv_mode mode, int max_seqs, int64_t bud
     sched *s = NULL;
     cr_assert_eq(sched_create(m, &p, &s, err, sizeof err), 0, "%s", err);
     return s;
+}
+
+static sched *mk(const mdl_model *m, cfg_kv_mode mode, int max_seqs, int64_t budget_tokens)
+{
+    return mk_cap(m, mode, max_seqs, budget_tokens, 0);
 }
 
 static int32_t *encode(const mdl_model *m, const char *text, int *n)
@@ -350,6 +362,206 @@ Test(scheduler, queue_full_and_cancel)
     cr_assert_eq(sched_n_active(s), 0);
     sched_stop_admitting(s);
     cr_assert_eq(sched_submit(s, &p, &d, err, sizeof err), -ESHUTDOWN);
+    sched_destroy(s);
+    free(ids);
+    mdl_free(m);
+}
+
+/* Polls r once; returns its generated tokens so far. */
+static int64_t generated(sched *s, sched_req *r, sched_out *o)
+{
+    sched_poll(s, &r, o, 1, 0, NULL, NULL);
+    return o->n_generated;
+}
+
+/* One request of 4 prompts x n = 4 (16 sequences of 200 tokens) on 4
+ * slots, then a 4-token request: it must finish while the big one has
+ * most of its work left. per_req 0: the default cap (3 of 4 slots) leaves
+ * a slot free; per_req 4: the big request takes every slot and the small
+ * one gets a slot by a fair-share preemption. The big request's choices
+ * (greedy, one prompt each) stay identical through the recomputation. */
+static void small_beside_big(int per_req)
+{
+    char err[512];
+    mdl_model *m = load(m260());
+    sched *s = mk_cap(m, CFG_KV_FP16, 4, 0, per_req);
+    int n[4];
+    int32_t *ids[4];
+    sched_req_params bp[4];
+    for (int i = 0; i < 4; i++) {
+        ids[i] = encode(m, prompts[i], &n[i]);
+        bp[i] = greedy(ids[i], n[i], 200);
+        bp[i].n = 4;
+        bp[i].ignore_eos = 1;
+        bp[i].id = "big";
+    }
+    sched_req *big[4];
+    sched_out bo[4];
+    memset(bo, 0, sizeof bo);
+    cr_assert_eq(sched_submit_group(s, bp, 4, big, err, sizeof err), 0, "%s", err);
+    sched_metrics met;
+    for (int i = 0; i < 2000; i++) { /* the big request holds its slots */
+        sched_get_metrics(s, &met);
+        if (met.running >= (per_req ? 4 : 3))
+            break;
+        usleep(1000);
+    }
+    cr_assert_geq(met.running, per_req ? 4 : 3);
+    int ns;
+    int32_t *sid = encode(m, "The sun was hot", &ns);
+    sched_req_params sp = greedy(sid, ns, 4);
+    sp.ignore_eos = 1;
+    sp.id = "small";
+    sched_req *small;
+    sched_out so;
+    memset(&so, 0, sizeof so);
+    cr_assert_eq(sched_submit(s, &sp, &small, err, sizeof err), 0, "%s", err);
+    char *t = collect(s, small, &so);
+    int64_t big_done = 0;
+    for (int i = 0; i < 4; i++)
+        big_done += generated(s, big[i], &bo[i]);
+    cr_assert_eq(so.n_generated, 4);
+    cr_assert_lt(big_done, 16 * 200 / 4, "the 4-token request finished only after the big "
+                 "one had generated %lld of its 3200 tokens", (long long)big_done);
+    sched_get_metrics(s, &met);
+    if (per_req == 4)
+        cr_assert_geq(met.preemptions_fair, 1, "no slot was made for the small request");
+    else
+        cr_assert_eq(met.preemptions_fair, 0, "the reserved slot should have been enough");
+    for (int i = 0; i < 4; i++) {
+        char *bt = collect(s, big[i], &bo[i]);
+        cr_assert_eq(bo[i].status, 0, "%s", bo[i].error);
+        cr_assert_eq(bo[i].n_generated, 4 * 200);
+        char *first = strtok(bt, "|"), *c;
+        while ((c = strtok(NULL, "|")))
+            cr_assert_str_eq(c, first, "greedy choices of one prompt differ");
+        free(bt);
+        sched_req_release(s, big[i]);
+        sched_out_free(&bo[i]);
+    }
+    sched_req_release(s, small);
+    sched_out_free(&so);
+    free(t);
+    free(sid);
+    sched_destroy(s);
+    for (int i = 0; i < 4; i++)
+        free(ids[i]);
+    mdl_free(m);
+}
+
+Test(scheduler, small_request_beside_a_big_one_reserved_slot)
+{
+    small_beside_big(0);
+}
+
+Test(scheduler, small_request_beside_a_big_one_fair_preemption)
+{
+    small_beside_big(4);
+}
+
+/* A prompt of 7 chunks prefilling, then a 2-token request with a short
+ * prompt: its prefill takes turns with the long one's chunks (a piece of
+ * 64 leaves 4 tokens of the step's budget of 68), so it is done before the
+ * long prompt has its first token. */
+Test(scheduler, short_prefill_not_behind_a_long_one)
+{
+    char err[512];
+    mdl_model *m = load(m260());
+    sched *s = mk(m, CFG_KV_FP16, 4, 0);
+    char longp[4096] = "";
+    for (int i = 0; i < 34; i++)
+        strcat(longp, "Once upon a time there was a little girl named Lily. ");
+    int nl, ns;
+    int32_t *lid = encode(m, longp, &nl);
+    cr_assert_gt(nl, 6 * 64);
+    int32_t *sid = encode(m, "Tom and Sue went to the store to buy", &ns);
+    cr_assert_gt(ns, 4, "the short prompt must not fit beside a full chunk (64 + 4 slots)");
+    sched_req_params lp = greedy(lid, nl, 8), sp = greedy(sid, ns, 2);
+    sp.ignore_eos = 1;
+    sched_req *lr, *sr;
+    sched_out lo, so;
+    memset(&lo, 0, sizeof lo);
+    memset(&so, 0, sizeof so);
+    cr_assert_eq(sched_submit(s, &lp, &lr, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(sched_submit(s, &sp, &sr, err, sizeof err), 0, "%s", err);
+    char *t = collect(s, sr, &so);
+    cr_assert_eq(so.n_generated, 2);
+    cr_assert_eq(generated(s, lr, &lo), 0, "the short prompt waited for the long prefill");
+    char *t2 = collect(s, lr, &lo);
+    cr_assert_eq(lo.status, 0);
+    sched_req_release(s, lr);
+    sched_req_release(s, sr);
+    sched_out_free(&lo);
+    sched_out_free(&so);
+    free(t);
+    free(t2);
+    free(lid);
+    free(sid);
+    sched_destroy(s);
+    mdl_free(m);
+}
+
+/* A group is queued all or none: one bad prompt refuses all; more
+ * sequences than the queue holds is -EOVERFLOW (it could never fit, unlike
+ * a full queue, -EBUSY); prompt + max_tokens beyond what the KV pool holds
+ * alone is -E2BIG at submit, not a generation cut short later. */
+Test(scheduler, group_limits_and_pool_limit)
+{
+    char err[512];
+    mdl_model *m = load(m260());
+    int n;
+    int32_t *ids = encode(m, "Once upon a time", &n);
+    sched_params sp = sched_default_params();
+    sp.n_ctx = 512;
+    sp.max_seqs = 4;
+    sp.max_queue = 8;
+    sp.n_threads = 1;
+    sp.kv.chunk_size = 64;
+    sp.kv.block_tokens = 32;
+    sp.kv.kv_budget_tokens = 256;
+    sched *s;
+    cr_assert_eq(sched_create(m, &sp, &s, err, sizeof err), 0, "%s", err);
+    int32_t lim = sched_max_seq_tokens(s);
+    cr_assert(lim >= 200 && lim < 512, "the pool holds %d tokens for one sequence", lim);
+    sched_capacity cap;
+    sched_get_capacity(s, &cap);
+    cr_assert_eq(cap.max_seq_tokens, lim);
+    cr_assert_eq(cap.max_seqs_per_req, 3);
+    cr_assert_eq(cap.kv_int4, 1);
+    cr_assert_gt(cap.pool_bytes, 0);
+    sched_req_params p[3];
+    sched_req *r[3];
+    for (int i = 0; i < 3; i++) {
+        p[i] = greedy(ids, n, 8);
+        p[i].n = 3;
+    }
+    cr_assert_eq(sched_submit_group(s, p, 3, r, err, sizeof err), -EOVERFLOW);
+    cr_assert(strstr(err, "9 sequences") && strstr(err, "--max-queue"), "%s", err);
+    cr_assert_null(r[0]);
+    int32_t bad[2] = {1, 999999};
+    p[1] = greedy(bad, 2, 8);
+    cr_assert_eq(sched_submit_group(s, p, 2, r, err, sizeof err), -EINVAL);
+    sched_metrics met;
+    sched_get_metrics(s, &met);
+    cr_assert_eq(met.waiting + met.running, 0, "part of a refused group was queued");
+    cr_assert_eq(sched_n_active(s), 0);
+    /* the pool limit */
+    sched_req_params q = greedy(ids, n, lim - n + 1);
+    sched_req *x;
+    cr_assert_eq(sched_submit(s, &q, &x, err, sizeof err), -E2BIG);
+    cr_assert(strstr(err, "KV pool holds at most") != NULL, "%s", err);
+    q = greedy(ids, n, lim - n);
+    q.ignore_eos = 1;
+    cr_assert_eq(sched_submit(s, &q, &x, err, sizeof err), 0, "%s", err);
+    sched_out o;
+    memset(&o, 0, sizeof o);
+    char *t = collect(s, x, &o);
+    cr_assert_eq(o.status, 0, "%s", o.error);
+    cr_assert_str_eq(o.ch[0].finish, "length");
+    cr_assert_eq(o.n_generated, lim - n, "a request the pool holds runs to max_tokens");
+    sched_req_release(s, x);
+    sched_out_free(&o);
+    free(t);
     sched_destroy(s);
     free(ids);
     mdl_free(m);
