@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "engine/sample/chat.h"
+#include "engine/util/strbuf.h"
 #include "tokenizer/tok.h"
 
 void api_set_error(api_error *e, int status, const char *type, const char *code,
@@ -49,6 +50,11 @@ void api_request_free(api_request *r)
     for (int i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
     r->n_stop = 0;
+    free(r->bias);
+    r->bias = NULL;
+    r->n_bias = 0;
+    r->sp.logit_bias = NULL;
+    r->sp.n_logit_bias = 0;
 }
 
 /* ---- field readers: 0 absent/null (default kept), 1 read, -1 error -------- */
@@ -229,6 +235,116 @@ static int parse_prompt(json_t *root, api_request *r, const api_ctx *c, api_erro
     return 0;
 }
 
+/* Token ids of text[0..len) (caller frees), or NULL with e set. */
+static int32_t *encode(const api_ctx *c, const char *text, size_t len, int special, int *n,
+                       api_error *e)
+{
+    *n = 0;
+    (void)tok_encode(c->m->tok, text, len, 0, special, NULL, 0, n);
+    int32_t *ids = malloc(((size_t)*n + 1) * sizeof *ids);
+    if (!ids) {
+        api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+        return NULL;
+    }
+    int n2 = 0;
+    if (tok_encode(c->m->tok, text, len, 0, special, ids, *n + 1, &n2) < 0) {
+        free(ids);
+        api_set_error(e, 400, NULL, NULL, "messages", "a message cannot be tokenized");
+        return NULL;
+    }
+    *n = n2;
+    return ids;
+}
+
+/* 1 if text spells a control token (it tokenizes differently with special
+ * tokens parsed), 0 if not, -1 with e set. */
+static int spells_special(const api_ctx *c, const char *text, size_t len, api_error *e)
+{
+    int na, nb;
+    int32_t *a = encode(c, text, len, 1, &na, e);
+    int32_t *b = a ? encode(c, text, len, 0, &nb, e) : NULL;
+    int rc = !a || !b ? -1 : na != nb || memcmp(a, b, (size_t)na * sizeof *a) != 0;
+    free(a);
+    free(b);
+    return rc;
+}
+
+/* The chat prompt: template markup comes from the template only, message
+ * content is plain text. When no message spells a control token (the
+ * usual case) the formatted text is tokenized in one piece with special
+ * tokens parsed, exactly as the template expects; otherwise piece by
+ * piece, the content without special-token parsing, so "<|im_end|>" in a
+ * user message stays text and nobody can forge a turn. */
+static int add_chat_prompt(api_request *r, const char *text, size_t len, const chat_span *spans,
+                           int n_spans, int add_bos, const api_ctx *c, api_error *e)
+{
+    int unsafe = 0;
+    for (int i = 0; i < n_spans && !unsafe; i++) {
+        unsafe = spells_special(c, text + spans[i].off, spans[i].len, e);
+        if (unsafe < 0)
+            return -1;
+    }
+    if (!unsafe)
+        return add_text_prompt(r, 0, text, len, add_bos, 1, c, e);
+    int32_t bos = tok_bos(c->m->tok);
+    size_t cap = 16, n = 0;
+    int32_t *ids = malloc(cap * sizeof *ids);
+    if (!ids)
+        goto oom;
+    if (add_bos && bos >= 0)
+        ids[n++] = bos;
+    size_t pos = 0;
+    for (int i = 0; i <= n_spans; i++) {
+        size_t off = i < n_spans ? spans[i].off : len;
+        for (int part = 0; part < 2; part++) { /* markup [pos, off), then content */
+            size_t a = part == 0 ? pos : off;
+            size_t b = part == 0 ? off : i < n_spans ? off + spans[i].len : len;
+            if (b <= a)
+                continue;
+            int k;
+            int32_t *piece = encode(c, text + a, b - a, part == 0, &k, e);
+            if (!piece) {
+                free(ids);
+                return -1;
+            }
+            if (n + (size_t)k > cap) {
+                while (cap < n + (size_t)k)
+                    cap *= 2;
+                int32_t *t = realloc(ids, cap * sizeof *ids);
+                if (!t) {
+                    free(piece);
+                    goto oom;
+                }
+                ids = t;
+            }
+            memcpy(ids + n, piece, (size_t)k * sizeof *ids);
+            n += (size_t)k;
+            free(piece);
+        }
+        if (i < n_spans)
+            pos = off + spans[i].len;
+    }
+    if (n > (size_t)INT_MAX) {
+        free(ids);
+        api_set_error(e, 400, NULL, "context_length_exceeded", "messages", "the prompt is too long");
+        return -1;
+    }
+    r->ids[0] = ids;
+    r->n_ids[0] = (int)n;
+    r->text[0] = malloc(len + 1);
+    if (!r->text[0])
+        goto oom;
+    memcpy(r->text[0], text, len);
+    r->text[0][len] = '\0';
+    r->text_len[0] = len;
+    return 0;
+oom:
+    free(ids);
+    r->ids[0] = NULL;
+    api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+    return -1;
+}
+
 /* Text of a message's content: a string or an array of {"type":"text"}
  * parts (concatenated). Returns a new string or NULL with e set. */
 static char *message_text(json_t *content, size_t idx, api_error *e)
@@ -287,6 +403,7 @@ static int parse_messages(json_t *root, api_request *r, const api_ctx *c, api_er
     char **owned = calloc(n, sizeof *owned);
     int rc = -1;
     char *buf = NULL;
+    chat_span *spans = NULL;
     if (!cm || !owned) {
         api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
         goto done;
@@ -322,23 +439,24 @@ static int parse_messages(json_t *root, api_request *r, const api_ctx *c, api_er
         nm++;
     }
     char err[256];
-    int has_bos = 0;
-    long need = chat_format(c->m->chat_template, all, nm, 1, NULL, 0, &has_bos, err,
-                            sizeof err);
+    int has_bos = 0, n_spans = 0;
+    long need = chat_format_spans(c->m->chat_template, all, nm, 1, NULL, 0, &has_bos, NULL, 0,
+                                  &n_spans, err, sizeof err);
     if (need < 0) {
         api_set_error(e, 400, NULL, NULL, "messages", "%s", err);
         goto done;
     }
     buf = malloc((size_t)need + 1);
-    if (!buf) {
+    spans = malloc(((size_t)n_spans + 1) * sizeof *spans);
+    if (!buf || !spans) {
         api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
         goto done;
     }
-    chat_format(c->m->chat_template, all, nm, 1, buf, (size_t)need + 1, &has_bos, err,
-                sizeof err);
+    chat_format_spans(c->m->chat_template, all, nm, 1, buf, (size_t)need + 1, &has_bos, spans,
+                      n_spans, &n_spans, err, sizeof err);
     r->n_prompts = 1;
-    rc = add_text_prompt(r, 0, buf, (size_t)need,
-                         has_bos ? 0 : tok_default_add_bos(c->m->tok), 1, c, e);
+    rc = add_chat_prompt(r, buf, (size_t)need, spans, n_spans,
+                         has_bos ? 0 : tok_default_add_bos(c->m->tok), c, e);
 done:
     if (owned)
         for (size_t i = 0; i < n; i++)
@@ -346,6 +464,7 @@ done:
     free(owned);
     free(cm);
     free(buf);
+    free(spans);
     return rc;
 }
 
@@ -355,6 +474,12 @@ static int parse_stop(json_t *root, api_request *r, api_error *e)
     if (!s || json_is_null(s))
         return 0;
     if (json_is_string(s)) {
+        if (json_string_length(s) > API_MAX_STOP_BYTES) {
+            api_set_error(e, 400, NULL, NULL, "stop",
+                          "'stop' is %zu bytes; a stop sequence may have at most %d",
+                          json_string_length(s), API_MAX_STOP_BYTES);
+            return -1;
+        }
         if (json_string_length(s) > 0) {
             r->stop[0] = strdup(json_string_value(s));
             r->n_stop = r->stop[0] ? 1 : 0;
@@ -369,9 +494,10 @@ static int parse_stop(json_t *root, api_request *r, api_error *e)
     }
     for (size_t i = 0; i < json_array_size(s); i++) {
         json_t *v = json_array_get(s, i);
-        if (!json_is_string(v) || json_string_length(v) > 256) {
+        if (!json_is_string(v) || json_string_length(v) > API_MAX_STOP_BYTES) {
             api_set_error(e, 400, NULL, NULL, "stop",
-                          "stop[%zu] must be a string of at most 256 bytes", i);
+                          "stop[%zu] must be a string of at most %d bytes", i,
+                          API_MAX_STOP_BYTES);
             return -1;
         }
         if (json_string_length(v) == 0)
@@ -379,6 +505,55 @@ static int parse_stop(json_t *root, api_request *r, api_error *e)
         r->stop[r->n_stop] = strdup(json_string_value(v));
         if (r->stop[r->n_stop])
             r->n_stop++;
+    }
+    return 0;
+}
+
+/* OpenAI logit_bias: {"token id": bias in [-100, 100], ...}. */
+static int parse_logit_bias(json_t *root, api_request *r, const api_ctx *c, api_error *e)
+{
+    json_t *lb = json_object_get(root, "logit_bias");
+    if (!lb || json_is_null(lb))
+        return 0;
+    if (!json_is_object(lb)) {
+        api_set_error(e, 400, NULL, NULL, "logit_bias",
+                      "'logit_bias' must be an object mapping token ids to numbers from -100 "
+                      "to 100");
+        return -1;
+    }
+    size_t n = json_object_size(lb);
+    if (n > API_MAX_LOGIT_BIAS) {
+        api_set_error(e, 400, NULL, NULL, "logit_bias",
+                      "'logit_bias' has %zu entries; at most %d are allowed", n,
+                      API_MAX_LOGIT_BIAS);
+        return -1;
+    }
+    if (n == 0)
+        return 0;
+    r->bias = malloc(n * sizeof *r->bias);
+    if (!r->bias) {
+        api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(lb, key, v) {
+        char *end = NULL;
+        long id = strtol(key, &end, 10);
+        if (!key[0] || key[0] == '-' || key[0] == '+' || key[0] == ' ' || *end ||
+            id < 0 || id >= c->m->hp.n_vocab) {
+            api_set_error(e, 400, NULL, NULL, "logit_bias",
+                          "logit_bias key '%.40s' is not a token id in [0, %d)", key,
+                          c->m->hp.n_vocab);
+            return -1;
+        }
+        double b = json_is_number(v) ? json_number_value(v) : NAN;
+        if (!(b >= SMP_BIAS_MIN && b <= SMP_BIAS_MAX)) {
+            api_set_error(e, 400, NULL, NULL, "logit_bias",
+                          "logit_bias['%.40s'] must be a number from -100 to 100", key);
+            return -1;
+        }
+        r->bias[r->n_bias++] = (smp_bias){(int32_t)id, (float)b};
     }
     return 0;
 }
@@ -489,8 +664,10 @@ int api_parse(api_kind kind, const char *body, size_t len, const api_ctx *c,
             goto done;
         }
     }
-    if (parse_stop(root, r, e) < 0)
+    if (parse_stop(root, r, e) < 0 || parse_logit_bias(root, r, c, e) < 0)
         goto done;
+    r->sp.logit_bias = r->bias;
+    r->sp.n_logit_bias = r->n_bias;
     if ((kind == API_COMPLETIONS ? parse_prompt(root, r, c, e) : parse_messages(root, r, c, e)) < 0)
         goto done;
     int max_prompt = c->max_prompt_tokens > 0 ? c->max_prompt_tokens : c->n_ctx - 1;
@@ -527,9 +704,15 @@ int api_parse(api_kind kind, const char *body, size_t len, const api_ctx *c,
             goto done;
         }
     } else {
-        r->max_tokens = kind == API_COMPLETIONS ? 16 : c->n_ctx - longest;
-        if (r->max_tokens > c->n_ctx - longest)
-            r->max_tokens = c->n_ctx - longest;
+        /* the default: 16, or for chat the rest of what one sequence may
+         * hold (the context, or less when the KV pool holds less) */
+        int room = c->max_seq_tokens > 0 && c->max_seq_tokens < c->n_ctx ? c->max_seq_tokens
+                                                                          : c->n_ctx;
+        r->max_tokens = kind == API_COMPLETIONS ? 16 : room - longest;
+        if (r->max_tokens > room - longest)
+            r->max_tokens = room - longest;
+        if (r->max_tokens < 1)
+            r->max_tokens = 1; /* the scheduler says why it cannot run */
     }
     rc = 0;
 done:
@@ -755,4 +938,208 @@ char *api_chunk_json(api_kind kind, const char *id, const char *model, long crea
     char *s = json_dumps(o, JSON_COMPACT);
     json_decref(o);
     return s;
+}
+
+/* ---- /tokenize, /detokenize ------------------------------------------------- */
+
+/* Appends s[0..n) as a JSON string (valid UTF-8 expected). */
+static void sb_json_str(lkq_sb *b, const char *s, size_t n)
+{
+    lkq_sb_printf(b, "\"");
+    size_t run = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch >= 0x20 && ch != '"' && ch != '\\')
+            continue;
+        lkq_sb_printf(b, "%.*s", (int)(i - run), s + run);
+        if (ch == '"' || ch == '\\')
+            lkq_sb_printf(b, "\\%c", ch);
+        else
+            lkq_sb_printf(b, "\\u%04x", ch);
+        run = i + 1;
+    }
+    lkq_sb_printf(b, "%.*s\"", (int)(n - run), s + run);
+}
+
+static int tokens_room(int32_t **ids, size_t *cap, size_t need, api_error *e)
+{
+    if (need > API_MAX_TOKENIZE) {
+        api_set_error(e, 400, NULL, NULL, "content",
+                      "the content is more than %d tokens", API_MAX_TOKENIZE);
+        return -1;
+    }
+    if (need <= *cap)
+        return 0;
+    size_t nc = *cap ? *cap : 64;
+    while (nc < need)
+        nc *= 2;
+    int32_t *t = realloc(*ids, nc * sizeof *t);
+    if (!t) {
+        api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    *ids = t;
+    *cap = nc;
+    return 0;
+}
+
+int api_tokenize(const char *body, size_t len, const api_ctx *c, char **out, api_error *e)
+{
+    *out = NULL;
+    json_error_t je;
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
+    if (!root) {
+        api_set_error(e, 400, NULL, NULL, NULL, "could not parse the JSON body: %s (line %d, "
+                      "column %d)", je.text, je.line, je.column);
+        return -1;
+    }
+    int rc = -1, add_special = 0, parse_special = 1, with_pieces = 0;
+    int32_t *ids = NULL;
+    size_t n = 0, cap = 0;
+    lkq_sb b = {0};
+    json_t *content = json_is_object(root) ? json_object_get(root, "content") : NULL;
+    if (!json_is_object(root)) {
+        api_set_error(e, 400, NULL, NULL, NULL, "the body must be a JSON object");
+        goto done;
+    }
+    if (get_bool(root, "add_special", &add_special, e) < 0 ||
+        get_bool(root, "parse_special", &parse_special, e) < 0 ||
+        get_bool(root, "with_pieces", &with_pieces, e) < 0)
+        goto done;
+    if (!json_is_string(content) && !json_is_array(content)) {
+        api_set_error(e, 400, NULL, NULL, "content",
+                      "'content' is required: a string, or an array of strings and token ids");
+        goto done;
+    }
+    /* llama.cpp's mixed content: strings are tokenized (special tokens
+     * added to the first one only), ids are taken as they are */
+    size_t parts = json_is_string(content) ? 1 : json_array_size(content);
+    for (size_t k = 0; k < parts; k++) {
+        json_t *v = json_is_string(content) ? content : json_array_get(content, k);
+        if (json_is_integer(v)) {
+            json_int_t id = json_integer_value(v);
+            if (id < 0 || id >= c->m->hp.n_vocab) {
+                api_set_error(e, 400, NULL, NULL, "content",
+                              "content[%zu] is not a token id in [0, %d)", k, c->m->hp.n_vocab);
+                goto done;
+            }
+            if (tokens_room(&ids, &cap, n + 1, e) < 0)
+                goto done;
+            ids[n++] = (int32_t)id;
+            continue;
+        }
+        if (!json_is_string(v)) {
+            api_set_error(e, 400, NULL, NULL, "content",
+                          "content[%zu] must be a string or a token id", k);
+            goto done;
+        }
+        int bos = add_special && k == 0, m = 0;
+        (void)tok_encode(c->m->tok, json_string_value(v), json_string_length(v), bos,
+                         parse_special, NULL, 0, &m);
+        if (tokens_room(&ids, &cap, n + (size_t)m + 1, e) < 0)
+            goto done;
+        int m2 = 0;
+        if (tok_encode(c->m->tok, json_string_value(v), json_string_length(v), bos,
+                       parse_special, ids + n, m + 1, &m2) < 0) {
+            api_set_error(e, 400, NULL, NULL, "content", "the content cannot be tokenized");
+            goto done;
+        }
+        n += (size_t)m2;
+    }
+    lkq_sb_printf(&b, "{\"tokens\":[");
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            lkq_sb_printf(&b, ",");
+        if (!with_pieces) {
+            lkq_sb_printf(&b, "%d", ids[i]);
+            continue;
+        }
+        char buf[256];
+        int pl = tok_piece(c->m->tok, ids[i], 1, buf, sizeof buf);
+        pl = pl < 0 ? 0 : pl > (int)sizeof buf ? (int)sizeof buf : pl;
+        lkq_sb_printf(&b, "{\"id\":%d,\"piece\":", ids[i]);
+        if (utf8_valid(buf, (size_t)pl)) {
+            sb_json_str(&b, buf, (size_t)pl);
+        } else {
+            lkq_sb_printf(&b, "[");
+            for (int k = 0; k < pl; k++)
+                lkq_sb_printf(&b, "%s%u", k ? "," : "", (unsigned char)buf[k]);
+            lkq_sb_printf(&b, "]");
+        }
+        lkq_sb_printf(&b, "}");
+    }
+    lkq_sb_printf(&b, "]}");
+    if (b.oom) {
+        api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+        goto done;
+    }
+    *out = b.s;
+    b.s = NULL;
+    rc = 0;
+done:
+    lkq_sb_free(&b);
+    free(ids);
+    json_decref(root);
+    return rc;
+}
+
+int api_detokenize(const char *body, size_t len, const api_ctx *c, char **out, api_error *e)
+{
+    *out = NULL;
+    json_error_t je;
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
+    if (!root) {
+        api_set_error(e, 400, NULL, NULL, NULL, "could not parse the JSON body: %s (line %d, "
+                      "column %d)", je.text, je.line, je.column);
+        return -1;
+    }
+    int rc = -1;
+    int32_t *ids = NULL;
+    char *text = NULL;
+    json_t *toks = json_is_object(root) ? json_object_get(root, "tokens") : NULL;
+    if (!json_is_array(toks)) {
+        api_set_error(e, 400, NULL, NULL, "tokens", "'tokens' must be an array of token ids");
+        goto done;
+    }
+    size_t n = json_array_size(toks);
+    if (n > API_MAX_TOKENIZE) {
+        api_set_error(e, 400, NULL, NULL, "tokens", "at most %d tokens", API_MAX_TOKENIZE);
+        goto done;
+    }
+    ids = malloc((n + 1) * sizeof *ids);
+    if (!ids) {
+        api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+        goto done;
+    }
+    for (size_t k = 0; k < n; k++) {
+        json_t *v = json_array_get(toks, k);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+            json_integer_value(v) >= c->m->hp.n_vocab) {
+            api_set_error(e, 400, NULL, NULL, "tokens", "tokens[%zu] is not a token id in [0, %d)",
+                          k, c->m->hp.n_vocab);
+            goto done;
+        }
+        ids[k] = (int32_t)json_integer_value(v);
+    }
+    size_t need = tok_decode(c->m->tok, ids, (int)n, 1, NULL, 0);
+    text = malloc(need + 1);
+    if (!text) {
+        api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+        goto done;
+    }
+    tok_decode(c->m->tok, ids, (int)n, 1, text, need + 1);
+    json_t *o = json_object();
+    json_object_set_new(o, "content", jstr(text, need));
+    *out = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (!*out) {
+        api_set_error(e, 500, "server_error", NULL, NULL, "out of memory");
+        goto done;
+    }
+    rc = 0;
+done:
+    free(text);
+    free(ids);
+    json_decref(root);
+    return rc;
 }

@@ -19,6 +19,9 @@
 #include "engine/sched/scheduler.h"
 
 #define API_MAX_PROMPTS 16
+#define API_MAX_STOP_BYTES 256   /* per stop sequence */
+#define API_MAX_LOGIT_BIAS 1024  /* logit_bias entries */
+#define API_MAX_TOKENIZE (1 << 20) /* tokens in a /tokenize or /detokenize answer */
 
 typedef enum { API_COMPLETIONS = 0, API_CHAT = 1 } api_kind;
 
@@ -29,6 +32,8 @@ typedef struct {
     int n_ctx;              /* positions per sequence */
     int max_n;              /* n (choices) limit */
     int max_prompt_tokens;  /* 0: n_ctx - 1 */
+    int max_seq_tokens;     /* longest prompt + completion the KV pool holds
+                               (0: n_ctx); bounds the default max_tokens */
 } api_ctx;
 
 typedef struct {
@@ -54,6 +59,8 @@ typedef struct {
     int n_ids[API_MAX_PROMPTS];
     char *text[API_MAX_PROMPTS];     /* prompt text (for echo) */
     size_t text_len[API_MAX_PROMPTS];
+    smp_bias *bias;                  /* logit_bias entries (sp.logit_bias points here) */
+    int n_bias;
 } api_request;
 
 /* Parses and validates a body. Returns 0 and fills r (free with
@@ -61,6 +68,16 @@ typedef struct {
 int api_parse(api_kind kind, const char *body, size_t len, const api_ctx *ctx,
               api_request *r, api_error *e);
 void api_request_free(api_request *r);
+
+/* POST /tokenize (llama.cpp's shape): {"content": string or an array of
+ * strings and token ids, "add_special": false, "parse_special": true,
+ * "with_pieces": false} -> {"tokens": [ids]} or, with pieces, {"tokens":
+ * [{"id": 123, "piece": "text" or [bytes] when not UTF-8}]}. Returns 0 and
+ * *out (caller frees) or negative with e (400). */
+int api_tokenize(const char *body, size_t len, const api_ctx *ctx, char **out, api_error *e);
+/* POST /detokenize: {"tokens": [ids]} -> {"content": text} (special tokens
+ * rendered, invalid UTF-8 as U+FFFD). Returns 0 and *out or negative with e. */
+int api_detokenize(const char *body, size_t len, const api_ctx *ctx, char **out, api_error *e);
 
 /* Sets an error. */
 void api_set_error(api_error *e, int status, const char *type, const char *code,

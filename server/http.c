@@ -10,11 +10,27 @@
  * into SSE chunks and suspends the connection when there is none; the
  * engine thread's notify resumes it. NOTIFY_COMPLETED releases the
  * scheduler requests (cancelling unfinished ones, which frees their KV
- * blocks) and writes the access log line.
+ * blocks) and writes the access log line (tokens generated and tokens
+ * delivered: a slow reader may get fewer than were generated).
+ *
+ * The watcher: every socket is registered at accept (MHD's
+ * NOTIFY_CONNECTION) with the time it started waiting for a request. A
+ * socket still waiting for a complete request (headers and body) after
+ * read_timeout_s is shut down - a slowloris client that sends a byte a
+ * second never holds a connection for long, and a keep-alive connection
+ * idle that long closes too. While a generation request is answered its
+ * socket is peeked (recv MSG_PEEK): a client that closed it has its
+ * requests cancelled at once (the engine frees their KV blocks at the next
+ * step) - MHD itself cannot see a suspended connection's socket. Long
+ * answers are never cut: the deadline covers receiving the request only.
  *
  * Locking: the connection's `suspended` flag is read and written only
  * under the scheduler's lock (in sched_poll's on_armed callback and in the
- * notify callback), so a resume always follows its suspend.
+ * notify callback), so a resume always follows its suspend. The socket
+ * list is under h->wmu; order h->wmu, then the scheduler's lock (the
+ * watcher cancels under wmu; the engine thread never takes wmu). A socket
+ * leaves the list in MHD's close notification, before MHD closes its fd,
+ * so the watcher never touches a closed descriptor.
  */
 #include "server/http.h"
 
@@ -26,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "engine/util/log.h"
@@ -39,17 +56,41 @@ typedef enum {
     R_MODELS,
     R_HEALTH,
     R_METRICS,
+    R_TOKENIZE,
+    R_DETOKENIZE,
     R_MODEL_ONE,
     R_COUNT
 } route;
 
 static const char *const route_name[R_COUNT] = {"other", "/v1/completions",
                                                 "/v1/chat/completions", "/v1/models",
-                                                "/health", "/metrics", "/v1/models/{id}"};
+                                                "/health", "/metrics", "/tokenize",
+                                                "/detokenize", "/v1/models/{id}"};
+
+/* The kernel send buffer of a streaming connection (the kernel doubles it). */
+#define HTTP_SSE_SNDBUF (256 * 1024)
+
+/* A socket, from accept to close (MHD's socket context). */
+typedef enum {
+    SK_READING = 0, /* waiting for a complete request (the deadline runs) */
+    SK_BUSY,        /* the request is in; being answered */
+    SK_CLOSING      /* shut down by the watcher */
+} sock_phase;
+
+struct conn;
+
+typedef struct sock {
+    struct sock *prev, *next;
+    int fd;
+    sock_phase phase;
+    double t_idle;      /* when it started waiting for a request */
+    struct conn *c;     /* a generation being answered (peeked), or NULL */
+    int gone;           /* its client left; its requests were cancelled */
+} sock;
 
 struct http_server {
     http_config cfg;
-    char host[64], model_id[256], api_key[512];
+    char host[64], model_id[256], api_key[512], metrics_key[512];
     const mdl_model *m;
     sched *s;
     struct MHD_Daemon *d;
@@ -61,12 +102,20 @@ struct http_server {
     metrics_http hm;
     uint64_t next_id;
     int n_conns;        /* open connections with state (under mu) */
+    /* the watcher */
+    pthread_mutex_t wmu;
+    pthread_cond_t wcv;
+    pthread_t wthr;
+    int wthr_started, wquit;
+    sock *socks;        /* every open socket (under wmu) */
 };
 
 typedef struct conn {
     http_server *h;
     struct MHD_Connection *mc;
+    sock *sk;
     route rt;
+    int routed;       /* the request is complete and routed */
     int is_get, is_post, bad_method;
     char *body;
     size_t len, cap;
@@ -89,8 +138,11 @@ typedef struct conn {
     char *pend;
     size_t pend_len, pend_off, pend_cap;
     int sent_done;
+    int64_t pend_gen; /* tokens generated when pend was formatted */
     int64_t prev_end[API_MAX_PROMPTS][SCHED_MAX_N];
     int64_t gen_tokens, prompt_tokens;
+    int64_t delivered; /* tokens whose output went to the socket */
+    int client_gone;  /* cancelled because the client left (status 499) */
 } conn;
 
 static double now_s(void)
@@ -158,7 +210,10 @@ static enum MHD_Result respond_error(conn *c, const api_error *e)
         rv = "Bearer";
     } else if (e->status == 405) {
         rn = "Allow";
-        rv = c->rt == R_COMPLETIONS || c->rt == R_CHAT ? "POST" : "GET";
+        rv = c->rt == R_COMPLETIONS || c->rt == R_CHAT || c->rt == R_TOKENIZE ||
+                     c->rt == R_DETOKENIZE
+                 ? "POST"
+                 : "GET";
     }
     log_msg(e->status >= 500 ? LOG_LEVEL_WARN : LOG_LEVEL_DEBUG, c->id, "%d %s", e->status,
             e->message);
@@ -174,19 +229,145 @@ static enum MHD_Result fail(conn *c, int status, const char *type, const char *c
     return respond_error(c, &e);
 }
 
-/* Constant-time comparison of the presented key with the configured one. */
-static int key_ok(const http_server *h, const char *auth)
+/* Constant-time comparison of the presented key with want ("" = none). */
+static int key_ok(const char *want, const char *auth)
 {
-    if (!h->api_key[0])
+    if (!want[0])
         return 1;
     const char *k = "";
     if (auth && strncmp(auth, "Bearer ", 7) == 0)
         k = auth + 7;
-    size_t a = strlen(k), b = strlen(h->api_key);
+    size_t a = strlen(k), b = strlen(want);
     unsigned diff = (unsigned)(a ^ b);
     for (size_t i = 0; i < b; i++)
-        diff |= (unsigned char)(i < a ? k[i] : 0) ^ (unsigned char)h->api_key[i];
+        diff |= (unsigned char)(i < a ? k[i] : 0) ^ (unsigned char)want[i];
     return diff == 0;
+}
+
+/* ---- the socket watcher ------------------------------------------------------ */
+
+/* 1 if the peer closed or reset the socket (a peek sees the end). */
+static int peer_gone(int fd)
+{
+    char b;
+    ssize_t r = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r == 0)
+        return 1;
+    return r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+}
+
+static void *watcher_main(void *arg)
+{
+    http_server *h = arg;
+    pthread_mutex_lock(&h->wmu);
+    while (!h->wquit) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 200 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&h->wcv, &h->wmu, &ts);
+        double t = now_s();
+        for (sock *k = h->socks; k && !h->wquit; k = k->next) {
+            if (k->phase == SK_READING && t - k->t_idle > h->cfg.read_timeout_s) {
+                /* MHD sees the end at its next read and closes it */
+                shutdown(k->fd, SHUT_RDWR);
+                k->phase = SK_CLOSING;
+                pthread_mutex_lock(&h->mu);
+                h->hm.read_timeouts++;
+                pthread_mutex_unlock(&h->mu);
+                log_msg(LOG_LEVEL_INFO, NULL, "closing a connection: no complete request "
+                        "within %.0f s (--read-timeout)", h->cfg.read_timeout_s);
+            } else if (k->c && !k->gone && peer_gone(k->fd)) {
+                k->gone = 1;
+                struct conn *c = k->c;
+                c->client_gone = 1;
+                for (int i = 0; i < c->n_sr; i++)
+                    sched_req_cancel(h->s, c->sr[i]);
+                pthread_mutex_lock(&h->mu);
+                h->hm.client_gone++;
+                pthread_mutex_unlock(&h->mu);
+                log_msg(LOG_LEVEL_INFO, c->id, "the client went away: request cancelled");
+            }
+        }
+    }
+    pthread_mutex_unlock(&h->wmu);
+    return NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+    http_server *h = cls;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        sock *k = calloc(1, sizeof *k);
+        if (!k)
+            return; /* unwatched: the idle timeout still applies */
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+        k->fd = ci ? ci->connect_fd : -1;
+        k->t_idle = now_s();
+        k->phase = k->fd >= 0 ? SK_READING : SK_BUSY;
+        pthread_mutex_lock(&h->wmu);
+        k->next = h->socks;
+        if (h->socks)
+            h->socks->prev = k;
+        h->socks = k;
+        pthread_mutex_unlock(&h->wmu);
+        *socket_context = k;
+    } else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+        sock *k = *socket_context;
+        if (!k)
+            return;
+        pthread_mutex_lock(&h->wmu);
+        if (k->prev)
+            k->prev->next = k->next;
+        else
+            h->socks = k->next;
+        if (k->next)
+            k->next->prev = k->prev;
+        pthread_mutex_unlock(&h->wmu);
+        free(k);
+        *socket_context = NULL;
+    }
+}
+
+/* The request is complete: the receive deadline stops. */
+static void sock_busy(conn *c)
+{
+    if (!c->sk)
+        return;
+    pthread_mutex_lock(&c->h->wmu);
+    if (c->sk->phase == SK_READING)
+        c->sk->phase = SK_BUSY;
+    pthread_mutex_unlock(&c->h->wmu);
+}
+
+/* Watch c's socket for a client that leaves while c is answered. */
+static void sock_watch(conn *c)
+{
+    if (!c->sk)
+        return;
+    pthread_mutex_lock(&c->h->wmu);
+    c->sk->c = c;
+    pthread_mutex_unlock(&c->h->wmu);
+}
+
+/* c is done: the socket waits for the next request (keep-alive). */
+static void sock_idle(conn *c)
+{
+    if (!c->sk)
+        return;
+    pthread_mutex_lock(&c->h->wmu);
+    c->sk->c = NULL;
+    c->sk->gone = 0;
+    if (c->sk->phase != SK_CLOSING) {
+        c->sk->phase = SK_READING;
+        c->sk->t_idle = now_s();
+    }
+    pthread_mutex_unlock(&c->h->wmu);
 }
 
 /* ---- scheduler callbacks (engine / HTTP threads, scheduler lock held) ----- */
@@ -245,6 +426,9 @@ static void stream_format(conn *c)
 {
     const api_request *q = &c->req;
     int all_done = 1;
+    c->pend_gen = 0;
+    for (int k = 0; k < c->n_sr; k++)
+        c->pend_gen += c->out[k].n_generated;
     for (int k = 0; k < c->n_sr; k++) {
         sched_out *o = &c->out[k];
         for (int i = 0; i < o->n_choices; i++) {
@@ -298,6 +482,8 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
                 n = max;
             memcpy(buf, c->pend + c->pend_off, n);
             c->pend_off += n;
+            if (c->pend_off == c->pend_len)
+                c->delivered = c->pend_gen; /* all of it handed to the socket */
             return (ssize_t)n;
         }
         c->pend_len = c->pend_off = 0;
@@ -305,8 +491,11 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             return MHD_CONTENT_READER_END_OF_STREAM;
         int any = sched_poll(c->h->s, c->sr, c->out, c->n_sr, 1, on_armed, c);
         int all_done = 1;
-        for (int k = 0; k < c->n_sr; k++)
+        for (int k = 0; k < c->n_sr; k++) {
             all_done &= c->out[k].done;
+            if (c->out[k].cancelled)
+                return MHD_CONTENT_READER_END_WITH_ERROR; /* the client left */
+        }
         if (!any && !all_done)
             return 0; /* suspended until the engine has more */
         stream_format(c);
@@ -373,7 +562,8 @@ static enum MHD_Result respond_final(conn *c)
 static enum MHD_Result start_generation(conn *c)
 {
     http_server *h = c->h;
-    api_ctx ax = {h->m, h->model_id, sched_n_ctx(h->s), h->cfg.max_n, h->cfg.max_prompt_tokens};
+    api_ctx ax = {h->m, h->model_id, sched_n_ctx(h->s), h->cfg.max_n, h->cfg.max_prompt_tokens,
+                  sched_max_seq_tokens(h->s)};
     api_error e;
     if (api_parse(c->rt == R_CHAT ? API_CHAT : API_COMPLETIONS, c->body ? c->body : "",
                   c->len, &ax, &c->req, &e) < 0) {
@@ -384,46 +574,58 @@ static enum MHD_Result start_generation(conn *c)
     }
     c->have_req = 1;
     c->created = (long)time(NULL);
+    sched_req_params sp[API_MAX_PROMPTS];
+    memset(sp, 0, sizeof sp);
     for (int k = 0; k < c->req.n_prompts; k++) {
-        sched_req_params sp;
-        memset(&sp, 0, sizeof sp);
-        sp.prompt = c->req.ids[k];
-        sp.n_prompt = c->req.n_ids[k];
-        sp.max_tokens = c->req.max_tokens;
-        sp.n = c->req.n;
-        sp.sp = c->req.sp;
-        sp.logprobs = c->req.logprobs;
+        sp[k].prompt = c->req.ids[k];
+        sp[k].n_prompt = c->req.n_ids[k];
+        sp[k].max_tokens = c->req.max_tokens;
+        sp[k].n = c->req.n;
+        sp[k].sp = c->req.sp;
+        sp[k].logprobs = c->req.logprobs;
         for (int i = 0; i < c->req.n_stop; i++)
-            sp.stop[i] = c->req.stop[i];
-        sp.n_stop = c->req.n_stop;
-        sp.ignore_eos = c->req.ignore_eos;
-        sp.id = c->id;
-        sp.notify = on_notify;
-        sp.notify_ctx = c;
-        sp.notify_final = !c->req.stream;
-        char err[512];
-        int rc = sched_submit(h->s, &sp, &c->sr[k], err, sizeof err);
-        if (rc < 0) {
-            int st = rc == -EBUSY ? 429 : rc == -ESHUTDOWN ? 503 : rc == -ENOMEM ? 500 : 400;
-            pthread_mutex_lock(&h->mu);
-            if (rc == -EBUSY)
-                h->hm.rejected_queue_full++;
-            else if (rc == -ESHUTDOWN)
-                h->hm.rejected_shutdown++;
-            else
-                h->hm.rejected_invalid++;
-            pthread_mutex_unlock(&h->mu);
-            api_set_error(&e, st,
-                          st == 429   ? "rate_limit_exceeded"
-                          : st == 400 ? "invalid_request_error"
-                                      : "server_error",
-                          rc == -E2BIG ? "context_length_exceeded" : NULL, NULL, "%s", err);
-            return respond_error(c, &e); /* earlier prompts are cancelled at completion */
-        }
-        c->n_sr = k + 1;
+            sp[k].stop[i] = c->req.stop[i];
+        sp[k].n_stop = c->req.n_stop;
+        sp[k].ignore_eos = c->req.ignore_eos;
+        sp[k].id = c->id;
+        sp[k].notify = on_notify;
+        sp[k].notify_ctx = c;
+        sp[k].notify_final = !c->req.stream;
     }
+    /* all prompts as one group: queued all or none, and fair-shared as one
+     * client request */
+    char err[512];
+    int rc = sched_submit_group(h->s, sp, c->req.n_prompts, c->sr, err, sizeof err);
+    if (rc < 0) {
+        int st = rc == -EBUSY ? 429 : rc == -ESHUTDOWN ? 503 : rc == -ENOMEM ? 500 : 400;
+        pthread_mutex_lock(&h->mu);
+        if (rc == -EBUSY)
+            h->hm.rejected_queue_full++;
+        else if (rc == -ESHUTDOWN)
+            h->hm.rejected_shutdown++;
+        else
+            h->hm.rejected_invalid++;
+        pthread_mutex_unlock(&h->mu);
+        api_set_error(&e, st,
+                      st == 429   ? "rate_limit_exceeded"
+                      : st == 400 ? "invalid_request_error"
+                                  : "server_error",
+                      rc == -E2BIG ? "context_length_exceeded" : NULL,
+                      rc == -EOVERFLOW ? "n" : rc == -E2BIG ? "max_tokens" : NULL, "%s", err);
+        return respond_error(c, &e);
+    }
+    c->n_sr = c->req.n_prompts;
+    sock_watch(c);
     if (c->req.stream) {
         c->streaming = 1;
+        /* a stream's kernel send buffer is capped: a client that stops
+         * reading holds at most this much, and back-pressure reaches the
+         * reader (and the access log's delivered count) instead of
+         * megabytes vanishing into an autotuned buffer */
+        if (c->sk && c->sk->fd >= 0) {
+            int sndbuf = HTTP_SSE_SNDBUF;
+            (void)setsockopt(c->sk->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+        }
         /* first events: the assistant role (chat) or the echoed prompt */
         for (int k = 0; k < c->n_sr; k++) {
             for (int i = 0; i < c->req.n; i++) {
@@ -468,12 +670,20 @@ static enum MHD_Result continue_generation(conn *c)
 {
     int any = sched_poll(c->h->s, c->sr, c->out, c->n_sr, 1, on_armed, c);
     (void)any;
-    int all_done = 1;
-    for (int k = 0; k < c->n_sr; k++)
+    int all_done = 1, cancelled = 0;
+    for (int k = 0; k < c->n_sr; k++) {
         all_done &= c->out[k].done;
+        cancelled |= c->out[k].cancelled;
+    }
     if (!all_done)
         return MHD_YES; /* suspended (or resumed again: called once more) */
     c->waiting = 0;
+    if (cancelled) {
+        /* the client went away (the watcher cancelled it): nobody to answer */
+        c->status = 499;
+        count(c->h, c->rt, 499);
+        return MHD_NO;
+    }
     return respond_final(c);
 }
 
@@ -510,6 +720,21 @@ static enum MHD_Result do_health(conn *c)
     http_server *h = c->h;
     const char *st = h->draining ? "{\"status\":\"shutting_down\"}" : "{\"status\":\"ok\"}";
     return respond_json(c, h->draining ? 503 : 200, strdup(st));
+}
+
+/* POST /tokenize and /detokenize (llama.cpp's shapes, server/api.c). */
+static enum MHD_Result do_tokenize(conn *c)
+{
+    http_server *h = c->h;
+    api_ctx ax = {h->m, h->model_id, sched_n_ctx(h->s), h->cfg.max_n, h->cfg.max_prompt_tokens,
+                  sched_max_seq_tokens(h->s)};
+    api_error e;
+    char *out = NULL;
+    int rc = c->rt == R_TOKENIZE ? api_tokenize(c->body ? c->body : "", c->len, &ax, &out, &e)
+                                 : api_detokenize(c->body ? c->body : "", c->len, &ax, &out, &e);
+    if (rc < 0)
+        return respond_error(c, &e);
+    return respond_json(c, 200, out);
 }
 
 static enum MHD_Result do_metrics(conn *c)
@@ -596,6 +821,9 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
             return MHD_NO;
         c->h = h;
         c->mc = mc;
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(mc, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        c->sk = ci ? ci->socket_context : NULL;
         c->t0 = now_s();
         c->rt = route_of(url);
         c->is_get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
@@ -644,6 +872,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         return MHD_YES; /* a response is queued already */
     if (c->waiting)
         return continue_generation(c);
+    if (!c->routed) {
+        c->routed = 1;
+        sock_busy(c); /* the whole request is in: the read deadline stops */
+    }
 
     if (c->too_big) {
         char lim[64];
@@ -653,14 +885,21 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
     }
     if (c->rt == R_NONE)
         return fail(c, 404, "invalid_request_error", "not_found", "no route for %s", c->url);
-    int wants_post = c->rt == R_COMPLETIONS || c->rt == R_CHAT;
+    int wants_post = c->rt == R_COMPLETIONS || c->rt == R_CHAT || c->rt == R_TOKENIZE ||
+                     c->rt == R_DETOKENIZE;
     if ((wants_post && !c->is_post) || (!wants_post && !c->is_get))
         return fail(c, 405, "invalid_request_error", "method_not_allowed",
                     "method %s is not allowed here", c->method);
-    if (strncmp(route_name[c->rt], "/v1/", 4) == 0 &&
-        !key_ok(h, MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization")))
+    /* /health is always open; /metrics needs --metrics-key when one is set;
+     * everything else (the API) the API key */
+    const char *auth = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+    if (c->rt == R_METRICS ? !key_ok(h->metrics_key, auth)
+                           : c->rt != R_HEALTH && !key_ok(h->api_key, auth))
         return fail(c, 401, "invalid_request_error", "invalid_api_key", "%s",
-                    "missing or wrong API key (send 'Authorization: Bearer KEY')");
+                    c->rt == R_METRICS
+                        ? "missing or wrong metrics key (send 'Authorization: Bearer KEY' "
+                          "with the --metrics-key)"
+                        : "missing or wrong API key (send 'Authorization: Bearer KEY')");
     switch (c->rt) {
     case R_MODELS:
     case R_MODEL_ONE:
@@ -669,6 +908,9 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         return do_health(c);
     case R_METRICS:
         return do_metrics(c);
+    case R_TOKENIZE:
+    case R_DETOKENIZE:
+        return do_tokenize(c);
     default:
         return start_generation(c);
     }
@@ -683,24 +925,36 @@ static void completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     if (!c)
         return;
     *con_cls = NULL;
+    sock_idle(c); /* unwatched before the requests go; the next request's clock starts */
     int cancelled = 0;
     if (c->gen_tokens == 0 && c->prompt_tokens == 0) {
-        for (int k = 0; k < c->n_sr; k++) {
-            c->gen_tokens += c->out[k].n_generated;
+        for (int k = 0; k < c->n_sr; k++)
             c->prompt_tokens += c->out[k].n_prompt;
-        }
     }
+    /* what the engine generated, whatever the client received */
+    int64_t generated = 0;
     for (int k = 0; k < c->n_sr; k++) {
         if (!c->out[k].done)
             cancelled = 1;
+        generated += sched_req_generated(h->s, c->sr[k]);
         sched_req_release(h->s, c->sr[k]);
+    }
+    if (!c->streaming)
+        c->delivered = c->status == 200 && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK
+                           ? c->gen_tokens : 0;
+    if (c->client_gone || (c->n_sr > 0 && cancelled && !c->streaming && c->status == 0)) {
+        cancelled = 1;
+        if (c->status == 0) { /* nothing was sent: nginx's "client closed request" */
+            c->status = 499;
+            count(h, c->rt, 499);
+        }
     }
     if (c->rt != R_METRICS && c->rt != R_HEALTH)
         log_msg(LOG_LEVEL_INFO, c->id,
                 "method=%s path=%s status=%d dur=%.3fs stream=%d prompt_tokens=%lld "
-                "completion_tokens=%lld%s%s",
+                "completion_tokens=%lld delivered_tokens=%lld%s%s",
                 c->method, c->url, c->status, now_s() - c->t0, c->streaming,
-                (long long)c->prompt_tokens, (long long)c->gen_tokens,
+                (long long)c->prompt_tokens, (long long)generated, (long long)c->delivered,
                 toe != MHD_REQUEST_TERMINATED_COMPLETED_OK ? " closed_early=1" : "",
                 cancelled ? " cancelled=1" : "");
     for (int k = 0; k < API_MAX_PROMPTS; k++)
@@ -729,9 +983,14 @@ int http_start(const http_config *cfg, const mdl_model *m, sched *s, http_server
     snprintf(h->model_id, sizeof h->model_id, "%s", cfg->model_id ? cfg->model_id : m->name);
     if (cfg->api_key)
         snprintf(h->api_key, sizeof h->api_key, "%s", cfg->api_key);
+    if (cfg->metrics_key)
+        snprintf(h->metrics_key, sizeof h->metrics_key, "%s", cfg->metrics_key);
     h->cfg.host = h->host;
     h->cfg.model_id = h->model_id;
     h->cfg.api_key = h->api_key[0] ? h->api_key : NULL;
+    h->cfg.metrics_key = h->metrics_key[0] ? h->metrics_key : NULL;
+    if (h->cfg.read_timeout_s <= 0)
+        h->cfg.read_timeout_s = 30;
     if (h->cfg.max_n < 1)
         h->cfg.max_n = SCHED_MAX_N;
     if (h->cfg.max_body == 0)
@@ -741,14 +1000,15 @@ int http_start(const http_config *cfg, const mdl_model *m, sched *s, http_server
     h->t_start = now_s();
     h->created = (long)time(NULL);
     pthread_mutex_init(&h->mu, NULL);
+    pthread_mutex_init(&h->wmu, NULL);
+    pthread_cond_init(&h->wcv, NULL);
     struct sockaddr_in sa;
     memset(&sa, 0, sizeof sa);
     sa.sin_family = AF_INET;
     sa.sin_port = htons((uint16_t)cfg->port);
     if (inet_pton(AF_INET, h->host, &sa.sin_addr) != 1) {
         snprintf(err, errlen, "--host '%s' is not an IPv4 address", h->host);
-        pthread_mutex_destroy(&h->mu);
-        free(h);
+        http_stop(h);
         return -EINVAL;
     }
     int threads = cfg->http_threads > 0 ? cfg->http_threads : 4;
@@ -757,17 +1017,22 @@ int http_start(const http_config *cfg, const mdl_model *m, sched *s, http_server
             MHD_USE_ERROR_LOG,
         (uint16_t)cfg->port, NULL, NULL, handler, h, MHD_OPTION_SOCK_ADDR,
         (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)threads,
-        MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned)600, MHD_OPTION_CONNECTION_LIMIT,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_NOTIFY_CONNECTION, on_connection,
+        h, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned)(cfg->max_connections > 0 ? cfg->max_connections : 1000),
         MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_END);
     if (!h->d) {
         snprintf(err, errlen, "cannot listen on %s:%d (%s)", h->host, cfg->port,
                  errno ? strerror(errno) : "address in use?");
-        pthread_mutex_destroy(&h->mu);
-        free(h);
+        http_stop(h);
         return -EADDRINUSE;
     }
+    if (pthread_create(&h->wthr, NULL, watcher_main, h) != 0) {
+        snprintf(err, errlen, "cannot start the connection watcher thread");
+        http_stop(h);
+        return -EAGAIN;
+    }
+    h->wthr_started = 1;
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
     h->port = di ? di->port : cfg->port;
     *out = h;
@@ -796,8 +1061,17 @@ void http_stop(http_server *h)
 {
     if (!h)
         return;
+    if (h->wthr_started) {
+        pthread_mutex_lock(&h->wmu);
+        h->wquit = 1;
+        pthread_cond_signal(&h->wcv);
+        pthread_mutex_unlock(&h->wmu);
+        pthread_join(h->wthr, NULL);
+    }
     if (h->d)
         MHD_stop_daemon(h->d);
     pthread_mutex_destroy(&h->mu);
+    pthread_mutex_destroy(&h->wmu);
+    pthread_cond_destroy(&h->wcv);
     free(h);
 }

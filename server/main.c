@@ -34,8 +34,9 @@ typedef struct {
     char host[64];
     int port;
     int threads, http_threads;
-    int n_ctx, max_seqs, max_queue, max_batch, max_n, max_prompt_tokens;
-    char *api_key;
+    int n_ctx, max_seqs, max_seqs_per_req, max_queue, max_batch, max_n, max_prompt_tokens;
+    char *api_key, *metrics_key;
+    double read_timeout_s;
     size_t max_body;
     double grace_s;
     bk_device device;
@@ -47,9 +48,9 @@ static void usage(FILE *f)
     fprintf(f,
         "usage: livekvq-server -m MODEL [options] [cache knobs]\n"
         "\n"
-        "OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions;\n"
-        "GET /v1/models, /health, /metrics) with continuous batching over chunked\n"
-        "prefill and the LiveKVQuant-P KV cache.\n"
+        "OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions,\n"
+        "/tokenize, /detokenize; GET /v1/models, /health, /metrics) with continuous\n"
+        "batching over chunked prefill and the LiveKVQuant-P KV cache.\n"
         "\n"
         "  -m, --model PATH          GGUF or llama2.c model (required)\n"
         "      --tokenizer PATH      tokenizer for a llama2.c model\n"
@@ -61,13 +62,22 @@ static void usage(FILE *f)
         "      --http-threads N      HTTP worker threads (default 4)\n"
         "  -c, --ctx-size N          positions per sequence (default: the model's, max 8192)\n"
         "      --max-seqs N          sequences running at once (default 16)\n"
+        "      --max-seqs-per-request N  sequences one request may run at once\n"
+        "                            (default max-seqs - max-seqs/4: room for others)\n"
         "      --max-queue N         waiting sequences before 429 (default 64)\n"
         "      --max-batch N         tokens per step (default chunk_size + max_seqs)\n"
         "      --max-n N             choices per request (default 16)\n"
         "      --max-prompt-tokens N prompt limit (default ctx-size - 1)\n"
         "      --max-body BYTES      request body limit (default 8388608)\n"
-        "      --api-key KEY         require 'Authorization: Bearer KEY' on /v1/*\n"
-        "                            (or $LKQ_API_KEY; --api-key-file PATH)\n"
+        "      --api-key KEY         require 'Authorization: Bearer KEY' on /v1/*,\n"
+        "                            /tokenize, /detokenize (or $LKQ_API_KEY;\n"
+        "                            --api-key-file PATH); /health stays open\n"
+        "      --metrics-key KEY     require 'Authorization: Bearer KEY' on /metrics\n"
+        "                            (or $LKQ_METRICS_KEY; --metrics-key-file PATH;\n"
+        "                            default: /metrics is open)\n"
+        "      --read-timeout S      a request's headers and body must arrive within S\n"
+        "                            seconds of the connection opening or the previous\n"
+        "                            answer (default 30; answers are never cut)\n"
         "      --served-model-name NAME  model id in the API (default: file name)\n"
         "      --shutdown-grace S    seconds running requests get at SIGTERM (default 30)\n"
         "      --log-level L         debug|info|warn|error\n"
@@ -131,6 +141,12 @@ static int set_opt(srv_opts *o, const char *key, const char *val)
     } else if (!strcmp(k, "max_seqs")) {
         if (parse_long("--max-seqs", val, 1, 1024, &v) < 0) return -1;
         o->max_seqs = (int)v;
+    } else if (!strcmp(k, "max_seqs_per_request") || !strcmp(k, "max_seqs_per_req")) {
+        if (parse_long("--max-seqs-per-request", val, 1, 1024, &v) < 0) return -1;
+        o->max_seqs_per_req = (int)v;
+    } else if (!strcmp(k, "read_timeout")) {
+        if (parse_long("--read-timeout", val, 1, 86400, &v) < 0) return -1;
+        o->read_timeout_s = (double)v;
     } else if (!strcmp(k, "max_queue")) {
         if (parse_long("--max-queue", val, 1, 1 << 20, &v) < 0) return -1;
         o->max_queue = (int)v;
@@ -146,22 +162,26 @@ static int set_opt(srv_opts *o, const char *key, const char *val)
     } else if (!strcmp(k, "max_body")) {
         if (parse_long("--max-body", val, 1024, LONG_MAX, &v) < 0) return -1;
         o->max_body = (size_t)v;
-    } else if (!strcmp(k, "api_key")) {
-        free(o->api_key);
-        o->api_key = strdup(val);
-    } else if (!strcmp(k, "api_key_file")) {
+    } else if (!strcmp(k, "api_key") || !strcmp(k, "metrics_key")) {
+        char **dst = !strcmp(k, "api_key") ? &o->api_key : &o->metrics_key;
+        free(*dst);
+        *dst = strdup(val);
+    } else if (!strcmp(k, "api_key_file") || !strcmp(k, "metrics_key_file")) {
+        int api = !strcmp(k, "api_key_file");
         FILE *f = fopen(val, "r");
         char buf[512] = "";
         if (!f || !fgets(buf, sizeof buf, f)) {
-            fprintf(stderr, "livekvq-server: cannot read the API key from '%s'\n", val);
+            fprintf(stderr, "livekvq-server: cannot read the %s key from '%s'\n",
+                    api ? "API" : "metrics", val);
             if (f)
                 fclose(f);
             return -1;
         }
         fclose(f);
         buf[strcspn(buf, "\r\n")] = '\0';
-        free(o->api_key);
-        o->api_key = strdup(buf);
+        char **dst = api ? &o->api_key : &o->metrics_key;
+        free(*dst);
+        *dst = strdup(buf);
     } else if (!strcmp(k, "served_model_name") || !strcmp(k, "alias")) {
         o->alias = strdup(val);
     } else if (!strcmp(k, "shutdown_grace")) {
@@ -240,6 +260,9 @@ static int parse_args(int argc, char **argv, srv_opts *o)
     const char *env_key = getenv("LKQ_API_KEY");
     if (env_key && *env_key)
         o->api_key = strdup(env_key);
+    env_key = getenv("LKQ_METRICS_KEY");
+    if (env_key && *env_key)
+        o->metrics_key = strdup(env_key);
     for (int i = 1; i < argc; i++) /* the config file first: flags override it */
         if (!strcmp(argv[i], "--config") && i + 1 < argc && load_config(o, argv[i + 1]) < 0)
             return -1;
@@ -336,6 +359,7 @@ int main(int argc, char **argv)
     sched_params sp = sched_default_params();
     sp.n_ctx = o.n_ctx;
     sp.max_seqs = o.max_seqs;
+    sp.max_seqs_per_req = o.max_seqs_per_req;
     sp.max_queue = o.max_queue;
     sp.max_batch = o.max_batch;
     sp.n_threads = o.threads;
@@ -350,8 +374,17 @@ int main(int argc, char **argv)
     }
     char id[256];
     model_id(&o, id, sizeof id);
-    http_config hc = {o.host, o.port, o.http_threads, o.api_key, o.max_body, o.max_n,
-                      o.max_prompt_tokens, id, 0};
+    http_config hc = {.host = o.host,
+                      .port = o.port,
+                      .http_threads = o.http_threads,
+                      .api_key = o.api_key,
+                      .metrics_key = o.metrics_key,
+                      .read_timeout_s = o.read_timeout_s,
+                      .max_body = o.max_body,
+                      .max_n = o.max_n,
+                      .max_prompt_tokens = o.max_prompt_tokens,
+                      .model_id = id,
+                      .max_connections = 0};
     http_server *h = NULL;
     if (http_start(&hc, m, s, &h, err, sizeof err) < 0) {
         fprintf(stderr, "livekvq-server: %s\n", err);
@@ -366,6 +399,25 @@ int main(int argc, char **argv)
              id, m->format, m->hp.n_layers, sched_n_ctx(s), o.max_seqs,
              o.kv.mode == CFG_KV_INT4 ? "int4" : "fp16",
              (double)sm.kv_budget_bytes / (1024.0 * 1024.0), sched_describe(s), mono_s() - t0);
+    /* what the pool holds, so an operator knows before the first request */
+    sched_capacity cap;
+    sched_get_capacity(s, &cap);
+    if (cap.kv_int4)
+        log_info("KV pool %.1f MiB holds %lld sequences of %d tokens in int4 (the same bytes "
+                 "would hold %lld in fp16); one sequence up to %d tokens; %d slots, at most %d "
+                 "per request; queue %d", (double)cap.pool_bytes / (1024.0 * 1024.0),
+                 (long long)cap.seqs_int4, cap.n_ctx, (long long)cap.seqs_fp16,
+                 cap.max_seq_tokens, cap.max_seqs, cap.max_seqs_per_req, cap.max_queue);
+    else
+        log_info("KV pool %.1f MiB holds %lld sequences of %d tokens in fp16 (--kv-cache int4 "
+                 "holds more: its startup line says how many); one sequence up to %d tokens; "
+                 "%d slots, at most %d per request; queue %d",
+                 (double)cap.pool_bytes / (1024.0 * 1024.0), (long long)cap.seqs_fp16,
+                 cap.n_ctx, cap.max_seq_tokens, cap.max_seqs, cap.max_seqs_per_req,
+                 cap.max_queue);
+    if (o.api_key && !o.metrics_key)
+        log_info("/metrics is open (it shows the model name and KV statistics): "
+                 "--metrics-key KEY protects it");
     /* the line scripts and tests wait for */
     printf("livekvq-server: listening on http://%s:%d\n", o.host, http_port(h));
     fflush(stdout);
@@ -401,6 +453,7 @@ int main(int argc, char **argv)
     sched_destroy(s);
     mdl_free(m);
     free(o.api_key);
+    free(o.metrics_key);
     free((void *)o.model);
     free((void *)o.tokenizer);
     free((void *)o.alias);

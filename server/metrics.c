@@ -163,6 +163,15 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
         (unsigned long long)sm->failed);
     counter(&b, "livekvq_preemptions_total",
             "Sequences preempted (KV blocks freed, recomputed later).", (double)sm->preemptions);
+    counter(&b, "livekvq_preemptions_fair_total",
+            "Of those, preempted to give a request with nothing running a slot.",
+            (double)sm->preemptions_fair);
+    counter(&b, "livekvq_client_disconnects_total",
+            "Requests whose client went away before the answer (their sequences cancelled).",
+            (double)hm->client_gone);
+    counter(&b, "livekvq_http_read_timeouts_total",
+            "Connections closed because a request's headers and body did not arrive within "
+            "--read-timeout.", (double)hm->read_timeouts);
     counter(&b, "livekvq_prompt_tokens_total", "Prompt tokens prefilled.",
             (double)sm->prompt_tokens);
     counter(&b, "livekvq_generation_tokens_total", "Tokens generated.",

@@ -23,6 +23,8 @@ typedef struct {
     metrics_counter c[METRICS_MAX_COUNTERS];
     int n;
     uint64_t rejected_queue_full, rejected_shutdown, rejected_invalid;
+    uint64_t client_gone;      /* clients that left before their answer (cancelled) */
+    uint64_t read_timeouts;    /* connections closed: no complete request in time */
 } metrics_http;
 
 /* Renders everything; returns a malloc'd NUL-terminated string (caller

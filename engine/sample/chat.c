@@ -1,20 +1,65 @@
 /*
  * chat.c - chat templates (see chat.h). Output is text in which special
- * tokens are spelled out ("<|im_start|>"); encode it with parse_special.
+ * tokens are spelled out ("<|im_start|>"); encode the markup with
+ * parse_special and the content runs (chat_format_spans) as plain text.
  */
 #include "engine/sample/chat.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 typedef struct {
     char *out;
     size_t cap, len;
+    /* content runs: a write whose source lies inside a message's content */
+    const chat_msg *msgs;
+    int n_msgs, hint;
+    uintptr_t lo, hi;         /* the contents lie in [lo, hi) */
+    chat_span *spans;
+    int max_spans, n_spans;
+    size_t span_end;          /* end of the last content run */
 } sbuf;
+
+/* 1 if s points into a message's content (the templates write the
+ * messages in order, so the search starts at the last hit; markup comes
+ * from string literals, outside [lo, hi), and is rejected at once). */
+static int is_content(sbuf *b, const char *s)
+{
+    uintptr_t p = (uintptr_t)s;
+    if (!b->msgs || p < b->lo || p >= b->hi)
+        return 0;
+    for (int k = 0; k < b->n_msgs; k++) {
+        int i = (b->hint + k) % b->n_msgs;
+        if (p == (uintptr_t)b->msgs[i].content) {
+            b->hint = i;
+            return 1;
+        }
+    }
+    /* inside a message (a trimmed write): the current or the next one */
+    for (int k = 0; k < 2 && k < b->n_msgs; k++) {
+        int i = (b->hint + k) % b->n_msgs;
+        uintptr_t c = (uintptr_t)b->msgs[i].content;
+        if (p >= c && p <= c + strlen(b->msgs[i].content)) {
+            b->hint = i;
+            return 1;
+        }
+    }
+    return 0;
+}
 
 static void put(sbuf *b, const char *s)
 {
     size_t n = strlen(s);
+    if (n > 0 && is_content(b, s)) {
+        if (b->n_spans > 0 && b->span_end == b->len) { /* adjacent runs merge */
+            if (b->n_spans <= b->max_spans)
+                b->spans[b->n_spans - 1].len += n;
+        } else if (b->n_spans++ < b->max_spans) {
+            b->spans[b->n_spans - 1] = (chat_span){b->len, n};
+        }
+        b->span_end = b->len + n;
+    }
     if (b->cap > 0 && b->len < b->cap - 1) {
         size_t room = b->cap - 1 - b->len;
         memcpy(b->out + b->len, s, n < room ? n : room);
@@ -67,6 +112,17 @@ long chat_format(const char *name, const chat_msg *msgs, int n,
                  int add_generation_prompt, char *out, size_t cap,
                  int *has_bos, char *err, size_t errlen)
 {
+    int n_spans;
+    return chat_format_spans(name, msgs, n, add_generation_prompt, out, cap, has_bos, NULL, 0,
+                             &n_spans, err, errlen);
+}
+
+long chat_format_spans(const char *name, const chat_msg *msgs, int n,
+                       int add_generation_prompt, char *out, size_t cap,
+                       int *has_bos, chat_span *spans, int max_spans, int *n_spans,
+                       char *err, size_t errlen)
+{
+    *n_spans = 0;
     if (!name || !*name)
         name = "chatml";
     if (!chat_template_known(name)) {
@@ -81,7 +137,12 @@ long chat_format(const char *name, const chat_msg *msgs, int n,
             return -1;
         }
     }
-    sbuf b = {out, cap, 0};
+    sbuf b = {out, cap, 0, msgs, n, 0, UINTPTR_MAX, 0, spans, spans ? max_spans : 0, 0, 0};
+    for (int i = 0; i < n; i++) {
+        uintptr_t c = (uintptr_t)msgs[i].content;
+        b.lo = c < b.lo ? c : b.lo;
+        b.hi = c + strlen(msgs[i].content) + 1 > b.hi ? c + strlen(msgs[i].content) + 1 : b.hi;
+    }
     *has_bos = 0;
     if (!strcmp(name, "chatml")) {
         for (int i = 0; i < n; i++) {
@@ -121,5 +182,6 @@ long chat_format(const char *name, const chat_msg *msgs, int n,
     }
     if (cap > 0)
         out[b.len < cap ? b.len : cap - 1] = '\0';
+    *n_spans = b.n_spans;
     return (long)b.len;
 }

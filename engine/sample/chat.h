@@ -21,9 +21,29 @@ int chat_template_known(const char *name);
  * the assistant prefix when add_generation_prompt. Writes at most cap-1
  * bytes + NUL to out and returns the full length, or negative (with a
  * reason in err) for an unknown template or role. *has_bos is set to 1 when
- * the text itself begins with the BOS marker (then do not add BOS again). */
+ * the text itself begins with the BOS marker (then do not add BOS again).
+ * The output spells special tokens out ("<|im_start|>"); the messages'
+ * text is in it verbatim, so tokenize it with chat_format_spans' runs
+ * (content as plain text) or a user can forge control tokens. */
 long chat_format(const char *name, const chat_msg *msgs, int n,
                  int add_generation_prompt, char *out, size_t cap,
                  int *has_bos, char *err, size_t errlen);
+
+/* A run of the formatted text that is message content (plain text: it must
+ * be tokenized without parsing special tokens); the rest is template
+ * markup. Byte offset and length in the output of chat_format_spans. */
+typedef struct {
+    size_t off, len;
+} chat_span;
+
+/* As chat_format, and lists the content runs of the output in order in
+ * spans[0..*n_spans) (at most max_spans; *n_spans is the full count, which
+ * may exceed max_spans: call again with more room). A content string is
+ * recognized by its address (the template writes it from msgs[i].content),
+ * so every template of this file reports it, whatever its layout. */
+long chat_format_spans(const char *name, const chat_msg *msgs, int n,
+                       int add_generation_prompt, char *out, size_t cap,
+                       int *has_bos, chat_span *spans, int max_spans, int *n_spans,
+                       char *err, size_t errlen);
 
 #endif

@@ -40,8 +40,9 @@ static inline const char *ts_bin(const char *name)
 
 /* Starts the server ($LKQ_SERVER_BIN if set, else $LKQ_BUILDDIR/
  * livekvq-server) with args (NULL-terminated, after the program name);
- * --port 0 is added. Returns 0 when it printed its URL within 60 s. */
-static inline int ts_start(tsrv *s, const char *const *args)
+ * --port 0 is added; its stderr (the log) goes to log_path when not NULL.
+ * Returns 0 when it printed its URL within 60 s. */
+static inline int ts_start_log(tsrv *s, const char *const *args, const char *log_path)
 {
     int pfd[2];
     if (pipe(pfd) < 0)
@@ -61,6 +62,11 @@ static inline int ts_start(tsrv *s, const char *const *args)
     if (pid == 0) {
         prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a failed test */
         dup2(pfd[1], 1);
+        if (log_path) {
+            FILE *lf = fopen(log_path, "w");
+            if (lf)
+                dup2(fileno(lf), 2);
+        }
         close(pfd[0]);
         close(pfd[1]);
         execv(argv[0], (char *const *)argv);
@@ -92,6 +98,34 @@ static inline int ts_start(tsrv *s, const char *const *args)
         }
     }
     return -1;
+}
+
+static inline int ts_start(tsrv *s, const char *const *args)
+{
+    return ts_start_log(s, args, NULL);
+}
+
+/* The whole of a file (caller frees), "" if it cannot be read. */
+static inline char *ts_slurp(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    char *b = calloc(1, 1);
+    size_t n = 0;
+    if (!f)
+        return b;
+    char chunk[4096];
+    size_t k;
+    while ((k = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        char *t = realloc(b, n + k + 1);
+        if (!t)
+            break;
+        b = t;
+        memcpy(b + n, chunk, k);
+        n += k;
+        b[n] = '\0';
+    }
+    fclose(f);
+    return b;
 }
 
 /* SIGTERM, then waits up to timeout_s; returns the exit status (0..255),

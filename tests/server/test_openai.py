@@ -7,18 +7,23 @@ Checks: models.list; completions (non-stream: text, usage, finish_reason;
 stream: chunks concatenate to the same greedy text, usage chunk with
 stream_options.include_usage, the raw SSE ends in "data: [DONE]"); stop
 sequences, n, echo, seeded sampling; chat completions (non-stream and
-stream, same greedy content); logprobs shape (completions and chat); a wrong
-API key gives openai.AuthenticationError; invalid requests give
-BadRequestError / NotFoundError with the field named; SIGTERM gives exit 0
+stream, same greedy content); logprobs shape (completions and chat);
+logit_bias through the client (a +100 token is all greedy decoding picks, a
+-100 one never comes; ids from POST /tokenize); a wrong API key gives
+openai.AuthenticationError; invalid requests give BadRequestError /
+NotFoundError with the field named (an over-long stop string, a logit_bias
+out of range, more sequences than the queue holds); SIGTERM gives exit 0
 with no sanitizer report.
 
 Run: tests/server/run_py.sh --openai tests/server/test_openai.py with
 LKQ_BUILDDIR and LKQ_MODELS set (meson test does that).
 """
+import json
 import math
 import os
 import sys
 import unittest
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lkq_testsrv  # noqa: E402
@@ -261,6 +266,31 @@ class OpenAIClient(unittest.TestCase):
             self.assertEqual(it.top_logprobs[0].token, it.token)
             self.assertAlmostEqual(it.top_logprobs[0].logprob, it.logprob, places=4)
 
+    # ---- logit_bias (ids from /tokenize, llama.cpp's shape) --------------------
+
+    def tokenize(self, text):
+        req = urllib.request.Request(self.srv.url + "/tokenize",
+                                     data=json.dumps({"content": text}).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": "Bearer " + API_KEY})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read().decode())["tokens"]
+
+    def test_logit_bias(self):
+        paris = self.tokenize(" Paris")
+        self.assertEqual(len(paris), 1, paris)
+        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3,
+                                           temperature=0, logit_bias={str(paris[0]): 100})
+        self.assertEqual(r.choices[0].text, " Paris" * 3)
+        self.assertIn(" Paris", self.greedy.choices[0].text)
+        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=8,
+                                           temperature=0, logit_bias={str(paris[0]): -100})
+        self.assertNotIn(" Paris", r.choices[0].text)
+        c = self.client.chat.completions.create(model=MODEL_ID, messages=self.chat_messages(),
+                                                max_tokens=2, temperature=0,
+                                                logit_bias={str(paris[0]): 100})
+        self.assertEqual(c.choices[0].message.content, " Paris" * 2)
+
     # ---- errors ---------------------------------------------------------------
 
     def test_wrong_api_key(self):
@@ -298,6 +328,19 @@ class OpenAIClient(unittest.TestCase):
         with self.assertRaises(openai.NotFoundError) as cm:
             self.client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
         self.assertEqual(cm.exception.code, "model_not_found")
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2,
+                                           stop="x" * 1000)
+        self.assertEqual(cm.exception.param, "stop")
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2,
+                                           logit_bias={"5": 101})
+        self.assertEqual(cm.exception.param, "logit_bias")
+        with self.assertRaises(openai.BadRequestError) as cm:  # 5 x 16 > --max-queue 64
+            self.client.completions.create(model=MODEL_ID, prompt=["a", "b", "c", "d", "e"],
+                                           max_tokens=2, n=16)
+        self.assertEqual(cm.exception.param, "n")
+        self.assertIn("--max-queue", cm.exception.message)
         # the server is still fine afterwards
         r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2,
                                            temperature=0)

@@ -12,6 +12,10 @@ scraped it (it polls Prometheus, no fixed sleeps), checks every value of
 that one scrape, then drops the stream (client disconnect) and checks that
 Prometheus sees the request cancelled and the KV memory given back.
 
+The server protects /metrics with --metrics-key; Prometheus scrapes with
+that key as a Bearer credential (`authorization` in its config), and a
+scrape without it gets 401 while /health stays open.
+
 Small cache knobs (--chunk-size 32 --block-tokens 16) so that a ~120-token
 prompt is prefilled in several chunks (2 warm-up chunks, then clipped EMA
 updates) and lands in INT4 blocks quickly, also under ASan.
@@ -29,6 +33,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -38,6 +43,7 @@ import lkq_testsrv  # noqa: E402
 N_LAYERS = 30  # SmolLM2-135M
 SCRAPE_S = 1
 DEADLINE_S = 90  # the whole wait for a scrape of the running stream (ASan, loaded machine)
+METRICS_KEY = "scrape-secret-42"
 
 
 def http_json(url, body=None, timeout=30):
@@ -51,7 +57,7 @@ def http_json(url, body=None, timeout=30):
 class Prometheus:
     """A prometheus child process scraping target (host:port) every second."""
 
-    def __init__(self, target):
+    def __init__(self, target, key=None):
         self.binary = shutil.which("prometheus") or (
             "/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
         if not self.binary:
@@ -68,6 +74,10 @@ class Prometheus:
                     "    metrics_path: /metrics\n"
                     "    static_configs:\n"
                     "      - targets: ['%s']\n" % (SCRAPE_S, SCRAPE_S, SCRAPE_S, target))
+            if key:
+                f.write("    authorization:\n"
+                        "      type: Bearer\n"
+                        "      credentials: %s\n" % key)
         self.log = open(os.path.join(self.dir, "prometheus.log"), "w")
         for attempt in range(3):
             self.port = lkq_testsrv.free_port()
@@ -179,9 +189,9 @@ class PrometheusScrape(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.srv = lkq_testsrv.Server(["--kv-cache", "int4", "--chunk-size", "32",
-                                      "--block-tokens", "16"])
+                                      "--block-tokens", "16", "--metrics-key", METRICS_KEY])
         try:
-            cls.prom = Prometheus("127.0.0.1:%d" % cls.srv.port)
+            cls.prom = Prometheus("127.0.0.1:%d" % cls.srv.port, METRICS_KEY)
         except BaseException:
             cls.srv.stop()
             raise
@@ -216,6 +226,11 @@ class PrometheusScrape(unittest.TestCase):
         self.assertEqual(len(targets), 1)
         self.assertEqual(targets[0]["health"], "up", targets[0])
         self.assertEqual(targets[0]["lastError"], "")
+        # without the key /metrics is refused; /health needs none
+        with self.assertRaises(urllib.error.HTTPError) as cm:
+            urllib.request.urlopen(s.url + "/metrics", timeout=30)
+        self.assertEqual(cm.exception.code, 401)
+        self.assertEqual(http_json(s.url + "/health")["status"], "ok")
 
         # 2. a couple of short requests, then one long stream kept running
         for _ in range(2):
