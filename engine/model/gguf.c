@@ -306,7 +306,7 @@ static int parse_tensor_info(cursor *c, gguf_tensor *t, int64_t idx)
         return GGUF_EFORMAT;
     if (!kt_type_valid(type))
         return fail(c->err, c->errlen,
-                    "tensor '%s': unsupported tensor type %u (%s); supported: F32 F16 BF16 Q4_0 Q4_1 Q8_0",
+                    "tensor '%s': unsupported tensor type %u (%s); supported: " KT_SUPPORTED_NAMES,
                     t->name, type, gguf_type_name(type));
     t->type = (kt_type)type;
     int64_t be = kt_block_elems(t->type);
