@@ -74,6 +74,40 @@ AI size_t w_block_bytes(const int kind)
     }
 }
 
+/* Codes of sub-blocks 2p (low 256 bits) and 2p+1 of a Q4_K / Q5_K
+ * super-block: the low / high nibbles of qs[32p .. 32p+31], and for Q5_K
+ * bit 2p / 2p+1 of qh[l] as 0x10. */
+AI __m512i kq_pair_codes(const uint8_t *qs, const uint8_t *qh, int p)
+{
+    __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
+    v = _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)),
+                         _mm512_set1_epi8(0x0f));
+    if (qh) {
+        __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+        __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (2 * p))),
+                                         _mm256_set1_epi8((char)(1 << (2 * p + 1))), 1);
+        v = _mm512_mask_add_epi8(v, _mm512_test_epi8_mask(h, bit), v, _mm512_set1_epi8(0x10));
+    }
+    return v;
+}
+
+/* Unsigned codes 0..63 of sub-blocks 2p, 2p+1 of a Q6_K super-block (both
+ * in half h = p / 2: low 4 bits from the 64 bytes ql[64h ..], nibble
+ * p % 2; top 2 bits from qh[32h + l], bits 2k, 2k+1 for k = 2(p%2) and
+ * 2(p%2) + 1). */
+AI __m512i q6_pair_codes(const kt_block_q6_k *b, int p)
+{
+    const int h = p / 2, k0 = 2 * (p % 2);
+    __m512i l = _mm512_loadu_si512((const void *)(b->ql + 64 * h));
+    l = _mm512_and_si512(_mm512_srl_epi16(l, _mm_cvtsi32_si128(4 * (p % 2))),
+                         _mm512_set1_epi8(0x0f));
+    __m512i u = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b->qh + 32 * h)));
+    u = _mm512_srlv_epi64(u, _mm512_setr_epi64(2 * k0, 2 * k0, 2 * k0, 2 * k0, 2 * k0 + 2,
+                                                2 * k0 + 2, 2 * k0 + 2, 2 * k0 + 2));
+    u = _mm512_and_si512(u, _mm512_set1_epi8(3));
+    return _mm512_or_si512(l, _mm512_slli_epi16(u, 4));
+}
+
 /* Codes 0..31 of Q5_0 / Q5_1 blocks A and B (B NULL: zeros) in element
  * order, A in the low 256 bits. */
 AI __m512i q5_pair_codes(const uint8_t *qsa, const uint8_t *qha, const uint8_t *qsb,
@@ -224,7 +258,7 @@ AI void tile512(const int kind, const int RM, const int TN, const char *W, size_
                 for (int i = 0; i < RM; i++) {
                     if (kind == KQ_Q6_K) {
                         const kt_block_q6_k *k6 = (const kt_block_q6_k *)rows[i] + sb;
-                        w[i] = join256(q6_codes_u(k6, 2 * p), q6_codes_u(k6, 2 * p + 1));
+                        w[i] = q6_pair_codes(k6, p);
                         /* lanes 4g..4g+3 <- scales[4p + g] */
                         int32_t s4;
                         memcpy(&s4, k6->scales + 4 * p, 4);
@@ -236,12 +270,8 @@ AI void tile512(const int kind, const int RM, const int TN, const char *W, size_
                     } else {
                         const kt_block_q4_k *k4 = (const kt_block_q4_k *)rows[i] + sb;
                         const kt_block_q5_k *k5 = (const kt_block_q5_k *)rows[i] + sb;
-                        __m256i lo, hi;
-                        if (kind == KQ_Q4_K)
-                            kq_codes_pair(KQ_Q4_K, k4->qs, NULL, p, &lo, &hi);
-                        else
-                            kq_codes_pair(KQ_Q5_K, k5->qs, k5->qh, p, &lo, &hi);
-                        w[i] = join256(lo, hi);
+                        w[i] = kind == KQ_Q4_K ? kq_pair_codes(k4->qs, NULL, p)
+                                               : kq_pair_codes(k5->qs, k5->qh, p);
                         wd[i] = _mm512_permutexvar_ps(
                             _mm512_add_epi32(pick01, _mm512_set1_epi32(2 * p)),
                             _mm512_castps256_ps512(dsc[i]));

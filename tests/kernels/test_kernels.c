@@ -236,6 +236,26 @@ static void check_close(const char *what, const float *got, const float *ref,
     }
 }
 
+/* Largest share of its tolerance an element used (err / tol), for the
+ * summary the matmul suites log per back end. */
+static double used_share(const float *got, const float *ref, const double *extra, size_t n,
+                         double atol, double rtol)
+{
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double tol = atol + rtol * fabs((double)ref[i]) + (extra ? extra[i] : 0.0);
+        double e = fabs((double)got[i] - (double)ref[i]) / tol;
+        worst = e > worst ? e : worst;
+    }
+    return worst;
+}
+
+/* Per back end (kcpu_path): the worst shares of the tight tolerance (vs
+ * kref on the int8 activations) and of the int8 rounding bound (vs kref on
+ * the exact activations), and the largest |kcpu - kref| / sum_j |w_j x_j|
+ * (random, non-adversarial cases). */
+static double g_share_q[8], g_share_x[8], g_rel[8];
+
 /* The kernels' activation quantization, mirrored (kcpu_impl.h):
  * d = amax/127, id = d ? 1/d : 0, q = round-half-even(x*id). xq = d*q, and
  * amax/254 per element (half a step) into half_step. */
@@ -383,6 +403,15 @@ static void check_matmul(kt_type t, mm_shape s, int adversarial, kcpu_pool **poo
             if (quant) {
                 check_close(what, got, refq, mag, ny, MM_ATOL, MM_RTOL);
                 check_close(what, got, ref, qb, ny, MM_ATOL, MM_RTOL);
+                int pk = (int)paths[pa];
+                double sq = used_share(got, refq, mag, ny, MM_ATOL, MM_RTOL);
+                double sx = used_share(got, ref, qb, ny, MM_ATOL, MM_RTOL);
+                g_share_q[pk] = fmax(g_share_q[pk], sq);
+                g_share_x[pk] = fmax(g_share_x[pk], sx);
+                for (size_t i = 0; !adversarial && i < ny; i++)
+                    if (mag[i] > 0.0)
+                        g_rel[pk] = fmax(g_rel[pk], fabs((double)got[i] - (double)ref[i]) /
+                                                        (mag[i] / MM_MTOL));
             } else {
                 check_close(what, got, ref, mag, ny, MM_ATOL, MM_RTOL);
             }
@@ -429,6 +458,12 @@ static void matmul_suite(kt_type t)
     }
     kcpu_pool_destroy(pools[1]);
     kcpu_pool_destroy(pools[2]);
+    for (int pk = 0; quant && pk < 8; pk++)
+        if (g_share_q[pk] > 0.0 || g_share_x[pk] > 0.0)
+            cr_log_info("matmul %s %s: worst share of tolerance %.3f (vs kref on int8 x), "
+                        "%.3f of the int8 bound (vs kref on exact x); max |kcpu - kref| / "
+                        "sum |w x| %.2e (random, non-adversarial cases)", kt_name(t),
+                        kcpu_path_name((kcpu_path)pk), g_share_q[pk], g_share_x[pk], g_rel[pk]);
 }
 
 Test(matmul, f32, .timeout = 240) { matmul_suite(KT_F32); }
