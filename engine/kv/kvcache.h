@@ -6,6 +6,9 @@
  * x all layers, layout kernels/kvq.h) and FP16 pages (page_tokens tokens x
  * all layers, K then V per layer). Free lists hand them out; nothing is
  * allocated per token. Exhaustion is an error (-ENOSPC) the caller handles.
+ * The free lists, entry lists and every step decision belong to the KV
+ * planner (engine/kv/kv_plan.h), shared with the GPU cache
+ * (engine/kv/kvcache_cuda.h); this cache executes them on host memory.
  *
  * A kvc_seq is one sequence's history: an ordered list of entries (INT4
  * block or FP16 page, with its positions), the per-layer clipped-EMA ranges
@@ -105,8 +108,8 @@ void kvc_pool_free_units(const kvc_pool *p, int64_t *qfree, int64_t *ffree);
  * scheduler admits by it. */
 void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf);
 /* The same for any pool of configuration cfg (the GPU cache,
- * engine/kvcache_cuda.h, holds the same blocks and pages), and the tokens
- * per FP16 page such a pool uses. */
+ * engine/kv/kvcache_cuda.h, holds the same blocks and pages: kvp_estimate),
+ * and the tokens per FP16 page such a pool uses. */
 void kvc_plan_estimate(const cfg_kv *cfg, int n, int64_t *nq, int64_t *nf);
 int kvc_plan_page_tokens(const cfg_kv *cfg);
 

@@ -5,9 +5,10 @@
  * statistics, live INT4 quantization of later chunks, an FP16 decode tail
  * quantized a block at a time, clipped-EMA ranges per layer), with the data
  * in device memory and every data operation (statistics, quantization, page
- * writes) done by kernels/cuda. The bookkeeping (entries, free lists, the
- * step protocol) stays on the host and mirrors kvcache.c decision for
- * decision, so the two caches hold the same segments for the same steps.
+ * writes) done by kernels/cuda. The bookkeeping (entries, free lists, every
+ * decision of the step protocol) is the host-side KV planner
+ * (engine/kv/kv_plan.h) that kvcache.c executes too, so the two caches hold
+ * the same segments for the same steps by construction.
  *
  * Step protocol (as kvc_*): kvcd_begin reserves and uploads the step's
  * tables; per layer the caller attends over kvcd_segs() (the committed

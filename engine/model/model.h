@@ -1,7 +1,9 @@
 /*
- * model.h - an in-memory Llama-architecture model: hyper-parameters, weight
- * views (pointing into the mmap'd file or into buffers the model owns) and
- * the tokenizer. Loaded from a GGUF v3 file or a llama2.c .bin checkpoint.
+ * model.h - an in-memory model of the llama, qwen2 or gemma3 family: the
+ * descriptor (hyper-parameters and per-architecture features), weight views
+ * (pointing into the mmap'd file or into buffers the model owns) and the
+ * tokenizer. Loaded from a GGUF v3 file (families: engine/model/arch.c) or
+ * a llama2.c .bin checkpoint.
  *
  * A loaded mdl_model is read-only: any thread may read it. Loading checks
  * every offset and size against the file; a bad file gives an error message,
@@ -116,7 +118,7 @@ typedef struct mdl_model {
     mdl_layer *layers;       /* [n_layers] */
     const float *rope_freqs; /* [n_rot/2] frequency divisors (MDL_ROPE_SCALE_LLAMA3), else NULL */
     tok_tokenizer *tok;      /* owned */
-    char arch[32];           /* "llama", "qwen2" */
+    char arch[32];           /* "llama", "qwen2", "gemma3" */
     char name[128];          /* general.name or file stem */
     char chat_template[32];  /* "chatml", "llama2", "llama3", "zephyr" or "" */
     char default_system[256];/* system message the GGUF's template inserts when

@@ -1,17 +1,22 @@
 /*
  * model_load.c - mdl_load()/mdl_free(): builds an mdl_model from a GGUF file
- * (architecture "llama") or a llama2.c .bin checkpoint, detected by content.
+ * or a llama2.c .bin checkpoint, detected by content.
  *
- * GGUF: hyper-parameters from llama.* metadata, every tensor's shape and type
- * checked against them, matmul weights left in the mapping (F32, F16, BF16,
- * Q4_0, Q4_1, Q8_0), norm vectors copied to owned F32 when stored otherwise
- * (or misaligned), tokenizer built from tokenizer.ggml.* with tok_create(),
- * chat template family detected from tokenizer.chat_template.
- * llama2.c: F32 views into the mapping, tokenizer found beside the model.
+ * GGUF: the family and its hyper-parameters from arch-prefixed metadata
+ * (arch.c: llama, qwen2, gemma3), then every tensor the descriptor's
+ * features call for (QKV biases, Q/K norms, sandwich norms, rope_freqs),
+ * each one's shape and type checked against the hyper-parameters; a tensor
+ * the loader did not take is an error (it would be silently ignored).
+ * Matmul weights stay in the mapping (F32, F16, BF16, Q4_0, Q4_1, Q8_0);
+ * vectors (norms, biases, rope factors) are copied to owned F32 when
+ * stored otherwise (or misaligned). Tokenizer from tokenizer.ggml.* with
+ * tok_create(), chat template family from tokenizer.chat_template.
+ * llama2.c: F32 views into the mapping, tokenizer found beside the model,
+ * every descriptor feature at its Llama default.
  *
- * Unsupported on purpose (clear error): other architectures, MoE, rope
- * scaling types other than none/linear, Llama-3.1 rope_freqs factors,
- * key/value head sizes different from dim / n_heads.
+ * Unsupported on purpose (clear error): see arch.c (architectures, MoE,
+ * per-layer sizes, rope scaling types), value heads of another size than
+ * key heads, tensor types other than the above (Q4_K, Q6_K: gguf.c).
  *
  * Threading: mdl_load/mdl_free from one thread; a loaded model is read-only.
  */
@@ -27,14 +32,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "engine/model/arch.h"
 #include "engine/model/gguf.h"
 #include "engine/model/llama2c.h"
 
 typedef struct {
     gguf_file *gf;
     l2c_file *lf;
-    float *norms; /* owned F32 copies of norm vectors: (2 * n_layers + 1) * dim */
-    size_t norms_used;
+    float *norms;      /* owned F32 copies of vectors stored otherwise (or misaligned) */
+    size_t norms_used, norms_cap;
+    uint8_t *used;     /* [n_tensors]: 1 once the loader has taken the tensor */
 } load_priv;
 
 static int fail(char *err, size_t errlen, const char *fmt, ...)
@@ -60,6 +67,7 @@ void mdl_free(mdl_model *m)
         gguf_close(p->gf);
         l2c_close(p->lf);
         free(p->norms);
+        free(p->used);
         free(p);
     }
     tok_destroy(m->tok);
@@ -79,49 +87,7 @@ static void file_stem(const char *path, char *out, size_t cap)
 
 /* ---------------------------------------------------------------- GGUF -- */
 
-/* Required integer llama.* key in [min, max]. */
-static int req_int(gguf_file *f, const char *key, int64_t min, int64_t max,
-                   int32_t *out, char *err, size_t errlen)
-{
-    int64_t v;
-    int rc = gguf_get_int(f, key, min, max, &v, err, errlen);
-    if (rc == GGUF_EMISSING)
-        return fail(err, errlen, "missing metadata key '%s'", key);
-    if (rc)
-        return -1;
-    *out = (int32_t)v;
-    return 0;
-}
-
-/* Optional integer: *out keeps its default when the key is absent. */
-static int opt_int(gguf_file *f, const char *key, int64_t min, int64_t max,
-                   int32_t *out, char *err, size_t errlen)
-{
-    int64_t v;
-    int rc = gguf_get_int(f, key, min, max, &v, err, errlen);
-    if (rc == GGUF_EMISSING)
-        return 0;
-    if (rc)
-        return -1;
-    *out = (int32_t)v;
-    return 0;
-}
-
-/* Optional positive finite float. */
-static int opt_pos_float(gguf_file *f, const char *key, float *out, char *err, size_t errlen)
-{
-    double v;
-    int rc = gguf_get_float(f, key, &v, err, errlen);
-    if (rc == GGUF_EMISSING)
-        return 0;
-    if (rc)
-        return -1;
-    if (!(v > 0) || !isfinite(v) || v > 3.4e38)
-        return fail(err, errlen, "metadata '%s' = %g must be positive and finite", key, v);
-    *out = (float)v;
-    return 0;
-}
-
+/* Optional boolean key (absent: *out unchanged). */
 static int opt_bool(gguf_file *f, const char *key, int *out, char *err, size_t errlen)
 {
     int rc = gguf_get_bool(f, key, out, err, errlen);
@@ -134,93 +100,28 @@ static int str_is(gguf_str s, const char *lit)
     return s.len == strlen(lit) && memcmp(s.s, lit, s.len) == 0;
 }
 
-/* Fills m->hp from llama.* metadata. n_vocab comes later (token_embd). */
-static int read_hparams(gguf_file *f, mdl_hparams *hp, char *err, size_t errlen)
-{
-    gguf_str arch;
-    int rc = gguf_get_str(f, "general.architecture", &arch, err, errlen);
-    if (rc == GGUF_EMISSING)
-        return fail(err, errlen, "missing metadata key 'general.architecture'");
-    if (rc)
-        return -1;
-    if (!str_is(arch, "llama"))
-        return fail(err, errlen, "unsupported architecture '%.*s' (only 'llama' is supported)",
-                    (int)(arch.len > 64 ? 64 : arch.len), arch.s);
-
-    if (req_int(f, "llama.block_count", 1, 1024, &hp->n_layers, err, errlen) ||
-        req_int(f, "llama.embedding_length", 1, 65536, &hp->dim, err, errlen) ||
-        req_int(f, "llama.feed_forward_length", 1, 1 << 20, &hp->hidden_dim, err, errlen) ||
-        req_int(f, "llama.attention.head_count", 1, 1024, &hp->n_heads, err, errlen) ||
-        req_int(f, "llama.context_length", 1, 1 << 24, &hp->n_ctx_train, err, errlen))
-        return -1;
-    hp->n_kv_heads = hp->n_heads;
-    if (opt_int(f, "llama.attention.head_count_kv", 1, hp->n_heads, &hp->n_kv_heads, err, errlen))
-        return -1;
-    if (hp->dim % hp->n_heads)
-        return fail(err, errlen, "embedding_length %d is not a multiple of head_count %d",
-                    hp->dim, hp->n_heads);
-    if (hp->n_heads % hp->n_kv_heads)
-        return fail(err, errlen, "head_count %d is not a multiple of head_count_kv %d",
-                    hp->n_heads, hp->n_kv_heads);
-    hp->head_dim = hp->dim / hp->n_heads;
-    int32_t kl = hp->head_dim, vl = hp->head_dim;
-    if (opt_int(f, "llama.attention.key_length", 1, 65536, &kl, err, errlen) ||
-        opt_int(f, "llama.attention.value_length", 1, 65536, &vl, err, errlen))
-        return -1;
-    if (kl != hp->head_dim || vl != hp->head_dim)
-        return fail(err, errlen, "attention key/value length %d/%d differs from embedding_length "
-                    "/ head_count = %d: not supported", kl, vl, hp->head_dim);
-    int32_t experts = 0;
-    if (opt_int(f, "llama.expert_count", 0, 1 << 20, &experts, err, errlen))
-        return -1;
-    if (experts > 0)
-        return fail(err, errlen, "mixture-of-experts models (llama.expert_count = %d) are not supported",
-                    experts);
-
-    hp->n_rot = hp->head_dim;
-    if (opt_int(f, "llama.rope.dimension_count", 1, hp->head_dim, &hp->n_rot, err, errlen))
-        return -1;
-    if (hp->n_rot % 2)
-        return fail(err, errlen, "llama.rope.dimension_count %d is odd", hp->n_rot);
-    hp->rope_theta = 10000.0f;
-    hp->norm_eps = 1e-5f;
-    if (opt_pos_float(f, "llama.rope.freq_base", &hp->rope_theta, err, errlen) ||
-        opt_pos_float(f, "llama.attention.layer_norm_rms_epsilon", &hp->norm_eps, err, errlen))
-        return -1;
-
-    /* RoPE scaling: none or linear (positions divided by factor). An absent
-     * type with a factor means linear, as does the older scale_linear key. */
-    float factor = 1.0f;
-    gguf_str st;
-    rc = gguf_get_str(f, "llama.rope.scaling.type", &st, err, errlen);
-    if (rc && rc != GGUF_EMISSING)
-        return -1;
-    if (opt_pos_float(f, "llama.rope.scaling.factor", &factor, err, errlen) ||
-        opt_pos_float(f, "llama.rope.scale_linear", &factor, err, errlen))
-        return -1;
-    if (rc == 0 && str_is(st, "none"))
-        factor = 1.0f;
-    else if (rc == 0 && !str_is(st, "linear"))
-        return fail(err, errlen, "unsupported rope scaling type '%.*s' (only none and linear)",
-                    (int)(st.len > 32 ? 32 : st.len), st.s);
-    hp->rope_freq_scale = 1.0f / factor;
-    if (gguf_find_tensor(f, "rope_freqs.weight"))
-        return fail(err, errlen, "per-frequency rope factors (rope_freqs.weight, Llama 3.1 style) "
-                    "are not supported");
-    return 0;
-}
-
-/* A matrix tensor of n_rows rows of n_cols: shape and alignment checked. */
-static int get_matrix(gguf_file *f, const char *name, int64_t n_cols, int64_t n_rows,
-                      mdl_weight *w, char *err, size_t errlen)
+/* Looks a tensor up and marks it used (see check_all_used). */
+static const gguf_tensor *find_tensor(gguf_file *f, load_priv *p, const char *name)
 {
     const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (t)
+        p->used[t - gguf_tensor_at(f, 0)] = 1;
+    return t;
+}
+
+/* A matrix tensor of n_rows rows of n_cols: shape and alignment checked.
+ * why (may be NULL) says where the expected shape comes from. */
+static int get_matrix(gguf_file *f, load_priv *p, const char *name, int64_t n_cols,
+                      int64_t n_rows, const char *why, mdl_weight *w, char *err, size_t errlen)
+{
+    const gguf_tensor *t = find_tensor(f, p, name);
     if (!t)
         return fail(err, errlen, "missing tensor '%s'", name);
     if (t->ne[0] != n_cols || t->ne[1] != n_rows || t->ne[2] != 1 || t->ne[3] != 1)
-        return fail(err, errlen, "tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld]",
+        return fail(err, errlen, "tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld]%s%s%s",
                     name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
-                    (long long)t->ne[3], (long long)n_cols, (long long)n_rows);
+                    (long long)t->ne[3], (long long)n_cols, (long long)n_rows,
+                    why ? " (" : "", why ? why : "", why ? ")" : "");
     if ((uintptr_t)t->data % (t->type == KT_F32 ? 4 : 2))
         return fail(err, errlen, "tensor '%s' data is misaligned in the file", name);
     w->type = t->type;
@@ -230,17 +131,19 @@ static int get_matrix(gguf_file *f, const char *name, int64_t n_cols, int64_t n_
     return 0;
 }
 
-/* A norm vector of n floats: a view when F32 and aligned, else converted
- * into the next n floats of p->norms. */
-static int get_vector(gguf_file *f, load_priv *p, const char *name, int64_t n,
+/* A vector of n floats (norm weights, biases, rope factors): a view when
+ * F32 and aligned, else converted into the next n floats of p->norms.
+ * why (may be NULL) says where n comes from. */
+static int get_vector(gguf_file *f, load_priv *p, const char *name, int64_t n, const char *why,
                       const float **out, char *err, size_t errlen)
 {
-    const gguf_tensor *t = gguf_find_tensor(f, name);
+    const gguf_tensor *t = find_tensor(f, p, name);
     if (!t)
         return fail(err, errlen, "missing tensor '%s'", name);
     if (t->n_elems != n || t->ne[0] != n)
-        return fail(err, errlen, "tensor '%s' has %lld elements (first dim %lld), expected a vector of %lld",
-                    name, (long long)t->n_elems, (long long)t->ne[0], (long long)n);
+        return fail(err, errlen, "tensor '%s' has %lld elements (first dim %lld), expected a "
+                    "vector of %lld%s%s%s", name, (long long)t->n_elems, (long long)t->ne[0],
+                    (long long)n, why ? " (" : "", why ? why : "", why ? ")" : "");
     if (t->type == KT_F32 && (uintptr_t)t->data % 4 == 0) {
         *out = t->data;
         return 0;
@@ -248,6 +151,8 @@ static int get_vector(gguf_file *f, load_priv *p, const char *name, int64_t n,
     if (t->type != KT_F32 && t->type != KT_F16 && t->type != KT_BF16)
         return fail(err, errlen, "tensor '%s' is %s; norm vectors must be F32, F16 or BF16",
                     name, kt_name(t->type));
+    if (p->norms_used + (size_t)n > p->norms_cap)
+        return fail(err, errlen, "tensor '%s': internal error (vector buffer too small)", name);
     float *dst = p->norms + p->norms_used;
     p->norms_used += (size_t)n;
     const unsigned char *src = t->data;
@@ -264,54 +169,137 @@ static int get_vector(gguf_file *f, load_priv *p, const char *name, int64_t n,
     return 0;
 }
 
-/* Token embedding, output head, norms and all layer weights. */
-static int read_tensors(gguf_file *f, mdl_model *m, load_priv *p, char *err, size_t errlen)
+/* Llama 3.1+ rope_freqs.weight: [n_rot/2] positive frequency divisors.
+ * Sets hp->rope_scaling to LLAMA3 when present. */
+static int read_rope_freqs(gguf_file *f, const mdl_arch *a, mdl_model *m, load_priv *p,
+                           char *err, size_t errlen)
 {
     mdl_hparams *hp = &m->hp;
+    if (!a->rope_freqs || !gguf_find_tensor(f, "rope_freqs.weight")) {
+        if (mdl_arch_wants_rope_freqs(f, a))
+            return fail(err, errlen, "%s.rope.scaling.type is 'llama3' but tensor "
+                        "'rope_freqs.weight' is missing", a->name);
+        return 0; /* a family without rope_freqs: an unused tensor, refused later */
+    }
+    if (hp->rope_scaling == MDL_ROPE_SCALE_LINEAR)
+        return fail(err, errlen, "tensor 'rope_freqs.weight' together with linear rope scaling "
+                    "(factor %g): not supported", 1.0 / hp->rope_freq_scale);
+    char why[48];
+    snprintf(why, sizeof(why), "rope dimension count %d / 2", hp->n_rot);
+    if (get_vector(f, p, "rope_freqs.weight", hp->n_rot / 2, why, &m->rope_freqs, err, errlen))
+        return -1;
+    for (int i = 0; i < hp->n_rot / 2; i++)
+        if (!(m->rope_freqs[i] > 0) || !isfinite(m->rope_freqs[i]))
+            return fail(err, errlen, "tensor 'rope_freqs.weight' entry %d = %g must be positive "
+                        "and finite", i, (double)m->rope_freqs[i]);
+    hp->rope_scaling = MDL_ROPE_SCALE_LLAMA3;
+    return 0;
+}
+
+/* One layer's tensors, per the descriptor's features. */
+static int read_layer(gguf_file *f, load_priv *p, const mdl_hparams *hp, int l, mdl_layer *L,
+                      char *err, size_t errlen)
+{
+    int64_t dim = hp->dim, hid = hp->hidden_dim, hd = hp->head_dim;
+    int64_t q_dim = (int64_t)hp->n_heads * hd, kv_dim = (int64_t)hp->n_kv_heads * hd;
+    char qwhy[64], kvwhy[64], n[96];
+    snprintf(qwhy, sizeof(qwhy), "head_count %d x head_dim %d", hp->n_heads, hp->head_dim);
+    snprintf(kvwhy, sizeof(kvwhy), "head_count_kv %d x head_dim %d", hp->n_kv_heads, hp->head_dim);
+#define T(part, kind) (snprintf(n, sizeof(n), "blk.%d.%s.%s", l, part, kind), n)
+    if (get_vector(f, p, T("attn_norm", "weight"), dim, NULL, &L->attn_norm, err, errlen) ||
+        get_matrix(f, p, T("attn_q", "weight"), dim, q_dim, qwhy, &L->wq, err, errlen) ||
+        get_matrix(f, p, T("attn_k", "weight"), dim, kv_dim, kvwhy, &L->wk, err, errlen) ||
+        get_matrix(f, p, T("attn_v", "weight"), dim, kv_dim, kvwhy, &L->wv, err, errlen) ||
+        get_matrix(f, p, T("attn_output", "weight"), q_dim, dim, NULL, &L->wo, err, errlen) ||
+        get_vector(f, p, T("ffn_norm", "weight"), dim, NULL, &L->ffn_norm, err, errlen) ||
+        get_matrix(f, p, T("ffn_gate", "weight"), dim, hid, NULL, &L->ffn_gate, err, errlen) ||
+        get_matrix(f, p, T("ffn_down", "weight"), hid, dim, NULL, &L->ffn_down, err, errlen) ||
+        get_matrix(f, p, T("ffn_up", "weight"), dim, hid, NULL, &L->ffn_up, err, errlen))
+        return -1;
+    if (hp->qkv_bias &&
+        (get_vector(f, p, T("attn_q", "bias"), q_dim, qwhy, &L->bq, err, errlen) ||
+         get_vector(f, p, T("attn_k", "bias"), kv_dim, kvwhy, &L->bk, err, errlen) ||
+         get_vector(f, p, T("attn_v", "bias"), kv_dim, kvwhy, &L->bv, err, errlen)))
+        return -1;
+    if (hp->qk_norm &&
+        (get_vector(f, p, T("attn_q_norm", "weight"), hd, "head_dim", &L->q_norm, err, errlen) ||
+         get_vector(f, p, T("attn_k_norm", "weight"), hd, "head_dim", &L->k_norm, err, errlen)))
+        return -1;
+    if (hp->sandwich_norm &&
+        (get_vector(f, p, T("post_attention_norm", "weight"), dim, NULL, &L->post_attn_norm, err,
+                    errlen) ||
+         get_vector(f, p, T("post_ffw_norm", "weight"), dim, NULL, &L->post_ffn_norm, err, errlen)))
+        return -1;
+#undef T
+    return 0;
+}
+
+/* Every tensor of the file must have been used: one this loader does not
+ * know (an output bias, a rope_freqs of a family without them, ...) would
+ * otherwise be silently ignored and give wrong logits. */
+static int check_all_used(gguf_file *f, const mdl_arch *a, const load_priv *p, char *err,
+                          size_t errlen)
+{
+    for (int64_t i = 0; i < gguf_n_tensors(f); i++)
+        if (!p->used[i])
+            return fail(err, errlen, "tensor '%s' is not used by architecture '%s' (not supported)",
+                        gguf_tensor_at(f, i)->name, a->name);
+    return 0;
+}
+
+/* Token embedding, output head, norms, rope factors and all layer weights;
+ * completes the descriptor (n_vocab, tied_output, qkv_bias, rope_scaling,
+ * each layer's window and RoPE base). */
+static int read_tensors(gguf_file *f, const mdl_arch *a, mdl_model *m, load_priv *p, char *err,
+                        size_t errlen)
+{
+    mdl_hparams *hp = &m->hp;
+    if (!(p->used = calloc((size_t)gguf_n_tensors(f) + 1, 1)))
+        return fail(err, errlen, "out of memory");
     const gguf_tensor *te = gguf_find_tensor(f, "token_embd.weight");
     if (!te)
         return fail(err, errlen, "missing tensor 'token_embd.weight'");
-    int32_t n_vocab = te->ne[1] <= (1 << 22) ? (int32_t)te->ne[1] : 0;
-    if (opt_int(f, "llama.vocab_size", 1, 1 << 22, &n_vocab, err, errlen))
+    int64_t nv = te->ne[1];
+    char k[96];
+    snprintf(k, sizeof(k), "%s.vocab_size", a->name);
+    int rc = gguf_get_int(f, k, 1, 1 << 22, &nv, err, errlen);
+    if (rc && rc != GGUF_EMISSING)
         return -1;
-    if (n_vocab < 1)
-        return fail(err, errlen, "token_embd.weight has %lld rows (vocab too large)", (long long)te->ne[1]);
-    hp->n_vocab = n_vocab;
-    int64_t dim = hp->dim, hid = hp->hidden_dim;
-    int64_t q_dim = (int64_t)hp->n_heads * hp->head_dim, kv_dim = (int64_t)hp->n_kv_heads * hp->head_dim;
-    if (get_matrix(f, "token_embd.weight", dim, n_vocab, &m->tok_embd, err, errlen))
+    if (nv < 1 || nv > (1 << 22))
+        return fail(err, errlen, "token_embd.weight has %lld rows (vocab too large)", (long long)nv);
+    hp->n_vocab = (int32_t)nv;
+    int64_t dim = hp->dim;
+    int64_t q_dim = (int64_t)hp->n_heads * hp->head_dim;
+    int64_t kv_dim = (int64_t)hp->n_kv_heads * hp->head_dim;
+    if (get_matrix(f, p, "token_embd.weight", dim, nv, NULL, &m->tok_embd, err, errlen))
         return -1;
-    if (gguf_find_tensor(f, "output.weight")) {
-        if (get_matrix(f, "output.weight", dim, n_vocab, &m->output, err, errlen))
-            return -1;
-    } else {
-        m->output = m->tok_embd; /* tied */
-    }
-    p->norms = malloc(((size_t)2 * hp->n_layers + 1) * (size_t)dim * sizeof(float));
+    hp->tied_output = !gguf_find_tensor(f, "output.weight");
+    if (hp->tied_output)
+        m->output = m->tok_embd;
+    else if (get_matrix(f, p, "output.weight", dim, nv, NULL, &m->output, err, errlen))
+        return -1;
+    hp->qkv_bias = a->qkv_bias == MDL_BIAS_REQUIRED ||
+                   (a->qkv_bias == MDL_BIAS_OPTIONAL && gguf_find_tensor(f, "blk.0.attn_q.bias"));
+
+    /* room for every vector that may need converting to F32 */
+    size_t per_layer = 2 * (size_t)dim + (hp->qkv_bias ? (size_t)(q_dim + 2 * kv_dim) : 0) +
+                       (hp->qk_norm ? 2 * (size_t)hp->head_dim : 0) +
+                       (hp->sandwich_norm ? 2 * (size_t)dim : 0);
+    p->norms_cap = (size_t)hp->n_layers * per_layer + (size_t)dim + (size_t)hp->n_rot / 2;
+    p->norms = malloc(p->norms_cap * sizeof(float));
     m->layers = calloc((size_t)hp->n_layers, sizeof(mdl_layer));
     if (!p->norms || !m->layers)
         return fail(err, errlen, "out of memory");
-    if (get_vector(f, p, "output_norm.weight", dim, &m->out_norm, err, errlen))
+    if (get_vector(f, p, "output_norm.weight", dim, NULL, &m->out_norm, err, errlen) ||
+        read_rope_freqs(f, a, m, p, err, errlen))
         return -1;
     for (int l = 0; l < hp->n_layers; l++) {
         mdl_layer *L = &m->layers[l];
-        char n[9][64];
-        static const char *const parts[9] = {"attn_norm", "attn_q", "attn_k", "attn_v",
-            "attn_output", "ffn_norm", "ffn_gate", "ffn_down", "ffn_up"};
-        for (int i = 0; i < 9; i++)
-            snprintf(n[i], sizeof(n[i]), "blk.%d.%s.weight", l, parts[i]);
-        if (get_vector(f, p, n[0], dim, &L->attn_norm, err, errlen) ||
-            get_matrix(f, n[1], dim, q_dim, &L->wq, err, errlen) ||
-            get_matrix(f, n[2], dim, kv_dim, &L->wk, err, errlen) ||
-            get_matrix(f, n[3], dim, kv_dim, &L->wv, err, errlen) ||
-            get_matrix(f, n[4], q_dim, dim, &L->wo, err, errlen) ||
-            get_vector(f, p, n[5], dim, &L->ffn_norm, err, errlen) ||
-            get_matrix(f, n[6], dim, hid, &L->ffn_gate, err, errlen) ||
-            get_matrix(f, n[7], hid, dim, &L->ffn_down, err, errlen) ||
-            get_matrix(f, n[8], dim, hid, &L->ffn_up, err, errlen))
+        if (read_layer(f, p, hp, l, L, err, errlen))
             return -1;
+        mdl_arch_layer_kind(a, hp, l, &L->window, &L->rope_theta);
     }
-    return 0;
+    return check_all_used(f, a, p, err, errlen);
 }
 
 /* Optional special-token id: -1 when absent (or dflt for SPM defaults);
@@ -516,11 +504,12 @@ static int load_gguf(const char *path, mdl_model *m, load_priv *p, char *err, si
         return -1;
     gguf_file *f = p->gf;
     char why[384];
-    if (read_hparams(f, &m->hp, why, sizeof(why)) || read_tensors(f, m, p, why, sizeof(why)) ||
-        read_tokenizer(f, m, why, sizeof(why)))
+    const mdl_arch *a = NULL;
+    if (mdl_arch_read_hparams(f, &a, &m->hp, why, sizeof(why)) ||
+        read_tensors(f, a, m, p, why, sizeof(why)) || read_tokenizer(f, m, why, sizeof(why)))
         return fail(err, errlen, "'%s': %s", path, why);
     m->format = "gguf";
-    snprintf(m->arch, sizeof(m->arch), "llama");
+    snprintf(m->arch, sizeof(m->arch), "%s", a->name);
     gguf_str s;
     if (gguf_get_str(f, "general.name", &s, NULL, 0) == 0 && s.len > 0 && s.s[0] != 0) {
         size_t n = strnlen(s.s, (size_t)(s.len < sizeof(m->name) ? s.len : sizeof(m->name) - 1));
@@ -603,6 +592,19 @@ static int load_l2c(const char *path, const char *tokenizer_path, mdl_model *m, 
     hp->rope_theta = 10000.0f;
     hp->rope_freq_scale = 1.0f;
     hp->norm_eps = 1e-5f;
+    /* llama2.c checkpoints are plain Llama: every feature at its default */
+    hp->qkv_bias = 0;
+    hp->qk_norm = 0;
+    hp->sandwich_norm = 0;
+    hp->act = MDL_ACT_SILU;
+    hp->rope_type = MDL_ROPE_NORM;
+    hp->rope_scaling = MDL_ROPE_SCALE_NONE;
+    hp->embd_scale = 1.0f;
+    hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
+    hp->final_softcap = 0.0f;
+    hp->tied_output = c->shared_classifier;
+    hp->sliding_window = 0;
+    hp->rope_theta_local = hp->rope_theta;
 
     size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim;
     size_t kv_dim = (size_t)hp->head_dim * (size_t)c->n_kv_heads;
@@ -622,6 +624,8 @@ static int load_l2c(const char *path, const char *tokenizer_path, mdl_model *m, 
         L->ffn_gate = f32_weight(f->w1 + l * hid * dim, c->dim, c->hidden_dim);
         L->ffn_down = f32_weight(f->w2 + l * dim * hid, c->hidden_dim, c->dim);
         L->ffn_up = f32_weight(f->w3 + l * hid * dim, c->dim, c->hidden_dim);
+        L->window = 0;
+        L->rope_theta = hp->rope_theta;
     }
     if (load_l2c_tokenizer(path, tokenizer_path, c->vocab_size, &m->tok, err, errlen))
         return -1;

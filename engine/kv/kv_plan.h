@@ -1,0 +1,263 @@
+/*
+ * kv_plan.h - the host-side KV planner: the one copy of every decision of
+ * the LiveKVQuant-P cache (../shared/DESIGN.md §4), executed by the CPU
+ * cache (kvcache.c) and by the GPU cache (kvcache_cuda.c).
+ *
+ * A kvp_pool owns the free lists of a pool's INT4 blocks and FP16 pages
+ * (ids only: the arenas belong to the executor), its sizes and block
+ * layout, and the pool-level bookkeeping: free units, usage, accounting,
+ * the admission estimate and the sizing of a pool for a context or budget.
+ *
+ * A kvp_seq owns one sequence's entry list, in position order
+ *     [sink pages] [INT4 blocks | staged pages] ... [tail pages],
+ * its prefill / warm-up / tail state, and the plan of the open step:
+ *   kvp_begin     checks the step and reserves its targets: rows of the
+ *                 step go to FP16 pages (sinks, warm-up staging, decode
+ *                 tail; everything in fp16 mode; a partially filled last
+ *                 page of the same run is continued) or to new INT4 blocks
+ *                 (live chunks), plus the INT4 blocks of a re-quantization
+ *                 (warm-up end, a full decode tail) and its source pages.
+ *                 All or nothing: on -ENOSPC the free lists and the entries
+ *                 are exactly as before.
+ *   executor      per layer: EMA update over rows [row_stats, n) when
+ *                 stats is set; an FP16 write or a quantization per target;
+ *                 when rq is set, re-quantization of src[] (in order,
+ *                 concatenated) into rq_ids[], block_tokens tokens each.
+ *   kvp_commit    publishes: targets become entries (the last page grows),
+ *                 re-quantized sources are replaced by their blocks and go
+ *                 back to the free lists. kvp_abort returns the reservation.
+ * The executors own the arenas, the EMA state and every data operation
+ * (statistics, quantization, page writes, segment tables) and ask the
+ * planner for every decision, so that the two caches hold the same entries
+ * for the same steps by construction.
+ *
+ * May call: config/ (validation), kernels/kvq.h (block layout sizes). Uses
+ * the shared types of engine/kv/kvcache.h (kvc_dims, kvc_stats). Allocates
+ * only in kvp_pool_create / kvp_seq_create.
+ * Threading: a pool and its sequences are used by one thread at a time (the
+ * executor's thread).
+ */
+#ifndef LKQ_KV_PLAN_H
+#define LKQ_KV_PLAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config/kvq_config.h"
+#include "engine/kv/kvcache.h"
+#include "kernels/kvq.h"
+
+typedef struct kvp_pool kvp_pool;
+typedef struct kvp_seq kvp_seq;
+
+/* Unit kinds: an FP16 page (page_tokens tokens) or an INT4 block
+ * (block_tokens tokens), each over all layers. */
+typedef enum { KVP_PAGE = 0, KVP_BLOCK = 1 } kvp_kind;
+
+/* What a step re-quantizes into INT4 blocks besides its own rows. */
+typedef enum {
+    KVP_RQ_NONE = 0,
+    KVP_RQ_WARMUP = 1, /* the staged warm-up chunks (warm-up end, or prompt end) */
+    KVP_RQ_TAIL = 2    /* the decode tail reached block_tokens: each full block
+                          is folded into the EMA (weight T/C) before quantizing */
+} kvp_rq;
+
+/* One entry of a sequence: positions [pos0, pos0+n) in unit id. */
+typedef struct {
+    int32_t kind; /* kvp_kind */
+    int32_t id;
+    int32_t pos0;
+    int32_t n;
+} kvp_ent;
+
+/* Where some of the step's rows go: rows [row0, row0+n) into unit id from
+ * slot slot0. existing: the page is the sequence's last entry, partially
+ * filled (it grows at commit), else a unit reserved for this step. */
+typedef struct {
+    int32_t kind; /* kvp_kind */
+    int32_t id;
+    int32_t slot0;
+    int32_t row0;
+    int32_t n;
+    int32_t existing;
+} kvp_tgt;
+
+/* A run of FP16 tokens to re-quantize: page id, slots [0, n). */
+typedef struct {
+    int32_t id;
+    int32_t n;
+} kvp_src;
+
+/* The plan of the open step (read-only for the executor; valid from
+ * kvp_begin / kvp_finish_prefill to kvp_commit / kvp_abort). */
+typedef struct {
+    int active;
+    int pos0, n;     /* the step's positions [pos0, pos0+n) = its rows */
+    int prefill;     /* a prompt chunk (1) or a decode step (0) */
+    int stats;       /* fold rows [row_stats, n) into the EMA (int4 prefill) */
+    int row_stats;   /* rows before it are sink tokens (never re-quantized) */
+    int n_tgt;
+    const kvp_tgt *tgt; /* in row order */
+    int rq;          /* kvp_rq */
+    int rq_tokens;   /* tokens re-quantized: sum of src[].n */
+    int n_src;
+    const kvp_src *src;
+    int n_rq;        /* ceil(rq_tokens / block_tokens) blocks; block i holds */
+    const int32_t *rq_ids; /* tokens [i*T, min((i+1)*T, rq_tokens)) of src */
+} kvp_step;
+
+/* Table sizes of a sequence of max_tokens positions: its entries (the
+ * bound of the history's segment count), a step's targets, re-quantization
+ * sources and blocks (the last three do not depend on max_tokens). */
+typedef struct {
+    int ents, tgt, src, rq;
+} kvp_caps;
+
+/* kvp_begin: the prompt must end first (see kvp_finish_prefill). */
+#define KVP_FINISH_PREFILL 1
+/* kvp_finish_prefill: a re-quantization step is open. */
+#define KVP_REQUANT 1
+
+/* ---- configuration-level planning (no pool needed) --------------------------- */
+
+/* Tokens per FP16 page of a pool of configuration c: block_tokens in fp16
+ * mode (pages are the blocks), else min(block_tokens, 16) so that sinks,
+ * the tail and the staging hold little slack. */
+int kvp_page_tokens(const cfg_kv *c);
+/* Upper bound of the INT4 blocks *nq and FP16 pages *nf a fresh sequence
+ * holds at its peak (reservations of an open step included) while it
+ * prefills n tokens in chunks of chunk_size and ends its prefill; the
+ * scheduler admits by it. */
+void kvp_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf);
+/* Sizes a pool: for the budget in c (kv_budget bytes or tokens), or else
+ * for max_seqs sequences of n_ctx tokens each. Returns 0 and the arena
+ * sizes, or -EINVAL with a reason (bad config, budget too small). */
+int kvp_pool_size(const cfg_kv *c, const kvc_dims *d, int n_ctx, int max_seqs,
+                  int64_t *n_qblocks, int64_t *n_fpages, char *err, size_t errlen);
+/* The tables of a sequence of max_tokens positions (see kvp_caps). */
+void kvp_plan_caps(const cfg_kv *c, int max_tokens, kvp_caps *out);
+/* Checks a configuration against KV dimensions (what every pool needs).
+ * Returns 0 or -EINVAL with a reason. */
+int kvp_check(const cfg_kv *c, const kvc_dims *d, char *err, size_t errlen);
+
+/* The bytes_* fields of *s for nq INT4 blocks and nf FP16 pages of a pool
+ * whose layer-blocks have layout Lq (NULL in fp16 mode) and whose blocks /
+ * pages take qbytes / fbytes over all n_layers layers. */
+void kvp_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
+                         size_t fbytes, int64_t nq, int64_t nf);
+/* Adds the token / element / quantized / outlier / clamped counts of s to
+ * *sum. */
+void kvp_stats_add_counts(kvc_stats *sum, const kvc_stats *s);
+
+/* ---- the pool -------------------------------------------------------------- */
+
+/* Creates the bookkeeping of a pool of n_qblocks INT4 blocks (forced to 0
+ * in fp16 mode) and n_fpages FP16 pages for configuration cfg and
+ * dimensions d (both copied). Lowest ids are handed out first. Returns 0
+ * and *out (caller frees with kvp_pool_destroy), or -EINVAL / -ENOMEM with
+ * a reason. */
+int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
+                    int64_t n_fpages, kvp_pool **out, char *err, size_t errlen);
+/* NULL is a no-op; destroy the pool's sequences first. */
+void kvp_pool_destroy(kvp_pool *p);
+
+const cfg_kv *kvp_pool_cfg(const kvp_pool *p);
+const kvc_dims *kvp_pool_dims(const kvp_pool *p);
+/* The layout of one layer's INT4 block; NULL in fp16 mode. */
+const kvq_layout *kvp_pool_layout(const kvp_pool *p);
+int kvp_pool_page_tokens(const kvp_pool *p);
+/* Units of the pool (*nq is 0 in fp16 mode). */
+void kvp_pool_units(const kvp_pool *p, int64_t *nq, int64_t *nf);
+/* Bytes of one INT4 block / one FP16 page over all layers (an FP16 page
+ * holds, per layer, K [page_tokens][kv_dim] then V, fp16). */
+void kvp_pool_unit_bytes(const kvp_pool *p, size_t *qbytes, size_t *fbytes);
+/* Units free now. */
+void kvp_pool_free_units(const kvp_pool *p, int64_t *qfree, int64_t *ffree);
+/* The free stack of one kind (the next id handed out is ids[*n - 1]);
+ * borrowed, valid until the next call that takes or returns units. For
+ * tests. */
+const int32_t *kvp_pool_free_list(const kvp_pool *p, int kind, int64_t *n);
+/* Bytes of both arenas, all overheads. */
+int64_t kvp_pool_capacity_bytes(const kvp_pool *p);
+/* Fraction of the pool's bytes in use, 0..1. */
+double kvp_pool_usage(const kvp_pool *p);
+/* Sets the pool-wide fields of *out: units used and total, bytes_* of the
+ * units in use, bytes_fp16_equiv from out->elements (the executor sums
+ * its sequences' counts into *out first, kvp_stats_add_counts). */
+void kvp_pool_fill_stats(const kvp_pool *p, kvc_stats *out);
+
+/* ---- sequences ------------------------------------------------------------- */
+
+/* A sequence of at most max_tokens positions in pool p (borrowed; must
+ * outlive it), on the pool's list of live sequences; owner (borrowed, may
+ * be NULL) is the executor's object, for kvp_seq_owner. Its tables are
+ * allocated here, once. Returns 0 and *out (kvp_seq_destroy) or -EINVAL /
+ * -ENOMEM with a reason. */
+int kvp_seq_create(kvp_pool *p, int max_tokens, void *owner, kvp_seq **out, char *err,
+                   size_t errlen);
+/* Returns every unit (open step included) to the pool and leaves the
+ * pool's list; NULL is a no-op. */
+void kvp_seq_destroy(kvp_seq *s);
+/* The pool's live sequences, newest first: pass NULL for the first, then
+ * the previous one; NULL at the end. Borrowed. */
+kvp_seq *kvp_pool_next_seq(const kvp_pool *p, const kvp_seq *prev);
+/* The owner given to kvp_seq_create. */
+void *kvp_seq_owner(const kvp_seq *s);
+/* Empties the sequence: aborts an open step, returns its entries' units to
+ * the pool (in entry order), clears the prefill state. */
+void kvp_seq_reset(kvp_seq *s);
+
+int kvp_seq_n_tokens(const kvp_seq *s);
+/* Prefill chunks committed so far. */
+int kvp_seq_chunks(const kvp_seq *s);
+/* 1 while the sequence is still in warm-up (int4 mode). */
+int kvp_seq_warming(const kvp_seq *s);
+/* The committed entries in position order (borrowed; *n of them). During
+ * an open step they are the history as it was before the step. */
+const kvp_ent *kvp_seq_entries(const kvp_seq *s, int *n);
+/* The bound of the entry count (the tables the executor sizes by it). */
+int kvp_seq_max_entries(const kvp_seq *s);
+/* INT4 blocks and FP16 pages held by the entries. */
+void kvp_seq_units(const kvp_seq *s, int64_t *nq, int64_t *nf);
+/* Sets *out to the sequence's accounting except the data-derived counts
+ * (n_quantized, n_outliers, n_clamped: zero, for the executor to fill). */
+void kvp_seq_fill_stats(const kvp_seq *s, kvc_stats *out);
+/* The open step's plan (active == 0 when none). Borrowed. */
+const kvp_step *kvp_seq_step(const kvp_seq *s);
+
+/* Plans a step of n tokens at pos0 == kvp_seq_n_tokens(s): prefill 1 for a
+ * prompt chunk, 0 for decode (n > 1 is always a chunk). Returns
+ *   0                   the step is open: execute kvp_seq_step(s), then
+ *                       kvp_commit or kvp_abort;
+ *   KVP_FINISH_PREFILL  the first decode step of a prompt that ended during
+ *                       warm-up: nothing was reserved; run the executor's
+ *                       finish_prefill (kvp_finish_prefill), then call
+ *                       kvp_begin again;
+ *   -EINVAL             bad step (a step already open, wrong position,
+ *                       n outside 1..chunk_size), with a reason;
+ *   -ENOSPC             the sequence or the pool cannot hold the step;
+ *                       nothing was changed. */
+int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen);
+
+/* Ends the prefill (idempotent; no-op in fp16 mode). If the prompt ended
+ * during warm-up and keep_warmup_fp16 is off, opens a step (n = 0) that
+ * re-quantizes the staged chunks with the statistics gathered so far and
+ * returns KVP_REQUANT: the executor re-quantizes every layer and commits
+ * (or aborts on a device error). Returns 0 when there is nothing to do,
+ * -ENOSPC when the blocks are not there (the staged chunks then stay FP16
+ * for good: still exact), -EINVAL when a step is open. */
+int kvp_finish_prefill(kvp_seq *s, char *err, size_t errlen);
+
+/* Called by kvp_commit for each INT4 block that becomes an entry (live
+ * blocks, then re-quantized blocks), before the step closes: the executor
+ * reads the block's counters there. */
+typedef void (*kvp_block_fn)(void *ctx, int32_t id);
+
+/* Publishes the open step (no-op when none): see the file header. on_block
+ * may be NULL; ctx is passed through. */
+void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx);
+/* Undoes kvp_begin / kvp_finish_prefill's reservation: the free lists are
+ * restored exactly (same ids, same order). No-op when no step is open. */
+void kvp_abort(kvp_seq *s);
+
+#endif

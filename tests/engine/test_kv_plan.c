@@ -1,0 +1,806 @@
+/*
+ * test_kv_plan.c - the host-side KV planner alone (no data): every decision
+ * the CPU and the GPU caches execute. Sinks go to FP16 pages; warm-up
+ * chunks are staged in pages and re-quantized into blocks at warm-up end
+ * (or stay FP16 with keep_warmup_fp16); later chunks go live to INT4
+ * blocks; a prompt that ends during warm-up is re-quantized by
+ * finish_prefill; the decode tail fills pages and is re-quantized when it
+ * reaches block_tokens; a partially filled last page is continued; -ENOSPC
+ * leaves free lists and entries exactly as they were; abort returns every
+ * reservation; the admission estimate bounds the real peak; fp16 mode.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/kv/kv_plan.h"
+
+static const kvc_dims dims = {2, 16, 8}; /* 2 layers, 2 kv heads of 8 */
+static char err[512];
+
+/* chunk 32, blocks of 16 (pages of 16), 2 warm-up chunks, 4 sinks */
+static cfg_kv cfg(cfg_kv_mode mode)
+{
+    cfg_kv c = cfg_kv_default();
+    c.mode = mode;
+    c.chunk_size = 32;
+    c.block_tokens = 16;
+    c.warmup_chunks = 2;
+    c.sink_tokens = 4;
+    c.v_group = 8;
+    return c;
+}
+
+static kvp_pool *pool(const cfg_kv *c, int64_t nq, int64_t nf)
+{
+    kvp_pool *p = NULL;
+    cr_assert_eq(kvp_pool_create(c, &dims, nq, nf, &p, err, sizeof err), 0, "%s", err);
+    return p;
+}
+
+static kvp_seq *seq(kvp_pool *p, int max_tokens)
+{
+    kvp_seq *s = NULL;
+    cr_assert_eq(kvp_seq_create(p, max_tokens, NULL, &s, err, sizeof err), 0, "%s", err);
+    return s;
+}
+
+/* Commits a step as an executor would, handling the end of the prefill
+ * (re-quantization of the staged chunks first). Returns kvp_begin's
+ * result. */
+static int step(kvp_seq *s, int n, int prefill)
+{
+    int pos0 = kvp_seq_n_tokens(s);
+    int rc = kvp_begin(s, pos0, n, prefill, err, sizeof err);
+    if (rc == KVP_FINISH_PREFILL) {
+        rc = kvp_finish_prefill(s, err, sizeof err);
+        if (rc == KVP_REQUANT)
+            kvp_commit(s, NULL, NULL);
+        else if (rc < 0 && rc != -ENOSPC)
+            return rc;
+        rc = kvp_begin(s, pos0, n, prefill, err, sizeof err);
+        cr_assert_neq(rc, KVP_FINISH_PREFILL, "the prefill ends once");
+    }
+    if (rc < 0)
+        return rc;
+    kvp_commit(s, NULL, NULL);
+    return 0;
+}
+
+/* The entries cover [0, n_tokens) in order; pages hold <= P tokens, blocks
+ * <= T. Counts the blocks and pages. */
+static void check_cover(const kvp_seq *s, int *nq, int *nf)
+{
+    int n;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    int pos = 0;
+    *nq = *nf = 0;
+    for (int i = 0; i < n; i++) {
+        cr_assert_eq(e[i].pos0, pos, "entry %d starts at %d, expected %d", i, e[i].pos0, pos);
+        cr_assert_gt(e[i].n, 0);
+        if (e[i].kind == KVP_BLOCK) {
+            cr_assert_leq(e[i].n, 16 * 2);
+            (*nq)++;
+        } else {
+            (*nf)++;
+        }
+        pos += e[i].n;
+    }
+    cr_assert_eq(pos, kvp_seq_n_tokens(s));
+    cr_assert_leq(n, kvp_seq_max_entries(s));
+}
+
+/* Every id is either free (once) or held by exactly one entry / the open
+ * step of the given sequences. */
+static void check_ids(const kvp_pool *p, kvp_seq **seqs, int n_seqs)
+{
+    int64_t tq, tf;
+    kvp_pool_units(p, &tq, &tf);
+    for (int kind = 0; kind < 2; kind++) {
+        int64_t total = kind == KVP_BLOCK ? tq : tf, nfree;
+        int *seen = calloc((size_t)total + 1, sizeof *seen);
+        const int32_t *fl = kvp_pool_free_list(p, kind, &nfree);
+        for (int64_t i = 0; i < nfree; i++)
+            seen[fl[i]]++;
+        for (int j = 0; j < n_seqs; j++) {
+            int n;
+            const kvp_ent *e = kvp_seq_entries(seqs[j], &n);
+            for (int i = 0; i < n; i++)
+                if (e[i].kind == kind)
+                    seen[e[i].id]++;
+            const kvp_step *st = kvp_seq_step(seqs[j]);
+            for (int i = 0; st->active && i < st->n_tgt; i++)
+                if (st->tgt[i].kind == kind && !st->tgt[i].existing)
+                    seen[st->tgt[i].id]++;
+            for (int i = 0; st->active && kind == KVP_BLOCK && i < st->n_rq; i++)
+                seen[st->rq_ids[i]]++;
+        }
+        for (int64_t i = 0; i < total; i++)
+            cr_assert_eq(seen[i], 1, "%s %lld is counted %d times",
+                         kind == KVP_BLOCK ? "block" : "page", (long long)i, seen[i]);
+        free(seen);
+    }
+}
+
+/* A copy of the pool's free lists and a sequence's entries. */
+typedef struct {
+    int64_t nq, nf;
+    int32_t q[256], f[256];
+    int n_ents, n_tokens;
+    kvp_ent ents[256];
+} snap;
+
+static void take_snap(const kvp_pool *p, const kvp_seq *s, snap *o)
+{
+    memset(o, 0, sizeof *o);
+    const int32_t *q = kvp_pool_free_list(p, KVP_BLOCK, &o->nq);
+    const int32_t *f = kvp_pool_free_list(p, KVP_PAGE, &o->nf);
+    cr_assert_leq(o->nq, 256);
+    cr_assert_leq(o->nf, 256);
+    memcpy(o->q, q, (size_t)o->nq * sizeof *q);
+    memcpy(o->f, f, (size_t)o->nf * sizeof *f);
+    const kvp_ent *e = kvp_seq_entries(s, &o->n_ents);
+    cr_assert_leq(o->n_ents, 256);
+    memcpy(o->ents, e, (size_t)o->n_ents * sizeof *e);
+    o->n_tokens = kvp_seq_n_tokens(s);
+}
+
+static void assert_same(const snap *a, const snap *b)
+{
+    cr_assert_eq(a->nq, b->nq, "free blocks %lld -> %lld", (long long)a->nq, (long long)b->nq);
+    cr_assert_eq(a->nf, b->nf, "free pages %lld -> %lld", (long long)a->nf, (long long)b->nf);
+    cr_assert_eq(memcmp(a->q, b->q, sizeof a->q), 0, "the block free list changed");
+    cr_assert_eq(memcmp(a->f, b->f, sizeof a->f), 0, "the page free list changed");
+    cr_assert_eq(a->n_ents, b->n_ents);
+    cr_assert_eq(memcmp(a->ents, b->ents, sizeof a->ents), 0, "the entries changed");
+    cr_assert_eq(a->n_tokens, b->n_tokens);
+}
+
+static const kvp_step *begin_ok(kvp_seq *s, int n, int prefill)
+{
+    int rc = kvp_begin(s, kvp_seq_n_tokens(s), n, prefill, err, sizeof err);
+    cr_assert_eq(rc, 0, "kvp_begin: %d %s", rc, err);
+    const kvp_step *st = kvp_seq_step(s);
+    cr_assert(st->active);
+    return st;
+}
+
+static void tgt_is(const kvp_tgt *t, int kind, int slot0, int row0, int n, int existing)
+{
+    cr_assert_eq(t->kind, kind, "kind %d, expected %d", t->kind, kind);
+    cr_assert_eq(t->slot0, slot0, "slot0 %d, expected %d", t->slot0, slot0);
+    cr_assert_eq(t->row0, row0, "row0 %d, expected %d", t->row0, row0);
+    cr_assert_eq(t->n, n, "n %d, expected %d", t->n, n);
+    cr_assert_eq(t->existing, existing);
+}
+
+Test(kv_plan, sinks_and_warmup_staging_then_requant_at_warmup_end)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(kvp_pool_page_tokens(p), 16);
+    cr_assert_not_null(kvp_pool_layout(p));
+    /* chunk 0: 4 sinks into a page of their own, 28 staged in pages */
+    const kvp_step *st = begin_ok(s, 32, 1);
+    cr_assert_eq(st->row_stats, 4);
+    cr_assert(st->stats, "a prompt chunk feeds the EMA");
+    cr_assert_eq(st->rq, KVP_RQ_NONE);
+    cr_assert_eq(st->n_tgt, 3);
+    tgt_is(&st->tgt[0], KVP_PAGE, 0, 0, 4, 0);
+    tgt_is(&st->tgt[1], KVP_PAGE, 0, 4, 16, 0);
+    tgt_is(&st->tgt[2], KVP_PAGE, 0, 20, 12, 0);
+    check_ids(p, &s, 1);
+    kvp_commit(s, NULL, NULL);
+    cr_assert(kvp_seq_warming(s));
+    int nq, nf;
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, 0);
+    cr_assert_eq(nf, 3);
+    /* chunk 1 ends warm-up: the partial staged page is continued, and the
+     * 60 staged tokens (sinks excluded) are re-quantized into 4 blocks */
+    st = begin_ok(s, 32, 1);
+    cr_assert_eq(st->row_stats, 0);
+    cr_assert_eq(st->n_tgt, 3);
+    tgt_is(&st->tgt[0], KVP_PAGE, 12, 0, 4, 1);
+    tgt_is(&st->tgt[1], KVP_PAGE, 0, 4, 16, 0);
+    tgt_is(&st->tgt[2], KVP_PAGE, 0, 20, 12, 0);
+    cr_assert_eq(st->rq, KVP_RQ_WARMUP);
+    cr_assert_eq(st->rq_tokens, 60);
+    cr_assert_eq(st->n_src, 4);
+    int src_n[4] = {16, 16, 16, 12};
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(st->src[i].n, src_n[i], "source %d holds %d", i, st->src[i].n);
+    cr_assert_eq(st->src[1].id, st->tgt[0].id, "the continued page is a source once");
+    cr_assert_eq(st->n_rq, 4);
+    check_ids(p, &s, 1);
+    kvp_commit(s, NULL, NULL);
+    cr_assert(!kvp_seq_warming(s));
+    cr_assert_eq(kvp_seq_chunks(s), 2);
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, 4);
+    cr_assert_eq(nf, 1, "only the sink page stays FP16");
+    int n;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    cr_assert_eq(e[0].kind, KVP_PAGE);
+    cr_assert_eq(e[0].n, 4);
+    cr_assert_eq(e[4].n, 12, "the last re-quantized block is partial");
+    int64_t qf, ff;
+    kvp_pool_free_units(p, &qf, &ff);
+    cr_assert_eq(qf, 60);
+    cr_assert_eq(ff, 63, "staged pages went back to the pool");
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_free_units(p, &qf, &ff);
+    cr_assert_eq(qf, 64);
+    cr_assert_eq(ff, 64);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, live_blocks_after_warmup)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(step(s, 32, 1), 0);
+    cr_assert_eq(step(s, 32, 1), 0);
+    const kvp_step *st = begin_ok(s, 20, 1);
+    cr_assert(st->stats);
+    cr_assert_eq(st->row_stats, 0);
+    cr_assert_eq(st->rq, KVP_RQ_NONE);
+    cr_assert_eq(st->n_tgt, 2);
+    tgt_is(&st->tgt[0], KVP_BLOCK, 0, 0, 16, 0);
+    tgt_is(&st->tgt[1], KVP_BLOCK, 0, 16, 4, 0);
+    kvp_commit(s, NULL, NULL);
+    int nq, nf;
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, 6);
+    cr_assert_eq(nf, 1);
+    /* a later full chunk: two whole blocks of its own */
+    st = begin_ok(s, 32, 1);
+    cr_assert_eq(st->n_tgt, 2);
+    tgt_is(&st->tgt[1], KVP_BLOCK, 0, 16, 16, 0);
+    kvp_commit(s, NULL, NULL);
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+/* on_block sees every block that becomes an entry, once. */
+static void count_cb(void *ctx, int32_t id)
+{
+    int *seen = ctx;
+    seen[id]++;
+}
+
+Test(kv_plan, commit_reports_new_blocks)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 512);
+    int seen[64] = {0};
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(kvp_begin(s, kvp_seq_n_tokens(s), 32, 1, err, sizeof err), 0);
+        kvp_commit(s, count_cb, seen);
+    }
+    int n, total = 0;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    for (int i = 0; i < n; i++)
+        if (e[i].kind == KVP_BLOCK)
+            cr_assert_eq(seen[e[i].id], 1);
+    for (int i = 0; i < 64; i++)
+        total += seen[i];
+    cr_assert_eq(total, 6, "4 re-quantized + 2 live blocks");
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, keep_warmup_fp16)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    c.keep_warmup_fp16 = 1;
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(step(s, 32, 1), 0);
+    const kvp_step *st = begin_ok(s, 32, 1);
+    cr_assert_eq(st->rq, KVP_RQ_NONE, "warm-up end re-quantizes nothing");
+    kvp_commit(s, NULL, NULL);
+    cr_assert(!kvp_seq_warming(s));
+    st = begin_ok(s, 32, 1);
+    cr_assert_eq(st->n_tgt, 2);
+    cr_assert_eq(st->tgt[0].kind, KVP_BLOCK, "later chunks go live");
+    kvp_commit(s, NULL, NULL);
+    int nq, nf;
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, 2);
+    cr_assert_eq(nf, 5, "sink page + 60 staged tokens in 4 pages");
+    /* the first decode step needs no finish_prefill: nothing to quantize */
+    st = begin_ok(s, 1, 0);
+    cr_assert_eq(st->rq, KVP_RQ_NONE);
+    kvp_commit(s, NULL, NULL);
+    cr_assert_eq(kvp_finish_prefill(s, err, sizeof err), 0);
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, prompt_ends_during_warmup)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(step(s, 24, 1), 0);
+    cr_assert(kvp_seq_warming(s));
+    snap a, b;
+    take_snap(p, s, &a);
+    /* the first decode step asks for the end of the prefill first */
+    cr_assert_eq(kvp_begin(s, 24, 1, 0, err, sizeof err), KVP_FINISH_PREFILL);
+    cr_assert(!kvp_seq_step(s)->active);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    cr_assert_eq(kvp_finish_prefill(s, err, sizeof err), KVP_REQUANT);
+    const kvp_step *st = kvp_seq_step(s);
+    cr_assert(st->active);
+    cr_assert_eq(st->n, 0);
+    cr_assert_eq(st->n_tgt, 0);
+    cr_assert_eq(st->rq, KVP_RQ_WARMUP);
+    cr_assert_eq(st->rq_tokens, 20, "sinks are not re-quantized");
+    cr_assert_eq(st->n_rq, 2);
+    kvp_commit(s, NULL, NULL);
+    cr_assert(!kvp_seq_warming(s));
+    cr_assert_eq(kvp_seq_chunks(s), 1, "the re-quantization is no chunk");
+    int nq, nf;
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, 2, "20 staged tokens -> 2 blocks");
+    cr_assert_eq(nf, 1);
+    st = begin_ok(s, 1, 0);
+    cr_assert(!st->stats, "decode tokens do not feed the EMA until the tail is full");
+    cr_assert_eq(st->n_tgt, 1);
+    tgt_is(&st->tgt[0], KVP_PAGE, 0, 0, 1, 0);
+    kvp_commit(s, NULL, NULL);
+    cr_assert_eq(kvp_finish_prefill(s, err, sizeof err), 0, "idempotent");
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, finish_prefill_without_blocks_keeps_fp16)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 1, 64); /* one block: 20 staged tokens need 2 */
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(step(s, 24, 1), 0);
+    snap a, b;
+    take_snap(p, s, &a);
+    cr_assert_eq(kvp_finish_prefill(s, err, sizeof err), -ENOSPC);
+    cr_assert(strstr(err, "stay FP16") != NULL, "%s", err);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    cr_assert(!kvp_seq_warming(s), "the prefill is over all the same");
+    /* decode goes on; the staged pages stay FP16 for good */
+    cr_assert_eq(step(s, 1, 0), 0, "%s", err);
+    int nq, nf;
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, 0);
+    cr_assert_eq(nf, 4, "sinks, 2 staged pages, one tail page");
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, decode_tail_requantized_at_block_tokens)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    c.block_tokens = 32; /* pages of 16: the tail spans two pages */
+    c.chunk_size = 64;
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 1024);
+    cr_assert_eq(kvp_pool_page_tokens(p), 16);
+    cr_assert_eq(step(s, 64, 1), 0);
+    cr_assert_eq(step(s, 64, 1), 0);
+    cr_assert_eq(step(s, 40, 1), 0); /* live */
+    int nq0, nf0, nq, nf;
+    check_cover(s, &nq0, &nf0);
+    for (int i = 0; i < 31; i++) {
+        const kvp_step *st = begin_ok(s, 1, 0);
+        cr_assert_eq(st->rq, KVP_RQ_NONE);
+        cr_assert(!st->stats);
+        cr_assert_eq(st->n_tgt, 1);
+        /* the tail's last page is continued while it has room */
+        tgt_is(&st->tgt[0], KVP_PAGE, i % 16, 0, 1, i % 16 != 0);
+        kvp_commit(s, NULL, NULL);
+    }
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, nq0);
+    cr_assert_eq(nf, nf0 + 2);
+    /* the 32nd token fills the tail: its two pages become one block */
+    const kvp_step *st = begin_ok(s, 1, 0);
+    cr_assert_eq(st->rq, KVP_RQ_TAIL);
+    cr_assert_eq(st->rq_tokens, 32);
+    cr_assert_eq(st->n_src, 2);
+    cr_assert_eq(st->src[0].n, 16);
+    cr_assert_eq(st->src[1].n, 16);
+    cr_assert_eq(st->n_rq, 1);
+    tgt_is(&st->tgt[0], KVP_PAGE, 15, 0, 1, 1);
+    kvp_commit(s, NULL, NULL);
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, nq0 + 1);
+    cr_assert_eq(nf, nf0);
+    int n;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    cr_assert_eq(e[n - 1].kind, KVP_BLOCK);
+    cr_assert_eq(e[n - 1].n, 32);
+    /* a new tail starts after it */
+    st = begin_ok(s, 1, 0);
+    tgt_is(&st->tgt[0], KVP_PAGE, 0, 0, 1, 0);
+    kvp_commit(s, NULL, NULL);
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, partial_last_page_continued)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 512);
+    /* sinks across two steps: the sink page is continued */
+    const kvp_step *st = begin_ok(s, 2, 1);
+    tgt_is(&st->tgt[0], KVP_PAGE, 0, 0, 2, 0);
+    kvp_commit(s, NULL, NULL);
+    st = begin_ok(s, 30, 1);
+    cr_assert_eq(st->row_stats, 2);
+    tgt_is(&st->tgt[0], KVP_PAGE, 2, 0, 2, 1);
+    tgt_is(&st->tgt[1], KVP_PAGE, 0, 2, 16, 0);
+    tgt_is(&st->tgt[2], KVP_PAGE, 0, 18, 12, 0);
+    kvp_commit(s, NULL, NULL);
+    int n;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    cr_assert_eq(n, 3);
+    cr_assert_eq(e[0].n, 4, "the sink page grew in place");
+    kvp_seq_destroy(s);
+    /* fp16 mode: every step continues the last page */
+    c = cfg(CFG_KV_FP16);
+    kvp_pool_destroy(p);
+    p = pool(&c, 0, 16);
+    s = seq(p, 256);
+    cr_assert_eq(step(s, 5, 1), 0);
+    int64_t qf, ff0, ff;
+    kvp_pool_free_units(p, &qf, &ff0);
+    st = begin_ok(s, 3, 1);
+    cr_assert_eq(st->n_tgt, 1);
+    tgt_is(&st->tgt[0], KVP_PAGE, 5, 0, 3, 1);
+    kvp_pool_free_units(p, &qf, &ff);
+    cr_assert_eq(ff, ff0, "no new page for a continued one");
+    kvp_commit(s, NULL, NULL);
+    st = begin_ok(s, 10, 1);
+    cr_assert_eq(st->n_tgt, 2);
+    tgt_is(&st->tgt[0], KVP_PAGE, 8, 0, 8, 1);
+    tgt_is(&st->tgt[1], KVP_PAGE, 0, 8, 2, 0);
+    kvp_commit(s, NULL, NULL);
+    e = kvp_seq_entries(s, &n);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(e[0].n, 16);
+    cr_assert_eq(e[1].n, 2);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, enospc_changes_nothing)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    snap a, b;
+    /* (1) pages run out while staging */
+    kvp_pool *p = pool(&c, 64, 4);
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(step(s, 32, 1), 0); /* 3 pages */
+    take_snap(p, s, &a);
+    cr_assert_eq(kvp_begin(s, 32, 32, 1, err, sizeof err), -ENOSPC);
+    cr_assert(strstr(err, "exhausted") != NULL, "%s", err);
+    cr_assert(!kvp_seq_step(s)->active);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+    /* (2) pages are there, the re-quantization blocks are not */
+    p = pool(&c, 3, 64);
+    s = seq(p, 512);
+    cr_assert_eq(step(s, 32, 1), 0);
+    take_snap(p, s, &a);
+    cr_assert_eq(kvp_begin(s, 32, 32, 1, err, sizeof err), -ENOSPC);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    cr_assert(kvp_seq_warming(s), "still in warm-up: the chunk can be retried");
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+    /* (3) live blocks run out mid-chunk */
+    p = pool(&c, 5, 64);
+    s = seq(p, 512);
+    cr_assert_eq(step(s, 32, 1), 0);
+    cr_assert_eq(step(s, 32, 1), 0); /* 4 blocks */
+    take_snap(p, s, &a);
+    cr_assert_eq(kvp_begin(s, 64, 32, 1, err, sizeof err), -ENOSPC);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    cr_assert_eq(kvp_seq_chunks(s), 2);
+    check_ids(p, &s, 1);
+    /* (4) a chunk after decode that does not fit leaves the tail run
+     * open: the next decode token continues the same tail page */
+    cr_assert_eq(step(s, 1, 0), 0);
+    cr_assert_eq(step(s, 1, 0), 0);
+    take_snap(p, s, &a);
+    cr_assert_eq(kvp_begin(s, 66, 32, 1, err, sizeof err), -ENOSPC);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    const kvp_step *st = begin_ok(s, 1, 0);
+    tgt_is(&st->tgt[0], KVP_PAGE, 2, 0, 1, 1);
+    kvp_abort(s);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+    /* (5) a full sequence */
+    p = pool(&c, 64, 64);
+    kvp_seq *t = seq(p, 40);
+    cr_assert_eq(step(t, 32, 1), 0);
+    take_snap(p, t, &a);
+    cr_assert_eq(kvp_begin(t, 32, 9, 1, err, sizeof err), -ENOSPC);
+    cr_assert(strstr(err, "sequence full") != NULL, "%s", err);
+    take_snap(p, t, &b);
+    assert_same(&a, &b);
+    /* bad steps are -EINVAL and change nothing either */
+    cr_assert_eq(kvp_begin(t, 7, 1, 0, err, sizeof err), -EINVAL);
+    cr_assert_eq(kvp_begin(t, 32, 33, 1, err, sizeof err), -EINVAL);
+    cr_assert_eq(kvp_begin(t, 32, 0, 1, err, sizeof err), -EINVAL);
+    cr_assert_eq(kvp_begin(t, 32, 1, 1, err, sizeof err), 0);
+    cr_assert_eq(kvp_begin(t, 33, 1, 1, err, sizeof err), -EINVAL, "a step is open");
+    cr_assert_eq(kvp_finish_prefill(t, err, sizeof err), -EINVAL, "a step is open");
+    kvp_abort(t);
+    take_snap(p, t, &b);
+    assert_same(&a, &b);
+    check_ids(p, &t, 1);
+    kvp_seq_destroy(t);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, abort_returns_everything)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(step(s, 32, 1), 0);
+    snap a, b;
+    take_snap(p, s, &a);
+    /* the warm-up end reserves pages and re-quantization blocks */
+    const kvp_step *st = begin_ok(s, 32, 1);
+    cr_assert_eq(st->n_rq, 4);
+    int64_t qf, ff;
+    kvp_pool_free_units(p, &qf, &ff);
+    cr_assert_eq(qf, 60);
+    cr_assert_eq(ff, 59);
+    kvp_abort(s);
+    cr_assert(!kvp_seq_step(s)->active);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    kvp_abort(s); /* no step: no-op */
+    kvp_commit(s, NULL, NULL);
+    take_snap(p, s, &b);
+    assert_same(&a, &b);
+    /* reset with an open step returns the step and the entries */
+    begin_ok(s, 32, 1);
+    kvp_seq_reset(s);
+    cr_assert_eq(kvp_seq_n_tokens(s), 0);
+    cr_assert(kvp_seq_warming(s));
+    kvp_pool_free_units(p, &qf, &ff);
+    cr_assert_eq(qf, 64);
+    cr_assert_eq(ff, 64);
+    cr_assert_eq(kvp_pool_usage(p), 0.0);
+    /* destroy with an open step too */
+    cr_assert_eq(step(s, 32, 1), 0);
+    begin_ok(s, 32, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_free_units(p, &qf, &ff);
+    cr_assert_eq(qf, 64);
+    cr_assert_eq(ff, 64);
+    kvp_seq_destroy(NULL);
+    kvp_pool_destroy(p);
+    kvp_pool_destroy(NULL);
+}
+
+/* Prefills n tokens in chunks (and the first decode token) in a pool large
+ * enough; returns the peak of units held, reservations included. */
+static void peak_of(const cfg_kv *c, int n, int64_t *pq, int64_t *pf)
+{
+    kvp_pool *p = pool(c, 4096, 4096);
+    kvp_seq *s = seq(p, n + 8);
+    int64_t tq, tf;
+    kvp_pool_units(p, &tq, &tf);
+    *pq = *pf = 0;
+#define PEAK()                                                                              \
+    do {                                                                                    \
+        int64_t qf_, ff_;                                                                   \
+        kvp_pool_free_units(p, &qf_, &ff_);                                                 \
+        *pq = tq - qf_ > *pq ? tq - qf_ : *pq;                                              \
+        *pf = tf - ff_ > *pf ? tf - ff_ : *pf;                                              \
+    } while (0)
+    for (int at = 0; at < n;) {
+        int k = n - at < c->chunk_size ? n - at : c->chunk_size;
+        cr_assert_eq(kvp_begin(s, at, k, 1, err, sizeof err), 0, "%s", err);
+        PEAK();
+        kvp_commit(s, NULL, NULL);
+        at += k;
+    }
+    int rc = kvp_begin(s, n, 1, 0, err, sizeof err);
+    if (rc == KVP_FINISH_PREFILL) {
+        cr_assert_eq(kvp_finish_prefill(s, err, sizeof err), KVP_REQUANT, "%s", err);
+        PEAK();
+        kvp_commit(s, NULL, NULL);
+        rc = kvp_begin(s, n, 1, 0, err, sizeof err);
+    }
+    cr_assert_eq(rc, 0, "%s", err);
+    PEAK();
+    kvp_commit(s, NULL, NULL);
+#undef PEAK
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, estimate_bounds_the_peak)
+{
+    const int sinks[] = {0, 4, 20, 40};
+    const int warm[] = {0, 1, 2, 3};
+    const int blocks[][2] = {{16, 32}, {32, 64}, {16, 64}, {64, 64}}; /* T, C */
+    int cases = 0;
+    for (int mode = 0; mode < 2; mode++)
+        for (size_t bi = 0; bi < 4; bi++)
+            for (size_t si = 0; si < 4; si++)
+                for (size_t wi = 0; wi < 4; wi++)
+                    for (int keep = 0; keep < 2; keep++) {
+                        cfg_kv c = cfg(mode ? CFG_KV_INT4 : CFG_KV_FP16);
+                        c.block_tokens = blocks[bi][0];
+                        c.chunk_size = blocks[bi][1];
+                        c.sink_tokens = sinks[si];
+                        c.warmup_chunks = warm[wi];
+                        c.keep_warmup_fp16 = keep;
+                        for (int n = 1; n <= 300; n += n < 70 ? 1 : 7) {
+                            int64_t eq, ef, pq, pf;
+                            kvp_estimate(&c, n, &eq, &ef);
+                            peak_of(&c, n, &pq, &pf);
+                            cr_assert_leq(pq, eq,
+                                          "blocks: peak %lld > estimate %lld (n %d, T %d, C %d,"
+                                          " sinks %d, W %d, keep %d, mode %d)",
+                                          (long long)pq, (long long)eq, n, c.block_tokens,
+                                          c.chunk_size, c.sink_tokens, c.warmup_chunks, keep,
+                                          mode);
+                            cr_assert_leq(pf, ef,
+                                          "pages: peak %lld > estimate %lld (n %d, T %d, C %d,"
+                                          " sinks %d, W %d, keep %d, mode %d)",
+                                          (long long)pf, (long long)ef, n, c.block_tokens,
+                                          c.chunk_size, c.sink_tokens, c.warmup_chunks, keep,
+                                          mode);
+                            cases++;
+                        }
+                    }
+    cr_assert_gt(cases, 1000);
+}
+
+Test(kv_plan, fp16_mode)
+{
+    cfg_kv c = cfg(CFG_KV_FP16);
+    kvp_pool *p = pool(&c, 99, 16);
+    int64_t tq, tf;
+    kvp_pool_units(p, &tq, &tf);
+    cr_assert_eq(tq, 0, "no blocks in fp16 mode");
+    cr_assert_null(kvp_pool_layout(p));
+    cr_assert_eq(kvp_pool_page_tokens(p), 16, "pages are the blocks");
+    kvp_seq *s = seq(p, 256);
+    const kvp_step *st = begin_ok(s, 32, 1);
+    cr_assert(!st->stats, "no statistics in fp16 mode");
+    cr_assert_eq(st->row_stats, 0);
+    cr_assert_eq(st->rq, KVP_RQ_NONE);
+    cr_assert_eq(st->n_tgt, 2);
+    kvp_commit(s, NULL, NULL);
+    cr_assert(!kvp_seq_warming(s));
+    cr_assert_eq(step(s, 5, 1), 0);
+    for (int i = 0; i < 20; i++) {
+        st = begin_ok(s, 1, 0);
+        cr_assert_eq(st->rq, KVP_RQ_NONE, "no tail re-quantization");
+        kvp_commit(s, NULL, NULL);
+    }
+    cr_assert_eq(kvp_finish_prefill(s, err, sizeof err), 0);
+    int nq, nf;
+    check_cover(s, &nq, &nf);
+    cr_assert_eq(nq, 0);
+    cr_assert_eq(nf, 4, "57 tokens in pages of 16");
+    kvc_stats st_s;
+    kvp_seq_fill_stats(s, &st_s);
+    cr_assert_eq(st_s.tokens, 57);
+    cr_assert_eq(st_s.fpages_used, 4);
+    cr_assert_eq(st_s.bytes_total, 4 * 16 * 2 * 16 * 2 * 2);
+    cr_assert_eq(st_s.bytes_fp16_equiv, 57 * 2 * 16 * 2 * 2);
+    int64_t eq, ef;
+    kvp_estimate(&c, 57, &eq, &ef);
+    cr_assert_eq(eq, 0);
+    cr_assert_eq(ef, 5);
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, pool_bookkeeping)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 8, 8);
+    size_t qb, fb;
+    kvp_pool_unit_bytes(p, &qb, &fb);
+    cr_assert_eq(fb, (size_t)16 * 16 * 2 * 2 * 2);
+    cr_assert_eq(qb, kvp_pool_layout(p)->bytes * 2);
+    cr_assert_eq(kvp_pool_capacity_bytes(p), (int64_t)(8 * qb + 8 * fb));
+    kvp_seq *s = seq(p, 512);
+    cr_assert_eq(step(s, 32, 1), 0);
+    cr_assert_eq(step(s, 32, 1), 0);
+    double u = kvp_pool_usage(p);
+    cr_assert_float_eq(u, (4.0 * (double)qb + 1.0 * (double)fb) / (8.0 * (double)(qb + fb)),
+                       1e-12);
+    kvc_stats ss, ps;
+    kvp_seq_fill_stats(s, &ss);
+    cr_assert_eq(ss.qblocks_used, 4);
+    cr_assert_eq(ss.fpages_used, 1);
+    cr_assert_eq(ss.bytes_total, (int64_t)(4 * qb + fb));
+    memset(&ps, 0, sizeof ps);
+    kvp_stats_add_counts(&ps, &ss);
+    kvp_pool_fill_stats(p, &ps);
+    cr_assert_eq(ps.qblocks_total, 8);
+    cr_assert_eq(ps.fpages_total, 8);
+    cr_assert_eq(ps.bytes_total, ss.bytes_total);
+    cr_assert_eq(ps.bytes_fp16_equiv, 64 * 2 * 16 * 2 * 2);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+    /* bad inputs are reasons, not crashes */
+    kvp_pool *q = NULL;
+    kvc_dims bad = {2, 16, 0};
+    cr_assert_eq(kvp_pool_create(&c, &bad, 8, 8, &q, err, sizeof err), -EINVAL);
+    cr_assert_null(q);
+    cr_assert_eq(kvp_pool_create(&c, &dims, 8, 0, &q, err, sizeof err), -EINVAL);
+    c.chunk_size = 24; /* not a multiple of block_tokens */
+    cr_assert_eq(kvp_pool_create(&c, &dims, 8, 8, &q, err, sizeof err), -EINVAL);
+    cr_assert(strstr(err, "multiple") != NULL, "%s", err);
+    int64_t nq, nf;
+    cr_assert_eq(kvp_pool_size(&c, &dims, 1024, 1, &nq, &nf, err, sizeof err), -EINVAL);
+    c = cfg(CFG_KV_INT4);
+    cr_assert_eq(kvp_pool_size(&c, &dims, 1024, 4, &nq, &nf, err, sizeof err), 0, "%s", err);
+    /* a pool of that size holds 4 sequences of the whole context */
+    p = pool(&c, nq, nf);
+    kvp_seq *seqs[4];
+    for (int i = 0; i < 4; i++) {
+        seqs[i] = seq(p, 1024);
+        for (int at = 0; at < 1024; at += 32)
+            cr_assert_eq(step(seqs[i], 32, 1), 0, "seq %d at %d: %s", i, at, err);
+        for (int j = 0; j < 16; j++)
+            cr_assert_eq(step(seqs[i], 1, 0), -ENOSPC, "the sequence is full");
+    }
+    check_ids(p, seqs, 4);
+    for (int i = 0; i < 4; i++)
+        kvp_seq_destroy(seqs[i]);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, live_sequence_list)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 8, 8);
+    int owners[3];
+    kvp_seq *s[3];
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(kvp_seq_create(p, 64, &owners[i], &s[i], err, sizeof err), 0);
+    kvp_seq_destroy(s[1]);
+    int seen = 0;
+    for (kvp_seq *q = kvp_pool_next_seq(p, NULL); q; q = kvp_pool_next_seq(p, q)) {
+        cr_assert(kvp_seq_owner(q) == &owners[0] || kvp_seq_owner(q) == &owners[2]);
+        seen++;
+    }
+    cr_assert_eq(seen, 2);
+    kvp_seq_destroy(s[2]);
+    kvp_seq_destroy(s[0]);
+    cr_assert_null(kvp_pool_next_seq(p, NULL));
+    kvp_pool_destroy(p);
+}
