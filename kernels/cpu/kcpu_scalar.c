@@ -38,6 +38,17 @@ static void sc_quantize_x(const float *x, int n_cols, float smul, int8_t *qs,
     }
 }
 
+/* Bit i of v in bit 0 of byte i of the result (byte i is the i-th in
+ * memory on the little-endian hosts this project runs on). */
+static inline uint64_t sc_spread_bits(uint8_t v)
+{
+    uint64_t r = v;
+    r = (r | r << 28) & 0x0000000f0000000fULL;
+    r = (r | r << 14) & 0x0003000300030003ULL;
+    r = (r | r << 7) & 0x0101010101010101ULL;
+    return r;
+}
+
 /* Unpacks n 32-element blocks (K-quants: 32-element sub-blocks) of a
  * quantized row, starting at block b0, into int8 codes wq, per-block scales
  * dw, dw2 and the factor mw of the activation block sum s (kcpu_q8x), so
@@ -108,12 +119,12 @@ static void sc_unpack(kt_type t, const void *row, int b0, int n, int8_t *wq,
             dw[i] = kt_f16_to_f32(d16) * (float)sc;
             mw[i] = -(kt_f16_to_f32(dmin16) * (float)m);
             q += 32 * (j / 2);
-            for (int l = 0; l < 32; l++) {
-                int c = j % 2 ? q[l] >> 4 : q[l] & 0x0f;
-                if (h5)
-                    c |= ((h5[l] >> j) & 1) << 4;
-                o[l] = (int8_t)c;
-            }
+            const int sh = 4 * (j % 2);
+            for (int l = 0; l < 32; l++)
+                o[l] = (int8_t)((q[l] >> sh) & 0x0f);
+            if (h5)
+                for (int l = 0; l < 32; l++)
+                    o[l] = (int8_t)(o[l] | ((h5[l] >> j) & 1) << 4);
             break;
         }
         case KT_Q6_K: {
@@ -122,11 +133,10 @@ static void sc_unpack(kt_type t, const void *row, int b0, int n, int8_t *wq,
             float d = kt_f16_to_f32(blk->d);
             dw[i] = d * (float)blk->scales[2 * j];
             dw2[i] = d * (float)blk->scales[2 * j + 1];
-            for (int l = 0; l < 32; l++) {
-                uint8_t lo = blk->ql[64 * h + 32 * (k & 1) + l];
-                int c = (k < 2 ? lo & 0x0f : lo >> 4) | ((blk->qh[32 * h + l] >> (2 * k)) & 3) << 4;
-                o[l] = (int8_t)(c - 32);
-            }
+            const uint8_t *ql = blk->ql + 64 * h + 32 * (k & 1), *qh6 = blk->qh + 32 * h;
+            const int sl = 4 * (k >> 1), sh = 2 * k;
+            for (int l = 0; l < 32; l++)
+                o[l] = (int8_t)((((ql[l] >> sl) & 0x0f) | ((qh6[l] >> sh) & 3) << 4) - 32);
             continue;
         }
         case KT_F32: case KT_F16: case KT_BF16:
@@ -134,12 +144,19 @@ static void sc_unpack(kt_type t, const void *row, int b0, int n, int8_t *wq,
             return;
         }
         dw2[i] = dw[i];
-        if (qs)
-            for (int j = 0; j < KT_QK / 2; j++) {
-                int hl = qh ? ((qh[j / 8] >> (j % 8)) & 1) << 4 : 0;
-                int hh = qh ? ((qh[(j + 16) / 8] >> ((j + 16) % 8)) & 1) << 4 : 0;
-                o[j] = (int8_t)((qs[j] & 0x0f) | hl);
-                o[j + KT_QK / 2] = (int8_t)((qs[j] >> 4) | hh);
+        if (!qs)
+            continue;
+        /* separate simple loops: the compiler vectorizes them */
+        for (int j = 0; j < KT_QK / 2; j++) {
+            o[j] = (int8_t)(qs[j] & 0x0f);
+            o[j + KT_QK / 2] = (int8_t)(qs[j] >> 4);
+        }
+        if (qh) /* bit j of qh -> 0x10 in byte j, 8 bytes at a time */
+            for (int k = 0; k < 4; k++) {
+                uint64_t w;
+                memcpy(&w, o + 8 * k, 8);
+                w |= sc_spread_bits(qh[k]) << 4;
+                memcpy(o + 8 * k, &w, 8);
             }
     }
 }
