@@ -12,7 +12,8 @@
  *   default Q4_1; the K-quants need rows of a multiple of 256, see --sweep),
  *   --sweep (instead: every quantized weight type on one 1024 x 2048 matrix,
  *   the Gemma-3-270M ffn_down width, 1 and 512 tokens, 2 threads, each SIMD
- *   path: GMAC/s = rows x cols x tokens / time; docs/bench.md)
+ *   path: GMAC/s = rows x cols x tokens / time; docs/bench.md), --rounds R
+ *   (--sweep repeated R times, each cell's best round kept)
  *
  * A second table times kcpu_attn_f16 (decode and a prefill chunk).
  * Each cell times single calls (at least N of them and at least 0.2 s):
@@ -258,49 +259,74 @@ static int bench_attention(kcpu_pool **pools, int reps, int full)
 /* --sweep: every quantized type on one rows x cols matrix, 1 and 512
  * tokens, 2 threads, the scalar path (1 token only) and every SIMD path.
  * GMAC/s = rows * cols * tokens / median time; single-token runs stream the
- * weights from memory (copies overflow the last-level cache) unless hot. */
-static int bench_sweep(kcpu_pool *pool, int reps, int hot)
+ * weights from memory (copies overflow the last-level cache) unless hot.
+ * The whole sweep is repeated `rounds` times and each cell keeps its best
+ * round (lowest median), so that on a shared machine every cell gets the
+ * same chances of finding the cores free; cpu% is that round's. */
+#define SW_TYPES 8
+#define SW_CELLS (2 * N_IMPL)
+static int bench_sweep(kcpu_pool *pool, int reps, int hot, int rounds)
 {
     enum { ROWS = 1024, COLS = 2048 };
-    static const kt_type types[] = { KT_Q4_0, KT_Q4_1, KT_Q5_0, KT_Q5_1, KT_Q8_0,
-                                     KT_Q4_K, KT_Q5_K, KT_Q6_K };
+    static const kt_type types[SW_TYPES] = { KT_Q4_0, KT_Q4_1, KT_Q5_0, KT_Q5_1, KT_Q8_0,
+                                             KT_Q4_K, KT_Q5_K, KT_Q6_K };
     static const int toks[] = { 1, 512 };
+    static double med[SW_TYPES][SW_CELLS], p10s[SW_TYPES][SW_CELLS], cpu[SW_TYPES][SW_CELLS];
     float *x = malloc((size_t)512 * COLS * sizeof(float));
     float *y = malloc((size_t)512 * ROWS * sizeof(float));
     if (!x || !y)
         return -1;
     for (size_t i = 0; i < (size_t)512 * COLS; i++)
         x[i] = rndf();
-    printf("sweep: %d x %d weights, %d threads, >= %d calls per cell (run-time choice: %s)\n",
-           ROWS, COLS, kcpu_pool_size(pool), reps, kcpu_simd_name());
+    for (int r = 0; r < rounds; r++) {
+        for (int ti = 0; ti < SW_TYPES; ti++) {
+            kt_type t = types[ti];
+            size_t wbytes = kt_row_bytes(t, COLS) * ROWS;
+            int n_copies = hot ? 1 : (int)((96u << 20) / wbytes) + 1;
+            uint8_t *W = malloc(wbytes * (size_t)n_copies);
+            void *ws = malloc(kcpu_matmul_scratch_bytes(t, COLS, 512) + 1);
+            if (!W || !ws)
+                return -1;
+            fill_weights(t, W, wbytes);
+            for (int c = 1; c < n_copies; c++)
+                memcpy(W + (size_t)c * wbytes, W, wbytes);
+            for (int k = 0; k < 2; k++)
+                for (int impl = IMPL_SCALAR; impl < N_IMPL; impl++) {
+                    if (!impl_available(impl) || (impl == IMPL_SCALAR && toks[k] > 1))
+                        continue;
+                    double sec, p10, share;
+                    bench_one(impl, pool, t, W, toks[k] == 1 ? n_copies : 1, wbytes, x, y,
+                              ROWS, COLS, toks[k], ws, reps, &sec, &p10, &share);
+                    int c = k * N_IMPL + impl;
+                    if (r == 0 || sec < med[ti][c]) {
+                        med[ti][c] = sec;
+                        p10s[ti][c] = p10;
+                        cpu[ti][c] = share;
+                    }
+                }
+            free(W);
+            free(ws);
+        }
+        fprintf(stderr, "sweep round %d/%d done\n", r + 1, rounds);
+    }
+    printf("sweep: %d x %d weights, %d threads, >= %d calls per cell, best of %d rounds "
+           "(run-time choice: %s)\n", ROWS, COLS, kcpu_pool_size(pool), reps, rounds,
+           kcpu_simd_name());
     printf("%-5s %4s %-7s %10s %8s %8s %10s %5s\n", "type", "tok", "path", "us/call", "GMAC/s",
            "GB/s(W)", "p10 us", "cpu%");
-    for (int ti = 0; ti < (int)(sizeof types / sizeof types[0]); ti++) {
-        kt_type t = types[ti];
-        size_t wbytes = kt_row_bytes(t, COLS) * ROWS;
-        int n_copies = hot ? 1 : (int)((96u << 20) / wbytes) + 1;
-        uint8_t *W = malloc(wbytes * (size_t)n_copies);
-        void *ws = malloc(kcpu_matmul_scratch_bytes(t, COLS, 512) + 1);
-        if (!W || !ws)
-            return -1;
-        fill_weights(t, W, wbytes);
-        for (int c = 1; c < n_copies; c++)
-            memcpy(W + (size_t)c * wbytes, W, wbytes);
+    for (int ti = 0; ti < SW_TYPES; ti++)
         for (int k = 0; k < 2; k++)
             for (int impl = IMPL_SCALAR; impl < N_IMPL; impl++) {
                 if (!impl_available(impl) || (impl == IMPL_SCALAR && toks[k] > 1))
                     continue;
-                double sec, p10, share;
-                bench_one(impl, pool, t, W, toks[k] == 1 ? n_copies : 1, wbytes, x, y, ROWS,
-                          COLS, toks[k], ws, reps, &sec, &p10, &share);
-                printf("%-5s %4d %-7s %10.1f %8.2f %8.2f %10.1f %5.0f\n", kt_name(t), toks[k],
-                       impl_names[impl], sec * 1e6, (double)ROWS * COLS * toks[k] / sec * 1e-9,
-                       (double)wbytes / sec * 1e-9, p10 * 1e6, 100.0 * share);
-                fflush(stdout);
+                int c = k * N_IMPL + impl;
+                double sec = med[ti][c];
+                size_t wbytes = kt_row_bytes(types[ti], COLS) * ROWS;
+                printf("%-5s %4d %-7s %10.1f %8.2f %8.2f %10.1f %5.0f\n", kt_name(types[ti]),
+                       toks[k], impl_names[impl], sec * 1e6,
+                       (double)ROWS * COLS * toks[k] / sec * 1e-9, (double)wbytes / sec * 1e-9,
+                       p10s[ti][c] * 1e6, 100.0 * cpu[ti][c]);
             }
-        free(W);
-        free(ws);
-    }
     free(x);
     free(y);
     return 0;
@@ -308,7 +334,7 @@ static int bench_sweep(kcpu_pool *pool, int reps, int hot)
 
 int main(int argc, char **argv)
 {
-    int full = 0, hot = 0, reps = 5, sweep = 0;
+    int full = 0, hot = 0, reps = 5, sweep = 0, rounds = 1;
     kt_type layer_t = KT_Q4_1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--full")) {
@@ -321,6 +347,10 @@ int main(int argc, char **argv)
                 reps = 1;
         } else if (!strcmp(argv[i], "--sweep")) {
             sweep = 1;
+        } else if (!strcmp(argv[i], "--rounds") && i + 1 < argc) {
+            rounds = atoi(argv[++i]);
+            if (rounds < 1)
+                rounds = 1;
         } else if (!strcmp(argv[i], "--type") && i + 1 < argc) {
             const char *n = argv[++i];
             static const kt_type all[] = { KT_F32, KT_F16, KT_BF16, KT_Q4_0, KT_Q4_1,
@@ -336,8 +366,8 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: %s [--full] [--hot] [--reps N] [--type T] [--sweep]\n",
-                    argv[0]);
+            fprintf(stderr, "usage: %s [--full] [--hot] [--reps N] [--type T] [--sweep "
+                    "[--rounds R]]\n", argv[0]);
             return 2;
         }
     }
@@ -347,7 +377,7 @@ int main(int argc, char **argv)
         return 1;
     }
     if (sweep) {
-        int rc = bench_sweep(pools[1], reps, hot);
+        int rc = bench_sweep(pools[1], reps, hot, rounds);
         if (rc < 0)
             fprintf(stderr, "out of memory\n");
         kcpu_pool_destroy(pools[0]);

@@ -18,7 +18,9 @@
  * (Q5_*, Q4_K, Q5_K) or per 16 (Q6_K) elements is one multiply:
  *   Q5_0 / Q5_1  codes 0..31; the -16 (via smul) or the min through the
  *                activation block sums s, as in kcpu_avx2.c;
- *   Q4_K / Q5_K  lanes scaled by d sc_j, minus dmin m_j times s;
+ *   Q4_K / Q5_K  lanes scaled by d sc_j; the mins: once per super-block,
+ *                dmin m_j (8 lanes) times token t's 8 activation block sums,
+ *                folded into the same accumulator;
  *   Q6_K         codes q in 0..63 unsigned; the -32 starts the dot: the
  *                int32 accumulator begins at -32 times the activation sums of
  *                each 4 elements (one dot with ones per token, shared by
@@ -129,15 +131,16 @@ AI __m512i q5_pair_codes(const uint8_t *qsa, const uint8_t *qha, const uint8_t *
 }
 
 /* One pair of blocks (b, b+1; two == 0: only b) of RM rows against TN
- * tokens: acc[i][t] += cvt(dot) * (wd[i] * dx_t), macc[i] += mv[i] * s.
- * The Q6_K dot starts at -32 times the activations' 4-element sums. */
+ * tokens: acc[i][t] += cvt(dot) * (wd[i] * dx_t), and for Q5_0 / Q5_1
+ * macc[i] += mv[i] * s. The Q6_K dot starts at -32 times the activations'
+ * 4-element sums. */
 AI void pair_dot(const int kind, const int RM, const int TN, const int two,
                  const __m512i *w, const __m512 *wd, const __m256 *mv,
                  __m512 acc[MAXR][MAXT], __m256 *macc, const int8_t *xg, const float *dg,
                  const float *sg, int b)
 {
     const size_t o = (size_t)b * KCPU_XG;
-    if (kind != KQ_Q6_K) {
+    if (kind == W_Q5_0 || kind == W_Q5_1) { /* K-quant mins: tile512 */
         __m256 s8 = two ? _mm256_loadu_ps(sg + o) : _mm256_zextps128_ps256(_mm_loadu_ps(sg + o));
 #pragma GCC unroll 4
         for (int i = 0; i < RM; i++)
@@ -252,6 +255,22 @@ AI void tile512(const int kind, const int RM, const int TN, const char *W, size_
                 if (kind != KQ_Q6_K) /* the mins are subtracted */
                     dmn[i] = _mm256_sub_ps(_mm256_setzero_ps(), dmn[i]);
             }
+            if (kind != KQ_Q6_K) {
+                /* mins of the 8 sub-blocks against token t's activation
+                 * sums s[(8 sb + j) KCPU_XG + t], j = 0..7, gathered once
+                 * for all rows; lanes 8-15 meet zeros */
+                const float *s0 = sg + (size_t)sb * 8 * KCPU_XG;
+                __m512 slo = _mm512_loadu_ps(s0), shi = _mm512_loadu_ps(s0 + 16);
+#pragma GCC unroll 4
+                for (int t = 0; t < TN; t++) {
+                    __m512 st = _mm512_permutex2var_ps(
+                        slo, _mm512_setr_epi32(t, 4 + t, 8 + t, 12 + t, 16 + t, 20 + t, 24 + t,
+                                               28 + t, 0, 0, 0, 0, 0, 0, 0, 0), shi);
+#pragma GCC unroll 4
+                    for (int i = 0; i < RM; i++)
+                        acc[i][t] = _mm512_fmadd_ps(_mm512_zextps256_ps512(dmn[i]), st, acc[i][t]);
+                }
+            }
 #pragma GCC unroll 4
             for (int p = 0; p < 4; p++) {
 #pragma GCC unroll 4
@@ -266,7 +285,6 @@ AI void tile512(const int kind, const int RM, const int TN, const char *W, size_
                         wd[i] = _mm512_mul_ps(d6[i], _mm512_permutexvar_ps(
                             _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                             _mm512_castps128_ps512(sc)));
-                        mv[i] = _mm256_setzero_ps();
                     } else {
                         const kt_block_q4_k *k4 = (const kt_block_q4_k *)rows[i] + sb;
                         const kt_block_q5_k *k5 = (const kt_block_q5_k *)rows[i] + sb;
@@ -275,9 +293,6 @@ AI void tile512(const int kind, const int RM, const int TN, const char *W, size_
                         wd[i] = _mm512_permutexvar_ps(
                             _mm512_add_epi32(pick01, _mm512_set1_epi32(2 * p)),
                             _mm512_castps256_ps512(dsc[i]));
-                        mv[i] = _mm256_permutevar8x32_ps(
-                            dmn[i], _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1,
-                                                      2 * p + 1, 2 * p + 1, 2 * p + 1));
                     }
                 }
                 pair_dot(kind, RM, TN, 1, w, wd, mv, acc, macc, xg, dg, sg, sb * 8 + 2 * p);

@@ -429,7 +429,7 @@ static void matmul_suite(kt_type t)
     static const int cols_k[] = { 256, 768, 1536 };
     static const int cols_f[] = { 7, 37, 64, 576, 1536 };
     static const int rows[] = { 1, 3, 7, 192, 576 };
-    static const int toks[] = { 1, 2, 5, 17 };
+    static const int toks[] = { 1, 2, 7, 17 }; /* tails of 1, 2, 3 tokens */
     int quant = kt_is_quant(t);
     const int *cols = !quant ? cols_f : kt_block_elems(t) == KT_QK_K ? cols_k
                     : t == KT_Q5_0 || t == KT_Q5_1 ? cols_q5 : cols_q;
