@@ -2,6 +2,7 @@
  * kcpu_kq_simd.h - AVX2-level helpers to unpack the K-quant weight blocks
  * (kernels/ktypes.h), shared by kcpu_avx2_kq.c and kcpu_avx512.c. Include
  * only from files compiled with at least -mavx2 -mfma -mf16c.
+ * Thread-safety: pure inline functions.
  */
 #ifndef LKQ_KCPU_KQ_SIMD_H
 #define LKQ_KCPU_KQ_SIMD_H
