@@ -89,7 +89,8 @@ const char *kcpu_path_name(kcpu_path p)
 
 int kcpu_force_path(kcpu_path p)
 {
-    if (p < KCPU_PATH_AUTO || p > KCPU_PATH_AVX512VNNI || (p != KCPU_PATH_AUTO && (int)p > best_path()))
+    if (p < KCPU_PATH_AUTO || p > KCPU_PATH_AVX512VNNI ||
+        (p != KCPU_PATH_AUTO && (int)p > best_path()))
         return -ENOTSUP;
     atomic_store(&g_force, (int)p);
     return 0;

@@ -223,10 +223,10 @@ AI void store32(float *o, __m256i q, __m256 f, __m256 m)
 {
     __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
     __m128i parts[4] = { lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8) };
-    for (int g = 0; g < 4; g++)
-        _mm256_storeu_ps(o + 8 * g, _mm256_sub_ps(_mm256_mul_ps(f, _mm256_cvtepi32_ps(
-                                                                       _mm256_cvtepi8_epi32(parts[g]))),
-                                                  m));
+    for (int g = 0; g < 4; g++) {
+        __m256 q8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[g]));
+        _mm256_storeu_ps(o + 8 * g, _mm256_sub_ps(_mm256_mul_ps(f, q8), m));
+    }
 }
 
 /* See kcpu_impl.h. Bit exact with kref_dequant_row: x = (d sc_j) q -
@@ -245,10 +245,10 @@ void kcpu_avx2_dequant_kq(kt_type t, const void *row, float *out, int64_t n)
                 __m256 f0 = _mm256_set1_ps(d * (float)b->scales[2 * j]);
                 __m256 f1 = _mm256_set1_ps(d * (float)b->scales[2 * j + 1]);
                 __m128i parts[4] = { lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8) };
-                for (int g = 0; g < 4; g++)
-                    _mm256_storeu_ps(o + 32 * j + 8 * g,
-                                     _mm256_mul_ps(g < 2 ? f0 : f1,
-                                                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[g]))));
+                for (int g = 0; g < 4; g++) {
+                    __m256 q8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[g]));
+                    _mm256_storeu_ps(o + 32 * j + 8 * g, _mm256_mul_ps(g < 2 ? f0 : f1, q8));
+                }
             }
             continue;
         }
@@ -274,7 +274,8 @@ void kcpu_avx2_dequant_kq(kt_type t, const void *row, float *out, int64_t n)
             else
                 kq_codes_pair(KQ_Q5_K, qs, qh, p, &lo, &hi);
             store32(o + 64 * p, lo, _mm256_set1_ps(fs[2 * p]), _mm256_set1_ps(fm[2 * p]));
-            store32(o + 64 * p + 32, hi, _mm256_set1_ps(fs[2 * p + 1]), _mm256_set1_ps(fm[2 * p + 1]));
+            store32(o + 64 * p + 32, hi, _mm256_set1_ps(fs[2 * p + 1]),
+                    _mm256_set1_ps(fm[2 * p + 1]));
         }
     }
 }

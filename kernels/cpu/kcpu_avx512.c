@@ -159,9 +159,10 @@ AI void pair_dot(const int kind, const int RM, const int TN, const int two,
                               4 + t, 4 + t),
             d8);
         __m512i init = _mm512_setzero_si512();
-        if (kind == KQ_Q6_K) /* -32 * (sum of each 4 activations) */
-            init = _mm512_sub_epi32(init, _mm512_slli_epi32(
-                                              dot_u8s8(_mm512_setzero_si512(), _mm512_set1_epi8(1), x), 5));
+        if (kind == KQ_Q6_K) { /* -32 * (sum of each 4 activations) */
+            __m512i sum4 = dot_u8s8(_mm512_setzero_si512(), _mm512_set1_epi8(1), x);
+            init = _mm512_sub_epi32(init, _mm512_slli_epi32(sum4, 5));
+        }
 #pragma GCC unroll 4
         for (int i = 0; i < RM; i++)
             acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8s8(init, w[i], x)),

@@ -74,7 +74,8 @@ AI __m256i q6_codes(const kt_block_q6_k *b, int j)
 /* int16 lanes 0-7 = scales[2j], lanes 8-15 = scales[2j+1] of a Q6_K block. */
 AI __m256i q6_scale_pair(const kt_block_q6_k *b, int j)
 {
-    return _mm256_setr_m128i(_mm_set1_epi16(b->scales[2 * j]), _mm_set1_epi16(b->scales[2 * j + 1]));
+    return _mm256_setr_m128i(_mm_set1_epi16(b->scales[2 * j]),
+                             _mm_set1_epi16(b->scales[2 * j + 1]));
 }
 
 /* Unsigned codes q (0..63) of sub-block j of a Q6_K super-block. */
