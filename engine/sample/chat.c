@@ -48,9 +48,9 @@ static int is_content(sbuf *b, const char *s)
     return 0;
 }
 
-static void put(sbuf *b, const char *s)
+/* Appends n bytes of s (a template literal or a piece of a message). */
+static void put_n(sbuf *b, const char *s, size_t n)
 {
-    size_t n = strlen(s);
     if (n > 0 && is_content(b, s)) {
         if (b->n_spans > 0 && b->span_end == b->len) { /* adjacent runs merge */
             if (b->n_spans <= b->max_spans)
@@ -66,6 +66,8 @@ static void put(sbuf *b, const char *s)
     }
     b->len += n;
 }
+
+static void put(sbuf *b, const char *s) { put_n(b, s, strlen(s)); }
 
 int chat_template_known(const char *name)
 {
