@@ -961,6 +961,8 @@ static void sb_json_str(lkq_sb *b, const char *s, size_t n)
     lkq_sb_printf(b, "%.*s\"", (int)(n - run), s + run);
 }
 
+/* Grows *ids to hold need tokens; refuses more than API_MAX_TOKENIZE
+ * (400) or fails on memory (500). */
 static int tokens_room(int32_t **ids, size_t *cap, size_t need, api_error *e)
 {
     if (need > API_MAX_TOKENIZE) {

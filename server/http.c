@@ -67,7 +67,8 @@ static const char *const route_name[R_COUNT] = {"other", "/v1/completions",
                                                 "/health", "/metrics", "/tokenize",
                                                 "/detokenize", "/v1/models/{id}"};
 
-/* The kernel send buffer of a streaming connection (the kernel doubles it). */
+/* The kernel send buffer of a streaming connection (the kernel doubles it:
+ * 512 KiB in all). */
 #define HTTP_SSE_SNDBUF (256 * 1024)
 
 /* A socket, from accept to close (MHD's socket context). */
@@ -256,6 +257,9 @@ static int peer_gone(int fd)
     return r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
 }
 
+/* The watcher thread: five times a second, under wmu, shuts down sockets
+ * still waiting for a complete request after read_timeout_s and cancels
+ * the requests of answered sockets whose client left. Stops at wquit. */
 static void *watcher_main(void *arg)
 {
     http_server *h = arg;
@@ -297,6 +301,9 @@ static void *watcher_main(void *arg)
     return NULL;
 }
 
+/* MHD_OPTION_NOTIFY_CONNECTION (an MHD worker thread): a new socket joins
+ * the watcher's list, waiting for its first request; a closing one leaves
+ * it (before MHD closes the descriptor) and is freed. */
 static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_context,
                           enum MHD_ConnectionNotificationCode code)
 {

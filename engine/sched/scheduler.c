@@ -1163,6 +1163,7 @@ static void *engine_main(void *arg)
     return NULL;
 }
 
+/* 1 if a fresh sequence of n tokens fits the whole (empty) pool. */
 static int fits_alone(const sched *s, int n)
 {
     int64_t nq, nf;
