@@ -84,11 +84,17 @@ typedef struct {
 } bk_rope;
 
 /* Attention of one layer: each slice's queries over its sequence's
- * committed history plus the slice's own K/V (causal). */
+ * committed history plus the slice's own K/V (causal).
+ * window: 0 for a global layer (a query at position p sees [0, p]); W > 0
+ * for a sliding-window layer (mdl_layer.window; Gemma-3: 512): a query at
+ * p sees exactly [p - W + 1, p], the step's own rows included, each query
+ * on its own bound. Every backend implements both (kernels/ref, /cpu and
+ * /cuda share the contract of kref_attn_seg); the KV pool keeps only the
+ * positions a window layer can still see (engine/kv/kv_plan.h). */
 typedef struct {
     int n_heads, n_kv_heads, head_dim;
     float scale;  /* multiplies q.k */
-    int window;   /* 0: global; W > 0: a query at p sees positions > p - W */
+    int window;   /* 0: global; W > 0: a query at p sees [p - W + 1, p] */
 } bk_attn;
 
 /* Backend-specific controls (ctl): what is not part of the graph. */

@@ -356,9 +356,8 @@ static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, 
                          const float *k, const float *v, char *err, size_t errlen)
 {
     cpu_be *b = be;
-    if (a->window > 0)
-        return fail(err, errlen, -ENOTSUP, "sliding-window attention (window %d) is not "
-                    "supported by the cpu backend yet", a->window);
+    (void)err;
+    (void)errlen;
     const size_t KV = (size_t)a->n_kv_heads * (size_t)a->head_dim;
     const size_t Q = (size_t)a->n_heads * (size_t)a->head_dim;
     const kvq_layout *L = kvc_pool_layout(b->kvp);
@@ -371,11 +370,12 @@ static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, 
         const float *qs = q + off * Q;
         if (b->use_ref) {
             for (int i = 0; i < sl->n; i++)
-                kref_attn_seg(o + (size_t)i * Q, qs + (size_t)i * Q, sl->pos0 + i, b->segs, ns,
+                kref_attn_seg(o + (size_t)i * Q, qs + (size_t)i * Q, sl->pos0 + i, a->window,
+                              b->segs, ns,
                               L, a->n_heads, a->n_kv_heads, a->head_dim, a->scale,
                               b->ref_scratch);
         } else {
-            kcpu_attn_seg(b->pool, o, qs, sl->pos0, sl->n, b->segs, ns, L, a->n_heads,
+            kcpu_attn_seg(b->pool, o, qs, sl->pos0, sl->n, a->window, b->segs, ns, L, a->n_heads,
                           a->n_kv_heads, a->head_dim, a->scale, b->ws_attn);
         }
     }
