@@ -45,6 +45,7 @@ static double now_s(void)
     "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.005)\n" \
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
+    "      --window-kv fp16|int4 sliding-window layers' cache (fp16; int4 needs --kv-cache int4)\n" \
     "      --config FILE        'key = value' lines with the same keys\n"
 
 static void usage_perplexity(FILE *f)
