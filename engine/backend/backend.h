@@ -173,9 +173,12 @@ typedef struct bk_ops {
                     size_t errlen);
 
     /* ---- the KV pool (one per instance) and its sequences ---- */
-    int (*pool_create)(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
-                       int64_t n_fpages, char *err, size_t errlen);
+    /* d->layer_window (borrowed for the call) splits the layers into the
+     * global and the window group, sz sizes each (kvc_pool_plan). */
+    int (*pool_create)(void *be, const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *sz,
+                       char *err, size_t errlen);
     int64_t (*pool_capacity_bytes)(void *be);
+    /* units of the global layers free now (admission; kvc_pool_free_units) */
     void (*pool_free_units)(void *be, int64_t *qfree, int64_t *ffree);
     double (*pool_usage)(void *be);
     int (*pool_stats)(void *be, kvc_stats *out, char *err, size_t errlen);
