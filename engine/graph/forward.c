@@ -20,6 +20,8 @@
  */
 #include "engine/graph/forward.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -64,17 +66,6 @@ struct fwd_state {
     fwd_profile prof;
 };
 
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 static double now_s(void)
 {
     struct timespec ts;
@@ -97,15 +88,15 @@ static int check_shape(const mdl_hparams *hp, char *err, size_t errlen)
 {
     if (hp->n_layers <= 0 || hp->dim <= 0 || hp->n_heads <= 0 || hp->n_kv_heads <= 0 ||
         hp->head_dim <= 0 || hp->hidden_dim <= 0 || hp->n_vocab <= 0)
-        return fail(err, errlen, -EINVAL, "model shape has a non-positive dimension");
+        return lkq_err(err, errlen, -EINVAL, "model shape has a non-positive dimension");
     if (hp->n_heads % hp->n_kv_heads)
-        return fail(err, errlen, -EINVAL, "head_count %d is not a multiple of head_count_kv %d",
+        return lkq_err(err, errlen, -EINVAL, "head_count %d is not a multiple of head_count_kv %d",
                     hp->n_heads, hp->n_kv_heads);
     if (hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2)
-        return fail(err, errlen, -EINVAL, "rope dimension %d does not fit head_dim %d",
+        return lkq_err(err, errlen, -EINVAL, "rope dimension %d does not fit head_dim %d",
                     hp->n_rot, hp->head_dim);
     if (hp->act != MDL_ACT_SILU && hp->act != MDL_ACT_GELU_TANH)
-        return fail(err, errlen, -EINVAL, "unknown activation %d", (int)hp->act);
+        return lkq_err(err, errlen, -EINVAL, "unknown activation %d", (int)hp->act);
     return 0;
 }
 
@@ -151,7 +142,7 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp,
         return -ENODEV;
     fwd_state *s = calloc(1, sizeof *s);
     if (!s)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     s->ops = ops;
     s->hp = *hp;
     s->p = p;
@@ -186,7 +177,7 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp,
         s->head_rows = malloc((size_t)s->logit_rows * sizeof *s->head_rows);
         s->layers = calloc((size_t)hp->n_layers, sizeof *s->layers);
         if (!s->logits || !s->tok_buf || !s->slices || !s->head_rows || !s->layers)
-            rc = fail(err, errlen, -ENOMEM, "out of memory for the forward state (batch %d)",
+            rc = lkq_err(err, errlen, -ENOMEM, "out of memory for the forward state (batch %d)",
                       p.max_batch);
     }
     /* KV pool sized for max_seqs sequences of n_ctx (or the configured
@@ -229,13 +220,13 @@ static int check_layer(const mdl_hparams *hp, const mdl_layer *L, int l, char *e
                        size_t errlen)
 {
     if (!L->attn_norm || !L->ffn_norm)
-        return fail(err, errlen, -EINVAL, "layer %d lacks its norms", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks its norms", l);
     if (hp->qkv_bias && (!L->bq || !L->bk || !L->bv))
-        return fail(err, errlen, -EINVAL, "layer %d lacks the Q/K/V biases", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks the Q/K/V biases", l);
     if (hp->qk_norm && (!L->q_norm || !L->k_norm))
-        return fail(err, errlen, -EINVAL, "layer %d lacks the Q/K norms", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks the Q/K norms", l);
     if (hp->sandwich_norm && (!L->post_attn_norm || !L->post_ffn_norm))
-        return fail(err, errlen, -EINVAL, "layer %d lacks the post-attention/FFN norms", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks the post-attention/FFN norms", l);
     return 0;
 }
 
@@ -245,7 +236,7 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out, char *
     fwd_state *s;
     int32_t *win = malloc((size_t)(m->hp.n_layers > 0 ? m->hp.n_layers : 1) * sizeof *win);
     if (!win)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     for (int l = 0; l < m->hp.n_layers; l++)
         win[l] = m->layers[l].window;
     int rc = create_common(&m->hp, pp, win, &s, err, errlen);
@@ -261,7 +252,7 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out, char *
     if (rc == 0)
         rc = up_v(s, m->out_norm, D, &s->out_norm, err, errlen);
     if (rc == 0 && hp->rope_scaling == MDL_ROPE_SCALE_LLAMA3 && !m->rope_freqs)
-        rc = fail(err, errlen, -EINVAL, "llama3 rope scaling without rope_freqs");
+        rc = lkq_err(err, errlen, -EINVAL, "llama3 rope scaling without rope_freqs");
     if (rc == 0)
         rc = up_v(s, m->rope_freqs, (size_t)hp->n_rot / 2, &s->rope_freqs, err, errlen);
     for (int l = 0; rc == 0 && l < hp->n_layers; l++) {
@@ -320,10 +311,10 @@ int fwd_create_synthetic(const mdl_hparams *hp, kt_type wtype, uint64_t seed,
     if (!ops)
         return -ENODEV;
     if (!ops->synth_weight || !ops->synth_vector)
-        return fail(err, errlen, -ENOTSUP, "the %s backend has no synthetic weights", ops->name);
+        return lkq_err(err, errlen, -ENOTSUP, "the %s backend has no synthetic weights", ops->name);
     if (hp->qkv_bias || hp->qk_norm || hp->sandwich_norm ||
         hp->rope_scaling == MDL_ROPE_SCALE_LLAMA3)
-        return fail(err, errlen, -ENOTSUP, "synthetic models are plain Llama shapes");
+        return lkq_err(err, errlen, -ENOTSUP, "synthetic models are plain Llama shapes");
     fwd_state *s;
     int rc = create_common(hp, &p, NULL, &s, err, errlen);
     if (rc < 0)
@@ -452,11 +443,11 @@ int fwd_seq_create(fwd_state *s, int max_tokens, fwd_seq **out, char *err, size_
 {
     *out = NULL;
     if (max_tokens > s->p.n_ctx)
-        return fail(err, errlen, -EINVAL, "a sequence of %d positions exceeds n_ctx %d",
+        return lkq_err(err, errlen, -EINVAL, "a sequence of %d positions exceeds n_ctx %d",
                     max_tokens, s->p.n_ctx);
     fwd_seq *q = calloc(1, sizeof *q);
     if (!q)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     q->s = s;
     int rc = s->ops->seq_create(s->be, max_tokens, &q->b, err, errlen);
     if (rc < 0) {
@@ -554,8 +545,11 @@ int fwd_pool_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen)
 /* One step over the n rows of s->slices[0..n_sl) (tokens in s->tok_buf,
  * every slice's KV step open): every layer's K/V of each slice is stored
  * into its sequence. Logits of the n_head rows listed in s->head_rows go
- * to s->logits_b rows 0 .. n_head-1 (backend memory). */
-static int step(fwd_state *s, int n, int n_sl, int n_head, char *err, size_t errlen)
+ * to s->logits_b rows row0 .. row0+n_head-1 (backend memory; fwd_eval's
+ * all-token logits put each piece at its own rows, since on a host-memory
+ * backend logits_b is the host logits: rows 0.. would overwrite the earlier
+ * pieces' rows). */
+static int step(fwd_state *s, int n, int n_sl, int n_head, int row0, char *err, size_t errlen)
 {
     const bk_ops *o = s->ops;
     void *be = s->be;
@@ -629,18 +623,20 @@ static int step(fwd_state *s, int n, int n_sl, int n_head, char *err, size_t err
                                    s->out_norm, k, D, eps, err, errlen));
         i += k;
     }
-    OP(pr->matmul_s, o->matmul(be, s->output, s->xb, s->logits_b, n_head, err, errlen));
+    float *lg = s->logits_b + (size_t)row0 * (size_t)hp->n_vocab;
+    OP(pr->matmul_s, o->matmul(be, s->output, s->xb, lg, n_head, err, errlen));
     if (hp->final_softcap > 0)
-        OP(pr->other_s, o->softcap(be, s->logits_b, (size_t)n_head * (size_t)hp->n_vocab,
+        OP(pr->other_s, o->softcap(be, lg, (size_t)n_head * (size_t)hp->n_vocab,
                                    hp->final_softcap, err, errlen));
     return 0;
 }
 
-/* Reads n_head rows of logits to host row dst_row of s->logits. */
-static int read_logits(fwd_state *s, int dst_row, int n_head, char *err, size_t errlen)
+/* Reads n_head rows of logits from row `row` of s->logits_b to the same
+ * row of s->logits (the same memory on a host-memory backend). */
+static int read_logits(fwd_state *s, int row, int n_head, char *err, size_t errlen)
 {
     const size_t V = (size_t)s->hp.n_vocab;
-    return s->ops->read(s->be, s->logits + (size_t)dst_row * V, s->logits_b,
+    return s->ops->read(s->be, s->logits + (size_t)row * V, s->logits_b + (size_t)row * V,
                         (size_t)n_head * V, err, errlen);
 }
 
@@ -649,7 +645,7 @@ static int check_tokens(const fwd_state *s, const int32_t *tokens, int n, char *
 {
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= s->hp.n_vocab)
-            return fail(err, errlen, -EINVAL, "token id %d out of range [0, %d)", tokens[i],
+            return lkq_err(err, errlen, -EINVAL, "token id %d out of range [0, %d)", tokens[i],
                         s->hp.n_vocab);
     return 0;
 }
@@ -661,12 +657,12 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
     void *q = s->own->b;
     *logits = NULL;
     if (n <= 0 || pos < 0)
-        return fail(err, errlen, -EINVAL, "nothing to evaluate (n %d, pos %d)", n, pos);
+        return lkq_err(err, errlen, -EINVAL, "nothing to evaluate (n %d, pos %d)", n, pos);
     if ((int64_t)pos + n > s->p.n_ctx)
-        return fail(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
+        return lkq_err(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
                     n, s->p.n_ctx);
     if (want_all && (!s->p.logits_all || n > s->p.max_batch))
-        return fail(err, errlen, -EINVAL, "all-token logits need logits_all and n <= %d",
+        return lkq_err(err, errlen, -EINVAL, "all-token logits need logits_all and n <= %d",
                     s->p.max_batch);
     int rc = check_tokens(s, tokens, n, err, errlen);
     if (rc < 0)
@@ -675,7 +671,7 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
         o->seq_reset(q);
     int have = o->seq_n_tokens(q);
     if (pos != have)
-        return fail(err, errlen, -EINVAL,
+        return lkq_err(err, errlen, -EINVAL,
                     "position %d: the cache holds %d positions (continue at %d or restart at 0)",
                     pos, have, have);
     const int C = s->p.kv.chunk_size;
@@ -701,9 +697,9 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
             s->head_rows[0] = b - 1;
             n_head = 1;
         }
-        rc = step(s, b, 1, n_head, err, errlen);
-        /* all-token logits: this piece's rows, read before the next piece
-         * overwrites them */
+        rc = step(s, b, 1, n_head, want_all ? done : 0, err, errlen);
+        /* all-token logits: this piece's rows (at rows done.. of logits_b,
+         * so that no piece overwrites another's) */
         if (rc == 0 && n_head > 0)
             rc = read_logits(s, want_all ? done : 0, n_head, err, errlen);
         if (rc < 0) {
@@ -726,23 +722,23 @@ static int check_item(const fwd_state *s, int i, const fwd_item *it, int pos, in
 {
     const int C = s->p.kv.chunk_size, n = it->n;
     if (i >= s->p.max_seqs)
-        return fail(err, errlen, -EINVAL, "more than %d sequences in one step (max_seqs)",
+        return lkq_err(err, errlen, -EINVAL, "more than %d sequences in one step (max_seqs)",
                     s->p.max_seqs);
     if (!it->seq || it->seq->s != s)
-        return fail(err, errlen, -EINVAL, "item %d: a sequence of another state", i);
+        return lkq_err(err, errlen, -EINVAL, "item %d: a sequence of another state", i);
     if (n <= 0 || (!it->prefill && n != 1))
-        return fail(err, errlen, -EINVAL, "item %d: %d tokens (decode steps take one)", i, n);
+        return lkq_err(err, errlen, -EINVAL, "item %d: %d tokens (decode steps take one)", i, n);
     if (it->prefill && pos % C + n > C)
-        return fail(err, errlen, -EINVAL,
+        return lkq_err(err, errlen, -EINVAL,
                     "item %d: %d prompt tokens at position %d cross a chunk boundary "
                     "(chunk_size %d)", i, n, pos, C);
     if ((int64_t)pos + n > s->p.n_ctx)
-        return fail(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
+        return lkq_err(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
                     n, s->p.n_ctx);
     if (total + n > s->p.max_batch)
-        return fail(err, errlen, -EINVAL, "batch of more than %d tokens", s->p.max_batch);
+        return lkq_err(err, errlen, -EINVAL, "batch of more than %d tokens", s->p.max_batch);
     if (it->want_logits && n_head >= s->logit_rows)
-        return fail(err, errlen, -EINVAL, "more than %d sequences want logits", s->logit_rows);
+        return lkq_err(err, errlen, -EINVAL, "more than %d sequences want logits", s->logit_rows);
     return check_tokens(s, it->tokens, n, err, errlen);
 }
 
@@ -783,7 +779,7 @@ int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char
     }
     int rc = 0;
     if (total > 0)
-        rc = step(s, total, n_items, n_head, err, errlen);
+        rc = step(s, total, n_items, n_head, 0, err, errlen);
     if (rc == 0 && n_head > 0)
         rc = read_logits(s, 0, n_head, err, errlen);
     if (rc < 0) { /* a device error: the step is undone on the host side */

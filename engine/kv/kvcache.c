@@ -14,6 +14,8 @@
  */
 #include "engine/kv/kvcache.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -61,17 +63,6 @@ struct kvc_seq {
     void *kq_scr;
 };
 
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 double kvc_stats_bits(const kvc_stats *s)
 {
     return s->elements > 0 ? 8.0 * (double)s->bytes_total / (double)s->elements : 0.0;
@@ -115,7 +106,7 @@ int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *
         return -EINVAL;
     kvc_pool *p = calloc(1, sizeof *p);
     if (!p)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     p->d = *d;
     p->d.layer_window = NULL;
     p->cfg = *cfg;
@@ -123,7 +114,7 @@ int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *
     p->local = malloc((size_t)d->n_layers * sizeof *p->local);
     if (!p->group || !p->local) {
         kvc_pool_destroy(p);
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     }
     kvp_groups gr;
     kvp_layer_groups(cfg, d, &gr, p->group, p->local);
@@ -149,7 +140,7 @@ int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *
             double mib = ((double)nq * (double)g->qbytes + (double)nf * (double)g->fbytes) /
                          (1024.0 * 1024.0);
             kvc_pool_destroy(p);
-            return fail(err, errlen, -ENOMEM, "cannot allocate the KV pool (%.1f MiB)", mib);
+            return lkq_err(err, errlen, -ENOMEM, "cannot allocate the KV pool (%.1f MiB)", mib);
         }
     }
     *out = p;
@@ -294,7 +285,7 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     *out = NULL;
     kvc_seq *s = calloc(1, sizeof *s);
     if (!s)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     s->p = p;
     for (int k = 0; k < KVC_LAYER_KINDS; k++) {
         s->cb[k] = (kvc_cb){s, k};
@@ -325,7 +316,7 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     if (!s->ek || !s->ev || !s->ema_mem || !s->sk || !s->sv || !s->qscr || !s->a || !s->b ||
         (quant && !s->kq_scr)) {
         kvc_seq_destroy(s);
-        return fail(err, errlen, -ENOMEM, "out of memory for a sequence");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory for a sequence");
     }
     for (int l = 0; l < L; l++) {
         float *m = s->ema_mem + (size_t)l * 8 * D;
