@@ -559,10 +559,16 @@ static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
         s->prof_open = rc == 0;
         s->prof_tokens = st->n;
     }
-    size_t bytes = s->off_segs[KVC_LAYER_WINDOW] + (size_t)n_segs[KVC_LAYER_WINDOW] *
-                                                   sizeof(kcu_seg);
+    /* what is used of the tables: up to the global group's segments, then
+     * (with window layers) the window group's items and segments */
+    const size_t G = KVC_LAYER_GLOBAL, W = KVC_LAYER_WINDOW;
+    size_t bytes = s->off_segs[G] + (size_t)n_segs[G] * sizeof(kcu_seg);
     if (rc == 0)
         rc = KCU(kcu_h2d(s->c, s->tab_d, s->tab_h, bytes, err, errlen));
+    if (rc == 0 && kvcd_group_arena(s->pool, KVC_LAYER_WINDOW))
+        rc = KCU(kcu_h2d(s->c, s->tab_d + s->off_items[W], s->tab_h + s->off_items[W],
+                         s->off_segs[W] - s->off_items[W] + (size_t)n_segs[W] * sizeof(kcu_seg),
+                         err, errlen));
     return op_end(s, rc, err, errlen);
 }
 
