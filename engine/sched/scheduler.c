@@ -1203,7 +1203,14 @@ static void plan_capacity(sched *s)
     int64_t nq, nf;
     fwd_pool_estimate(s->bk, p->n_ctx, &nq, &nf);
     const mdl_hparams *hp = &s->m->hp;
-    int64_t fp16_seq = (int64_t)p->n_ctx * hp->n_layers * hp->n_kv_heads * hp->head_dim * 4;
+    /* an FP16 cache of a full-context sequence: K and V of every layer,
+     * a sliding-window layer only its last W positions */
+    int64_t fp16_seq = 0;
+    for (int l = 0; l < hp->n_layers; l++) {
+        int32_t w = s->m->layers[l].window;
+        fp16_seq += (int64_t)(w > 0 && w < p->n_ctx ? w : p->n_ctx) * hp->n_kv_heads *
+                    hp->head_dim * 4;
+    }
     if (c->kv_int4) {
         /* INT4 blocks bound it: the FP16 pages are staging shared by the
          * prefills in progress plus a short tail per sequence */

@@ -164,7 +164,8 @@ typedef struct {
     int64_t seqs_int4;        /* sequences of n_ctx tokens the pool holds in int4
                                  (-1: unknown, the pool is fp16) */
     int64_t seqs_fp16;        /* ... in fp16 (int4 pools: the same bytes as an
-                                 FP16 cache: n_ctx x layers x kv_dim x 2 x 2 B) */
+                                 FP16 cache: n_ctx x layers x kv_dim x 2 x 2 B, a
+                                 sliding-window layer its window, not n_ctx) */
     int32_t max_seqs, max_seqs_per_req, max_queue;
 } sched_capacity;
 void sched_get_capacity(const sched *s, sched_capacity *out);

@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -55,13 +56,24 @@ def main():
     a = ap.parse_args()
     args = [os.path.join(a.build, "livekvq-server"), "-m", a.model, "--port", "0",
             "-t", a.threads] + a.server_arg
-    srv = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tempfile.NamedTemporaryFile(prefix="lkq-fair-", suffix=".log", delete=False)
+    srv = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
     line = srv.stdout.readline().decode()
     m = re.search(r"listening on (http://\S+)", line)
     if not m:
-        print("the server did not start:", line, srv.stderr.read().decode()[-2000:])
+        srv.wait(60)
+        with open(log.name, errors="replace") as f:
+            print("the server did not start:", line, f.read()[-2000:])
         return 1
-    base = m.group(1)
+    print("server log:", log.name)
+    try:
+        return bench(a, args, m.group(1))
+    finally:
+        srv.terminate()
+        srv.wait(60)
+
+
+def bench(a, args, base):
     print("server:", " ".join(args[1:]))
     big = {"prompt": ["Write a story about a dragon.", "Explain how a bicycle works.",
                       "List ten uses of a brick.", "Describe the sea at night."],
@@ -97,8 +109,6 @@ def main():
     fair = metric(base, "livekvq_preemptions_fair_total")
     print("big request: %.1f s for %d tokens; fair-share preemptions: %s" %
           (res["big_s"], res["big_tokens"], "n/a" if fair is None else "%g" % fair))
-    srv.terminate()
-    srv.wait(60)
     return 0
 
 
