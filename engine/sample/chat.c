@@ -12,9 +12,8 @@ typedef struct {
     size_t cap, len;
 } sbuf;
 
-static void put(sbuf *b, const char *s)
+static void put_n(sbuf *b, const char *s, size_t n)
 {
-    size_t n = strlen(s);
     if (b->cap > 0 && b->len < b->cap - 1) {
         size_t room = b->cap - 1 - b->len;
         memcpy(b->out + b->len, s, n < room ? n : room);
@@ -22,10 +21,13 @@ static void put(sbuf *b, const char *s)
     b->len += n;
 }
 
+static void put(sbuf *b, const char *s) { put_n(b, s, strlen(s)); }
+
 int chat_template_known(const char *name)
 {
     return name && (!strcmp(name, "chatml") || !strcmp(name, "llama2") ||
-                    !strcmp(name, "llama3") || !strcmp(name, "zephyr"));
+                    !strcmp(name, "llama3") || !strcmp(name, "zephyr") ||
+                    !strcmp(name, "gemma"));
 }
 
 static int role_ok(const char *r)
@@ -61,6 +63,64 @@ static void fmt_llama2(sbuf *b, const chat_msg *m, int n)
         }
     }
     (void)open;
+}
+
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
+
+/* s without leading and trailing whitespace (Jinja's trim). */
+static void put_trimmed(sbuf *b, const char *s)
+{
+    size_t n = strlen(s);
+    while (n > 0 && is_space(*s)) {
+        s++;
+        n--;
+    }
+    while (n > 0 && is_space(s[n - 1]))
+        n--;
+    put_n(b, s, n);
+}
+
+/* A Gemma user turn holding only a system message's text (one that no user
+ * turn follows to carry it). */
+static void gemma_system_turn(sbuf *b, const char *sys)
+{
+    put(b, "<start_of_turn>user\n");
+    put(b, sys);
+    put(b, "<end_of_turn>\n");
+}
+
+/* Gemma (see chat.h): no system role; system text goes in front of the next
+ * user turn, assistant is "model". */
+static void fmt_gemma(sbuf *b, const chat_msg *m, int n, int add_generation_prompt)
+{
+    const char *sys = NULL; /* waiting for the next user turn */
+    put(b, "<bos>");
+    for (int i = 0; i < n; i++) {
+        int user = !strcmp(m[i].role, "user");
+        if (sys && !user) {
+            gemma_system_turn(b, sys);
+            sys = NULL;
+        }
+        if (!strcmp(m[i].role, "system")) {
+            sys = m[i].content;
+            continue;
+        }
+        put(b, user ? "<start_of_turn>user\n" : "<start_of_turn>model\n");
+        if (sys) {
+            put(b, sys);
+            put(b, "\n\n");
+            sys = NULL;
+        }
+        put_trimmed(b, m[i].content);
+        put(b, "<end_of_turn>\n");
+    }
+    if (sys)
+        gemma_system_turn(b, sys);
+    if (add_generation_prompt)
+        put(b, "<start_of_turn>model\n");
 }
 
 long chat_format(const char *name, const chat_msg *msgs, int n,
@@ -115,6 +175,9 @@ long chat_format(const char *name, const chat_msg *msgs, int n,
         }
         if (add_generation_prompt)
             put(&b, "<|assistant|>\n");
+    } else if (!strcmp(name, "gemma")) {
+        fmt_gemma(&b, msgs, n, add_generation_prompt);
+        *has_bos = 1;
     } else { /* llama2 */
         fmt_llama2(&b, msgs, n);
         *has_bos = 1;
