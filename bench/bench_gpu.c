@@ -22,7 +22,7 @@
  * bandwidth against the device-to-device copy bandwidth measured the same
  * way (read + write bytes / time).
  * and continuous batching: B sequences (the scheduler's slots) decoding
- * together, one fwdc_eval_batch step of B tokens (logits of all B copied
+ * together, one fwd_eval_batch step of B tokens (logits of all B copied
  * to the host, as the server needs them), at each context L (the
  * sequences are grown to L by batched prefill steps of up to B chunks,
  * after the previous row's decode tokens): time per step (median), decode
@@ -43,7 +43,7 @@
 #include <time.h>
 
 #include "bench/bench_util.h"
-#include "engine/backend/forward_cuda.h"
+#include "engine/graph/forward.h"
 #include "kernels/cuda/kcu_attn.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
 #include "kernels/cuda/kcu_kvq_quant.cuh"
@@ -71,24 +71,33 @@ typedef struct {
 
 /* ---- forward pass ---------------------------------------------------------------- */
 
+/* A byte count of the backend (BK_CTL_WEIGHT_BYTES / BK_CTL_POOL_BYTES). */
+static size_t ctl_bytes(fwd_state *s, int what)
+{
+    size_t b = 0;
+    (void)fwd_ctl(s, what, &b, NULL, 0);
+    return b;
+}
+
 static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, int n_ctx,
                       int n_dec, int prof_ctx, model_row *rows)
 {
     char err[512] = "";
     fwd_params fp = fwd_default_params();
     fp.n_ctx = ctxs[n_ctx - 1] + n_dec + 1;
+    fp.device = BK_DEVICE_CUDA;
     fp.kv = *kv;
     cfg_kv_mode mode = kv->mode;
-    fwdc_state *s = NULL;
+    fwd_state *s = NULL;
     const char *mname = mode == CFG_KV_FP16 ? "fp16" : "int4";
     double t0 = bu_now_s();
-    if (fwdc_create_synthetic(hp, KT_F16, 7, &fp, 0, &s, err, sizeof err) < 0) {
+    if (fwd_create_synthetic(hp, KT_F16, 7, &fp, &s, err, sizeof err) < 0) {
         fprintf(stderr, "bench_gpu: %s model: %s\n", mname, err);
         return;
     }
     fprintf(stderr, "bench_gpu: %s: %.2f GiB of weights, %.2f GiB KV pool, created in %.1f s on %s\n",
-            mname, fwdc_weight_bytes(s) / 1073741824.0, fwdc_kv_pool_bytes(s) / 1073741824.0,
-            bu_now_s() - t0, fwdc_device_name(s));
+            mname, ctl_bytes(s, BK_CTL_WEIGHT_BYTES) / 1073741824.0,
+            ctl_bytes(s, BK_CTL_POOL_BYTES) / 1073741824.0, bu_now_s() - t0, fwd_describe(s));
     int maxc = ctxs[n_ctx - 1] + n_dec + 1;
     int32_t *tok = malloc((size_t)maxc * sizeof *tok);
     uint64_t r = 12345;
@@ -98,9 +107,9 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
     }
     const float *lg;
     /* warm-up: cuBLAS heuristics, first launches */
-    if (fwdc_eval(s, tok, 64 < ctxs[0] ? 64 : ctxs[0], 0, 0, &lg, err, sizeof err) < 0) {
+    if (fwd_eval(s, tok, 64 < ctxs[0] ? 64 : ctxs[0], 0, 0, &lg, err, sizeof err) < 0) {
         fprintf(stderr, "bench_gpu: %s warm-up: %s\n", mname, err);
-        fwdc_destroy(s);
+        fwd_destroy(s);
         free(tok);
         return;
     }
@@ -109,7 +118,7 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
         model_row *row = &rows[ci];
         row->ctx = L;
         double ta = bu_now_s();
-        if (fwdc_eval(s, tok, L, 0, 0, &lg, err, sizeof err) < 0) {
+        if (fwd_eval(s, tok, L, 0, 0, &lg, err, sizeof err) < 0) {
             fprintf(stderr, "bench_gpu: %s prefill %d: %s\n", mname, L, err);
             continue;
         }
@@ -118,7 +127,7 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
         int ok = 1;
         for (int i = 0; i < n_dec && ok; i++) {
             double tb = bu_now_s();
-            ok = fwdc_eval(s, &tok[L + i], 1, L + i, 0, &lg, err, sizeof err) == 0;
+            ok = fwd_eval(s, &tok[L + i], 1, L + i, 0, &lg, err, sizeof err) == 0;
             dt[i] = bu_now_s() - tb;
         }
         if (!ok) {
@@ -127,7 +136,7 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
             continue;
         }
         kvc_stats st;
-        if (fwdc_kv_stats(s, &st, err, sizeof err) < 0) {
+        if (fwd_kv_stats(s, &st, err, sizeof err) < 0) {
             fprintf(stderr, "bench_gpu: %s stats: %s\n", mname, err);
             free(dt);
             continue;
@@ -144,22 +153,24 @@ static void run_model(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs, 
                 row->bits);
         if (L == prof_ctx) {
             /* the same prefill again with per-layer events */
-            fwdc_profile pr;
-            if (fwdc_set_profile(s, 1, err, sizeof err) == 0) {
-                fwdc_clear_profile(s);
-                if (fwdc_eval(s, tok, L, 0, 0, &lg, err, sizeof err) == 0) {
-                    fwdc_get_profile(s, &pr);
+            /* (device timers: BK_CTL_PROFILE_*, cuda events) */
+            bk_dev_profile pr;
+            int on = 1, off = 0;
+            if (fwd_ctl(s, BK_CTL_PROFILE_ON, &on, err, sizeof err) == 0) {
+                (void)fwd_ctl(s, BK_CTL_PROFILE_CLEAR, NULL, err, sizeof err);
+                if (fwd_eval(s, tok, L, 0, 0, &lg, err, sizeof err) == 0 &&
+                    fwd_ctl(s, BK_CTL_PROFILE_GET, &pr, err, sizeof err) == 0) {
                     row->kv_share = pr.step_ms > 0 ? pr.kv_ms / pr.step_ms : 0;
                     fprintf(stderr, "bench_gpu: %s ctx %d profile: steps %.1f ms, attention "
                             "%.1f ms, KV store %.1f ms (%.2f%%)\n", mname, L, pr.step_ms,
                             pr.attn_ms, pr.kv_ms, 100.0 * row->kv_share);
                 }
-                (void)fwdc_set_profile(s, 0, NULL, 0);
+                (void)fwd_ctl(s, BK_CTL_PROFILE_ON, &off, NULL, 0);
             }
         }
     }
     free(tok);
-    fwdc_destroy(s);
+    fwd_destroy(s);
 }
 
 /* ---- continuous batching: B sequences decoding together -------------------------- */
@@ -188,29 +199,30 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
     fp.max_batch = B * C < 8192 ? B * C : 8192; /* prefill: up to B chunks per step */
     if (fp.max_batch < C + B)
         fp.max_batch = C + B;
+    fp.device = BK_DEVICE_CUDA;
     fp.kv = *kv;
     double t_end = bu_now_s() + budget_s;
     for (int i = 0; i < n_ctx; i++)
         rows[i].ctx = ctxs[i];
-    fwdc_state *s = NULL;
-    if (fwdc_create_synthetic(hp, KT_F16, 7, &fp, 0, &s, err, sizeof err) < 0) {
+    fwd_state *s = NULL;
+    if (fwd_create_synthetic(hp, KT_F16, 7, &fp, &s, err, sizeof err) < 0) {
         fprintf(stderr, "bench_gpu: batched %s (%d sequences): %s\n", mname, B, err);
         return;
     }
     fprintf(stderr, "bench_gpu: batched %s: %d sequences of up to %d positions, %.2f GiB KV "
             "pool, steps of up to %d tokens\n", mname, B, fp.n_ctx,
-            fwdc_kv_pool_bytes(s) / 1073741824.0, fp.max_batch);
-    kvcd_seq **seq = calloc((size_t)B, sizeof *seq);
+            ctl_bytes(s, BK_CTL_POOL_BYTES) / 1073741824.0, fp.max_batch);
+    fwd_seq **seq = calloc((size_t)B, sizeof *seq);
     int32_t *tok = malloc((size_t)B * (size_t)fp.n_ctx * sizeof *tok);
     int *len = calloc((size_t)B, sizeof *len), *who = calloc((size_t)B, sizeof *who);
-    fwdc_item *it = calloc((size_t)B, sizeof *it);
+    fwd_item *it = calloc((size_t)B, sizeof *it);
     double *dt = malloc((size_t)(n_dec > 0 ? n_dec : 1) * sizeof *dt);
     int rc = seq && tok && len && who && it && dt ? 0 : -ENOMEM;
     uint64_t r = 999;
     for (size_t i = 0; rc == 0 && i < (size_t)B * (size_t)fp.n_ctx; i++)
         tok[i] = (int32_t)(lcg(&r) % (uint64_t)hp->n_vocab);
     for (int q = 0; rc == 0 && q < B; q++)
-        rc = kvcd_seq_create(fwdc_kv_pool(s), fp.n_ctx, &seq[q], err, sizeof err);
+        rc = fwd_seq_create(s, fp.n_ctx, &seq[q], err, sizeof err);
     double rate = 0; /* prefill tokens/s measured so far */
     for (int ci = 0; rc == 0 && ci < n_ctx; ci++) {
         const int L = ctxs[ci];
@@ -237,14 +249,14 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
                 if (total + piece > fp.max_batch)
                     break;
                 who[n] = q;
-                it[n++] = (fwdc_item){seq[q], tok + (size_t)q * fp.n_ctx + len[q], piece, 1, 0,
-                                      NULL};
+                it[n++] = (fwd_item){seq[q], tok + (size_t)q * fp.n_ctx + len[q], piece, 1, 0,
+                                     NULL};
                 total += piece;
             }
             if (n == 0)
                 break;
             int failed;
-            rc = fwdc_eval_batch(s, it, n, &failed, err, sizeof err);
+            rc = fwd_eval_batch(s, it, n, &failed, err, sizeof err);
             if (rc < 0)
                 break;
             for (int k = 0; k < n; k++)
@@ -259,10 +271,10 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
             rate = (double)need / tp;
         for (int i = 0; i < n_dec && rc == 0; i++) {
             for (int q = 0; q < B; q++)
-                it[q] = (fwdc_item){seq[q], tok + (size_t)q * fp.n_ctx + len[q], 1, 0, 1, NULL};
+                it[q] = (fwd_item){seq[q], tok + (size_t)q * fp.n_ctx + len[q], 1, 0, 1, NULL};
             double tb = bu_now_s();
             int failed;
-            rc = fwdc_eval_batch(s, it, B, &failed, err, sizeof err);
+            rc = fwd_eval_batch(s, it, B, &failed, err, sizeof err);
             dt[i] = bu_now_s() - tb;
             for (int q = 0; rc == 0 && q < B; q++)
                 len[q]++;
@@ -287,9 +299,9 @@ static void run_batched(const mdl_hparams *hp, const cfg_kv *kv, const int *ctxs
     else if (rc < 0)
         fprintf(stderr, "bench_gpu: batched %s: %s\n", mname, err);
     for (int q = 0; seq && q < B; q++)
-        kvcd_seq_destroy(seq[q]);
+        fwd_seq_destroy(seq[q]);
     free(seq), free(tok), free(len), free(who), free(it), free(dt);
-    fwdc_destroy(s);
+    fwd_destroy(s);
 }
 
 /* ---- decode attention alone ------------------------------------------------------- */
@@ -574,12 +586,14 @@ int main(int argc, char **argv)
     mdl_hparams hp = {.n_vocab = 128256, .dim = 4096, .hidden_dim = 14336, .n_layers = 32,
                       .n_heads = 32, .n_kv_heads = 8, .head_dim = 128, .n_rot = 128,
                       .n_ctx_train = 131072, .rope_theta = 500000.0f, .rope_freq_scale = 1.0f,
-                      .norm_eps = 1e-5f};
+                      .norm_eps = 1e-5f, .embd_scale = 1.0f, .attn_scale = 0.08838834764f,
+                      .rope_theta_local = 500000.0f};
     if (tiny) {
         hp = (mdl_hparams){.n_vocab = 256, .dim = 128, .hidden_dim = 256, .n_layers = 1,
                            .n_heads = 4, .n_kv_heads = 2, .head_dim = 64, .n_rot = 64,
                            .n_ctx_train = 4096, .rope_theta = 10000.0f,
-                           .rope_freq_scale = 1.0f, .norm_eps = 1e-5f};
+                           .rope_freq_scale = 1.0f, .norm_eps = 1e-5f, .embd_scale = 1.0f,
+                           .attn_scale = 0.125f, .rope_theta_local = 10000.0f};
         ctx[0] = 48, ctx[1] = 200, n_ctx = 2;
         n_dec = 2;
         B = 2;
@@ -675,7 +689,7 @@ int main(int argc, char **argv)
         run_batched(&hp, &kv, ctx, n_ctx, n_dec_b, B, batched_budget / 2, rows[0], br[0]);
         kv.mode = CFG_KV_INT4;
         run_batched(&hp, &kv, ctx, n_ctx, n_dec_b, B, batched_budget / 2, rows[1], br[1]);
-        printf("\nContinuous batching: %d sequences decoding together, one fwdc_eval_batch step "
+        printf("\nContinuous batching: %d sequences decoding together, one fwd_eval_batch step "
                "of %d tokens (logits of all copied to the host), median of %d steps; gain = "
                "decode tok/s over one sequence's at the same context (table above):\n\n", B, B,
                n_dec_b);

@@ -3,12 +3,13 @@
 #   1. builds with CUDA (meson -Dcuda=enabled -Dtests=disabled: no Criterion,
 #      jansson or libmicrohttpd needed; nvcc, meson, ninja and a C/C++
 #      compiler are);
-#   2. runs the test suite `gpu` (every kernel against kernels/ref, the GPU
-#      forward pass against the CPU one on stories260K / stories15M when the
-#      models are found: $LKQ_SHARED, ../shared or ./shared);
+#   2. runs the test suite `gpu` (every kernel against kernels/ref, the graph
+#      on the CUDA backend against the CPU backend on stories260K /
+#      stories15M when the models are found: $LKQ_SHARED, ../shared or
+#      ./shared, and on SmolLM2 when $LKQ_MODELS has it);
 #   3. runs bench/bench_gpu (synthetic Llama-3-8B shape, FP16 vs INT4 cache:
 #      one sequence's prefill/decode, decode attention alone, then continuous
-#      batching - 16 sequences per fwdc_eval_batch decode step at each
+#      batching - 16 sequences per fwd_eval_batch decode step at each
 #      context, bounded by --batched-budget, 150 s) and prints its tables
 #      last.
 # Logs (build, tests, benchmark, nvidia-smi) go to $OUT when it is set, else

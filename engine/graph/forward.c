@@ -537,8 +537,11 @@ int fwd_pool_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen)
 /* One step over the n rows of s->slices[0..n_sl) (tokens in s->tok_buf,
  * every slice's KV step open): every layer's K/V of each slice is stored
  * into its sequence. Logits of the n_head rows listed in s->head_rows go
- * to s->logits_b rows 0 .. n_head-1 (backend memory). */
-static int step(fwd_state *s, int n, int n_sl, int n_head, char *err, size_t errlen)
+ * to s->logits_b rows row0 .. row0+n_head-1 (backend memory; fwd_eval's
+ * all-token logits put each piece at its own rows, since on a host-memory
+ * backend logits_b is the host logits: rows 0.. would overwrite the earlier
+ * pieces' rows). */
+static int step(fwd_state *s, int n, int n_sl, int n_head, int row0, char *err, size_t errlen)
 {
     const bk_ops *o = s->ops;
     void *be = s->be;
@@ -612,18 +615,20 @@ static int step(fwd_state *s, int n, int n_sl, int n_head, char *err, size_t err
                                    s->out_norm, k, D, eps, err, errlen));
         i += k;
     }
-    OP(pr->matmul_s, o->matmul(be, s->output, s->xb, s->logits_b, n_head, err, errlen));
+    float *lg = s->logits_b + (size_t)row0 * (size_t)hp->n_vocab;
+    OP(pr->matmul_s, o->matmul(be, s->output, s->xb, lg, n_head, err, errlen));
     if (hp->final_softcap > 0)
-        OP(pr->other_s, o->softcap(be, s->logits_b, (size_t)n_head * (size_t)hp->n_vocab,
+        OP(pr->other_s, o->softcap(be, lg, (size_t)n_head * (size_t)hp->n_vocab,
                                    hp->final_softcap, err, errlen));
     return 0;
 }
 
-/* Reads n_head rows of logits to host row dst_row of s->logits. */
-static int read_logits(fwd_state *s, int dst_row, int n_head, char *err, size_t errlen)
+/* Reads n_head rows of logits from row `row` of s->logits_b to the same
+ * row of s->logits (the same memory on a host-memory backend). */
+static int read_logits(fwd_state *s, int row, int n_head, char *err, size_t errlen)
 {
     const size_t V = (size_t)s->hp.n_vocab;
-    return s->ops->read(s->be, s->logits + (size_t)dst_row * V, s->logits_b,
+    return s->ops->read(s->be, s->logits + (size_t)row * V, s->logits_b + (size_t)row * V,
                         (size_t)n_head * V, err, errlen);
 }
 
@@ -684,9 +689,9 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
             s->head_rows[0] = b - 1;
             n_head = 1;
         }
-        rc = step(s, b, 1, n_head, err, errlen);
-        /* all-token logits: this piece's rows, read before the next piece
-         * overwrites them */
+        rc = step(s, b, 1, n_head, want_all ? done : 0, err, errlen);
+        /* all-token logits: this piece's rows (at rows done.. of logits_b,
+         * so that no piece overwrites another's) */
         if (rc == 0 && n_head > 0)
             rc = read_logits(s, want_all ? done : 0, n_head, err, errlen);
         if (rc < 0) {
@@ -766,7 +771,7 @@ int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char
     }
     int rc = 0;
     if (total > 0)
-        rc = step(s, total, n_items, n_head, err, errlen);
+        rc = step(s, total, n_items, n_head, 0, err, errlen);
     if (rc == 0 && n_head > 0)
         rc = read_logits(s, 0, n_head, err, errlen);
     if (rc < 0) { /* a device error: the step is undone on the host side */

@@ -149,6 +149,35 @@ Test(forward, batch_chunk_and_single_agree, .timeout = 120)
     mdl_free(m);
 }
 
+/* All-token logits of a call that crosses a chunk boundary (two steps):
+ * every row is its own token's, as from two calls of one step each (on a
+ * host-memory backend the second step's rows once overwrote the first's). */
+Test(forward, all_logits_across_a_chunk_boundary, .timeout = 120)
+{
+    char err[512];
+    mdl_model *m = load(tu_shared("models/stories260K/stories260K.bin"));
+    const int V = m->hp.n_vocab;
+    int32_t ids[540];
+    prompt(ids, 540, V);
+    fwd_state *a = mk(m, 600, 64, 0, 1), *b = mk(m, 600, 64, 0, 1);
+    const float *la, *lb;
+    cr_assert_eq(fwd_eval(a, ids, 480, 0, 0, &la, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(fwd_eval(b, ids, 480, 0, 0, &lb, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(fwd_eval(a, ids + 480, 60, 480, 1, &la, err, sizeof err), 0, "%s", err);
+    float *want = malloc((size_t)60 * V * sizeof(float));
+    cr_assert_eq(fwd_eval(b, ids + 480, 32, 480, 1, &lb, err, sizeof err), 0, "%s", err);
+    memcpy(want, lb, (size_t)32 * V * sizeof(float));
+    cr_assert_eq(fwd_eval(b, ids + 512, 28, 512, 1, &lb, err, sizeof err), 0, "%s", err);
+    memcpy(want + (size_t)32 * V, lb, (size_t)28 * V * sizeof(float));
+    for (int r = 0; r < 60; r++)
+        cr_assert(memcmp(la + (size_t)r * V, want + (size_t)r * V, (size_t)V * sizeof(float)) == 0,
+                  "row %d (position %d) differs", r, 480 + r);
+    free(want);
+    fwd_destroy(a);
+    fwd_destroy(b);
+    mdl_free(m);
+}
+
 Test(forward, errors_are_reported_not_fatal)
 {
     char err[512];

@@ -1,12 +1,12 @@
 /*
- * test_gpu_batch.c - fwdc_eval_batch (continuous batching on the GPU),
- * mirroring tests/engine/test_forward_batch.c, on stories260K and
- * stories15M (../shared/models):
+ * test_gpu_batch.c - fwd_eval_batch on the CUDA backend (continuous
+ * batching on the GPU), mirroring tests/engine/test_forward_batch.c, on
+ * stories260K and stories15M (../shared/models):
  *  - a sequence's logits are the same whether it runs alone or beside
  *    three others of different lengths in the same steps (FP16 and INT4
  *    cache; prompt pieces and decode tokens mixed in one step), and the
- *    same as fwdc_eval's (the single-sequence path);
- *  - the GPU batch agrees with the CPU batch (fwd_eval_batch) on every
+ *    same as fwd_eval's (the single-sequence path);
+ *  - the GPU batch agrees with the CPU backend's batch on every
  *    recorded row with the FP16 cache (ATOL_LOGIT, as test_gpu_forward);
  *  - a full pool is refused with -ENOSPC and nothing changes (the pool's
  *    accounting, the sequences' lengths); invalid items are refused
@@ -27,9 +27,7 @@
 
 #include <errno.h>
 
-#include "engine/backend/backend.h"
 #include "engine/graph/forward.h"
-#include "engine/backend/forward_cuda.h"
 #include "tests/gpu/gpu_models.h"
 
 #define NMAX 4
@@ -46,6 +44,7 @@
 static fwd_params params(cfg_kv_mode mode, int max_seqs, int64_t budget_tokens)
 {
     fwd_params p = fwd_default_params();
+    p.device = BK_DEVICE_CUDA;
     p.n_ctx = 256;
     p.max_seqs = max_seqs;
     p.max_batch = 65 * max_seqs;
@@ -69,35 +68,35 @@ static void prompt(int32_t *ids, int n, int32_t n_vocab, uint32_t seed)
     }
 }
 
-/* Runs n_seq sequences with prompt lengths lens[] through bk_eval_batch the
+/* Runs n_seq sequences with prompt lengths lens[] through fwd_eval_batch the
  * way the scheduler does (each prompt in chunk-aligned pieces, then n_dec
  * fixed decode tokens), all in the same steps, sequence 0 as the last item
  * of each step. Records the last logits row of sequence 0 at each of its
  * steps into rec, and every row of every sequence into all (if not NULL,
  * *n_all rows); returns sequence 0's rows, -1 on failure. */
-static int run(bk_state *s, int V, int n_seq, const int *lens, int n_dec, float *rec,
+static int run(fwd_state *s, int V, int n_seq, const int *lens, int n_dec, float *rec,
                float *all, int *n_all)
 {
     char err[512] = "";
     const int C = 64;
-    bk_seq *seq[NMAX] = {NULL};
+    fwd_seq *seq[NMAX] = {NULL};
     int32_t ids[NMAX][256];
     int done[NMAX] = {0}, left_dec[NMAX], rows = 0, rc = 0;
     for (int i = 0; i < n_seq && rc == 0; i++) {
-        rc = bk_seq_create(s, 256, &seq[i], err, sizeof err);
+        rc = fwd_seq_create(s, 256, &seq[i], err, sizeof err);
         GT_CHECK(rc == 0, "seq create: %s", err);
         prompt(ids[i], lens[i] + n_dec, V, 777u + (uint32_t)i * 31u);
         left_dec[i] = n_dec;
     }
     while (rc == 0) {
-        bk_item it[NMAX];
+        fwd_item it[NMAX];
         int map[NMAX], ni = 0;
         for (int i = n_seq - 1; i >= 0; i--) {
             if (done[i] < lens[i]) {
                 int n = lens[i] - done[i], tb = C - done[i] % C;
-                it[ni] = (bk_item){seq[i], ids[i] + done[i], n < tb ? n : tb, 1, 1, NULL};
+                it[ni] = (fwd_item){seq[i], ids[i] + done[i], n < tb ? n : tb, 1, 1, NULL};
             } else if (left_dec[i] > 0) {
-                it[ni] = (bk_item){seq[i], ids[i] + done[i], 1, 0, 1, NULL};
+                it[ni] = (fwd_item){seq[i], ids[i] + done[i], 1, 0, 1, NULL};
             } else {
                 continue;
             }
@@ -106,7 +105,7 @@ static int run(bk_state *s, int V, int n_seq, const int *lens, int n_dec, float 
         if (ni == 0)
             break;
         int failed = -2;
-        rc = bk_eval_batch(s, it, ni, &failed, err, sizeof err);
+        rc = fwd_eval_batch(s, it, ni, &failed, err, sizeof err);
         GT_CHECK(rc == 0, "batch step: %s (item %d)", err, failed);
         for (int k = 0; rc == 0 && k < ni; k++) {
             int i = map[k];
@@ -120,7 +119,7 @@ static int run(bk_state *s, int V, int n_seq, const int *lens, int n_dec, float 
         }
     }
     for (int i = 0; i < n_seq; i++)
-        bk_seq_destroy(seq[i]);
+        fwd_seq_destroy(seq[i]);
     return rc == 0 ? rows : -1;
 }
 
@@ -152,8 +151,8 @@ static void invariance(const char *rel, cfg_kv_mode mode, int light)
     float *ca = malloc((size_t)160 * V * sizeof(float));
     int n_ga = 0, n_ca = 0;
     fwd_params p = params(mode, NMAX, 0);
-    bk_state *g = NULL, *cpu = NULL;
-    int rc = bk_create(m, &p, BK_DEVICE_CUDA, &g, err, sizeof err);
+    fwd_state *g = NULL, *cpu = NULL;
+    int rc = fwd_create(m, &p, &g, err, sizeof err);
     GT_CHECK(rc == 0, "gpu state: %s", err);
     int alone[] = {150 / light};
     int mixed[] = {150 / light, 37, 200 / light, 64};
@@ -168,7 +167,9 @@ static void invariance(const char *rel, cfg_kv_mode mode, int light)
     /* the CPU batch: every sequence's rows within the GPU-vs-CPU tolerance
      * (FP16) */
     if (ra > 0 && mode == CFG_KV_FP16) {
-        rc = bk_create(m, &p, BK_DEVICE_CPU, &cpu, err, sizeof err);
+        fwd_params pc = p;
+        pc.device = BK_DEVICE_CPU;
+        rc = fwd_create(m, &pc, &cpu, err, sizeof err);
         GT_CHECK(rc == 0, "cpu state: %s", err);
         int rcpu = rc == 0 ? run(cpu, V, 4, mixed, n_dec, c, ca, &n_ca) : -1;
         GT_CHECK(rcpu == rb && n_ca == n_ga && n_ga > 4 * n_dec, "cpu rows %d/%d, %d/%d",
@@ -176,36 +177,36 @@ static void invariance(const char *rel, cfg_kv_mode mode, int light)
         snprintf(what, sizeof what, "%s fp16 batched gpu vs cpu, all sequences", rel);
         if (rcpu == rb && n_ca == n_ga)
             gt_close(what, ga, ca, (size_t)n_ga * V, ATOL_LOGIT, 0.0);
-        bk_destroy(cpu);
+        fwd_destroy(cpu);
     }
-    /* fwdc_eval (the CLI's path) on the same tokens */
+    /* fwd_eval (the CLI's path) on the same tokens */
     fwd_params p1 = params(mode, 1, 0);
-    fwdc_state *one = NULL;
-    rc = fwdc_create(m, &p1, 0, &one, err, sizeof err);
+    fwd_state *one = NULL;
+    rc = fwd_create(m, &p1, &one, err, sizeof err);
     GT_CHECK(rc == 0, "single state: %s", err);
     if (rc == 0 && ra > 0) {
         int32_t ids[256];
         prompt(ids, alone[0] + n_dec, V, 777u);
         const float *lg;
         int np = alone[0];
-        rc = fwdc_eval(one, ids, np, 0, 0, &lg, err, sizeof err);
-        GT_CHECK(rc == 0, "fwdc_eval: %s", err);
+        rc = fwd_eval(one, ids, np, 0, 0, &lg, err, sizeof err);
+        GT_CHECK(rc == 0, "fwd_eval: %s", err);
         int r0 = (np + 63) / 64 - 1; /* the prompt's last row */
-        snprintf(what, sizeof what, "%s %s fwdc_eval vs batch, prompt", rel, mname);
+        snprintf(what, sizeof what, "%s %s fwd_eval vs batch, prompt", rel, mname);
         if (rc == 0)
             same_rows(what, a + (size_t)r0 * V, lg, 1, V,
                       mode == CFG_KV_FP16 ? ATOL_BATCH : ATOL_BATCH_INT4);
         for (int t = 0; rc == 0 && t < n_dec; t++) {
-            rc = fwdc_eval(one, ids + np + t, 1, np + t, 0, &lg, err, sizeof err);
-            GT_CHECK(rc == 0, "fwdc_eval decode %d: %s", t, err);
-            snprintf(what, sizeof what, "%s %s fwdc_eval vs batch, decode %d", rel, mname, t);
+            rc = fwd_eval(one, ids + np + t, 1, np + t, 0, &lg, err, sizeof err);
+            GT_CHECK(rc == 0, "fwd_eval decode %d: %s", t, err);
+            snprintf(what, sizeof what, "%s %s fwd_eval vs batch, decode %d", rel, mname, t);
             if (rc == 0)
                 same_rows(what, a + (size_t)(r0 + 1 + t) * V, lg, 1, V,
                           mode == CFG_KV_FP16 ? ATOL_BATCH : ATOL_BATCH_INT4);
         }
     }
-    fwdc_destroy(one);
-    bk_destroy(g);
+    fwd_destroy(one);
+    fwd_destroy(g);
     free(a), free(b), free(c), free(ga), free(ca);
     mdl_free(m);
 }
@@ -244,23 +245,22 @@ static void case_full_pool(void)
     fwd_params p = params(CFG_KV_INT4, 2, 128);
     p.max_batch = 130;
     p.kv.sink_tokens = 4;
-    fwdc_state *s = NULL;
-    GT_OK(fwdc_create(m, &p, 0, &s, err, sizeof err));
+    fwd_state *s = NULL;
+    GT_OK(fwd_create(m, &p, &s, err, sizeof err));
     if (!s) {
         mdl_free(m);
         return;
     }
-    kvcd_pool *pool = fwdc_kv_pool(s);
-    kvcd_seq *a = NULL, *b = NULL, *c = NULL;
-    GT_OK(kvcd_seq_create(pool, 256, &a, err, sizeof err));
-    GT_OK(kvcd_seq_create(pool, 256, &b, err, sizeof err));
-    GT_OK(kvcd_seq_create(pool, 256, &c, err, sizeof err));
+    fwd_seq *a = NULL, *b = NULL, *c = NULL;
+    GT_OK(fwd_seq_create(s, 256, &a, err, sizeof err));
+    GT_OK(fwd_seq_create(s, 256, &b, err, sizeof err));
+    GT_OK(fwd_seq_create(s, 256, &c, err, sizeof err));
     int32_t ids[256];
     prompt(ids, 256, m->hp.n_vocab, 5);
     int failed = -2, rc = 0, pos = 0;
     while (a && pos < 256) {
-        fwdc_item it = {a, ids + pos, 64, 1, 0, NULL};
-        rc = fwdc_eval_batch(s, &it, 1, &failed, err, sizeof err);
+        fwd_item it = {a, ids + pos, 64, 1, 0, NULL};
+        rc = fwd_eval_batch(s, &it, 1, &failed, err, sizeof err);
         if (rc < 0)
             break;
         pos += 64;
@@ -269,46 +269,46 @@ static void case_full_pool(void)
              rc, err);
     GT_CHECK(pos >= 128 && pos < 256, "pos %d", pos);
     kvc_stats before, after;
-    GT_OK(kvcd_pool_stats(pool, &before, err, sizeof err));
+    GT_OK(fwd_pool_stats(s, &before, err, sizeof err));
     int64_t qf0, ff0, qf1, ff1;
-    kvcd_pool_free_units(pool, &qf0, &ff0);
-    fwdc_item two[2] = {{b, ids, 64, 1, 1, NULL}, {a, ids + pos, 64, 1, 1, NULL}};
-    rc = fwdc_eval_batch(s, two, 2, &failed, err, sizeof err);
+    fwd_pool_free_units(s, &qf0, &ff0);
+    fwd_item two[2] = {{b, ids, 64, 1, 1, NULL}, {a, ids + pos, 64, 1, 1, NULL}};
+    rc = fwd_eval_batch(s, two, 2, &failed, err, sizeof err);
     GT_CHECK(rc == -ENOSPC && (failed == 0 || failed == 1), "rc %d failed %d: %s", rc, failed,
              err);
-    GT_OK(kvcd_pool_stats(pool, &after, err, sizeof err));
-    kvcd_pool_free_units(pool, &qf1, &ff1);
+    GT_OK(fwd_pool_stats(s, &after, err, sizeof err));
+    fwd_pool_free_units(s, &qf1, &ff1);
     GT_CHECK(after.bytes_total == before.bytes_total && qf0 == qf1 && ff0 == ff1 &&
                  after.n_quantized == before.n_quantized,
              "the refused step changed the pool");
-    GT_CHECK(kvcd_seq_n_tokens(b) == 0 && kvcd_seq_n_tokens(a) == pos, "lengths %d %d",
-             kvcd_seq_n_tokens(b), kvcd_seq_n_tokens(a));
+    GT_CHECK(fwd_seq_n_tokens(b) == 0 && fwd_seq_n_tokens(a) == pos, "lengths %d %d",
+             fwd_seq_n_tokens(b), fwd_seq_n_tokens(a));
     GT_CHECK(before.tokens == pos && before.qblocks_used > 0, "pool stats: %lld tokens",
              (long long)before.tokens);
-    kvcd_seq_reset(a); /* a preempted: its blocks return */
-    fwdc_item one = {b, ids, 64, 1, 1, NULL};
-    GT_OK(fwdc_eval_batch(s, &one, 1, &failed, err, sizeof err));
-    GT_CHECK(one.out_logits != NULL && kvcd_seq_n_tokens(b) == 64, "b after the reset");
+    fwd_seq_reset(a); /* a preempted: its blocks return */
+    fwd_item one = {b, ids, 64, 1, 1, NULL};
+    GT_OK(fwd_eval_batch(s, &one, 1, &failed, err, sizeof err));
+    GT_CHECK(one.out_logits != NULL && fwd_seq_n_tokens(b) == 64, "b after the reset");
     /* invalid: a prompt piece crossing a chunk boundary, a 2-token decode,
      * more sequences than max_seqs (2) */
-    fwdc_item bad = {b, ids, 65, 1, 0, NULL};
+    fwd_item bad = {b, ids, 65, 1, 0, NULL};
     err[0] = '\0';
-    GT_CHECK(fwdc_eval_batch(s, &bad, 1, &failed, err, sizeof err) == -EINVAL &&
+    GT_CHECK(fwd_eval_batch(s, &bad, 1, &failed, err, sizeof err) == -EINVAL &&
                  strstr(err, "chunk"),
              "a piece across a chunk boundary: %s", err);
-    fwdc_item bad2 = {b, ids, 2, 0, 0, NULL};
-    GT_CHECK(fwdc_eval_batch(s, &bad2, 1, &failed, err, sizeof err) == -EINVAL,
+    fwd_item bad2 = {b, ids, 2, 0, 0, NULL};
+    GT_CHECK(fwd_eval_batch(s, &bad2, 1, &failed, err, sizeof err) == -EINVAL,
              "a 2-token decode step");
-    fwdc_item three[3] = {{a, ids, 1, 1, 0, NULL}, {b, ids, 1, 0, 0, NULL},
+    fwd_item three[3] = {{a, ids, 1, 1, 0, NULL}, {b, ids, 1, 0, 0, NULL},
                           {c, ids, 1, 1, 0, NULL}};
-    GT_CHECK(fwdc_eval_batch(s, three, 3, &failed, err, sizeof err) == -EINVAL && failed == 2,
+    GT_CHECK(fwd_eval_batch(s, three, 3, &failed, err, sizeof err) == -EINVAL && failed == 2,
              "three sequences in a state for two: %s", err);
-    GT_CHECK(kvcd_seq_n_tokens(b) == 64 && kvcd_seq_n_tokens(a) == 0,
+    GT_CHECK(fwd_seq_n_tokens(b) == 64 && fwd_seq_n_tokens(a) == 0,
              "refused items changed a sequence");
-    kvcd_seq_destroy(a);
-    kvcd_seq_destroy(b);
-    kvcd_seq_destroy(c);
-    fwdc_destroy(s);
+    fwd_seq_destroy(a);
+    fwd_seq_destroy(b);
+    fwd_seq_destroy(c);
+    fwd_destroy(s);
     mdl_free(m);
 }
 

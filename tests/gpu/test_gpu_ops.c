@@ -1,14 +1,24 @@
 /*
  * test_gpu_ops.c - the element-wise and GEMM ops of kernels/cuda against the
  * oracle kernels/ref on the cases of tests/kernels/test_kernels.c (odd and
- * real shapes, adversarial values): RMSNorm, RoPE, SwiGLU, residual add,
+ * real shapes, adversarial values): RMSNorm, RoPE (adjacent pairs, and
+ * kcu_rope_ex: NEOX halves, rope_freqs divisors, one position per row),
+ * SwiGLU, GeGLU, soft-capping, bias add over rows, scaling, residual add,
  * f32 -> f16 / bf16 conversion (bit-exact), embedding rows, and the cuBLAS
  * weight GEMM in F32, F16 and BF16.
  *
  * Tolerances (|got - ref| <= ATOL + RTOL |ref|, or as stated):
- *  - RMSNorm, RoPE, SwiGLU: both sides compute in double and round once to
- *    f32; GPU libm (sqrt, sincos, exp, pow) is within a few double ulps, so
- *    ATOL_DBL 1e-6 relative to the row's scale and RTOL_DBL 2e-7;
+ *  - RMSNorm, RoPE, RoPE-ex (vs kref_rope_ex), SwiGLU, soft-capping (vs
+ *    kref_softcap): both sides compute in double and round once to f32;
+ *    GPU libm (sqrt, sincos, exp, pow, tanh) is within a few double ulps,
+ *    so ATOL_DBL 1e-6 relative to the row's scale (x4 for RoPE, whose
+ *    angles reach 1e5 rad) and RTOL_DBL 2e-7;
+ *  - GeGLU (vs kref_geglu): as above, but 1 + tanh(.) cancels for gates
+ *    below about -5, where a double ulp of tanh is a large relative error
+ *    of a tiny result: ATOL_GEGLU 1e-12 absolute (|gate| <= 100, |up| ~ 4:
+ *    the cancelled term's error is below 1e-13), RTOL_DBL;
+ *  - bias add, scaling: exact (one f32 operation per element, as the CPU
+ *    backend's loops);
  *  - add: exact; conversions: bit-exact for every finite value and inf (NaN
  *    only has to stay NaN); embedding: exact;
  *  - GEMM: f32 accumulation vs the oracle's double: |err| <= RTOL_GEMM *
@@ -17,15 +27,20 @@
  */
 #include "tests/gpu/gpu_test.h"
 
+#include "kernels/cuda/kcu_bias.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
+#include "kernels/cuda/kcu_geglu.cuh"
 #include "kernels/cuda/kcu_rmsnorm.cuh"
 #include "kernels/cuda/kcu_rope.cuh"
+#include "kernels/cuda/kcu_scale.cuh"
+#include "kernels/cuda/kcu_softcap.cuh"
 #include "kernels/cuda/kcu_swiglu.cuh"
 #include "kernels/ktypes.h"
 #include "kernels/ref/kref.h"
 
 #define ATOL_DBL 1e-6
 #define RTOL_DBL 2e-7
+#define ATOL_GEGLU 1e-12
 
 static float *rand_vec(size_t n, float scale)
 {
@@ -127,6 +142,62 @@ static void case_rope_at(void)
     }
 }
 
+/* kcu_rope_ex: NEOX pairing and rope_freqs divisors, one position per row,
+ * against kref_rope_ex row by row (the real layouts: Qwen2 NEOX 64,
+ * Gemma-3 NEOX 256 with a local base, Llama-3.1 128 with divisors, a
+ * partial rotation). */
+static void case_rope_ex(void)
+{
+    const int32_t pos[] = {0, 1, 8, 9, 511, 3, 8191, 32766, 131000};
+    const int n_tok = (int)(sizeof pos / sizeof pos[0]);
+    struct {
+        int n_heads, hd, n_rot, neox, with_freqs;
+        float theta, fs;
+    } cs[] = {
+        {14, 64, 64, 1, 0, 1000000.0f, 1.0f},  /* Qwen2 */
+        {4, 256, 256, 1, 0, 10000.0f, 1.0f},   /* Gemma-3 window layer */
+        {4, 256, 256, 1, 0, 1000000.0f, 0.125f}, /* Gemma-3 global layer, scaled */
+        {8, 128, 128, 0, 1, 500000.0f, 1.0f},  /* Llama-3.1 rope_freqs */
+        {8, 128, 128, 1, 1, 500000.0f, 1.0f},
+        {4, 64, 32, 1, 1, 10000.0f, 0.25f},    /* partial rotation */
+        {6, 48, 48, 0, 0, 10000.0f, 1.0f},     /* = kcu_rope_at */
+    };
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
+        int row = cs[i].n_heads * cs[i].hd + 5; /* padded rows (Q beside K in one row) */
+        size_t N = (size_t)n_tok * (size_t)row;
+        int half = cs[i].n_rot / 2;
+        float *x = rand_vec(N, 2.0f), *ref = malloc(N * 4), *got = malloc(N * 4);
+        float *fr = malloc((size_t)half * 4);
+        for (int j = 0; j < half; j++) /* Llama-3 style: 1 for high, 8 for low frequencies */
+            fr[j] = j < half / 4 ? 1.0f : j < half / 2 ? 1.0f + 7.0f * (float)j / half : 8.0f;
+        const float *freqs = cs[i].with_freqs ? fr : NULL;
+        memcpy(ref, x, N * 4);
+        for (int t = 0; t < n_tok; t++)
+            kref_rope_ex(ref + (size_t)t * row, cs[i].n_heads, cs[i].hd, cs[i].n_rot, pos[t],
+                         cs[i].theta, cs[i].fs, freqs, cs[i].neox);
+        float *dx = gt_up(x, N * 4), *dfr = gt_up(fr, (size_t)half * 4);
+        int32_t *dp = gt_up(pos, sizeof pos);
+        GT_OK(kcu_rope_ex(gt_c, dx, n_tok, (size_t)row, cs[i].n_heads, cs[i].hd, cs[i].n_rot,
+                          dp, cs[i].theta, cs[i].fs, freqs ? dfr : NULL, cs[i].neox, gt_err,
+                          sizeof gt_err));
+        gt_down(got, dx, N * 4);
+        char what[96];
+        snprintf(what, sizeof what, "rope_ex hd %d neox %d freqs %d", cs[i].hd, cs[i].neox,
+                 cs[i].with_freqs);
+        gt_close(what, got, ref, N, ATOL_DBL * 4, RTOL_DBL);
+        /* the columns past the rotated heads are untouched */
+        size_t moved = 0;
+        for (int t = 0; t < n_tok; t++)
+            for (int k = cs[i].n_heads * cs[i].hd; k < row; k++)
+                moved += got[(size_t)t * row + k] != x[(size_t)t * row + k];
+        GT_CHECK(moved == 0, "%s: %zu padding values changed", what, moved);
+        kcu_free(gt_c, dx);
+        kcu_free(gt_c, dfr);
+        kcu_free(gt_c, dp);
+        free(x), free(ref), free(got), free(fr);
+    }
+}
+
 static void case_swiglu(void)
 {
     const size_t ns[] = {1, 7, 172, 768, 100003};
@@ -146,6 +217,92 @@ static void case_swiglu(void)
         kcu_free(gt_c, dg);
         kcu_free(gt_c, du);
         free(g), free(u), free(ref), free(got);
+    }
+}
+
+static void case_geglu(void)
+{
+    const size_t ns[] = {1, 7, 172, 2048, 100003};
+    for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) {
+        size_t n = ns[i];
+        float *g = rand_vec(n, 4.0f), *u = rand_vec(n, 4.0f);
+        if (n > 8) {
+            g[0] = -100.0f, g[1] = 100.0f, g[2] = 0.0f, g[3] = -1e-30f;
+            g[4] = -5.5f, g[5] = -7.0f, g[6] = 1e-20f, g[7] = -3.0f;
+        }
+        float *ref = malloc(n * 4), *got = malloc(n * 4);
+        memcpy(ref, g, n * 4);
+        kref_geglu(ref, u, (int)n);
+        float *dg = gt_up(g, n * 4), *du = gt_up(u, n * 4);
+        GT_OK(kcu_geglu(gt_c, dg, du, n, gt_err, sizeof gt_err));
+        gt_down(got, dg, n * 4);
+        char what[64];
+        snprintf(what, sizeof what, "geglu n %zu", n);
+        gt_close(what, got, ref, n, ATOL_GEGLU, RTOL_DBL);
+        kcu_free(gt_c, dg);
+        kcu_free(gt_c, du);
+        free(g), free(u), free(ref), free(got);
+    }
+}
+
+static void case_softcap(void)
+{
+    const float caps[] = {30.0f, 50.0f, 1.0f};
+    const size_t ns[] = {1, 257, 262144 + 3}; /* Gemma-3's vocabulary, and some */
+    for (size_t ci = 0; ci < sizeof caps / sizeof caps[0]; ci++)
+        for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) {
+            size_t n = ns[i];
+            float *x = rand_vec(n, 40.0f);
+            if (n > 6) {
+                x[0] = 0.0f, x[1] = -0.0f, x[2] = 1e4f, x[3] = -1e4f, x[4] = 1e-30f;
+                x[5] = caps[ci];
+            }
+            float *ref = malloc(n * 4), *got = malloc(n * 4);
+            memcpy(ref, x, n * 4);
+            kref_softcap(ref, (int)n, caps[ci]);
+            float *dx = gt_up(x, n * 4);
+            GT_OK(kcu_softcap(gt_c, dx, n, caps[ci], gt_err, sizeof gt_err));
+            gt_down(got, dx, n * 4);
+            char what[64];
+            snprintf(what, sizeof what, "softcap %g n %zu", caps[ci], n);
+            gt_close(what, got, ref, n, 1e-30, RTOL_DBL);
+            kcu_free(gt_c, dx);
+            free(x), free(ref), free(got);
+        }
+    float *dx = gt_up(NULL, 16);
+    gt_err[0] = '\0';
+    GT_CHECK(kcu_softcap(gt_c, dx, 4, 0.0f, gt_err, sizeof gt_err) < 0 && gt_err[0],
+             "cap 0 accepted");
+    kcu_free(gt_c, dx);
+}
+
+/* Bias over rows and scaling: one f32 operation per element, exact. */
+static void case_bias_scale(void)
+{
+    const int shapes[][2] = {{1, 1}, {3, 7}, {5, 896}, {64, 128}, {257, 576}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        int rows = shapes[si][0], cols = shapes[si][1];
+        size_t N = (size_t)rows * cols;
+        float *y = rand_vec(N, 3.0f), *b = rand_vec((size_t)cols, 0.5f);
+        float *got = malloc(N * 4);
+        float *dy = gt_up(y, N * 4), *db = gt_up(b, (size_t)cols * 4);
+        GT_OK(kcu_add_bias(gt_c, dy, db, rows, cols, gt_err, sizeof gt_err));
+        gt_down(got, dy, N * 4);
+        size_t bad = 0;
+        for (size_t i = 0; i < N; i++)
+            bad += got[i] != y[i] + b[i % (size_t)cols];
+        GT_CHECK(bad == 0, "bias %dx%d: %zu elements differ", rows, cols, bad);
+        const float s = sqrtf((float)cols); /* Gemma's embedding scale */
+        GT_OK(kcu_scale(gt_c, dy, N, s, gt_err, sizeof gt_err));
+        float *got2 = malloc(N * 4);
+        gt_down(got2, dy, N * 4);
+        bad = 0;
+        for (size_t i = 0; i < N; i++)
+            bad += got2[i] != got[i] * s;
+        GT_CHECK(bad == 0, "scale %dx%d by %g: %zu elements differ", rows, cols, (double)s, bad);
+        kcu_free(gt_c, dy);
+        kcu_free(gt_c, db);
+        free(y), free(b), free(got), free(got2);
     }
 }
 
@@ -328,7 +485,11 @@ int main(void)
     gt_case("rmsnorm", case_rmsnorm);
     gt_case("rope", case_rope);
     gt_case("rope_at", case_rope_at);
+    gt_case("rope_ex", case_rope_ex);
     gt_case("swiglu", case_swiglu);
+    gt_case("geglu", case_geglu);
+    gt_case("softcap", case_softcap);
+    gt_case("bias_scale", case_bias_scale);
     gt_case("add_convert", case_add_convert);
     gt_case("embed", case_embed);
     gt_case("gemm", case_gemm);
