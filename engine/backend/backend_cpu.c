@@ -12,6 +12,8 @@
  */
 #include "engine/backend/backend.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -47,28 +49,17 @@ typedef struct {
     char desc[96];
 } cpu_be;
 
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 /* Keeps p to be freed by destroy; frees it and fails when it cannot. */
 static int own(cpu_be *b, void *p, char *err, size_t errlen)
 {
     if (!p)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     if (b->n_owned == b->cap_owned) {
         int cap = b->cap_owned ? 2 * b->cap_owned : 64;
         void **o = realloc(b->owned, (size_t)cap * sizeof *o);
         if (!o) {
             free(p);
-            return fail(err, errlen, -ENOMEM, "out of memory");
+            return lkq_err(err, errlen, -ENOMEM, "out of memory");
         }
         b->owned = o;
         b->cap_owned = cap;
@@ -101,7 +92,7 @@ static int cpu_create(const bk_config *c, void **out, char *err, size_t errlen)
     *out = NULL;
     cpu_be *b = calloc(1, sizeof *b);
     if (!b)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     b->use_ref = c->use_ref;
     b->n_threads = c->n_threads > 0 ? c->n_threads : 1;
     b->max_batch = c->max_batch;
@@ -113,11 +104,11 @@ static int cpu_create(const bk_config *c, void **out, char *err, size_t errlen)
     b->slices = malloc((size_t)b->max_seqs * sizeof *b->slices);
     if (!b->tokens || !b->slices) {
         cpu_destroy(b);
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     }
     if (kcpu_pool_create(b->n_threads, &b->pool) < 0) {
         cpu_destroy(b);
-        return fail(err, errlen, -ENOMEM, "cannot start %d worker threads", c->n_threads);
+        return lkq_err(err, errlen, -ENOMEM, "cannot start %d worker threads", c->n_threads);
     }
     snprintf(b->desc, sizeof b->desc, "cpu (%s, %d threads)",
              b->use_ref ? "reference" : kcpu_simd_name(), b->n_threads);
@@ -141,7 +132,7 @@ static int cpu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
         *(size_t *)arg = 0; /* the model's own mapping: nothing copied */
         return 0;
     }
-    return fail(err, errlen, -ENOTSUP, "control %d is not supported by the cpu backend", what);
+    return lkq_err(err, errlen, -ENOTSUP, "control %d is not supported by the cpu backend", what);
 }
 
 /* ---- memory --------------------------------------------------------------------- */
@@ -170,7 +161,7 @@ static int cpu_upload_weight(void *be, const mdl_weight *w, bk_weight **out, cha
     if (need > b->ws_mm_bytes) {
         void *ws = realloc(b->ws_mm, need);
         if (!ws)
-            return fail(err, errlen, -ENOMEM, "out of memory for matmul scratch");
+            return lkq_err(err, errlen, -ENOMEM, "out of memory for matmul scratch");
         b->ws_mm = ws;
         b->ws_mm_bytes = need;
     }
@@ -205,7 +196,7 @@ static int cpu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
 {
     cpu_be *b = be;
     if (st->n > b->max_batch || st->n_slices > b->max_seqs)
-        return fail(err, errlen, -EINVAL, "step of %d rows / %d sequences exceeds %d / %d",
+        return lkq_err(err, errlen, -EINVAL, "step of %d rows / %d sequences exceeds %d / %d",
                     st->n, st->n_slices, b->max_batch, b->max_seqs);
     memcpy(b->tokens, st->tokens, (size_t)st->n * sizeof *b->tokens);
     memcpy(b->slices, st->slices, (size_t)st->n_slices * sizeof *b->slices);
@@ -324,7 +315,7 @@ static int cpu_glu(void *be, float *gate, const float *up, int rows, int cols, m
                 kcpu_geglu(g, u, cols);
             break;
         default:
-            return fail(err, errlen, -ENOTSUP, "activation %d is not supported", (int)act);
+            return lkq_err(err, errlen, -ENOTSUP, "activation %d is not supported", (int)act);
         }
     }
     return 0;
@@ -357,7 +348,7 @@ static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, 
 {
     cpu_be *b = be;
     if (a->window > 0)
-        return fail(err, errlen, -ENOTSUP, "sliding-window attention (window %d) is not "
+        return lkq_err(err, errlen, -ENOTSUP, "sliding-window attention (window %d) is not "
                     "supported by the cpu backend yet", a->window);
     const size_t KV = (size_t)a->n_kv_heads * (size_t)a->head_dim;
     const size_t Q = (size_t)a->n_heads * (size_t)a->head_dim;
@@ -403,21 +394,21 @@ static int cpu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d, int64
 {
     cpu_be *b = be;
     if (b->kvp)
-        return fail(err, errlen, -EINVAL, "the backend already has a KV pool");
+        return lkq_err(err, errlen, -EINVAL, "the backend already has a KV pool");
     int rc = kvc_pool_create(cfg, d, nq, nf, &b->kvp, err, errlen);
     if (rc < 0)
         return rc;
     size_t ws = kcpu_attn_seg_scratch_bytes(b->n_threads, kvc_pool_layout(b->kvp), b->head_dim);
     b->ws_attn = malloc(ws > 0 ? ws : 1);
     if (!b->ws_attn)
-        return fail(err, errlen, -ENOMEM, "out of memory for attention scratch");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory for attention scratch");
     if (b->use_ref) {
         /* dequantize-then-attend needs the whole history as f32 */
         size_t fl = ((size_t)b->n_ctx + (size_t)cfg->block_tokens) * (size_t)d->kv_dim * 2 +
                     (size_t)b->n_ctx + 64;
         b->ref_scratch = malloc(fl * sizeof(float));
         if (!b->ref_scratch)
-            return fail(err, errlen, -ENOMEM, "out of memory for the reference attention");
+            return lkq_err(err, errlen, -ENOMEM, "out of memory for the reference attention");
     }
     return 0;
 }
@@ -464,7 +455,7 @@ static int cpu_seq_create(void *be, int max_tokens, void **out, char *err, size_
         kvs_seg *segs = realloc(b->segs, (size_t)need * sizeof *segs);
         if (!segs) {
             kvc_seq_destroy(q);
-            return fail(err, errlen, -ENOMEM, "out of memory for a segment table");
+            return lkq_err(err, errlen, -ENOMEM, "out of memory for a segment table");
         }
         b->segs = segs;
         b->cap_segs = need;
@@ -510,7 +501,7 @@ static int cpu_seq_layer_counts(void *q, int layer, kvc_layer_counts *out, char 
                                 size_t errlen)
 {
     if (kvc_seq_layer_counts(q, layer, out) < 0)
-        return fail(err, errlen, -EINVAL, "layer %d out of range", layer);
+        return lkq_err(err, errlen, -EINVAL, "layer %d out of range", layer);
     return 0;
 }
 

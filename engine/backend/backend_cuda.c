@@ -41,6 +41,8 @@
 #include <string.h>
 
 #include "engine/backend/backend.h"
+
+#include "engine/util/err.h"
 #include "engine/kv/kvcache_cuda.h"
 #include "kernels/cuda/kcu_attn.cuh"
 #include "kernels/cuda/kcu_bias.cuh"
@@ -104,17 +106,6 @@ typedef struct {
     bk_dev_profile pr;
 } cuda_be;
 
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 /* A kernels/cuda call: its -1 becomes -EIO (the message is in err). */
 #define KCU(call) ((call) < 0 ? -EIO : 0)
 
@@ -127,7 +118,7 @@ static int dev_alloc(cuda_be *s, void **p, size_t bytes, char *err, size_t errle
         int cap = s->cap_mem ? 2 * s->cap_mem : 64;
         void **m = realloc(s->mem, (size_t)cap * sizeof *m);
         if (!m)
-            return fail(err, errlen, -ENOMEM, "out of host memory");
+            return lkq_err(err, errlen, -ENOMEM, "out of host memory");
         s->mem = m;
         s->cap_mem = cap;
     }
@@ -144,7 +135,7 @@ static bk_weight *new_weight(cuda_be *s, char *err, size_t errlen)
         int cap = s->cap_wts ? 2 * s->cap_wts : 64;
         bk_weight **w = realloc(s->wts, (size_t)cap * sizeof *w);
         if (!w) {
-            fail(err, errlen, -ENOMEM, "out of host memory");
+            lkq_err(err, errlen, -ENOMEM, "out of host memory");
             return NULL;
         }
         s->wts = w;
@@ -152,7 +143,7 @@ static bk_weight *new_weight(cuda_be *s, char *err, size_t errlen)
     }
     bk_weight *w = calloc(1, sizeof *w);
     if (!w)
-        fail(err, errlen, -ENOMEM, "out of host memory");
+        lkq_err(err, errlen, -ENOMEM, "out of host memory");
     else
         s->wts[s->n_wts++] = w;
     return w;
@@ -181,7 +172,7 @@ static int upload_dequant(cuda_be *s, const mdl_weight *w, uint16_t *d, char *er
     uint16_t *h = malloc(rows_per * cols * sizeof(uint16_t));
     int rc = 0;
     if (!tmp || !h)
-        rc = fail(err, errlen, -ENOMEM, "out of host memory converting weights");
+        rc = lkq_err(err, errlen, -ENOMEM, "out of host memory converting weights");
     for (size_t r0 = 0; rc == 0 && r0 < (size_t)w->n_rows; r0 += rows_per) {
         size_t nr = (size_t)w->n_rows - r0 < rows_per ? (size_t)w->n_rows - r0 : rows_per;
         for (size_t r = 0; r < nr; r++)
@@ -202,7 +193,7 @@ static int cu_upload_weight(void *be, const mdl_weight *w, bk_weight **out, char
     cuda_be *s = be;
     *out = NULL;
     if (w->n_rows <= 0 || w->n_cols <= 0 || w->n_rows > INT32_MAX || w->n_cols > INT32_MAX)
-        return fail(err, errlen, -EINVAL, "weight of %lld x %lld elements",
+        return lkq_err(err, errlen, -EINVAL, "weight of %lld x %lld elements",
                     (long long)w->n_rows, (long long)w->n_cols);
     for (int i = 0; i < s->n_wts; i++) { /* the same tensor again (a tied head) */
         bk_weight *o = s->wts[i];
@@ -253,10 +244,10 @@ static int cu_synth_weight(void *be, kt_type t, int rows, int cols, uint64_t see
     cuda_be *s = be;
     *out = NULL;
     if (t != KT_F32 && t != KT_F16 && t != KT_BF16)
-        return fail(err, errlen, -EINVAL, "synthetic weights must be F32, F16 or BF16, not %s",
+        return lkq_err(err, errlen, -EINVAL, "synthetic weights must be F32, F16 or BF16, not %s",
                     kt_name(t));
     if (rows <= 0 || cols <= 0)
-        return fail(err, errlen, -EINVAL, "synthetic weight of %d x %d", rows, cols);
+        return lkq_err(err, errlen, -EINVAL, "synthetic weight of %d x %d", rows, cols);
     bk_weight *d = new_weight(s, err, errlen);
     if (!d)
         return -ENOMEM;
@@ -321,7 +312,7 @@ static int profile_on(cuda_be *s, char *err, size_t errlen)
     s->kv_timed = calloc(L, 1);
     int rc = 0;
     if (!s->t_attn || !s->t_kv || !s->attn_timed || !s->kv_timed)
-        rc = fail(err, errlen, -ENOMEM, "out of host memory");
+        rc = lkq_err(err, errlen, -ENOMEM, "out of host memory");
     if (rc == 0)
         rc = KCU(kcu_timer_create(s->c, &s->t_step, err, errlen));
     for (size_t l = 0; rc == 0 && l < L; l++) {
@@ -413,23 +404,23 @@ static int cu_create(const bk_config *c, void **be, char *err, size_t errlen)
     if (!hp || hp->n_layers <= 0 || hp->dim <= 0 || hp->n_heads <= 0 || hp->n_kv_heads <= 0 ||
         hp->head_dim <= 0 || hp->hidden_dim <= 0 || hp->n_vocab <= 0 ||
         hp->n_heads % hp->n_kv_heads)
-        return fail(err, errlen, -EINVAL, "unsupported model shape for the GPU");
+        return lkq_err(err, errlen, -EINVAL, "unsupported model shape for the GPU");
     if (hp->head_dim > 512)
-        return fail(err, errlen, -EINVAL, "head_dim %d > 512 is not supported on the GPU",
+        return lkq_err(err, errlen, -EINVAL, "head_dim %d > 512 is not supported on the GPU",
                     hp->head_dim);
     if (c->max_batch <= 0 || c->max_seqs <= 0 || c->n_ctx <= 0)
-        return fail(err, errlen, -EINVAL, "bad plan: max_batch %d, max_seqs %d, n_ctx %d",
+        return lkq_err(err, errlen, -EINVAL, "bad plan: max_batch %d, max_seqs %d, n_ctx %d",
                     c->max_batch, c->max_seqs, c->n_ctx);
     cuda_be *s = calloc(1, sizeof *s);
     if (!s)
-        return fail(err, errlen, -ENOMEM, "out of host memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of host memory");
     s->hp = *hp;
     s->cfg = *c;
     s->cfg.hp = NULL;
     s->slices = calloc((size_t)c->max_seqs, sizeof *s->slices);
     if (!s->slices) {
         cu_destroy(s);
-        return fail(err, errlen, -ENOMEM, "out of host memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of host memory");
     }
     if (kcu_ctx_create(c->device_index, &s->c, err, errlen) < 0) {
         cu_destroy(s);
@@ -461,11 +452,11 @@ static int cu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
     case BK_CTL_ATTN_PATH: {
         int p = *(const int *)arg;
         if (p != KCU_ATTN_AUTO && p != KCU_ATTN_GENERIC && p != KCU_ATTN_MMA)
-            return fail(err, errlen, -EINVAL, "attention path %d (0 auto, 1 generic, 2 mma)", p);
+            return lkq_err(err, errlen, -EINVAL, "attention path %d (0 auto, 1 generic, 2 mma)", p);
         kcu_attn_shape sh = {s->hp.n_heads, s->hp.n_kv_heads, s->hp.head_dim, 1.0f,
                              s->pool ? kvcd_pool_layout(s->pool) : NULL};
         if (p == KCU_ATTN_MMA && (!s->pool || !kcu_attn_mma_supported(&sh)))
-            return fail(err, errlen, -ENOTSUP, "the tensor-core attention does not take "
+            return lkq_err(err, errlen, -ENOTSUP, "the tensor-core attention does not take "
                         "head_dim %d with this cache layout", s->hp.head_dim);
         s->attn_path = p;
         return 0;
@@ -492,7 +483,7 @@ static int cu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
         *(size_t *)arg = s->pool ? kvcd_pool_bytes(s->pool) : 0;
         return 0;
     default:
-        return fail(err, errlen, -ENOTSUP, "the cuda backend has no control %d", what);
+        return lkq_err(err, errlen, -ENOTSUP, "the cuda backend has no control %d", what);
     }
 }
 
@@ -505,10 +496,10 @@ static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
 {
     cuda_be *s = be;
     if (!s->pool)
-        return fail(err, errlen, -EINVAL, "a step before the KV pool was created");
+        return lkq_err(err, errlen, -EINVAL, "a step before the KV pool was created");
     if (st->n < 0 || st->n > s->cfg.max_batch || st->n_slices < 0 ||
         st->n_slices > s->cfg.max_seqs)
-        return fail(err, errlen, -EINVAL, "a step of %d rows in %d slices (planned: %d, %d)",
+        return lkq_err(err, errlen, -EINVAL, "a step of %d rows in %d slices (planned: %d, %d)",
                     st->n, st->n_slices, s->cfg.max_batch, s->cfg.max_seqs);
     int32_t *tok = (int32_t *)s->tab_h;
     int32_t *pos = (int32_t *)(s->tab_h + s->off_pos);
@@ -516,7 +507,7 @@ static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
     kcu_seg *segs = (kcu_seg *)(s->tab_h + s->off_segs);
     for (int i = 0; i < st->n; i++) {
         if (st->tokens[i] < 0 || st->tokens[i] >= s->hp.n_vocab)
-            return fail(err, errlen, -EINVAL, "token id %d out of range [0, %d)",
+            return lkq_err(err, errlen, -EINVAL, "token id %d out of range [0, %d)",
                         st->tokens[i], s->hp.n_vocab);
         tok[i] = st->tokens[i];
     }
@@ -524,14 +515,14 @@ static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
     for (int c = 0; c < st->n_slices; c++) {
         const bk_slice *sl = &st->slices[c];
         if (sl->off < 0 || sl->n < 0 || sl->off + sl->n > st->n || !sl->seq)
-            return fail(err, errlen, -EINVAL, "slice %d: rows %d + %d of a %d-row step", c,
+            return lkq_err(err, errlen, -EINVAL, "slice %d: rows %d + %d of a %d-row step", c,
                         sl->off, sl->n, st->n);
         for (int i = 0; i < sl->n; i++)
             pos[sl->off + i] = sl->pos0 + i;
         int ns;
         const kcu_seg *src = kvcd_seq_host_segs(sl->seq, &ns);
         if (n_segs + ns > s->cap_segs)
-            return fail(err, errlen, -EINVAL, "the step's histories have more than %d "
+            return lkq_err(err, errlen, -EINVAL, "the step's histories have more than %d "
                         "segments (a sequence longer than n_ctx %d?)", s->cap_segs,
                         s->cfg.n_ctx);
         memcpy(segs + n_segs, src, (size_t)ns * sizeof *segs);
@@ -597,7 +588,7 @@ static int cu_matmul(void *be, const bk_weight *w, const float *x, float *y, int
     cuda_be *s = be;
     const size_t nin = (size_t)n * (size_t)w->cols;
     if (n < 0 || (w->t != KT_F32 && nin > s->conv_cap))
-        return fail(err, errlen, -EINVAL, "matmul of %d rows x %d columns: more than planned "
+        return lkq_err(err, errlen, -EINVAL, "matmul of %d rows x %d columns: more than planned "
                     "(%zu inputs)", n, w->cols, s->conv_cap);
     if (n == 0)
         return 0;
@@ -650,7 +641,7 @@ static int cu_glu(void *be, float *gate, const float *up, int rows, int cols, md
     else if (act == MDL_ACT_GELU_TANH)
         rc = KCU(kcu_geglu(s->c, gate, up, n, err, errlen));
     else
-        return fail(err, errlen, -ENOTSUP, "the cuda backend has no activation %d", (int)act);
+        return lkq_err(err, errlen, -ENOTSUP, "the cuda backend has no activation %d", (int)act);
     touch(s, gate, n);
     return op_end(s, rc, err, errlen);
 }
@@ -678,15 +669,15 @@ static int cu_attention(void *be, int layer, const bk_attn *a, const float *q, f
 {
     cuda_be *s = be;
     if (a->window > 0)
-        return fail(err, errlen, -ENOTSUP, "sliding-window attention (window %d, layer %d) is "
+        return lkq_err(err, errlen, -ENOTSUP, "sliding-window attention (window %d, layer %d) is "
                     "not supported by the cuda backend yet", a->window, layer);
     if (layer < 0 || layer >= s->hp.n_layers || !s->pool)
-        return fail(err, errlen, -EINVAL, "attention of layer %d (of %d)", layer,
+        return lkq_err(err, errlen, -EINVAL, "attention of layer %d (of %d)", layer,
                     s->hp.n_layers);
     kcu_attn_shape sh = {a->n_heads, a->n_kv_heads, a->head_dim, a->scale,
                          kvcd_pool_layout(s->pool)};
     if (kcu_attn_scratch_bytes(&sh, s->n_sl, s->n_rows, s->max_q) > s->attn_scr_bytes)
-        return fail(err, errlen, -EINVAL, "attention of %d heads of %d over %d rows: more than "
+        return lkq_err(err, errlen, -EINVAL, "attention of %d heads of %d over %d rows: more than "
                     "planned", a->n_heads, a->head_dim, s->n_rows);
     const kcu_attn_item *items_h = (const kcu_attn_item *)(s->tab_h + s->off_items);
     const kcu_attn_item *items_d = (const kcu_attn_item *)(s->tab_d + s->off_items);
@@ -713,7 +704,7 @@ static int cu_kv_store(void *be, int layer, const float *k, const float *v, char
 {
     cuda_be *s = be;
     if (layer < 0 || layer >= s->hp.n_layers || !s->pool)
-        return fail(err, errlen, -EINVAL, "KV store of layer %d (of %d)", layer,
+        return lkq_err(err, errlen, -EINVAL, "KV store of layer %d (of %d)", layer,
                     s->hp.n_layers);
     const size_t KV = (size_t)s->kv_dim;
     int rc = 0;
@@ -740,7 +731,7 @@ static int cu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_
 {
     cuda_be *s = be;
     if (s->pool)
-        return fail(err, errlen, -EINVAL, "the instance already has a KV pool");
+        return lkq_err(err, errlen, -EINVAL, "the instance already has a KV pool");
     int rc = kvcd_pool_create(s->c, cfg, d, n_qblocks, n_fpages, &s->pool, err, errlen);
     if (rc < 0)
         return rc;
@@ -759,7 +750,7 @@ static int cu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_
     size_t tab_bytes = s->off_segs + (size_t)s->cap_segs * sizeof(kcu_seg);
     s->tab_h = malloc(tab_bytes);
     if (!s->tab_h)
-        rc = fail(err, errlen, -ENOMEM, "out of host memory for the step tables");
+        rc = lkq_err(err, errlen, -ENOMEM, "out of host memory for the step tables");
     if (rc == 0)
         rc = dev_alloc(s, (void **)&s->tab_d, tab_bytes, err, errlen);
     kcu_attn_shape sh = {s->hp.n_heads, s->hp.n_kv_heads, s->hp.head_dim, 1.0f,
@@ -810,7 +801,7 @@ static int cu_seq_create(void *be, int max_tokens, void **seq, char *err, size_t
     cuda_be *s = be;
     *seq = NULL;
     if (!s->pool)
-        return fail(err, errlen, -EINVAL, "a sequence before the KV pool was created");
+        return lkq_err(err, errlen, -EINVAL, "a sequence before the KV pool was created");
     kvcd_seq *q = NULL;
     int rc = kvcd_seq_create(s->pool, max_tokens, &q, err, errlen);
     *seq = q;
@@ -844,7 +835,7 @@ static int cu_seq_layer_counts(void *seq, int layer, kvc_layer_counts *out, char
 {
     (void)seq;
     memset(out, 0, sizeof *out);
-    return fail(err, errlen, -ENOTSUP, "per-layer outlier counts (layer %d) are not read "
+    return lkq_err(err, errlen, -ENOTSUP, "per-layer outlier counts (layer %d) are not read "
                 "from the GPU cache yet", layer);
 }
 

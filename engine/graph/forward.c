@@ -20,6 +20,8 @@
  */
 #include "engine/graph/forward.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -63,17 +65,6 @@ struct fwd_state {
     fwd_profile prof;
 };
 
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 static double now_s(void)
 {
     struct timespec ts;
@@ -96,15 +87,15 @@ static int check_shape(const mdl_hparams *hp, char *err, size_t errlen)
 {
     if (hp->n_layers <= 0 || hp->dim <= 0 || hp->n_heads <= 0 || hp->n_kv_heads <= 0 ||
         hp->head_dim <= 0 || hp->hidden_dim <= 0 || hp->n_vocab <= 0)
-        return fail(err, errlen, -EINVAL, "model shape has a non-positive dimension");
+        return lkq_err(err, errlen, -EINVAL, "model shape has a non-positive dimension");
     if (hp->n_heads % hp->n_kv_heads)
-        return fail(err, errlen, -EINVAL, "head_count %d is not a multiple of head_count_kv %d",
+        return lkq_err(err, errlen, -EINVAL, "head_count %d is not a multiple of head_count_kv %d",
                     hp->n_heads, hp->n_kv_heads);
     if (hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2)
-        return fail(err, errlen, -EINVAL, "rope dimension %d does not fit head_dim %d",
+        return lkq_err(err, errlen, -EINVAL, "rope dimension %d does not fit head_dim %d",
                     hp->n_rot, hp->head_dim);
     if (hp->act != MDL_ACT_SILU && hp->act != MDL_ACT_GELU_TANH)
-        return fail(err, errlen, -EINVAL, "unknown activation %d", (int)hp->act);
+        return lkq_err(err, errlen, -EINVAL, "unknown activation %d", (int)hp->act);
     return 0;
 }
 
@@ -148,7 +139,7 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp, fwd_state 
         return -ENODEV;
     fwd_state *s = calloc(1, sizeof *s);
     if (!s)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     s->ops = ops;
     s->hp = *hp;
     s->p = p;
@@ -183,7 +174,7 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp, fwd_state 
         s->head_rows = malloc((size_t)s->logit_rows * sizeof *s->head_rows);
         s->layers = calloc((size_t)hp->n_layers, sizeof *s->layers);
         if (!s->logits || !s->tok_buf || !s->slices || !s->head_rows || !s->layers)
-            rc = fail(err, errlen, -ENOMEM, "out of memory for the forward state (batch %d)",
+            rc = lkq_err(err, errlen, -ENOMEM, "out of memory for the forward state (batch %d)",
                       p.max_batch);
     }
     /* KV pool sized for max_seqs sequences of n_ctx (or the configured budget) */
@@ -221,13 +212,13 @@ static int check_layer(const mdl_hparams *hp, const mdl_layer *L, int l, char *e
                        size_t errlen)
 {
     if (!L->attn_norm || !L->ffn_norm)
-        return fail(err, errlen, -EINVAL, "layer %d lacks its norms", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks its norms", l);
     if (hp->qkv_bias && (!L->bq || !L->bk || !L->bv))
-        return fail(err, errlen, -EINVAL, "layer %d lacks the Q/K/V biases", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks the Q/K/V biases", l);
     if (hp->qk_norm && (!L->q_norm || !L->k_norm))
-        return fail(err, errlen, -EINVAL, "layer %d lacks the Q/K norms", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks the Q/K norms", l);
     if (hp->sandwich_norm && (!L->post_attn_norm || !L->post_ffn_norm))
-        return fail(err, errlen, -EINVAL, "layer %d lacks the post-attention/FFN norms", l);
+        return lkq_err(err, errlen, -EINVAL, "layer %d lacks the post-attention/FFN norms", l);
     return 0;
 }
 
@@ -247,7 +238,7 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out, char *
     if (rc == 0)
         rc = up_v(s, m->out_norm, D, &s->out_norm, err, errlen);
     if (rc == 0 && hp->rope_scaling == MDL_ROPE_SCALE_LLAMA3 && !m->rope_freqs)
-        rc = fail(err, errlen, -EINVAL, "llama3 rope scaling without rope_freqs");
+        rc = lkq_err(err, errlen, -EINVAL, "llama3 rope scaling without rope_freqs");
     if (rc == 0)
         rc = up_v(s, m->rope_freqs, (size_t)hp->n_rot / 2, &s->rope_freqs, err, errlen);
     for (int l = 0; rc == 0 && l < hp->n_layers; l++) {
@@ -306,10 +297,10 @@ int fwd_create_synthetic(const mdl_hparams *hp, kt_type wtype, uint64_t seed,
     if (!ops)
         return -ENODEV;
     if (!ops->synth_weight || !ops->synth_vector)
-        return fail(err, errlen, -ENOTSUP, "the %s backend has no synthetic weights", ops->name);
+        return lkq_err(err, errlen, -ENOTSUP, "the %s backend has no synthetic weights", ops->name);
     if (hp->qkv_bias || hp->qk_norm || hp->sandwich_norm ||
         hp->rope_scaling == MDL_ROPE_SCALE_LLAMA3)
-        return fail(err, errlen, -ENOTSUP, "synthetic models are plain Llama shapes");
+        return lkq_err(err, errlen, -ENOTSUP, "synthetic models are plain Llama shapes");
     fwd_state *s;
     int rc = create_common(hp, &p, &s, err, errlen);
     if (rc < 0)
@@ -438,11 +429,11 @@ int fwd_seq_create(fwd_state *s, int max_tokens, fwd_seq **out, char *err, size_
 {
     *out = NULL;
     if (max_tokens > s->p.n_ctx)
-        return fail(err, errlen, -EINVAL, "a sequence of %d positions exceeds n_ctx %d",
+        return lkq_err(err, errlen, -EINVAL, "a sequence of %d positions exceeds n_ctx %d",
                     max_tokens, s->p.n_ctx);
     fwd_seq *q = calloc(1, sizeof *q);
     if (!q)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     q->s = s;
     int rc = s->ops->seq_create(s->be, max_tokens, &q->b, err, errlen);
     if (rc < 0) {
@@ -637,7 +628,7 @@ static int check_tokens(const fwd_state *s, const int32_t *tokens, int n, char *
 {
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= s->hp.n_vocab)
-            return fail(err, errlen, -EINVAL, "token id %d out of range [0, %d)", tokens[i],
+            return lkq_err(err, errlen, -EINVAL, "token id %d out of range [0, %d)", tokens[i],
                         s->hp.n_vocab);
     return 0;
 }
@@ -649,12 +640,12 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
     void *q = s->own->b;
     *logits = NULL;
     if (n <= 0 || pos < 0)
-        return fail(err, errlen, -EINVAL, "nothing to evaluate (n %d, pos %d)", n, pos);
+        return lkq_err(err, errlen, -EINVAL, "nothing to evaluate (n %d, pos %d)", n, pos);
     if ((int64_t)pos + n > s->p.n_ctx)
-        return fail(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
+        return lkq_err(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
                     n, s->p.n_ctx);
     if (want_all && (!s->p.logits_all || n > s->p.max_batch))
-        return fail(err, errlen, -EINVAL, "all-token logits need logits_all and n <= %d",
+        return lkq_err(err, errlen, -EINVAL, "all-token logits need logits_all and n <= %d",
                     s->p.max_batch);
     int rc = check_tokens(s, tokens, n, err, errlen);
     if (rc < 0)
@@ -663,7 +654,7 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
         o->seq_reset(q);
     int have = o->seq_n_tokens(q);
     if (pos != have)
-        return fail(err, errlen, -EINVAL,
+        return lkq_err(err, errlen, -EINVAL,
                     "position %d: the cache holds %d positions (continue at %d or restart at 0)",
                     pos, have, have);
     const int C = s->p.kv.chunk_size;
@@ -714,23 +705,23 @@ static int check_item(const fwd_state *s, int i, const fwd_item *it, int pos, in
 {
     const int C = s->p.kv.chunk_size, n = it->n;
     if (i >= s->p.max_seqs)
-        return fail(err, errlen, -EINVAL, "more than %d sequences in one step (max_seqs)",
+        return lkq_err(err, errlen, -EINVAL, "more than %d sequences in one step (max_seqs)",
                     s->p.max_seqs);
     if (!it->seq || it->seq->s != s)
-        return fail(err, errlen, -EINVAL, "item %d: a sequence of another state", i);
+        return lkq_err(err, errlen, -EINVAL, "item %d: a sequence of another state", i);
     if (n <= 0 || (!it->prefill && n != 1))
-        return fail(err, errlen, -EINVAL, "item %d: %d tokens (decode steps take one)", i, n);
+        return lkq_err(err, errlen, -EINVAL, "item %d: %d tokens (decode steps take one)", i, n);
     if (it->prefill && pos % C + n > C)
-        return fail(err, errlen, -EINVAL,
+        return lkq_err(err, errlen, -EINVAL,
                     "item %d: %d prompt tokens at position %d cross a chunk boundary "
                     "(chunk_size %d)", i, n, pos, C);
     if ((int64_t)pos + n > s->p.n_ctx)
-        return fail(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
+        return lkq_err(err, errlen, -ENOSPC, "context full: %d + %d tokens exceed n_ctx %d", pos,
                     n, s->p.n_ctx);
     if (total + n > s->p.max_batch)
-        return fail(err, errlen, -EINVAL, "batch of more than %d tokens", s->p.max_batch);
+        return lkq_err(err, errlen, -EINVAL, "batch of more than %d tokens", s->p.max_batch);
     if (it->want_logits && n_head >= s->logit_rows)
-        return fail(err, errlen, -EINVAL, "more than %d sequences want logits", s->logit_rows);
+        return lkq_err(err, errlen, -EINVAL, "more than %d sequences want logits", s->logit_rows);
     return check_tokens(s, it->tokens, n, err, errlen);
 }
 

@@ -16,6 +16,8 @@
  */
 #include "engine/kv/kv_plan.h"
 
+#include "engine/util/err.h"
+
 #include <assert.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -58,17 +60,6 @@ struct kvp_seq {
 /* Why a plan could not be made: the pool lacks units, or (never for a
  * valid config) a step table lacks room. */
 enum { NO_UNITS = -1, NO_ROOM = -2 };
-
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
 
 static int is_int4(const kvp_pool *p)
 {
@@ -115,7 +106,8 @@ void kvp_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf)
 int kvp_check(const cfg_kv *c, const kvc_dims *d, char *err, size_t errlen)
 {
     if (d->n_layers <= 0 || d->kv_dim <= 0 || d->head_dim <= 0 || d->kv_dim % d->head_dim)
-        return fail(err, errlen, -EINVAL, "bad KV dimensions (%d layers, kv_dim %d, head_dim %d)",
+        return lkq_err(err, errlen, -EINVAL,
+                       "bad KV dimensions (%d layers, kv_dim %d, head_dim %d)",
                     d->n_layers, d->kv_dim, d->head_dim);
     if (cfg_kv_validate_model(c, d->head_dim, d->kv_dim / d->head_dim, err, errlen) < 0)
         return -EINVAL;
@@ -138,7 +130,7 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
     if (kvp_check(cfg, d, err, errlen) < 0)
         return -EINVAL;
     if (n_ctx <= 0 || max_seqs <= 0)
-        return fail(err, errlen, -EINVAL, "n_ctx and max_seqs must be positive");
+        return lkq_err(err, errlen, -EINVAL, "n_ctx and max_seqs must be positive");
     const int T = cfg->block_tokens, P = kvp_page_tokens(cfg);
     const int64_t L = d->n_layers, D = d->kv_dim;
     const int64_t fbytes = (int64_t)P * L * D * 2 * 2;
@@ -150,7 +142,8 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
         else if (cfg->kv_budget_tokens > 0)
             nf = (cfg->kv_budget_tokens + P - 1) / P;
         if (nf < 1)
-            return fail(err, errlen, -EINVAL, "kv_budget is smaller than one KV page (%lld bytes)",
+            return lkq_err(err, errlen, -EINVAL,
+                           "kv_budget is smaller than one KV page (%lld bytes)",
                         (long long)fbytes);
         *n_qblocks = 0;
         *n_fpages = nf;
@@ -191,7 +184,7 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
             budget += nf * fbytes; /* tokens count what is quantized */
         int64_t nq = (budget - nf * fbytes) / qbytes;
         if (nq < 1)
-            return fail(err, errlen, -EINVAL,
+            return lkq_err(err, errlen, -EINVAL,
                         "kv_budget too small: %lld bytes cannot hold the FP16 staging "
                         "(%lld bytes) plus one INT4 block (%lld bytes)",
                         (long long)budget, (long long)(nf * fbytes), (long long)qbytes);
@@ -253,11 +246,11 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
     if (cfg->mode != CFG_KV_INT4)
         n_qblocks = 0;
     if (n_qblocks < 0 || n_fpages < 1 || n_qblocks > INT32_MAX || n_fpages > INT32_MAX)
-        return fail(err, errlen, -EINVAL, "bad pool size (%lld blocks, %lld pages)",
+        return lkq_err(err, errlen, -EINVAL, "bad pool size (%lld blocks, %lld pages)",
                     (long long)n_qblocks, (long long)n_fpages);
     kvp_pool *p = calloc(1, sizeof *p);
     if (!p)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     p->cfg = *cfg;
     p->d = *d;
     p->P = kvp_page_tokens(cfg);
@@ -276,7 +269,7 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
     p->ffree = malloc((size_t)n_fpages * sizeof(int32_t));
     if (!p->qfree || !p->ffree) {
         kvp_pool_destroy(p);
-        return fail(err, errlen, -ENOMEM, "out of memory for the KV free lists");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory for the KV free lists");
     }
     /* stacks: lowest ids handed out first */
     for (int64_t i = 0; i < n_qblocks; i++)
@@ -400,10 +393,10 @@ int kvp_seq_create(kvp_pool *p, int max_tokens, void *owner, kvp_seq **out, char
 {
     *out = NULL;
     if (max_tokens <= 0)
-        return fail(err, errlen, -EINVAL, "max_tokens must be positive");
+        return lkq_err(err, errlen, -EINVAL, "max_tokens must be positive");
     kvp_seq *s = calloc(1, sizeof *s);
     if (!s)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     s->p = p;
     s->owner = owner;
     s->max_tokens = max_tokens;
@@ -414,7 +407,7 @@ int kvp_seq_create(kvp_pool *p, int max_tokens, void *owner, kvp_seq **out, char
     s->rq_ids = malloc((size_t)s->cap.rq * sizeof *s->rq_ids);
     if (!s->ents || !s->tgt || !s->src || !s->rq_ids) {
         kvp_seq_destroy(s);
-        return fail(err, errlen, -ENOMEM, "out of memory for a sequence's KV tables");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory for a sequence's KV tables");
     }
     s->st.tgt = s->tgt;
     s->st.src = s->src;
@@ -669,15 +662,15 @@ int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen
     kvp_pool *p = s->p;
     const cfg_kv *c = &p->cfg;
     if (s->st.active)
-        return fail(err, errlen, -EINVAL, "a KV step is already open");
+        return lkq_err(err, errlen, -EINVAL, "a KV step is already open");
     if (pos0 != s->n_tokens)
-        return fail(err, errlen, -EINVAL, "KV step at position %d, but the sequence holds %d",
+        return lkq_err(err, errlen, -EINVAL, "KV step at position %d, but the sequence holds %d",
                     pos0, s->n_tokens);
     if (n <= 0 || n > c->chunk_size)
-        return fail(err, errlen, -EINVAL, "KV step of %d tokens (1..chunk_size %d)", n,
+        return lkq_err(err, errlen, -EINVAL, "KV step of %d tokens (1..chunk_size %d)", n,
                     c->chunk_size);
     if ((int64_t)pos0 + n > s->max_tokens)
-        return fail(err, errlen, -ENOSPC, "sequence full: %d + %d > %d tokens", pos0, n,
+        return lkq_err(err, errlen, -ENOSPC, "sequence full: %d + %d > %d tokens", pos0, n,
                     s->max_tokens);
     if (!prefill && n > 1)
         prefill = 1; /* several tokens at once are a chunk */
@@ -728,13 +721,13 @@ int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen
     if (ok == NO_ROOM) {
         /* the tables are sized for any step of a valid config: not reached */
         kvp_abort(s);
-        return fail(err, errlen, -ENOSPC,
+        return lkq_err(err, errlen, -ENOSPC,
                     "the KV step does not fit the sequence's tables (%d entries of %d)",
                     s->n_ents, s->cap.ents);
     }
     if (ok < 0) {
         kvp_abort(s);
-        return fail(err, errlen, -ENOSPC,
+        return lkq_err(err, errlen, -ENOSPC,
                     "KV pool exhausted (%lld/%lld INT4 blocks and %lld/%lld FP16 pages free)",
                     (long long)p->nqfree, (long long)p->nq, (long long)p->nffree,
                     (long long)p->nf);
@@ -748,7 +741,7 @@ int kvp_finish_prefill(kvp_seq *s, char *err, size_t errlen)
     if (s->prefill_done || !is_int4(p))
         return 0;
     if (s->st.active)
-        return fail(err, errlen, -EINVAL, "cannot end the prefill during an open KV step");
+        return lkq_err(err, errlen, -EINVAL, "cannot end the prefill during an open KV step");
     s->prefill_done = 1;
     if (s->stage_first < 0 || p->cfg.keep_warmup_fp16)
         return 0;
@@ -758,7 +751,7 @@ int kvp_finish_prefill(kvp_seq *s, char *err, size_t errlen)
     if (plan_requant(s, s->stage_first, KVP_RQ_WARMUP) < 0) { /* staged data fit once */
         kvp_abort(s);
         s->stage_first = -1; /* staged chunks stay FP16: still exact */
-        return fail(err, errlen, -ENOSPC, "KV pool exhausted while quantizing the "
+        return lkq_err(err, errlen, -ENOSPC, "KV pool exhausted while quantizing the "
                     "warm-up chunks; they stay FP16");
     }
     return KVP_REQUANT;

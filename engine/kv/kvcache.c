@@ -14,6 +14,8 @@
  */
 #include "engine/kv/kvcache.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -46,17 +48,6 @@ struct kvc_seq {
     float *a, *b;         /* [D] chunk statistics */
     void *kq_scr;
 };
-
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
 
 double kvc_stats_bits(const kvc_stats *s)
 {
@@ -98,7 +89,7 @@ int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
     *out = NULL;
     kvc_pool *p = calloc(1, sizeof *p);
     if (!p)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     int rc = kvp_pool_create(cfg, d, n_qblocks, n_fpages, &p->pl, err, errlen);
     if (rc < 0) {
         free(p);
@@ -117,7 +108,7 @@ int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
         double mib = ((double)nq * (double)p->qbytes + (double)nf * (double)p->fbytes) /
                      (1024.0 * 1024.0);
         kvc_pool_destroy(p);
-        return fail(err, errlen, -ENOMEM, "cannot allocate the KV pool (%.1f MiB)", mib);
+        return lkq_err(err, errlen, -ENOMEM, "cannot allocate the KV pool (%.1f MiB)", mib);
     }
     *out = p;
     return 0;
@@ -209,7 +200,7 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     *out = NULL;
     kvc_seq *s = calloc(1, sizeof *s);
     if (!s)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     s->p = p;
     int rc = kvp_seq_create(p->pl, max_tokens, s, &s->pl, err, errlen);
     if (rc < 0) {
@@ -232,7 +223,7 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     if (!s->ek || !s->ev || !s->ema_mem || !s->sk || !s->sv || !s->qscr || !s->a || !s->b ||
         (p->L && !s->kq_scr)) {
         kvc_seq_destroy(s);
-        return fail(err, errlen, -ENOMEM, "out of memory for a sequence");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory for a sequence");
     }
     for (int l = 0; l < L; l++) {
         float *m = s->ema_mem + (size_t)l * 8 * D;

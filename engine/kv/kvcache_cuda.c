@@ -15,6 +15,8 @@
  */
 #include "engine/kv/kvcache_cuda.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -61,17 +63,6 @@ struct kvcd_seq {
     int n_segs, n_ptgt, max_ptgt_n, n_qtgt, n_rows;
 };
 
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 static size_t al256(size_t x)
 {
     return (x + 255) & ~(size_t)255;
@@ -85,7 +76,7 @@ int kvcd_pool_create(kcu_ctx *c, const cfg_kv *cfg, const kvc_dims *d, int64_t n
     *out = NULL;
     kvcd_pool *p = calloc(1, sizeof *p);
     if (!p)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     p->c = c;
     int rc = kvp_pool_create(cfg, d, n_qblocks, n_fpages, &p->pl, err, errlen);
     if (rc < 0) {
@@ -127,7 +118,7 @@ int kvcd_pool_create(kcu_ctx *c, const cfg_kv *cfg, const kvc_dims *d, int64_t n
         p->fold_bytes = kcu_kvq_fold_scratch_bytes(rows, D);
         p->quant_bytes = kcu_kvq_quant_scratch_bytes(p->L, p->quant_tgts);
         if (p->quant_bytes == 0)
-            rc = fail(err, errlen, -EINVAL, "kv_dim %d is too wide for the GPU quantizer", D);
+            rc = lkq_err(err, errlen, -EINVAL, "kv_dim %d is too wide for the GPU quantizer", D);
         if (rc == 0)
             rc = kcu_malloc(c, &p->fold_scr, p->fold_bytes, err, errlen);
         if (rc == 0)
@@ -218,7 +209,7 @@ int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, siz
     *out = NULL;
     kvcd_seq *s = calloc(1, sizeof *s);
     if (!s)
-        return fail(err, errlen, -ENOMEM, "out of memory");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
     s->p = p;
     int rc = kvp_seq_create(p->pl, max_tokens, s, &s->pl, err, errlen);
     if (rc < 0) {
@@ -253,7 +244,7 @@ int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, siz
     s->htab = malloc(off);
     if (!s->pend || !s->ema_n || !s->htab || (p->L && (!s->ema_host || !s->ema_mean))) {
         kvcd_seq_destroy(s);
-        return fail(err, errlen, -ENOMEM, "out of memory for a sequence");
+        return lkq_err(err, errlen, -ENOMEM, "out of memory for a sequence");
     }
     rc = kcu_malloc(p->c, (void **)&s->dtab, s->tab_bytes, err, errlen);
     if (rc == 0 && p->L)
@@ -362,7 +353,7 @@ int kvcd_seq_stats(kvcd_seq *s, kvc_stats *out, char *err, size_t errlen)
     kvcd_pool *p = s->p;
     memset(out, 0, sizeof *out);
     if (s->n_pend > 0 && kvp_seq_step(s->pl)->active)
-        return fail(err, errlen, -EINVAL, "KV statistics during an open step");
+        return lkq_err(err, errlen, -EINVAL, "KV statistics during an open step");
     /* the outlier / clamp counters of newly committed blocks, in batches
      * that fit the (idle) re-quantization row table */
     int batch = (int)((s->off_rqtgt - s->off_rows) / sizeof(int32_t));
@@ -542,7 +533,7 @@ int kvcd_store(kvcd_seq *s, int layer, const float *k, const float *v, char *err
     const kvp_step *st = kvp_seq_step(s->pl);
     const size_t D = (size_t)p->d.kv_dim;
     if (!st->active)
-        return fail(err, errlen, -EINVAL, "kvcd_store outside a step");
+        return lkq_err(err, errlen, -EINVAL, "kvcd_store outside a step");
     if (st->stats && st->n > st->row_stats &&
         fold(s, layer, k + (size_t)st->row_stats * D, v + (size_t)st->row_stats * D,
              st->n - st->row_stats, 1.0f, err, errlen) < 0)

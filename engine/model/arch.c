@@ -14,6 +14,8 @@
  */
 #include "engine/model/arch.h"
 
+#include "engine/util/err.h"
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -31,20 +33,6 @@ static const mdl_arch arch_table[] = {
      * scale, 5 window layers then 1 global, local RoPE base 10000. */
     {"gemma3", MDL_ROPE_NEOX, MDL_ACT_GELU_TANH, MDL_BIAS_NONE, 1, 1, 1, 0, 6, 10000.0f, 1e-6f},
 };
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 const mdl_arch *mdl_arch_find(const char *name, size_t len)
 {
@@ -69,7 +57,7 @@ static int get_int(const gguf_file *f, const char *k, int required, int64_t min,
     int64_t v;
     int rc = gguf_get_int(f, k, min, max, &v, err, errlen);
     if (rc == GGUF_EMISSING)
-        return required ? fail(err, errlen, "missing metadata key '%s'", k) : 0;
+        return required ? lkq_err(err, errlen, -1, "missing metadata key '%s'", k) : 0;
     if (rc)
         return -1;
     *out = (int32_t)v;
@@ -88,21 +76,24 @@ static int layer_int(const gguf_file *f, const char *k, int required, int32_t n_
     if (gguf_get_arr(f, k, &a, err, errlen))
         return -1;
     if (a.n != (uint64_t)n_layers)
-        return fail(err, errlen, "metadata '%s' has %llu per-layer values, block_count is %d",
+        return lkq_err(err, errlen, -1,
+                       "metadata '%s' has %llu per-layer values, block_count is %d",
                     k, (unsigned long long)a.n, n_layers);
     int64_t first = 0;
     for (uint64_t j = 0; j < a.n; j++) {
         int64_t v;
         if (gguf_arr_int(&a, j, &v))
-            return fail(err, errlen, "metadata '%s' must hold integers (found %s)", k,
+            return lkq_err(err, errlen, -1, "metadata '%s' must hold integers (found %s)", k,
                         gguf_vtype_name(a.type));
         if (v < min || v > max)
-            return fail(err, errlen, "metadata '%s' = %lld at layer %llu is outside [%lld, %lld]",
+            return lkq_err(err, errlen, -1,
+                           "metadata '%s' = %lld at layer %llu is outside [%lld, %lld]",
                         k, (long long)v, (unsigned long long)j, (long long)min, (long long)max);
         if (j == 0)
             first = v;
         else if (v != first)
-            return fail(err, errlen, "metadata '%s' differs between layers (%lld at layer 0, %lld "
+            return lkq_err(err, errlen, -1,
+                           "metadata '%s' differs between layers (%lld at layer 0, %lld "
                         "at layer %llu): not supported", k, (long long)first, (long long)v,
                         (unsigned long long)j);
     }
@@ -120,7 +111,7 @@ static int opt_pos_float(const gguf_file *f, const char *k, float *out, char *er
     if (rc)
         return -1;
     if (!(v > 0) || !isfinite(v) || v > 3.4e38)
-        return fail(err, errlen, "metadata '%s' = %g must be positive and finite", k, v);
+        return lkq_err(err, errlen, -1, "metadata '%s' = %g must be positive and finite", k, v);
     *out = (float)v;
     return 0;
 }
@@ -146,7 +137,8 @@ static int check_swa_pattern(const gguf_file *f, const mdl_arch *a, int32_t n_la
         if (get_int(f, k, 1, 0, 1 << 20, &period, err, errlen))
             return -1;
         if (period != a->swa_period)
-            return fail(err, errlen, "metadata '%s' = %d: only %s's pattern (%d) is supported", k,
+            return lkq_err(err, errlen, -1,
+                           "metadata '%s' = %d: only %s's pattern (%d) is supported", k,
                         period, a->name, a->swa_period);
         return 0;
     }
@@ -154,15 +146,16 @@ static int check_swa_pattern(const gguf_file *f, const mdl_arch *a, int32_t n_la
     if (gguf_get_arr(f, k, &arr, err, errlen))
         return -1;
     if (arr.n != (uint64_t)n_layers)
-        return fail(err, errlen, "metadata '%s' has %llu per-layer values, block_count is %d", k,
+        return lkq_err(err, errlen, -1,
+                       "metadata '%s' has %llu per-layer values, block_count is %d", k,
                     (unsigned long long)arr.n, n_layers);
     for (int32_t l = 0; l < n_layers; l++) {
         int64_t v;
         if (gguf_arr_int(&arr, (uint64_t)l, &v))
-            return fail(err, errlen, "metadata '%s' must hold booleans (found %s)", k,
+            return lkq_err(err, errlen, -1, "metadata '%s' must hold booleans (found %s)", k,
                         gguf_vtype_name(arr.type));
         if ((v != 0) != (l % a->swa_period < a->swa_period - 1))
-            return fail(err, errlen, "metadata '%s' differs from %s's pattern at layer %d: "
+            return lkq_err(err, errlen, -1, "metadata '%s' differs from %s's pattern at layer %d: "
                         "not supported", k, a->name, l);
     }
     return 0;
@@ -195,11 +188,12 @@ static int read_rope_scaling(const gguf_file *f, const mdl_arch *a, mdl_hparams 
         if (str_is(st, "none") || str_is(st, "llama3"))
             factor = 1.0f; /* llama3's factor is folded into rope_freqs */
         else if (!str_is(st, "linear"))
-            return fail(err, errlen, "unsupported rope scaling type '%.*s' in '%s' (supported: "
+            return lkq_err(err, errlen, -1,
+                           "unsupported rope scaling type '%.*s' in '%s' (supported: "
                         "none, linear, llama3)", (int)(st.len > 32 ? 32 : st.len), st.s, k);
     }
     if (factor != 1.0f && hp->sliding_window > 0)
-        return fail(err, errlen, "linear rope scaling (factor %g) on a %s file with window "
+        return lkq_err(err, errlen, -1, "linear rope scaling (factor %g) on a %s file with window "
                     "layers: %s scales only its global layers, not supported", factor, a->name,
                     a->name);
     hp->rope_freq_scale = 1.0f / factor;
@@ -213,12 +207,13 @@ int mdl_arch_read_hparams(const gguf_file *f, const mdl_arch **arch, mdl_hparams
     gguf_str name;
     int rc = gguf_get_str(f, "general.architecture", &name, err, errlen);
     if (rc == GGUF_EMISSING)
-        return fail(err, errlen, "missing metadata key 'general.architecture'");
+        return lkq_err(err, errlen, -1, "missing metadata key 'general.architecture'");
     if (rc)
         return -1;
     const mdl_arch *a = mdl_arch_find(name.s, (size_t)name.len);
     if (!a)
-        return fail(err, errlen, "unsupported architecture '%.*s' (supported: llama, qwen2, gemma3)",
+        return lkq_err(err, errlen, -1,
+                       "unsupported architecture '%.*s' (supported: llama, qwen2, gemma3)",
                     (int)(name.len > 64 ? 64 : name.len), name.s);
     *arch = a;
     memset(hp, 0, sizeof(*hp));
@@ -237,7 +232,7 @@ int mdl_arch_read_hparams(const gguf_file *f, const mdl_arch **arch, mdl_hparams
                   &hp->n_kv_heads, err, errlen))
         return -1;
     if (hp->n_heads % hp->n_kv_heads)
-        return fail(err, errlen, "%s.attention.head_count %d is not a multiple of "
+        return lkq_err(err, errlen, -1, "%s.attention.head_count %d is not a multiple of "
                     "head_count_kv %d", a->name, hp->n_heads, hp->n_kv_heads);
 
     /* head_dim: key_length when given (Gemma-3: 256 with dim 640 and 4
@@ -248,20 +243,20 @@ int mdl_arch_read_hparams(const gguf_file *f, const mdl_arch **arch, mdl_hparams
         return -1;
     if (!kl) {
         if (hp->dim % hp->n_heads)
-            return fail(err, errlen, "%s.embedding_length %d is not a multiple of "
+            return lkq_err(err, errlen, -1, "%s.embedding_length %d is not a multiple of "
                         "attention.head_count %d (and no attention.key_length)", a->name,
                         hp->dim, hp->n_heads);
         kl = hp->dim / hp->n_heads;
     }
     if (vl && vl != kl)
-        return fail(err, errlen, "%s.attention.value_length %d differs from key_length %d: "
+        return lkq_err(err, errlen, -1, "%s.attention.value_length %d differs from key_length %d: "
                     "not supported", a->name, vl, kl);
     hp->head_dim = kl;
     int32_t experts = 0;
     if (get_int(f, key(k, a, "expert_count"), 0, 0, 1 << 20, &experts, err, errlen))
         return -1;
     if (experts > 0)
-        return fail(err, errlen, "mixture-of-experts models (%s.expert_count = %d) are not "
+        return lkq_err(err, errlen, -1, "mixture-of-experts models (%s.expert_count = %d) are not "
                     "supported", a->name, experts);
 
     hp->n_rot = hp->head_dim;
@@ -269,7 +264,7 @@ int mdl_arch_read_hparams(const gguf_file *f, const mdl_arch **arch, mdl_hparams
                 errlen))
         return -1;
     if (hp->n_rot % 2)
-        return fail(err, errlen, "%s.rope.dimension_count %d is odd", a->name, hp->n_rot);
+        return lkq_err(err, errlen, -1, "%s.rope.dimension_count %d is odd", a->name, hp->n_rot);
     hp->rope_theta = 10000.0f;
     hp->norm_eps = a->norm_eps;
     if (opt_pos_float(f, key(k, a, "rope.freq_base"), &hp->rope_theta, err, errlen) ||

@@ -11,6 +11,8 @@
  */
 #include "engine/model/gguf.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -58,28 +60,13 @@ typedef struct {
     size_t errlen;
 } cursor;
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-/* Writes a one-line reason into err (if any) and returns GGUF_EFORMAT. */
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return GGUF_EFORMAT;
-}
-
 /* Copies n bytes at the cursor into dst, or fails naming `what`. */
 static int cur_read(cursor *c, void *dst, size_t n, const char *what)
 {
     if (n > c->size - c->pos) {
         memset(dst, 0, n); /* keeps callers' locals defined on the error path */
-        return fail(c->err, c->errlen,
-                    "truncated file: %s at offset %zu needs %zu bytes, only %zu left",
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "truncated file: %s at offset %zu needs %zu bytes, only %zu left",
                     what, c->pos, n, c->size - c->pos);
     }
     memcpy(dst, c->p + c->pos, n);
@@ -93,12 +80,14 @@ static int cur_u64(cursor *c, uint64_t *v, const char *what) { return cur_read(c
 /* Reads a string (u64 length + bytes); the bytes stay in the file. */
 static int cur_str(cursor *c, gguf_str *s, const char *what)
 {
+    s->s = NULL; /* defined on every path */
+    s->len = 0;
     uint64_t len;
     if (cur_u64(c, &len, what))
         return GGUF_EFORMAT;
     if (len > c->size - c->pos)
-        return fail(c->err, c->errlen,
-                    "%s at offset %zu: string length %llu exceeds the %zu bytes left",
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "%s at offset %zu: string length %llu exceeds the %zu bytes left",
                     what, c->pos - 8, (unsigned long long)len, c->size - c->pos);
     s->s = (const char *)(c->p + c->pos);
     s->len = len;
@@ -178,7 +167,8 @@ const char *gguf_type_name(uint32_t type)
 static int parse_value(cursor *c, kv_entry *kv, uint32_t type)
 {
     if (type > GGUF_FLOAT64)
-        return fail(c->err, c->errlen, "key '%s' has unknown value type %u", kv->key, type);
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "key '%s' has unknown value type %u", kv->key, type);
     kv->type = (gguf_vtype)type;
     if (type == GGUF_STRING) {
         gguf_str s;
@@ -195,7 +185,8 @@ static int parse_value(cursor *c, kv_entry *kv, uint32_t type)
         if (cur_read(c, tmp, sz, kv->key))
             return GGUF_EFORMAT;
         if (type == GGUF_BOOL && tmp[0] > 1)
-            return fail(c->err, c->errlen, "key '%s': invalid bool byte %u", kv->key, tmp[0]);
+            return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                           "key '%s': invalid bool byte %u", kv->key, tmp[0]);
         return 0;
     }
     uint32_t et;
@@ -203,9 +194,11 @@ static int parse_value(cursor *c, kv_entry *kv, uint32_t type)
     if (cur_u32(c, &et, kv->key) || cur_u64(c, &n, kv->key))
         return GGUF_EFORMAT;
     if (et == GGUF_ARRAY)
-        return fail(c->err, c->errlen, "key '%s': nested arrays are not supported", kv->key);
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "key '%s': nested arrays are not supported", kv->key);
     if (et > GGUF_FLOAT64)
-        return fail(c->err, c->errlen, "key '%s': unknown array element type %u", kv->key, et);
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "key '%s': unknown array element type %u", kv->key, et);
     kv->etype = (gguf_vtype)et;
     kv->len = n;
     kv->val = c->p + c->pos;
@@ -213,24 +206,25 @@ static int parse_value(cursor *c, kv_entry *kv, uint32_t type)
     if (et != GGUF_STRING) {
         size_t sz = vtype_size(et);
         if (n > left / sz)
-            return fail(c->err, c->errlen,
-                        "key '%s': array of %llu %s elements cannot fit in the %zu bytes left",
+            return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                           "key '%s': array of %llu %s elements cannot fit in the %zu bytes left",
                         kv->key, (unsigned long long)n, gguf_vtype_name(et), left);
         if (et == GGUF_BOOL)
             for (uint64_t i = 0; i < n; i++)
                 if (kv->val[i] > 1)
-                    return fail(c->err, c->errlen, "key '%s': invalid bool byte %u at element %llu",
+                    return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                                   "key '%s': invalid bool byte %u at element %llu",
                                 kv->key, kv->val[i], (unsigned long long)i);
         c->pos += (size_t)n * sz;
         return 0;
     }
     if (n > left / 8) /* every string needs at least its 8-byte length */
-        return fail(c->err, c->errlen,
-                    "key '%s': array of %llu strings cannot fit in the %zu bytes left",
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "key '%s': array of %llu strings cannot fit in the %zu bytes left",
                     kv->key, (unsigned long long)n, left);
     kv->str_off = malloc((n ? n : 1) * sizeof(uint64_t));
     if (!kv->str_off)
-        return fail(c->err, c->errlen, "out of memory for key '%s'", kv->key);
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT, "out of memory for key '%s'", kv->key);
     size_t start = c->pos;
     for (uint64_t i = 0; i < n; i++) {
         gguf_str s;
@@ -276,16 +270,17 @@ static int parse_tensor_info(cursor *c, gguf_tensor *t, int64_t idx)
     if (cur_str(c, &name, what))
         return GGUF_EFORMAT;
     if (name.len > MAX_NAME_LEN || !valid_name(name.s, name.len))
-        return fail(c->err, c->errlen,
-                    "tensor %lld: name is empty, longer than %u bytes, not UTF-8 or holds NUL",
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "tensor %lld: name is empty, longer than %u bytes, not UTF-8 or holds NUL",
                     (long long)idx, MAX_NAME_LEN);
     if (!(t->name = dup_name(&name)))
-        return fail(c->err, c->errlen, "out of memory");
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT, "out of memory");
     uint32_t nd, type;
     if (cur_u32(c, &nd, t->name))
         return GGUF_EFORMAT;
     if (nd < 1 || nd > GGUF_MAX_DIMS)
-        return fail(c->err, c->errlen, "tensor '%s': n_dims %u out of range 1..%d", t->name,
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "tensor '%s': n_dims %u out of range 1..%d", t->name,
                     nd, GGUF_MAX_DIMS);
     t->n_dims = nd;
     int64_t n_elems = 1;
@@ -294,10 +289,12 @@ static int parse_tensor_info(cursor *c, gguf_tensor *t, int64_t idx)
         if ((uint32_t)d < nd && cur_u64(c, &ne, t->name))
             return GGUF_EFORMAT;
         if (ne < 1 || ne > (uint64_t)INT64_MAX)
-            return fail(c->err, c->errlen, "tensor '%s': dimension %d is %lld (must be > 0)",
+            return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                           "tensor '%s': dimension %d is %lld (must be > 0)",
                         t->name, d, (long long)ne);
         if ((int64_t)ne > INT64_MAX / n_elems)
-            return fail(c->err, c->errlen, "tensor '%s': element count overflows", t->name);
+            return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                           "tensor '%s': element count overflows", t->name);
         t->ne[d] = (int64_t)ne;
         n_elems *= (int64_t)ne;
     }
@@ -305,17 +302,20 @@ static int parse_tensor_info(cursor *c, gguf_tensor *t, int64_t idx)
     if (cur_u32(c, &type, t->name) || cur_u64(c, &t->offset, t->name))
         return GGUF_EFORMAT;
     if (!kt_type_valid(type))
-        return fail(c->err, c->errlen,
-                    "tensor '%s': unsupported tensor type %u (%s); supported: F32 F16 BF16 Q4_0 Q4_1 Q8_0",
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "tensor '%s': unsupported tensor type %u (%s); supported: F32 F16 BF16 Q4_0 Q4_1 Q8_0",
+                       
                     t->name, type, gguf_type_name(type));
     t->type = (kt_type)type;
     int64_t be = kt_block_elems(t->type);
     if (t->ne[0] % be)
-        return fail(c->err, c->errlen, "tensor '%s': row length %lld is not a multiple of %s block size %lld",
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "tensor '%s': row length %lld is not a multiple of %s block size %lld",
                     t->name, (long long)t->ne[0], kt_name(t->type), (long long)be);
     uint64_t nblocks = (uint64_t)(n_elems / be);
     if (nblocks > SIZE_MAX / kt_block_bytes(t->type))
-        return fail(c->err, c->errlen, "tensor '%s': byte size overflows", t->name);
+        return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
+                       "tensor '%s': byte size overflows", t->name);
     t->nbytes = (size_t)nblocks * kt_block_bytes(t->type);
     return 0;
 }
@@ -329,28 +329,29 @@ static int parse(gguf_file *f, char *err, size_t errlen)
     if (cur_read(&c, magic, 4, "magic"))
         return GGUF_EFORMAT;
     if (memcmp(magic, "GGUF", 4))
-        return fail(err, errlen, "not a GGUF file (bad magic)");
+        return lkq_err(err, errlen, GGUF_EFORMAT, "not a GGUF file (bad magic)");
     if (cur_u32(&c, &f->version, "version"))
         return GGUF_EFORMAT;
     if (f->version != 2 && f->version != 3)
-        return fail(err, errlen, "unsupported GGUF version %u (need 2 or 3)", f->version);
+        return lkq_err(err, errlen, GGUF_EFORMAT,
+                       "unsupported GGUF version %u (need 2 or 3)", f->version);
     if (cur_u64(&c, &n_tensors, "n_tensors") || cur_u64(&c, &n_kv, "n_kv"))
         return GGUF_EFORMAT;
     /* A key/value takes >= 14 bytes (8 len, 1 key byte, 4 type, 1 value);
      * a tensor info >= 33 (8 len, 1 name byte, 4 n_dims, 8 ne, 4 type, 8 off). */
     size_t left = f->size - c.pos;
     if (n_kv > left / 14)
-        return fail(err, errlen, "n_kv %llu cannot fit in a %zu-byte file",
+        return lkq_err(err, errlen, GGUF_EFORMAT, "n_kv %llu cannot fit in a %zu-byte file",
                     (unsigned long long)n_kv, f->size);
     if (n_tensors > left / 33)
-        return fail(err, errlen, "n_tensors %llu cannot fit in a %zu-byte file",
+        return lkq_err(err, errlen, GGUF_EFORMAT, "n_tensors %llu cannot fit in a %zu-byte file",
                     (unsigned long long)n_tensors, f->size);
     f->kv = calloc(n_kv ? n_kv : 1, sizeof(kv_entry));
     f->tensors = calloc(n_tensors ? n_tensors : 1, sizeof(gguf_tensor));
     f->kv_sorted = malloc((n_kv ? n_kv : 1) * sizeof(kv_entry *));
     f->t_sorted = malloc((n_tensors ? n_tensors : 1) * sizeof(gguf_tensor *));
     if (!f->kv || !f->tensors || !f->kv_sorted || !f->t_sorted)
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, GGUF_EFORMAT, "out of memory");
 
     for (uint64_t i = 0; i < n_kv; i++) {
         kv_entry *kv = &f->kv[i];
@@ -361,11 +362,11 @@ static int parse(gguf_file *f, char *err, size_t errlen)
         if (cur_str(&c, &key, what))
             return GGUF_EFORMAT;
         if (key.len > MAX_KEY_LEN || !valid_name(key.s, key.len))
-            return fail(err, errlen,
-                        "key %llu at offset %zu: empty, too long, invalid UTF-8 or embedded NUL",
+            return lkq_err(err, errlen, GGUF_EFORMAT,
+                           "key %llu at offset %zu: empty, too long, invalid UTF-8 or embedded NUL",
                         (unsigned long long)i, c.pos - (size_t)key.len - 8);
         if (!(kv->key = dup_name(&key)))
-            return fail(err, errlen, "out of memory");
+            return lkq_err(err, errlen, GGUF_EFORMAT, "out of memory");
         f->n_kv = (int64_t)i + 1; /* so that close frees it */
         if (cur_u32(&c, &type, kv->key) || parse_value(&c, kv, type))
             return GGUF_EFORMAT;
@@ -374,14 +375,15 @@ static int parse(gguf_file *f, char *err, size_t errlen)
     qsort(f->kv_sorted, n_kv, sizeof(kv_entry *), cmp_kv);
     for (uint64_t i = 1; i < n_kv; i++)
         if (!strcmp(f->kv_sorted[i - 1]->key, f->kv_sorted[i]->key))
-            return fail(err, errlen, "duplicate key '%s'", f->kv_sorted[i]->key);
+            return lkq_err(err, errlen, GGUF_EFORMAT, "duplicate key '%s'", f->kv_sorted[i]->key);
 
     f->alignment = GGUF_DEFAULT_ALIGNMENT;
     int64_t al;
     int rc = gguf_get_int(f, "general.alignment", 1, MAX_ALIGNMENT, &al, err, errlen);
     if (rc == GGUF_OK) {
         if (al & (al - 1))
-            return fail(err, errlen, "general.alignment %lld is not a power of two", (long long)al);
+            return lkq_err(err, errlen, GGUF_EFORMAT,
+                           "general.alignment %lld is not a power of two", (long long)al);
         f->alignment = (size_t)al;
     } else if (rc != GGUF_EMISSING) {
         return GGUF_EFORMAT;
@@ -393,7 +395,8 @@ static int parse(gguf_file *f, char *err, size_t errlen)
         if (parse_tensor_info(&c, t, (int64_t)i))
             return GGUF_EFORMAT;
         if (t->offset % f->alignment)
-            return fail(err, errlen, "tensor '%s': data offset %llu is not a multiple of the alignment %zu",
+            return lkq_err(err, errlen, GGUF_EFORMAT,
+                           "tensor '%s': data offset %llu is not a multiple of the alignment %zu",
                         t->name, (unsigned long long)t->offset, f->alignment);
         f->t_sorted[i] = t;
     }
@@ -402,14 +405,17 @@ static int parse(gguf_file *f, char *err, size_t errlen)
 
     size_t data_start = c.pos + (f->alignment - c.pos % f->alignment) % f->alignment;
     if (data_start < c.pos || data_start > f->size)
-        return fail(err, errlen, "truncated file: the tensor data section would start at %zu, past the end (%zu)",
+        return lkq_err(err, errlen, GGUF_EFORMAT,
+                       "truncated file: the tensor data section would start at %zu, past the end (%zu)",
+                       
                     data_start, f->size);
     size_t data_size = f->size - data_start;
     for (uint64_t i = 0; i < n_tensors; i++) {
         gguf_tensor *t = &f->tensors[i];
         if (t->offset > data_size || t->nbytes > data_size - t->offset)
-            return fail(err, errlen,
-                        "tensor '%s': data [%llu, +%zu) lies past the end of the file (data section is %zu bytes)",
+            return lkq_err(err, errlen, GGUF_EFORMAT,
+                           "tensor '%s': data [%llu, +%zu) lies past the end of the file (data section is %zu bytes)",
+                           
                         t->name, (unsigned long long)t->offset, t->nbytes, data_size);
         t->data = f->base + data_start + t->offset;
     }
@@ -417,12 +423,14 @@ static int parse(gguf_file *f, char *err, size_t errlen)
     for (uint64_t i = 1; i < n_tensors; i++) {
         const gguf_tensor *a = f->t_sorted[i - 1], *b = f->t_sorted[i];
         if (a->offset + a->nbytes > b->offset)
-            return fail(err, errlen, "tensors '%s' and '%s' overlap in the file", a->name, b->name);
+            return lkq_err(err, errlen, GGUF_EFORMAT,
+                           "tensors '%s' and '%s' overlap in the file", a->name, b->name);
     }
     qsort(f->t_sorted, n_tensors, sizeof(gguf_tensor *), cmp_tname);
     for (uint64_t i = 1; i < n_tensors; i++)
         if (!strcmp(f->t_sorted[i - 1]->name, f->t_sorted[i]->name))
-            return fail(err, errlen, "duplicate tensor name '%s'", f->t_sorted[i]->name);
+            return lkq_err(err, errlen, GGUF_EFORMAT,
+                           "duplicate tensor name '%s'", f->t_sorted[i]->name);
     return 0;
 }
 
@@ -465,7 +473,7 @@ int gguf_open_mem(const void *data, size_t size, gguf_file **out, char *err,
     *out = NULL;
     gguf_file *f = calloc(1, sizeof(*f));
     if (!f)
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, GGUF_EFORMAT, "out of memory");
     f->base = data;
     f->size = data ? size : 0;
     return finish_open(f, out, err, errlen);
@@ -476,22 +484,22 @@ int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
     *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        fail(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+        lkq_err(err, errlen, GGUF_EFORMAT, "cannot open '%s': %s", path, strerror(errno));
         return GGUF_EIO;
     }
     struct stat st;
     if (fstat(fd, &st)) {
-        fail(err, errlen, "cannot stat '%s': %s", path, strerror(errno));
+        lkq_err(err, errlen, GGUF_EFORMAT, "cannot stat '%s': %s", path, strerror(errno));
         close(fd);
         return GGUF_EIO;
     }
     if (!S_ISREG(st.st_mode) || st.st_size == 0) {
         if (S_ISDIR(st.st_mode))
-            fail(err, errlen, "'%s' is a directory, not a model file", path);
+            lkq_err(err, errlen, GGUF_EFORMAT, "'%s' is a directory, not a model file", path);
         else if (!S_ISREG(st.st_mode))
-            fail(err, errlen, "'%s' is not a regular file", path);
+            lkq_err(err, errlen, GGUF_EFORMAT, "'%s' is not a regular file", path);
         else
-            fail(err, errlen, "'%s' is empty", path);
+            lkq_err(err, errlen, GGUF_EFORMAT, "'%s' is empty", path);
         close(fd);
         return GGUF_EIO;
     }
@@ -499,13 +507,13 @@ int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
     int e = errno;
     close(fd);
     if (p == MAP_FAILED) {
-        fail(err, errlen, "cannot map '%s': %s", path, strerror(e));
+        lkq_err(err, errlen, GGUF_EFORMAT, "cannot map '%s': %s", path, strerror(e));
         return GGUF_EIO;
     }
     gguf_file *f = calloc(1, sizeof(*f));
     if (!f) {
         munmap(p, (size_t)st.st_size);
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, GGUF_EFORMAT, "out of memory");
     }
     f->base = p;
     f->size = (size_t)st.st_size;
@@ -611,7 +619,8 @@ static const kv_entry *lookup(const gguf_file *f, const char *key, int *rc)
 /* Writes "key 'k' is <type>, expected <want>" and returns GGUF_ETYPE. */
 static int type_err(const kv_entry *kv, const char *want, char *err, size_t errlen)
 {
-    fail(err, errlen, "key '%s' is %s, expected %s", kv->key, gguf_vtype_name(kv->type), want);
+    lkq_err(err, errlen, GGUF_EFORMAT,
+            "key '%s' is %s, expected %s", kv->key, gguf_vtype_name(kv->type), want);
     return GGUF_ETYPE;
 }
 
@@ -628,9 +637,9 @@ int gguf_get_int(const gguf_file *f, const char *key, int64_t min, int64_t max,
         return type_err(kv, "an integer", err, errlen);
     if (rc || v < min || v > max) {
         if (rc)
-            fail(err, errlen, "key '%s': value does not fit int64", key);
+            lkq_err(err, errlen, GGUF_EFORMAT, "key '%s': value does not fit int64", key);
         else
-            fail(err, errlen, "key '%s' = %lld is out of range [%lld, %lld]", key,
+            lkq_err(err, errlen, GGUF_EFORMAT, "key '%s' = %lld is out of range [%lld, %lld]", key,
                  (long long)v, (long long)min, (long long)max);
         return GGUF_ERANGE;
     }
@@ -649,7 +658,7 @@ int gguf_get_float(const gguf_file *f, const char *key, double *out, char *err,
     if (rc == GGUF_ETYPE)
         return type_err(kv, "a number", err, errlen);
     if (rc)
-        fail(err, errlen, "key '%s': value does not fit int64", key);
+        lkq_err(err, errlen, GGUF_EFORMAT, "key '%s': value does not fit int64", key);
     return rc;
 }
 
@@ -664,7 +673,7 @@ int gguf_get_bool(const gguf_file *f, const char *key, int *out, char *err,
     if (load_int(kv->type, kv->val, &v) != 0)
         return type_err(kv, "a bool", err, errlen);
     if (v != 0 && v != 1) {
-        fail(err, errlen, "key '%s' = %lld is not a bool", key, (long long)v);
+        lkq_err(err, errlen, GGUF_EFORMAT, "key '%s' = %lld is not a bool", key, (long long)v);
         return GGUF_ERANGE;
     }
     *out = (int)v;

@@ -6,6 +6,8 @@
  */
 #include "engine/model/llama2c.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -18,25 +20,12 @@
 
 #define HDR_BYTES 28u
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 /* Checks one header field against [1, max]. */
 static int in_range(int32_t v, int32_t max, const char *what, char *err, size_t errlen)
 {
     if (v < 1 || v > max)
-        return fail(err, errlen, "llama2.c header: %s = %d is out of range [1, %d]", what, v, max);
+        return lkq_err(err, errlen, -1,
+                       "llama2.c header: %s = %d is out of range [1, %d]", what, v, max);
     return 0;
 }
 
@@ -58,14 +47,15 @@ int l2c_check(const int32_t hdr[7], uint64_t file_size, l2c_config *cfg,
         in_range(c.seq_len, L2C_MAX_SEQ, "seq_len", err, errlen))
         return -1;
     if (c.dim % c.n_heads)
-        return fail(err, errlen, "llama2.c header: dim %d is not a multiple of n_heads %d",
+        return lkq_err(err, errlen, -1, "llama2.c header: dim %d is not a multiple of n_heads %d",
                     c.dim, c.n_heads);
     if (c.n_heads % c.n_kv_heads)
-        return fail(err, errlen, "llama2.c header: n_heads %d is not a multiple of n_kv_heads %d",
+        return lkq_err(err, errlen, -1,
+                       "llama2.c header: n_heads %d is not a multiple of n_kv_heads %d",
                     c.n_heads, c.n_kv_heads);
     uint64_t head_dim = (uint64_t)(c.dim / c.n_heads);
     if (head_dim % 2)
-        return fail(err, errlen, "llama2.c header: head_dim %llu is odd (RoPE needs pairs)",
+        return lkq_err(err, errlen, -1, "llama2.c header: head_dim %llu is odd (RoPE needs pairs)",
                     (unsigned long long)head_dim);
 
     /* Sizes in floats; the limits above keep every product far below 2^62. */
@@ -80,8 +70,8 @@ int l2c_check(const int32_t hdr[7], uint64_t file_size, l2c_config *cfg,
     if (file_size == with)
         c.has_freq_cis = 1;
     else if (file_size != without)
-        return fail(err, errlen,
-                    "llama2.c checkpoint is %llu bytes, expected %llu (or %llu with the legacy "
+        return lkq_err(err, errlen, -1,
+                       "llama2.c checkpoint is %llu bytes, expected %llu (or %llu with the legacy "
                     "freq_cis arrays) for dim %d hidden %d layers %d heads %d/%d vocab %d seq %d%s",
                     (unsigned long long)file_size, (unsigned long long)without,
                     (unsigned long long)with, c.dim, c.hidden_dim, c.n_layers, c.n_heads,
@@ -105,7 +95,8 @@ static int setup(l2c_file *f, char *err, size_t errlen)
 {
     int32_t hdr[7];
     if (f->size < HDR_BYTES)
-        return fail(err, errlen, "file too small for a llama2.c header (%zu bytes, need 28)", f->size);
+        return lkq_err(err, errlen, -1,
+                       "file too small for a llama2.c header (%zu bytes, need 28)", f->size);
     memcpy(hdr, f->base, sizeof(hdr));
     if (l2c_check(hdr, f->size, &f->cfg, err, errlen))
         return -1;
@@ -135,10 +126,10 @@ int l2c_open_mem(const void *data, size_t size, l2c_file **out, char *err,
 {
     *out = NULL;
     if ((uintptr_t)data % sizeof(float))
-        return fail(err, errlen, "llama2.c buffer is not 4-byte aligned");
+        return lkq_err(err, errlen, -1, "llama2.c buffer is not 4-byte aligned");
     l2c_file *f = calloc(1, sizeof(*f));
     if (!f)
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, -1, "out of memory");
     f->base = data;
     f->size = data ? size : 0;
     if (setup(f, err, errlen)) {
@@ -154,15 +145,15 @@ int l2c_open(const char *path, l2c_file **out, char *err, size_t errlen)
     *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return fail(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+        return lkq_err(err, errlen, -1, "cannot open '%s': %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st)) {
-        fail(err, errlen, "cannot stat '%s': %s", path, strerror(errno));
+        lkq_err(err, errlen, -1, "cannot stat '%s': %s", path, strerror(errno));
         close(fd);
         return -1;
     }
     if (S_ISDIR(st.st_mode) || !S_ISREG(st.st_mode) || st.st_size == 0) {
-        fail(err, errlen, S_ISDIR(st.st_mode) ? "'%s' is a directory, not a model file"
+        lkq_err(err, errlen, -1, S_ISDIR(st.st_mode) ? "'%s' is a directory, not a model file"
                           : st.st_size == 0 && S_ISREG(st.st_mode) ? "'%s' is empty"
                           : "'%s' is not a regular file", path);
         close(fd);
@@ -172,18 +163,18 @@ int l2c_open(const char *path, l2c_file **out, char *err, size_t errlen)
     int e = errno;
     close(fd);
     if (p == MAP_FAILED)
-        return fail(err, errlen, "cannot map '%s': %s", path, strerror(e));
+        return lkq_err(err, errlen, -1, "cannot map '%s': %s", path, strerror(e));
     l2c_file *f = calloc(1, sizeof(*f));
     if (!f) {
         munmap(p, (size_t)st.st_size);
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, -1, "out of memory");
     }
     f->base = p;
     f->size = (size_t)st.st_size;
     f->mapped = 1;
     char why[384];
     if (setup(f, why, sizeof(why))) {
-        fail(err, errlen, "'%s': %s", path, why);
+        lkq_err(err, errlen, -1, "'%s': %s", path, why);
         l2c_close(f);
         return -1;
     }

@@ -23,6 +23,8 @@
  */
 #include "engine/model/model.h"
 
+#include "engine/util/err.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -44,20 +46,6 @@ typedef struct {
     size_t norms_used, norms_cap;
     uint8_t *used;     /* [n_tensors]: 1 once the loader has taken the tensor */
 } load_priv;
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 void mdl_free(mdl_model *m)
 {
@@ -117,14 +105,16 @@ static int get_matrix(gguf_file *f, load_priv *p, const char *name, int64_t n_co
 {
     const gguf_tensor *t = find_tensor(f, p, name);
     if (!t)
-        return fail(err, errlen, "missing tensor '%s'", name);
+        return lkq_err(err, errlen, -1, "missing tensor '%s'", name);
     if (t->ne[0] != n_cols || t->ne[1] != n_rows || t->ne[2] != 1 || t->ne[3] != 1)
-        return fail(err, errlen, "tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld]%s%s%s",
+        return lkq_err(err, errlen, -1,
+                       "tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld]%s%s%s",
+                       
                     name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
                     (long long)t->ne[3], (long long)n_cols, (long long)n_rows,
                     why ? " (" : "", why ? why : "", why ? ")" : "");
     if ((uintptr_t)t->data % (t->type == KT_F32 ? 4 : 2))
-        return fail(err, errlen, "tensor '%s' data is misaligned in the file", name);
+        return lkq_err(err, errlen, -1, "tensor '%s' data is misaligned in the file", name);
     w->type = t->type;
     w->data = t->data;
     w->n_cols = n_cols;
@@ -140,9 +130,10 @@ static int get_vector(gguf_file *f, load_priv *p, const char *name, int64_t n, c
 {
     const gguf_tensor *t = find_tensor(f, p, name);
     if (!t)
-        return fail(err, errlen, "missing tensor '%s'", name);
+        return lkq_err(err, errlen, -1, "missing tensor '%s'", name);
     if (t->n_elems != n || t->ne[0] != n)
-        return fail(err, errlen, "tensor '%s' has %lld elements (first dim %lld), expected a "
+        return lkq_err(err, errlen, -1,
+                       "tensor '%s' has %lld elements (first dim %lld), expected a "
                     "vector of %lld%s%s%s", name, (long long)t->n_elems, (long long)t->ne[0],
                     (long long)n, why ? " (" : "", why ? why : "", why ? ")" : "");
     if (t->type == KT_F32 && (uintptr_t)t->data % 4 == 0) {
@@ -150,10 +141,11 @@ static int get_vector(gguf_file *f, load_priv *p, const char *name, int64_t n, c
         return 0;
     }
     if (t->type != KT_F32 && t->type != KT_F16 && t->type != KT_BF16)
-        return fail(err, errlen, "tensor '%s' is %s; norm vectors must be F32, F16 or BF16",
+        return lkq_err(err, errlen, -1, "tensor '%s' is %s; norm vectors must be F32, F16 or BF16",
                     name, kt_name(t->type));
     if (p->norms_used + (size_t)n > p->norms_cap)
-        return fail(err, errlen, "tensor '%s': internal error (vector buffer too small)", name);
+        return lkq_err(err, errlen, -1,
+                       "tensor '%s': internal error (vector buffer too small)", name);
     float *dst = p->norms + p->norms_used;
     p->norms_used += (size_t)n;
     const unsigned char *src = t->data;
@@ -178,12 +170,13 @@ static int read_rope_freqs(gguf_file *f, const mdl_arch *a, mdl_model *m, load_p
     mdl_hparams *hp = &m->hp;
     if (!a->rope_freqs || !gguf_find_tensor(f, "rope_freqs.weight")) {
         if (mdl_arch_wants_rope_freqs(f, a))
-            return fail(err, errlen, "%s.rope.scaling.type is 'llama3' but tensor "
+            return lkq_err(err, errlen, -1, "%s.rope.scaling.type is 'llama3' but tensor "
                         "'rope_freqs.weight' is missing", a->name);
         return 0; /* a family without rope_freqs: an unused tensor, refused later */
     }
     if (hp->rope_scaling == MDL_ROPE_SCALE_LINEAR)
-        return fail(err, errlen, "tensor 'rope_freqs.weight' together with linear rope scaling "
+        return lkq_err(err, errlen, -1,
+                       "tensor 'rope_freqs.weight' together with linear rope scaling "
                     "(factor %g): not supported", 1.0 / hp->rope_freq_scale);
     char why[48];
     snprintf(why, sizeof(why), "rope dimension count %d / 2", hp->n_rot);
@@ -191,7 +184,8 @@ static int read_rope_freqs(gguf_file *f, const mdl_arch *a, mdl_model *m, load_p
         return -1;
     for (int i = 0; i < hp->n_rot / 2; i++)
         if (!(m->rope_freqs[i] > 0) || !isfinite(m->rope_freqs[i]))
-            return fail(err, errlen, "tensor 'rope_freqs.weight' entry %d = %g must be positive "
+            return lkq_err(err, errlen, -1,
+                           "tensor 'rope_freqs.weight' entry %d = %g must be positive "
                         "and finite", i, (double)m->rope_freqs[i]);
     hp->rope_scaling = MDL_ROPE_SCALE_LLAMA3;
     return 0;
@@ -243,7 +237,8 @@ static int check_all_used(gguf_file *f, const mdl_arch *a, const load_priv *p, c
 {
     for (int64_t i = 0; i < gguf_n_tensors(f); i++)
         if (!p->used[i])
-            return fail(err, errlen, "tensor '%s' is not used by architecture '%s' (not supported)",
+            return lkq_err(err, errlen, -1,
+                           "tensor '%s' is not used by architecture '%s' (not supported)",
                         gguf_tensor_at(f, i)->name, a->name);
     return 0;
 }
@@ -256,10 +251,10 @@ static int read_tensors(gguf_file *f, const mdl_arch *a, mdl_model *m, load_priv
 {
     mdl_hparams *hp = &m->hp;
     if (!(p->used = calloc((size_t)gguf_n_tensors(f) + 1, 1)))
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, -1, "out of memory");
     const gguf_tensor *te = gguf_find_tensor(f, "token_embd.weight");
     if (!te)
-        return fail(err, errlen, "missing tensor 'token_embd.weight'");
+        return lkq_err(err, errlen, -1, "missing tensor 'token_embd.weight'");
     int64_t nv = te->ne[1];
     char k[96];
     snprintf(k, sizeof(k), "%s.vocab_size", a->name);
@@ -267,7 +262,8 @@ static int read_tensors(gguf_file *f, const mdl_arch *a, mdl_model *m, load_priv
     if (rc && rc != GGUF_EMISSING)
         return -1;
     if (nv < 1 || nv > (1 << 22))
-        return fail(err, errlen, "token_embd.weight has %lld rows (vocab too large)", (long long)nv);
+        return lkq_err(err, errlen, -1,
+                       "token_embd.weight has %lld rows (vocab too large)", (long long)nv);
     hp->n_vocab = (int32_t)nv;
     int64_t dim = hp->dim;
     int64_t q_dim = (int64_t)hp->n_heads * hp->head_dim;
@@ -290,7 +286,7 @@ static int read_tensors(gguf_file *f, const mdl_arch *a, mdl_model *m, load_priv
     p->norms = malloc(p->norms_cap * sizeof(float));
     m->layers = calloc((size_t)hp->n_layers, sizeof(mdl_layer));
     if (!p->norms || !m->layers)
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, -1, "out of memory");
     if (get_vector(f, p, "output_norm.weight", dim, NULL, &m->out_norm, err, errlen) ||
         read_rope_freqs(f, a, m, p, err, errlen))
         return -1;
@@ -320,7 +316,7 @@ static int tok_id(gguf_file *f, const char *key, int32_t n_tok, int32_t dflt, in
             *out = -1;
             return 0;
         }
-        return fail(err, errlen, "%s = %lld is outside the vocabulary (%d tokens)", key,
+        return lkq_err(err, errlen, -1, "%s = %lld is outside the vocabulary (%d tokens)", key,
                     (long long)v, n_tok);
     }
     *out = (int32_t)v;
@@ -341,7 +337,8 @@ static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
 
     int r = gguf_get_str(f, "tokenizer.ggml.model", &s, err, errlen);
     if (r == GGUF_EMISSING)
-        return fail(err, errlen, "missing metadata key 'tokenizer.ggml.model' (no tokenizer in file)");
+        return lkq_err(err, errlen, -1,
+                       "missing metadata key 'tokenizer.ggml.model' (no tokenizer in file)");
     if (r)
         return -1;
     if (str_is(s, "llama"))
@@ -349,16 +346,18 @@ static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
     else if (str_is(s, "gpt2"))
         d.kind = TOK_GPT2;
     else
-        return fail(err, errlen, "unsupported tokenizer model '%.*s' (only 'llama' and 'gpt2')",
+        return lkq_err(err, errlen, -1,
+                       "unsupported tokenizer model '%.*s' (only 'llama' and 'gpt2')",
                     (int)(s.len > 32 ? 32 : s.len), s.s);
 
     r = gguf_get_arr(f, "tokenizer.ggml.tokens", &a, err, errlen);
     if (r == GGUF_EMISSING)
-        return fail(err, errlen, "missing metadata key 'tokenizer.ggml.tokens'");
+        return lkq_err(err, errlen, -1, "missing metadata key 'tokenizer.ggml.tokens'");
     if (r)
         return -1;
     if (a.type != GGUF_STRING || a.n < 1 || a.n > (uint64_t)m->hp.n_vocab)
-        return fail(err, errlen, "tokenizer.ggml.tokens must be 1..%d strings (found %llu %s)",
+        return lkq_err(err, errlen, -1,
+                       "tokenizer.ggml.tokens must be 1..%d strings (found %llu %s)",
                     m->hp.n_vocab, (unsigned long long)a.n, gguf_vtype_name(a.type));
     d.n_vocab = (int32_t)a.n;
     tokens = calloc((size_t)d.n_vocab, sizeof(*tokens));
@@ -367,7 +366,7 @@ static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
     for (int32_t i = 0; i < d.n_vocab; i++) {
         gguf_arr_str(&a, (uint64_t)i, &s);
         if (s.len > UINT32_MAX) {
-            fail(err, errlen, "token %d is too long", i);
+            lkq_err(err, errlen, -1, "token %d is too long", i);
             goto out;
         }
         tokens[i].s = s.s;
@@ -380,7 +379,7 @@ static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
         goto out;
     if (r == 0) {
         if (a.n != (uint64_t)d.n_vocab || a.type == GGUF_STRING) {
-            fail(err, errlen, "tokenizer.ggml.scores: %llu %s values for %d tokens",
+            lkq_err(err, errlen, -1, "tokenizer.ggml.scores: %llu %s values for %d tokens",
                  (unsigned long long)a.n, gguf_vtype_name(a.type), d.n_vocab);
             goto out;
         }
@@ -402,7 +401,8 @@ static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
         for (int32_t i = 0; i < d.n_vocab; i++) {
             int64_t v = 0;
             if (a.n != (uint64_t)d.n_vocab || gguf_arr_int(&a, (uint64_t)i, &v) || v < 0 || v > 255) {
-                fail(err, errlen, "tokenizer.ggml.token_type: bad entry %d (%llu %s values for %d tokens)",
+                lkq_err(err, errlen, -1,
+                        "tokenizer.ggml.token_type: bad entry %d (%llu %s values for %d tokens)",
                      i, (unsigned long long)a.n, gguf_vtype_name(a.type), d.n_vocab);
                 goto out;
             }
@@ -415,7 +415,7 @@ static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
         goto out;
     if (r == 0) {
         if (a.type != GGUF_STRING || a.n > INT32_MAX) {
-            fail(err, errlen, "tokenizer.ggml.merges must be an array of strings");
+            lkq_err(err, errlen, -1, "tokenizer.ggml.merges must be an array of strings");
             goto out;
         }
         d.n_merges = (int32_t)a.n;
@@ -449,7 +449,7 @@ static int read_tokenizer(gguf_file *f, mdl_model *m, char *err, size_t errlen)
     rc = tok_create(&d, &m->tok, err, errlen);
     goto out;
 oom:
-    fail(err, errlen, "out of memory");
+    lkq_err(err, errlen, -1, "out of memory");
 out:
     free(tokens);
     free(merges);
@@ -517,7 +517,7 @@ static int load_gguf(const char *path, mdl_model *m, load_priv *p, char *err, si
     const mdl_arch *a = NULL;
     if (mdl_arch_read_hparams(f, &a, &m->hp, why, sizeof(why)) ||
         read_tensors(f, a, m, p, why, sizeof(why)) || read_tokenizer(f, m, why, sizeof(why)))
-        return fail(err, errlen, "'%s': %s", path, why);
+        return lkq_err(err, errlen, -1, "'%s': %s", path, why);
     m->format = "gguf";
     snprintf(m->arch, sizeof(m->arch), "%s", a->name);
     gguf_str s;
@@ -558,7 +558,8 @@ static int load_l2c_tokenizer(const char *path, const char *tokenizer_path, int3
             if (is_file(cand[i]))
                 tp = cand[i];
         if (!tp)
-            return fail(err, errlen, "no tokenizer found beside '%s' (tried tokenizer.bin, tok%d.bin, "
+            return lkq_err(err, errlen, -1,
+                           "no tokenizer found beside '%s' (tried tokenizer.bin, tok%d.bin, "
                         "tokenizer.model, tok%d.model); give a tokenizer path", path, n_vocab, n_vocab);
     }
     size_t n = strlen(tp);
@@ -567,9 +568,9 @@ static int load_l2c_tokenizer(const char *path, const char *tokenizer_path, int3
                  ? tok_load_spm_model(tp, out, why, sizeof(why))
                  : tok_load_llama2c(tp, n_vocab, out, why, sizeof(why));
     if (rc)
-        return fail(err, errlen, "tokenizer '%s': %s", tp, why);
+        return lkq_err(err, errlen, -1, "tokenizer '%s': %s", tp, why);
     if (tok_n_vocab(*out) > n_vocab)
-        return fail(err, errlen, "tokenizer '%s' has %d tokens, the model only %d", tp,
+        return lkq_err(err, errlen, -1, "tokenizer '%s' has %d tokens, the model only %d", tp,
                     tok_n_vocab(*out), n_vocab);
     return 0;
 }
@@ -622,7 +623,7 @@ static int load_l2c(const char *path, const char *tokenizer_path, mdl_model *m, 
     m->output = f32_weight(f->wcls, c->dim, c->vocab_size);
     m->out_norm = f->rms_final;
     if (!(m->layers = calloc((size_t)c->n_layers, sizeof(mdl_layer))))
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, -1, "out of memory");
     for (size_t l = 0; l < (size_t)c->n_layers; l++) {
         mdl_layer *L = &m->layers[l];
         L->attn_norm = f->rms_att + l * dim;
@@ -654,11 +655,11 @@ int mdl_load(const char *path, const char *tokenizer_path, mdl_model **out,
 {
     *out = NULL;
     if (!path || !*path)
-        return fail(err, errlen, "no model path given");
+        return lkq_err(err, errlen, -1, "no model path given");
     /* Sniff the format (and give the common file errors) before mapping. */
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return fail(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+        return lkq_err(err, errlen, -1, "cannot open '%s': %s", path, strerror(errno));
     struct stat st;
     unsigned char head[28] = {0};
     ssize_t got = 0;
@@ -667,15 +668,15 @@ int mdl_load(const char *path, const char *tokenizer_path, mdl_model **out,
         got = pread(fd, head, sizeof(head), 0);
     close(fd);
     if (bad)
-        return fail(err, errlen, "cannot stat '%s': %s", path, strerror(bad));
+        return lkq_err(err, errlen, -1, "cannot stat '%s': %s", path, strerror(bad));
     if (S_ISDIR(st.st_mode))
-        return fail(err, errlen, "'%s' is a directory, not a model file", path);
+        return lkq_err(err, errlen, -1, "'%s' is a directory, not a model file", path);
     if (!S_ISREG(st.st_mode))
-        return fail(err, errlen, "'%s' is not a regular file", path);
+        return lkq_err(err, errlen, -1, "'%s' is not a regular file", path);
     if (st.st_size == 0)
-        return fail(err, errlen, "'%s' is empty", path);
+        return lkq_err(err, errlen, -1, "'%s' is empty", path);
     if (got < 0)
-        return fail(err, errlen, "cannot read '%s': %s", path, strerror(errno));
+        return lkq_err(err, errlen, -1, "cannot read '%s': %s", path, strerror(errno));
 
     int is_gguf = got >= 4 && !memcmp(head, "GGUF", 4);
     if (!is_gguf) {
@@ -685,7 +686,8 @@ int mdl_load(const char *path, const char *tokenizer_path, mdl_model **out,
         memcpy(hdr, head, sizeof(hdr));
         if (got < (ssize_t)sizeof(head) ||
             l2c_check(hdr, (uint64_t)st.st_size, &cfg, why, sizeof(why)))
-            return fail(err, errlen, "'%s' is neither a GGUF file (no 'GGUF' magic) nor a valid "
+            return lkq_err(err, errlen, -1,
+                           "'%s' is neither a GGUF file (no 'GGUF' magic) nor a valid "
                         "llama2.c checkpoint (%s)", path, why);
     }
 
@@ -694,7 +696,7 @@ int mdl_load(const char *path, const char *tokenizer_path, mdl_model **out,
     if (!m || !p) {
         free(m);
         free(p);
-        return fail(err, errlen, "out of memory");
+        return lkq_err(err, errlen, -1, "out of memory");
     }
     m->priv = p;
     int rc = is_gguf ? load_gguf(path, m, p, err, errlen)
