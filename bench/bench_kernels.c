@@ -1,13 +1,19 @@
 /*
  * bench_kernels.c - throughput of kcpu_matmul on the SmolLM2-135M shapes
  * (dim 576, hidden 1536, 3 kv heads x 64, vocab 49152 with a Q8_0 output
- * matrix), for the reference, the forced-scalar and the AVX2 paths, 1 and 2
- * threads, a single token (decode, gemv) and a 512-token batch (prefill).
+ * matrix), for the reference and every back end this CPU runs (forced
+ * scalar, AVX2, AVX-512, AVX-512 VNNI), 1 and 2 threads, a single token
+ * (decode, gemv) and a 512-token batch (prefill).
  *
  *   ninja -C build-kern bench/bench_kernels && ./build-kern/bench/bench_kernels
  *   options: --full (also the slow ref/scalar 512-token runs), --hot (single
  *   token runs reuse one cached copy of the weights), --reps N (default 5, minimum calls),
- *   --type T (F32|F16|BF16|Q4_0|Q4_1|Q8_0: layer weights type, default Q4_1)
+ *   --type T (F32|F16|BF16|Q4_0|Q4_1|Q5_0|Q5_1|Q8_0: layer weights type,
+ *   default Q4_1; the K-quants need rows of a multiple of 256, see --sweep),
+ *   --sweep (instead: every quantized weight type on one 1024 x 2048 matrix,
+ *   the Gemma-3-270M ffn_down width, 1 and 512 tokens, 2 threads, each SIMD
+ *   path: GMAC/s = rows x cols x tokens / time; docs/bench.md), --rounds R
+ *   (--sweep repeated R times, each cell's best round kept)
  *
  * A second table times kcpu_attn_f16 (decode and a prefill chunk).
  * Each cell times single calls (at least N of them and at least 0.2 s):
@@ -21,6 +27,7 @@
  * estimated from the table (matmuls only).
  * Threading: the benchmark drives one kcpu_pool from its main thread.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,8 +53,30 @@ static const shape shapes[] = {
 #define N_SHAPES (int)(sizeof shapes / sizeof shapes[0])
 #define N_LAYERS 30
 
-enum { IMPL_REF, IMPL_SCALAR, IMPL_AVX2 };
-static const char *impl_names[] = { "ref", "scalar", "avx2" };
+enum { IMPL_REF, IMPL_SCALAR, IMPL_AVX2, IMPL_AVX512, IMPL_VNNI, N_IMPL };
+static const char *impl_names[] = { "ref", "scalar", "avx2", "avx512", "vnni" };
+static const kcpu_path impl_paths[] = { KCPU_PATH_AUTO, KCPU_PATH_SCALAR, KCPU_PATH_AVX2,
+                                        KCPU_PATH_AVX512, KCPU_PATH_AVX512VNNI };
+
+/* 1 when impl can run here (the reference always can). */
+static int impl_available(int impl)
+{
+    if (impl == IMPL_REF)
+        return 1;
+    int ok = kcpu_force_path(impl_paths[impl]) == 0;
+    kcpu_force_path(KCPU_PATH_AUTO);
+    return ok;
+}
+
+/* The impl the run-time choice uses (the last available). */
+static int impl_best(void)
+{
+    int b = IMPL_SCALAR;
+    for (int i = IMPL_AVX2; i < N_IMPL; i++)
+        if (impl_available(i))
+            b = i;
+    return b;
+}
 
 static double now_s(void)
 {
@@ -86,8 +115,19 @@ static void fill_weights(kt_type t, void *w, size_t nbytes)
         uint16_t h;
         switch (t) {
         case KT_F32: { float f = rndf(); memcpy(p + off, &f, 4); break; }
+        case KT_Q4_K: case KT_Q5_K: { /* d, dmin; the 6-bit scales reach 63 */
+            h = kt_f32_to_f16(0.0005f * rndf());
+            memcpy(p + off, &h, 2);
+            h = kt_f32_to_f16(0.001f * rndf());
+            memcpy(p + off + 2, &h, 2);
+            break;
+        }
+        case KT_Q6_K: /* d last; the int8 scales reach 127 */
+            h = kt_f32_to_f16(0.0002f * rndf());
+            memcpy(p + off + offsetof(kt_block_q6_k, d), &h, 2);
+            break;
         case KT_F16: case KT_BF16:
-        case KT_Q4_0: case KT_Q4_1: case KT_Q8_0:
+        case KT_Q4_0: case KT_Q4_1: case KT_Q5_0: case KT_Q5_1: case KT_Q8_0:
             /* a sane scale (or value) in the first half word */
             h = kt_f32_to_f16(0.01f * rndf());
             if (t == KT_BF16) {
@@ -97,7 +137,7 @@ static void fill_weights(kt_type t, void *w, size_t nbytes)
                 h = (uint16_t)(bits >> 16);
             }
             memcpy(p + off, &h, 2);
-            if (t == KT_Q4_1) {
+            if (t == KT_Q4_1 || t == KT_Q5_1) {
                 h = kt_f32_to_f16(-0.05f);
                 memcpy(p + off + 2, &h, 2);
             }
@@ -128,7 +168,7 @@ static void bench_one(int impl, kcpu_pool *pool, kt_type t, uint8_t *W,
     double wall0 = now_s(), cpu0 = cpu_s();
     int copy = 0, n = 0;
     if (impl != IMPL_REF)
-        kcpu_force_scalar(impl == IMPL_SCALAR);
+        kcpu_force_path(impl_paths[impl]);
     while (n < MAX_CALLS && (n < reps || now_s() - wall0 < 0.2)) {
         const void *w = W + (size_t)copy * wbytes;
         copy = (copy + 1) % n_copies;
@@ -178,8 +218,8 @@ static int bench_attention(kcpu_pool **pools, int reps, int full)
         double pairs = 0.0;
         for (int j = 0; j < n_q; j++)
             pairs += pos0 + j + 1;
-        for (int impl = 0; impl < 3; impl++) {
-            if (impl == IMPL_AVX2 && strcmp(kcpu_simd_name(), "avx2"))
+        for (int impl = 0; impl <= IMPL_AVX2; impl++) { /* AVX-512 attention is AVX2's */
+            if (!impl_available(impl))
                 continue;
             if (impl != IMPL_AVX2 && n_q > 1 && !full)
                 continue; /* seconds per call */
@@ -188,7 +228,7 @@ static int bench_attention(kcpu_pool **pools, int reps, int full)
                 int n = 0;
                 double wall0 = now_s(), cpu0 = cpu_s();
                 if (impl != IMPL_REF)
-                    kcpu_force_scalar(impl == IMPL_SCALAR);
+                    kcpu_force_path(impl_paths[impl]);
                 while (n < MAX_CALLS && (n < reps || now_s() - wall0 < 0.2)) {
                     double t0 = now_s();
                     if (impl == IMPL_REF) {
@@ -216,9 +256,85 @@ static int bench_attention(kcpu_pool **pools, int reps, int full)
     return 0;
 }
 
+/* --sweep: every quantized type on one rows x cols matrix, 1 and 512
+ * tokens, 2 threads, the scalar path (1 token only) and every SIMD path.
+ * GMAC/s = rows * cols * tokens / median time; single-token runs stream the
+ * weights from memory (copies overflow the last-level cache) unless hot.
+ * The whole sweep is repeated `rounds` times and each cell keeps its best
+ * round (lowest median), so that on a shared machine every cell gets the
+ * same chances of finding the cores free; cpu% is that round's. */
+#define SW_TYPES 8
+#define SW_CELLS (2 * N_IMPL)
+static int bench_sweep(kcpu_pool *pool, int reps, int hot, int rounds)
+{
+    enum { ROWS = 1024, COLS = 2048 };
+    static const kt_type types[SW_TYPES] = { KT_Q4_0, KT_Q4_1, KT_Q5_0, KT_Q5_1, KT_Q8_0,
+                                             KT_Q4_K, KT_Q5_K, KT_Q6_K };
+    static const int toks[] = { 1, 512 };
+    static double med[SW_TYPES][SW_CELLS], p10s[SW_TYPES][SW_CELLS], cpu[SW_TYPES][SW_CELLS];
+    float *x = malloc((size_t)512 * COLS * sizeof(float));
+    float *y = malloc((size_t)512 * ROWS * sizeof(float));
+    if (!x || !y)
+        return -1;
+    for (size_t i = 0; i < (size_t)512 * COLS; i++)
+        x[i] = rndf();
+    for (int r = 0; r < rounds; r++) {
+        for (int ti = 0; ti < SW_TYPES; ti++) {
+            kt_type t = types[ti];
+            size_t wbytes = kt_row_bytes(t, COLS) * ROWS;
+            int n_copies = hot ? 1 : (int)((96u << 20) / wbytes) + 1;
+            uint8_t *W = malloc(wbytes * (size_t)n_copies);
+            void *ws = malloc(kcpu_matmul_scratch_bytes(t, COLS, 512) + 1);
+            if (!W || !ws)
+                return -1;
+            fill_weights(t, W, wbytes);
+            for (int c = 1; c < n_copies; c++)
+                memcpy(W + (size_t)c * wbytes, W, wbytes);
+            for (int k = 0; k < 2; k++)
+                for (int impl = IMPL_SCALAR; impl < N_IMPL; impl++) {
+                    if (!impl_available(impl) || (impl == IMPL_SCALAR && toks[k] > 1))
+                        continue;
+                    double sec, p10, share;
+                    bench_one(impl, pool, t, W, toks[k] == 1 ? n_copies : 1, wbytes, x, y,
+                              ROWS, COLS, toks[k], ws, reps, &sec, &p10, &share);
+                    int c = k * N_IMPL + impl;
+                    if (r == 0 || sec < med[ti][c]) {
+                        med[ti][c] = sec;
+                        p10s[ti][c] = p10;
+                        cpu[ti][c] = share;
+                    }
+                }
+            free(W);
+            free(ws);
+        }
+        fprintf(stderr, "sweep round %d/%d done\n", r + 1, rounds);
+    }
+    printf("sweep: %d x %d weights, %d threads, >= %d calls per cell, best of %d rounds "
+           "(run-time choice: %s)\n", ROWS, COLS, kcpu_pool_size(pool), reps, rounds,
+           kcpu_simd_name());
+    printf("%-5s %4s %-7s %10s %8s %8s %10s %5s\n", "type", "tok", "path", "us/call", "GMAC/s",
+           "GB/s(W)", "p10 us", "cpu%");
+    for (int ti = 0; ti < SW_TYPES; ti++)
+        for (int k = 0; k < 2; k++)
+            for (int impl = IMPL_SCALAR; impl < N_IMPL; impl++) {
+                if (!impl_available(impl) || (impl == IMPL_SCALAR && toks[k] > 1))
+                    continue;
+                int c = k * N_IMPL + impl;
+                double sec = med[ti][c];
+                size_t wbytes = kt_row_bytes(types[ti], COLS) * ROWS;
+                printf("%-5s %4d %-7s %10.1f %8.2f %8.2f %10.1f %5.0f\n", kt_name(types[ti]),
+                       toks[k], impl_names[impl], sec * 1e6,
+                       (double)ROWS * COLS * toks[k] / sec * 1e-9, (double)wbytes / sec * 1e-9,
+                       p10s[ti][c] * 1e6, 100.0 * cpu[ti][c]);
+            }
+    free(x);
+    free(y);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    int full = 0, hot = 0, reps = 5;
+    int full = 0, hot = 0, reps = 5, sweep = 0, rounds = 1;
     kt_type layer_t = KT_Q4_1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--full")) {
@@ -229,11 +345,18 @@ int main(int argc, char **argv)
             reps = atoi(argv[++i]);
             if (reps < 1)
                 reps = 1;
+        } else if (!strcmp(argv[i], "--sweep")) {
+            sweep = 1;
+        } else if (!strcmp(argv[i], "--rounds") && i + 1 < argc) {
+            rounds = atoi(argv[++i]);
+            if (rounds < 1)
+                rounds = 1;
         } else if (!strcmp(argv[i], "--type") && i + 1 < argc) {
             const char *n = argv[++i];
-            static const kt_type all[] = { KT_F32, KT_F16, KT_BF16, KT_Q4_0, KT_Q4_1, KT_Q8_0 };
+            static const kt_type all[] = { KT_F32, KT_F16, KT_BF16, KT_Q4_0, KT_Q4_1,
+                                           KT_Q5_0, KT_Q5_1, KT_Q8_0 };
             int ok = 0;
-            for (int k = 0; k < 6; k++)
+            for (int k = 0; k < (int)(sizeof all / sizeof all[0]); k++)
                 if (!strcmp(n, kt_name(all[k]))) {
                     layer_t = all[k];
                     ok = 1;
@@ -243,7 +366,8 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: %s [--full] [--hot] [--reps N] [--type T]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--full] [--hot] [--reps N] [--type T] [--sweep "
+                    "[--rounds R]]\n", argv[0]);
             return 2;
         }
     }
@@ -252,13 +376,23 @@ int main(int argc, char **argv)
         fprintf(stderr, "cannot create thread pools\n");
         return 1;
     }
+    if (sweep) {
+        int rc = bench_sweep(pools[1], reps, hot, rounds);
+        if (rc < 0)
+            fprintf(stderr, "out of memory\n");
+        kcpu_pool_destroy(pools[0]);
+        kcpu_pool_destroy(pools[1]);
+        return rc < 0 ? 1 : 0;
+    }
+    const int best_impl = impl_best();
     printf("kcpu back end: %s; layer weights %s, output Q8_0; >= %d calls per cell\n",
            kcpu_simd_name(), kt_name(layer_t), reps);
     printf("%-12s %-5s %6s %5s %4s %-8s %10s %9s %9s %10s %5s\n", "shape", "type", "rows x",
            "cols", "tok", "impl/thr", "us/call", "GFLOP/s", "GB/s(W)", "p10 us", "cpu%");
 
     static const int toks[] = { 1, 512 };
-    /* best avx2 seconds per call [shape][tok][threads] for the estimate */
+    /* seconds per call of the run-time choice [shape][tok][threads] for the
+     * estimate */
     double best[N_SHAPES][2][2] = { { { 0 } } }, bestp[N_SHAPES][2][2] = { { { 0 } } };
     for (int si = 0; si < N_SHAPES; si++) {
         const shape *s = &shapes[si];
@@ -280,8 +414,11 @@ int main(int argc, char **argv)
             x[i] = rndf();
         for (int ti = 0; ti < 2; ti++) {
             int n_tok = toks[ti];
-            for (int impl = 0; impl < 3; impl++) {
-                if (impl == IMPL_AVX2 && strcmp(kcpu_simd_name(), "avx2"))
+            for (int impl = 0; impl < N_IMPL; impl++) {
+                if (!impl_available(impl))
+                    continue;
+                /* AVX-512 adds kernels only for Q5_0/Q5_1 (and the K-quants) */
+                if (impl > IMPL_AVX2 && t != KT_Q5_0 && t != KT_Q5_1)
                     continue;
                 if (!full && n_tok > 1 &&
                     (impl == IMPL_REF || (impl == IMPL_SCALAR && s->rows > 4096)))
@@ -298,7 +435,11 @@ int main(int argc, char **argv)
                            th + 1, sec * 1e6, flop / sec * 1e-9, (double)wbytes / sec * 1e-9,
                            p10 * 1e6, 100.0 * share);
                     fflush(stdout);
-                    if (impl == IMPL_AVX2) {
+                    /* the run-time choice: the best path, AVX2 for the
+                     * types AVX-512 leaves to it */
+                    if (impl == best_impl ||
+                        (impl == IMPL_AVX2 && best_impl > IMPL_AVX2 && t != KT_Q5_0 &&
+                         t != KT_Q5_1)) {
                         best[si][ti][th] = sec;
                         bestp[si][ti][th] = p10;
                     }
@@ -307,7 +448,7 @@ int main(int argc, char **argv)
         }
         free(W); free(x); free(y); free(ws);
     }
-    if (!strcmp(kcpu_simd_name(), "avx2")) {
+    if (best_impl >= IMPL_AVX2) {
         for (int th = 0; th < 2; th++) {
             for (int q = 0; q < 2; q++) {
                 double (*tb)[2][2] = q ? bestp : best;

@@ -303,9 +303,8 @@ static int parse_tensor_info(cursor *c, gguf_tensor *t, int64_t idx)
         return GGUF_EFORMAT;
     if (!kt_type_valid(type))
         return lkq_err(c->err, c->errlen, GGUF_EFORMAT,
-                       "tensor '%s': unsupported tensor type %u (%s); supported: F32 F16 BF16 Q4_0 Q4_1 Q8_0",
-                       
-                    t->name, type, gguf_type_name(type));
+                       "tensor '%s': unsupported tensor type %u (%s); supported: " KT_SUPPORTED_NAMES,
+                       t->name, type, gguf_type_name(type));
     t->type = (kt_type)type;
     int64_t be = kt_block_elems(t->type);
     if (t->ne[0] % be)

@@ -10,37 +10,59 @@
 #include "kernels/cpu/kcpu.h"
 #include "kernels/cpu/kcpu_impl.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
 /* ---- back-end dispatch ---- */
 
-static atomic_int g_force_scalar;
-static atomic_int g_have_avx2 = -1; /* -1 unknown, 0 no, 1 yes */
+static atomic_int g_force = KCPU_PATH_AUTO; /* kcpu_force_path */
+static atomic_int g_best = -1;              /* best path of this CPU; -1 unknown */
 
-static int have_avx2(void)
+/* The best back end this build and CPU can run (checked once). The AVX-512
+ * back ends need F, BW, VL and DQ (Skylake-X, Zen 4 and later); the VNNI one
+ * also AVX512_VNNI (Cascade Lake, Ice Lake, Zen 4 and later). */
+static int best_path(void)
 {
-    int h = atomic_load_explicit(&g_have_avx2, memory_order_relaxed);
-    if (h < 0) {
-        h = 0;
+    int b = atomic_load_explicit(&g_best, memory_order_relaxed);
+    if (b < 0) {
+        b = KCPU_PATH_SCALAR;
 #if defined(LKQ_HAVE_AVX2)
         __builtin_cpu_init();
-        h = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-            __builtin_cpu_supports("f16c");
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+            __builtin_cpu_supports("f16c"))
+            b = KCPU_PATH_AVX2;
 #endif
-        atomic_store_explicit(&g_have_avx2, h, memory_order_relaxed);
+#if defined(LKQ_HAVE_AVX512)
+        if (b == KCPU_PATH_AVX2 && __builtin_cpu_supports("avx512f") &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512dq")) {
+            b = KCPU_PATH_AVX512;
+            if (__builtin_cpu_supports("avx512vnni"))
+                b = KCPU_PATH_AVX512VNNI;
+        }
+#endif
+        atomic_store_explicit(&g_best, b, memory_order_relaxed);
     }
-    return h;
+    return b;
 }
 
 static const kcpu_ops *ops(void)
 {
-#if defined(LKQ_HAVE_AVX2)
-    if (have_avx2() && !atomic_load_explicit(&g_force_scalar, memory_order_relaxed))
-        return &kcpu_avx2_ops;
+    int p = atomic_load_explicit(&g_force, memory_order_relaxed);
+    if (p == KCPU_PATH_AUTO)
+        p = best_path();
+    switch ((kcpu_path)p) {
+#if defined(LKQ_HAVE_AVX512)
+    case KCPU_PATH_AVX512VNNI: return &kcpu_avx512vnni_ops;
+    case KCPU_PATH_AVX512: return &kcpu_avx512_ops;
 #endif
-    return &kcpu_scalar_ops;
+#if defined(LKQ_HAVE_AVX2)
+    case KCPU_PATH_AVX2: return &kcpu_avx2_ops;
+#endif
+    default: return &kcpu_scalar_ops;
+    }
 }
 
 const kcpu_ops *kcpu_ops_active(void)
@@ -53,9 +75,30 @@ const char *kcpu_simd_name(void)
     return ops()->name;
 }
 
+const char *kcpu_path_name(kcpu_path p)
+{
+    switch (p) {
+    case KCPU_PATH_AUTO: return "auto";
+    case KCPU_PATH_SCALAR: return "scalar";
+    case KCPU_PATH_AVX2: return "avx2";
+    case KCPU_PATH_AVX512: return "avx512";
+    case KCPU_PATH_AVX512VNNI: return "avx512vnni";
+    }
+    return "?";
+}
+
+int kcpu_force_path(kcpu_path p)
+{
+    if (p < KCPU_PATH_AUTO || p > KCPU_PATH_AVX512VNNI ||
+        (p != KCPU_PATH_AUTO && (int)p > best_path()))
+        return -ENOTSUP;
+    atomic_store(&g_force, (int)p);
+    return 0;
+}
+
 void kcpu_force_scalar(int on)
 {
-    atomic_store(&g_force_scalar, on ? 1 : 0);
+    atomic_store(&g_force, on ? KCPU_PATH_SCALAR : KCPU_PATH_AUTO);
 }
 
 /* ---- matmul ---- */
@@ -64,7 +107,15 @@ void kcpu_force_scalar(int on)
 
 static int is_quant(kt_type t)
 {
-    return t == KT_Q4_0 || t == KT_Q4_1 || t == KT_Q8_0;
+    return kt_is_quant(t);
+}
+
+/* The factor of the activation block sums s (kcpu_impl.h): the code offset
+ * of the types whose codes are stored unsigned and shifted (Q4_0: q - 8,
+ * Q5_0: q - 16), else 1. */
+static float x_sum_mul(kt_type t)
+{
+    return t == KT_Q4_0 ? -8.0f : t == KT_Q5_0 ? -16.0f : 1.0f;
 }
 
 /* Quantized-x scratch (layout in kcpu_impl.h), n_tok rounded up to whole
@@ -102,7 +153,7 @@ typedef struct {
 static void quantize_task(void *arg, int ith, int nth)
 {
     mm_ctx *c = arg;
-    float smul = c->t == KT_Q4_0 ? -8.0f : 1.0f;
+    float smul = x_sum_mul(c->t);
     for (int k = ith; k < c->n_tok; k += nth) {
         size_t i = kcpu_q8x_index(c->xq.nb, k, 0);
         c->ops->quantize_x(c->x + (size_t)k * (size_t)c->n_cols, c->n_cols, smul,

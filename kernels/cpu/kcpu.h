@@ -1,7 +1,8 @@
 /*
- * kcpu.h - optimized CPU kernels: SIMD (AVX2+FMA+F16C, chosen at run time
- * with a scalar fallback) and multi-threaded through kcpu_pool. Same
- * contracts as kernels/ref/kref.h; tests/kernels compares them.
+ * kcpu.h - optimized CPU kernels: SIMD (AVX2+FMA+F16C, AVX-512 (+VNNI);
+ * chosen at run time, with a scalar fallback) and multi-threaded through
+ * kcpu_pool. Same contracts as kernels/ref/kref.h; tests/kernels compares
+ * them.
  *
  * Threading: a kcpu_pool is created once at start-up; kcpu_* functions that
  * take a pool must be called from one thread at a time per pool (the engine
@@ -30,13 +31,33 @@ int kcpu_pool_size(const kcpu_pool *p);
  * returns when all are done. p may be NULL: runs fn(ctx, 0, 1). */
 void kcpu_pool_run(kcpu_pool *p, kcpu_task_fn fn, void *ctx);
 
-/* Name of the SIMD path chosen at run time: "avx2" or "scalar". */
+/* The back ends, each a superset of the one before (a CPU that runs one
+ * runs all below it). */
+typedef enum {
+    KCPU_PATH_AUTO = 0,    /* the best one this build and CPU have */
+    KCPU_PATH_SCALAR,      /* portable C */
+    KCPU_PATH_AVX2,        /* AVX2 + FMA + F16C */
+    KCPU_PATH_AVX512,      /* + AVX-512 F/BW/VL/DQ: quantized matmul of Q5_0,
+                            * Q5_1, Q4_K, Q5_K, Q6_K; the rest as AVX2 */
+    KCPU_PATH_AVX512VNNI,  /* + AVX512_VNNI (vpdpbusd) */
+} kcpu_path;
+
+/* Name of the SIMD path in use: "scalar", "avx2", "avx512", "avx512vnni". */
 const char *kcpu_simd_name(void);
-/* Forces the scalar path (tests use it to check both paths); 1 = force. */
+const char *kcpu_path_name(kcpu_path p);
+/* Selects back end p for every later call (tests and benchmarks check each
+ * path with it; KCPU_PATH_AUTO returns to the run-time choice). Returns 0,
+ * or -ENOTSUP when this build or CPU cannot run p (selection unchanged).
+ * Not meant to race with running kernels. */
+int kcpu_force_path(kcpu_path p);
+/* kcpu_force_path(on ? KCPU_PATH_SCALAR : KCPU_PATH_AUTO). */
 void kcpu_force_scalar(int on);
 
-/* Same contract as kref_matmul (f32 accumulation; Q4_0/Q4_1/Q8_0 weights may
- * quantize x to 8 bits per 32-block on the way, as llama.cpp does).
+/* Same contract as kref_matmul (f32 accumulation). Quantized weights (every
+ * type but F32/F16/BF16) quantize x to int8 per 32-element block on the way,
+ * as llama.cpp does, and take integer dot products against the weight codes;
+ * the error this adds is bounded by sum_b (amax_b / 254) sum_{j in b} |w_j|
+ * (tests/kernels/test_kernels.c).
  * ws: scratch of at least kcpu_matmul_scratch_bytes(t, n_cols, n_tok) bytes,
  * allocated once by the caller. */
 size_t kcpu_matmul_scratch_bytes(kt_type t, int n_cols, int n_tok);

@@ -11,9 +11,11 @@
  * the weight stream from DRAM keeps up (gemv is bandwidth-bound).
  * Quantized weights meet int8 activations (see kcpu_impl.h): maddubs
  * (u8 x s8 -> s16 pairs) then madd with ones (-> s32), converted to f32 and
- * scaled per block. Q4 nibbles are used as unsigned 0..15, the "-8" of Q4_0
- * and the min of Q4_1 are applied through the activation block sums
- * (w = d*q + m  =>  sum w*x = d*dx*sum(q*qx) + m*sx).
+ * scaled per block. Q4 / Q5 codes are used as unsigned 0..15 / 0..31 (the
+ * fifth bit ORed in), the "-8" / "-16" of Q4_0 / Q5_0 and the min of Q4_1 /
+ * Q5_1 are applied through the activation block sums
+ * (w = d*q + m  =>  sum w*x = d*dx*sum(q*qx) + m*sx). Products stay within
+ * int16: |2 * 31 * 127| < 2^15. The K-quants are in kcpu_avx2_kq.c.
  *
  * Threading: pure functions; the front end splits the work.
  */
@@ -42,7 +44,7 @@
 #define MAXR 4
 #define MAXT 4
 
-enum { K_Q4_0, K_Q4_1, K_Q8_0 };
+enum { K_Q4_0, K_Q4_1, K_Q8_0, K_Q5_0, K_Q5_1 };
 enum { K_F32, K_F16, K_BF16 };
 
 /* ---- activation quantization ---- */
@@ -91,6 +93,22 @@ AI __m256i unpack_q4(const uint8_t *qs)
     return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
 }
 
+/* The fifth bits of a Q5_0 / Q5_1 block as 0x10 in byte j for bit j of qh
+ * (little-endian uint32), to OR into unpack_q4's codes. */
+AI __m256i unpack_q5_high(const uint8_t *qh)
+{
+    uint32_t h;
+    memcpy(&h, qh, 4);
+    /* byte j <- byte j/8 of h (shuffle works per 128-bit lane; both lanes
+     * hold h), then test bit j%8 */
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
+                                    _mm256_setr_epi64x(0, 0x0101010101010101LL,
+                                                       0x0202020202020202LL, 0x0303030303030303LL));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
 /* fp16 scale at p, converted and broadcast to 8 lanes */
 AI __m256 bcast_f16(const uint16_t *p)
 {
@@ -132,9 +150,25 @@ AI void tile_q(const int kind, const int RM, const int TN, const char *W,
                 _mm_prefetch(rows[i] + (size_t)(GV_PF * RM) * row_bytes +
                              (size_t)b * (kind == K_Q8_0   ? sizeof(kt_block_q8_0)
                                           : kind == K_Q4_1 ? sizeof(kt_block_q4_1)
+                                          : kind == K_Q5_0 ? sizeof(kt_block_q5_0)
+                                          : kind == K_Q5_1 ? sizeof(kt_block_q5_1)
                                                            : sizeof(kt_block_q4_0)),
                              _MM_HINT_T0);
-            if (kind == K_Q4_0) {
+            if (kind == K_Q5_0) {
+                const kt_block_q5_0 *blk = (const kt_block_q5_0 *)rows[i] + b;
+                wq[i] = _mm256_or_si256(unpack_q4(blk->qs), unpack_q5_high(blk->qh));
+                wd[i] = bcast_f16(&blk->d);
+                /* s carries the -16 (smul), so the factor is d */
+                macc[i] = _mm_fmadd_ps(_mm256_castps256_ps128(wd[i]), s4, macc[i]);
+            } else if (kind == K_Q5_1) {
+                const kt_block_q5_1 *blk = (const kt_block_q5_1 *)rows[i] + b;
+                uint32_t dm_bits;
+                memcpy(&dm_bits, blk, 4); /* d and m side by side */
+                __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm_bits));
+                wq[i] = _mm256_or_si256(unpack_q4(blk->qs), unpack_q5_high(blk->qh));
+                wd[i] = _mm256_broadcastss_ps(dm);
+                macc[i] = _mm_fmadd_ps(_mm_permute_ps(dm, 0x55), s4, macc[i]);
+            } else if (kind == K_Q4_0) {
                 const kt_block_q4_0 *blk = (const kt_block_q4_0 *)rows[i] + b;
                 wq[i] = unpack_q4(blk->qs);
                 wd[i] = bcast_f16(&blk->d);
@@ -213,15 +247,22 @@ AI void mm_quant_kind(const int kind, const char *W, size_t rb,
     }
 }
 
+/* Q4_K / Q5_K / Q6_K are in kcpu_avx2_kq.c. */
 static void av_mm_quant(kt_type t, const void *W, size_t row_bytes,
                         const kcpu_q8x *xq, float *y, int n_rows, int r0, int r1)
 {
-    if (t == KT_Q4_0)
-        mm_quant_kind(K_Q4_0, W, row_bytes, xq, y, n_rows, r0, r1);
-    else if (t == KT_Q4_1)
-        mm_quant_kind(K_Q4_1, W, row_bytes, xq, y, n_rows, r0, r1);
-    else
-        mm_quant_kind(K_Q8_0, W, row_bytes, xq, y, n_rows, r0, r1);
+    switch (t) {
+    case KT_Q4_0: mm_quant_kind(K_Q4_0, W, row_bytes, xq, y, n_rows, r0, r1); break;
+    case KT_Q4_1: mm_quant_kind(K_Q4_1, W, row_bytes, xq, y, n_rows, r0, r1); break;
+    case KT_Q5_0: mm_quant_kind(K_Q5_0, W, row_bytes, xq, y, n_rows, r0, r1); break;
+    case KT_Q5_1: mm_quant_kind(K_Q5_1, W, row_bytes, xq, y, n_rows, r0, r1); break;
+    case KT_Q8_0: mm_quant_kind(K_Q8_0, W, row_bytes, xq, y, n_rows, r0, r1); break;
+    case KT_Q4_K: case KT_Q5_K: case KT_Q6_K:
+        kcpu_avx2_mm_kq(t, W, row_bytes, xq, y, n_rows, r0, r1);
+        break;
+    case KT_F32: case KT_F16: case KT_BF16:
+        break; /* not quantized: kcpu.c never sends them here */
+    }
 }
 
 /* ---- float-weight matmul ---- */
@@ -414,10 +455,24 @@ static void av_dequant_row(kt_type t, const void *row, float *out, int64_t n)
             out[j] = load_w1(kind, row, (int)j);
         return;
     }
+    if (t == KT_Q4_K || t == KT_Q5_K || t == KT_Q6_K) {
+        kcpu_avx2_dequant_kq(t, row, out, n);
+        return;
+    }
     for (int64_t b = 0; b < n / KT_QK; b++) {
         __m256i q;
         float dd, mm = 0.0f;
-        if (t == KT_Q4_0) {
+        if (t == KT_Q5_0) {
+            const kt_block_q5_0 *blk = (const kt_block_q5_0 *)row + b;
+            q = _mm256_or_si256(unpack_q4(blk->qs), unpack_q5_high(blk->qh));
+            q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+            dd = f16(blk->d);
+        } else if (t == KT_Q5_1) {
+            const kt_block_q5_1 *blk = (const kt_block_q5_1 *)row + b;
+            q = _mm256_or_si256(unpack_q4(blk->qs), unpack_q5_high(blk->qh));
+            dd = f16(blk->d);
+            mm = f16(blk->m);
+        } else if (t == KT_Q4_0) {
             const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b;
             q = _mm256_sub_epi8(unpack_q4(blk->qs), _mm256_set1_epi8(8));
             dd = f16(blk->d);
@@ -426,7 +481,7 @@ static void av_dequant_row(kt_type t, const void *row, float *out, int64_t n)
             q = unpack_q4(blk->qs);
             dd = f16(blk->d);
             mm = f16(blk->m);
-        } else {
+        } else { /* Q8_0 */
             const kt_block_q8_0 *blk = (const kt_block_q8_0 *)row + b;
             q = _mm256_loadu_si256((const __m256i *)blk->qs);
             dd = f16(blk->d);
@@ -436,7 +491,7 @@ static void av_dequant_row(kt_type t, const void *row, float *out, int64_t n)
         __m128i parts[4] = { lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8) };
         for (int g = 0; g < 4; g++) {
             __m256 f = _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[g])));
-            if (t == KT_Q4_1)
+            if (t == KT_Q4_1 || t == KT_Q5_1)
                 f = _mm256_add_ps(f, vm);
             _mm256_storeu_ps(out + b * KT_QK + 8 * g, f);
         }
@@ -453,16 +508,19 @@ static void av_f32_to_f16(uint16_t *dst, const float *src, int64_t n)
         dst[i] = kt_f32_to_f16(src[i]);
 }
 
-const kcpu_ops kcpu_avx2_ops = {
-    .name = "avx2",
-    .quantize_x = av_quantize_x,
-    .mm_quant = av_mm_quant,
-    .mm_float = av_mm_float,
-    .attn_item = kcpu_avx2_attn_item,
-    .attn_seg_item = kcpu_avx2_attn_seg_item,
-    .rmsnorm = av_rmsnorm,
-    .softmax = av_softmax,
-    .swiglu = av_swiglu,
-    .dequant_row = av_dequant_row,
-    .f32_to_f16 = av_f32_to_f16,
-};
+/* The AVX2 table, and the AVX-512 ones that differ from it only in the
+ * quantized matmul (kcpu_impl.h). */
+#define AVX2_OPS(name_, mm_quant_)                                                    \
+    {                                                                                 \
+        .name = name_, .quantize_x = av_quantize_x, .mm_quant = mm_quant_,            \
+        .mm_float = av_mm_float, .attn_item = kcpu_avx2_attn_item,                    \
+        .attn_seg_item = kcpu_avx2_attn_seg_item, .rmsnorm = av_rmsnorm,              \
+        .softmax = av_softmax, .swiglu = av_swiglu, .dequant_row = av_dequant_row,    \
+        .f32_to_f16 = av_f32_to_f16,                                                  \
+    }
+
+const kcpu_ops kcpu_avx2_ops = AVX2_OPS("avx2", av_mm_quant);
+#if defined(LKQ_HAVE_AVX512)
+const kcpu_ops kcpu_avx512_ops = AVX2_OPS("avx512", kcpu_avx512_mm_quant);
+const kcpu_ops kcpu_avx512vnni_ops = AVX2_OPS("avx512vnni", kcpu_avx512vnni_mm_quant);
+#endif

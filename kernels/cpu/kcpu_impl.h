@@ -1,8 +1,11 @@
 /*
  * kcpu_impl.h - internal interface between the kcpu front end (kcpu.c:
  * dispatch, threading, scratch layout) and the per-ISA back ends
- * (kcpu_scalar.c: portable C; kcpu_avx2.c: AVX2+FMA+F16C, compiled with
- * those flags in its own library and only called after a run-time check).
+ * (kcpu_scalar.c: portable C; kcpu_avx2.c + kcpu_avx2_attn.c +
+ * kcpu_avx2_kq.c: AVX2+FMA+F16C; kcpu_avx512.c, built twice, with and
+ * without AVX512_VNNI: the quantized matmul of the newer weight types on
+ * top of the AVX2 back end). Each ISA's files are compiled with its flags in
+ * their own library and only called after a run-time check.
  *
  * Back-end functions are single-threaded and pure: the front end splits the
  * work (rows of a matmul, (token, head) pairs of attention) over the pool.
@@ -14,13 +17,15 @@
 #include "kernels/kvq.h"
 
 /* Activations quantized to int8 per 32-element block, for integer dot
- * products against Q4_0 / Q4_1 / Q8_0 weights. Tokens are packed in groups
+ * products against quantized weights (every kt_is_quant type; K-quants are
+ * taken per 32-element sub-block). Tokens are packed in groups
  * of KCPU_XG so that a tile of up to KCPU_XG tokens finds the data of one
  * block side by side: for token t = g*KCPU_XG + u and block b, with
  * i = (g*nb + b)*KCPU_XG + u (kcpu_q8x_index):
  *   x[t][b*32 + j] ~= d[i] * qs[i*32 + j]
  *   s[i] = smul * d[i] * sum_j qs[i*32 + j]
- * where smul is -8 for Q4_0 weights (their "q - 8") and 1 otherwise.
+ * where smul is -8 for Q4_0 and -16 for Q5_0 weights (their "q - 8",
+ * "q - 16") and 1 otherwise.
  * Padding tokens of the last group are all zero. */
 #define KCPU_XG 4
 
@@ -167,8 +172,8 @@ typedef struct {
      * (pointers already offset to the token). */
     void (*quantize_x)(const float *x, int n_cols, float smul, int8_t *qs,
                        float *d, float *s);
-    /* y[t*n_rows + r] for r in [r0, r1), every token t: rows of W (type
-     * Q4_0/Q4_1/Q8_0, row_bytes apart) dotted with the quantized xq. */
+    /* y[t*n_rows + r] for r in [r0, r1), every token t: rows of W (a
+     * kt_is_quant type, row_bytes apart) dotted with the quantized xq. */
     void (*mm_quant)(kt_type t, const void *W, size_t row_bytes,
                      const kcpu_q8x *xq, float *y, int n_rows, int r0, int r1);
     /* Same for F32/F16/BF16 weights against f32 x [n_tok, n_cols]. */
@@ -195,6 +200,22 @@ extern const kcpu_ops kcpu_avx2_ops;
 /* kcpu_avx2_attn.c */
 void kcpu_avx2_attn_item(const kcpu_attn_item *it, float *tmp);
 void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp);
+/* kcpu_avx2_kq.c: mm_quant / dequant_row for Q4_K, Q5_K, Q6_K. */
+void kcpu_avx2_mm_kq(kt_type t, const void *W, size_t row_bytes, const kcpu_q8x *xq,
+                     float *y, int n_rows, int r0, int r1);
+void kcpu_avx2_dequant_kq(kt_type t, const void *row, float *out, int64_t n);
+#endif
+#if defined(LKQ_HAVE_AVX512)
+/* The AVX-512 back ends: kcpu_avx2_ops with mm_quant replaced by
+ * kcpu_avx512.c's (defined in kcpu_avx2.c, beside the functions they
+ * share). */
+extern const kcpu_ops kcpu_avx512_ops, kcpu_avx512vnni_ops;
+/* mm_quant of kcpu_avx512.c, compiled without and with AVX512_VNNI; types
+ * it has no kernel for go to kcpu_avx2_ops.mm_quant. */
+void kcpu_avx512_mm_quant(kt_type t, const void *W, size_t row_bytes, const kcpu_q8x *xq,
+                          float *y, int n_rows, int r0, int r1);
+void kcpu_avx512vnni_mm_quant(kt_type t, const void *W, size_t row_bytes,
+                              const kcpu_q8x *xq, float *y, int n_rows, int r0, int r1);
 #endif
 
 #endif

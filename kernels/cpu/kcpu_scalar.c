@@ -9,6 +9,7 @@
  */
 #include "kernels/cpu/kcpu_impl.h"
 
+#include <assert.h>
 #include <math.h>
 
 /* Weight blocks unpacked per pass over a row in mm_quant. */
@@ -37,38 +38,126 @@ static void sc_quantize_x(const float *x, int n_cols, float smul, int8_t *qs,
     }
 }
 
-/* Unpacks n blocks of a quantized row into int8 values (Q4: 0..15, Q8:
- * signed), per-block scale dw and the factor mw of the activation block sum
- * s (kcpu_q8x): the min for Q4_1, dw for Q4_0 (s carries the -8), 0 for
- * Q8_0. */
+/* Bit i of v in bit 0 of byte i of the result (byte i is the i-th in
+ * memory on the little-endian hosts this project runs on). */
+static inline uint64_t sc_spread_bits(uint8_t v)
+{
+    uint64_t r = v;
+    r = (r | r << 28) & 0x0000000f0000000fULL;
+    r = (r | r << 14) & 0x0003000300030003ULL;
+    r = (r | r << 7) & 0x0101010101010101ULL;
+    return r;
+}
+
+/* Unpacks n 32-element blocks (K-quants: 32-element sub-blocks) of a
+ * quantized row, starting at block b0, into int8 codes wq, per-block scales
+ * dw, dw2 and the factor mw of the activation block sum s (kcpu_q8x), so
+ * that element j of block i is dw[i] * wq[j] + mw[i] with s providing the
+ * offset (j < 16 uses dw, j >= 16 dw2; the two differ only for Q6_K):
+ *   Q8_0  codes signed, mw 0;        Q4_0 / Q5_0  codes 0..15 / 0..31,
+ *   mw = d (s carries -8 / -16);      Q4_1 / Q5_1  mw = m;
+ *   Q4_K / Q5_K  dw = d * sc_j, mw = -(dmin * m_j) (s carries no offset);
+ *   Q6_K  codes q - 32 (signed), dw / dw2 = d * scale of each 16-half, mw 0.
+ * The scales are the very f32 products kref_dequant_row forms. */
 static void sc_unpack(kt_type t, const void *row, int b0, int n, int8_t *wq,
-                      float *dw, float *mw)
+                      float *dw, float *dw2, float *mw)
 {
     for (int i = 0; i < n; i++) {
         int8_t *o = wq + i * KT_QK;
-        if (t == KT_Q8_0) {
-            const kt_block_q8_0 *blk = (const kt_block_q8_0 *)row + b0 + i;
+        int b = b0 + i;
+        const uint8_t *qs = NULL, *qh = NULL; /* 4-bit codes, Q5 high bits */
+        mw[i] = 0.0f;
+        switch (t) {
+        case KT_Q8_0: {
+            const kt_block_q8_0 *blk = (const kt_block_q8_0 *)row + b;
             memcpy(o, blk->qs, KT_QK);
             dw[i] = kt_f16_to_f32(blk->d);
-            mw[i] = 0.0f;
-            continue;
+            break;
         }
-        const uint8_t *qs;
-        if (t == KT_Q4_0) {
-            const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b0 + i;
+        case KT_Q4_0: {
+            const kt_block_q4_0 *blk = (const kt_block_q4_0 *)row + b;
             qs = blk->qs;
-            dw[i] = kt_f16_to_f32(blk->d);
-            mw[i] = dw[i];
-        } else {
-            const kt_block_q4_1 *blk = (const kt_block_q4_1 *)row + b0 + i;
+            dw[i] = mw[i] = kt_f16_to_f32(blk->d);
+            break;
+        }
+        case KT_Q5_0: {
+            const kt_block_q5_0 *blk = (const kt_block_q5_0 *)row + b;
+            qs = blk->qs;
+            qh = blk->qh;
+            dw[i] = mw[i] = kt_f16_to_f32(blk->d);
+            break;
+        }
+        case KT_Q4_1: {
+            const kt_block_q4_1 *blk = (const kt_block_q4_1 *)row + b;
             qs = blk->qs;
             dw[i] = kt_f16_to_f32(blk->d);
             mw[i] = kt_f16_to_f32(blk->m);
+            break;
         }
+        case KT_Q5_1: {
+            const kt_block_q5_1 *blk = (const kt_block_q5_1 *)row + b;
+            qs = blk->qs;
+            qh = blk->qh;
+            dw[i] = kt_f16_to_f32(blk->d);
+            mw[i] = kt_f16_to_f32(blk->m);
+            break;
+        }
+        case KT_Q4_K: case KT_Q5_K: {
+            int j = b % 8;
+            const uint8_t *scales, *q, *h5 = NULL;
+            uint16_t d16, dmin16;
+            if (t == KT_Q4_K) {
+                const kt_block_q4_k *blk = (const kt_block_q4_k *)row + b / 8;
+                scales = blk->scales, q = blk->qs, d16 = blk->d, dmin16 = blk->dmin;
+            } else {
+                const kt_block_q5_k *blk = (const kt_block_q5_k *)row + b / 8;
+                scales = blk->scales, q = blk->qs, d16 = blk->d, dmin16 = blk->dmin;
+                h5 = blk->qh;
+            }
+            uint8_t sc, m;
+            kt_kq_scale_min(scales, j, &sc, &m);
+            dw[i] = kt_f16_to_f32(d16) * (float)sc;
+            mw[i] = -(kt_f16_to_f32(dmin16) * (float)m);
+            q += 32 * (j / 2);
+            const int sh = 4 * (j % 2);
+            for (int l = 0; l < 32; l++)
+                o[l] = (int8_t)((q[l] >> sh) & 0x0f);
+            if (h5)
+                for (int l = 0; l < 32; l++)
+                    o[l] = (int8_t)(o[l] | ((h5[l] >> j) & 1) << 4);
+            break;
+        }
+        case KT_Q6_K: {
+            const kt_block_q6_k *blk = (const kt_block_q6_k *)row + b / 8;
+            int j = b % 8, h = j / 4, k = j % 4;
+            float d = kt_f16_to_f32(blk->d);
+            dw[i] = d * (float)blk->scales[2 * j];
+            dw2[i] = d * (float)blk->scales[2 * j + 1];
+            const uint8_t *ql = blk->ql + 64 * h + 32 * (k & 1), *qh6 = blk->qh + 32 * h;
+            const int sl = 4 * (k >> 1), sh = 2 * k;
+            for (int l = 0; l < 32; l++)
+                o[l] = (int8_t)((((ql[l] >> sl) & 0x0f) | ((qh6[l] >> sh) & 3) << 4) - 32);
+            continue;
+        }
+        case KT_F32: case KT_F16: case KT_BF16:
+            assert(0 && "not a quantized type");
+            return;
+        }
+        dw2[i] = dw[i];
+        if (!qs)
+            continue;
+        /* separate simple loops: the compiler vectorizes them */
         for (int j = 0; j < KT_QK / 2; j++) {
             o[j] = (int8_t)(qs[j] & 0x0f);
             o[j + KT_QK / 2] = (int8_t)(qs[j] >> 4);
         }
+        if (qh) /* bit j of qh -> 0x10 in byte j, 8 bytes at a time */
+            for (int k = 0; k < 4; k++) {
+                uint64_t w;
+                memcpy(&w, o + 8 * k, 8);
+                w |= sc_spread_bits(qh[k]) << 4;
+                memcpy(o + 8 * k, &w, 8);
+            }
     }
 }
 
@@ -76,7 +165,7 @@ static void sc_mm_quant(kt_type t, const void *W, size_t row_bytes,
                         const kcpu_q8x *xq, float *y, int n_rows, int r0, int r1)
 {
     int8_t wq[SC_CHUNK_BLOCKS * KT_QK];
-    float dw[SC_CHUNK_BLOCKS], mw[SC_CHUNK_BLOCKS];
+    float dw[SC_CHUNK_BLOCKS], dw2[SC_CHUNK_BLOCKS], mw[SC_CHUNK_BLOCKS];
     int nb = xq->nb;
     for (int r = r0; r < r1; r++) {
         const char *row = (const char *)W + (size_t)r * row_bytes;
@@ -84,12 +173,21 @@ static void sc_mm_quant(kt_type t, const void *W, size_t row_bytes,
             y[(size_t)k * (size_t)n_rows + (size_t)r] = 0.0f;
         for (int b0 = 0; b0 < nb; b0 += SC_CHUNK_BLOCKS) {
             int n = nb - b0 < SC_CHUNK_BLOCKS ? nb - b0 : SC_CHUNK_BLOCKS;
-            sc_unpack(t, row, b0, n, wq, dw, mw);
+            sc_unpack(t, row, b0, n, wq, dw, dw2, mw);
             for (int k = 0; k < xq->n_tok; k++) {
                 float acc = 0.0f;
                 for (int i = 0; i < n; i++) {
                     size_t xi = kcpu_q8x_index(nb, k, b0 + i);
                     const int8_t *xs = xq->qs + xi * KT_QK;
+                    if (t == KT_Q6_K) { /* a scale per 16-half */
+                        int dot0 = 0, dot1 = 0;
+                        for (int j = 0; j < KT_QK / 2; j++) {
+                            dot0 += wq[i * KT_QK + j] * xs[j];
+                            dot1 += wq[i * KT_QK + KT_QK / 2 + j] * xs[KT_QK / 2 + j];
+                        }
+                        acc += (dw[i] * (float)dot0 + dw2[i] * (float)dot1) * xq->d[xi];
+                        continue;
+                    }
                     int dot = 0;
                     for (int j = 0; j < KT_QK; j++)
                         dot += wq[i * KT_QK + j] * xs[j];
@@ -390,21 +488,22 @@ static void sc_dequant_row(kt_type t, const void *row, float *out, int64_t n)
     case KT_F32: case KT_F16: case KT_BF16:
         sc_convert(t, row, 0, (int)n, out);
         return;
-    case KT_Q4_0: case KT_Q4_1: case KT_Q8_0:
+    case KT_Q4_0: case KT_Q4_1: case KT_Q5_0: case KT_Q5_1: case KT_Q8_0:
+    case KT_Q4_K: case KT_Q5_K: case KT_Q6_K:
         break;
     }
     int8_t wq[KT_QK];
-    float dw, mw;
+    float dw = 0.0f, dw2 = 0.0f, mw = 0.0f;
     for (int64_t b = 0; b < n / KT_QK; b++) {
-        sc_unpack(t, row, (int)b, 1, wq, &dw, &mw);
+        sc_unpack(t, row, (int)b, 1, wq, &dw, &dw2, &mw);
         float *o = out + b * KT_QK;
         for (int j = 0; j < KT_QK; j++) {
-            if (t == KT_Q4_0)
-                o[j] = dw * (float)(wq[j] - 8);
-            else if (t == KT_Q4_1)
-                o[j] = dw * (float)wq[j] + mw;
-            else
-                o[j] = dw * (float)wq[j];
+            if (t == KT_Q4_0 || t == KT_Q5_0)
+                o[j] = dw * (float)(wq[j] - (t == KT_Q4_0 ? 8 : 16));
+            else if (t == KT_Q4_1 || t == KT_Q5_1 || t == KT_Q4_K || t == KT_Q5_K)
+                o[j] = dw * (float)wq[j] + mw; /* K: + -(dmin*m) == - dmin*m */
+            else /* Q8_0, Q6_K */
+                o[j] = (j < KT_QK / 2 ? dw : dw2) * (float)wq[j];
         }
     }
 }

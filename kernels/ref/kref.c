@@ -10,9 +10,51 @@
 #include <math.h>
 #include <stdlib.h>
 
+/* Bit 4 of element j (0..31) of a Q5_0 / Q5_1 block: bit j of qh read as a
+ * little-endian uint32. */
+static int q5_high_bit(const uint8_t qh[4], int j)
+{
+    return (qh[j / 8] >> (j % 8)) & 1;
+}
+
+/* Q4_K / Q5_K super-block: x = (d * sc_j) * q - (dmin * m_j) for sub-block
+ * j; qh is NULL for Q4_K (4-bit codes). */
+static void dequant_kq(uint16_t d16, uint16_t dmin16, const uint8_t *scales,
+                       const uint8_t *qh, const uint8_t *qs, float *o)
+{
+    float d = kt_f16_to_f32(d16), dmin = kt_f16_to_f32(dmin16);
+    for (int j = 0; j < KT_QK_K / 32; j++) {
+        uint8_t sc, m;
+        kt_kq_scale_min(scales, j, &sc, &m);
+        float dj = d * (float)sc, mj = dmin * (float)m;
+        for (int l = 0; l < 32; l++) {
+            int q = j % 2 ? qs[32 * (j / 2) + l] >> 4 : qs[32 * (j / 2) + l] & 0x0f;
+            if (qh)
+                q |= ((qh[l] >> j) & 1) << 4;
+            o[32 * j + l] = dj * (float)q - mj;
+        }
+    }
+}
+
+/* Q6_K super-block: element e = 128h + 32k + l takes its low nibble from
+ * ql[64h + 32(k&1) + l] (high nibble when k >= 2), its top 2 bits from
+ * bits 2k..2k+1 of qh[32h + l]; x = (d * scales[e / 16]) * (q - 32). */
+static void dequant_q6_k(const kt_block_q6_k *b, float *o)
+{
+    float d = kt_f16_to_f32(b->d);
+    for (int e = 0; e < KT_QK_K; e++) {
+        int h = e / 128, k = e % 128 / 32, l = e % 32;
+        uint8_t lo = b->ql[64 * h + 32 * (k & 1) + l];
+        int q = (k < 2 ? lo & 0x0f : lo >> 4) | ((b->qh[32 * h + l] >> (2 * k)) & 3) << 4;
+        o[e] = (d * (float)b->scales[e / 16]) * (float)(q - 32);
+    }
+}
+
 /* Dequantize one row of n elements (n a multiple of kt_block_elems(t)). The
- * float expressions (d * (q - 8), d * q + m without contraction) are the ones
- * the optimized layers reproduce bit for bit. */
+ * float expressions - d * (q - 8), d * q + m, (d * sc) * q - dmin * m and
+ * (d * sc) * (q - 32), each product rounded to f32, no contraction - are the
+ * format's definition as GGML and the gguf Python package evaluate it, and
+ * the optimized layers reproduce them bit for bit. */
 void kref_dequant_row(kt_type t, const void *row, float *out, int64_t n)
 {
     switch (t) {
@@ -65,6 +107,55 @@ void kref_dequant_row(kt_type t, const void *row, float *out, int64_t n)
             for (int j = 0; j < KT_QK; j++)
                 out[i * KT_QK + j] = d * (float)b[i].qs[j];
         }
+        break;
+    }
+    case KT_Q5_0: {
+        const kt_block_q5_0 *b = row;
+        for (int64_t i = 0; i < n / KT_QK; i++) {
+            float d = kt_f16_to_f32(b[i].d);
+            float *o = out + i * KT_QK;
+            for (int j = 0; j < KT_QK / 2; j++) {
+                int lo = (b[i].qs[j] & 0x0f) | q5_high_bit(b[i].qh, j) << 4;
+                int hi = (b[i].qs[j] >> 4) | q5_high_bit(b[i].qh, j + 16) << 4;
+                o[j] = d * (float)(lo - 16);
+                o[j + KT_QK / 2] = d * (float)(hi - 16);
+            }
+        }
+        break;
+    }
+    case KT_Q5_1: {
+        const kt_block_q5_1 *b = row;
+        for (int64_t i = 0; i < n / KT_QK; i++) {
+            float d = kt_f16_to_f32(b[i].d);
+            float m = kt_f16_to_f32(b[i].m);
+            float *o = out + i * KT_QK;
+            for (int j = 0; j < KT_QK / 2; j++) {
+                int lo = (b[i].qs[j] & 0x0f) | q5_high_bit(b[i].qh, j) << 4;
+                int hi = (b[i].qs[j] >> 4) | q5_high_bit(b[i].qh, j + 16) << 4;
+                float flo = d * (float)lo;
+                float fhi = d * (float)hi;
+                o[j] = flo + m;
+                o[j + KT_QK / 2] = fhi + m;
+            }
+        }
+        break;
+    }
+    case KT_Q4_K: {
+        const kt_block_q4_k *b = row;
+        for (int64_t i = 0; i < n / KT_QK_K; i++)
+            dequant_kq(b[i].d, b[i].dmin, b[i].scales, NULL, b[i].qs, out + i * KT_QK_K);
+        break;
+    }
+    case KT_Q5_K: {
+        const kt_block_q5_k *b = row;
+        for (int64_t i = 0; i < n / KT_QK_K; i++)
+            dequant_kq(b[i].d, b[i].dmin, b[i].scales, b[i].qh, b[i].qs, out + i * KT_QK_K);
+        break;
+    }
+    case KT_Q6_K: {
+        const kt_block_q6_k *b = row;
+        for (int64_t i = 0; i < n / KT_QK_K; i++)
+            dequant_q6_k(&b[i], out + i * KT_QK_K);
         break;
     }
     }

@@ -1,7 +1,8 @@
 /*
  * test_gguf.c - the GGUF reader on small valid and hostile files built in
  * memory (tests/engine/gguf_build.h), every truncation of a valid file, a
- * random-byte-flip fuzz of the header, and the real SmolLM2 GGUF if present.
+ * random-byte-flip fuzz of the header, and the real SmolLM2 and Gemma-3
+ * GGUFs if present.
  */
 #include <criterion/criterion.h>
 #include <stdlib.h>
@@ -319,8 +320,11 @@ Test(gguf, hostile_tensor_infos)
     b = one_tensor(0, NULL, KT_F32, 0, 128, &n);
     expect_fail(b, n, "n_dims 0 out of range");
     free(b);
-    b = one_tensor(2, (uint64_t[]){256, 1}, 12, 0, 256, &n);
-    expect_fail(b, n, "unsupported tensor type 12 (Q4_K)");
+    b = one_tensor(2, (uint64_t[]){256, 1}, 10, 0, 256, &n);
+    expect_fail(b, n, "unsupported tensor type 10 (Q2_K)");
+    free(b);
+    b = one_tensor(2, (uint64_t[]){256, 1}, 15, 0, 512, &n);
+    expect_fail(b, n, "unsupported tensor type 15 (Q8_K)");
     free(b);
     b = one_tensor(2, (uint64_t[]){256, 1}, 99, 0, 256, &n);
     expect_fail(b, n, "unsupported tensor type 99");
@@ -328,6 +332,36 @@ Test(gguf, hostile_tensor_infos)
     b = one_tensor(2, (uint64_t[]){48, 1}, KT_Q4_0, 0, 256, &n);
     expect_fail(b, n, "not a multiple of Q4_0 block size 32");
     free(b);
+    /* the newer types: accepted with whole blocks (sizes from the block
+     * layouts), one-line error otherwise */
+    static const struct {
+        kt_type t;
+        uint64_t ne0, bad_ne0;
+        size_t bytes; /* of a row of ne0 */
+        const char *bad;
+    } nt[] = {
+        {KT_Q5_0, 64, 48, 2 * 22, "not a multiple of Q5_0 block size 32"},
+        {KT_Q5_1, 64, 48, 2 * 24, "not a multiple of Q5_1 block size 32"},
+        {KT_Q4_K, 512, 480, 2 * 144, "not a multiple of Q4_K block size 256"},
+        {KT_Q5_K, 512, 480, 2 * 176, "not a multiple of Q5_K block size 256"},
+        {KT_Q6_K, 512, 480, 2 * 210, "not a multiple of Q6_K block size 256"},
+    };
+    for (size_t i = 0; i < sizeof nt / sizeof nt[0]; i++) {
+        char err2[256];
+        b = one_tensor(2, (uint64_t[]){nt[i].ne0, 3}, nt[i].t, 0, 3 * nt[i].bytes, &n);
+        uint8_t *c = malloc(n);
+        memcpy(c, b, n);
+        gguf_file *f = NULL;
+        cr_assert_eq(gguf_open_mem(c, n, &f, err2, sizeof err2), 0, "%s: %s", kt_name(nt[i].t), err2);
+        const gguf_tensor *t = gguf_find_tensor(f, "t");
+        cr_assert(t && t->type == nt[i].t && t->nbytes == 3 * nt[i].bytes, "%s", kt_name(nt[i].t));
+        gguf_close(f);
+        free(c);
+        free(b);
+        b = one_tensor(2, (uint64_t[]){nt[i].bad_ne0, 3}, nt[i].t, 0, 3 * nt[i].bytes, &n);
+        expect_fail(b, n, nt[i].bad);
+        free(b);
+    }
     b = one_tensor(2, (uint64_t[]){8, 4}, KT_F32, 8, 256, &n);
     expect_fail(b, n, "not a multiple of the alignment 32");
     free(b);
@@ -550,5 +584,54 @@ Test(gguf, smollm2_real_file)
     cr_assert(a.type == GGUF_STRING && a.n == 49152);
     cr_assert_eq(gguf_arr_str(&a, 1, &s), 0);
     cr_assert(s.len == 12 && !memcmp(s.s, "<|im_start|>", 12), "%.*s", (int)s.len, s.s);
+    gguf_close(f);
+}
+
+/* Path of the Gemma-3 GGUF: $LKQ_GEMMA, $LKQ_MODELS, else the setup cache;
+ * NULL if absent. */
+static const char *gemma_path(char *buf, size_t cap)
+{
+    const char *e = getenv("LKQ_GEMMA");
+    if (e && *e)
+        return access(e, R_OK) == 0 ? e : NULL;
+    const char *dirs[2] = {getenv("LKQ_MODELS"), getenv("HOME")};
+    for (int i = 0; i < 2; i++) {
+        if (!dirs[i])
+            continue;
+        snprintf(buf, cap, i == 0 ? "%s/gemma-3-270m-q4_k_m.gguf"
+                                  : "%s/.cache/livekvq/gemma-3-270m-q4_k_m.gguf", dirs[i]);
+        if (access(buf, R_OK) == 0)
+            return buf;
+    }
+    return NULL;
+}
+
+/* Gemma-3-270M Q4_K_M holds F32, Q8_0, Q5_0, Q4_K and Q6_K tensors: every
+ * one is accepted, with the byte size its type's blocks give. */
+Test(gguf, gemma3_real_file_kquant_types)
+{
+    char buf[4096], err[256];
+    const char *path = gemma_path(buf, sizeof buf);
+    if (!path)
+        cr_skip_test("Gemma-3 GGUF not found ($LKQ_GEMMA, ~/.cache/livekvq; scripts/setup.sh)");
+    gguf_file *f;
+    cr_assert_eq(gguf_open(path, &f, err, sizeof(err)), 0, "%s", err);
+    int count[64] = {0};
+    for (int64_t i = 0; i < gguf_n_tensors(f); i++) {
+        const gguf_tensor *t = gguf_tensor_at(f, i);
+        cr_assert(t && (int)t->type < 64);
+        count[t->type]++;
+        cr_assert_eq(t->nbytes, kt_row_bytes(t->type, t->ne[0]) * (size_t)(t->n_elems / t->ne[0]),
+                     "%s", t->name);
+    }
+    cr_assert(count[KT_F32] > 0 && count[KT_Q8_0] > 0 && count[KT_Q5_0] > 0 &&
+              count[KT_Q4_K] > 0 && count[KT_Q6_K] > 0);
+    cr_assert_eq(gguf_n_tensors(f), count[KT_F32] + count[KT_Q8_0] + count[KT_Q5_0] +
+                                        count[KT_Q4_K] + count[KT_Q6_K]);
+    const gguf_tensor *t = gguf_find_tensor(f, "blk.0.ffn_down.weight");
+    cr_assert(t && t->type == KT_Q6_K && t->ne[0] == 2048 && t->ne[1] == 640);
+    cr_assert_eq(t->nbytes, (size_t)640 * 8 * 210);
+    t = gguf_find_tensor(f, "blk.0.attn_output.weight");
+    cr_assert(t && t->type == KT_Q4_K && t->nbytes == (size_t)640 * 4 * 144);
     gguf_close(f);
 }

@@ -9,14 +9,22 @@
  * sum of n terms can be off by ~n*eps*mag however small the result is). For
  * Q4_0/Q4_1 the kernels sum d*q*x and the offset (-8d or m) times x as
  * separate terms, so there |w_j| is |d| q + |offset| (see term_abs_row).
+ * Likewise Q5_0 (offset -16d), Q5_1 (m) and Q4_K / Q5_K, whose sub-block
+ * mins -dmin*m_j are a separate term: |w_j| is |d sc_j| q + |dmin m_j|.
  * Quantized weight types are checked twice: tightly against kref run on the
  * activations quantized the same way the kernels do (int8 per 32-block), and
  * against kref on the exact activations with the bound that quantization
- * implies, sum_b (amax_b / 254) * sum_{j in b} |w_j|.
+ * implies, sum_b (amax_b / 254) * sum_{j in b} |w_j| (the int8 rounding of
+ * x moves each x_j by at most half a step, amax_b / 254).
+ * Every back end this CPU runs is checked (kcpu_force_path: scalar, avx2,
+ * avx512, avx512vnni); for types whose AVX-512 matmul is the AVX2 one
+ * (F32/F16/BF16, Q4_0, Q4_1, Q8_0) only scalar and the run-time choice.
  * Threading: each Criterion test runs in its own process.
  */
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -73,6 +81,25 @@ static void fill_adversarial(float *x, size_t n)
     }
     for (size_t b = 0; b + 32 <= n; b += 96) /* every third block zero */
         memset(x + b, 0, 32 * sizeof(float));
+}
+
+/* The back ends to check for type t, those this CPU runs (see header);
+ * returns how many were written to out. */
+static int test_paths(kt_type t, kcpu_path out[4])
+{
+    int all = t == KT_Q5_0 || t == KT_Q5_1 || t == KT_Q4_K || t == KT_Q5_K || t == KT_Q6_K;
+    int n = 0;
+    out[n++] = KCPU_PATH_SCALAR;
+    if (!all) {
+        out[n++] = KCPU_PATH_AUTO;
+        return n;
+    }
+    static const kcpu_path simd[] = { KCPU_PATH_AVX2, KCPU_PATH_AVX512, KCPU_PATH_AVX512VNNI };
+    for (int i = 0; i < 3; i++)
+        if (kcpu_force_path(simd[i]) == 0)
+            out[n++] = simd[i];
+    kcpu_force_path(KCPU_PATH_AUTO);
+    return n;
 }
 
 static uint16_t rnd_scale_f16(int adversarial)
@@ -147,6 +174,48 @@ static void *make_weights(kt_type t, int n_rows, int n_cols, int adversarial)
                                                       : (int)(rnd_u32() % 255) - 127);
                 break;
             }
+            case KT_Q5_0: {
+                kt_block_q5_0 *blk = (kt_block_q5_0 *)row + b;
+                blk->d = rnd_scale_f16(adversarial) ^ (adversarial && rnd_u32() % 4 == 0 ? 0x8000 : 0);
+                for (int j = 0; j < 4; j++)
+                    blk->qh[j] = (uint8_t)rnd_u32();
+                for (int j = 0; j < 16; j++)
+                    blk->qs[j] = (uint8_t)rnd_u32();
+                break;
+            }
+            case KT_Q5_1: {
+                kt_block_q5_1 *blk = (kt_block_q5_1 *)row + b;
+                blk->d = rnd_scale_f16(adversarial);
+                blk->m = kt_f32_to_f16(-rnd_f(0.0f, 0.8f));
+                if (adversarial && rnd_u32() % 4 == 0)
+                    blk->m = (uint16_t)(0x8000u | (rnd_u32() % 0x3ff));
+                for (int j = 0; j < 4; j++)
+                    blk->qh[j] = (uint8_t)rnd_u32();
+                for (int j = 0; j < 16; j++)
+                    blk->qs[j] = (uint8_t)rnd_u32();
+                break;
+            }
+            case KT_Q4_K: case KT_Q5_K: {
+                /* d, dmin: small (the 6-bit scales and mins reach 63); all
+                 * other bytes random, so every scale/min/code pattern occurs */
+                uint8_t *blk = row + (size_t)b * kt_block_bytes(t);
+                for (size_t j = 4; j < kt_block_bytes(t); j++)
+                    blk[j] = (uint8_t)rnd_u32();
+                uint16_t d = adversarial ? rnd_scale_f16(1) : kt_f32_to_f16(rnd_f(0.0002f, 0.002f));
+                uint16_t dmin = kt_f32_to_f16(rnd_f(0.0f, 0.004f));
+                if (adversarial && rnd_u32() % 4 == 0)
+                    dmin = (uint16_t)(rnd_u32() % 0x3ff) | (rnd_u32() % 2 ? 0x8000 : 0);
+                memcpy(blk, &d, 2);
+                memcpy(blk + 2, &dmin, 2);
+                break;
+            }
+            case KT_Q6_K: {
+                kt_block_q6_k *blk = (kt_block_q6_k *)row + b;
+                for (size_t j = 0; j < offsetof(kt_block_q6_k, d); j++)
+                    ((uint8_t *)blk)[j] = (uint8_t)rnd_u32(); /* scales -128..127 */
+                blk->d = adversarial ? rnd_scale_f16(1) : kt_f32_to_f16(rnd_f(0.0001f, 0.001f));
+                break;
+            }
             }
         }
     }
@@ -167,6 +236,26 @@ static void check_close(const char *what, const float *got, const float *ref,
     }
 }
 
+/* Largest share of its tolerance an element used (err / tol), for the
+ * summary the matmul suites log per back end. */
+static double used_share(const float *got, const float *ref, const double *extra, size_t n,
+                         double atol, double rtol)
+{
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double tol = atol + rtol * fabs((double)ref[i]) + (extra ? extra[i] : 0.0);
+        double e = fabs((double)got[i] - (double)ref[i]) / tol;
+        worst = e > worst ? e : worst;
+    }
+    return worst;
+}
+
+/* Per back end (kcpu_path): the worst shares of the tight tolerance (vs
+ * kref on the int8 activations) and of the int8 rounding bound (vs kref on
+ * the exact activations), and the largest |kcpu - kref| / sum_j |w_j x_j|
+ * (random, non-adversarial cases). */
+static double g_share_q[8], g_share_x[8], g_rel[8];
+
 /* The kernels' activation quantization, mirrored (kcpu_impl.h):
  * d = amax/127, id = d ? 1/d : 0, q = round-half-even(x*id). xq = d*q, and
  * amax/254 per element (half a step) into half_step. */
@@ -186,13 +275,54 @@ static void quantize_like_kernels(const float *x, float *xq, float *half_step, s
 }
 
 /* Per element of a weight row, the magnitude of the terms the kernels add
- * up: |w| for F32/F16/BF16/Q8_0; |d| q + 8|d| for Q4_0 (q unsigned nibble)
- * and |d| q + |m| for Q4_1. */
+ * up: |w| for F32/F16/BF16/Q8_0/Q6_K; |d| q + 8|d| for Q4_0 (q unsigned
+ * nibble), |d| q + 16|d| for Q5_0, |d| q + |m| for Q4_1 / Q5_1, and
+ * |d sc_j| q + |dmin m_j| for Q4_K / Q5_K. */
 static void term_abs_row(kt_type t, const void *row, float *out, int n)
 {
     kref_dequant_row(t, row, out, n);
     for (int i = 0; i < n; i++)
         out[i] = fabsf(out[i]);
+    if (t == KT_Q5_0 || t == KT_Q5_1) {
+        for (int b = 0; b < n / 32; b++) {
+            const uint8_t *qs, *qh;
+            float d, off;
+            if (t == KT_Q5_0) {
+                const kt_block_q5_0 *blk = (const kt_block_q5_0 *)row + b;
+                qs = blk->qs, qh = blk->qh;
+                d = fabsf(kt_f16_to_f32(blk->d));
+                off = 16.0f * d;
+            } else {
+                const kt_block_q5_1 *blk = (const kt_block_q5_1 *)row + b;
+                qs = blk->qs, qh = blk->qh;
+                d = fabsf(kt_f16_to_f32(blk->d));
+                off = fabsf(kt_f16_to_f32(blk->m));
+            }
+            for (int j = 0; j < 16; j++) {
+                int lo = (qs[j] & 15) | ((qh[j / 8] >> (j % 8)) & 1) << 4;
+                int hi = (qs[j] >> 4) | ((qh[(j + 16) / 8] >> ((j + 16) % 8)) & 1) << 4;
+                out[b * 32 + j] = d * (float)lo + off;
+                out[b * 32 + j + 16] = d * (float)hi + off;
+            }
+        }
+        return;
+    }
+    if (t == KT_Q4_K || t == KT_Q5_K) {
+        /* |w| + 2 |dmin m_j| >= |d sc_j| q + |dmin m_j| (w = d sc q - dmin m) */
+        for (int sb = 0; sb < n / 256; sb++) {
+            const uint8_t *blk = (const uint8_t *)row + (size_t)sb * kt_block_bytes(t);
+            uint16_t dmin16;
+            memcpy(&dmin16, blk + 2, 2);
+            float dmin = fabsf(kt_f16_to_f32(dmin16));
+            for (int j = 0; j < 8; j++) {
+                uint8_t sc, m;
+                kt_kq_scale_min(blk + 4, j, &sc, &m);
+                for (int l = 0; l < 32; l++)
+                    out[sb * 256 + j * 32 + l] += 2.0f * dmin * (float)m;
+            }
+        }
+        return;
+    }
     if (t != KT_Q4_0 && t != KT_Q4_1)
         return;
     for (int b = 0; b < n / 32; b++) {
@@ -221,7 +351,7 @@ typedef struct { int n_rows, n_cols, n_tok; } mm_shape;
 /* Runs one matmul case on every path and pool size and checks it. */
 static void check_matmul(kt_type t, mm_shape s, int adversarial, kcpu_pool **pools, int n_pools)
 {
-    int quant = kt_block_elems(t) == KT_QK;
+    int quant = kt_is_quant(t);
     size_t nx = (size_t)s.n_tok * (size_t)s.n_cols, ny = (size_t)s.n_tok * (size_t)s.n_rows;
     void *W = make_weights(t, s.n_rows, s.n_cols, adversarial);
     float *x = malloc(nx * sizeof(float)), *xq = malloc(nx * sizeof(float));
@@ -259,8 +389,10 @@ static void check_matmul(kt_type t, mm_shape s, int adversarial, kcpu_pool **poo
         }
     }
     char what[160];
-    for (int scalar = 0; scalar < 2; scalar++) {
-        kcpu_force_scalar(scalar);
+    kcpu_path paths[4];
+    int n_paths = test_paths(t, paths);
+    for (int pa = 0; pa < n_paths; pa++) {
+        cr_assert_eq(kcpu_force_path(paths[pa]), 0);
         for (int pi = 0; pi < n_pools; pi++) {
             for (size_t i = 0; i < ny; i++)
                 got[i] = NAN;
@@ -271,6 +403,15 @@ static void check_matmul(kt_type t, mm_shape s, int adversarial, kcpu_pool **poo
             if (quant) {
                 check_close(what, got, refq, mag, ny, MM_ATOL, MM_RTOL);
                 check_close(what, got, ref, qb, ny, MM_ATOL, MM_RTOL);
+                int pk = (int)paths[pa];
+                double sq = used_share(got, refq, mag, ny, MM_ATOL, MM_RTOL);
+                double sx = used_share(got, ref, qb, ny, MM_ATOL, MM_RTOL);
+                g_share_q[pk] = fmax(g_share_q[pk], sq);
+                g_share_x[pk] = fmax(g_share_x[pk], sx);
+                for (size_t i = 0; !adversarial && i < ny; i++)
+                    if (mag[i] > 0.0)
+                        g_rel[pk] = fmax(g_rel[pk], fabs((double)got[i] - (double)ref[i]) /
+                                                        (mag[i] / MM_MTOL));
             } else {
                 check_close(what, got, ref, mag, ny, MM_ATOL, MM_RTOL);
             }
@@ -284,12 +425,15 @@ static void check_matmul(kt_type t, mm_shape s, int adversarial, kcpu_pool **poo
 static void matmul_suite(kt_type t)
 {
     static const int cols_q[] = { 32, 64, 576, 1536 };
+    static const int cols_q5[] = { 32, 96, 576, 1504 }; /* odd block counts too */
+    static const int cols_k[] = { 256, 768, 1536 };
     static const int cols_f[] = { 7, 37, 64, 576, 1536 };
     static const int rows[] = { 1, 3, 7, 192, 576 };
-    static const int toks[] = { 1, 2, 5, 17 };
-    int quant = kt_block_elems(t) == KT_QK;
-    const int *cols = quant ? cols_q : cols_f;
-    int n_cols = quant ? 4 : 5;
+    static const int toks[] = { 1, 2, 7, 17 }; /* tails of 1, 2, 3 tokens */
+    int quant = kt_is_quant(t);
+    const int *cols = !quant ? cols_f : kt_block_elems(t) == KT_QK_K ? cols_k
+                    : t == KT_Q5_0 || t == KT_Q5_1 ? cols_q5 : cols_q;
+    int n_cols = !quant ? 5 : kt_block_elems(t) == KT_QK_K ? 3 : 4;
     kcpu_pool *pools[3] = { NULL, NULL, NULL };
     cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
     cr_assert(kcpu_pool_create(3, &pools[2]) == 0);
@@ -303,11 +447,23 @@ static void matmul_suite(kt_type t)
                 if ((ri + ti) % 2 == 0)
                     check_matmul(t, s, 1, pools, 3);
             }
-    /* real SmolLM2 shapes, prompt-sized batch */
-    check_matmul(t, (mm_shape){ 576, 1536, 17 }, 0, pools, 3);
-    check_matmul(t, (mm_shape){ 1536, 576, 9 }, 1, pools, 3);
+    if (kt_block_elems(t) == KT_QK_K) {
+        /* real Gemma-3-270M shapes (attn_output, ffn_down), prompt-sized */
+        check_matmul(t, (mm_shape){ 640, 1024, 17 }, 0, pools, 3);
+        check_matmul(t, (mm_shape){ 643, 2048, 9 }, 1, pools, 3);
+    } else {
+        /* real SmolLM2 shapes, prompt-sized batch */
+        check_matmul(t, (mm_shape){ 576, 1536, 17 }, 0, pools, 3);
+        check_matmul(t, (mm_shape){ 1536, 576, 9 }, 1, pools, 3);
+    }
     kcpu_pool_destroy(pools[1]);
     kcpu_pool_destroy(pools[2]);
+    for (int pk = 0; quant && pk < 8; pk++)
+        if (g_share_q[pk] > 0.0 || g_share_x[pk] > 0.0)
+            cr_log_info("matmul %s %s: worst share of tolerance %.3f (vs kref on int8 x), "
+                        "%.3f of the int8 bound (vs kref on exact x); max |kcpu - kref| / "
+                        "sum |w x| %.2e (random, non-adversarial cases)", kt_name(t),
+                        kcpu_path_name((kcpu_path)pk), g_share_q[pk], g_share_x[pk], g_rel[pk]);
 }
 
 Test(matmul, f32, .timeout = 240) { matmul_suite(KT_F32); }
@@ -316,6 +472,11 @@ Test(matmul, bf16, .timeout = 240) { matmul_suite(KT_BF16); }
 Test(matmul, q4_0, .timeout = 240) { matmul_suite(KT_Q4_0); }
 Test(matmul, q4_1, .timeout = 240) { matmul_suite(KT_Q4_1); }
 Test(matmul, q8_0, .timeout = 240) { matmul_suite(KT_Q8_0); }
+Test(matmul, q5_0, .timeout = 240) { matmul_suite(KT_Q5_0); }
+Test(matmul, q5_1, .timeout = 240) { matmul_suite(KT_Q5_1); }
+Test(matmul, q4_k, .timeout = 240) { matmul_suite(KT_Q4_K); }
+Test(matmul, q5_k, .timeout = 240) { matmul_suite(KT_Q5_K); }
+Test(matmul, q6_k, .timeout = 240) { matmul_suite(KT_Q6_K); }
 
 /* The output-head shape with Q8_0 weights, 2 tokens (the vocab dimension
  * exercises many work items per thread). */
@@ -331,15 +492,21 @@ Test(matmul, q8_0_vocab_rows, .timeout = 240)
 
 Test(dequant_row, all_types_bit_exact)
 {
-    static const kt_type types[] = { KT_F32, KT_F16, KT_BF16, KT_Q4_0, KT_Q4_1, KT_Q8_0 };
+    static const kt_type types[] = { KT_F32, KT_F16, KT_BF16, KT_Q4_0, KT_Q4_1, KT_Q8_0,
+                                     KT_Q5_0, KT_Q5_1, KT_Q4_K, KT_Q5_K, KT_Q6_K };
     static const int ns[] = { 32, 64, 96, 576, 1536 };
-    for (int scalar = 0; scalar < 2; scalar++) {
-        kcpu_force_scalar(scalar);
-        for (int ti = 0; ti < 6; ti++)
+    static const int ns_k[] = { 256, 512, 768, 1536, 2048 };
+    for (int ti = 0; ti < (int)(sizeof types / sizeof types[0]); ti++) {
+        kt_type t = types[ti];
+        kcpu_path paths[4];
+        int n_paths = test_paths(t, paths);
+        for (int pa = 0; pa < n_paths; pa++) {
+            cr_assert_eq(kcpu_force_path(paths[pa]), 0);
             for (int ni = 0; ni < 5; ni++)
                 for (int adv = 0; adv < 2; adv++) {
-                    kt_type t = types[ti];
-                    int n = ns[ni] + (kt_block_elems(t) == 1 ? ni : 0); /* odd n for floats */
+                    int n = kt_block_elems(t) == KT_QK_K ? ns_k[ni]
+                                                         : ns[ni] + (kt_block_elems(t) == 1 ? ni : 0);
+                    /* odd n for floats */
                     void *w = make_weights(t, 1, n, adv);
                     float *a = malloc((size_t)n * sizeof(float));
                     float *b = malloc((size_t)n * sizeof(float));
@@ -351,6 +518,7 @@ Test(dequant_row, all_types_bit_exact)
                                   kcpu_simd_name(), n, i, (double)b[i], (double)a[i]);
                     free(w); free(a); free(b);
                 }
+        }
     }
     kcpu_force_scalar(0);
 }
@@ -678,6 +846,19 @@ Test(dispatch, names)
     cr_assert_str_eq(kcpu_simd_name(), "scalar");
     kcpu_force_scalar(0);
     const char *n = kcpu_simd_name();
-    cr_assert(strcmp(n, "avx2") == 0 || strcmp(n, "scalar") == 0);
+    cr_assert(strcmp(n, "avx2") == 0 || strcmp(n, "scalar") == 0 || strcmp(n, "avx512") == 0 ||
+              strcmp(n, "avx512vnni") == 0);
     cr_log_info("kcpu back end: %s", n);
+    /* every path up to the run-time choice can be forced, and names itself */
+    for (kcpu_path p = KCPU_PATH_SCALAR; p <= KCPU_PATH_AVX512VNNI; p++) {
+        int rc = kcpu_force_path(p);
+        if (rc == 0)
+            cr_assert_str_eq(kcpu_simd_name(), kcpu_path_name(p));
+        else
+            cr_assert_eq(rc, -ENOTSUP);
+        cr_log_info("path %s: %s", kcpu_path_name(p), rc == 0 ? "available" : "not on this CPU");
+    }
+    cr_assert_eq(kcpu_force_path((kcpu_path)99), -ENOTSUP);
+    cr_assert_eq(kcpu_force_path(KCPU_PATH_AUTO), 0);
+    cr_assert_str_eq(kcpu_simd_name(), n);
 }
