@@ -7,7 +7,8 @@
  * features call for (QKV biases, Q/K norms, sandwich norms, rope_freqs),
  * each one's shape and type checked against the hyper-parameters; a tensor
  * the loader did not take is an error (it would be silently ignored).
- * Matmul weights stay in the mapping (F32, F16, BF16, Q4_0, Q4_1, Q8_0);
+ * Matmul weights stay in the mapping (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+ * Q4_K, Q5_K, Q6_K);
  * vectors (norms, biases, rope factors) are copied to owned F32 when
  * stored otherwise (or misaligned). Tokenizer from tokenizer.ggml.* with
  * tok_create(), chat template family from tokenizer.chat_template (or,
