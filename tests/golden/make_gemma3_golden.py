@@ -114,7 +114,7 @@ def q8_blocks(x, bs):
     return (q * d).reshape(x.shape)
 
 
-def np_forward(cfg, T_, types, ids, aq=None, window=True):
+def np_forward(cfg, T_, ids, aq=None, window=True):
     """Causal forward over ids on the GGUF tensors as stored (norms = 1 + w). Returns [T, V].
     aq(x, tensor_name) is applied to the input of every weight matmul (None: identity)."""
     aq = aq or (lambda x, name: x)
@@ -307,7 +307,7 @@ def main():
     cfg, T_, types = load_gguf_numpy(gpath)
     assert cfg["window"] == 512 and cfg["n_layers"] == 18
     t0 = time.time()
-    B = np_forward(cfg, T_, types, ids)
+    B = np_forward(cfg, T_, ids)
     btop, ball, blse, bflips = compare(A, B, range(N))
     b_note = (f"B (numpy float64, GGUF tensors as stored, norms 1 + w) vs A at all {N} positions: "
               f"max |diff| top20 {btop:.2e}, full vocab {ball:.2e}, lse {blse:.2e}, argmax flips "
@@ -323,7 +323,7 @@ def main():
         kq = {n for n, ty in types.items() if ty in ("Q4_K", "Q5_K", "Q6_K")}
         for label, bs_k in (("C (blocks of 32 everywhere)", 32), ("C256 (blocks of 256 for K-quants)", 256)):
             aq = lambda x, nm, bs_k=bs_k: q8_blocks(x, bs_k if nm in kq else 32)  # noqa: E731
-            C = np_forward(cfg, T_, types, ids, aq=aq)
+            C = np_forward(cfg, T_, ids, aq=aq)
             ctop, call, clse, cflips = compare(A, C, range(N))
             rtop, _, rlse, _ = compare(A, C, rec)
             fm = max([mg for _, mg in cflips], default=0.0)
