@@ -227,7 +227,7 @@ int main(int argc, char **argv)
                         kcpu_attn_f16(pools[th], o, q, y->kh, y->vh, D, pos0, n_q, H, KVH, HD,
                                       0.125f, ws_f16);
                     else
-                        kcpu_attn_seg(pools[th], o, q, pos0, n_q, segs, ns, &L, H, KVH, HD,
+                        kcpu_attn_seg(pools[th], o, q, pos0, n_q, 0, segs, ns, &L, H, KVH, HD,
                                       0.125f, ws_seg);
                     times[mode][n] = now_s() - t0;
                 }

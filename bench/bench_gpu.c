@@ -446,7 +446,7 @@ static void run_attn(kcu_ctx *c, int int4, int B, int L, int n_head, int n_kv, i
             segs[(size_t)i * nb + j] = (kcu_seg){int4 ? KVS_Q4 : KVS_F16, j * T, T, i * nb + j};
         items[i] = (kcu_attn_item){i * nb, nb, nb * T, 1, i, i, {0, 0}};
     }
-    kcu_attn_shape sh = {n_head, n_kv, hd, 1.0f / sqrtf((float)hd), int4 ? &Lq : NULL};
+    kcu_attn_shape sh = {n_head, n_kv, hd, 1.0f / sqrtf((float)hd), int4 ? &Lq : NULL, 0};
     size_t asb = kcu_attn_scratch_bytes(&sh, B, B, 1);
     void *ascr = NULL;
     if (rc == 0)

@@ -15,7 +15,7 @@
 const char *const cfg_kv_keys[] = {
     "kv_cache", "chunk_size", "block_tokens", "warmup_chunks", "ema_decay",
     "ema_clip", "clip_quantile", "v_group", "outlier_budget", "sink_tokens",
-    "keep_warmup_fp16", "k_quant", "kv_budget", NULL,
+    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", NULL,
 };
 
 cfg_kv cfg_kv_default(void)
@@ -35,6 +35,7 @@ cfg_kv cfg_kv_default(void)
         .k_mode = KVQ_K_PER_CHANNEL,
         .kv_budget_bytes = 0,
         .kv_budget_tokens = 0,
+        .window_kv = CFG_KV_FP16, /* measured: docs/kvquant.md "Window layers" */
     };
     return c;
 }
@@ -132,7 +133,7 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         return fail(err, errlen, "unknown cache option '%s' (known: kv_cache, chunk_size, "
                     "block_tokens, warmup_chunks, ema_decay, ema_clip, clip_quantile, "
                     "v_group, outlier_budget, sink_tokens, keep_warmup_fp16, k_quant, "
-                    "kv_budget)", key ? key : "(null)");
+                    "kv_budget, window_kv)", key ? key : "(null)");
     int bad = 0;
     const char *want = "";
     if (!strcmp(k, "kv_cache")) {
@@ -169,6 +170,13 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
             c->k_mode = KVQ_K_PER_TOKEN;
         else
             bad = 1, want = "channel or token";
+    } else if (!strcmp(k, "window_kv")) {
+        if (!strcasecmp(value, "fp16") || !strcasecmp(value, "f16"))
+            c->window_kv = CFG_KV_FP16;
+        else if (!strcasecmp(value, "int4") || !strcasecmp(value, "q4"))
+            c->window_kv = CFG_KV_INT4;
+        else
+            bad = 1, want = "fp16 or int4";
     } else if (!strcmp(k, "kv_budget")) {
         bad = parse_budget(value, &c->kv_budget_bytes, &c->kv_budget_tokens);
         want = "bytes (e.g. 512M, 2GiB) or tokens (e.g. 65536t)";
@@ -292,11 +300,12 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
             "kv_cache = %s\nchunk_size = %d\nblock_tokens = %d\nwarmup_chunks = %d\n"
             "ema_decay = %g\nema_clip = %g\nclip_quantile = %g\nv_group = %d\n"
             "outlier_budget = %g\nsink_tokens = %d\nkeep_warmup_fp16 = %d\n"
-            "k_quant = %s\nkv_budget = %s\n",
+            "k_quant = %s\nkv_budget = %s\nwindow_kv = %s\n",
             c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size, c->block_tokens,
             c->warmup_chunks, c->ema_decay, c->ema_clip, c->clip_quantile, c->v_group,
             c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
-            c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b);
+            c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
+            c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
 }
 
 int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
@@ -308,10 +317,11 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
                     "\"warmup_chunks\": %d, \"ema_decay\": %g, \"ema_clip\": %g, "
                     "\"clip_quantile\": %g, \"v_group\": %d, \"outlier_budget\": %g, "
                     "\"sink_tokens\": %d, \"keep_warmup_fp16\": %d, \"k_quant\": \"%s\", "
-                    "\"kv_budget\": \"%s\"",
+                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"",
                     c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size,
                     c->block_tokens, c->warmup_chunks, c->ema_decay, c->ema_clip,
                     c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
                     c->keep_warmup_fp16,
-                    c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b);
+                    c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
+                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
 }

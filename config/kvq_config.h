@@ -21,6 +21,11 @@
  *   kv_budget       KV pool size: bytes (suffix K/M/G/KiB/MiB/GiB) or
  *                   tokens (suffix "t", e.g. 65536t); 0 = sized for the
  *                   context (0)
+ *   window_kv       fp16 | int4: how sliding-window layers (Gemma-3: 5 of
+ *                   every 6) hold their last W positions: FP16 pages, or
+ *                   LiveKVQuant-P like the global layers (only with
+ *                   kv_cache = int4; with fp16 every layer is FP16)
+ *                   (default fp16, measured: docs/kvquant.md "Window layers")
  */
 #ifndef LKQ_KVQ_CONFIG_H
 #define LKQ_KVQ_CONFIG_H
@@ -48,6 +53,7 @@ typedef struct {
     kvq_k_mode k_mode;
     int64_t kv_budget_bytes;  /* 0 = unset */
     int64_t kv_budget_tokens; /* 0 = unset (at most one of the two is set) */
+    cfg_kv_mode window_kv;    /* window layers: FP16, or INT4 (with mode INT4) */
 } cfg_kv;
 
 cfg_kv cfg_kv_default(void);

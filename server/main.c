@@ -78,7 +78,9 @@ static void usage(FILE *f)
         "                            max-seqs sequences of ctx-size)\n"
         "      --chunk-size --block-tokens --warmup-chunks --ema-decay --ema-clip\n"
         "      --clip-quantile --v-group --outlier-budget --sink-tokens\n"
-        "      --keep-warmup-fp16 --k-quant\n");
+        "      --keep-warmup-fp16 --k-quant\n"
+        "      --window-kv fp16|int4 sliding-window layers (Gemma-3): FP16 pages or\n"
+        "                            LiveKVQuant-P like the global layers (default fp16)\n");
 }
 
 static int parse_long(const char *name, const char *v, long lo, long hi, long *out)

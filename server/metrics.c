@@ -2,7 +2,9 @@
  * metrics.c - Prometheus text format 0.0.4 (see metrics.h). Names use the
  * livekvq_ prefix and base units; counters end in _total; histograms are
  * cumulative with +Inf; plus the vLLM-compatible gauges that Kubernetes
- * inference gateways route on.
+ * inference gateways route on. The KV memory is also given by layer kind
+ * (livekvq_kv_layer_*{layer_kind="global|window"}): separate families, so
+ * that summing livekvq_kv_bytes still counts every byte once.
  */
 #include "server/metrics.h"
 
@@ -106,6 +108,58 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
     head(&b, "livekvq_kv_blocks_total", "gauge", "Pool units (INT4 blocks, FP16 pages).");
     lkq_sb_printf(&b, "livekvq_kv_blocks_total{kind=\"int4\"} %lld\n", (long long)kv->qblocks_total);
     lkq_sb_printf(&b, "livekvq_kv_blocks_total{kind=\"fp16\"} %lld\n", (long long)kv->fpages_total);
+    /* by layer kind: global layers (the whole context, LiveKVQuant-P) and
+     * sliding-window layers (their last W positions only) */
+    static const char *const lk[KVC_LAYER_KINDS] = {"global", "window"};
+    head(&b, "livekvq_kv_layer_bytes", "gauge",
+         "KV cache bytes held, by layer kind (global, sliding-window) and storage kind.");
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        const kvc_kind_stats *ks = &kv->layer_kind[k];
+        const struct {
+            const char *kind;
+            int64_t v;
+        } parts[5] = {{"int4", ks->bytes_int4}, {"scales", ks->bytes_scales},
+                      {"outliers", ks->bytes_outliers}, {"fp16", ks->bytes_fp16},
+                      {"other", ks->bytes_other}};
+        for (int i = 0; i < 5; i++)
+            lkq_sb_printf(&b, "livekvq_kv_layer_bytes{layer_kind=\"%s\",kind=\"%s\"} %lld\n",
+                          lk[k], parts[i].kind, (long long)parts[i].v);
+    }
+    head(&b, "livekvq_kv_layer_bytes_held", "gauge",
+         "KV cache bytes held by the layers of one kind, all storage kinds.");
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        lkq_sb_printf(&b, "livekvq_kv_layer_bytes_held{layer_kind=\"%s\"} %lld\n", lk[k],
+                      (long long)kv->layer_kind[k].bytes_total);
+    head(&b, "livekvq_kv_layer_bits_per_element", "gauge",
+         "Bits per KV element held by the layers of one kind, all overheads included.");
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        lkq_sb_printf(&b, "livekvq_kv_layer_bits_per_element{layer_kind=\"%s\"} %.17g\n", lk[k],
+                      kvc_stats_kind_bits(kv, k));
+    head(&b, "livekvq_kv_layer_tokens", "gauge",
+         "Token positions held by the layers of one kind (window layers: about their last W).");
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        lkq_sb_printf(&b, "livekvq_kv_layer_tokens{layer_kind=\"%s\"} %lld\n", lk[k],
+                      (long long)kv->layer_kind[k].tokens);
+    head(&b, "livekvq_kv_layer_count", "gauge", "Model layers of each kind.");
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        lkq_sb_printf(&b, "livekvq_kv_layer_count{layer_kind=\"%s\"} %d\n", lk[k],
+                      (int)kv->layer_kind[k].layers);
+    head(&b, "livekvq_kv_layer_blocks_used", "gauge",
+         "Pool units in use by layer kind (INT4 blocks, FP16 pages).");
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        lkq_sb_printf(&b, "livekvq_kv_layer_blocks_used{layer_kind=\"%s\",kind=\"int4\"} %lld\n",
+                      lk[k], (long long)kv->layer_kind[k].qblocks_used);
+        lkq_sb_printf(&b, "livekvq_kv_layer_blocks_used{layer_kind=\"%s\",kind=\"fp16\"} %lld\n",
+                      lk[k], (long long)kv->layer_kind[k].fpages_used);
+    }
+    head(&b, "livekvq_kv_layer_blocks_total", "gauge",
+         "Pool units by layer kind (INT4 blocks, FP16 pages).");
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        lkq_sb_printf(&b, "livekvq_kv_layer_blocks_total{layer_kind=\"%s\",kind=\"int4\"} %lld\n",
+                      lk[k], (long long)kv->layer_kind[k].qblocks_total);
+        lkq_sb_printf(&b, "livekvq_kv_layer_blocks_total{layer_kind=\"%s\",kind=\"fp16\"} %lld\n",
+                      lk[k], (long long)kv->layer_kind[k].fpages_total);
+    }
     gauge(&b, "livekvq_kv_pool_bytes", "Bytes of the KV pool (its capacity).",
           (double)sm->kv_budget_bytes);
     gauge(&b, "livekvq_kv_usage_ratio", "Fraction of the KV pool's bytes in use.",

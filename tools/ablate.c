@@ -821,13 +821,34 @@ done:
     return rc;
 }
 
+static int check_cells_dims(const abl_opts *o, const mdl_model *m, const kvc_dims *d,
+                            const abl_cell *cells, int n, int64_t n_tok, char *err,
+                            size_t errlen);
+
 /* Checks every cell still to run against the model and the text; the
  * first impossible one is the reason. */
 static int check_cells(const abl_opts *o, const mdl_model *m, const abl_cell *cells,
                        int n, int64_t n_tok, char *err, size_t errlen)
 {
-    const int hd = m->hp.dim / m->hp.n_heads;
-    const kvc_dims d = {m->hp.n_layers, m->hp.n_kv_heads * hd, hd};
+    const int hd = m->hp.head_dim > 0 ? m->hp.head_dim : m->hp.dim / m->hp.n_heads;
+    int32_t *win = malloc((size_t)(m->hp.n_layers > 0 ? m->hp.n_layers : 1) * sizeof *win);
+    if (!win) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (int l = 0; l < m->hp.n_layers; l++)
+        win[l] = m->layers[l].window;
+    const kvc_dims d = {m->hp.n_layers, m->hp.n_kv_heads * hd, hd, win};
+    int rc = check_cells_dims(o, m, &d, cells, n, n_tok, err, errlen);
+    free(win);
+    return rc;
+}
+
+static int check_cells_dims(const abl_opts *o, const mdl_model *m, const kvc_dims *d,
+                            const abl_cell *cells, int n, int64_t n_tok, char *err,
+                            size_t errlen)
+{
+    const int hd = d->head_dim;
     char lerr[256];
     for (int i = 0; i < n; i++) {
         const abl_cell *c = &cells[i];
@@ -853,13 +874,14 @@ static int check_cells(const abl_opts *o, const mdl_model *m, const abl_cell *ce
              * ctx tokens needs */
             cfg_kv free_kv = c->kv;
             free_kv.kv_budget_bytes = free_kv.kv_budget_tokens = 0;
-            int64_t nq, nf, nq_need, nf_need;
-            if (kvc_pool_plan(&c->kv, &d, c->ctx, 1, &nq, &nf, lerr, sizeof lerr) < 0 ||
-                kvc_pool_plan(&free_kv, &d, c->ctx, 1, &nq_need, &nf_need, lerr,
-                              sizeof lerr) < 0) {
+            kvc_pool_sizes sz, sz_need; /* the global layers': what the budget buys */
+            if (kvc_pool_plan(&c->kv, d, c->ctx, 1, &sz, lerr, sizeof lerr) < 0 ||
+                kvc_pool_plan(&free_kv, d, c->ctx, 1, &sz_need, lerr, sizeof lerr) < 0) {
                 snprintf(err, errlen, "cell '%.120s': impossible budget: %s", c->label, lerr);
                 return -1;
             }
+            int64_t nq = sz.n_qblocks[KVC_LAYER_GLOBAL], nf = sz.n_fpages[KVC_LAYER_GLOBAL];
+            int64_t nf_need = sz_need.n_fpages[KVC_LAYER_GLOBAL];
             int64_t tq = (int64_t)c->ctx / c->kv.block_tokens;
             if ((c->kv.mode == CFG_KV_FP16 && nf < nf_need - 1) ||
                 (c->kv.mode != CFG_KV_FP16 && nq < tq)) {

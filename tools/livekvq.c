@@ -45,6 +45,7 @@ static double now_s(void)
     "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.005)\n" \
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
+    "      --window-kv fp16|int4 sliding-window layers' cache (fp16; int4 needs --kv-cache int4)\n" \
     "      --config FILE        'key = value' lines with the same keys\n"
 
 static void usage_perplexity(FILE *f)
@@ -731,7 +732,10 @@ static void ppl_json(const cli_opts *o, const mdl_model *m, const eval_result *r
              "\"kv_bytes\": %lld, \"kv_bytes_fp16\": %lld, \"kv_bytes_int4\": %lld, "
              "\"kv_bytes_scales\": %lld, \"kv_bytes_outliers\": %lld, "
              "\"kv_bytes_fp16_staging\": %lld, \"outlier_ratio\": %.6g, "
-             "\"clamp_ratio\": %.6g, \"t_test_s\": %.3f, \"t_fp16_s\": %.3f, %s}",
+             "\"clamp_ratio\": %.6g, \"global_layers\": %d, \"window_layers\": %d, "
+             "\"bits_per_element_global\": %.4f, \"bits_per_element_window\": %.4f, "
+             "\"kv_bytes_global\": %lld, \"kv_bytes_window\": %lld, "
+             "\"kv_tokens_window\": %lld, \"t_test_s\": %.3f, \"t_fp16_s\": %.3f, %s}",
              m->name, o->n_ctx, o->n_windows, (long long)r->n_scored, r->ppl, r->ppl_ref,
              r->ppl / r->ppl_ref - 1.0, r->kld, r->kld_max, r->top1_agree,
              r->bits_per_element, (long long)r->kv.bytes_total,
@@ -740,7 +744,13 @@ static void ppl_json(const cli_opts *o, const mdl_model *m, const eval_result *r
              (long long)r->kv.bytes_fp16,
              r->kv.n_quantized ? (double)r->kv.n_outliers / (double)r->kv.n_quantized : 0.0,
              r->kv.n_quantized ? (double)r->kv.n_clamped / (double)r->kv.n_quantized : 0.0,
-             r->t_test_s, r->t_ref_s, cfg);
+             (int)r->kv.layer_kind[KVC_LAYER_GLOBAL].layers,
+             (int)r->kv.layer_kind[KVC_LAYER_WINDOW].layers,
+             kvc_stats_kind_bits(&r->kv, KVC_LAYER_GLOBAL),
+             kvc_stats_kind_bits(&r->kv, KVC_LAYER_WINDOW),
+             (long long)r->kv.layer_kind[KVC_LAYER_GLOBAL].bytes_total,
+             (long long)r->kv.layer_kind[KVC_LAYER_WINDOW].bytes_total,
+             (long long)r->kv.layer_kind[KVC_LAYER_WINDOW].tokens, r->t_test_s, r->t_ref_s, cfg);
 }
 
 static int append_csv(const char *path, const cli_opts *o, const mdl_model *m,
@@ -845,6 +855,16 @@ static int cmd_perplexity(int argc, char **argv)
            (long long)r.kv.bytes_outliers, (long long)r.kv.bytes_fp16,
            (long long)r.kv.bytes_other);
     printf("bits per element %.3f\n", r.bits_per_element);
+    if (r.kv.layer_kind[KVC_LAYER_WINDOW].layers > 0) {
+        const kvc_kind_stats *g = &r.kv.layer_kind[KVC_LAYER_GLOBAL];
+        const kvc_kind_stats *w = &r.kv.layer_kind[KVC_LAYER_WINDOW];
+        printf("  global layers  %d: %lld bytes, %lld positions, %.3f bits per element\n",
+               (int)g->layers, (long long)g->bytes_total, (long long)g->tokens,
+               kvc_stats_kind_bits(&r.kv, KVC_LAYER_GLOBAL));
+        printf("  window layers  %d: %lld bytes, %lld positions held, %.3f bits per element\n",
+               (int)w->layers, (long long)w->bytes_total, (long long)w->tokens,
+               kvc_stats_kind_bits(&r.kv, KVC_LAYER_WINDOW));
+    }
     printf("outliers         %.4f%% kept, %.4f%% clamped\n",
            r.kv.n_quantized ? 100.0 * (double)r.kv.n_outliers / (double)r.kv.n_quantized : 0.0,
            r.kv.n_quantized ? 100.0 * (double)r.kv.n_clamped / (double)r.kv.n_quantized : 0.0);

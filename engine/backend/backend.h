@@ -84,11 +84,17 @@ typedef struct {
 } bk_rope;
 
 /* Attention of one layer: each slice's queries over its sequence's
- * committed history plus the slice's own K/V (causal). */
+ * committed history plus the slice's own K/V (causal).
+ * window: 0 for a global layer (a query at position p sees [0, p]); W > 0
+ * for a sliding-window layer (mdl_layer.window; Gemma-3: 512): a query at
+ * p sees exactly [p - W + 1, p], the step's own rows included, each query
+ * on its own bound. Every backend implements both (kernels/ref, /cpu and
+ * /cuda share the contract of kref_attn_seg); the KV pool keeps only the
+ * positions a window layer can still see (engine/kv/kv_plan.h). */
 typedef struct {
     int n_heads, n_kv_heads, head_dim;
     float scale;  /* multiplies q.k */
-    int window;   /* 0: global; W > 0: a query at p sees positions > p - W */
+    int window;   /* 0: global; W > 0: a query at p sees [p - W + 1, p] */
 } bk_attn;
 
 /* Backend-specific controls (ctl): what is not part of the graph. */
@@ -167,9 +173,12 @@ typedef struct bk_ops {
                     size_t errlen);
 
     /* ---- the KV pool (one per instance) and its sequences ---- */
-    int (*pool_create)(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
-                       int64_t n_fpages, char *err, size_t errlen);
+    /* d->layer_window (borrowed for the call) splits the layers into the
+     * global and the window group, sz sizes each (kvc_pool_plan). */
+    int (*pool_create)(void *be, const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *sz,
+                       char *err, size_t errlen);
     int64_t (*pool_capacity_bytes)(void *be);
+    /* units of the global layers free now (admission; kvc_pool_free_units) */
     void (*pool_free_units)(void *be, int64_t *qfree, int64_t *ffree);
     double (*pool_usage)(void *be);
     int (*pool_stats)(void *be, kvc_stats *out, char *err, size_t errlen);

@@ -347,12 +347,11 @@ static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, 
                          const float *k, const float *v, char *err, size_t errlen)
 {
     cpu_be *b = be;
-    if (a->window > 0)
-        return lkq_err(err, errlen, -ENOTSUP, "sliding-window attention (window %d) is not "
-                    "supported by the cpu backend yet", a->window);
+    (void)err;
+    (void)errlen;
     const size_t KV = (size_t)a->n_kv_heads * (size_t)a->head_dim;
     const size_t Q = (size_t)a->n_heads * (size_t)a->head_dim;
-    const kvq_layout *L = kvc_pool_layout(b->kvp);
+    const kvq_layout *L = kvc_layer_layout(b->kvp, layer); /* its group's blocks */
     for (int c = 0; c < b->n_slices; c++) {
         const bk_slice *sl = &b->slices[c];
         const size_t off = (size_t)sl->off;
@@ -362,11 +361,11 @@ static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, 
         const float *qs = q + off * Q;
         if (b->use_ref) {
             for (int i = 0; i < sl->n; i++)
-                kref_attn_seg(o + (size_t)i * Q, qs + (size_t)i * Q, sl->pos0 + i, b->segs, ns,
-                              L, a->n_heads, a->n_kv_heads, a->head_dim, a->scale,
+                kref_attn_seg(o + (size_t)i * Q, qs + (size_t)i * Q, sl->pos0 + i, a->window,
+                              b->segs, ns, L, a->n_heads, a->n_kv_heads, a->head_dim, a->scale,
                               b->ref_scratch);
         } else {
-            kcpu_attn_seg(b->pool, o, qs, sl->pos0, sl->n, b->segs, ns, L, a->n_heads,
+            kcpu_attn_seg(b->pool, o, qs, sl->pos0, sl->n, a->window, b->segs, ns, L, a->n_heads,
                           a->n_kv_heads, a->head_dim, a->scale, b->ws_attn);
         }
     }
@@ -389,16 +388,22 @@ static int cpu_kv_store(void *be, int layer, const float *k, const float *v, cha
 
 /* ---- KV pool and sequences ------------------------------------------------------ */
 
-static int cpu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_t nq,
-                           int64_t nf, char *err, size_t errlen)
+static int cpu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d,
+                           const kvc_pool_sizes *sz, char *err, size_t errlen)
 {
     cpu_be *b = be;
     if (b->kvp)
         return lkq_err(err, errlen, -EINVAL, "the backend already has a KV pool");
-    int rc = kvc_pool_create(cfg, d, nq, nf, &b->kvp, err, errlen);
+    int rc = kvc_pool_create(cfg, d, sz, &b->kvp, err, errlen);
     if (rc < 0)
         return rc;
-    size_t ws = kcpu_attn_seg_scratch_bytes(b->n_threads, kvc_pool_layout(b->kvp), b->head_dim);
+    /* the scratch of the widest block layout (global or window layers) */
+    size_t ws = 0;
+    for (int l = 0; l < d->n_layers; l++) {
+        size_t w = kcpu_attn_seg_scratch_bytes(b->n_threads, kvc_layer_layout(b->kvp, l),
+                                               b->head_dim);
+        ws = w > ws ? w : ws;
+    }
     b->ws_attn = malloc(ws > 0 ? ws : 1);
     if (!b->ws_attn)
         return lkq_err(err, errlen, -ENOMEM, "out of memory for attention scratch");

@@ -86,9 +86,11 @@ typedef struct {
     kvcd_pool *pool;
     cfg_kv kv;
     int kv_dim;
+    /* the step's tables: tokens | positions | per layer group, its
+     * attention items (one per slice) and their segments */
     char *tab_h, *tab_d;
-    size_t off_pos, off_items, off_segs;
-    int cap_segs;
+    size_t off_pos, off_items[KVC_LAYER_KINDS], off_segs[KVC_LAYER_KINDS], tab_bytes;
+    int cap_segs; /* per group */
     void *attn_scr;
     size_t attn_scr_bytes;
     int attn_path;
@@ -453,9 +455,16 @@ static int cu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
         int p = *(const int *)arg;
         if (p != KCU_ATTN_AUTO && p != KCU_ATTN_GENERIC && p != KCU_ATTN_MMA)
             return lkq_err(err, errlen, -EINVAL, "attention path %d (0 auto, 1 generic, 2 mma)", p);
-        kcu_attn_shape sh = {s->hp.n_heads, s->hp.n_kv_heads, s->hp.head_dim, 1.0f,
-                             s->pool ? kvcd_pool_layout(s->pool) : NULL};
-        if (p == KCU_ATTN_MMA && (!s->pool || !kcu_attn_mma_supported(&sh)))
+        /* the tensor-core kernel must take every layer group's layout */
+        int ok = s->pool != NULL;
+        for (int g = 0; ok && g < KVC_LAYER_KINDS; g++) {
+            if (!kvcd_group_arena(s->pool, g))
+                continue;
+            kcu_attn_shape sh = {s->hp.n_heads, s->hp.n_kv_heads, s->hp.head_dim, 1.0f,
+                                 kvcd_group_layout(s->pool, g), 0};
+            ok = kcu_attn_mma_supported(&sh);
+        }
+        if (p == KCU_ATTN_MMA && !ok)
             return lkq_err(err, errlen, -ENOTSUP, "the tensor-core attention does not take "
                         "head_dim %d with this cache layout", s->hp.head_dim);
         s->attn_path = p;
@@ -489,9 +498,10 @@ static int cu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
 
 /* ---- the step ------------------------------------------------------------------------- */
 
-/* Fills the step's tables (tokens, positions per row, one attention item
- * per slice with seg0 at its sequence's segments in the concatenated
- * table) and uploads them in one copy. Every slice's KV step is open. */
+/* Fills the step's tables (tokens, positions per row and, per layer group,
+ * one attention item per slice with seg0 at its sequence's segments in the
+ * group's concatenated table) and uploads them in one copy. Every slice's
+ * KV step is open. */
 static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
 {
     cuda_be *s = be;
@@ -503,15 +513,13 @@ static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
                     st->n, st->n_slices, s->cfg.max_batch, s->cfg.max_seqs);
     int32_t *tok = (int32_t *)s->tab_h;
     int32_t *pos = (int32_t *)(s->tab_h + s->off_pos);
-    kcu_attn_item *items = (kcu_attn_item *)(s->tab_h + s->off_items);
-    kcu_seg *segs = (kcu_seg *)(s->tab_h + s->off_segs);
     for (int i = 0; i < st->n; i++) {
         if (st->tokens[i] < 0 || st->tokens[i] >= s->hp.n_vocab)
             return lkq_err(err, errlen, -EINVAL, "token id %d out of range [0, %d)",
                         st->tokens[i], s->hp.n_vocab);
         tok[i] = st->tokens[i];
     }
-    int n_segs = 0, max_q = 0;
+    int n_segs[KVC_LAYER_KINDS] = {0}, max_q = 0;
     for (int c = 0; c < st->n_slices; c++) {
         const bk_slice *sl = &st->slices[c];
         if (sl->off < 0 || sl->n < 0 || sl->off + sl->n > st->n || !sl->seq)
@@ -519,15 +527,21 @@ static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
                         sl->off, sl->n, st->n);
         for (int i = 0; i < sl->n; i++)
             pos[sl->off + i] = sl->pos0 + i;
-        int ns;
-        const kcu_seg *src = kvcd_seq_host_segs(sl->seq, &ns);
-        if (n_segs + ns > s->cap_segs)
-            return lkq_err(err, errlen, -EINVAL, "the step's histories have more than %d "
-                        "segments (a sequence longer than n_ctx %d?)", s->cap_segs,
-                        s->cfg.n_ctx);
-        memcpy(segs + n_segs, src, (size_t)ns * sizeof *segs);
-        items[c] = (kcu_attn_item){n_segs, ns, sl->pos0, sl->n, sl->off, sl->off, {0, 0}};
-        n_segs += ns;
+        for (int g = 0; g < KVC_LAYER_KINDS; g++) {
+            kcu_attn_item *items = (kcu_attn_item *)(s->tab_h + s->off_items[g]);
+            kcu_seg *segs = (kcu_seg *)(s->tab_h + s->off_segs[g]);
+            int ns;
+            const kcu_seg *src = kvcd_seq_host_segs(sl->seq, g, &ns);
+            if (n_segs[g] + ns > s->cap_segs)
+                return lkq_err(err, errlen, -EINVAL, "the step's histories have more than %d "
+                            "segments (a sequence longer than n_ctx %d?)", s->cap_segs,
+                            s->cfg.n_ctx);
+            if (ns > 0)
+                memcpy(segs + n_segs[g], src, (size_t)ns * sizeof *segs);
+            items[c] = (kcu_attn_item){n_segs[g], ns, sl->pos0, sl->n, sl->off, sl->off,
+                                       {0, 0}};
+            n_segs[g] += ns;
+        }
         max_q = sl->n > max_q ? sl->n : max_q;
         s->slices[c] = *sl;
     }
@@ -545,9 +559,16 @@ static int cu_step_begin(void *be, const bk_step *st, char *err, size_t errlen)
         s->prof_open = rc == 0;
         s->prof_tokens = st->n;
     }
-    size_t bytes = s->off_segs + (size_t)n_segs * sizeof(kcu_seg);
+    /* what is used of the tables: up to the global group's segments, then
+     * (with window layers) the window group's items and segments */
+    const size_t G = KVC_LAYER_GLOBAL, W = KVC_LAYER_WINDOW;
+    size_t bytes = s->off_segs[G] + (size_t)n_segs[G] * sizeof(kcu_seg);
     if (rc == 0)
         rc = KCU(kcu_h2d(s->c, s->tab_d, s->tab_h, bytes, err, errlen));
+    if (rc == 0 && kvcd_group_arena(s->pool, KVC_LAYER_WINDOW))
+        rc = KCU(kcu_h2d(s->c, s->tab_d + s->off_items[W], s->tab_h + s->off_items[W],
+                         s->off_segs[W] - s->off_items[W] + (size_t)n_segs[W] * sizeof(kcu_seg),
+                         err, errlen));
     return op_end(s, rc, err, errlen);
 }
 
@@ -663,32 +684,32 @@ static int cu_softcap(void *be, float *x, size_t n, float cap, char *err, size_t
 }
 
 /* One kcu_attn call over every slice of the step (the items and segments
- * uploaded by step_begin); timed per layer while profiling. */
+ * of the layer's group, uploaded by step_begin; a window layer's window
+ * masks what its group still holds beyond it); timed per layer while
+ * profiling. */
 static int cu_attention(void *be, int layer, const bk_attn *a, const float *q, float *out,
                         const float *k, const float *v, char *err, size_t errlen)
 {
     cuda_be *s = be;
-    if (a->window > 0)
-        return lkq_err(err, errlen, -ENOTSUP, "sliding-window attention (window %d, layer %d) is "
-                    "not supported by the cuda backend yet", a->window, layer);
     if (layer < 0 || layer >= s->hp.n_layers || !s->pool)
         return lkq_err(err, errlen, -EINVAL, "attention of layer %d (of %d)", layer,
                     s->hp.n_layers);
+    int li, g = kvcd_layer_group(s->pool, layer, &li);
     kcu_attn_shape sh = {a->n_heads, a->n_kv_heads, a->head_dim, a->scale,
-                         kvcd_pool_layout(s->pool)};
+                         kvcd_group_layout(s->pool, g), a->window};
     if (kcu_attn_scratch_bytes(&sh, s->n_sl, s->n_rows, s->max_q) > s->attn_scr_bytes)
         return lkq_err(err, errlen, -EINVAL, "attention of %d heads of %d over %d rows: more than "
                     "planned", a->n_heads, a->head_dim, s->n_rows);
-    const kcu_attn_item *items_h = (const kcu_attn_item *)(s->tab_h + s->off_items);
-    const kcu_attn_item *items_d = (const kcu_attn_item *)(s->tab_d + s->off_items);
-    const kcu_seg *segs_d = (const kcu_seg *)(s->tab_d + s->off_segs);
+    const kcu_attn_item *items_h = (const kcu_attn_item *)(s->tab_h + s->off_items[g]);
+    const kcu_attn_item *items_d = (const kcu_attn_item *)(s->tab_d + s->off_items[g]);
+    const kcu_seg *segs_d = (const kcu_seg *)(s->tab_d + s->off_segs[g]);
     int rc = 0;
     if (s->prof_open)
         rc = KCU(kcu_timer_start(s->t_attn[layer], err, errlen));
     if (rc == 0)
-        rc = KCU(kcu_attn(s->c, &sh, kvcd_pool_arena(s->pool), layer, items_h, items_d, s->n_sl,
-                          segs_d, q, out, k, v, s->attn_path, s->attn_scr, s->attn_scr_bytes,
-                          err, errlen));
+        rc = KCU(kcu_attn(s->c, &sh, kvcd_group_arena(s->pool, g), li, items_h, items_d,
+                          s->n_sl, segs_d, q, out, k, v, s->attn_path, s->attn_scr,
+                          s->attn_scr_bytes, err, errlen));
     if (rc == 0 && s->prof_open) {
         rc = KCU(kcu_timer_stop(s->t_attn[layer], err, errlen));
         s->attn_timed[layer] = rc == 0;
@@ -726,13 +747,13 @@ static int cu_kv_store(void *be, int layer, const float *k, const float *v, char
 
 /* The pool on the instance's context, then what depends on its
  * configuration: the step tables and the attention scratch. */
-static int cu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
-                          int64_t n_fpages, char *err, size_t errlen)
+static int cu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d,
+                          const kvc_pool_sizes *sz, char *err, size_t errlen)
 {
     cuda_be *s = be;
     if (s->pool)
         return lkq_err(err, errlen, -EINVAL, "the instance already has a KV pool");
-    int rc = kvcd_pool_create(s->c, cfg, d, n_qblocks, n_fpages, &s->pool, err, errlen);
+    int rc = kvcd_pool_create(s->c, cfg, d, sz, &s->pool, err, errlen);
     if (rc < 0)
         return rc;
     s->kv = *cfg;
@@ -740,21 +761,26 @@ static int cu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d, int64_
     const size_t B = (size_t)s->cfg.max_batch, S = (size_t)s->cfg.max_seqs;
     const int n_ctx = s->cfg.n_ctx;
     /* every slice's history is at most n_ctx positions: pages or blocks,
-     * and the chunk boundaries that may split them */
+     * and the chunk boundaries that may split them (a window group holds
+     * fewer; each group has a table of this size) */
     int page = kvc_plan_page_tokens(cfg);
     int unit = page < cfg->block_tokens ? page : cfg->block_tokens;
     s->cap_segs = (int)S * (n_ctx / unit + n_ctx / cfg->chunk_size + 16);
     s->off_pos = B * sizeof(int32_t);
-    s->off_items = (s->off_pos + B * sizeof(int32_t) + 255) & ~(size_t)255;
-    s->off_segs = (s->off_items + S * sizeof(kcu_attn_item) + 255) & ~(size_t)255;
-    size_t tab_bytes = s->off_segs + (size_t)s->cap_segs * sizeof(kcu_seg);
-    s->tab_h = malloc(tab_bytes);
+    size_t off = s->off_pos + B * sizeof(int32_t);
+    for (int g = 0; g < KVC_LAYER_KINDS; g++) {
+        s->off_items[g] = (off + 255) & ~(size_t)255;
+        s->off_segs[g] = (s->off_items[g] + S * sizeof(kcu_attn_item) + 255) & ~(size_t)255;
+        off = s->off_segs[g] + (size_t)s->cap_segs * sizeof(kcu_seg);
+    }
+    s->tab_bytes = off;
+    s->tab_h = malloc(s->tab_bytes);
     if (!s->tab_h)
         rc = lkq_err(err, errlen, -ENOMEM, "out of host memory for the step tables");
     if (rc == 0)
-        rc = dev_alloc(s, (void **)&s->tab_d, tab_bytes, err, errlen);
+        rc = dev_alloc(s, (void **)&s->tab_d, s->tab_bytes, err, errlen);
     kcu_attn_shape sh = {s->hp.n_heads, s->hp.n_kv_heads, s->hp.head_dim, 1.0f,
-                         kvcd_pool_layout(s->pool)};
+                         kvcd_pool_layout(s->pool), 0};
     int max_q = s->cfg.max_batch < cfg->chunk_size ? s->cfg.max_batch : cfg->chunk_size;
     s->attn_scr_bytes = kcu_attn_scratch_bytes(&sh, (int)S, s->cfg.max_batch, max_q);
     if (rc == 0)

@@ -61,6 +61,7 @@ struct fwd_state {
     int32_t *tok_buf;  /* [max_batch] the step's tokens, all sequences */
     bk_slice *slices;  /* [max_seqs] */
     int *head_rows;    /* [logit_rows] rows that get logits */
+    int has_global;    /* the model has global (window 0) layers */
     fwd_seq *own;
     fwd_profile prof;
 };
@@ -124,10 +125,12 @@ static fwd_params plan_params(const mdl_hparams *hp, const fwd_params *pp)
     return p;
 }
 
-/* Everything but the weights: backend instance, activations, KV pool, the
- * state's own sequence. */
-static int create_common(const mdl_hparams *hp, const fwd_params *pp, fwd_state **out,
-                         char *err, size_t errlen)
+/* Everything but the weights: backend instance, activations, KV pool (its
+ * layer groups from layer_window: NULL or [n_layers] windows), the state's
+ * own sequence. */
+static int create_common(const mdl_hparams *hp, const fwd_params *pp,
+                         const int32_t *layer_window, fwd_state **out, char *err,
+                         size_t errlen)
 {
     *out = NULL;
     int rc = check_shape(hp, err, errlen);
@@ -177,13 +180,18 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp, fwd_state 
             rc = lkq_err(err, errlen, -ENOMEM, "out of memory for the forward state (batch %d)",
                       p.max_batch);
     }
-    /* KV pool sized for max_seqs sequences of n_ctx (or the configured budget) */
-    kvc_dims kd = {hp->n_layers, (int32_t)KV, hp->head_dim};
-    int64_t nq = 0, nf = 0;
+    /* KV pool sized for max_seqs sequences of n_ctx (or the configured
+     * budget); window layers in a group of their own, bounded by their
+     * window */
+    kvc_dims kd = {hp->n_layers, (int32_t)KV, hp->head_dim, layer_window};
+    kvc_pool_sizes sz;
+    s->has_global = 0;
+    for (int l = 0; l < hp->n_layers; l++)
+        s->has_global |= !layer_window || layer_window[l] <= 0;
     if (rc == 0)
-        rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, p.max_seqs, &nq, &nf, err, errlen);
+        rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, p.max_seqs, &sz, err, errlen);
     if (rc == 0)
-        rc = ops->pool_create(s->be, &p.kv, &kd, nq, nf, err, errlen);
+        rc = ops->pool_create(s->be, &p.kv, &kd, &sz, err, errlen);
     if (rc == 0)
         rc = fwd_seq_create(s, p.n_ctx, &s->own, err, errlen);
     if (rc < 0) {
@@ -226,7 +234,13 @@ int fwd_create(const mdl_model *m, const fwd_params *pp, fwd_state **out, char *
                size_t errlen)
 {
     fwd_state *s;
-    int rc = create_common(&m->hp, pp, &s, err, errlen);
+    int32_t *win = malloc((size_t)(m->hp.n_layers > 0 ? m->hp.n_layers : 1) * sizeof *win);
+    if (!win)
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
+    for (int l = 0; l < m->hp.n_layers; l++)
+        win[l] = m->layers[l].window;
+    int rc = create_common(&m->hp, pp, win, &s, err, errlen);
+    free(win);
     if (rc < 0)
         return rc;
     const mdl_hparams *hp = &m->hp;
@@ -302,7 +316,7 @@ int fwd_create_synthetic(const mdl_hparams *hp, kt_type wtype, uint64_t seed,
         hp->rope_scaling == MDL_ROPE_SCALE_LLAMA3)
         return lkq_err(err, errlen, -ENOTSUP, "synthetic models are plain Llama shapes");
     fwd_state *s;
-    int rc = create_common(hp, &p, &s, err, errlen);
+    int rc = create_common(hp, &p, NULL, &s, err, errlen);
     if (rc < 0)
         return rc;
     const int D = hp->dim, H = hp->hidden_dim, V = hp->n_vocab;
@@ -500,7 +514,10 @@ void fwd_pool_free_units(const fwd_state *s, int64_t *qfree, int64_t *ffree)
 
 void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf)
 {
-    kvc_plan_estimate(&s->p.kv, n, nq, nf);
+    /* the global layers' units: the window layers are reserved per slot */
+    *nq = *nf = 0;
+    if (s->has_global)
+        kvc_plan_estimate(&s->p.kv, n, nq, nf);
 }
 
 double fwd_pool_usage(const fwd_state *s)

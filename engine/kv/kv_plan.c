@@ -6,12 +6,14 @@
  * admission estimate. Owns only host bookkeeping: no arena, no EMA state,
  * no data. May call config/ and kernels/kvq.h (layout sizes).
  *
- * Invariants: the entries of a sequence cover positions [0, n_tokens) in
- * order; stage_first / tail_first (entry indices, -1 none) open the runs of
- * staged warm-up pages and of decode-tail pages, which always run to the end
- * of the entry list. A step writes only into units it reserved or past the
- * visible end of the last page, so the history read during the step is the
- * history as it was before it.
+ * Invariants: the entries of a sequence cover positions [first, n_tokens)
+ * in order, first = 0 in a pool without a window, else the first position
+ * of the oldest entry a later query can still see (or that a pending
+ * re-quantization needs); stage_first / tail_first (entry indices, -1 none)
+ * open the runs of staged warm-up pages and of decode-tail pages, which
+ * always run to the end of the entry list. A step writes only into units it
+ * reserved or past the visible end of the last page, so the history read
+ * during the step is the history as it was before it.
  * Threading: one thread at a time per pool (the executor's).
  */
 #include "engine/kv/kv_plan.h"
@@ -28,6 +30,7 @@
 struct kvp_pool {
     cfg_kv cfg;
     kvc_dims d;
+    int window;    /* sequences keep their last `window` positions (0: all) */
     kvq_layout L;
     int has_q;     /* int4 mode */
     int P;         /* tokens per FP16 page */
@@ -64,6 +67,86 @@ enum { NO_UNITS = -1, NO_ROOM = -2 };
 static int is_int4(const kvp_pool *p)
 {
     return p->cfg.mode == CFG_KV_INT4;
+}
+
+static int64_t cdiv(int64_t a, int64_t b)
+{
+    return a <= 0 ? 0 : (a + b - 1) / b;
+}
+
+static int64_t max64(int64_t a, int64_t b)
+{
+    return a > b ? a : b;
+}
+
+/* ---- layer groups ------------------------------------------------------------------ */
+
+void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t *group,
+                      int32_t *local)
+{
+    memset(g, 0, sizeof *g);
+    for (int l = 0; l < d->n_layers; l++) {
+        int w = d->layer_window ? d->layer_window[l] : 0;
+        int k = w > 0 ? KVC_LAYER_WINDOW : KVC_LAYER_GLOBAL;
+        if (group)
+            group[l] = k;
+        if (local)
+            local[l] = g->n_layers[k];
+        g->n_layers[k]++;
+        if (w > g->window)
+            g->window = w;
+    }
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        g->cfg[k] = *c;
+        g->dims[k] = (kvc_dims){g->n_layers[k], d->kv_dim, d->head_dim, NULL};
+    }
+    if (!(c->mode == CFG_KV_INT4 && c->window_kv == CFG_KV_INT4))
+        g->cfg[KVC_LAYER_WINDOW].mode = CFG_KV_FP16;
+}
+
+/* A window sequence of the engine's steps (chunk-aligned prompt pieces,
+ * then decode) holds, after a commit at n tokens, the entries that touch
+ * its last W - 1 positions [n - W + 1, n - 1] (a query at n sees those and
+ * itself), plus what is kept whatever the window: the staged warm-up run
+ * until its re-quantization and the decode tail (< T tokens). In position
+ * order its blocks are the re-quantized warm-up (from a page boundary;
+ * full blocks of T, the last short), the live chunks (from multiples of C,
+ * hence of T; the prompt's last one short) and the re-quantized tail
+ * blocks (full): W - 1 positions touch at most ceil((W-1)/T) + 1 blocks of
+ * T plus the two short ones. FP16 mode: pages of P tokens aligned to
+ * multiples of P (every page is filled before the next one). */
+void kvp_window_need(const cfg_kv *c, int window, int n_ctx, int64_t *hq, int64_t *hf,
+                     int64_t *pq, int64_t *pf)
+{
+    const int64_t P = kvp_page_tokens(c), T = c->block_tokens, C = c->chunk_size;
+    int64_t W = window;
+    if (n_ctx > 0 && W > n_ctx)
+        W = n_ctx; /* never more than the context */
+    if (W < 1)
+        W = 1;
+    if (c->mode != CFG_KV_INT4) {
+        int64_t held = W > 1 ? cdiv(W - 1, P) + 1 : 0;
+        *hq = *pq = 0;
+        *hf = held + 1;                        /* + a decode step's page */
+        *pf = max64(*hf, held + cdiv(C, P));   /* + a chunk's pages */
+        return;
+    }
+    const int64_t S = c->sink_tokens, K = c->warmup_chunks;
+    const int keep = c->keep_warmup_fp16;
+    int64_t bq = cdiv(W - 1, T) + 3;                 /* blocks touching the window */
+    int64_t fs = cdiv(S, P);                         /* sinks, until the window passes */
+    int64_t ft = cdiv(T - 1, P);                     /* the decode tail */
+    int64_t fk = keep && K > 0 ? cdiv(W - 1, P) + 1 : 0; /* warm-up kept FP16 */
+    int64_t stage = K > 0 ? cdiv(K * C, P) + 1 : 0;  /* the staged run, whole */
+    /* the warm-up's re-quantization leaves out the pages the window has
+     * passed: at most W - 1 positions plus a page */
+    int64_t rq = K > 0 && !keep ? (cdiv(W - 1 + P, T) < cdiv(K * C, T) ? cdiv(W - 1 + P, T)
+                                                                        : cdiv(K * C, T)) + 1
+                                : 0;
+    *hq = bq + 1;            /* + the block a full tail becomes */
+    *hf = fs + ft + 1 + fk;  /* + a decode step's tail page */
+    *pq = max64(*hq, max64(bq + cdiv(C, T), rq));
+    *pf = max64(*hf, fs + stage + 1 + fk);
 }
 
 /* ---- configuration-level planning --------------------------------------------- */
@@ -124,23 +207,22 @@ static int make_layout(const cfg_kv *c, const kvc_dims *d, kvq_layout *L, char *
     return 0;
 }
 
-int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
-                  int64_t *n_qblocks, int64_t *n_fpages, char *err, size_t errlen)
+/* Sizes the global group (d: its layers) for max_seqs sequences of n_ctx,
+ * or for the budget (budget_bytes, or budget_tokens tokens; both 0: none). */
+static int size_global(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
+                       int64_t budget_bytes, int64_t budget_tokens, int64_t *n_qblocks,
+                       int64_t *n_fpages, char *err, size_t errlen)
 {
-    if (kvp_check(cfg, d, err, errlen) < 0)
-        return -EINVAL;
-    if (n_ctx <= 0 || max_seqs <= 0)
-        return lkq_err(err, errlen, -EINVAL, "n_ctx and max_seqs must be positive");
     const int T = cfg->block_tokens, P = kvp_page_tokens(cfg);
     const int64_t L = d->n_layers, D = d->kv_dim;
     const int64_t fbytes = (int64_t)P * L * D * 2 * 2;
     if (cfg->mode == CFG_KV_FP16) {
         int64_t per_seq = (n_ctx + P - 1) / P + 1;
         int64_t nf = per_seq * max_seqs;
-        if (cfg->kv_budget_bytes > 0)
-            nf = cfg->kv_budget_bytes / fbytes;
-        else if (cfg->kv_budget_tokens > 0)
-            nf = (cfg->kv_budget_tokens + P - 1) / P;
+        if (budget_bytes > 0)
+            nf = budget_bytes / fbytes;
+        else if (budget_tokens > 0)
+            nf = (budget_tokens + P - 1) / P;
         if (nf < 1)
             return lkq_err(err, errlen, -EINVAL,
                            "kv_budget is smaller than one KV page (%lld bytes)",
@@ -160,12 +242,12 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
         stage = n_ctx;
     int64_t f_seq = (cfg->sink_tokens + P - 1) / P + (stage + P - 1) / P + (T + P - 1) / P + 3;
     int64_t q_seq = (n_ctx + T - 1) / T + 2 + (n_ctx + cfg->chunk_size - 1) / cfg->chunk_size;
-    if (cfg->kv_budget_bytes > 0 || cfg->kv_budget_tokens > 0) {
+    if (budget_bytes > 0 || budget_tokens > 0) {
         /* A budget buys INT4 blocks; staging pages for a few sequences at a
          * time are carved out of it first. */
-        int64_t budget = cfg->kv_budget_bytes;
-        if (cfg->kv_budget_tokens > 0)
-            budget = (cfg->kv_budget_tokens + T - 1) / T * qbytes;
+        int64_t budget = budget_bytes;
+        if (budget_tokens > 0)
+            budget = (budget_tokens + T - 1) / T * qbytes;
         /* FP16 pages are shared: warm-up staging for the sequences that
          * may prefill at once (KVC_PREFILL_SLOTS) plus, per sequence, its
          * sink page and a short decode tail (a longer tail borrows pages
@@ -175,12 +257,12 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
         /* sequences the budget can hold if they average half the context */
         int64_t half = (n_ctx + 1) / 2;
         int64_t q_half = (half + T - 1) / T + (half + cfg->chunk_size - 1) / cfg->chunk_size;
-        int64_t held = cfg->kv_budget_tokens > 0 ? (cfg->kv_budget_tokens + half - 1) / half
-                                                 : budget / (q_half * qbytes);
+        int64_t held = budget_tokens > 0 ? (budget_tokens + half - 1) / half
+                                         : budget / (q_half * qbytes);
         held = held < 1 ? 1 : held > max_seqs ? max_seqs : held;
         int64_t nf = slots * ((stage + P - 1) / P + cfg->warmup_chunks + 1) +
                      held * ((cfg->sink_tokens + P - 1) / P + 2);
-        if (cfg->kv_budget_tokens > 0)
+        if (budget_tokens > 0)
             budget += nf * fbytes; /* tokens count what is quantized */
         int64_t nq = (budget - nf * fbytes) / qbytes;
         if (nq < 1)
@@ -197,6 +279,58 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
     return 0;
 }
 
+/* Bytes of one block / one page of a group (all its layers). */
+static void unit_bytes(const cfg_kv *c, const kvc_dims *d, int64_t *qbytes, int64_t *fbytes)
+{
+    kvq_layout Lq;
+    *qbytes = 0;
+    if (c->mode == CFG_KV_INT4 && make_layout(c, d, &Lq, NULL, 0) == 0)
+        *qbytes = (int64_t)Lq.bytes * d->n_layers;
+    *fbytes = (int64_t)kvp_page_tokens(c) * d->n_layers * d->kv_dim * 2 * 2;
+}
+
+int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
+                  kvc_pool_sizes *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    if (kvp_check(cfg, d, err, errlen) < 0)
+        return -EINVAL;
+    if (n_ctx <= 0 || max_seqs <= 0)
+        return lkq_err(err, errlen, -EINVAL, "n_ctx and max_seqs must be positive");
+    kvp_groups g;
+    kvp_layer_groups(cfg, d, &g, NULL, NULL);
+    int64_t budget = cfg->kv_budget_bytes;
+    if (g.n_layers[KVC_LAYER_WINDOW] > 0) {
+        /* every sequence slot holds its window's decode bound, and the
+         * sequences that may prefill at once their peak */
+        const cfg_kv *wc = &g.cfg[KVC_LAYER_WINDOW];
+        const kvc_dims *wd = &g.dims[KVC_LAYER_WINDOW];
+        if (kvp_check(wc, wd, err, errlen) < 0)
+            return -EINVAL;
+        int64_t hq, hf, pq, pf, qb, fb;
+        kvp_window_need(wc, g.window, n_ctx, &hq, &hf, &pq, &pf);
+        int64_t slots = max_seqs < KVC_PREFILL_SLOTS ? max_seqs : KVC_PREFILL_SLOTS;
+        out->n_qblocks[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hq + slots * (pq - hq);
+        out->n_fpages[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hf + slots * (pf - hf);
+        unit_bytes(wc, wd, &qb, &fb);
+        int64_t wbytes = out->n_qblocks[KVC_LAYER_WINDOW] * qb +
+                         out->n_fpages[KVC_LAYER_WINDOW] * fb;
+        if (budget > 0) {
+            if (g.n_layers[KVC_LAYER_GLOBAL] > 0 && budget <= wbytes)
+                return lkq_err(err, errlen, -EINVAL,
+                            "kv_budget too small: %lld bytes, of which the window layers of "
+                            "%d sequences take %lld", (long long)budget, max_seqs,
+                            (long long)wbytes);
+            budget -= wbytes; /* the window layers are paid first */
+        }
+    }
+    if (g.n_layers[KVC_LAYER_GLOBAL] == 0)
+        return 0;
+    return size_global(&g.cfg[KVC_LAYER_GLOBAL], &g.dims[KVC_LAYER_GLOBAL], n_ctx, max_seqs,
+                       budget, cfg->kv_budget_tokens, &out->n_qblocks[KVC_LAYER_GLOBAL],
+                       &out->n_fpages[KVC_LAYER_GLOBAL], err, errlen);
+}
+
 void kvp_plan_caps(const cfg_kv *c, int max_tokens, kvp_caps *out)
 {
     const int T = c->block_tokens, C = c->chunk_size, P = kvp_page_tokens(c);
@@ -210,39 +344,70 @@ void kvp_plan_caps(const cfg_kv *c, int max_tokens, kvp_caps *out)
     out->rq = (c->warmup_chunks * C) / T + 4;
 }
 
-void kvp_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
-                         size_t fbytes, int64_t nq, int64_t nf)
-{
-    const int64_t L = n_layers;
-    if (Lq) {
-        s->bytes_int4 = nq * L * (int64_t)Lq->bytes_dense;
-        s->bytes_scales = nq * L * (int64_t)Lq->bytes_scales;
-        s->bytes_outliers = nq * L * (int64_t)Lq->bytes_outliers;
-        s->bytes_other = nq * (int64_t)qbytes - s->bytes_int4 - s->bytes_scales -
-                         s->bytes_outliers;
-    }
-    s->bytes_fp16 = nf * (int64_t)fbytes;
-    s->bytes_total = s->bytes_int4 + s->bytes_scales + s->bytes_outliers + s->bytes_fp16 +
-                     s->bytes_other;
-}
-
 void kvp_stats_add_counts(kvc_stats *sum, const kvc_stats *s)
 {
     sum->tokens += s->tokens;
     sum->elements += s->elements;
+    sum->bytes_fp16_equiv += s->bytes_fp16_equiv;
     sum->n_quantized += s->n_quantized;
     sum->n_outliers += s->n_outliers;
     sum->n_clamped += s->n_clamped;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        sum->layer_kind[k].tokens += s->layer_kind[k].tokens;
+        sum->layer_kind[k].elements += s->layer_kind[k].elements;
+    }
+}
+
+/* Adds the bytes of nq blocks and nf pages of pool p, and the units used
+ * (and total, when with_total) to *out and to its layer kind k. */
+static void add_units(const kvp_pool *p, int k, int64_t nq, int64_t nf, int with_total,
+                      kvc_stats *out)
+{
+    const int64_t L = p->d.n_layers;
+    kvc_kind_stats *ks = &out->layer_kind[k];
+    int64_t b4 = 0, bs = 0, bo = 0, bx = 0;
+    if (p->has_q) {
+        b4 = nq * L * (int64_t)p->L.bytes_dense;
+        bs = nq * L * (int64_t)p->L.bytes_scales;
+        bo = nq * L * (int64_t)p->L.bytes_outliers;
+        bx = nq * (int64_t)p->qbytes - b4 - bs - bo;
+    }
+    int64_t bf = nf * (int64_t)p->fbytes;
+    ks->layers = (int32_t)L;
+    ks->bytes_int4 += b4;
+    ks->bytes_scales += bs;
+    ks->bytes_outliers += bo;
+    ks->bytes_other += bx;
+    ks->bytes_fp16 += bf;
+    ks->bytes_total += b4 + bs + bo + bx + bf;
+    ks->qblocks_used += nq;
+    ks->fpages_used += nf;
+    out->bytes_int4 += b4;
+    out->bytes_scales += bs;
+    out->bytes_outliers += bo;
+    out->bytes_other += bx;
+    out->bytes_fp16 += bf;
+    out->bytes_total += b4 + bs + bo + bx + bf;
+    out->qblocks_used += nq;
+    out->fpages_used += nf;
+    if (with_total) {
+        ks->qblocks_total += p->nq;
+        ks->fpages_total += p->nf;
+        out->qblocks_total += p->nq;
+        out->fpages_total += p->nf;
+    }
 }
 
 /* ---- the pool ------------------------------------------------------------------ */
 
-int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
+int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_qblocks,
                     int64_t n_fpages, kvp_pool **out, char *err, size_t errlen)
 {
     *out = NULL;
     if (kvp_check(cfg, d, err, errlen) < 0)
         return -EINVAL;
+    if (window < 0)
+        return lkq_err(err, errlen, -EINVAL, "negative KV window %d", window);
     if (cfg->mode != CFG_KV_INT4)
         n_qblocks = 0;
     if (n_qblocks < 0 || n_fpages < 1 || n_qblocks > INT32_MAX || n_fpages > INT32_MAX)
@@ -253,6 +418,8 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
         return lkq_err(err, errlen, -ENOMEM, "out of memory");
     p->cfg = *cfg;
     p->d = *d;
+    p->d.layer_window = NULL; /* borrowed by the caller: not kept */
+    p->window = window;
     p->P = kvp_page_tokens(cfg);
     p->has_q = is_int4(p);
     if (p->has_q) {
@@ -299,6 +466,11 @@ const cfg_kv *kvp_pool_cfg(const kvp_pool *p)
 const kvc_dims *kvp_pool_dims(const kvp_pool *p)
 {
     return &p->d;
+}
+
+int kvp_pool_window(const kvp_pool *p)
+{
+    return p->window;
 }
 
 const kvq_layout *kvp_pool_layout(const kvp_pool *p)
@@ -348,20 +520,9 @@ double kvp_pool_usage(const kvp_pool *p)
     return total > 0 ? used / total : 0.0;
 }
 
-/* The byte split of nq blocks and nf pages, and the pool's totals. */
-static void fill_bytes(const kvp_pool *p, int64_t nq, int64_t nf, kvc_stats *s)
+void kvp_pool_add_stats(const kvp_pool *p, int kind, kvc_stats *out)
 {
-    kvp_stats_set_bytes(s, kvp_pool_layout(p), p->d.n_layers, p->qbytes, p->fbytes, nq, nf);
-    s->qblocks_total = p->nq;
-    s->fpages_total = p->nf;
-}
-
-void kvp_pool_fill_stats(const kvp_pool *p, kvc_stats *out)
-{
-    out->qblocks_used = p->nq - p->nqfree;
-    out->fpages_used = p->nf - p->nffree;
-    fill_bytes(p, out->qblocks_used, out->fpages_used, out);
-    out->bytes_fp16_equiv = out->elements * 2;
+    add_units(p, kind, p->nq - p->nqfree, p->nf - p->nffree, 1, out);
 }
 
 static int take(kvp_pool *p, int kind, int32_t *id)
@@ -498,18 +659,23 @@ void kvp_seq_units(const kvp_seq *s, int64_t *nq, int64_t *nf)
             (*nf)++;
 }
 
-void kvp_seq_fill_stats(const kvp_seq *s, kvc_stats *out)
+int kvp_seq_held_tokens(const kvp_seq *s)
+{
+    return s->n_ents > 0 ? s->n_tokens - s->ents[0].pos0 : 0;
+}
+
+void kvp_seq_add_stats(const kvp_seq *s, int kind, kvc_stats *out)
 {
     const kvp_pool *p = s->p;
     int64_t nq, nf;
-    memset(out, 0, sizeof *out);
     kvp_seq_units(s, &nq, &nf);
-    fill_bytes(p, nq, nf, out);
-    out->qblocks_used = nq;
-    out->fpages_used = nf;
-    out->tokens = s->n_tokens;
-    out->elements = (int64_t)s->n_tokens * p->d.n_layers * p->d.kv_dim * 2;
-    out->bytes_fp16_equiv = out->elements * 2;
+    add_units(p, kind, nq, nf, 1, out);
+    int64_t held = kvp_seq_held_tokens(s);
+    int64_t el = held * p->d.n_layers * p->d.kv_dim * 2;
+    out->layer_kind[kind].tokens += held;
+    out->layer_kind[kind].elements += el;
+    out->elements += el;
+    out->bytes_fp16_equiv += el * 2;
 }
 
 const kvp_step *kvp_seq_step(const kvp_seq *s)
@@ -531,6 +697,7 @@ static void open_step(kvp_seq *s, int pos0, int n, int prefill)
     st->n_tgt = st->n_src = st->n_rq = 0;
     st->rq = KVP_RQ_NONE;
     st->rq_tokens = 0;
+    st->rq_pos0 = pos0;
 }
 
 static void close_step(kvp_seq *s)
@@ -604,14 +771,26 @@ static int plan_blocks(kvp_seq *s, int row, int m)
     return 0;
 }
 
+/* The first position a query after the open step can see in a window pool
+ * (n_tokens after the step - W + 1), or 0. */
+static int live_from(const kvp_seq *s)
+{
+    int w = s->p->window;
+    return w > 0 ? s->st.pos0 + s->st.n - w + 1 : 0;
+}
+
 /* Reserves the INT4 blocks for re-quantizing the FP16 entries from index
  * first on (-1: none) plus the step's non-sink page targets, in position
- * order, and lists them as sources. Returns 0, NO_UNITS or NO_ROOM. */
+ * order, and lists them as sources; a warm-up re-quantization in a window
+ * pool leaves out the leading sources no later query can see (the commit
+ * frees them with the rest of the run). Returns 0, NO_UNITS or NO_ROOM. */
 static int plan_requant(kvp_seq *s, int first, int kind)
 {
     const int T = s->p->cfg.block_tokens;
     int tokens = 0;
     s->st.n_src = 0;
+    s->st.rq_pos0 = first >= 0 && first < s->n_ents ? s->ents[first].pos0 : s->st.pos0 +
+                                                                             s->st.row_stats;
     for (int i = first; i >= 0 && i < s->n_ents; i++) {
         if (s->st.n_src >= s->cap.src)
             return NO_ROOM;
@@ -633,6 +812,16 @@ static int plan_requant(kvp_seq *s, int first, int kind)
             s->src[s->st.n_src++] = (kvp_src){t->id, t->n};
         }
         tokens += t->n;
+    }
+    if (kind == KVP_RQ_WARMUP && s->p->window > 0) {
+        int live = live_from(s), k = 0;
+        while (k < s->st.n_src && s->st.rq_pos0 + s->src[k].n - 1 < live) {
+            s->st.rq_pos0 += s->src[k].n;
+            tokens -= s->src[k].n;
+            k++;
+        }
+        memmove(s->src, s->src + k, (size_t)(s->st.n_src - k) * sizeof *s->src);
+        s->st.n_src -= k;
     }
     int nb = (tokens + T - 1) / T;
     if (nb > s->cap.rq)
@@ -757,6 +946,36 @@ int kvp_finish_prefill(kvp_seq *s, char *err, size_t errlen)
     return KVP_REQUANT;
 }
 
+/* A window pool: frees the leading entries that no later query can see
+ * (their last position is before n_tokens - W + 1), up to the staged run
+ * while its re-quantization is pending and up to the decode tail (both are
+ * read by a later step whatever the window). */
+static void drop_passed(kvp_seq *s, kvp_block_fn on_block, void *ctx)
+{
+    kvp_pool *p = s->p;
+    const int live = s->n_tokens - p->window + 1;
+    int limit = s->n_ents;
+    if (s->tail_first >= 0 && s->tail_first < limit)
+        limit = s->tail_first;
+    if (s->stage_first >= 0 && !p->cfg.keep_warmup_fp16 && s->stage_first < limit)
+        limit = s->stage_first;
+    int k = 0;
+    while (k < limit && s->ents[k].pos0 + s->ents[k].n - 1 < live) {
+        if (s->ents[k].kind == KVP_BLOCK && on_block)
+            on_block(ctx, s->ents[k].id, 0);
+        give(p, s->ents[k].kind, s->ents[k].id);
+        k++;
+    }
+    if (k == 0)
+        return;
+    memmove(s->ents, s->ents + k, (size_t)(s->n_ents - k) * sizeof *s->ents);
+    s->n_ents -= k;
+    if (s->tail_first >= 0)
+        s->tail_first -= k;
+    if (s->stage_first >= 0) /* kept FP16 (keep_warmup_fp16): the run may go too */
+        s->stage_first = s->stage_first >= k ? s->stage_first - k : s->n_ents > 0 ? 0 : -1;
+}
+
 void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx)
 {
     kvp_pool *p = s->p;
@@ -776,7 +995,7 @@ void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx)
         s->ents[idx] = (kvp_ent){t->kind, t->id, st->pos0 + t->row0, t->n};
         if (t->kind == KVP_BLOCK) {
             if (on_block)
-                on_block(ctx, t->id);
+                on_block(ctx, t->id, 1);
         } else if (!is_sink && is_int4(p)) {
             if (st->prefill && s->stage_first < 0)
                 s->stage_first = idx;
@@ -787,7 +1006,7 @@ void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx)
     if (st->rq) {
         int first = st->rq == KVP_RQ_WARMUP ? s->stage_first : s->tail_first;
         assert(first >= 0); /* a re-quantization always has a staged / tail run */
-        int pos = s->ents[first].pos0;
+        int pos = st->rq_pos0; /* staged pages the window passed are left out */
         for (int i = first; i < s->n_ents; i++)
             give(p, s->ents[i].kind, s->ents[i].id);
         s->n_ents = first;
@@ -797,7 +1016,7 @@ void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx)
             int k = left < T ? left : T;
             s->ents[s->n_ents++] = (kvp_ent){KVP_BLOCK, s->rq_ids[i], pos, k};
             if (on_block)
-                on_block(ctx, s->rq_ids[i]);
+                on_block(ctx, s->rq_ids[i], 1);
             pos += k;
             left -= k;
         }
@@ -809,5 +1028,29 @@ void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx)
     s->n_tokens += st->n;
     if (st->prefill)
         s->chunk_idx++;
+    if (p->window > 0)
+        drop_passed(s, on_block, ctx);
     close_step(s);
+}
+
+int kvp_begin_groups(kvp_seq *const *s, int n_groups, int pos0, int n, int prefill,
+                     kvp_finish_fn fin, void *ctx, char *err, size_t errlen)
+{
+    for (int g = 0; g < n_groups; g++) {
+        if (!s[g])
+            continue;
+        int rc = kvp_begin(s[g], pos0, n, prefill, err, errlen);
+        if (rc == KVP_FINISH_PREFILL) {
+            rc = fin(ctx, g, err, errlen);
+            if (rc >= 0 || rc == -ENOSPC) /* -ENOSPC: the staged chunks stay FP16 */
+                rc = kvp_begin(s[g], pos0, n, prefill, err, errlen);
+        }
+        if (rc != 0) {
+            for (int h = 0; h < g; h++)
+                if (s[h])
+                    kvp_abort(s[h]);
+            return rc < 0 ? rc : -EINVAL; /* a second FINISH_PREFILL: not reached */
+        }
+    }
+    return 0;
 }

@@ -8,6 +8,16 @@
  * layout, and the pool-level bookkeeping: free units, usage, accounting,
  * the admission estimate and the sizing of a pool for a context or budget.
  *
+ * Layer groups: a model's layers split by kind (kvp_layer_groups) into the
+ * global layers, which keep the whole context under LiveKVQuant-P, and the
+ * sliding-window layers, which keep their last W positions only; each
+ * group that has layers is a kvp_pool of its own (its units span all layers
+ * of the group), and a sequence has one kvp_seq per group, begun all or
+ * nothing (kvp_begin_groups) and committed together. A window pool frees
+ * the leading entries of its sequences that no later query can see (the
+ * window moved past them) at every commit, so their memory stays bounded
+ * however long the sequence (kvp_window_need).
+ *
  * A kvp_seq owns one sequence's entry list, in position order
  *     [sink pages] [INT4 blocks | staged pages] ... [tail pages],
  * its prefill / warm-up / tail state, and the plan of the open step:
@@ -25,7 +35,10 @@
  *                 concatenated) into rq_ids[], block_tokens tokens each.
  *   kvp_commit    publishes: targets become entries (the last page grows),
  *                 re-quantized sources are replaced by their blocks and go
- *                 back to the free lists. kvp_abort returns the reservation.
+ *                 back to the free lists; in a window pool, entries wholly
+ *                 before the next query's window go back too (never a
+ *                 staged page before its re-quantization, never a page of
+ *                 the decode tail). kvp_abort returns the reservation.
  * The executors own the arenas, the EMA state and every data operation
  * (statistics, quantization, page writes, segment tables) and ask the
  * planner for every decision, so that the two caches hold the same entries
@@ -104,6 +117,8 @@ typedef struct {
     const kvp_src *src;
     int n_rq;        /* ceil(rq_tokens / block_tokens) blocks; block i holds */
     const int32_t *rq_ids; /* tokens [i*T, min((i+1)*T, rq_tokens)) of src */
+    int rq_pos0;     /* position of src's first token (a window pool leaves
+                        out staged pages the window has passed) */
 } kvp_step;
 
 /* Table sizes of a sequence of max_tokens positions: its entries (the
@@ -118,6 +133,41 @@ typedef struct {
 /* kvp_finish_prefill: a re-quantization step is open. */
 #define KVP_REQUANT 1
 
+/* ---- layer groups ------------------------------------------------------------ */
+
+/* A model's layers by kind (KVC_LAYER_GLOBAL / KVC_LAYER_WINDOW): what each
+ * group's pool is made of. */
+typedef struct {
+    int n_layers[KVC_LAYER_KINDS];  /* layers of each kind (0: no such group) */
+    int window;                     /* W the window group keeps: the largest
+                                       window of its layers (0: none) */
+    cfg_kv cfg[KVC_LAYER_KINDS];    /* each group's configuration: c for the
+                                       global layers; for the window layers c
+                                       in fp16 mode unless c is int4 and
+                                       window_kv is int4 */
+    kvc_dims dims[KVC_LAYER_KINDS]; /* each group's dimensions (its layers;
+                                       layer_window NULL) */
+} kvp_groups;
+
+/* Splits the layers of d (d->layer_window, NULL: all global) into *g and,
+ * when not NULL, group[l] / local[l] ([d->n_layers]: the group of layer l
+ * and its index within the group). */
+void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t *group,
+                      int32_t *local);
+
+/* Units a sequence of a window pool (configuration c, window W) holds at
+ * most when its steps are the engine's (prompt pieces aligned to chunks,
+ * then decode; fwd_eval and the scheduler step so): *hq / *hf INT4 blocks
+ * / FP16 pages while it decodes (after any step plus a decode step's
+ * reservation), *pq / *pf (>= the hold) at its peak, a prompt chunk's
+ * reservation or a warm-up re-quantization included. n_ctx caps the
+ * positions (W >= n_ctx keeps everything). Other step patterns (prompt
+ * pieces shorter than a chunk in the middle of a prompt, prompts appended
+ * after decode) can need more: the pool then answers -ENOSPC as any full
+ * pool. */
+void kvp_window_need(const cfg_kv *c, int window, int n_ctx, int64_t *hq, int64_t *hf,
+                     int64_t *pq, int64_t *pf);
+
 /* ---- configuration-level planning (no pool needed) --------------------------- */
 
 /* Tokens per FP16 page of a pool of configuration c: block_tokens in fp16
@@ -126,43 +176,51 @@ typedef struct {
 int kvp_page_tokens(const cfg_kv *c);
 /* Upper bound of the INT4 blocks *nq and FP16 pages *nf a fresh sequence
  * holds at its peak (reservations of an open step included) while it
- * prefills n tokens in chunks of chunk_size and ends its prefill; the
- * scheduler admits by it. */
+ * prefills n tokens in chunks of chunk_size and ends its prefill, in a
+ * pool of configuration c without a window (the global group: the
+ * scheduler admits by it; window groups are reserved per sequence slot,
+ * kvp_pool_size). */
 void kvp_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf);
-/* Sizes a pool: for the budget in c (kv_budget bytes or tokens), or else
- * for max_seqs sequences of n_ctx tokens each. Returns 0 and the arena
- * sizes, or -EINVAL with a reason (bad config, budget too small). */
+/* Sizes the groups of a pool (kvp_layer_groups of c and d). The global
+ * group: for the budget in c (kv_budget bytes or tokens), or else for
+ * max_seqs sequences of n_ctx tokens each. The window group: max_seqs
+ * sequences holding their decode bound plus KVC_PREFILL_SLOTS of them at
+ * their peak (kvp_window_need), so that a sequence slot always finds its
+ * window's units and admission can decide by the global group alone; a
+ * byte budget pays for that reservation first (a token budget counts the
+ * global group's tokens). Returns 0 and the arena sizes, or -EINVAL with a
+ * reason (bad config, budget too small). */
 int kvp_pool_size(const cfg_kv *c, const kvc_dims *d, int n_ctx, int max_seqs,
-                  int64_t *n_qblocks, int64_t *n_fpages, char *err, size_t errlen);
+                  kvc_pool_sizes *out, char *err, size_t errlen);
 /* The tables of a sequence of max_tokens positions (see kvp_caps). */
 void kvp_plan_caps(const cfg_kv *c, int max_tokens, kvp_caps *out);
 /* Checks a configuration against KV dimensions (what every pool needs).
  * Returns 0 or -EINVAL with a reason. */
 int kvp_check(const cfg_kv *c, const kvc_dims *d, char *err, size_t errlen);
 
-/* The bytes_* fields of *s for nq INT4 blocks and nf FP16 pages of a pool
- * whose layer-blocks have layout Lq (NULL in fp16 mode) and whose blocks /
- * pages take qbytes / fbytes over all n_layers layers. */
-void kvp_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
-                         size_t fbytes, int64_t nq, int64_t nf);
-/* Adds the token / element / quantized / outlier / clamped counts of s to
- * *sum. */
+/* Adds the token / element / quantized / outlier / clamped counts of s
+ * (the totals and each layer kind's tokens and elements) and its FP16
+ * equivalent to *sum. */
 void kvp_stats_add_counts(kvc_stats *sum, const kvc_stats *s);
 
 /* ---- the pool -------------------------------------------------------------- */
 
 /* Creates the bookkeeping of a pool of n_qblocks INT4 blocks (forced to 0
  * in fp16 mode) and n_fpages FP16 pages for configuration cfg and
- * dimensions d (both copied). Lowest ids are handed out first. Returns 0
+ * dimensions d (both copied; d->n_layers: the layers of the group, its
+ * layer_window is ignored) whose sequences keep their last `window`
+ * positions (0: all of them). Lowest ids are handed out first. Returns 0
  * and *out (caller frees with kvp_pool_destroy), or -EINVAL / -ENOMEM with
  * a reason. */
-int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
+int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_qblocks,
                     int64_t n_fpages, kvp_pool **out, char *err, size_t errlen);
 /* NULL is a no-op; destroy the pool's sequences first. */
 void kvp_pool_destroy(kvp_pool *p);
 
 const cfg_kv *kvp_pool_cfg(const kvp_pool *p);
 const kvc_dims *kvp_pool_dims(const kvp_pool *p);
+/* The window its sequences keep (0: all positions). */
+int kvp_pool_window(const kvp_pool *p);
 /* The layout of one layer's INT4 block; NULL in fp16 mode. */
 const kvq_layout *kvp_pool_layout(const kvp_pool *p);
 int kvp_pool_page_tokens(const kvp_pool *p);
@@ -181,10 +239,11 @@ const int32_t *kvp_pool_free_list(const kvp_pool *p, int kind, int64_t *n);
 int64_t kvp_pool_capacity_bytes(const kvp_pool *p);
 /* Fraction of the pool's bytes in use, 0..1. */
 double kvp_pool_usage(const kvp_pool *p);
-/* Sets the pool-wide fields of *out: units used and total, bytes_* of the
- * units in use, bytes_fp16_equiv from out->elements (the executor sums
- * its sequences' counts into *out first, kvp_stats_add_counts). */
-void kvp_pool_fill_stats(const kvp_pool *p, kvc_stats *out);
+/* Adds the pool's units (used and total) and the bytes of the units in
+ * use to *out, in its totals and in layer_kind[kind] (with the pool's
+ * layer count). The executor zeroes *out, sums its sequences' counts into
+ * it (kvp_stats_add_counts), then adds each group's pool. */
+void kvp_pool_add_stats(const kvp_pool *p, int kind, kvc_stats *out);
 
 /* ---- sequences ------------------------------------------------------------- */
 
@@ -219,9 +278,13 @@ const kvp_ent *kvp_seq_entries(const kvp_seq *s, int *n);
 int kvp_seq_max_entries(const kvp_seq *s);
 /* INT4 blocks and FP16 pages held by the entries. */
 void kvp_seq_units(const kvp_seq *s, int64_t *nq, int64_t *nf);
-/* Sets *out to the sequence's accounting except the data-derived counts
- * (n_quantized, n_outliers, n_clamped: zero, for the executor to fill). */
-void kvp_seq_fill_stats(const kvp_seq *s, kvc_stats *out);
+/* Positions the entries hold: n_tokens, or fewer in a window pool. */
+int kvp_seq_held_tokens(const kvp_seq *s);
+/* Adds the sequence's accounting in this group (units, bytes, positions
+ * held, elements) to *out, in its totals and in layer_kind[kind]; tokens
+ * and the data-derived counts (n_quantized, n_outliers, n_clamped) are the
+ * executor's to set. */
+void kvp_seq_add_stats(const kvp_seq *s, int kind, kvc_stats *out);
 /* The open step's plan (active == 0 when none). Borrowed. */
 const kvp_step *kvp_seq_step(const kvp_seq *s);
 
@@ -248,14 +311,29 @@ int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen
  * for good: still exact), -EINVAL when a step is open. */
 int kvp_finish_prefill(kvp_seq *s, char *err, size_t errlen);
 
-/* Called by kvp_commit for each INT4 block that becomes an entry (live
- * blocks, then re-quantized blocks), before the step closes: the executor
- * reads the block's counters there. */
-typedef void (*kvp_block_fn)(void *ctx, int32_t id);
+/* Called by kvp_commit for each INT4 block that becomes an entry (added
+ * 1: live blocks, then re-quantized blocks) and for each that leaves the
+ * entries because the window moved past it (added 0, before its id returns
+ * to the free list), before the step closes: the executor keeps its
+ * counters of the blocks held there. */
+typedef void (*kvp_block_fn)(void *ctx, int32_t id, int added);
 
 /* Publishes the open step (no-op when none): see the file header. on_block
  * may be NULL; ctx is passed through. */
 void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx);
+
+/* The executor's end of the prefill of group g of a sequence (called by
+ * kvp_begin_groups when kvp_begin answers KVP_FINISH_PREFILL). */
+typedef int (*kvp_finish_fn)(void *ctx, int g, char *err, size_t errlen);
+
+/* kvp_begin over the groups of one sequence (s[g], NULL where the pool has
+ * no such group), all or nothing: KVP_FINISH_PREFILL is answered with
+ * fin(ctx, g) (its -ENOSPC is no failure: the staged chunks stay FP16) and
+ * a second kvp_begin. Returns 0 with every group's step open, or the first
+ * failure with every group's step aborted (the free lists and entries as
+ * they were). */
+int kvp_begin_groups(kvp_seq *const *s, int n_groups, int pos0, int n, int prefill,
+                     kvp_finish_fn fin, void *ctx, char *err, size_t errlen);
 /* Undoes kvp_begin / kvp_finish_prefill's reservation: the free lists are
  * restored exactly (same ids, same order). No-op when no step is open. */
 void kvp_abort(kvp_seq *s);

@@ -26,23 +26,37 @@
 #include "engine/kv/kv_plan.h"
 #include "kernels/ktypes.h"
 
-struct kvc_pool {
-    kvp_pool *pl;         /* the planner's bookkeeping of this pool */
-    kvc_dims d;
+/* One layer group of the pool: the planner's pool and its arenas. */
+typedef struct {
+    kvp_pool *pl;         /* NULL: the model has no layers of this kind */
     const kvq_layout *L;  /* the planner's; NULL in fp16 mode */
     int P;                /* tokens per FP16 page */
-    size_t qbytes;        /* one block, all layers */
-    size_t fbytes;        /* one page, all layers */
+    size_t qbytes;        /* one block, all layers of the group */
+    size_t fbytes;        /* one page, all layers of the group */
     size_t f_layer;       /* one page, one layer: K [P][D] then V [P][D] fp16 */
     uint8_t *qarena, *farena;
+} kvc_group;
+
+struct kvc_pool {
+    kvc_dims d;           /* the model's (layer_window: group / local below) */
+    cfg_kv cfg;
+    kvc_group g[KVC_LAYER_KINDS];
+    int32_t *group, *local; /* [n_layers]: layer -> group, index in the group */
 };
+
+/* kvp_commit's callback context: a sequence and one of its groups. */
+typedef struct {
+    struct kvc_seq *s;
+    int g;
+} kvc_cb;
 
 struct kvc_seq {
     kvc_pool *p;
-    kvp_seq *pl;          /* entries and the step plan; owner: this */
+    kvp_seq *pl[KVC_LAYER_KINDS]; /* entries and step plans; owner: this */
+    kvc_cb cb[KVC_LAYER_KINDS];
     kvq_ema *ek, *ev;     /* [n_layers] */
     float *ema_mem;
-    int64_t n_quantized, n_outliers, n_clamped;
+    int64_t n_quantized, n_outliers, n_clamped; /* of the blocks held */
     float *sk, *sv;       /* [T][D] re-quantization gather buffers */
     float *qscr;          /* quantile scratch */
     float *a, *b;         /* [D] chunk statistics */
@@ -54,15 +68,16 @@ double kvc_stats_bits(const kvc_stats *s)
     return s->elements > 0 ? 8.0 * (double)s->bytes_total / (double)s->elements : 0.0;
 }
 
+double kvc_stats_kind_bits(const kvc_stats *s, int kind)
+{
+    if (kind < 0 || kind >= KVC_LAYER_KINDS || s->layer_kind[kind].elements <= 0)
+        return 0.0;
+    return 8.0 * (double)s->layer_kind[kind].bytes_total / (double)s->layer_kind[kind].elements;
+}
+
 void kvc_stats_add_counts(kvc_stats *sum, const kvc_stats *s)
 {
     kvp_stats_add_counts(sum, s);
-}
-
-void kvc_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
-                         size_t fbytes, int64_t nq, int64_t nf)
-{
-    kvp_stats_set_bytes(s, Lq, n_layers, qbytes, fbytes, nq, nf);
 }
 
 /* ---- pool ----------------------------------------------------------------- */
@@ -78,37 +93,55 @@ void kvc_plan_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf)
 }
 
 int kvc_pool_plan(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
-                  int64_t *n_qblocks, int64_t *n_fpages, char *err, size_t errlen)
+                  kvc_pool_sizes *out, char *err, size_t errlen)
 {
-    return kvp_pool_size(cfg, d, n_ctx, max_seqs, n_qblocks, n_fpages, err, errlen);
+    return kvp_pool_size(cfg, d, n_ctx, max_seqs, out, err, errlen);
 }
 
-int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
-                    int64_t n_fpages, kvc_pool **out, char *err, size_t errlen)
+int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *sz,
+                    kvc_pool **out, char *err, size_t errlen)
 {
     *out = NULL;
+    if (kvp_check(cfg, d, err, errlen) < 0)
+        return -EINVAL;
     kvc_pool *p = calloc(1, sizeof *p);
     if (!p)
         return lkq_err(err, errlen, -ENOMEM, "out of memory");
-    int rc = kvp_pool_create(cfg, d, n_qblocks, n_fpages, &p->pl, err, errlen);
-    if (rc < 0) {
-        free(p);
-        return rc;
-    }
-    int64_t nq, nf;
-    kvp_pool_units(p->pl, &nq, &nf);
-    kvp_pool_unit_bytes(p->pl, &p->qbytes, &p->fbytes);
     p->d = *d;
-    p->L = kvp_pool_layout(p->pl);
-    p->P = kvp_pool_page_tokens(p->pl);
-    p->f_layer = p->fbytes / (size_t)d->n_layers;
-    p->qarena = nq ? malloc((size_t)nq * p->qbytes) : NULL;
-    p->farena = malloc((size_t)nf * p->fbytes);
-    if ((nq && !p->qarena) || !p->farena) {
-        double mib = ((double)nq * (double)p->qbytes + (double)nf * (double)p->fbytes) /
-                     (1024.0 * 1024.0);
+    p->d.layer_window = NULL;
+    p->cfg = *cfg;
+    p->group = malloc((size_t)d->n_layers * sizeof *p->group);
+    p->local = malloc((size_t)d->n_layers * sizeof *p->local);
+    if (!p->group || !p->local) {
         kvc_pool_destroy(p);
-        return lkq_err(err, errlen, -ENOMEM, "cannot allocate the KV pool (%.1f MiB)", mib);
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
+    }
+    kvp_groups gr;
+    kvp_layer_groups(cfg, d, &gr, p->group, p->local);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        kvc_group *g = &p->g[k];
+        if (gr.n_layers[k] == 0)
+            continue;
+        int rc = kvp_pool_create(&gr.cfg[k], &gr.dims[k], k == KVC_LAYER_WINDOW ? gr.window : 0,
+                                 sz->n_qblocks[k], sz->n_fpages[k], &g->pl, err, errlen);
+        if (rc < 0) {
+            kvc_pool_destroy(p);
+            return rc;
+        }
+        int64_t nq, nf;
+        kvp_pool_units(g->pl, &nq, &nf);
+        kvp_pool_unit_bytes(g->pl, &g->qbytes, &g->fbytes);
+        g->L = kvp_pool_layout(g->pl);
+        g->P = kvp_pool_page_tokens(g->pl);
+        g->f_layer = g->fbytes / (size_t)gr.n_layers[k];
+        g->qarena = nq ? malloc((size_t)nq * g->qbytes) : NULL;
+        g->farena = malloc((size_t)nf * g->fbytes);
+        if ((nq && !g->qarena) || !g->farena) {
+            double mib = ((double)nq * (double)g->qbytes + (double)nf * (double)g->fbytes) /
+                         (1024.0 * 1024.0);
+            kvc_pool_destroy(p);
+            return lkq_err(err, errlen, -ENOMEM, "cannot allocate the KV pool (%.1f MiB)", mib);
+        }
     }
     *out = p;
     return 0;
@@ -118,45 +151,67 @@ void kvc_pool_destroy(kvc_pool *p)
 {
     if (!p)
         return;
-    free(p->qarena);
-    free(p->farena);
-    kvp_pool_destroy(p->pl);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        free(p->g[k].qarena);
+        free(p->g[k].farena);
+        kvp_pool_destroy(p->g[k].pl);
+    }
+    free(p->group);
+    free(p->local);
     free(p);
 }
 
 const kvq_layout *kvc_pool_layout(const kvc_pool *p)
 {
-    return p->L;
+    return p->g[KVC_LAYER_GLOBAL].L;
+}
+
+const kvq_layout *kvc_layer_layout(const kvc_pool *p, int layer)
+{
+    return p->g[p->group[layer]].L;
 }
 
 const cfg_kv *kvc_pool_cfg(const kvc_pool *p)
 {
-    return kvp_pool_cfg(p->pl);
+    return &p->cfg;
 }
 
 int kvc_pool_page_tokens(const kvc_pool *p)
 {
-    return p->P;
+    return kvp_page_tokens(&p->cfg);
 }
 
-static uint8_t *qblock(const kvc_pool *p, int32_t id, int layer)
+static uint8_t *qblock(const kvc_pool *p, int g, int32_t id, int li)
 {
-    return p->qarena + (size_t)id * p->qbytes + (size_t)layer * p->L->bytes;
+    const kvc_group *G = &p->g[g];
+    return G->qarena + (size_t)id * G->qbytes + (size_t)li * G->L->bytes;
 }
 
-static uint16_t *fpage_k(const kvc_pool *p, int32_t id, int layer)
+static uint16_t *fpage_k(const kvc_pool *p, int g, int32_t id, int li)
 {
-    return (uint16_t *)(p->farena + (size_t)id * p->fbytes + (size_t)layer * p->f_layer);
+    const kvc_group *G = &p->g[g];
+    return (uint16_t *)(G->farena + (size_t)id * G->fbytes + (size_t)li * G->f_layer);
 }
 
-static uint16_t *fpage_v(const kvc_pool *p, int32_t id, int layer)
+static uint16_t *fpage_v(const kvc_pool *p, int g, int32_t id, int li)
 {
-    return fpage_k(p, id, layer) + (size_t)p->P * (size_t)p->d.kv_dim;
+    return fpage_k(p, g, id, li) + (size_t)p->g[g].P * (size_t)p->d.kv_dim;
+}
+
+/* The sequence's first group (the global one when the model has one): its
+ * position, chunk and warm-up state are every group's. */
+static const kvp_seq *first_seq(const kvc_seq *s)
+{
+    return s->pl[KVC_LAYER_GLOBAL] ? s->pl[KVC_LAYER_GLOBAL] : s->pl[KVC_LAYER_WINDOW];
 }
 
 void kvc_seq_stats(const kvc_seq *s, kvc_stats *out)
 {
-    kvp_seq_fill_stats(s->pl, out);
+    memset(out, 0, sizeof *out);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (s->pl[k])
+            kvp_seq_add_stats(s->pl[k], k, out);
+    out->tokens = kvp_seq_n_tokens(first_seq(s));
     out->n_quantized = s->n_quantized;
     out->n_outliers = s->n_outliers;
     out->n_clamped = s->n_clamped;
@@ -165,32 +220,62 @@ void kvc_seq_stats(const kvc_seq *s, kvc_stats *out)
 void kvc_pool_stats(const kvc_pool *p, kvc_stats *out)
 {
     memset(out, 0, sizeof *out);
-    for (kvp_seq *q = kvp_pool_next_seq(p->pl, NULL); q; q = kvp_pool_next_seq(p->pl, q)) {
+    const kvp_pool *pl0 = p->g[KVC_LAYER_GLOBAL].pl ? p->g[KVC_LAYER_GLOBAL].pl
+                                                    : p->g[KVC_LAYER_WINDOW].pl;
+    /* every sequence has a kvp_seq in the first group: its owner */
+    for (kvp_seq *q = kvp_pool_next_seq(pl0, NULL); q; q = kvp_pool_next_seq(pl0, q)) {
         kvc_stats t;
         kvc_seq_stats(kvp_seq_owner(q), &t);
         kvp_stats_add_counts(out, &t);
     }
-    kvp_pool_fill_stats(p->pl, out);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (p->g[k].pl)
+            kvp_pool_add_stats(p->g[k].pl, k, out);
 }
 
 double kvc_pool_usage(const kvc_pool *p)
 {
-    return kvp_pool_usage(p->pl);
+    double used = 0.0, total = 0.0;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        if (!p->g[k].pl)
+            continue;
+        double cap = (double)kvp_pool_capacity_bytes(p->g[k].pl);
+        used += kvp_pool_usage(p->g[k].pl) * cap;
+        total += cap;
+    }
+    return total > 0 ? used / total : 0.0;
 }
 
 int64_t kvc_pool_capacity_bytes(const kvc_pool *p)
 {
-    return kvp_pool_capacity_bytes(p->pl);
+    int64_t b = 0;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (p->g[k].pl)
+            b += kvp_pool_capacity_bytes(p->g[k].pl);
+    return b;
+}
+
+void kvc_pool_kind_units(const kvc_pool *p, int kind, int64_t *qfree, int64_t *ffree,
+                         int64_t *qtotal, int64_t *ftotal)
+{
+    *qfree = *ffree = *qtotal = *ftotal = 0;
+    if (kind < 0 || kind >= KVC_LAYER_KINDS || !p->g[kind].pl)
+        return;
+    kvp_pool_free_units(p->g[kind].pl, qfree, ffree);
+    kvp_pool_units(p->g[kind].pl, qtotal, ftotal);
 }
 
 void kvc_pool_free_units(const kvc_pool *p, int64_t *qfree, int64_t *ffree)
 {
-    kvp_pool_free_units(p->pl, qfree, ffree);
+    int64_t tq, tf;
+    kvc_pool_kind_units(p, KVC_LAYER_GLOBAL, qfree, ffree, &tq, &tf);
 }
 
 void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf)
 {
-    kvp_estimate(kvp_pool_cfg(p->pl), n, nq, nf);
+    *nq = *nf = 0;
+    if (p->g[KVC_LAYER_GLOBAL].pl)
+        kvp_estimate(kvp_pool_cfg(p->g[KVC_LAYER_GLOBAL].pl), n, nq, nf);
 }
 
 /* ---- sequences -------------------------------------------------------------- */
@@ -202,14 +287,22 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     if (!s)
         return lkq_err(err, errlen, -ENOMEM, "out of memory");
     s->p = p;
-    int rc = kvp_seq_create(p->pl, max_tokens, s, &s->pl, err, errlen);
-    if (rc < 0) {
-        free(s);
-        return rc;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        s->cb[k] = (kvc_cb){s, k};
+        if (!p->g[k].pl)
+            continue;
+        int rc = kvp_seq_create(p->g[k].pl, max_tokens, s, &s->pl[k], err, errlen);
+        if (rc < 0) {
+            kvc_seq_destroy(s);
+            return rc;
+        }
     }
-    const cfg_kv *c = kvp_pool_cfg(p->pl);
+    const cfg_kv *c = &p->cfg;
     const int T = c->block_tokens, C = c->chunk_size;
     const int D = p->d.kv_dim, L = p->d.n_layers;
+    int quant = p->g[KVC_LAYER_GLOBAL].L || p->g[KVC_LAYER_WINDOW].L;
+    const kvq_layout *Lq = p->g[KVC_LAYER_GLOBAL].L ? p->g[KVC_LAYER_GLOBAL].L
+                                                    : p->g[KVC_LAYER_WINDOW].L;
     s->ek = calloc((size_t)L, sizeof *s->ek);
     s->ev = calloc((size_t)L, sizeof *s->ev);
     s->ema_mem = calloc((size_t)L * 2 * 4 * (size_t)D, sizeof(float));
@@ -219,9 +312,9 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     s->qscr = malloc((size_t)gather * sizeof(float));
     s->a = malloc((size_t)D * sizeof(float));
     s->b = malloc((size_t)D * sizeof(float));
-    s->kq_scr = p->L ? malloc(kvq_quantize_scratch_bytes(p->L) + 1) : NULL;
+    s->kq_scr = quant ? malloc(kvq_quantize_scratch_bytes(Lq) + 1) : NULL;
     if (!s->ek || !s->ev || !s->ema_mem || !s->sk || !s->sv || !s->qscr || !s->a || !s->b ||
-        (p->L && !s->kq_scr)) {
+        (quant && !s->kq_scr)) {
         kvc_seq_destroy(s);
         return lkq_err(err, errlen, -ENOMEM, "out of memory for a sequence");
     }
@@ -236,7 +329,9 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
 
 void kvc_seq_reset(kvc_seq *s)
 {
-    kvp_seq_reset(s->pl);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (s->pl[k])
+            kvp_seq_reset(s->pl[k]);
     s->n_quantized = s->n_outliers = s->n_clamped = 0;
     memset(s->ema_mem, 0, (size_t)s->p->d.n_layers * 8 * (size_t)s->p->d.kv_dim * sizeof(float));
     for (int l = 0; l < s->p->d.n_layers; l++) {
@@ -249,7 +344,8 @@ void kvc_seq_destroy(kvc_seq *s)
 {
     if (!s)
         return;
-    kvp_seq_destroy(s->pl); /* returns its units */
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        kvp_seq_destroy(s->pl[k]); /* returns its units */
     free(s->ek);
     free(s->ev);
     free(s->ema_mem);
@@ -264,17 +360,20 @@ void kvc_seq_destroy(kvc_seq *s)
 
 int kvc_seq_n_tokens(const kvc_seq *s)
 {
-    return kvp_seq_n_tokens(s->pl);
+    return kvp_seq_n_tokens(first_seq(s));
 }
 
 int kvc_seq_warming(const kvc_seq *s)
 {
-    return kvp_seq_warming(s->pl);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (s->pl[k] && kvp_seq_warming(s->pl[k]))
+            return 1;
+    return 0;
 }
 
 int kvc_seq_chunks(const kvc_seq *s)
 {
-    return kvp_seq_chunks(s->pl);
+    return kvp_seq_chunks(first_seq(s));
 }
 
 int kvc_seq_ema(const kvc_seq *s, int layer, int tensor, float *lo, float *hi)
@@ -297,30 +396,35 @@ int kvc_seq_ema(const kvc_seq *s, int layer, int tensor, float *lo, float *hi)
 
 int kvc_max_segments(const kvc_seq *s)
 {
-    return kvp_seq_max_entries(s->pl);
+    int n = 0;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (s->pl[k] && kvp_seq_max_entries(s->pl[k]) > n)
+            n = kvp_seq_max_entries(s->pl[k]);
+    return n;
 }
 
 int kvc_segments(const kvc_seq *s, int layer, kvs_seg *segs, int cap)
 {
     const kvc_pool *p = s->p;
+    const int g = p->group[layer], li = p->local[layer];
     int n_ents;
-    const kvp_ent *ents = kvp_seq_entries(s->pl, &n_ents);
+    const kvp_ent *ents = kvp_seq_entries(s->pl[g], &n_ents);
     int n = 0;
     for (int i = 0; i < n_ents && n < cap; i++) {
         const kvp_ent *e = &ents[i];
-        kvs_seg *g = &segs[n++];
-        g->pos0 = e->pos0;
-        g->n = e->n;
+        kvs_seg *sg = &segs[n++];
+        sg->pos0 = e->pos0;
+        sg->n = e->n;
         if (e->kind == KVP_BLOCK) {
-            g->kind = KVS_Q4;
-            g->k = qblock(p, e->id, layer);
-            g->v = NULL;
-            g->stride = 0;
+            sg->kind = KVS_Q4;
+            sg->k = qblock(p, g, e->id, li);
+            sg->v = NULL;
+            sg->stride = 0;
         } else {
-            g->kind = KVS_F16;
-            g->k = fpage_k(p, e->id, layer);
-            g->v = fpage_v(p, e->id, layer);
-            g->stride = (size_t)p->d.kv_dim;
+            sg->kind = KVS_F16;
+            sg->k = fpage_k(p, g, e->id, li);
+            sg->v = fpage_v(p, g, e->id, li);
+            sg->stride = (size_t)p->d.kv_dim;
         }
     }
     return n;
@@ -330,28 +434,26 @@ int kvc_segments(const kvc_seq *s, int layer, kvs_seg *segs, int cap)
 
 void kvc_abort(kvc_seq *s)
 {
-    kvp_abort(s->pl);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (s->pl[k])
+            kvp_abort(s->pl[k]);
 }
+
+static int finish_group(void *ctx, int g, char *err, size_t errlen);
 
 int kvc_begin(kvc_seq *s, int pos0, int n, int prefill, char *err, size_t errlen)
 {
-    int rc = kvp_begin(s->pl, pos0, n, prefill, err, errlen);
-    if (rc == KVP_FINISH_PREFILL) {
-        rc = kvc_finish_prefill(s, err, errlen);
-        if (rc < 0 && rc != -ENOSPC)
-            return rc;
-        rc = kvp_begin(s->pl, pos0, n, prefill, err, errlen);
-    }
-    return rc < 0 ? rc : 0;
+    return kvp_begin_groups(s->pl, KVC_LAYER_KINDS, pos0, n, prefill, finish_group, s, err,
+                            errlen);
 }
 
-/* Copies rows of an FP16 page into f32 rows. */
-static void page_to_f32(const kvc_pool *p, int32_t id, int layer, int slot0, int n,
+/* Copies rows of an FP16 page of group g (layer li of it) into f32 rows. */
+static void page_to_f32(const kvc_pool *p, int g, int32_t id, int li, int slot0, int n,
                         float *k, float *v)
 {
     const size_t D = (size_t)p->d.kv_dim;
-    const uint16_t *pk = fpage_k(p, id, layer) + (size_t)slot0 * D;
-    const uint16_t *pv = fpage_v(p, id, layer) + (size_t)slot0 * D;
+    const uint16_t *pk = fpage_k(p, g, id, li) + (size_t)slot0 * D;
+    const uint16_t *pv = fpage_v(p, g, id, li) + (size_t)slot0 * D;
     for (size_t i = 0; i < (size_t)n * D; i++) {
         k[i] = kt_f16_to_f32(pk[i]);
         v[i] = kt_f16_to_f32(pv[i]);
@@ -361,7 +463,7 @@ static void page_to_f32(const kvc_pool *p, int32_t id, int layer, int slot0, int
 static void fold_stats(kvc_seq *s, int layer, const float *k, const float *v, int n,
                        float weight)
 {
-    const cfg_kv *c = kvp_pool_cfg(s->p->pl);
+    const cfg_kv *c = &s->p->cfg;
     const int D = s->p->d.kv_dim;
     kvq_ema_params ep = {c->ema_decay, c->ema_clip, c->clip_quantile, c->warmup_chunks};
     kvq_chunk_quantiles(k, n, D, (size_t)D, c->clip_quantile, s->a, s->b, s->qscr);
@@ -370,17 +472,18 @@ static void fold_stats(kvc_seq *s, int layer, const float *k, const float *v, in
     kvq_ema_update(&s->ev[layer], &ep, s->a, s->b, D, weight);
 }
 
-/* Quantizes n tokens into block id of one layer with the layer's current
- * EMA ranges. With no outlier budget there is no outlier band for V (each
- * group's min/max covers all its values): together with per-token keys
- * that is the naive INT4 baseline. */
+/* Quantizes n tokens into block id of one layer (model layer `layer`, in
+ * its group) with the layer's current EMA ranges. With no outlier budget
+ * there is no outlier band for V (each group's min/max covers all its
+ * values): together with per-token keys that is the naive INT4 baseline. */
 static void quantize(kvc_seq *s, int layer, int32_t id, const float *k, const float *v,
                      int n)
 {
     const kvc_pool *p = s->p;
-    int band = kvp_pool_cfg(p->pl)->outlier_budget > 0.0f;
-    kvq_quantize_block(p->L, qblock(p, id, layer), k, v, (size_t)p->d.kv_dim, n,
-                       s->ek[layer].lo, s->ek[layer].hi, band ? s->ev[layer].lo : NULL,
+    const int g = p->group[layer];
+    int band = p->cfg.outlier_budget > 0.0f;
+    kvq_quantize_block(p->g[g].L, qblock(p, g, id, p->local[layer]), k, v, (size_t)p->d.kv_dim,
+                       n, s->ek[layer].lo, s->ek[layer].hi, band ? s->ev[layer].lo : NULL,
                        band ? s->ev[layer].hi : NULL, s->kq_scr);
 }
 
@@ -390,8 +493,9 @@ static void quantize(kvc_seq *s, int layer, int32_t id, const float *k, const fl
 static void requant_layer(kvc_seq *s, int layer)
 {
     const kvc_pool *p = s->p;
-    const kvp_step *st = kvp_seq_step(s->pl);
-    const cfg_kv *c = kvp_pool_cfg(p->pl);
+    const int g = p->group[layer], li = p->local[layer];
+    const kvp_step *st = kvp_seq_step(s->pl[g]);
+    const cfg_kv *c = &p->cfg;
     const int T = c->block_tokens, D = p->d.kv_dim;
     int blk = 0, fill = 0;
     for (int i = 0; i < st->n_src; i++) {
@@ -400,7 +504,7 @@ static void requant_layer(kvc_seq *s, int layer)
             int k = st->src[i].n - off;
             if (k > T - fill)
                 k = T - fill;
-            page_to_f32(p, st->src[i].id, layer, off, k, s->sk + (size_t)fill * D,
+            page_to_f32(p, g, st->src[i].id, li, off, k, s->sk + (size_t)fill * D,
                         s->sv + (size_t)fill * D);
             fill += k;
             off += k;
@@ -419,7 +523,8 @@ static void requant_layer(kvc_seq *s, int layer)
 void kvc_store(kvc_seq *s, int layer, const float *k, const float *v)
 {
     kvc_pool *p = s->p;
-    const kvp_step *st = kvp_seq_step(s->pl);
+    const int g = p->group[layer], li = p->local[layer];
+    const kvp_step *st = kvp_seq_step(s->pl[g]);
     const size_t D = (size_t)p->d.kv_dim;
     if (st->stats && st->n > st->row_stats)
         fold_stats(s, layer, k + (size_t)st->row_stats * D, v + (size_t)st->row_stats * D,
@@ -428,8 +533,8 @@ void kvc_store(kvc_seq *s, int layer, const float *k, const float *v)
         const kvp_tgt *t = &st->tgt[i];
         const float *tk = k + (size_t)t->row0 * D, *tv = v + (size_t)t->row0 * D;
         if (t->kind == KVP_PAGE) {
-            uint16_t *pk = fpage_k(p, t->id, layer) + (size_t)t->slot0 * D;
-            uint16_t *pv = fpage_v(p, t->id, layer) + (size_t)t->slot0 * D;
+            uint16_t *pk = fpage_k(p, g, t->id, li) + (size_t)t->slot0 * D;
+            uint16_t *pv = fpage_v(p, g, t->id, li) + (size_t)t->slot0 * D;
             for (size_t j = 0; j < (size_t)t->n * D; j++) {
                 pk[j] = kt_f32_to_f16(tk[j]);
                 pv[j] = kt_f32_to_f16(tv[j]);
@@ -442,34 +547,57 @@ void kvc_store(kvc_seq *s, int layer, const float *k, const float *v)
         requant_layer(s, layer);
 }
 
-/* kvp_commit's callback: sums the outlier / clamp counters of a block that
- * became an entry, over all layers. */
-static void count_block(void *ctx, int32_t id)
+/* kvp_commit's callback: adds (added) or takes away (the window moved past
+ * it) the outlier / clamp counters of a block of one group, over the
+ * group's layers. */
+static void count_block(void *ctx, int32_t id, int added)
 {
-    kvc_seq *s = ctx;
+    const kvc_cb *cb = ctx;
+    kvc_seq *s = cb->s;
     const kvc_pool *p = s->p;
+    const int64_t sign = added ? 1 : -1;
     for (int l = 0; l < p->d.n_layers; l++) {
-        const kvq_block_hdr *h = kvq_chdr(qblock(p, id, l));
-        s->n_quantized += (int64_t)h->n_tok * p->d.kv_dim * 2;
-        s->n_outliers += h->n_kout + h->n_vout;
-        s->n_clamped += h->n_clamped;
+        if (p->group[l] != cb->g)
+            continue;
+        const kvq_block_hdr *h = kvq_chdr(qblock(p, cb->g, id, p->local[l]));
+        s->n_quantized += sign * (int64_t)h->n_tok * p->d.kv_dim * 2;
+        s->n_outliers += sign * (int64_t)(h->n_kout + h->n_vout);
+        s->n_clamped += sign * (int64_t)h->n_clamped;
     }
 }
 
 void kvc_commit(kvc_seq *s)
 {
-    kvp_commit(s->pl, count_block, s);
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        if (s->pl[k])
+            kvp_commit(s->pl[k], count_block, &s->cb[k]);
+}
+
+/* Ends the prefill of group g (see kvc_finish_prefill). */
+static int finish_group(void *ctx, int g, char *err, size_t errlen)
+{
+    kvc_seq *s = ctx;
+    int rc = kvp_finish_prefill(s->pl[g], err, errlen);
+    if (rc != KVP_REQUANT)
+        return rc;
+    for (int l = 0; l < s->p->d.n_layers; l++)
+        if (s->p->group[l] == g)
+            requant_layer(s, l);
+    kvp_commit(s->pl[g], count_block, &s->cb[g]);
+    return 0;
 }
 
 int kvc_finish_prefill(kvc_seq *s, char *err, size_t errlen)
 {
-    int rc = kvp_finish_prefill(s->pl, err, errlen);
-    if (rc != KVP_REQUANT)
-        return rc;
-    for (int l = 0; l < s->p->d.n_layers; l++)
-        requant_layer(s, l);
-    kvp_commit(s->pl, count_block, s);
-    return 0;
+    int ret = 0;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        if (!s->pl[k])
+            continue;
+        int rc = finish_group(s, k, err, errlen);
+        if (rc < 0 && ret == 0)
+            ret = rc;
+    }
+    return ret;
 }
 
 int kvc_seq_layer_counts(const kvc_seq *s, int layer, kvc_layer_counts *out)
@@ -478,13 +606,14 @@ int kvc_seq_layer_counts(const kvc_seq *s, int layer, kvc_layer_counts *out)
     memset(out, 0, sizeof *out);
     if (layer < 0 || layer >= p->d.n_layers)
         return -1;
+    const int g = p->group[layer], li = p->local[layer];
     int n_ents;
-    const kvp_ent *ents = kvp_seq_entries(s->pl, &n_ents);
+    const kvp_ent *ents = kvp_seq_entries(s->pl[g], &n_ents);
     for (int i = 0; i < n_ents; i++) {
         const kvp_ent *e = &ents[i];
         if (e->kind != KVP_BLOCK)
             continue;
-        const kvq_block_hdr *h = kvq_chdr(qblock(p, e->id, layer));
+        const kvq_block_hdr *h = kvq_chdr(qblock(p, g, e->id, li));
         out->n_quantized += (int64_t)h->n_tok * p->d.kv_dim * 2;
         out->n_k_outliers += h->n_kout;
         out->n_v_outliers += h->n_vout;

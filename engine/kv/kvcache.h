@@ -2,9 +2,14 @@
  * kvcache.h - the paged KV cache and the LiveKVQuant-P sequence lifecycle
  * (../shared/DESIGN.md §4).
  *
- * A kvc_pool owns two preallocated arenas: INT4 blocks (block_tokens tokens
- * x all layers, layout kernels/kvq.h) and FP16 pages (page_tokens tokens x
- * all layers, K then V per layer). Free lists hand them out; nothing is
+ * A kvc_pool owns two preallocated arenas per layer group: INT4 blocks
+ * (block_tokens tokens x all layers of the group, layout kernels/kvq.h) and
+ * FP16 pages (page_tokens tokens x all layers of the group, K then V per
+ * layer). The groups: the global layers (the whole context, LiveKVQuant-P)
+ * and the sliding-window layers (kvc_dims.layer_window: their last W
+ * positions only, FP16 pages or LiveKVQuant-P by cfg_kv.window_kv; units
+ * return to the pool as the window moves on, so a window layer's memory is
+ * bounded however long the sequence). Free lists hand them out; nothing is
  * allocated per token. Exhaustion is an error (-ENOSPC) the caller handles.
  * The free lists, entry lists and every step decision belong to the KV
  * planner (engine/kv/kv_plan.h), shared with the GPU cache
@@ -21,7 +26,8 @@
  *     kvc_commit     publish the step (or kvc_abort to undo the reservation)
  * Prefill steps are chunks (statistics per chunk, warm-up staging in FP16);
  * decode steps append to an FP16 tail that is quantized a block at a time.
- * Sink tokens stay FP16. No token is ever dropped.
+ * Sink tokens stay FP16. No token a query can still see is ever dropped
+ * (a window layer drops only positions before every later query's window).
  *
  * Threading: a pool and its sequences are used by one thread at a time (the
  * engine thread); kvc_pool_stats may be read from another thread only with
@@ -40,7 +46,24 @@ typedef struct {
     int32_t n_layers;
     int32_t kv_dim;   /* n_kv_heads * head_dim */
     int32_t head_dim;
+    /* NULL: every layer is global; else [n_layers], the sliding window W of
+     * each layer (0: global; Gemma-3: 512 on l % 6 < 5). Borrowed for the
+     * call that takes it (pools keep what they need). */
+    const int32_t *layer_window;
 } kvc_dims;
+
+/* Layer kinds: global layers keep the whole context (LiveKVQuant-P);
+ * window layers only their last W positions. Each kind is a group of the
+ * pool with its own arenas, free lists and sequence entries (its units
+ * span all layers of the kind). */
+enum { KVC_LAYER_GLOBAL = 0, KVC_LAYER_WINDOW = 1, KVC_LAYER_KINDS = 2 };
+
+/* Arena sizes of a pool, per layer kind: INT4 blocks and FP16 pages (a
+ * kind without layers has none). */
+typedef struct {
+    int64_t n_qblocks[KVC_LAYER_KINDS];
+    int64_t n_fpages[KVC_LAYER_KINDS];
+} kvc_pool_sizes;
 
 typedef struct kvc_pool kvc_pool;
 
@@ -49,10 +72,26 @@ typedef struct kvc_pool kvc_pool;
 #define KVC_PREFILL_SLOTS 2
 typedef struct kvc_seq kvc_seq;
 
-/* Accounting: bytes actually held (allocated blocks and pages), by kind. */
+/* The accounting of one layer kind (kvc_stats.layer_kind). */
 typedef struct {
-    int64_t tokens;           /* positions stored */
-    int64_t elements;         /* tokens * n_layers * kv_dim * 2 (K and V) */
+    int32_t layers;           /* layers of this kind */
+    int64_t tokens;           /* positions held (window layers: about the last W) */
+    int64_t elements;         /* tokens * layers * kv_dim * 2 */
+    int64_t bytes_int4, bytes_scales, bytes_outliers, bytes_fp16, bytes_other;
+    int64_t bytes_total;      /* sum of the above */
+    int64_t qblocks_used, qblocks_total;
+    int64_t fpages_used, fpages_total;
+} kvc_kind_stats;
+
+/* Accounting: bytes actually held (allocated blocks and pages), by kind of
+ * storage and, in layer_kind[], by kind of layer (global / window); the
+ * top-level bytes, elements and units are the sums over the layer kinds. */
+typedef struct {
+    int64_t tokens;           /* positions of the sequence(s) */
+    int64_t elements;         /* elements held (K and V): the sum over the layer
+                                 kinds of positions held * layers * kv_dim * 2;
+                                 without window layers tokens * n_layers *
+                                 kv_dim * 2 */
     int64_t bytes_int4;       /* dense INT4 codes */
     int64_t bytes_scales;     /* scale / zero snapshots */
     int64_t bytes_outliers;   /* outlier values + indices (capacity held) */
@@ -61,37 +100,42 @@ typedef struct {
     int64_t bytes_other;      /* block headers and alignment padding */
     int64_t bytes_total;      /* sum of the above */
     int64_t bytes_fp16_equiv; /* elements * 2: what an FP16 cache would hold */
-    int64_t n_quantized;      /* elements stored in INT4 blocks */
+    int64_t n_quantized;      /* elements in the INT4 blocks held */
     int64_t n_outliers;       /* of those, kept exactly as FP16 outliers */
     int64_t n_clamped;        /* outside the range but over the budget */
     int64_t qblocks_used, qblocks_total;
     int64_t fpages_used, fpages_total;
+    kvc_kind_stats layer_kind[KVC_LAYER_KINDS];
 } kvc_stats;
 
 /* Bits per element all-in (8 * bytes_total / elements), 0 when empty. */
 double kvc_stats_bits(const kvc_stats *s);
+/* The same over the layers of one kind (KVC_LAYER_GLOBAL: the figure the
+ * LiveKVQuant-P targets are stated for), 0 when it holds nothing. */
+double kvc_stats_kind_bits(const kvc_stats *s, int kind);
 /* Adds the token / element / quantized / outlier / clamped counts of s to
  * sum (a pool's total over its sequences, on either device). */
 void kvc_stats_add_counts(kvc_stats *sum, const kvc_stats *s);
-/* Sets the bytes_* fields of *s for nq INT4 blocks and nf FP16 pages of a
- * pool whose layer-blocks have layout Lq (NULL in fp16 mode) and whose
- * blocks / pages take qbytes / fbytes over all n_layers layers (the
- * accounting of any device's pool). */
-void kvc_stats_set_bytes(kvc_stats *s, const kvq_layout *Lq, int n_layers, size_t qbytes,
-                         size_t fbytes, int64_t nq, int64_t nf);
 
-/* Plans a pool: for a byte or token budget in cfg (kv_budget), or else for
- * max_seqs sequences of n_ctx tokens each. Returns the arena sizes. */
+/* Plans a pool (engine/kv/kv_plan.h, kvp_pool_size): the global layers for
+ * a byte or token budget in cfg (kv_budget), or else for max_seqs
+ * sequences of n_ctx tokens each; the window layers (d->layer_window) for
+ * max_seqs sequences of their bounded window (a byte budget pays for them
+ * first). Returns the arena sizes of each layer kind. */
 int kvc_pool_plan(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
-                  int64_t *n_qblocks, int64_t *n_fpages, char *err, size_t errlen);
+                  kvc_pool_sizes *out, char *err, size_t errlen);
 
-/* Creates a pool with the given arena sizes (cfg and d are copied). Returns
- * 0 and *out (caller frees with kvc_pool_destroy) or negative with a reason. */
-int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, int64_t n_qblocks,
-                    int64_t n_fpages, kvc_pool **out, char *err, size_t errlen);
+/* Creates a pool with the given arena sizes (cfg and d are copied, the
+ * layer windows too). Returns 0 and *out (caller frees with
+ * kvc_pool_destroy) or negative with a reason. */
+int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *sz,
+                    kvc_pool **out, char *err, size_t errlen);
 void kvc_pool_destroy(kvc_pool *p); /* NULL is a no-op; sequences first */
 
-const kvq_layout *kvc_pool_layout(const kvc_pool *p); /* NULL in fp16 mode */
+/* The global layers' block layout (NULL in fp16 mode or without global
+ * layers); kvc_layer_layout: the layout of layer l's blocks (its group's). */
+const kvq_layout *kvc_pool_layout(const kvc_pool *p);
+const kvq_layout *kvc_layer_layout(const kvc_pool *p, int layer);
 const cfg_kv *kvc_pool_cfg(const kvc_pool *p);
 int kvc_pool_page_tokens(const kvc_pool *p);
 /* Pool-wide accounting over all live sequences. */
@@ -101,11 +145,16 @@ double kvc_pool_usage(const kvc_pool *p);
 
 /* Bytes of the pool's arenas (what it can hold, all overheads). */
 int64_t kvc_pool_capacity_bytes(const kvc_pool *p);
-/* INT4 blocks and FP16 pages free now. */
+/* INT4 blocks and FP16 pages of the global layers free now (what the
+ * scheduler admits by: the window layers are reserved per sequence slot);
+ * kvc_pool_kind_units: free and total units of one layer kind (zeros when
+ * the pool has no such layers). */
 void kvc_pool_free_units(const kvc_pool *p, int64_t *qfree, int64_t *ffree);
-/* Upper bound of the INT4 blocks and FP16 pages a fresh sequence holds at
- * its peak while prefilling n tokens (warm-up staging included); the
- * scheduler admits by it. */
+void kvc_pool_kind_units(const kvc_pool *p, int kind, int64_t *qfree, int64_t *ffree,
+                         int64_t *qtotal, int64_t *ftotal);
+/* Upper bound of the global layers' INT4 blocks and FP16 pages a fresh
+ * sequence holds at its peak while prefilling n tokens (warm-up staging
+ * included; zeros without global layers); the scheduler admits by it. */
 void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf);
 /* The same for any pool of configuration cfg (the GPU cache,
  * engine/kv/kvcache_cuda.h, holds the same blocks and pages: kvp_estimate),
@@ -133,13 +182,16 @@ int kvc_seq_chunks(const kvc_seq *s);
 /* Starts a step of n tokens at position pos0 == kvc_seq_n_tokens(s).
  * prefill: 1 for a prompt chunk, 0 for decode. The first decode step ends
  * the prefill (see kvc_finish_prefill). Reserves every block the step needs
- * (including those for quantizing staged warm-up chunks or a full decode
- * tail). Returns 0, -ENOSPC when the pool cannot hold the step (nothing is
- * changed), or another negative value with a reason. */
+ * in every layer group, all or nothing (including those for quantizing
+ * staged warm-up chunks or a full decode tail). Returns 0, -ENOSPC when the
+ * pool cannot hold the step (nothing is changed but, possibly, the end of
+ * the prefill), or another negative value with a reason. */
 int kvc_begin(kvc_seq *s, int pos0, int n, int prefill, char *err, size_t errlen);
 
 /* Segments of layer l's committed history (positions < the step's pos0),
- * in position order. Returns the count (<= cap). */
+ * in position order: all of it for a global layer; for a window layer the
+ * positions its group still holds (about the last W: the attention masks
+ * the rest). Returns the count (<= cap). */
 int kvc_segments(const kvc_seq *s, int layer, kvs_seg *segs, int cap);
 /* Upper bound of kvc_segments' count for this sequence. */
 int kvc_max_segments(const kvc_seq *s);

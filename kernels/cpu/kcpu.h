@@ -90,7 +90,10 @@ void kcpu_attn_f16(kcpu_pool *p, float *out, const float *q,
 
 /* Attention for n_q query tokens at absolute positions pos0..pos0+n_q-1
  * over a segmented history (kernels/kvq.h; same contract as kref_attn_seg
- * per query: query j sees every position <= pos0 + j). KVS_Q4 segments are
+ * per query: query j sees every position <= pos0 + j and, with a sliding
+ * window W = window > 0, > pos0 + j - W). Segments wholly before every
+ * query's window are skipped, partly covered ones masked per query.
+ * KVS_Q4 segments are
  * read in place with the dequantization fused into the dot products (and
  * the outlier lists applied as corrections), never expanded to a full
  * buffer. q, out [n_q, n_head, head_dim]. ws: at least
@@ -98,7 +101,7 @@ void kcpu_attn_f16(kcpu_pool *p, float *out, const float *q,
 size_t kcpu_attn_seg_scratch_bytes(int n_threads, const kvq_layout *L,
                                    int head_dim);
 void kcpu_attn_seg(kcpu_pool *p, float *out, const float *q, int pos0,
-                   int n_q, const kvs_seg *segs, int n_segs,
+                   int n_q, int window, const kvs_seg *segs, int n_segs,
                    const kvq_layout *L, int n_head, int n_kv_head,
                    int head_dim, float scale, void *ws);
 

@@ -13,7 +13,9 @@
  * pool (decoding), the history - the segments' positions taken one segment
  * after the other in array order - is cut into ranges, each range gives a
  * partial softmax result (unnormalized output, running max, sum), and the
- * partials are merged afterwards.
+ * partials are merged afterwards. With a sliding window, segments wholly
+ * before the first query's window take no part (a span of 0 in the walk),
+ * and the items mask the rest per query.
  *
  * Threading: one call at a time per pool (kcpu.h); no allocation.
  */
@@ -53,6 +55,7 @@ typedef struct {
     float *out;
     const float *q;
     int pos0, n_q, n_head, n_kv_head, head_dim;
+    int window, lo; /* the sliding window (0: none); first visible position */
     const kvs_seg *segs;
     int n_segs;
     const kvq_layout *L;
@@ -61,7 +64,7 @@ typedef struct {
     size_t tmp_floats;
     int group, hsub, n_hsub, tb, n_tb; /* as in kcpu.c's attn_ctx */
     int kn;                            /* KV heads per item */
-    int n_pos;                         /* positions of all segments */
+    int n_pos;                         /* positions of all segments (spans) */
     int n_split;
     int split_v[SEG_MAX_SPLITS + 1]; /* split s covers [split_v[s], split_v[s+1]) */
     float *part; /* n_split > 1: per item and split, part_floats() */
@@ -102,6 +105,8 @@ static void seg_fill(const seg_ctx *c, int base, kcpu_attn_seg_item *it)
     it->scale = c->scale;
     it->v0 = 0;
     it->v1 = c->n_pos;
+    it->window = c->window;
+    it->lo = c->lo;
 }
 
 static void seg_task(void *arg, int ith, int nth)
@@ -172,10 +177,10 @@ static void split_points(seg_ctx *c)
     c->split_v[0] = 0;
     for (int k = 1; k < c->n_split; k++) {
         int target = (int)((long long)k * c->n_pos / c->n_split), v = target;
-        while (si < c->n_segs && cum + kcpu_seg_len(&c->segs[si], c->L) <= target)
-            cum += kcpu_seg_len(&c->segs[si++], c->L);
+        while (si < c->n_segs && cum + kcpu_seg_span(&c->segs[si], c->L, c->lo) <= target)
+            cum += kcpu_seg_span(&c->segs[si++], c->L, c->lo);
         if (si < c->n_segs && c->segs[si].kind == KVS_Q4 && target > cum) {
-            int end = cum + kcpu_seg_len(&c->segs[si], c->L);
+            int end = cum + kcpu_seg_span(&c->segs[si], c->L, c->lo);
             v = target - cum <= end - target ? cum : end;
         }
         c->split_v[k] = v > c->split_v[k - 1] ? v : c->split_v[k - 1];
@@ -186,7 +191,7 @@ static void split_points(seg_ctx *c)
 /* See kcpu.h. ws: kcpu_attn_seg_scratch_bytes(kcpu_pool_size(p), L,
  * head_dim) bytes. */
 void kcpu_attn_seg(kcpu_pool *p, float *out, const float *q, int pos0,
-                   int n_q, const kvs_seg *segs, int n_segs,
+                   int n_q, int window, const kvs_seg *segs, int n_segs,
                    const kvq_layout *L, int n_head, int n_kv_head,
                    int head_dim, float scale, void *ws)
 {
@@ -196,14 +201,17 @@ void kcpu_attn_seg(kcpu_pool *p, float *out, const float *q, int pos0,
     seg_ctx c = {
         .ops = kcpu_ops_active(), .out = out, .q = q, .pos0 = pos0, .n_q = n_q,
         .n_head = n_head, .n_kv_head = n_kv_head, .head_dim = head_dim,
+        .window = window > 0 ? window : 0, .lo = kcpu_win_lo(pos0, window),
         .segs = segs, .n_segs = n_segs, .L = L, .scale = scale,
         .tmp = (float *)ALIGN_UP((uintptr_t)ws, 64),
         .tmp_floats = kcpu_attn_seg_tmp_floats(L, head_dim),
         .group = n_head / n_kv_head,
     };
     atomic_init(&c.next, 0);
+    /* segments wholly before the first query's window count for nothing
+     * (spans of 0): the splits and items cover the visible history only */
     for (int i = 0; i < n_segs; i++)
-        c.n_pos += kcpu_seg_len(&segs[i], L);
+        c.n_pos += kcpu_seg_span(&segs[i], L, c.lo);
     c.n_hsub = (c.group + KCPU_ATTN_QMAX - 1) / KCPU_ATTN_QMAX;
     c.hsub = (c.group + c.n_hsub - 1) / c.n_hsub;
     c.tb = KCPU_ATTN_QMAX / c.hsub;

@@ -38,6 +38,8 @@
  *    per tile their exact values become deltas against the dense codes
  *    (while the tile's rows are in L1): scores get q_c * scale * delta,
  *    outputs p_t * delta.
+ * Sliding windows: tiles start at the first row any query of the item
+ * sees; rows before a query's own window are masked (-inf) after scoring.
  * Layouts this path does not cover (head_dim or v_group not a multiple of
  * 16, head_dim > 512) go to the scalar back end's item.
  *
@@ -97,6 +99,23 @@ AI void pad_scores(const int QG, float *const *s, int r, int nmax)
     for (int g = 0; g < QG; g++)
         for (int rr = r; rr < ((nmax + 7) & ~7); rr++)
             s[g][rr] = -INFINITY;
+}
+
+/* Scores of rows before a query's sliding window, s[g][r] for r < lo[g],
+ * become -inf (lo NULL: no window). */
+AI void mask_low(const int QG, float *const *s, const int *lo)
+{
+    if (!lo)
+        return;
+    for (int g = 0; g < QG; g++)
+        for (int r = 0; r < lo[g]; r++)
+            s[g][r] = -INFINITY;
+}
+
+/* Rows [lo[g], nv[g]) of the tile are visible to query g (lo NULL: 0). */
+AI int none_visible(const int *nv, const int *lo, int g)
+{
+    return nv[g] <= (lo ? lo[g] : 0);
 }
 
 /* ---- float (FP16 / FP32) tiles ---- */
@@ -247,10 +266,11 @@ static void finish(int nq, float *const *o, const float *m, const float *l, floa
 }
 
 /* One tile of QG queries (item queries g0 ..) over float rows: scores,
- * softmax step, V sum. kb / vb: the tile's first row; nv[g] visible rows. */
+ * softmax step, V sum. kb / vb: the tile's first row; rows [lo[g], nv[g])
+ * visible to query g (lo NULL: from row 0). */
 AI void float_tile(const int E, const int QG, float *sc, const float *const *q,
-                   float *const *o, float *m, float *l, const int *nv, int nmax,
-                   const void *kb, const void *vb, size_t ld, int D, float scale)
+                   float *const *o, float *m, float *l, const int *nv, const int *lo,
+                   int nmax, const void *kb, const void *vb, size_t ld, int D, float scale)
 {
     float *s[3];
     const float *pc[3];
@@ -259,8 +279,9 @@ AI void float_tile(const int E, const int QG, float *sc, const float *const *q,
         pc[g] = s[g];
     }
     g_scores(E, QG, s, q, nv, nmax, kb, ld, D, scale);
+    mask_low(QG, s, lo);
     for (int g = 0; g < QG; g++) {
-        if (nv[g] <= 0)
+        if (none_visible(nv, lo, g))
             memset(s[g], 0, (size_t)((nmax + 7) & ~7) * sizeof(float));
         else
             softmax_tile(s[g], nmax, &m[g], &l[g], o[g], D);
@@ -301,9 +322,9 @@ void kcpu_avx2_attn_item(const kcpu_attn_item *it, float *sc)
                 continue;
             float *sc_g = sc + (size_t)g0 * KCPU_ATTN_KPMAX;
             switch (qg) {
-            case 1: float_tile(E_F16, 1, sc_g, it->q + g0, it->o + g0, m + g0, l + g0, nv, nmax, kb, vb, it->kv_stride, D, it->scale); break;
-            case 2: float_tile(E_F16, 2, sc_g, it->q + g0, it->o + g0, m + g0, l + g0, nv, nmax, kb, vb, it->kv_stride, D, it->scale); break;
-            default: float_tile(E_F16, 3, sc_g, it->q + g0, it->o + g0, m + g0, l + g0, nv, nmax, kb, vb, it->kv_stride, D, it->scale); break;
+            case 1: float_tile(E_F16, 1, sc_g, it->q + g0, it->o + g0, m + g0, l + g0, nv, NULL, nmax, kb, vb, it->kv_stride, D, it->scale); break;
+            case 2: float_tile(E_F16, 2, sc_g, it->q + g0, it->o + g0, m + g0, l + g0, nv, NULL, nmax, kb, vb, it->kv_stride, D, it->scale); break;
+            default: float_tile(E_F16, 3, sc_g, it->q + g0, it->o + g0, m + g0, l + g0, nv, NULL, nmax, kb, vb, it->kv_stride, D, it->scale); break;
             }
         }
     }
@@ -582,13 +603,14 @@ static void q4_fix_v(const q4_blk *B, int p0, int p1, const float *vsc, const fl
 }
 
 /* One tile of QG queries (item indices gi, one KV head) over an INT4 block:
- * rows [p0, p0 + nmax) of the block (np rows in the tile); fixed: this
+ * rows [p0, p0 + nmax) of the block (np rows in the tile), tile rows
+ * [lo[g], nv[g]) visible to query g; fixed: this
  * head's outlier deltas done for the tile (bit 0 K, bit 1 V); vsc / vzf:
  * the rows' V group scales and zeros, [group][KPMAX]; W: room for
  * [QG][ngh][round8(nmax)] f32 weights and as many int16. */
 AI void q4_tile(const int QG, float *sc, const q4_blk *B, const q4_keys *K, const int *gi,
                 const float *const *q, float *const *o, float *m, float *l,
-                const int *nv, int nmax, int p0, int np, int *fixed, const float *kls,
+                const int *nv, const int *lo, int nmax, int p0, int np, int *fixed, const float *kls,
                 const float *vsc, const float *vzf, float *W, int ngh, int D, float scale)
 {
     float *s[3];
@@ -610,11 +632,12 @@ AI void q4_tile(const int QG, float *sc, const q4_blk *B, const q4_keys *K, cons
         for (int g = 0; g < QG; g++) /* masked scores stay -inf */
             s[g][r] += q[g][B->kout[e].c] * B->kout[e].delta;
     }
+    mask_low(QG, s, lo);
     const int n8 = (nmax + 7) & ~7;
     float wq[3];
     int16_t *W16 = (int16_t *)(W + (size_t)QG * (size_t)ngh * (size_t)n8);
     for (int g = 0; g < QG; g++) {
-        if (nv[g] <= 0)
+        if (none_visible(nv, lo, g))
             memset(s[g], 0, (size_t)n8 * sizeof(float));
         else
             softmax_tile(s[g], nmax, &m[g], &l[g], o[g], D);
@@ -1123,15 +1146,20 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
                      float *kt, int kts, float *vn, const float *sk, float *ksr, float *knz)
 {
     const int D = it->head_dim;
-    int nvq[KCPU_ATTN_QMAX], nmaxg[KCPU_ATTN_QMAX], any = 0;
+    int nvq[KCPU_ATTN_QMAX], loq[KCPU_ATTN_QMAX], nmaxg[KCPU_ATTN_QMAX], any = 0;
+    int anyg[KCPU_ATTN_QMAX];
     for (int gr = gr0; gr < gr0 + ngr; gr++) {
         nmaxg[gr] = 0;
+        anyg[gr] = 0;
         for (int g = 0; g < grpn[gr]; g++) {
             int i = grp0[gr] + g, e = it->qpos[i] - (pos0 + p0) + 1;
+            int lw = kcpu_win_lo(it->qpos[i], it->window) - (pos0 + p0);
             nvq[i] = e < np ? e : np;
+            loq[i] = lw > 0 ? lw : 0;
             nmaxg[gr] = nvq[i] > nmaxg[gr] ? nvq[i] : nmaxg[gr];
+            anyg[gr] |= nvq[i] > loq[i];
         }
-        any |= nmaxg[gr] > 0;
+        any |= anyg[gr];
     }
     if (!any)
         return;
@@ -1140,7 +1168,7 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
     q4d_kt(B, p0, np, D, kt, kts, sk, ksr, knz);
     for (int gr = gr0; gr < gr0 + ngr; gr++) {
         int g0 = grp0[gr], qg = grpn[gr];
-        if (nmaxg[gr] <= 0)
+        if (!anyg[gr])
             continue;
         float *s[3];
         const float *qf[3];
@@ -1153,8 +1181,9 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
         case 2: q4d_scores(2, s, qf, bias + g0, nvq + g0, nmaxg[gr], kt, kts, D); break;
         default: q4d_scores(3, s, qf, bias + g0, nvq + g0, nmaxg[gr], kt, kts, D); break;
         }
+        mask_low(qg, s, it->window > 0 ? loq + g0 : NULL);
         for (int g = 0; g < qg; g++) {
-            if (nvq[g0 + g] <= 0)
+            if (nvq[g0 + g] <= loq[g0 + g])
                 memset(s[g], 0, (size_t)((nmaxg[gr] + 7) & ~7) * sizeof(float));
             else
                 softmax_tile(s[g], nmaxg[gr], &m[g0 + g], &l[g0 + g], it->o[g0 + g], D);
@@ -1163,7 +1192,7 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
     q4d_vn(B, p0, np, D, vn);
     for (int gr = gr0; gr < gr0 + ngr; gr++) {
         int g0 = grp0[gr], qg = grpn[gr];
-        if (nmaxg[gr] <= 0)
+        if (!anyg[gr])
             continue;
         const float *p[3];
         for (int g = 0; g < qg; g++)
@@ -1198,20 +1227,20 @@ static void q4_prefetch(const kvq_layout *L, const void *base)
 /* Float (F32 / F16) tile of one query group: dispatch on element type and
  * group size. */
 static void float_group(int kind, int qg, float *sc, const float *const *q, float *const *o,
-                        float *m, float *l, const int *nv, int nmax, const void *kb,
-                        const void *vb, size_t ld, int D, float scale)
+                        float *m, float *l, const int *nv, const int *lo, int nmax,
+                        const void *kb, const void *vb, size_t ld, int D, float scale)
 {
     if (kind == KVS_F16) {
         switch (qg) {
-        case 1: float_tile(E_F16, 1, sc, q, o, m, l, nv, nmax, kb, vb, ld, D, scale); break;
-        case 2: float_tile(E_F16, 2, sc, q, o, m, l, nv, nmax, kb, vb, ld, D, scale); break;
-        default: float_tile(E_F16, 3, sc, q, o, m, l, nv, nmax, kb, vb, ld, D, scale); break;
+        case 1: float_tile(E_F16, 1, sc, q, o, m, l, nv, lo, nmax, kb, vb, ld, D, scale); break;
+        case 2: float_tile(E_F16, 2, sc, q, o, m, l, nv, lo, nmax, kb, vb, ld, D, scale); break;
+        default: float_tile(E_F16, 3, sc, q, o, m, l, nv, lo, nmax, kb, vb, ld, D, scale); break;
         }
     } else {
         switch (qg) {
-        case 1: float_tile(E_F32, 1, sc, q, o, m, l, nv, nmax, kb, vb, ld, D, scale); break;
-        case 2: float_tile(E_F32, 2, sc, q, o, m, l, nv, nmax, kb, vb, ld, D, scale); break;
-        default: float_tile(E_F32, 3, sc, q, o, m, l, nv, nmax, kb, vb, ld, D, scale); break;
+        case 1: float_tile(E_F32, 1, sc, q, o, m, l, nv, lo, nmax, kb, vb, ld, D, scale); break;
+        case 2: float_tile(E_F32, 2, sc, q, o, m, l, nv, lo, nmax, kb, vb, ld, D, scale); break;
+        default: float_tile(E_F32, 3, sc, q, o, m, l, nv, lo, nmax, kb, vb, ld, D, scale); break;
         }
     }
 }
@@ -1272,15 +1301,19 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
     int queries_ready = 0, cum = 0;
     for (int si = 0; si < it->n_segs; si++) {
         const kvs_seg *sg = &it->segs[si];
-        int n = kcpu_seg_len(sg, it->L), a = it->v0 - cum, b = it->v1 - cum, vmax = 0;
+        int n = kcpu_seg_span(sg, it->L, it->lo), a = it->v0 - cum, b = it->v1 - cum;
+        int vmax = 0, vmin = n;
         cum += n;
         a = a > 0 ? a : 0;
         b = b < n ? b : n;
         for (int i = 0; i < nq; i++) {
             int vis = it->qpos[i] - sg->pos0 + 1;
+            int low = kcpu_win_lo(it->qpos[i], it->window) - sg->pos0;
             vmax = vis > vmax ? vis : vmax;
+            vmin = low < vmin ? low : vmin;
         }
         b = b < vmax ? b : vmax;
+        a = a > vmin ? a : vmin; /* rows before every query's window */
         if (a >= b)
             continue;
         if (sg->kind == KVS_Q4) {
@@ -1311,14 +1344,18 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
             int np = b - p0 < step ? b - p0 : step, cur = -1;
             int fixed[KCPU_ATTN_QMAX] = { 0 }; /* per head: outlier deltas done, 1 K, 2 V */
             for (int gr = 0; gr < n_grp; gr++) {
-                int g0 = grp0[gr], qg = grpn[gr], nv[3], nmax = 0;
+                int g0 = grp0[gr], qg = grpn[gr], nv[3], lo[3], nmax = 0, vis = 0;
                 for (int g = 0; g < qg; g++) {
                     int e = it->qpos[g0 + g] - (sg->pos0 + p0) + 1;
+                    int lw = kcpu_win_lo(it->qpos[g0 + g], it->window) - (sg->pos0 + p0);
                     nv[g] = e < np ? e : np;
+                    lo[g] = lw > 0 ? lw : 0;
                     nmax = nv[g] > nmax ? nv[g] : nmax;
+                    vis |= nv[g] > lo[g];
                 }
-                if (nmax <= 0)
+                if (!vis)
                     continue;
+                const int *lop = it->window > 0 ? lo : NULL;
                 float *sg_sc = sc + (size_t)g0 * KCPU_ATTN_KPMAX;
                 const float *const *q = it->q + g0;
                 float *const *o = it->o + g0;
@@ -1326,7 +1363,7 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                 if (sg->kind != KVS_Q4) {
                     size_t el = sg->kind == KVS_F16 ? sizeof(uint16_t) : sizeof(float);
                     size_t off = ((size_t)p0 * sg->stride + (size_t)it->kvh[g0] * (size_t)D) * el;
-                    float_group(sg->kind, qg, sg_sc, q, o, m + g0, l + g0, nv, nmax,
+                    float_group(sg->kind, qg, sg_sc, q, o, m + g0, l + g0, nv, lop, nmax,
                                 (const char *)sg->k + off, (const char *)sg->v + off, sg->stride,
                                 D, it->scale);
                     continue;
@@ -1337,9 +1374,9 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                 }
                 const int *gi = gi_all + g0, ngh = D / L->v_group;
                 switch (qg) {
-                case 1: q4_tile(1, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;
-                case 2: q4_tile(2, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;
-                default: q4_tile(3, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;
+                case 1: q4_tile(1, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, lop, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;
+                case 2: q4_tile(2, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, lop, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;
+                default: q4_tile(3, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, lop, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;
                 }
             }
         }

@@ -87,9 +87,11 @@ typedef struct {
  * KCPU_ATTN_QMAX queries, query i reading KV head kvh[i] (queries of one
  * head are consecutive, heads ascending and contiguous), over the part
  * [v0, v1) of the history's positions taken segment after segment in array
- * order (segment i covers indices [sum of the lengths before it, + its
- * length)). Query i sees the positions <= qpos[i] of every segment. o / ml
- * as in kcpu_attn_item (a query that sees nothing at all gets zeros). */
+ * order (segment i covers indices [sum of the spans before it, + its span),
+ * kcpu_seg_span with the call's lo). Query i sees the positions <= qpos[i]
+ * of every segment and, when window > 0, > qpos[i] - window
+ * (kcpu_win_lo). o / ml as in kcpu_attn_item (a query that sees nothing at
+ * all gets zeros). */
 typedef struct {
     int nq;
     const float *q[KCPU_ATTN_QMAX];
@@ -103,6 +105,8 @@ typedef struct {
     int head_dim;
     float scale;
     int v0, v1;
+    int window;           /* 0: none; W > 0: the sliding window */
+    int lo;               /* the call's first visible position (kcpu_seg_span) */
 } kcpu_attn_seg_item;
 
 /* Positions held by a segment (a KVS_Q4 block says it in its header;
@@ -113,6 +117,22 @@ static inline int kcpu_seg_len(const kvs_seg *sg, const kvq_layout *L)
         return sg->n > 0 ? sg->n : 0;
     uint32_t n = kvq_chdr(sg->k)->n_tok;
     return n < (uint32_t)L->block_tokens ? (int)n : L->block_tokens;
+}
+
+/* First position a query at qpos sees: qpos - window + 1 with a sliding
+ * window (window > 0), else 0 (may be negative: positions start at 0). */
+static inline int kcpu_win_lo(int qpos, int window)
+{
+    return window > 0 ? qpos - window + 1 : 0;
+}
+
+/* Positions segment sg takes in the walk over a call's history: its
+ * length, or 0 when it lies wholly before lo, the first position any query
+ * of the call sees (such a segment is skipped: sliding windows). */
+static inline int kcpu_seg_span(const kvs_seg *sg, const kvq_layout *L, int lo)
+{
+    int n = kcpu_seg_len(sg, L);
+    return sg->pos0 + n <= lo ? 0 : n;
 }
 
 /* One K or V outlier of a block, relative to the item's KV head and the

@@ -423,31 +423,37 @@ static void sc_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
         int cum = 0, c0 = it->kvh[i0] * D;
         for (int si = 0; si < it->n_segs; si++) {
             const kvs_seg *sg = &it->segs[si];
-            int n = kcpu_seg_len(sg, it->L), a = it->v0 - cum, b = it->v1 - cum, vmax = 0;
+            int n = kcpu_seg_span(sg, it->L, it->lo), a = it->v0 - cum, b = it->v1 - cum;
+            int vmax = 0, vmin = n;
             cum += n;
             a = a > 0 ? a : 0;
             b = b < n ? b : n;
             for (int i = i0; i < i1; i++) {
                 int vis = it->qpos[i] - sg->pos0 + 1;
+                int low = kcpu_win_lo(it->qpos[i], it->window) - sg->pos0;
                 vmax = vis > vmax ? vis : vmax;
+                vmin = low < vmin ? low : vmin;
             }
             b = b < vmax ? b : vmax;
+            a = a > vmin ? a : vmin; /* rows before every query's window */
             for (int p0 = a; p0 < b; p0 += KP) {
                 int np = b - p0 < KP ? b - p0 : KP;
                 sc_seg_tile(sg, it->L, c0, D, p0, np, kt, vt);
                 for (int i = i0; i < i1; i++) {
                     int nv = it->qpos[i] - (sg->pos0 + p0) + 1;
+                    int r0 = kcpu_win_lo(it->qpos[i], it->window) - (sg->pos0 + p0);
                     nv = nv < np ? nv : np;
-                    if (nv <= 0)
+                    r0 = r0 > 0 ? r0 : 0;
+                    if (nv <= r0)
                         continue;
                     float *s = tmp + i * KCPU_ATTN_KPMAX, mt = -INFINITY;
-                    for (int r = 0; r < nv; r++) {
+                    for (int r = r0; r < nv; r++) {
                         s[r] = sc_dot(it->q[i], kt + (size_t)r * (size_t)D, D) * it->scale;
                         mt = fmaxf(mt, s[r]);
                     }
                     float *o = it->o[i];
-                    softmax_tile(s, nv, mt, &m[i], &l[i], o, D);
-                    for (int r = 0; r < nv; r++)
+                    softmax_tile(s + r0, nv - r0, mt, &m[i], &l[i], o, D);
+                    for (int r = r0; r < nv; r++)
                         for (int d = 0; d < D; d++)
                             o[d] += s[r] * vt[(size_t)r * (size_t)D + (size_t)d];
                 }

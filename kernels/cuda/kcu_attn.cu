@@ -12,7 +12,7 @@
  * accumulators. Exact where the oracle is exact; sums in f32.
  *
  * Splits: an item with few queries (decode) has its positions [0, pos0 +
- * n_q) cut into ranges (kcu_attn_item_split: planned per item, so that a
+ * n_q) (with a sliding window: from its first query's window) cut into ranges (kcu_attn_item_split: planned per item, so that a
  * sequence's result does not depend on the rest of the batch) to fill the
  * GPU; each range writes its partial (m, l, acc) and a merge kernel
  * combines them.
@@ -51,8 +51,9 @@ static __global__ void __launch_bounds__(GEN_THREADS)
         return; /* uniform over the block */
     const int tid = (int)threadIdx.x;
     const int qpos = item.pos0 + j;
-    const int lo_pos = split * sp.span;
-    const int hi_pos = lo_pos + sp.span < qpos + 1 ? lo_pos + sp.span : qpos + 1;
+    const int r_lo = sp.base + split * sp.span, w_lo = kcu_attn_win_lo(P, qpos);
+    const int lo_pos = r_lo > w_lo ? r_lo : w_lo; /* the split's range within the window */
+    const int hi_pos = r_lo + sp.span < qpos + 1 ? r_lo + sp.span : qpos + 1;
     float *qs = sm, *Kt = qs + g * hd, *Vt = Kt + TP * hd, *S = Vt + TP * hd;
     float *acc = S + g * TP, *sm_m = acc + g * hd, *sm_l = sm_m + g, *sm_a = sm_l + g;
     const size_t qrow = ((size_t)item.q_row0 + (size_t)j) * (size_t)P.n_head * (size_t)hd;
@@ -297,6 +298,7 @@ extern "C" int kcu_attn(kcu_ctx *c, const kcu_attn_shape *sh, const kcu_kv_arena
     P.n_kv = sh->n_kv_head;
     P.hd = sh->head_dim;
     P.scale = sh->scale;
+    P.window = sh->window > 0 ? sh->window : 0;
     if (sh->L) {
         P.L = *sh->L;
         P.has_L = 1;

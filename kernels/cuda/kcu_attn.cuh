@@ -4,7 +4,9 @@
  * sequence's step each), every query attends causally to the item's own
  * exact K/V of the step and to its history of FP16 pages and INT4 blocks in
  * the KV pool (kcu_kv.cuh), the INT4 dequantization fused into the dot
- * products and the outliers applied as sparse corrections. Long histories
+ * products and the outliers applied as sparse corrections. With a sliding
+ * window (kcu_attn_shape.window) the positions before an item's first
+ * window are not walked and the rest are masked per query. Long histories
  * with few queries (decode) are split along the sequence and the partial
  * softmax states merged.
  *
@@ -44,6 +46,8 @@ typedef struct {
     int n_head, n_kv_head, head_dim;
     float scale;          /* usually 1/sqrt(head_dim) */
     const kvq_layout *L;  /* layout of the KVS_Q4 segments; NULL when none */
+    int window;           /* 0: causal over the whole history; W > 0: a query
+                             at p sees positions [p - W + 1, p] (sliding window) */
 } kcu_attn_shape;
 
 enum { KCU_ATTN_AUTO = 0, KCU_ATTN_GENERIC = 1, KCU_ATTN_MMA = 2 };

@@ -19,6 +19,7 @@ struct kcu_attn_args {
     const uint16_t *k_step16, *v_step16; /* f16 copies (tensor-core kernel) */
     int n_head, n_kv, hd;
     float scale;
+    int window; /* 0 or the sliding window W */
     kvq_layout L;
     int has_L;
     int n_splits;     /* the grid's splits: the most any item has */
@@ -34,20 +35,31 @@ struct kcu_attn_args {
 #define KCU_ATTN_MAX_SPLITS 64
 #define KCU_ATTN_DECODE_MAX_Q 4 /* items with at most this many queries are split */
 
-/* How an item's positions [0, pos0 + n_q) are cut into n ranges of span
- * positions (n == 1: one range over everything). A function of the item
+/* The first position query position qpos sees: qpos - W + 1 with a
+ * sliding window W > 0 (at least 0), else 0. */
+static __host__ __device__ __forceinline__ int kcu_attn_win_lo(const kcu_attn_args &P, int qpos)
+{
+    int lo = P.window > 0 ? qpos - P.window + 1 : 0;
+    return lo > 0 ? lo : 0;
+}
+
+/* How an item's visible positions [base, pos0 + n_q) (base: its first
+ * query's first visible position, 0 without a window) are cut into n
+ * ranges of span positions, range s = [base + s * span, ...) (n == 1: one
+ * range over everything). A function of the item
  * alone (its queries and context) and of the device (split_target), never
  * of the other items of the batch: a sequence's attention is then summed
  * in the same order whatever runs beside it. Decode items are split so
  * that, alone, about split_target blocks run, with at least 256 positions
  * per range; items with more queries are not split. */
 struct kcu_attn_split {
-    int n, span;
+    int n, span, base;
 };
 static __host__ __device__ __forceinline__ kcu_attn_split
 kcu_attn_item_split(const kcu_attn_args &P, const kcu_attn_item &it)
 {
-    const int ctx = it.pos0 + it.n_q;
+    const int base = kcu_attn_win_lo(P, it.pos0);
+    const int ctx = it.pos0 + it.n_q - base;
     int s = 1;
     if (it.n_q <= KCU_ATTN_DECODE_MAX_Q && P.split_target > 0) {
         int base; /* blocks of the item without splitting */
@@ -66,7 +78,7 @@ kcu_attn_item_split(const kcu_attn_args &P, const kcu_attn_item &it)
     span = (span + 63) / 64 * 64;
     if (s > 1)
         s = (ctx + span - 1) / span;
-    kcu_attn_split r = {s, span};
+    kcu_attn_split r = {s, span, base};
     return r;
 }
 

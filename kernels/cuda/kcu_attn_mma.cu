@@ -24,7 +24,9 @@
  *  - FP16 pages and the step's own K/V (converted to f16) load directly.
  * The softmax weights P are rounded to f16 for the V product; the running
  * sum l uses them unrounded. Data rows past a segment's end are clamped to
- * its last row (always finite) and masked to P = 0.
+ * its last row (always finite) and masked to P = 0. With a sliding window
+ * the walk starts at the item's first query's window and each row's scores
+ * before its own window are masked like the causal ones.
  */
 #include "kernels/cuda/kcu_attn_impl.cuh"
 
@@ -69,16 +71,18 @@ static __device__ __forceinline__ void fill_empty(float *S, int st, int lane)
 }
 
 /* The S^T fragment of sub-tile positions [pb, pb+16) into S[pos - t0][row],
- * -inf where the position is outside the valid range [tv0, tv1) or after
- * the row's query (causal), or the row does not exist. */
+ * -inf where the position is outside the valid range [tv0, tv1), after
+ * the row's query (causal) or before its sliding window (window > 0), or
+ * the row does not exist. */
 static __device__ __forceinline__ void store_scores(float *S, const float c4[4], int pb, int t0,
                                                     int grp, int tig, int tv0, int tv1, int sp0,
-                                                    const int *rq)
+                                                    const int *rq, int window)
 {
 KCU_UNROLL
     for (int e = 0; e < 4; e++) {
         int pr = pb + grp + (e >= 2 ? 8 : 0), r = 2 * tig + (e & 1);
-        bool ok = pr >= tv0 && pr < tv1 && rq[r] >= 0 && sp0 + pr <= rq[r];
+        bool ok = pr >= tv0 && pr < tv1 && rq[r] >= 0 && sp0 + pr <= rq[r] &&
+                  (window <= 0 || sp0 + pr > rq[r] - window);
         S[(pr - t0) * ROWS + r] = ok ? c4[e] : -INFINITY;
     }
 }
@@ -126,7 +130,7 @@ static __global__ void __launch_bounds__(W * 32) kcu_attn_mma_kernel(kcu_attn_ar
     const kcu_attn_split sp = kcu_attn_item_split(P, item);
     if (split >= sp.n)
         return; /* uniform over the block: the item has fewer splits */
-    const int lo_pos = split * sp.span;
+    const int lo_pos = sp.base + split * sp.span; /* from the first query's window */
     const int hi_pos = lo_pos + sp.span < ctx ? lo_pos + sp.span : ctx;
     const int out_cap = P.has_L ? P.L.out_cap : 0;
 
@@ -314,7 +318,7 @@ KCU_UNROLL
                         af[3] = kcu_hsub2(q4_pair(kw[st][1], 2 * js + 1), zp[2 * js + 1]);
                         kcu_mma16816(c4, af, bq[js]);
                     }
-                    store_scores(S, c4, pb, t0, grp, tig, tv0, tv1, sp0, rq);
+                    store_scores(S, c4, pb, t0, grp, tig, tv0, tv1, sp0, rq, P.window);
                 }
             } else {
 KCU_NOUNROLL
@@ -335,7 +339,7 @@ KCU_UNROLL
                         uint32_t af[4] = {wa[2 * js], wc[2 * js], wa[2 * js + 1], wc[2 * js + 1]};
                         kcu_mma16816(c4, af, bq[js]);
                     }
-                    store_scores(S, c4, pb, t0, grp, tig, tv0, tv1, sp0, rq);
+                    store_scores(S, c4, pb, t0, grp, tig, tv0, tv1, sp0, rq, P.window);
                 }
             }
             __syncwarp();

@@ -64,15 +64,17 @@ void kref_attn_f16(float *out, const float *q, const uint16_t *k,
                    int n_kv_head, int head_dim, float scale, float *scratch);
 
 /* Causal attention of one query token at absolute position q_pos over a
- * history made of segments (kernels/kvq.h): every position <= q_pos of every
- * segment (segments do not overlap; any order). KVS_Q4 segments are
+ * history made of segments (kernels/kvq.h): every position p of every
+ * segment with p <= q_pos and, for a sliding window W = window > 0, also
+ * p > q_pos - W (W = 0: no lower bound), i.e. p in [q_pos - W + 1, q_pos]
+ * (segments do not overlap; any order). KVS_Q4 segments are
  * dequantized with kvq_dequant_block first (L describes them; may be NULL
  * when there are none), then attended like the others: the oracle of the
  * fused kernels. q [n_head, head_dim], out [n_head, head_dim]; GQA as
  * kref_attn_f16. scratch: kref_attn_seg_scratch_floats() floats. */
 size_t kref_attn_seg_scratch_floats(const kvs_seg *segs, int n_segs,
                                     const kvq_layout *L);
-void kref_attn_seg(float *out, const float *q, int q_pos, const kvs_seg *segs,
+void kref_attn_seg(float *out, const float *q, int q_pos, int window, const kvs_seg *segs,
                    int n_segs, const kvq_layout *L, int n_head, int n_kv_head,
                    int head_dim, float scale, float *scratch);
 

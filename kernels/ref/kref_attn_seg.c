@@ -3,7 +3,9 @@
  * made of segments (kernels/kvq.h): FP32 and FP16 segments are read as they
  * are, INT4 (KVS_Q4) blocks are first expanded with kvq_dequant_block, then
  * every visible position is attended with an exact softmax (dot products and
- * sums in double). The oracle of kcpu_attn_seg and of any fused kernel.
+ * sums in double). Visible: at or before the query's position and, for a
+ * sliding-window layer (window W > 0), within its last W positions. The
+ * oracle of kcpu_attn_seg and of any fused kernel.
  * A query that sees no position at all gets zeros (kcpu_attn_seg agrees).
  *
  * Thread-safety: pure; writes only out and scratch.
@@ -48,16 +50,20 @@ static float seg_at(const kvs_seg *sg, const float *kq, const float *vq,
     }
 }
 
-/* Positions of segment sg that a query at q_pos sees (a prefix of it). */
-static int seg_visible(const kvs_seg *sg, int q_pos)
+/* The rows [*r0, *r1) of segment sg that a query at q_pos sees: those at
+ * positions <= q_pos and, with a window W > 0, > q_pos - W. */
+static void seg_visible(const kvs_seg *sg, int q_pos, int window, int *r0, int *r1)
 {
     int n = sg->kind == KVS_Q4 ? (int)kvq_chdr(sg->k)->n_tok : sg->n;
-    int vis = q_pos - sg->pos0 + 1;
-    return vis < 0 ? 0 : vis < n ? vis : n;
+    int hi = q_pos - sg->pos0 + 1, lo = window > 0 ? q_pos - window + 1 - sg->pos0 : 0;
+    hi = hi < 0 ? 0 : hi < n ? hi : n;
+    lo = lo < 0 ? 0 : lo;
+    *r0 = lo < hi ? lo : hi;
+    *r1 = hi;
 }
 
 /* See kref.h. scratch: [Q4 expansions (K then V per Q4 segment)][scores]. */
-void kref_attn_seg(float *out, const float *q, int q_pos, const kvs_seg *segs,
+void kref_attn_seg(float *out, const float *q, int q_pos, int window, const kvs_seg *segs,
                    int n_segs, const kvq_layout *L, int n_head, int n_kv_head,
                    int head_dim, float scale, float *scratch)
 {
@@ -79,8 +85,9 @@ void kref_attn_seg(float *out, const float *q, int q_pos, const kvs_seg *segs,
         double mx = -INFINITY;
         for (int i = 0; i < n_segs; i++) {
             const kvs_seg *sg = &segs[i];
-            int nv = seg_visible(sg, q_pos);
-            for (int p = 0; p < nv; p++) {
+            int r0, r1;
+            seg_visible(sg, q_pos, window, &r0, &r1);
+            for (int p = r0; p < r1; p++) {
                 double dot = 0.0;
                 for (int d = 0; d < head_dim; d++)
                     dot += (double)qh[d] *
@@ -104,8 +111,9 @@ void kref_attn_seg(float *out, const float *q, int q_pos, const kvs_seg *segs,
             sum = 0.0;
             for (int i = 0; i < n_segs; i++) {
                 const kvs_seg *sg = &segs[i];
-                int nv = seg_visible(sg, q_pos);
-                for (int p = 0; p < nv; p++, s++) {
+                int r0, r1;
+                seg_visible(sg, q_pos, window, &r0, &r1);
+                for (int p = r0; p < r1; p++, s++) {
                     double w = exp((double)*s - mx);
                     sum += w;
                     for (int d = 0; d < nd; d++)

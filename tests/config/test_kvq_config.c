@@ -18,6 +18,7 @@ Test(kvq_config, defaults_are_valid_and_documented)
     cr_assert_eq(c.mode, CFG_KV_INT4);
     cr_assert_eq(c.chunk_size, 512);
     cr_assert_eq(c.warmup_chunks, 2);
+    cr_assert_eq(c.window_kv, CFG_KV_FP16, "window layers: FP16 (docs/kvquant.md)");
     cr_assert_eq(cfg_kv_validate_model(&c, 64, 3, err, sizeof err), 0, "%s", err);
 }
 
@@ -40,6 +41,12 @@ Test(kvq_config, set_each_key)
     cr_assert_eq(cfg_kv_set(&c, "kv_budget", "512M", err, sizeof err), 0);
     cr_assert_eq(c.kv_budget_bytes, 512000000LL);
     cr_assert(cfg_kv_is_key("outlier-budget") && !cfg_kv_is_key("bogus"));
+    cr_assert_eq(cfg_kv_set(&c, "window-kv", "int4", err, sizeof err), 0);
+    cr_assert_eq(c.window_kv, CFG_KV_INT4);
+    cr_assert_eq(cfg_kv_set(&c, "window_kv", "fp16", err, sizeof err), 0);
+    cr_assert_eq(c.window_kv, CFG_KV_FP16);
+    cr_assert_lt(cfg_kv_set(&c, "window_kv", "int8", err, sizeof err), 0);
+    cr_assert(strstr(err, "window_kv") && strstr(err, "fp16 or int4"), "%s", err);
 }
 
 Test(kvq_config, refusals_say_why)
@@ -79,6 +86,7 @@ Test(kvq_config, file_round_trip_and_errors)
     a.ema_clip = 0.25f;
     a.sink_tokens = 0;
     a.kv_budget_tokens = 4096;
+    a.window_kv = CFG_KV_INT4;
     fprintf(f, "# a comment\n\n");
     cfg_kv_write(&a, f);
     fclose(f);
@@ -88,6 +96,7 @@ Test(kvq_config, file_round_trip_and_errors)
     cr_assert_float_eq(b.ema_clip, 0.25f, 1e-7);
     cr_assert_eq(b.sink_tokens, 0);
     cr_assert_eq(b.kv_budget_tokens, 4096);
+    cr_assert_eq(b.window_kv, CFG_KV_INT4);
     f = fopen(path, "w");
     fprintf(f, "chunk_size = 512\nwarmup_chunks = many\n");
     fclose(f);
@@ -103,4 +112,5 @@ Test(kvq_config, file_round_trip_and_errors)
     char js[1024];
     cr_assert_lt(cfg_kv_json(&a, js, sizeof js), (int)sizeof js);
     cr_assert(strstr(js, "\"chunk_size\": 1024") != NULL, "%s", js);
+    cr_assert(strstr(js, "\"window_kv\": \"int4\"") != NULL, "%s", js);
 }

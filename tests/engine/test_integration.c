@@ -233,8 +233,8 @@ Test(integration, fused_attention_matches_dequantized_reference, .timeout = 120)
             x = x * 1664525u + 1013904223u;
             q[i] = ((float)(x >> 8) / 16777216.0f - 0.5f) * 4.0f;
         }
-        kref_attn_seg(o1, q, 249, segs, ns, L, H, hp->n_kv_heads, hd, 0.125f, scr);
-        kcpu_attn_seg(pool, o2, q, 249, 1, segs, ns, L, H, hp->n_kv_heads, hd, 0.125f, ws);
+        kref_attn_seg(o1, q, 249, 0, segs, ns, L, H, hp->n_kv_heads, hd, 0.125f, scr);
+        kcpu_attn_seg(pool, o2, q, 249, 1, 0, segs, ns, L, H, hp->n_kv_heads, hd, 0.125f, ws);
         for (int i = 0; i < H * hd; i++) {
             float d = fabsf(o1[i] - o2[i]);
             worst = d > worst ? d : worst;

@@ -16,7 +16,7 @@
 
 #include "engine/kv/kv_plan.h"
 
-static const kvc_dims dims = {2, 16, 8}; /* 2 layers, 2 kv heads of 8 */
+static const kvc_dims dims = {2, 16, 8, NULL}; /* 2 layers, 2 kv heads of 8 */
 static char err[512];
 
 /* chunk 32, blocks of 16 (pages of 16), 2 warm-up chunks, 4 sinks */
@@ -35,7 +35,7 @@ static cfg_kv cfg(cfg_kv_mode mode)
 static kvp_pool *pool(const cfg_kv *c, int64_t nq, int64_t nf)
 {
     kvp_pool *p = NULL;
-    cr_assert_eq(kvp_pool_create(c, &dims, nq, nf, &p, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_pool_create(c, &dims, 0, nq, nf, &p, err, sizeof err), 0, "%s", err);
     return p;
 }
 
@@ -268,9 +268,10 @@ Test(kv_plan, live_blocks_after_warmup)
 }
 
 /* on_block sees every block that becomes an entry, once. */
-static void count_cb(void *ctx, int32_t id)
+static void count_cb(void *ctx, int32_t id, int added)
 {
     int *seen = ctx;
+    cr_assert(added, "no window: blocks never leave");
     seen[id]++;
 }
 
@@ -712,8 +713,10 @@ Test(kv_plan, fp16_mode)
     cr_assert_eq(nq, 0);
     cr_assert_eq(nf, 4, "57 tokens in pages of 16");
     kvc_stats st_s;
-    kvp_seq_fill_stats(s, &st_s);
-    cr_assert_eq(st_s.tokens, 57);
+    memset(&st_s, 0, sizeof st_s);
+    kvp_seq_add_stats(s, KVC_LAYER_GLOBAL, &st_s);
+    cr_assert_eq(kvp_seq_held_tokens(s), 57);
+    cr_assert_eq(st_s.layer_kind[KVC_LAYER_GLOBAL].tokens, 57);
     cr_assert_eq(st_s.fpages_used, 4);
     cr_assert_eq(st_s.bytes_total, 4 * 16 * 2 * 16 * 2 * 2);
     cr_assert_eq(st_s.bytes_fp16_equiv, 57 * 2 * 16 * 2 * 2);
@@ -742,32 +745,39 @@ Test(kv_plan, pool_bookkeeping)
     cr_assert_float_eq(u, (4.0 * (double)qb + 1.0 * (double)fb) / (8.0 * (double)(qb + fb)),
                        1e-12);
     kvc_stats ss, ps;
-    kvp_seq_fill_stats(s, &ss);
+    memset(&ss, 0, sizeof ss);
+    kvp_seq_add_stats(s, KVC_LAYER_GLOBAL, &ss);
+    ss.tokens = kvp_seq_n_tokens(s);
     cr_assert_eq(ss.qblocks_used, 4);
     cr_assert_eq(ss.fpages_used, 1);
     cr_assert_eq(ss.bytes_total, (int64_t)(4 * qb + fb));
     memset(&ps, 0, sizeof ps);
     kvp_stats_add_counts(&ps, &ss);
-    kvp_pool_fill_stats(p, &ps);
+    kvp_pool_add_stats(p, KVC_LAYER_GLOBAL, &ps);
     cr_assert_eq(ps.qblocks_total, 8);
     cr_assert_eq(ps.fpages_total, 8);
     cr_assert_eq(ps.bytes_total, ss.bytes_total);
     cr_assert_eq(ps.bytes_fp16_equiv, 64 * 2 * 16 * 2 * 2);
+    cr_assert_eq(ps.layer_kind[KVC_LAYER_GLOBAL].bytes_total, ps.bytes_total);
+    cr_assert_eq(ps.layer_kind[KVC_LAYER_GLOBAL].layers, 2);
+    cr_assert_eq(ps.layer_kind[KVC_LAYER_WINDOW].bytes_total, 0);
     kvp_seq_destroy(s);
     kvp_pool_destroy(p);
     /* bad inputs are reasons, not crashes */
     kvp_pool *q = NULL;
-    kvc_dims bad = {2, 16, 0};
-    cr_assert_eq(kvp_pool_create(&c, &bad, 8, 8, &q, err, sizeof err), -EINVAL);
+    kvc_dims bad = {2, 16, 0, NULL};
+    cr_assert_eq(kvp_pool_create(&c, &bad, 0, 8, 8, &q, err, sizeof err), -EINVAL);
     cr_assert_null(q);
-    cr_assert_eq(kvp_pool_create(&c, &dims, 8, 0, &q, err, sizeof err), -EINVAL);
+    cr_assert_eq(kvp_pool_create(&c, &dims, 0, 8, 0, &q, err, sizeof err), -EINVAL);
+    cr_assert_eq(kvp_pool_create(&c, &dims, -1, 8, 8, &q, err, sizeof err), -EINVAL);
     c.chunk_size = 24; /* not a multiple of block_tokens */
-    cr_assert_eq(kvp_pool_create(&c, &dims, 8, 8, &q, err, sizeof err), -EINVAL);
+    cr_assert_eq(kvp_pool_create(&c, &dims, 0, 8, 8, &q, err, sizeof err), -EINVAL);
     cr_assert(strstr(err, "multiple") != NULL, "%s", err);
-    int64_t nq, nf;
-    cr_assert_eq(kvp_pool_size(&c, &dims, 1024, 1, &nq, &nf, err, sizeof err), -EINVAL);
+    kvc_pool_sizes sz;
+    cr_assert_eq(kvp_pool_size(&c, &dims, 1024, 1, &sz, err, sizeof err), -EINVAL);
     c = cfg(CFG_KV_INT4);
-    cr_assert_eq(kvp_pool_size(&c, &dims, 1024, 4, &nq, &nf, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_pool_size(&c, &dims, 1024, 4, &sz, err, sizeof err), 0, "%s", err);
+    int64_t nq = sz.n_qblocks[KVC_LAYER_GLOBAL], nf = sz.n_fpages[KVC_LAYER_GLOBAL];
     /* a pool of that size holds 4 sequences of the whole context */
     p = pool(&c, nq, nf);
     kvp_seq *seqs[4];
@@ -803,4 +813,370 @@ Test(kv_plan, live_sequence_list)
     kvp_seq_destroy(s[0]);
     cr_assert_null(kvp_pool_next_seq(p, NULL));
     kvp_pool_destroy(p);
+}
+
+/* ---- window pools (sliding-window layers) ---- */
+
+static kvp_pool *wpool(const cfg_kv *c, int window, int64_t nq, int64_t nf)
+{
+    kvp_pool *p = NULL;
+    cr_assert_eq(kvp_pool_create(c, &dims, window, nq, nf, &p, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_pool_window(p), window);
+    return p;
+}
+
+/* A window sequence after a commit: its entries cover [first, n_tokens)
+ * in order, reach back to the next query's window (first <= max(0, n - W
+ * + 1)), and the oldest one is still visible unless it belongs to a run
+ * that is kept whatever the window (staged before its re-quantization, or
+ * the decode tail: `kept` says whether such a run may exist). */
+static void check_window_cover(const kvp_seq *s, int W, int kept)
+{
+    int n;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    const int nt = kvp_seq_n_tokens(s), live = nt - W + 1;
+    if (n == 0) {
+        cr_assert(W == 1 || nt == 0, "%d tokens, window %d, no entry", nt, W);
+        return;
+    }
+    int pos = e[0].pos0;
+    cr_assert_leq(pos, live > 0 ? live : 0, "entries start at %d, the window at %d", pos, live);
+    if (!kept)
+        cr_assert_geq(e[0].pos0 + e[0].n - 1, live, "entry [%d, +%d) is wholly before %d",
+                      e[0].pos0, e[0].n, live);
+    for (int i = 0; i < n; i++) {
+        cr_assert_eq(e[i].pos0, pos, "entry %d starts at %d, expected %d", i, e[i].pos0, pos);
+        cr_assert_gt(e[i].n, 0);
+        pos += e[i].n;
+    }
+    cr_assert_eq(pos, nt);
+    cr_assert_eq(kvp_seq_held_tokens(s), nt - e[0].pos0);
+}
+
+/* Units held now (entries and an open step's reservations). */
+static void held_units(const kvp_pool *p, int64_t *q, int64_t *f)
+{
+    int64_t tq, tf, fq, ff;
+    kvp_pool_units(p, &tq, &tf);
+    kvp_pool_free_units(p, &fq, &ff);
+    *q = tq - fq;
+    *f = tf - ff;
+}
+
+/* on_block with a window: blocks enter once and leave once. */
+typedef struct {
+    int in[256], out[256];
+} block_log;
+
+static void log_cb(void *ctx, int32_t id, int added)
+{
+    block_log *b = ctx;
+    if (added)
+        b->in[id]++;
+    else
+        b->out[id]++;
+}
+
+Test(kv_plan, window_fp16_frees_pages_the_window_passed)
+{
+    cfg_kv c = cfg(CFG_KV_FP16); /* pages of 16 = blocks */
+    const int W = 40;
+    kvp_pool *p = wpool(&c, W, 0, 64);
+    kvp_seq *s = seq(p, 4096);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(step(s, 32, 1), 0, "%s", err);
+        check_window_cover(s, W, 0);
+    }
+    /* 96 tokens: the window [57, 96) touches pages [48, 64) .. [80, 96) */
+    int n;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    cr_assert_eq(n, 3);
+    cr_assert_eq(e[0].pos0, 48);
+    for (int i = 0; i < 300; i++) {
+        cr_assert_eq(step(s, 1, 0), 0, "%s", err);
+        check_window_cover(s, W, 0);
+        int64_t q, f;
+        held_units(p, &q, &f);
+        cr_assert_leq(f, 4, "at most ceil(39 / 16) + 1 pages after a step, %lld held", (long long)f);
+    }
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    int64_t fq, ff;
+    kvp_pool_free_units(p, &fq, &ff);
+    cr_assert_eq(ff, 64);
+    kvp_pool_destroy(p);
+}
+
+Test(kv_plan, window_int4_sinks_go_staging_and_tail_stay)
+{
+    cfg_kv c = cfg(CFG_KV_INT4); /* C 32, T 16, P 16, 2 warm-up chunks, 4 sinks */
+    const int W = 24;
+    kvp_pool *p = wpool(&c, W, 64, 64);
+    kvp_seq *s = seq(p, 4096);
+    block_log bl;
+    memset(&bl, 0, sizeof bl);
+    /* chunk 0: sinks + staging; the window (9..32) already passed the sinks
+     * and the first staged page, but the staged run waits for its
+     * re-quantization */
+    cr_assert_eq(kvp_begin(s, 0, 32, 1, err, sizeof err), 0, "%s", err);
+    kvp_commit(s, log_cb, &bl);
+    check_window_cover(s, W, 1);
+    int n;
+    const kvp_ent *e = kvp_seq_entries(s, &n);
+    cr_assert_eq(e[0].pos0, 4, "the sink page [0, 4) went: its last position is before 9");
+    cr_assert_eq(n, 2, "both staged pages stay until the re-quantization");
+    /* chunk 1 ends warm-up: only the staged tokens a later query can see
+     * (from the page holding position 64 - 24 + 1 = 41) are re-quantized */
+    const kvp_step *st = begin_ok(s, 32, 1);
+    cr_assert_eq(st->rq, KVP_RQ_WARMUP);
+    cr_assert_eq(st->rq_pos0, 36, "staged pages [4, 20) and [20, 36) are left out");
+    cr_assert_eq(st->rq_tokens, 64 - 36);
+    cr_assert_eq(st->n_rq, 2);
+    kvp_commit(s, log_cb, &bl);
+    check_window_cover(s, W, 0);
+    e = kvp_seq_entries(s, &n);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(e[0].kind, KVP_BLOCK);
+    cr_assert_eq(e[0].pos0, 36);
+    /* live chunks: each commit frees what the window passed */
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(kvp_begin(s, kvp_seq_n_tokens(s), 32, 1, err, sizeof err), 0, "%s", err);
+        kvp_commit(s, log_cb, &bl);
+        check_window_cover(s, W, 0);
+    }
+    /* decode with a window shorter than a block: the tail's pages stay even
+     * when the window has passed them, until the tail is re-quantized */
+    kvp_pool_destroy(NULL);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+    const int W2 = 5;
+    p = wpool(&c, W2, 64, 64);
+    s = seq(p, 4096);
+    memset(&bl, 0, sizeof bl);
+    for (int i = 0; i < 3; i++) {
+        int rc = kvp_begin(s, kvp_seq_n_tokens(s), 32, 1, err, sizeof err);
+        cr_assert_eq(rc, 0, "%s", err);
+        kvp_commit(s, log_cb, &bl);
+    }
+    for (int i = 0; i < 40; i++) {
+        int pos0 = kvp_seq_n_tokens(s);
+        int rc = kvp_begin(s, pos0, 1, 0, err, sizeof err);
+        cr_assert_eq(rc, 0, "%s", err);
+        st = kvp_seq_step(s);
+        int tail_rq = st->rq == KVP_RQ_TAIL;
+        kvp_commit(s, log_cb, &bl);
+        check_window_cover(s, W2, 1);
+        e = kvp_seq_entries(s, &n);
+        int tail = (pos0 + 1 - 96) % 16; /* tokens in the tail after the step */
+        int tail0 = pos0 + 1 - tail, live = pos0 + 1 - W2 + 1;
+        if (tail_rq)
+            cr_assert_eq(tail, 0);
+        else
+            cr_assert_leq(e[0].pos0, tail0, "step %d: the tail from %d stays whole (entries "
+                          "from %d)", i, tail0, e[0].pos0);
+        if (e[0].pos0 + e[0].n - 1 < live) /* passed by the window: only a tail page */
+            cr_assert(e[0].kind == KVP_PAGE && e[0].pos0 == tail0,
+                      "step %d: entry [%d, +%d) kept, the window starts at %d", i, e[0].pos0,
+                      e[0].n, live);
+    }
+    check_ids(p, &s, 1);
+    /* every block that entered left once, or is still held */
+    e = kvp_seq_entries(s, &n);
+    int held[64] = {0};
+    for (int i = 0; i < n; i++)
+        if (e[i].kind == KVP_BLOCK)
+            held[e[i].id] = 1;
+    for (int id = 0; id < 64; id++)
+        cr_assert(bl.in[id] - bl.out[id] == held[id] && bl.out[id] <= bl.in[id],
+                  "block %d: in %d out %d held %d", id, bl.in[id], bl.out[id], held[id]);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+/* Runs a window sequence through the engine's steps (aligned chunks of an
+ * n-token prompt, then `dec` decode steps) and checks every reservation
+ * and every state after a commit against kvp_window_need. */
+static void window_run(const cfg_kv *c, int W, int n, int dec, int n_ctx)
+{
+    int64_t hq, hf, pq, pf;
+    kvp_window_need(c, W, n_ctx, &hq, &hf, &pq, &pf);
+    cr_assert(hq <= pq && hf <= pf);
+    kvp_pool *p = wpool(c, W, 4096, 4096);
+    kvp_seq *s = seq(p, n + dec + 8);
+    int64_t q, f;
+    char what[200];
+    snprintf(what, sizeof what, "mode %d W %d n %d T %d C %d S %d K %d keep %d", (int)c->mode, W,
+             n, c->block_tokens, c->chunk_size, c->sink_tokens, c->warmup_chunks,
+             c->keep_warmup_fp16);
+    for (int at = 0; at < n;) {
+        int k = n - at < c->chunk_size ? n - at : c->chunk_size;
+        cr_assert_eq(kvp_begin(s, at, k, 1, err, sizeof err), 0, "%s: %s", what, err);
+        held_units(p, &q, &f);
+        cr_assert(q <= pq && f <= pf, "%s: chunk at %d holds %lld blocks / %lld pages, peak "
+                  "bound %lld / %lld", what, at, (long long)q, (long long)f, (long long)pq,
+                  (long long)pf);
+        kvp_commit(s, NULL, NULL);
+        at += k;
+    }
+    for (int i = 0; i < dec; i++) {
+        int pos0 = kvp_seq_n_tokens(s);
+        int rc = kvp_begin(s, pos0, 1, 0, err, sizeof err);
+        if (rc == KVP_FINISH_PREFILL) {
+            cr_assert_eq(kvp_finish_prefill(s, err, sizeof err), KVP_REQUANT, "%s", err);
+            held_units(p, &q, &f);
+            cr_assert(q <= pq && f <= pf, "%s: finish_prefill holds %lld / %lld, bound %lld "
+                      "/ %lld", what, (long long)q, (long long)f, (long long)pq, (long long)pf);
+            kvp_commit(s, NULL, NULL);
+            rc = kvp_begin(s, pos0, 1, 0, err, sizeof err);
+        }
+        cr_assert_eq(rc, 0, "%s: %s", what, err);
+        held_units(p, &q, &f);
+        cr_assert(q <= hq && f <= hf, "%s: decode at %d holds %lld blocks / %lld pages, hold "
+                  "bound %lld / %lld", what, pos0, (long long)q, (long long)f, (long long)hq,
+                  (long long)hf);
+        kvp_commit(s, NULL, NULL);
+        check_window_cover(s, W, 1);
+    }
+    check_ids(p, &s, 1);
+    kvp_seq_destroy(s);
+    kvp_pool_destroy(p);
+}
+
+/* Bounded memory: a window layer's units stay within kvp_window_need over
+ * 20 chunks and 300 decode steps, and over many configurations and prompt
+ * lengths (the engine's steps: aligned chunks, then decode). */
+Test(kv_plan, window_units_stay_bounded, .timeout = 120)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    window_run(&c, 40, 20 * 32, 300, 4096);
+    c.mode = CFG_KV_FP16;
+    window_run(&c, 40, 20 * 32, 300, 4096);
+    static const int wins[] = {1, 2, 7, 16, 33, 64, 100};
+    static const int blocks[][2] = {{16, 32}, {16, 64}, {32, 64}}; /* T, C */
+    int cases = 0;
+    for (int mode = 0; mode < 2; mode++)
+        for (size_t bi = 0; bi < 3; bi++)
+            for (int warm = 0; warm < 3; warm++)
+                for (int keep = 0; keep < 2; keep++)
+                    for (size_t wi = 0; wi < sizeof wins / sizeof wins[0]; wi++) {
+                        c = cfg(mode ? CFG_KV_INT4 : CFG_KV_FP16);
+                        c.block_tokens = blocks[bi][0];
+                        c.chunk_size = blocks[bi][1];
+                        c.warmup_chunks = warm;
+                        c.keep_warmup_fp16 = keep;
+                        c.sink_tokens = (int)wi % 3 == 0 ? 0 : (int)wi % 3 == 1 ? 4 : 20;
+                        for (int n = 1; n <= 260; n += n < 40 ? 3 : 17) {
+                            window_run(&c, wins[wi], n, 2 * c.block_tokens + 5, 4096);
+                            cases++;
+                        }
+                    }
+    cr_assert_gt(cases, 1000);
+}
+
+/* The two groups of a sequence begin all or nothing: when the window
+ * group cannot hold the step, the global group's reservation is returned
+ * (free lists in their exact order), and an abort of both restores them. */
+static int no_finish(void *ctx, int g, char *e, size_t el)
+{
+    (void)ctx, (void)g, (void)e, (void)el;
+    cr_assert_fail("no prefill ends here");
+    return -EINVAL;
+}
+
+Test(kv_plan, groups_begin_all_or_nothing)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    cfg_kv wc = c;
+    wc.mode = CFG_KV_FP16;
+    kvp_pool *g = pool(&c, 64, 64);
+    kvp_pool *w = wpool(&wc, 40, 0, 3); /* 3 pages of 16: 48 positions */
+    kvp_seq *s[2] = {seq(g, 4096), seq(w, 4096)};
+    cr_assert_eq(kvp_begin_groups(s, 2, 0, 32, 1, no_finish, NULL, err, sizeof err), 0, "%s",
+                 err);
+    kvp_commit(s[0], NULL, NULL);
+    kvp_commit(s[1], NULL, NULL);
+    snap a0, b0, a1, b1;
+    take_snap(g, s[0], &a0);
+    take_snap(w, s[1], &b0);
+    /* the window group holds 2 pages and 1 is free: 32 more tokens need 2 */
+    int rc = kvp_begin_groups(s, 2, 32, 32, 1, no_finish, NULL, err, sizeof err);
+    cr_assert_eq(rc, -ENOSPC, "%d %s", rc, err);
+    cr_assert(!kvp_seq_step(s[0])->active && !kvp_seq_step(s[1])->active);
+    take_snap(g, s[0], &a1);
+    take_snap(w, s[1], &b1);
+    assert_same(&a0, &a1);
+    assert_same(&b0, &b1);
+    /* a step both can hold, aborted: everything as before */
+    cr_assert_eq(kvp_begin_groups(s, 2, 32, 8, 1, no_finish, NULL, err, sizeof err), 0, "%s",
+                 err);
+    kvp_abort(s[0]);
+    kvp_abort(s[1]);
+    take_snap(g, s[0], &a1);
+    take_snap(w, s[1], &b1);
+    assert_same(&a0, &a1);
+    assert_same(&b0, &b1);
+    kvp_seq_destroy(s[0]);
+    kvp_seq_destroy(s[1]);
+    kvp_pool_destroy(g);
+    kvp_pool_destroy(w);
+}
+
+/* The layer groups of a Gemma-3-like model, and a pool sized for them:
+ * the window group is reserved per sequence (kvp_window_need), a byte
+ * budget pays for it first. */
+Test(kv_plan, layer_groups_and_sizing)
+{
+    int32_t win[6] = {8, 8, 8, 8, 8, 0};
+    kvc_dims d = {6, 16, 8, win};
+    cfg_kv c = cfg(CFG_KV_INT4);
+    kvp_groups gr;
+    int32_t group[6], local[6];
+    kvp_layer_groups(&c, &d, &gr, group, local);
+    cr_assert_eq(gr.n_layers[KVC_LAYER_GLOBAL], 1);
+    cr_assert_eq(gr.n_layers[KVC_LAYER_WINDOW], 5);
+    cr_assert_eq(gr.window, 8);
+    cr_assert_eq(group[5], KVC_LAYER_GLOBAL);
+    cr_assert_eq(local[5], 0);
+    cr_assert_eq(group[3], KVC_LAYER_WINDOW);
+    cr_assert_eq(local[3], 3);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].mode, CFG_KV_FP16, "window_kv fp16 (the default)");
+    cr_assert_eq(gr.cfg[KVC_LAYER_GLOBAL].mode, CFG_KV_INT4);
+    cr_assert_eq(gr.dims[KVC_LAYER_WINDOW].n_layers, 5);
+    c.window_kv = CFG_KV_INT4;
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].mode, CFG_KV_INT4);
+    c.mode = CFG_KV_FP16; /* fp16 everywhere whatever window_kv says */
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].mode, CFG_KV_FP16);
+
+    c = cfg(CFG_KV_INT4);
+    kvc_pool_sizes sz;
+    cr_assert_eq(kvp_pool_size(&c, &d, 1024, 4, &sz, err, sizeof err), 0, "%s", err);
+    int64_t hq, hf, pq, pf;
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    kvp_window_need(&gr.cfg[KVC_LAYER_WINDOW], 8, 1024, &hq, &hf, &pq, &pf);
+    cr_assert_eq(sz.n_qblocks[KVC_LAYER_WINDOW], 4 * hq + 2 * (pq - hq));
+    cr_assert_eq(sz.n_fpages[KVC_LAYER_WINDOW], 4 * hf + 2 * (pf - hf));
+    cr_assert_eq(sz.n_qblocks[KVC_LAYER_WINDOW], 0, "fp16 window layers: pages only");
+    cr_assert_gt(sz.n_qblocks[KVC_LAYER_GLOBAL], 0);
+    /* the window group does not grow with the context; the global one does */
+    kvc_pool_sizes big;
+    cr_assert_eq(kvp_pool_size(&c, &d, 8192, 4, &big, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(big.n_fpages[KVC_LAYER_WINDOW], sz.n_fpages[KVC_LAYER_WINDOW]);
+    cr_assert_gt(big.n_qblocks[KVC_LAYER_GLOBAL], sz.n_qblocks[KVC_LAYER_GLOBAL]);
+    /* a byte budget: the window layers first, the rest buys global blocks */
+    c.kv_budget_bytes = 1 << 20;
+    kvc_pool_sizes bud;
+    cr_assert_eq(kvp_pool_size(&c, &d, 8192, 4, &bud, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(bud.n_fpages[KVC_LAYER_WINDOW], sz.n_fpages[KVC_LAYER_WINDOW]);
+    c.kv_budget_bytes = 4096;
+    cr_assert_eq(kvp_pool_size(&c, &d, 8192, 4, &bud, err, sizeof err), -EINVAL);
+    cr_assert(strstr(err, "window layers") != NULL, "%s", err);
+    /* only window layers: no global group */
+    int32_t all[2] = {8, 8};
+    kvc_dims d2 = {2, 16, 8, all};
+    c = cfg(CFG_KV_INT4);
+    cr_assert_eq(kvp_pool_size(&c, &d2, 1024, 2, &sz, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(sz.n_qblocks[KVC_LAYER_GLOBAL] + sz.n_fpages[KVC_LAYER_GLOBAL], 0);
+    cr_assert_gt(sz.n_fpages[KVC_LAYER_WINDOW], 0);
 }

@@ -14,7 +14,15 @@
 #include "engine/kv/kvcache.h"
 #include "kernels/ktypes.h"
 
-static const kvc_dims dims = {2, 16, 8}; /* 2 layers, 2 kv heads of 8 */
+static const kvc_dims dims = {2, 16, 8, NULL}; /* 2 layers, 2 kv heads of 8 */
+
+/* Arena sizes of a pool of global layers only (valid until the next call). */
+static const kvc_pool_sizes *sizes(int64_t nq, int64_t nf)
+{
+    static kvc_pool_sizes sz;
+    sz = (kvc_pool_sizes){.n_qblocks = {nq, 0}, .n_fpages = {nf, 0}};
+    return &sz;
+}
 static char err[512];
 
 static cfg_kv cfg(cfg_kv_mode mode)
@@ -89,7 +97,7 @@ Test(kvcache, lifecycle_warmup_live_tail)
     cfg_kv c = cfg(CFG_KV_INT4);
     kvc_pool *p = NULL;
     kvc_seq *s = NULL;
-    cr_assert_eq(kvc_pool_create(&c, &dims, 64, 64, &p, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvc_pool_create(&c, &dims, sizes(64, 64), &p, err, sizeof err), 0, "%s", err);
     cr_assert_eq(kvc_seq_create(p, 512, &s, err, sizeof err), 0, "%s", err);
     int nq, nf;
     /* chunk 0: 4 sinks (FP16) + 28 staged */
@@ -142,7 +150,7 @@ Test(kvcache, short_prompt_ends_during_warmup)
     cfg_kv c = cfg(CFG_KV_INT4);
     kvc_pool *p = NULL;
     kvc_seq *s = NULL;
-    cr_assert_eq(kvc_pool_create(&c, &dims, 64, 64, &p, err, sizeof err), 0);
+    cr_assert_eq(kvc_pool_create(&c, &dims, sizes(64, 64), &p, err, sizeof err), 0);
     cr_assert_eq(kvc_seq_create(p, 512, &s, err, sizeof err), 0);
     cr_assert_eq(step(s, 24, 1), 0, "%s", err);
     int nq, nf;
@@ -157,7 +165,7 @@ Test(kvcache, short_prompt_ends_during_warmup)
     /* keep_warmup_fp16: staged chunks stay FP16 */
     c.keep_warmup_fp16 = 1;
     kvc_pool_destroy(p);
-    cr_assert_eq(kvc_pool_create(&c, &dims, 64, 64, &p, err, sizeof err), 0);
+    cr_assert_eq(kvc_pool_create(&c, &dims, sizes(64, 64), &p, err, sizeof err), 0);
     cr_assert_eq(kvc_seq_create(p, 512, &s, err, sizeof err), 0);
     cr_assert_eq(step(s, 32, 1), 0);
     cr_assert_eq(step(s, 32, 1), 0);
@@ -173,7 +181,7 @@ Test(kvcache, fp16_mode_and_accounting)
     cfg_kv c = cfg(CFG_KV_FP16);
     kvc_pool *p = NULL;
     kvc_seq *s = NULL;
-    cr_assert_eq(kvc_pool_create(&c, &dims, 0, 16, &p, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvc_pool_create(&c, &dims, sizes(0, 16), &p, err, sizeof err), 0, "%s", err);
     cr_assert_null(kvc_pool_layout(p));
     cr_assert_eq(kvc_seq_create(p, 256, &s, err, sizeof err), 0);
     cr_assert_eq(step(s, 32, 1), 0);
@@ -198,7 +206,7 @@ Test(kvcache, pool_exhaustion_is_an_error_not_a_crash)
     cfg_kv c = cfg(CFG_KV_INT4);
     kvc_pool *p = NULL;
     kvc_seq *a = NULL, *b = NULL;
-    cr_assert_eq(kvc_pool_create(&c, &dims, 5, 8, &p, err, sizeof err), 0);
+    cr_assert_eq(kvc_pool_create(&c, &dims, sizes(5, 8), &p, err, sizeof err), 0);
     cr_assert_eq(kvc_seq_create(p, 4096, &a, err, sizeof err), 0);
     cr_assert_eq(kvc_seq_create(p, 4096, &b, err, sizeof err), 0);
     int rc = 0, steps = 0;
@@ -233,18 +241,263 @@ Test(kvcache, pool_exhaustion_is_an_error_not_a_crash)
 Test(kvcache, budget_planning)
 {
     cfg_kv c = cfg(CFG_KV_INT4);
-    int64_t nq, nf;
+    kvc_pool_sizes sz;
     c.kv_budget_bytes = 1 << 20;
-    cr_assert_eq(kvc_pool_plan(&c, &dims, 1024, 4, &nq, &nf, err, sizeof err), 0, "%s", err);
-    cr_assert_gt(nq, 0);
+    cr_assert_eq(kvc_pool_plan(&c, &dims, 1024, 4, &sz, err, sizeof err), 0, "%s", err);
+    cr_assert_gt(sz.n_qblocks[KVC_LAYER_GLOBAL], 0);
+    cr_assert_eq(sz.n_qblocks[KVC_LAYER_WINDOW] + sz.n_fpages[KVC_LAYER_WINDOW], 0,
+                 "no window layers, no window group");
     c.kv_budget_bytes = 100;
-    cr_assert_lt(kvc_pool_plan(&c, &dims, 1024, 4, &nq, &nf, err, sizeof err), 0);
+    cr_assert_lt(kvc_pool_plan(&c, &dims, 1024, 4, &sz, err, sizeof err), 0);
     cr_assert(strstr(err, "too small") != NULL, "%s", err);
     c = cfg(CFG_KV_FP16);
     c.kv_budget_tokens = 1000;
-    cr_assert_eq(kvc_pool_plan(&c, &dims, 1024, 4, &nq, &nf, err, sizeof err), 0);
-    cr_assert_eq(nf, (1000 + 15) / 16);
+    cr_assert_eq(kvc_pool_plan(&c, &dims, 1024, 4, &sz, err, sizeof err), 0);
+    cr_assert_eq(sz.n_fpages[KVC_LAYER_GLOBAL], (1000 + 15) / 16);
     c = cfg(CFG_KV_INT4);
     c.v_group = 3;
-    cr_assert_lt(kvc_pool_plan(&c, &dims, 1024, 1, &nq, &nf, err, sizeof err), 0);
+    cr_assert_lt(kvc_pool_plan(&c, &dims, 1024, 1, &sz, err, sizeof err), 0);
+}
+
+/* ---- window layers ---- */
+
+#include "engine/kv/kv_plan.h"
+#include "kernels/cpu/kcpu.h"
+
+/* 3 layers: 0 a window layer, 1 a global layer holding the very same K/V
+ * as layer 0, 2 a window layer with data of its own. */
+#define WL 3
+#define WD 16 /* kv_dim: 2 KV heads of 8 */
+#define WH 4  /* query heads */
+
+/* element (pos, c) of tensor t of layer l: layers 0 and 1 agree */
+static float wval(int pos, int c, int t, int l)
+{
+    return val(pos, c, t, l == 1 ? 0 : l);
+}
+
+/* The attention of layer `layer` for the step's n queries at pos0 over the
+ * sequence's segments plus the step's own K/V (as backend_cpu does), with
+ * window W, by kcpu_attn_seg. */
+static void win_attn(kvc_seq *s, const kvc_pool *p, kcpu_pool *tp, int layer, int W, int pos0,
+                     int n, const float *q, const float *k, const float *v, float *out,
+                     kvs_seg *segs, void *ws)
+{
+    int ns = kvc_segments(s, layer, segs, kvc_max_segments(s));
+    segs[ns++] = (kvs_seg){KVS_F32, pos0, n, k, v, WD};
+    kcpu_attn_seg(tp, out, q, pos0, n, W, segs, ns, kvc_layer_layout(p, layer), WH, WD / 8, 8,
+                  0.35f, ws);
+}
+
+/* Brute-force reference over exactly positions [p - W + 1, p] of the
+ * values as the segments store them (FP16 rounded, INT4 dequantized, the
+ * step's own exact): every one of those positions must be there. */
+static void win_ref(kvc_seq *s, const kvc_pool *p, int layer, int W, int pos0, int n,
+                    const float *q, const float *k, const float *v, float *out, kvs_seg *segs)
+{
+    static float dk[2048 * WD], dv[2048 * WD];
+    static char have[2048];
+    memset(have, 0, sizeof have);
+    int ns = kvc_segments(s, layer, segs, kvc_max_segments(s));
+    const kvq_layout *L = kvc_layer_layout(p, layer);
+    for (int i = 0; i < ns; i++) {
+        const kvs_seg *g = &segs[i];
+        cr_assert_leq(g->pos0 + g->n, 2048);
+        if (g->kind == KVS_Q4) {
+            kvq_dequant_block(L, g->k, dk + (size_t)g->pos0 * WD, dv + (size_t)g->pos0 * WD,
+                              WD);
+        } else {
+            for (int r = 0; r < g->n; r++)
+                for (int c = 0; c < WD; c++) {
+                    dk[(g->pos0 + r) * WD + c] = kt_f16_to_f32(((const uint16_t *)g->k)[r * WD + c]);
+                    dv[(g->pos0 + r) * WD + c] = kt_f16_to_f32(((const uint16_t *)g->v)[r * WD + c]);
+                }
+        }
+        memset(have + g->pos0, 1, (size_t)g->n);
+    }
+    memcpy(dk + (size_t)pos0 * WD, k, (size_t)n * WD * sizeof(float));
+    memcpy(dv + (size_t)pos0 * WD, v, (size_t)n * WD * sizeof(float));
+    memset(have + pos0, 1, (size_t)n);
+    for (int j = 0; j < n; j++) {
+        int pq = pos0 + j, lo = pq - W + 1 > 0 ? pq - W + 1 : 0;
+        for (int t = lo; t <= pq; t++)
+            cr_assert(have[t], "layer %d, query %d (window %d): position %d is not held", layer,
+                      pq, W, t);
+        for (int h = 0; h < WH; h++) {
+            const float *qh = q + ((size_t)j * WH + h) * 8;
+            int c0 = h / 2 * 8;
+            double mx = -INFINITY, sum = 0, acc[8] = {0}, sc[2048];
+            for (int t = lo; t <= pq; t++) {
+                double d = 0;
+                for (int c = 0; c < 8; c++)
+                    d += (double)qh[c] * dk[t * WD + c0 + c];
+                sc[t - lo] = d * 0.35;
+                mx = fmax(mx, sc[t - lo]);
+            }
+            for (int t = lo; t <= pq; t++) {
+                double w = exp(sc[t - lo] - mx);
+                sum += w;
+                for (int c = 0; c < 8; c++)
+                    acc[c] += w * dv[t * WD + c0 + c];
+            }
+            for (int c = 0; c < 8; c++)
+                out[((size_t)j * WH + h) * 8 + c] = (float)(acc[c] / sum);
+        }
+    }
+}
+
+/* Drives a pool with window layers through chunked prefill (queries that
+ * span the window's bound) and decode: at every step the window layers'
+ * attention over what the pool holds equals the reference over exactly
+ * their last W positions (and, in FP16 mode, the global layer that holds
+ * the same data gives the same output bit for bit); the window group's
+ * units stay within kvp_window_need; the accounting by layer kind adds
+ * up. Returns the window group's largest use. */
+static void window_drive(cfg_kv_mode mode, cfg_kv_mode wmode, int W, int n_prompt, int piece,
+                         int n_dec)
+{
+    cfg_kv c = cfg(mode);
+    c.window_kv = wmode;
+    int32_t win[WL] = {W, 0, W};
+    kvc_dims d = {WL, WD, 8, win};
+    kvc_pool_sizes sz;
+    cr_assert_eq(kvc_pool_plan(&c, &d, 2048, 1, &sz, err, sizeof err), 0, "%s", err);
+    kvc_pool *p = NULL;
+    kvc_seq *s = NULL;
+    cr_assert_eq(kvc_pool_create(&c, &d, &sz, &p, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvc_seq_create(p, 2048, &s, err, sizeof err), 0, "%s", err);
+    kcpu_pool *tp = NULL;
+    cr_assert_eq(kcpu_pool_create(2, &tp), 0);
+    kvs_seg *segs = malloc((size_t)(kvc_max_segments(s) + 1) * sizeof *segs);
+    void *ws = malloc(kcpu_attn_seg_scratch_bytes(2, kvc_layer_layout(p, 1), 8) +
+                      kcpu_attn_seg_scratch_bytes(2, kvc_layer_layout(p, 0), 8));
+    cr_assert(segs && ws);
+    kvp_groups gr;
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    int64_t hq, hf, pq, pf;
+    kvp_window_need(&gr.cfg[KVC_LAYER_WINDOW], W, 2048, &hq, &hf, &pq, &pf);
+    static float k[WL][64 * WD], v[WL][64 * WD], q[64 * WH * 8];
+    static float got[64 * WH * 8], ref[64 * WH * 8], glob[64 * WH * 8];
+    int total = n_prompt + n_dec, maxw = 0;
+    for (int pos0 = 0; pos0 < total;) {
+        int prefill = pos0 < n_prompt;
+        int n = prefill ? n_prompt - pos0 : 1;
+        int tb = c.chunk_size - pos0 % c.chunk_size;
+        n = n < piece ? n : piece;
+        n = n < tb ? n : tb;
+        cr_assert_eq(kvc_begin(s, pos0, n, prefill, err, sizeof err), 0, "at %d: %s", pos0, err);
+        int64_t fq, ff, tq, tf;
+        kvc_pool_kind_units(p, KVC_LAYER_WINDOW, &fq, &ff, &tq, &tf);
+        cr_assert(tq - fq <= (prefill ? pq : hq) && tf - ff <= (prefill ? pf : hf),
+                  "at %d: the window layers hold %lld blocks / %lld pages (bound %lld / %lld)",
+                  pos0, (long long)(tq - fq), (long long)(tf - ff),
+                  (long long)(prefill ? pq : hq), (long long)(prefill ? pf : hf));
+        for (int l = 0; l < WL; l++)
+            for (int i = 0; i < n; i++)
+                for (int ch = 0; ch < WD; ch++) {
+                    k[l][i * WD + ch] = wval(pos0 + i, ch, 0, l);
+                    v[l][i * WD + ch] = wval(pos0 + i, ch, 1, l);
+                }
+        for (int i = 0; i < n * WH * 8; i++)
+            q[i] = sinf(0.71f * (float)(pos0 * 131 + i)) * 1.5f;
+        for (int l = 0; l < WL; l += 2) { /* the window layers */
+            win_attn(s, p, tp, l, W, pos0, n, q, k[l], v[l], got, segs, ws);
+            win_ref(s, p, l, W, pos0, n, q, k[l], v[l], ref, segs);
+            for (int i = 0; i < n * WH * 8; i++)
+                cr_assert(fabsf(got[i] - ref[i]) <= 2e-5f + 2e-4f * fabsf(ref[i]),
+                          "layer %d at %d (+%d of %d), element %d: %g vs %g", l, pos0,
+                          i / (WH * 8), n, i % (WH * 8), (double)got[i], (double)ref[i]);
+        }
+        if (wmode == CFG_KV_FP16 && mode == CFG_KV_FP16) {
+            /* the global layer holds everything: with the window it must
+             * give what the window layer gives */
+            win_attn(s, p, tp, 0, W, pos0, n, q, k[0], v[0], got, segs, ws);
+            win_attn(s, p, tp, 1, W, pos0, n, q, k[1], v[1], glob, segs, ws);
+            cr_assert_eq(memcmp(got, glob, (size_t)n * WH * 8 * sizeof(float)), 0,
+                         "at %d: window layer vs the global layer with the same data", pos0);
+        }
+        for (int l = 0; l < WL; l++)
+            kvc_store(s, l, k[l], v[l]);
+        kvc_commit(s);
+        pos0 += n;
+        kvc_pool_kind_units(p, KVC_LAYER_WINDOW, &fq, &ff, &tq, &tf);
+        maxw = (int)(tq - fq + tf - ff) > maxw ? (int)(tq - fq + tf - ff) : maxw;
+    }
+    /* accounting: kinds add up; the global layer holds every position, the
+     * window layers about their window */
+    kvc_stats st, ps;
+    kvc_seq_stats(s, &st);
+    const kvc_kind_stats *g = &st.layer_kind[KVC_LAYER_GLOBAL];
+    const kvc_kind_stats *w = &st.layer_kind[KVC_LAYER_WINDOW];
+    cr_assert_eq(st.tokens, total);
+    cr_assert_eq(g->layers, 1);
+    cr_assert_eq(w->layers, 2);
+    cr_assert_eq(g->tokens, total);
+    cr_assert_leq(w->tokens, total);
+    if (W < total - 64)
+        cr_assert_lt(w->tokens, total, "the window layers dropped what they no longer see");
+    cr_assert_eq(g->elements, (int64_t)total * 1 * WD * 2);
+    cr_assert_eq(w->elements, w->tokens * 2 * WD * 2);
+    cr_assert_eq(st.elements, g->elements + w->elements);
+    cr_assert_eq(st.bytes_total, g->bytes_total + w->bytes_total);
+    cr_assert_eq(st.bytes_fp16, g->bytes_fp16 + w->bytes_fp16);
+    cr_assert_eq(st.bytes_int4, g->bytes_int4 + w->bytes_int4);
+    cr_assert_eq(st.qblocks_used, g->qblocks_used + w->qblocks_used);
+    cr_assert_eq(st.fpages_used, g->fpages_used + w->fpages_used);
+    cr_assert_eq(st.bytes_fp16_equiv, st.elements * 2);
+    if (wmode == CFG_KV_FP16 || mode == CFG_KV_FP16)
+        cr_assert_eq(w->qblocks_used + w->bytes_int4, 0, "window layers in FP16 pages");
+    cr_assert_float_eq(kvc_stats_kind_bits(&st, KVC_LAYER_GLOBAL),
+                       8.0 * (double)g->bytes_total / (double)g->elements, 1e-12);
+    kvc_pool_stats(p, &ps);
+    cr_assert_eq(ps.bytes_total, st.bytes_total, "one sequence: the pool's bytes are its");
+    cr_assert_eq(ps.layer_kind[KVC_LAYER_WINDOW].bytes_total, w->bytes_total);
+    cr_assert_eq(ps.layer_kind[KVC_LAYER_WINDOW].qblocks_total, sz.n_qblocks[KVC_LAYER_WINDOW]);
+    cr_assert_eq(ps.n_quantized, st.n_quantized);
+    if (mode == CFG_KV_INT4) { /* the INT4 elements held, by the block headers */
+        int64_t nq = 0;
+        for (int l = 0; l < WL; l++) {
+            kvc_layer_counts lc;
+            cr_assert_eq(kvc_seq_layer_counts(s, l, &lc), 0);
+            nq += lc.n_quantized;
+        }
+        cr_assert_eq(st.n_quantized, nq, "counters of the blocks held: %lld vs %lld",
+                     (long long)st.n_quantized, (long long)nq);
+    }
+    kvc_seq_destroy(s);
+    kvc_pool_stats(p, &ps);
+    cr_assert_eq(ps.qblocks_used + ps.fpages_used, 0, "every unit back in the pool");
+    kvc_pool_destroy(p);
+    kcpu_pool_destroy(tp);
+    free(segs);
+    free(ws);
+    (void)maxw;
+}
+
+Test(kvcache, window_layers_fp16, .timeout = 120)
+{
+    /* windows below, at and past the history; whole chunks, pieces of 7
+     * (queries spanning the bound), decode */
+    static const int wins[] = {5, 24, 40, 100, 2000};
+    for (size_t i = 0; i < sizeof wins / sizeof wins[0]; i++) {
+        window_drive(CFG_KV_FP16, CFG_KV_FP16, wins[i], 96, 32, 60);
+        window_drive(CFG_KV_INT4, CFG_KV_FP16, wins[i], 96, 7, 60);
+    }
+}
+
+Test(kvcache, window_layers_int4, .timeout = 120)
+{
+    static const int wins[] = {5, 24, 40, 100, 2000};
+    for (size_t i = 0; i < sizeof wins / sizeof wins[0]; i++) {
+        window_drive(CFG_KV_INT4, CFG_KV_INT4, wins[i], 96, 32, 60);
+        window_drive(CFG_KV_INT4, CFG_KV_INT4, wins[i], 20, 32, 40); /* prompt ends in warm-up */
+    }
+}
+
+/* Bounded: 20 chunks and 300 decode steps; the window layers' units never
+ * exceed their bound (window_drive checks at every step). */
+Test(kvcache, window_layers_bounded_long, .timeout = 120)
+{
+    window_drive(CFG_KV_INT4, CFG_KV_FP16, 40, 20 * 32, 32, 300);
+    window_drive(CFG_KV_INT4, CFG_KV_INT4, 40, 20 * 32, 32, 300);
 }

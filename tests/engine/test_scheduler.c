@@ -4,7 +4,11 @@
  * requests changes nothing (FP16 and INT4 cache), stop sequences, n > 1,
  * logprobs, a full queue is refused, a pool too small for all requests
  * preempts and still finishes everything, and a cancelled request's
- * blocks return to the pool.
+ * blocks return to the pool. With sliding-window layers (stories260K with
+ * windows set on three of its five layers): batching still changes
+ * nothing, admission by the global layers alone never runs the window
+ * layers' reserved group dry (no preemption, every request finishes), and
+ * every unit of both groups comes back.
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -30,6 +34,9 @@ static const char *m260(void)
     return tu_shared("models/stories260K/stories260K.bin");
 }
 
+/* how the window layers (if the model has any) keep their positions */
+static cfg_kv_mode g_window_kv = CFG_KV_FP16;
+
 static sched *mk(const mdl_model *m, cfg_kv_mode mode, int max_seqs, int64_t budget_tokens)
 {
     char err[512];
@@ -42,6 +49,7 @@ static sched *mk(const mdl_model *m, cfg_kv_mode mode, int max_seqs, int64_t bud
     p.kv.block_tokens = 32;
     p.kv.warmup_chunks = 1;
     p.kv.kv_budget_tokens = budget_tokens;
+    p.kv.window_kv = g_window_kv;
     sched *s = NULL;
     cr_assert_eq(sched_create(m, &p, &s, err, sizeof err), 0, "%s", err);
     return s;
@@ -66,6 +74,7 @@ static char *reference(const mdl_model *m, cfg_kv_mode mode, const int32_t *ids,
     fp.kv.chunk_size = 64;
     fp.kv.block_tokens = 32;
     fp.kv.warmup_chunks = 1;
+    fp.kv.window_kv = g_window_kv;
     fwd_state *fs;
     cr_assert_eq(fwd_create(m, &fp, &fs, err, sizeof err), 0, "%s", err);
     smp_params sp = smp_default_params();
@@ -139,10 +148,16 @@ static const char *prompts[8] = {
     "There was a cat named Tim who liked to play with his toys every day",
     "Mom said"};
 
-static void alone_vs_batched(cfg_kv_mode mode)
+/* window > 0: layers 0, 1 and 3 become sliding-window layers of that
+ * window. */
+static void alone_vs_batched(cfg_kv_mode mode, int window)
 {
     char err[512];
     mdl_model *m = load(m260());
+    if (window > 0) {
+        cr_assert_geq(m->hp.n_layers, 4);
+        m->layers[0].window = m->layers[1].window = m->layers[3].window = window;
+    }
     int n[8];
     int32_t *ids[8];
     for (int i = 0; i < 8; i++)
@@ -186,6 +201,12 @@ static void alone_vs_batched(cfg_kv_mode mode)
     cr_assert_eq(met.running, 0);
     cr_assert_gt(met.generated_tokens, 40);
     cr_assert_eq(met.ttft.total, 9);
+    cr_assert_eq(met.preemptions, 0, "the pool was planned for 8 sequences");
+    cr_assert_eq(met.kv.qblocks_used + met.kv.fpages_used, 0, "units not returned");
+    const kvc_kind_stats *w = &met.kv.layer_kind[KVC_LAYER_WINDOW];
+    cr_assert_eq(w->layers, window > 0 ? 3 : 0);
+    if (window > 0)
+        cr_assert_gt(w->fpages_total + w->qblocks_total, 0, "the window layers' group");
     sched_destroy(s);
     sched_out_free(&o);
     free(alone);
@@ -197,12 +218,20 @@ static void alone_vs_batched(cfg_kv_mode mode)
 
 Test(scheduler, alone_vs_batched_fp16)
 {
-    alone_vs_batched(CFG_KV_FP16);
+    alone_vs_batched(CFG_KV_FP16, 0);
 }
 
 Test(scheduler, alone_vs_batched_int4)
 {
-    alone_vs_batched(CFG_KV_INT4);
+    alone_vs_batched(CFG_KV_INT4, 0);
+}
+
+Test(scheduler, window_layers_alone_vs_batched)
+{
+    alone_vs_batched(CFG_KV_FP16, 24);
+    alone_vs_batched(CFG_KV_INT4, 40); /* window layers FP16 (window_kv default) */
+    g_window_kv = CFG_KV_INT4;
+    alone_vs_batched(CFG_KV_INT4, 40);
 }
 
 Test(scheduler, stop_n_logprobs)

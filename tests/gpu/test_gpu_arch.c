@@ -19,8 +19,8 @@
  *  - a prefill of 20, then 20 single-token decodes: max |diff| <=
  *    TOL_DECODE 1e-2 (decode reads the FP16 cache);
  *  - argmax equal wherever the golden top-1 / top-2 margin is >= 10 x tol.
- * gemma3_swa (window 8 on layers 0-4) is refused by the GPU with -ENOTSUP
- * and a one-line reason until the CUDA backend has sliding windows.
+ * gemma3_swa (window 8 on layers 0-4: sliding-window attention, and the
+ * window layers' group of the KV pool dropping what the window passed).
  */
 #include "tests/gpu/gpu_test.h"
 
@@ -108,8 +108,7 @@ static double margin(const float *x, int n)
 
 /* The golden tokens through m on the GPU: a prefill of `split` tokens
  * (logits of every position), then one decode per remaining token; every
- * logit compared with HF. Returns the fwd_* error, if any, for the caller
- * (a window model's refusal). */
+ * logit compared with HF. Returns the fwd_* error, if any. */
 static int compare_run(const mdl_model *m, const char *name, int split, char *err,
                        size_t errlen)
 {
@@ -163,7 +162,7 @@ static int compare_run(const mdl_model *m, const char *name, int split, char *er
 }
 
 /* Model `name` from $LKQ_TINY_DIR against its golden file; window = 1 for
- * the model with window layers (refused for now). */
+ * the model with window layers (its descriptor says so). */
 static void check_model(const char *name, int window)
 {
     const char *dir = getenv("LKQ_TINY_DIR");
@@ -179,16 +178,11 @@ static void check_model(const char *name, int window)
     }
     GT_CHECK(m->hp.n_vocab == G.vocab, "tiny_%s: vocab %d, golden %d", name, m->hp.n_vocab,
              G.vocab);
+    GT_CHECK((m->hp.sliding_window > 0) == window, "tiny_%s: sliding_window %d", name,
+             m->hp.sliding_window);
     for (int run = 0; run < 2; run++) {
         err[0] = '\0';
         int rc = compare_run(m, name, run ? G.n_tok / 2 : G.n_tok, err, sizeof err);
-        if (window) {
-            GT_CHECK(rc == -ENOTSUP && strstr(err, "sliding-window") &&
-                         strstr(err, "not supported"),
-                     "tiny_%s: a window model on the GPU: %d %s", name, rc, err);
-            printf("     (tiny_%s: refused as expected: %s)\n", name, err);
-            break;
-        }
         GT_CHECK(rc == 0, "tiny_%s: %s", name, err);
     }
     mdl_free(m);

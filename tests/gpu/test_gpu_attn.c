@@ -9,7 +9,9 @@
  * batch) and prefill chunks, the FP16 cache (pages of
  * block_tokens), no history at all, and the real head layouts (SmolLM2
  * 9/3 x 64, Llama-3-8B 32/8 x 128, stories15M 6/6 x 48, stories260K 8/4 x
- * 8). The history sits in layer 1 of a two-layer arena.
+ * 8), and sliding windows (every layer of the history partly or wholly
+ * outside the window; Gemma-3's 4/1 x 256). The history sits in layer 1 of
+ * a two-layer arena.
  *
  * Tolerances per output element, |got - ref| <= ATOL * vmax + RTOL |ref|
  * (vmax: the largest |V| of the history; outputs are convex combinations
@@ -47,6 +49,7 @@ typedef struct {
     int fp16_mode; /* no INT4 blocks; pages of T tokens */
     int n_items;
     int n_sink, n_q4, n_stage, n_q; /* per item (item i adds 37*i INT4 positions) */
+    int window; /* sliding window W (0: none): a query at p sees [p - W + 1, p] */
 } scen;
 
 #define MAX_ITEMS 4
@@ -216,7 +219,7 @@ static void release(batch *b)
 static void run_path(const scen *s, batch *b, int path, const char *name)
 {
     kcu_attn_shape sh = {s->n_head, s->n_kv, s->hd, 1.0f / sqrtf((float)s->hd),
-                         b->has_L ? &b->L : NULL};
+                         b->has_L ? &b->L : NULL, s->window};
     if (path == KCU_ATTN_MMA && !kcu_attn_mma_supported(&sh)) {
         gt_err[0] = '\0';
         GT_CHECK(kcu_attn(gt_c, &sh, &b->A, 1, b->items, NULL, s->n_items, NULL, NULL, NULL, NULL,
@@ -237,7 +240,8 @@ static void run_path(const scen *s, batch *b, int path, const char *name)
         const kcu_attn_item *item = &b->items[it];
         for (int j = 0; j < item->n_q; j++)
             kref_attn_seg(ref + ((size_t)item->q_row0 + j) * Qw,
-                          b->q + ((size_t)item->q_row0 + j) * Qw, item->pos0 + j, b->hsegs[it],
+                          b->q + ((size_t)item->q_row0 + j) * Qw, item->pos0 + j, s->window,
+                          b->hsegs[it],
                           b->n_hsegs[it], b->has_L ? &b->L : NULL, s->n_head, s->n_kv, s->hd,
                           sh.scale, scr);
     }
@@ -253,8 +257,8 @@ static void run_path(const scen *s, batch *b, int path, const char *name)
                    path, dscr, sb, gt_err, sizeof gt_err));
     gt_down(got, dout, (size_t)b->rows * Qw * 4);
     char what[160];
-    snprintf(what, sizeof what, "%s %s heads %d/%d hd %d", name,
-             path == KCU_ATTN_MMA ? "mma" : "generic", s->n_head, s->n_kv, s->hd);
+    snprintf(what, sizeof what, "%s %s heads %d/%d hd %d window %d", name,
+             path == KCU_ATTN_MMA ? "mma" : "generic", s->n_head, s->n_kv, s->hd, s->window);
     if (path == KCU_ATTN_MMA)
         gt_close(what, got, ref, (size_t)b->rows * Qw, ATOL_MMA * b->vmax, RTOL_MMA);
     else
@@ -308,46 +312,75 @@ static void run_scen(const scen *s, const char *name)
 /* n_head, n_kv, hd, T, G, k mode, budget, outliers, fp16, items, sink, q4, stage, n_q */
 static void case_decode_smollm2(void)
 {
-    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1};
+    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 0};
     run_scen(&s, "decode smollm2");
 }
 
 static void case_decode_llama3(void)
 {
-    scen s = {32, 8, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 3, 4, 520, 9, 1};
+    scen s = {32, 8, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 3, 4, 520, 9, 1, 0};
     run_scen(&s, "decode llama3-8b");
 }
 
 static void case_prefill_chunk(void)
 {
-    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 200, 16, 40};
+    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 200, 16, 40, 0};
     run_scen(&s, "prefill smollm2");
-    scen s2 = {32, 8, 128, 64, 32, KVQ_K_PER_CHANNEL, 0.02f, 0.02f, 0, 2, 3, 100, 0, 9};
+    scen s2 = {32, 8, 128, 64, 32, KVQ_K_PER_CHANNEL, 0.02f, 0.02f, 0, 2, 3, 100, 0, 9, 0};
     run_scen(&s2, "prefill llama3 G32 outliers");
 }
 
 static void case_small_models(void)
 {
-    scen a = {6, 6, 48, 32, 48, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 70, 5, 3};
+    scen a = {6, 6, 48, 32, 48, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 70, 5, 3, 0};
     run_scen(&a, "stories15M");
-    scen b = {8, 4, 8, 32, 8, KVQ_K_PER_CHANNEL, 0.01f, 0.01f, 0, 2, 4, 70, 9, 2};
+    scen b = {8, 4, 8, 32, 8, KVQ_K_PER_CHANNEL, 0.01f, 0.01f, 0, 2, 4, 70, 9, 2, 0};
     run_scen(&b, "stories260K");
-    scen c = {4, 2, 64, 32, 16, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 1, 0, 64, 0, 2};
+    scen c = {4, 2, 64, 32, 16, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 1, 0, 64, 0, 2, 0};
     run_scen(&c, "K per token");
 }
 
 static void case_fp16_cache(void)
 {
-    scen s = {8, 2, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 2, 0, 0, 700, 1};
+    scen s = {8, 2, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 2, 0, 0, 700, 1, 0};
     run_scen(&s, "fp16 decode");
-    scen s2 = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 1, 0, 0, 150, 24};
+    scen s2 = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 1, 0, 0, 150, 24, 0};
     run_scen(&s2, "fp16 prefill");
 }
 
 static void case_no_history(void)
 {
-    scen s = {4, 2, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.0f, 0, 2, 0, 0, 0, 5};
+    scen s = {4, 2, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.0f, 0, 2, 0, 0, 0, 5, 0};
     run_scen(&s, "no history");
+}
+
+/* Sliding windows (Gemma-3: W on 5 of every 6 layers): windows below,
+ * at and past the history, in decode (the split starts at the window) and
+ * in prefill chunks whose queries span the bound; INT4 and FP16 histories,
+ * K per token, and Gemma-3-270M's head layout (4/1 x 256: generic kernel). */
+static void case_windows(void)
+{
+    /* n_head, n_kv, hd, T, G, k mode, budget, outliers, fp16, items, sink, q4, stage, n_q, W */
+    static const scen c[] = {
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 64},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 200},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 300, 20, 1, 325},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 300, 20, 1, 1000},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 200, 16, 40, 30},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 200, 16, 40, 150},
+        {32, 8, 128, 64, 32, KVQ_K_PER_CHANNEL, 0.02f, 0.02f, 0, 2, 3, 100, 0, 9, 5},
+        {4, 2, 64, 32, 16, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 1, 0, 64, 0, 2, 1},
+        {8, 2, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 2, 0, 0, 700, 1, 512},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 1, 0, 0, 150, 24, 16},
+        {4, 1, 256, 128, 256, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 100},
+        {4, 1, 256, 128, 256, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 130, 16, 20, 64},
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "window %d (%s, %d queries)", c[i].window,
+                 c[i].fp16_mode ? "fp16" : "int4", c[i].n_q);
+        run_scen(&c[i], name);
+    }
 }
 
 int main(void)
@@ -359,5 +392,6 @@ int main(void)
     gt_case("small_models", case_small_models);
     gt_case("fp16_cache", case_fp16_cache);
     gt_case("no_history", case_no_history);
+    gt_case("windows", case_windows);
     return gt_end();
 }

@@ -17,15 +17,16 @@
  *  - greedy decoding with the INT4 cache through several tail
  *    re-quantizations stays on the CPU's tokens for at least INT4_AGREE of
  *    them;
- *  - every descriptor feature the graph has besides sliding windows (Q/K/V
+ *  - every descriptor feature the graph has (Q/K/V
  *    biases, per-head Q/K norms, sandwich norms, GELU-tanh GLU, embedding
  *    and attention scales, NEOX RoPE with rope_freqs divisors, logit
  *    soft-cap), switched on over stories260K's weights with made-up
  *    vectors: the GPU's logits of 60 prompt tokens (two steps, all-token
  *    logits) and its greedy text with the INT4 cache equal the CPU's
  *    (ATOL_LOGIT with the F32 weights; ATOL_LOGIT_F16 / INT4_AGREE_F16
- *    with F16 copies of them); a window layer is refused with -ENOTSUP and
- *    a reason;
+ *    with F16 copies of them); with two sliding-window layers too (FP16
+ *    logits; greedy text with the window layers in FP16 pages and in INT4,
+ *    and the same bytes held per layer kind on both sides);
  *  - SmolLM2 (Q4_1 weights: the GPU dequantizes them once to F16 and runs
  *    F16 GEMMs with F32 accumulation and the tensor-core attention; the
  *    reference is the CPU backend with kernels/ref, which accumulates the
@@ -436,23 +437,52 @@ static void features(int f16)
         GT_CHECK(same >= (f16 ? INT4_AGREE_F16 : n_gen), "features, %s, INT4 cache: GPU greedy "
                  "text leaves the CPU's at token %d of %d", wt, same, n_gen);
     }
-    /* a sliding-window layer: refused by the GPU with a reason */
-    m->layers[1].window = 16;
-    fwd_params fp = fwd_default_params();
-    fp.n_ctx = 64;
-    fp.device = BK_DEVICE_CUDA;
-    fwd_state *s = NULL;
-    char err[512] = "";
-    GT_OK(fwd_create(m, &fp, &s, err, sizeof err));
-    if (s) {
-        const float *lg;
-        err[0] = '\0';
-        int rc = fwd_eval(s, prompt, 8, 0, 0, &lg, err, sizeof err);
-        GT_CHECK(rc == -ENOTSUP && strstr(err, "window"), "a window layer: %d %s", rc, err);
-        GT_CHECK(fwd_seq_n_tokens(fwd_own_seq(s)) == 0, "the refused step stayed in the cache");
-        fwd_destroy(s);
+    /* sliding-window layers (window 16 on layers 0 and 1, a group of the
+     * pool of their own): the GPU's logits and greedy text equal the CPU's,
+     * window layers in FP16 pages and in INT4, and both caches hold the
+     * same bytes per layer kind */
+    m->layers[0].window = m->layers[1].window = 16;
+    if (all_logits(m, 0, prompt, n0, nall, la) == 0 &&
+        all_logits(m, 1, prompt, n0, nall, lb) == 0) {
+        char what[96];
+        snprintf(what, sizeof what, "features + windows, %s: logits, gpu vs cpu", wt);
+        gt_close(what, lb, la, (size_t)nall * V, f16 ? ATOL_LOGIT_F16 : ATOL_LOGIT, 0.0);
     }
-    m->layers[1].window = 0;
+    for (int wq = 0; wq < 2; wq++) {
+        cfg_kv wkv = small_chunks(CFG_KV_INT4);
+        wkv.window_kv = wq ? CFG_KV_INT4 : CFG_KV_FP16;
+        kvc_stats sa, sb;
+        memset(a, 0, (size_t)n_gen * sizeof *a);
+        memset(b, 0, (size_t)n_gen * sizeof *b);
+        if (greedy(m, &wkv, ON_CPU, prompt, np, n_gen, a, NULL, &sa) == 0 &&
+            greedy(m, &wkv, ON_GPU, prompt, np, n_gen, b, NULL, &sb) == 0) {
+            int same = 0;
+            while (same < n_gen && a[same] == b[same])
+                same++;
+            GT_CHECK(same >= (f16 ? INT4_AGREE_F16 : n_gen), "features + windows (%s), %s: "
+                     "GPU greedy text leaves the CPU's at token %d of %d",
+                     wq ? "int4" : "fp16", wt, same, n_gen);
+            for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+                const kvc_kind_stats *x = &sa.layer_kind[k], *y = &sb.layer_kind[k];
+                GT_CHECK(x->layers == y->layers && x->tokens == y->tokens &&
+                             x->bytes_total == y->bytes_total &&
+                             x->qblocks_used == y->qblocks_used &&
+                             x->fpages_used == y->fpages_used,
+                         "features + windows (%s): layer kind %d, cpu %d layers %lld tokens "
+                         "%lld bytes, gpu %d layers %lld tokens %lld bytes",
+                         wq ? "int4" : "fp16", k, x->layers, (long long)x->tokens,
+                         (long long)x->bytes_total, y->layers, (long long)y->tokens,
+                         (long long)y->bytes_total);
+            }
+            GT_CHECK(sa.layer_kind[KVC_LAYER_WINDOW].layers == 2 &&
+                         sa.layer_kind[KVC_LAYER_WINDOW].tokens < np + n_gen,
+                     "the window layers hold %lld of %d positions",
+                     (long long)sa.layer_kind[KVC_LAYER_WINDOW].tokens, np + n_gen);
+            GT_CHECK(sa.n_quantized == sb.n_quantized, "INT4 elements held: cpu %lld gpu %lld",
+                     (long long)sa.n_quantized, (long long)sb.n_quantized);
+        }
+    }
+    m->layers[0].window = m->layers[1].window = 0;
     free(prompt), free(la), free(lb), free(a), free(b);
     mdl_free(m);
     free(vecs);

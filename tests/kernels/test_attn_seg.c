@@ -99,6 +99,7 @@ typedef struct {
     int pad;         /* extra elements per row of F32 / F16 segments */
     int qpos0;       /* > 0: the queries sit at qpos0 .. instead of the
                         chunk's positions (inside the history) */
+    int window;      /* sliding window W (0: none): query p sees [p-W+1, p] */
 } scen;
 
 /* A built history: the segments and everything they point to. */
@@ -269,22 +270,22 @@ static void run_scen(const scen *s, const char *name)
     for (size_t i = 0; i < (size_t)h.n_pos * ((size_t)h.D + (size_t)s->pad); i++)
         vmax = fmaxf(vmax, fabsf(h.v[i]));
     for (int j = 0; j < s->n_q; j++)
-        kref_attn_seg(ref + (size_t)j * qs, q + (size_t)j * qs, qpos0 + j, h.segs, h.n_segs,
-                      &h.L, s->n_head, s->n_kv, s->hd, scale, rs);
+        kref_attn_seg(ref + (size_t)j * qs, q + (size_t)j * qs, qpos0 + j, s->window, h.segs,
+                      h.n_segs, &h.L, s->n_head, s->n_kv, s->hd, scale, rs);
     char what[256];
     for (int scalar = 0; scalar < 2; scalar++) {
         kcpu_force_scalar(scalar);
         for (int pi = 0; pi < 3; pi++) {
             for (size_t i = 0; i < nq; i++)
                 got[i] = NAN;
-            kcpu_attn_seg(g_pools[pi], got, q, qpos0, s->n_q, h.segs, h.n_segs, &h.L,
-                          s->n_head, s->n_kv, s->hd, scale, ws);
+            kcpu_attn_seg(g_pools[pi], got, q, qpos0, s->n_q, s->window, h.segs, h.n_segs,
+                          &h.L, s->n_head, s->n_kv, s->hd, scale, ws);
             snprintf(what, sizeof what,
                      "%s [%s, %d threads, heads %d/%d x %d, T %d G %d k_mode %d, pos0 %d n_q %d, "
-                     "n_q4 %d, budget %g, outliers %g]",
+                     "n_q4 %d, budget %g, outliers %g, window %d]",
                      name, kcpu_simd_name(), kcpu_pool_size(g_pools[pi]), s->n_head, s->n_kv,
                      s->hd, s->T, s->G, (int)s->km, qpos0, s->n_q, s->n_q4, (double)s->budget,
-                     (double)s->out_frac);
+                     (double)s->out_frac, s->window);
             check_close(what, got, ref, nq, SEG_ATOL * vmax, SEG_RTOL);
         }
     }
@@ -523,10 +524,11 @@ Test(attn_seg, nothing_visible)
     void *ws = malloc(kcpu_attn_seg_scratch_bytes(3, &h.L, 64));
     cr_assert(rs && ws);
     for (int j = 0; j < 2; j++)
-        kref_attn_seg(ref + j * 9 * 64, q + j * 9 * 64, j, h.segs, h.n_segs, &h.L, 9, 3, 64,
+        kref_attn_seg(ref + j * 9 * 64, q + j * 9 * 64, j, 0, h.segs, h.n_segs, &h.L, 9, 3, 64,
                       0.125f, rs);
     for (int pi = 0; pi < 3; pi++) {
-        kcpu_attn_seg(g_pools[pi], got, q, 0, 2, h.segs, h.n_segs, &h.L, 9, 3, 64, 0.125f, ws);
+        kcpu_attn_seg(g_pools[pi], got, q, 0, 2, 0, h.segs, h.n_segs, &h.L, 9, 3, 64, 0.125f,
+                      ws);
         for (size_t i = 0; i < nq; i++)
             cr_assert(got[i] == 0.0f && ref[i] == 0.0f, "element %zu: %g / %g", i,
                       (double)got[i], (double)ref[i]);
@@ -577,8 +579,8 @@ Test(attn_seg, f16_segments_match_attn_f16, .timeout = 240)
             for (int pi = 0; pi < 3; pi++) {
                 kcpu_attn_f16(g_pools[pi], a, q, k, v, st, cs[ci].pos0, cs[ci].n_q, H, KV, hd,
                               0.125f, ws1);
-                kcpu_attn_seg(g_pools[pi], b, q, cs[ci].pos0, cs[ci].n_q, segs, ns, NULL, H, KV,
-                              hd, 0.125f, ws2);
+                kcpu_attn_seg(g_pools[pi], b, q, cs[ci].pos0, cs[ci].n_q, 0, segs, ns, NULL, H,
+                              KV, hd, 0.125f, ws2);
                 char what[160];
                 snprintf(what, sizeof what, "f16 segs vs attn_f16 [%s, %d threads, %d/%d x %d, %d segs]",
                          kcpu_simd_name(), kcpu_pool_size(g_pools[pi]), H, KV, hd, ns);
@@ -589,4 +591,157 @@ Test(attn_seg, f16_segments_match_attn_f16, .timeout = 240)
         free(k); free(v); free(q); free(a); free(b); free(ws1); free(ws2);
     }
     pools_down();
+}
+
+/* ---- sliding windows ---- */
+
+/* Sliding-window layers (Gemma-3: W = 512 on 5 of every 6 layers): query p
+ * sees positions [p - W + 1, p]. Windows below, at and past the history,
+ * in decode and in chunks whose queries span the window's bound (each
+ * query masked on its own), over INT4 blocks (fused decode path, dense
+ * prefill-tile path, per-token K, outliers), FP16 sinks / staging / tail,
+ * shuffled segments, long histories (decode splits start at the window)
+ * and Gemma-3-270M's head layout (4/1 x 256). */
+Test(attn_seg, windows, .timeout = 300)
+{
+    pools_up();
+    static const int wins[] = { 1, 2, 17, 64, 127, 128, 129, 300, 324, 325, 326, 2000 };
+    for (size_t i = 0; i < sizeof wins / sizeof wins[0]; i++) {
+        scen s = base_scen(); /* 4 sinks + 300 INT4 + 20 staged, queries at 324.. */
+        s.window = wins[i];
+        s.n_q = 1;
+        run_scen(&s, "window, decode");
+        s.n_q = 40;
+        s.n_future = i % 3 == 0 ? 5 : 0;
+        run_scen(&s, "window, chunk of 40 spanning the bound");
+        s.n_q = 3;
+        s.chunk_f16 = 1;
+        s.shuffle = i % 2;
+        run_scen(&s, "window, f16 tail, shuffled");
+    }
+    static const struct {
+        const char *name;
+        int n_head, n_kv, hd, T, G, km, n_q4, n_q, window, qpos0;
+        float budget, out_frac;
+    } c[] = {
+        { "per-token K, G 32", 9, 3, 64, 64, 32, 1, 260, 6, 100, 0, 0.01f, 0.005f },
+        { "many outliers", 9, 3, 64, 128, 64, 0, 300, 9, 150, 0, 0.02f, 0.05f },
+        { "queries inside the INT4 range", 9, 3, 64, 128, 64, 0, 700, 9, 77, 4 + 200, 0.005f, 0.003f },
+        { "dense tiles: 16/4 x 32", 16, 4, 32, 36, 16, 0, 183, 24, 50, 0, 0.005f, 0.003f },
+        { "gemma-3 4/1 x 256, decode", 4, 1, 256, 128, 256, 0, 600, 1, 512, 0, 0.005f, 0.003f },
+        { "gemma-3 4/1 x 256, chunk", 4, 1, 256, 128, 256, 0, 600, 33, 64, 0, 0.005f, 0.003f },
+        { "head_dim > 512 (scalar item)", 2, 1, 528, 32, 16, 0, 100, 4, 30, 0, 0.005f, 0.003f },
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        scen s = base_scen();
+        s.n_head = c[i].n_head;
+        s.n_kv = c[i].n_kv;
+        s.hd = c[i].hd;
+        s.T = c[i].T;
+        s.G = c[i].G;
+        s.km = (kvq_k_mode)c[i].km;
+        s.n_q4 = c[i].n_q4;
+        s.n_q = c[i].n_q;
+        s.window = c[i].window;
+        s.qpos0 = c[i].qpos0;
+        s.budget = c[i].budget;
+        s.out_frac = c[i].out_frac;
+        run_scen(&s, c[i].name);
+    }
+    /* a long history: decode splits over the threads start at the window */
+    scen s = base_scen();
+    s.n_q4 = 4096 - 4 - 60;
+    s.n_stage = 60;
+    s.window = 512;
+    run_scen(&s, "4K decode, window 512");
+    s.n_q = 2;
+    s.window = 1500;
+    run_scen(&s, "4K, chunk of 2, window 1500");
+    pools_down();
+}
+
+/* Every position of a history as the segments store it (F32 exact, FP16
+ * rounded, INT4 dequantized): k, v [n_pos][D]. */
+static void hist_dense(const hist *h, float *k, float *v)
+{
+    const size_t D = (size_t)h->D;
+    for (int i = 0; i < h->n_segs; i++) {
+        const kvs_seg *sg = &h->segs[i];
+        if (sg->kind == KVS_Q4) {
+            kvq_dequant_block(&h->L, sg->k, k + (size_t)sg->pos0 * D, v + (size_t)sg->pos0 * D,
+                              D);
+            continue;
+        }
+        for (int p = 0; p < sg->n; p++)
+            for (size_t c = 0; c < D; c++) {
+                size_t src = (size_t)p * sg->stride + c, dst = ((size_t)sg->pos0 + p) * D + c;
+                if (sg->kind == KVS_F16) {
+                    k[dst] = kt_f16_to_f32(((const uint16_t *)sg->k)[src]);
+                    v[dst] = kt_f16_to_f32(((const uint16_t *)sg->v)[src]);
+                } else {
+                    k[dst] = ((const float *)sg->k)[src];
+                    v[dst] = ((const float *)sg->v)[src];
+                }
+            }
+    }
+}
+
+/* The oracle itself against a brute-force dense attention over exactly
+ * positions [p - W + 1, p] (and [0, p] without a window) of the stored
+ * values, in double: agreement to float rounding (the oracle keeps its
+ * scores as float). */
+Test(attn_seg, ref_window_is_dense_over_last_w, .timeout = 120)
+{
+    static const int wins[] = { 0, 1, 5, 100, 323, 324, 325, 400 };
+    for (size_t wi = 0; wi < sizeof wins / sizeof wins[0]; wi++) {
+        scen s = base_scen();
+        s.n_q = 12;
+        s.n_future = 3;
+        s.shuffle = (int)wi % 2;
+        s.window = wins[wi];
+        hist h;
+        hist_build(&s, &h);
+        const int D = h.D, hd = s.hd, H = s.n_head, group = s.n_head / s.n_kv;
+        float *k = calloc((size_t)h.n_pos * D, sizeof(float));
+        float *v = calloc((size_t)h.n_pos * D, sizeof(float));
+        size_t qs = (size_t)H * hd;
+        float *q = malloc(qs * sizeof(float)), *ref = malloc(qs * sizeof(float));
+        float *rs = malloc(kref_attn_seg_scratch_floats(h.segs, h.n_segs, &h.L) * sizeof(float));
+        cr_assert(k && v && q && ref && rs);
+        hist_dense(&h, k, v);
+        for (int j = 0; j < s.n_q; j++) {
+            int p = h.pos0 + j, lo = s.window > 0 ? p - s.window + 1 : 0;
+            lo = lo > 0 ? lo : 0;
+            for (size_t i = 0; i < qs; i++)
+                q[i] = rnd_f(-2.0f, 2.0f);
+            float scale = 1.0f / sqrtf((float)hd);
+            kref_attn_seg(ref, q, p, s.window, h.segs, h.n_segs, &h.L, H, s.n_kv, hd, scale, rs);
+            for (int hh = 0; hh < H; hh++) {
+                const float *qh = q + (size_t)hh * hd;
+                int c0 = hh / group * hd;
+                double mx = -INFINITY, sum = 0.0, acc[64] = { 0 }, sc[400];
+                for (int t = lo; t <= p; t++) {
+                    double dot = 0.0;
+                    for (int d = 0; d < hd; d++)
+                        dot += (double)qh[d] * (double)k[(size_t)t * D + c0 + d];
+                    sc[t - lo] = dot * scale;
+                    mx = fmax(mx, sc[t - lo]);
+                }
+                for (int t = lo; t <= p; t++) {
+                    double w = exp(sc[t - lo] - mx);
+                    sum += w;
+                    for (int d = 0; d < hd; d++)
+                        acc[d] += w * (double)v[(size_t)t * D + c0 + d];
+                }
+                for (int d = 0; d < hd; d++) {
+                    double want = acc[d] / sum, got = ref[(size_t)hh * hd + d];
+                    cr_assert(fabs(got - want) <= 1e-6 + 1e-5 * fabs(want),
+                              "window %d query %d head %d dim %d: oracle %.9g, dense %.9g",
+                              s.window, p, hh, d, got, want);
+                }
+            }
+        }
+        free(k); free(v); free(q); free(ref); free(rs);
+        hist_free(&h);
+    }
 }

@@ -311,6 +311,19 @@ class PrometheusScrape(unittest.TestCase):
         self.assertAlmostEqual(bits, held * 8 / (fp16_eq / 2), delta=1e-6)
         self.assertGreater(v('livekvq_kv_bytes{kind="int4"}'), 0)
         self.assertGreater(v('livekvq_kv_bytes{kind="scales"}'), 0)
+        # by layer kind: SmolLM2 has global layers only, so the global
+        # figures are the totals and the window ones are zero
+        self.assertEqual(v('livekvq_kv_layer_bytes_held{layer_kind="global"}'), held)
+        self.assertEqual(v('livekvq_kv_layer_bytes_held{layer_kind="window"}'), 0)
+        self.assertAlmostEqual(v('sum(livekvq_kv_layer_bytes{layer_kind="global"})'), held,
+                               delta=0.5)
+        self.assertAlmostEqual(v('livekvq_kv_layer_bits_per_element{layer_kind="global"}'), bits,
+                               delta=1e-9)
+        self.assertEqual(v('livekvq_kv_layer_tokens{layer_kind="global"}'), tokens)
+        self.assertEqual(v('livekvq_kv_layer_count{layer_kind="global"}'), N_LAYERS)
+        self.assertEqual(v('livekvq_kv_layer_count{layer_kind="window"}'), 0)
+        self.assertEqual(v('livekvq_kv_layer_blocks_used{layer_kind="global",kind="int4"}'),
+                         v('livekvq_kv_blocks_used{kind="int4"}'))
         usage = v('vllm:kv_cache_usage_perc{model_name!=""}')
         self.assertTrue(0 < usage <= 1, usage)
         self.assertAlmostEqual(usage, v("livekvq_kv_usage_ratio"), places=9)
