@@ -80,5 +80,12 @@ PY
     echo "idle spinning does not steal the shared second core from the other engine's run."
     echo
     cat "$tmp/table"
-} >"$OUT"
-cat "$OUT"
+} >"$tmp/head"
+# the sections after the first "## " heading of an existing file stay
+if [ -f "$OUT" ] && grep -q '^## ' "$OUT"; then
+    { cat "$tmp/head"; echo; sed -n '/^## /,$p' "$OUT"; } >"$tmp/all"
+else
+    cp "$tmp/head" "$tmp/all"
+fi
+cp "$tmp/all" "$OUT"
+cat "$tmp/head"

@@ -416,10 +416,16 @@ static int parse_messages(json_t *root, api_request *r, const api_ctx *c, api_er
                           "messages[%zu] must be an object with a string 'role'", i);
             goto done;
         }
+        /* the canonical literals: chat_format_spans tells content from
+         * markup by address, and a literal is never inside a message */
         const char *rs = json_string_value(role);
-        if (strcmp(rs, "developer") == 0)
+        if (strcmp(rs, "developer") == 0 || strcmp(rs, "system") == 0)
             rs = "system";
-        if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant")) {
+        else if (strcmp(rs, "user") == 0)
+            rs = "user";
+        else if (strcmp(rs, "assistant") == 0)
+            rs = "assistant";
+        else {
             api_set_error(e, 400, NULL, NULL, "messages",
                           "messages[%zu].role '%s' is not one of system, user, assistant",
                           i, json_string_value(role));

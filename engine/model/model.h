@@ -120,7 +120,7 @@ typedef struct mdl_model {
     tok_tokenizer *tok;      /* owned */
     char arch[32];           /* "llama", "qwen2", "gemma3" */
     char name[128];          /* general.name or file stem */
-    char chat_template[32];  /* "chatml", "llama2", "llama3", "zephyr" or "" */
+    char chat_template[32];  /* "chatml", "llama2", "llama3", "zephyr", "gemma" or "" */
     char default_system[256];/* system message the GGUF's template inserts when
                                 a chat does not start with one ("" = none) */
     const char *format;      /* "gguf" or "llama2c" */

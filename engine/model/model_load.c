@@ -11,7 +11,8 @@
  * Q4_K, Q5_K, Q6_K);
  * vectors (norms, biases, rope factors) are copied to owned F32 when
  * stored otherwise (or misaligned). Tokenizer from tokenizer.ggml.* with
- * tok_create(), chat template family from tokenizer.chat_template.
+ * tok_create(), chat template family from tokenizer.chat_template (or,
+ * without one, Gemma's turn markers in the vocabulary).
  * llama2.c: F32 views into the mapping, tokenizer found beside the model,
  * every descriptor feature at its Llama default.
  *
@@ -479,16 +480,25 @@ static void default_system(const char *t, size_t n, char *out, size_t cap)
     out[b - a] = 0;
 }
 
-/* Maps the chat_template text to a template family name. */
-static void detect_chat_template(gguf_file *f, char *out, size_t cap, char *sys, size_t syscap)
+/* Maps the chat_template text to a template family name. A GGUF without
+ * tokenizer.chat_template whose vocabulary has Gemma's turn markers
+ * (<start_of_turn>, and <end_of_turn> as an end-of-generation token) gets
+ * "gemma": such files exist (the Gemma-3-270M Q4_K_M of scripts/setup.sh),
+ * and ChatML markup would be plain text to them. */
+static void detect_chat_template(gguf_file *f, const tok_tokenizer *tok, char *out, size_t cap,
+                                 char *sys, size_t syscap)
 {
     static const struct { const char *marker, *name; } fams[] = {
         {"<|im_start|>", "chatml"}, {"<|start_header_id|>", "llama3"},
-        {"[INST]", "llama2"}, {"<|user|>", "zephyr"}};
+        {"[INST]", "llama2"}, {"<|user|>", "zephyr"}, {"<start_of_turn>", "gemma"}};
     gguf_str s;
     out[0] = 0;
-    if (gguf_get_str(f, "tokenizer.chat_template", &s, NULL, 0))
+    if (gguf_get_str(f, "tokenizer.chat_template", &s, NULL, 0)) {
+        if (tok && tok_find(tok, "<start_of_turn>") >= 0 &&
+            tok_is_eog(tok, tok_find(tok, "<end_of_turn>")))
+            snprintf(out, cap, "gemma");
         return;
+    }
     for (size_t i = 0; i < sizeof(fams) / sizeof(fams[0]); i++)
         if (memmem(s.s, (size_t)s.len, fams[i].marker, strlen(fams[i].marker))) {
             snprintf(out, cap, "%s", fams[i].name);
@@ -519,8 +529,8 @@ static int load_gguf(const char *path, mdl_model *m, load_priv *p, char *err, si
     } else {
         file_stem(path, m->name, sizeof(m->name));
     }
-    detect_chat_template(f, m->chat_template, sizeof(m->chat_template), m->default_system,
-                         sizeof(m->default_system));
+    detect_chat_template(f, m->tok, m->chat_template, sizeof(m->chat_template),
+                         m->default_system, sizeof(m->default_system));
     return 0;
 }
 

@@ -23,7 +23,8 @@ typedef struct {
 
 /* 1 if s points into a message's content (the templates write the
  * messages in order, so the search starts at the last hit; markup comes
- * from string literals, outside [lo, hi), and is rejected at once). */
+ * from string literals and role names, outside [lo, hi) - the server
+ * passes the canonical role literals - and is rejected at once). */
 static int is_content(sbuf *b, const char *s)
 {
     uintptr_t p = (uintptr_t)s;
@@ -36,8 +37,9 @@ static int is_content(sbuf *b, const char *s)
             return 1;
         }
     }
-    /* inside a message (a trimmed write): the current or the next one */
-    for (int k = 0; k < 2 && k < b->n_msgs; k++) {
+    /* inside a message (a trimmed write): the current or the next one,
+     * else any (rare: templates write the messages in order) */
+    for (int k = 0; k < b->n_msgs; k++) {
         int i = (b->hint + k) % b->n_msgs;
         uintptr_t c = (uintptr_t)b->msgs[i].content;
         if (p >= c && p <= c + strlen(b->msgs[i].content)) {
@@ -51,7 +53,8 @@ static int is_content(sbuf *b, const char *s)
 /* Appends n bytes of s (a template literal or a piece of a message). */
 static void put_n(sbuf *b, const char *s, size_t n)
 {
-    if (n > 0 && is_content(b, s)) {
+    /* (an empty write is looked up too: it keeps the search's hint in step) */
+    if (is_content(b, s) && n > 0) {
         if (b->n_spans > 0 && b->span_end == b->len) { /* adjacent runs merge */
             if (b->n_spans <= b->max_spans)
                 b->spans[b->n_spans - 1].len += n;
@@ -72,7 +75,8 @@ static void put(sbuf *b, const char *s) { put_n(b, s, strlen(s)); }
 int chat_template_known(const char *name)
 {
     return name && (!strcmp(name, "chatml") || !strcmp(name, "llama2") ||
-                    !strcmp(name, "llama3") || !strcmp(name, "zephyr"));
+                    !strcmp(name, "llama3") || !strcmp(name, "zephyr") ||
+                    !strcmp(name, "gemma"));
 }
 
 static int role_ok(const char *r)
@@ -108,6 +112,64 @@ static void fmt_llama2(sbuf *b, const chat_msg *m, int n)
         }
     }
     (void)open;
+}
+
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
+
+/* s without leading and trailing whitespace (Jinja's trim). */
+static void put_trimmed(sbuf *b, const char *s)
+{
+    size_t n = strlen(s);
+    while (n > 0 && is_space(*s)) {
+        s++;
+        n--;
+    }
+    while (n > 0 && is_space(s[n - 1]))
+        n--;
+    put_n(b, s, n);
+}
+
+/* A Gemma user turn holding only a system message's text (one that no user
+ * turn follows to carry it). */
+static void gemma_system_turn(sbuf *b, const char *sys)
+{
+    put(b, "<start_of_turn>user\n");
+    put(b, sys);
+    put(b, "<end_of_turn>\n");
+}
+
+/* Gemma (see chat.h): no system role; system text goes in front of the next
+ * user turn, assistant is "model". */
+static void fmt_gemma(sbuf *b, const chat_msg *m, int n, int add_generation_prompt)
+{
+    const char *sys = NULL; /* waiting for the next user turn */
+    put(b, "<bos>");
+    for (int i = 0; i < n; i++) {
+        int user = !strcmp(m[i].role, "user");
+        if (sys && !user) {
+            gemma_system_turn(b, sys);
+            sys = NULL;
+        }
+        if (!strcmp(m[i].role, "system")) {
+            sys = m[i].content;
+            continue;
+        }
+        put(b, user ? "<start_of_turn>user\n" : "<start_of_turn>model\n");
+        if (sys) {
+            put(b, sys);
+            put(b, "\n\n");
+            sys = NULL;
+        }
+        put_trimmed(b, m[i].content);
+        put(b, "<end_of_turn>\n");
+    }
+    if (sys)
+        gemma_system_turn(b, sys);
+    if (add_generation_prompt)
+        put(b, "<start_of_turn>model\n");
 }
 
 long chat_format(const char *name, const chat_msg *msgs, int n,
@@ -178,6 +240,9 @@ long chat_format_spans(const char *name, const chat_msg *msgs, int n,
         }
         if (add_generation_prompt)
             put(&b, "<|assistant|>\n");
+    } else if (!strcmp(name, "gemma")) {
+        fmt_gemma(&b, msgs, n, add_generation_prompt);
+        *has_bos = 1;
     } else { /* llama2 */
         fmt_llama2(&b, msgs, n);
         *has_bos = 1;

@@ -1,6 +1,6 @@
 /*
  * chat.h - chat prompt formatting for the template families a GGUF names
- * (ChatML, Llama-2, Llama-3, Zephyr) without a Jinja interpreter.
+ * (ChatML, Llama-2, Llama-3, Zephyr, Gemma) without a Jinja interpreter.
  * Room: engine/sample. May call: libc only.
  * Pure functions; thread-safe.
  */
@@ -14,7 +14,8 @@ typedef struct {
     const char *content;
 } chat_msg;
 
-/* 1 if name is a known template ("chatml", "llama2", "llama3", "zephyr"). */
+/* 1 if name is a known template ("chatml", "llama2", "llama3", "zephyr",
+ * "gemma"). */
 int chat_template_known(const char *name);
 
 /* Formats msgs with template name (empty or NULL -> "chatml"), ending with
@@ -22,6 +23,16 @@ int chat_template_known(const char *name);
  * bytes + NUL to out and returns the full length, or negative (with a
  * reason in err) for an unknown template or role. *has_bos is set to 1 when
  * the text itself begins with the BOS marker (then do not add BOS again).
+ *
+ * gemma (Gemma 1/2/3's official template): "<bos>", then per turn
+ * "<start_of_turn>ROLE\n" + trimmed content + "<end_of_turn>\n" with
+ * assistant spelled "model"; generation prompt "<start_of_turn>model\n".
+ * Gemma has no system role: a system message's content + "\n\n" is put in
+ * front of the next user turn (the official template does this for a
+ * leading system message and refuses others; llama.cpp merges any). A
+ * system message with no user turn after it becomes a user turn of its own
+ * rather than being dropped.
+ *
  * The output spells special tokens out ("<|im_start|>"); the messages'
  * text is in it verbatim, so tokenize it with chat_format_spans' runs
  * (content as plain text) or a user can forge control tokens. */

@@ -184,6 +184,8 @@ typedef struct {
     float freq_base;     /* > 0: {arch}.rope.freq_base */
     const char *drop_key;/* a {arch}.* key (suffix) not to write */
     const char *extra;   /* an extra F32 vector tensor of T_DIM */
+    int turn_markers;    /* vocab ends with <start_of_turn>, <end_of_turn>:
+                            1 as control tokens, 2 as normal text */
 } tiny_opts;
 
 static const tiny_opts tiny_default = {.arch = "llama", .tok_model = "llama", .wtype = KT_F32,
@@ -307,6 +309,12 @@ static void write_tiny(const tiny_opts *o, char *path)
     for (int i = 0; i < 9; i++) {
         toks[259 + i] = extra[i];
         types[259 + i] = TOK_TYPE_NORMAL;
+    }
+    if (o->turn_markers) {
+        toks[T_VOCAB - 2] = "<start_of_turn>";
+        toks[T_VOCAB - 1] = "<end_of_turn>";
+        types[T_VOCAB - 2] = types[T_VOCAB - 1] =
+            o->turn_markers == 1 ? TOK_TYPE_CONTROL : TOK_TYPE_NORMAL;
     }
     for (int i = 0; i < T_VOCAB; i++)
         scores[i] = i < 259 ? 0.0f : -(float)(i - 258);
@@ -440,6 +448,34 @@ Test(model_load, tiny_gguf_quantized_tied_bf16_norms)
         cr_assert_eq(m->hp.rope_freq_scale, 1.0f);
         cr_assert_eq(m->out_norm[0], 1.25f);
         cr_assert_str_eq(m->chat_template, fam[i]);
+        mdl_free(m);
+    }
+}
+
+/* Gemma: "<start_of_turn>" in the template, or no template and Gemma's turn
+ * markers as control tokens (the real Gemma-3-270M GGUF has no
+ * tokenizer.chat_template); <end_of_turn> then ends generation. */
+Test(model_load, tiny_gguf_gemma_chat_template)
+{
+    static const struct { const char *tmpl; int markers; const char *fam; } c[] = {
+        {"{{ bos_token }}{{ '<start_of_turn>' + role + '\\n' }}", 0, "gemma"},
+        {NULL, 1, "gemma"},
+        {NULL, 2, ""},                      /* markers that are plain text */
+        {NULL, 0, ""},
+        {"<|im_start|>user", 1, "chatml"},  /* the template the file names wins */
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        tiny_opts o = tiny_default;
+        o.chat_template = c[i].tmpl;
+        o.turn_markers = c[i].markers;
+        char path[64], err[512];
+        write_tiny(&o, path);
+        mdl_model *m;
+        int rc = mdl_load(path, NULL, &m, err, sizeof(err));
+        unlink(path);
+        cr_assert_eq(rc, 0, "case %zu: %s", i, err);
+        cr_assert_str_eq(m->chat_template, c[i].fam, "case %zu", i);
+        cr_assert_eq(tok_is_eog(m->tok, T_VOCAB - 1), c[i].markers == 1, "case %zu", i);
         mdl_free(m);
     }
 }
@@ -830,5 +866,9 @@ Test(model_load, gemma3_270m)
     cr_assert(m->layers[0].wq.type == KT_Q5_0 && m->layers[0].wo.type == KT_Q4_K &&
               m->layers[0].ffn_down.type == KT_Q6_K && m->layers[2].ffn_down.type == KT_Q4_K);
     cr_assert_eq(m->layers[0].wo.n_cols, 1024);
+    /* no tokenizer.chat_template in this file: Gemma's turn markers select
+     * the gemma template, and <end_of_turn> (106) ends generation */
+    cr_assert_str_eq(m->chat_template, "gemma");
+    cr_assert(tok_is_eog(m->tok, 106) && tok_is_eog(m->tok, 1) && !tok_is_eog(m->tok, 105));
     mdl_free(m);
 }
