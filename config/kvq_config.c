@@ -15,7 +15,7 @@
 const char *const cfg_kv_keys[] = {
     "kv_cache", "chunk_size", "block_tokens", "warmup_chunks", "ema_decay",
     "ema_clip", "clip_quantile", "v_group", "outlier_budget", "sink_tokens",
-    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", NULL,
+    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", "kv_modes", NULL,
 };
 
 cfg_kv cfg_kv_default(void)
@@ -125,6 +125,67 @@ static int parse_budget(const char *v, int64_t *bytes, int64_t *tokens)
     return 0;
 }
 
+/* The mode names, by cfg_kv_mode; the second column is an alias. */
+static const char *const mode_names[CFG_KV_MODES][2] = {
+    [CFG_KV_FP16] = {"fp16", "f16"},
+    [CFG_KV_INT4] = {"int4", "q4"},
+};
+
+int cfg_kv_mode_parse(const char *name, cfg_kv_mode *out)
+{
+    for (int m = 0; name && m < CFG_KV_MODES; m++)
+        if (!strcasecmp(name, mode_names[m][0]) || !strcasecmp(name, mode_names[m][1])) {
+            *out = (cfg_kv_mode)m;
+            return 0;
+        }
+    return -1;
+}
+
+const char *cfg_kv_mode_name(int mode)
+{
+    return mode >= 0 && mode < CFG_KV_MODES ? mode_names[mode][0] : "?";
+}
+
+int cfg_kv_has_mode(const cfg_kv *c, int m)
+{
+    return m >= 0 && m < CFG_KV_MODES && (m == (int)c->mode || ((c->modes >> m) & 1u));
+}
+
+uint32_t cfg_kv_mode_mask(const cfg_kv *c)
+{
+    return c->modes | (1u << c->mode);
+}
+
+cfg_kv cfg_kv_with_mode(const cfg_kv *c, cfg_kv_mode m)
+{
+    cfg_kv r = *c;
+    r.mode = m;
+    return r;
+}
+
+/* "fp16,int4" (any order, spaces allowed), "all", or "" (kv_cache only)
+ * into a bit mask; returns 0 or 1 (bad). */
+static int parse_modes(const char *v, uint32_t *out)
+{
+    uint32_t mask = 0;
+    if (!strcasecmp(v, "all")) {
+        *out = (1u << CFG_KV_MODES) - 1u;
+        return 0;
+    }
+    char buf[128];
+    if (strlen(v) >= sizeof buf)
+        return 1;
+    snprintf(buf, sizeof buf, "%s", v);
+    for (char *save = NULL, *t = strtok_r(buf, ", ", &save); t; t = strtok_r(NULL, ", ", &save)) {
+        cfg_kv_mode m;
+        if (cfg_kv_mode_parse(t, &m) < 0)
+            return 1;
+        mask |= 1u << m;
+    }
+    *out = mask;
+    return 0;
+}
+
 int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
                size_t errlen)
 {
@@ -133,7 +194,7 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         return fail(err, errlen, "unknown cache option '%s' (known: kv_cache, chunk_size, "
                     "block_tokens, warmup_chunks, ema_decay, ema_clip, clip_quantile, "
                     "v_group, outlier_budget, sink_tokens, keep_warmup_fp16, k_quant, "
-                    "kv_budget, window_kv)", key ? key : "(null)");
+                    "kv_budget, window_kv, kv_modes)", key ? key : "(null)");
     int bad = 0;
     const char *want = "";
     if (!strcmp(k, "kv_cache")) {
@@ -177,6 +238,9 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
             c->window_kv = CFG_KV_INT4;
         else
             bad = 1, want = "fp16 or int4";
+    } else if (!strcmp(k, "kv_modes")) {
+        bad = parse_modes(value, &c->modes);
+        want = "a list of modes such as fp16,int4, or all";
     } else if (!strcmp(k, "kv_budget")) {
         bad = parse_budget(value, &c->kv_budget_bytes, &c->kv_budget_tokens);
         want = "bytes (e.g. 512M, 2GiB) or tokens (e.g. 65536t)";
@@ -284,6 +348,24 @@ int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,
     return 0;
 }
 
+/* A mode mask as "fp16,int4". */
+static void modes_str(uint32_t mask, char *b, size_t n)
+{
+    size_t at = 0;
+    b[0] = 0;
+    for (int m = 0; m < CFG_KV_MODES && at < n; m++)
+        if ((mask >> m) & 1u) {
+            int w = snprintf(b + at, n - at, "%s%s", at ? "," : "", cfg_kv_mode_name(m));
+            at += w > 0 ? (size_t)w : 0;
+        }
+}
+
+void cfg_kv_mode_names(char *buf, size_t cap)
+{
+    if (cap)
+        modes_str((1u << CFG_KV_MODES) - 1u, buf, cap);
+}
+
 static void budget_str(const cfg_kv *c, char *b, size_t n)
 {
     if (c->kv_budget_tokens > 0)
@@ -306,22 +388,33 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
             c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
             c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
             c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
+    if (c->modes) {
+        char m[128];
+        modes_str(c->modes, m, sizeof m);
+        fprintf(f, "kv_modes = %s\n", m);
+    }
 }
 
 int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
 {
     char b[32];
     budget_str(c, b, sizeof b);
+    char m[128] = "";
+    if (c->modes) {
+        char l[100];
+        modes_str(c->modes, l, sizeof l);
+        snprintf(m, sizeof m, ", \"kv_modes\": \"%s\"", l);
+    }
     return snprintf(buf, cap,
                     "\"kv_cache\": \"%s\", \"chunk_size\": %d, \"block_tokens\": %d, "
                     "\"warmup_chunks\": %d, \"ema_decay\": %g, \"ema_clip\": %g, "
                     "\"clip_quantile\": %g, \"v_group\": %d, \"outlier_budget\": %g, "
                     "\"sink_tokens\": %d, \"keep_warmup_fp16\": %d, \"k_quant\": \"%s\", "
-                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"",
+                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"%s",
                     c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size,
                     c->block_tokens, c->warmup_chunks, c->ema_decay, c->ema_clip,
                     c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
                     c->keep_warmup_fp16,
                     c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
+                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", m);
 }

@@ -26,6 +26,11 @@
  *                   LiveKVQuant-P like the global layers (only with
  *                   kv_cache = int4; with fp16 every layer is FP16)
  *                   (default fp16, measured: docs/kvquant.md "Window layers")
+ *   kv_modes        modes sequences of one pool may use, e.g. "fp16,int4"
+ *                   or "all": the pool holds INT4 blocks and FP16 pages
+ *                   for each, and every sequence picks its own (a server's
+ *                   per-request "kv_cache"); kv_cache stays the default.
+ *                   Empty: kv_cache only (default)
  */
 #ifndef LKQ_KVQ_CONFIG_H
 #define LKQ_KVQ_CONFIG_H
@@ -37,6 +42,9 @@
 #include "kernels/kvq.h"
 
 typedef enum { CFG_KV_FP16 = 0, CFG_KV_INT4 = 1 } cfg_kv_mode;
+/* Modes there are (a new width is a new cfg_kv_mode below this bound and a
+ * line in the name table of kvq_config.c). */
+#define CFG_KV_MODES 2
 
 typedef struct {
     cfg_kv_mode mode;
@@ -54,6 +62,8 @@ typedef struct {
     int64_t kv_budget_bytes;  /* 0 = unset */
     int64_t kv_budget_tokens; /* 0 = unset (at most one of the two is set) */
     cfg_kv_mode window_kv;    /* window layers: FP16, or INT4 (with mode INT4) */
+    uint32_t modes;           /* bit m: a sequence may use mode m (per request);
+                                 0: `mode` only (a single-mode pool) */
 } cfg_kv;
 
 cfg_kv cfg_kv_default(void);
@@ -66,6 +76,22 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
 
 /* 1 if key names a knob (accepts '-' for '_'). */
 int cfg_kv_is_key(const char *key);
+
+/* Mode names ("fp16", "int4"; parsing also takes "f16", "q4", any case):
+ * cfg_kv_mode_parse returns 0 and *out, or -1 for an unknown name;
+ * cfg_kv_mode_name returns "?" for a value out of range; cfg_kv_mode_names
+ * writes "fp16,int4" (for error messages). */
+int cfg_kv_mode_parse(const char *name, cfg_kv_mode *out);
+const char *cfg_kv_mode_name(int mode);
+void cfg_kv_mode_names(char *buf, size_t cap);
+/* 1 if a sequence of a pool of configuration c may use mode m: m is c's
+ * mode or one of its kv_modes. */
+int cfg_kv_has_mode(const cfg_kv *c, int m);
+/* The modes a pool of configuration c holds, as a bit mask (never 0). */
+uint32_t cfg_kv_mode_mask(const cfg_kv *c);
+/* c with mode m (the other knobs, kv_modes included, unchanged): what a
+ * sequence of mode m in c's pool is planned with. */
+cfg_kv cfg_kv_with_mode(const cfg_kv *c, cfg_kv_mode m);
 
 /* Reads "key = value" lines ('#' comments, blank lines) into c. Errors name
  * the file and line. */

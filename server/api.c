@@ -564,6 +564,36 @@ static int parse_logit_bias(json_t *root, api_request *r, const api_ctx *c, api_
     return 0;
 }
 
+/* "kv_cache": a KV mode name (cfg_kv_mode_parse) the server's pool holds;
+ * absent or null: the server's --kv-cache. */
+static int parse_kv_cache(json_t *root, const api_ctx *c, api_request *r, api_error *e)
+{
+    json_t *v = json_object_get(root, "kv_cache");
+    char names[64];
+    cfg_kv_mode_names(names, sizeof names);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_string(v)) {
+        api_set_error(e, 400, NULL, NULL, "kv_cache", "'kv_cache' must be a string, one of: %s",
+                      names);
+        return -1;
+    }
+    cfg_kv_mode m;
+    if (cfg_kv_mode_parse(json_string_value(v), &m) < 0) {
+        api_set_error(e, 400, NULL, NULL, "kv_cache",
+                      "unknown 'kv_cache' value '%.40s' (known: %s)", json_string_value(v), names);
+        return -1;
+    }
+    if (c->kv_modes && !((c->kv_modes >> m) & 1u)) {
+        api_set_error(e, 400, NULL, NULL, "kv_cache",
+                      "'kv_cache' %s is not enabled on this server (start it with "
+                      "--kv-modes fp16,int4 to serve both)", cfg_kv_mode_name(m));
+        return -1;
+    }
+    r->kv_mode = SCHED_KV_MODE(m);
+    return 0;
+}
+
 int api_parse(api_kind kind, const char *body, size_t len, const api_ctx *c,
               api_request *r, api_error *e)
 {
@@ -670,7 +700,8 @@ int api_parse(api_kind kind, const char *body, size_t len, const api_ctx *c,
             goto done;
         }
     }
-    if (parse_stop(root, r, e) < 0 || parse_logit_bias(root, r, c, e) < 0)
+    if (parse_stop(root, r, e) < 0 || parse_logit_bias(root, r, c, e) < 0 ||
+        parse_kv_cache(root, c, r, e) < 0)
         goto done;
     r->sp.logit_bias = r->bias;
     r->sp.n_logit_bias = r->n_bias;
@@ -712,8 +743,10 @@ int api_parse(api_kind kind, const char *body, size_t len, const api_ctx *c,
     } else {
         /* the default: 16, or for chat the rest of what one sequence may
          * hold (the context, or less when the KV pool holds less) */
-        int room = c->max_seq_tokens > 0 && c->max_seq_tokens < c->n_ctx ? c->max_seq_tokens
-                                                                          : c->n_ctx;
+        int seq = r->kv_mode > 0 && c->max_seq_kv[r->kv_mode - 1] > 0
+                      ? c->max_seq_kv[r->kv_mode - 1]
+                      : c->max_seq_tokens;
+        int room = seq > 0 && seq < c->n_ctx ? seq : c->n_ctx;
         r->max_tokens = kind == API_COMPLETIONS ? 16 : room - longest;
         if (r->max_tokens > room - longest)
             r->max_tokens = room - longest;

@@ -34,6 +34,9 @@ typedef struct {
     int max_prompt_tokens;  /* 0: n_ctx - 1 */
     int max_seq_tokens;     /* longest prompt + completion the KV pool holds
                                (0: n_ctx); bounds the default max_tokens */
+    uint32_t kv_modes;      /* bit m: the pool holds KV mode m (cfg_kv_mode), for
+                               "kv_cache"; 0: any mode passes (the scheduler checks) */
+    int32_t max_seq_kv[CFG_KV_MODES]; /* max_seq_tokens by KV mode (0: unknown) */
 } api_ctx;
 
 typedef struct {
@@ -61,6 +64,8 @@ typedef struct {
     size_t text_len[API_MAX_PROMPTS];
     smp_bias *bias;                  /* logit_bias entries (sp.logit_bias points here) */
     int n_bias;
+    int kv_mode;                     /* "kv_cache": 0 the server's default, else
+                                        SCHED_KV_MODE(cfg_kv_mode) */
 } api_request;
 
 /* Parses and validates a body. Returns 0 and fills r (free with

@@ -570,7 +570,11 @@ static enum MHD_Result start_generation(conn *c)
 {
     http_server *h = c->h;
     api_ctx ax = {h->m, h->model_id, sched_n_ctx(h->s), h->cfg.max_n, h->cfg.max_prompt_tokens,
-                  sched_max_seq_tokens(h->s)};
+                  sched_max_seq_tokens(h->s), 0, {0}};
+    for (int m = 0; m < CFG_KV_MODES; m++) {
+        ax.kv_modes |= (uint32_t)sched_kv_has_mode(h->s, m) << m;
+        ax.max_seq_kv[m] = sched_max_seq_tokens_mode(h->s, m);
+    }
     api_error e;
     if (api_parse(c->rt == R_CHAT ? API_CHAT : API_COMPLETIONS, c->body ? c->body : "",
                   c->len, &ax, &c->req, &e) < 0) {
@@ -594,6 +598,7 @@ static enum MHD_Result start_generation(conn *c)
             sp[k].stop[i] = c->req.stop[i];
         sp[k].n_stop = c->req.n_stop;
         sp[k].ignore_eos = c->req.ignore_eos;
+        sp[k].kv_mode = c->req.kv_mode;
         sp[k].id = c->id;
         sp[k].notify = on_notify;
         sp[k].notify_ctx = c;
@@ -734,7 +739,7 @@ static enum MHD_Result do_tokenize(conn *c)
 {
     http_server *h = c->h;
     api_ctx ax = {h->m, h->model_id, sched_n_ctx(h->s), h->cfg.max_n, h->cfg.max_prompt_tokens,
-                  sched_max_seq_tokens(h->s)};
+                  sched_max_seq_tokens(h->s), 0, {0}};
     api_error e;
     char *out = NULL;
     int rc = c->rt == R_TOKENIZE ? api_tokenize(c->body ? c->body : "", c->len, &ax, &out, &e)

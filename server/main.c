@@ -90,7 +90,10 @@ static void usage(FILE *f)
         "      --clip-quantile --v-group --outlier-budget --sink-tokens\n"
         "      --keep-warmup-fp16 --k-quant\n"
         "      --window-kv fp16|int4 sliding-window layers (Gemma-3): FP16 pages or\n"
-        "                            LiveKVQuant-P like the global layers (default fp16)\n");
+        "                            LiveKVQuant-P like the global layers (default fp16)\n"
+        "      --kv-modes fp16,int4  modes requests may pick with \"kv_cache\" (one pool\n"
+        "                            holds both; --kv-cache is the default; all = every\n"
+        "                            mode). Default: --kv-cache only\n");
 }
 
 static int parse_long(const char *name, const char *v, long lo, long hi, long *out)
@@ -404,7 +407,14 @@ int main(int argc, char **argv)
     /* what the pool holds, so an operator knows before the first request */
     sched_capacity cap;
     sched_get_capacity(s, &cap);
-    if (cap.kv_int4)
+    if (cap.kv_modes & (cap.kv_modes - 1))
+        log_info("KV pool %.1f MiB holds %lld sequences of %d tokens in int4 and %lld in fp16 "
+                 "(\"kv_cache\" per request, default %s); one sequence up to %d tokens; %d "
+                 "slots, at most %d per request; queue %d",
+                 (double)cap.pool_bytes / (1024.0 * 1024.0), (long long)cap.seqs_int4, cap.n_ctx,
+                 (long long)cap.seqs_fp16, cfg_kv_mode_name(o.kv.mode), cap.max_seq_tokens,
+                 cap.max_seqs, cap.max_seqs_per_req, cap.max_queue);
+    else if (cap.kv_int4)
         log_info("KV pool %.1f MiB holds %lld sequences of %d tokens in int4 (the same bytes "
                  "would hold %lld in fp16); one sequence up to %d tokens; %d slots, at most %d "
                  "per request; queue %d", (double)cap.pool_bytes / (1024.0 * 1024.0),

@@ -187,6 +187,9 @@ typedef struct bk_ops {
     void (*seq_destroy)(void *seq); /* NULL no-op */
     void (*seq_reset)(void *seq);
     int (*seq_n_tokens)(const void *seq);
+    /* the KV mode of an empty sequence (kvc_seq_set_mode) and its mode */
+    int (*seq_set_mode)(void *seq, int mode, char *err, size_t errlen);
+    int (*seq_mode)(const void *seq);
     int (*seq_stats)(void *seq, kvc_stats *out, char *err, size_t errlen);
     int (*seq_ema)(void *seq, int layer, int tensor, float *lo, float *hi);
     int (*seq_warming)(const void *seq);

@@ -497,6 +497,16 @@ static int cpu_seq_ema(void *q, int layer, int tensor, float *lo, float *hi)
     return kvc_seq_ema(q, layer, tensor, lo, hi);
 }
 
+static int cpu_seq_set_mode(void *q, int mode, char *err, size_t errlen)
+{
+    return kvc_seq_set_mode(q, mode, err, errlen);
+}
+
+static int cpu_seq_mode(const void *q)
+{
+    return kvc_seq_mode(q);
+}
+
 static int cpu_seq_warming(const void *q)
 {
     return kvc_seq_warming(q);
@@ -564,6 +574,8 @@ const bk_ops bk_cpu_ops = {
     .seq_destroy = cpu_seq_destroy,
     .seq_reset = cpu_seq_reset,
     .seq_n_tokens = cpu_seq_n_tokens,
+    .seq_set_mode = cpu_seq_set_mode,
+    .seq_mode = cpu_seq_mode,
     .seq_stats = cpu_seq_stats,
     .seq_ema = cpu_seq_ema,
     .seq_warming = cpu_seq_warming,

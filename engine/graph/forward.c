@@ -486,6 +486,16 @@ int fwd_seq_ema(fwd_seq *q, int layer, int tensor, float *lo, float *hi)
     return q->s->ops->seq_ema(q->b, layer, tensor, lo, hi);
 }
 
+int fwd_seq_set_mode(fwd_seq *q, int mode, char *err, size_t errlen)
+{
+    return q->s->ops->seq_set_mode(q->b, mode, err, errlen);
+}
+
+int fwd_seq_mode(const fwd_seq *q)
+{
+    return q->s->ops->seq_mode(q->b);
+}
+
 int fwd_seq_warming(const fwd_seq *q)
 {
     return q->s->ops->seq_warming(q->b);
@@ -514,10 +524,17 @@ void fwd_pool_free_units(const fwd_state *s, int64_t *qfree, int64_t *ffree)
 
 void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf)
 {
+    fwd_pool_estimate_mode(s, s->p.kv.mode, n, nq, nf);
+}
+
+void fwd_pool_estimate_mode(const fwd_state *s, int mode, int n, int64_t *nq, int64_t *nf)
+{
     /* the global layers' units: the window layers are reserved per slot */
     *nq = *nf = 0;
-    if (s->has_global)
-        kvc_plan_estimate(&s->p.kv, n, nq, nf);
+    if (s->has_global && cfg_kv_has_mode(&s->p.kv, mode)) {
+        cfg_kv c = cfg_kv_with_mode(&s->p.kv, (cfg_kv_mode)mode);
+        kvc_plan_estimate(&c, n, nq, nf);
+    }
 }
 
 double fwd_pool_usage(const fwd_state *s)

@@ -120,6 +120,11 @@ int fwd_seq_stats(fwd_seq *q, kvc_stats *out, char *err, size_t errlen);
  * cuda: the first call after the EMA changed copies it from the device. */
 int fwd_seq_ema(fwd_seq *q, int layer, int tensor, float *lo, float *hi);
 int fwd_seq_warming(const fwd_seq *q);
+/* The KV mode (cfg_kv_mode) of an empty sequence: one the pool holds
+ * (cfg_kv_has_mode(fwd_kv_cfg(s), mode): kv.mode, plus kv.modes); it stays
+ * across fwd_seq_reset. Returns 0 or -EINVAL with a reason. */
+int fwd_seq_set_mode(fwd_seq *q, int mode, char *err, size_t errlen);
+int fwd_seq_mode(const fwd_seq *q);
 int fwd_seq_layer_counts(fwd_seq *q, int layer, kvc_layer_counts *out, char *err,
                          size_t errlen);
 int fwd_seq_finish_prefill(fwd_seq *q, char *err, size_t errlen);
@@ -130,6 +135,9 @@ int fwd_seq_finish_prefill(fwd_seq *q, char *err, size_t errlen);
 int64_t fwd_pool_capacity_bytes(const fwd_state *s);
 void fwd_pool_free_units(const fwd_state *s, int64_t *qfree, int64_t *ffree);
 void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf);
+/* The same for a sequence of KV mode `mode` (zeros for a mode the pool
+ * does not hold); fwd_pool_estimate is this with the pool's mode. */
+void fwd_pool_estimate_mode(const fwd_state *s, int mode, int n, int64_t *nq, int64_t *nf);
 double fwd_pool_usage(const fwd_state *s);
 int fwd_pool_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen);
 const cfg_kv *fwd_kv_cfg(const fwd_state *s);

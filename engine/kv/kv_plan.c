@@ -46,6 +46,7 @@ struct kvp_seq {
     kvp_seq *next, *prev; /* the pool's list */
     void *owner;
     int max_tokens;
+    int mode;         /* cfg_kv_mode of this sequence (the pool's by default) */
     kvp_caps cap;
     kvp_ent *ents;
     int n_ents;
@@ -64,9 +65,10 @@ struct kvp_seq {
  * valid config) a step table lacks room. */
 enum { NO_UNITS = -1, NO_ROOM = -2 };
 
-static int is_int4(const kvp_pool *p)
+/* A sequence quantizes (INT4 mode) or keeps everything in FP16 pages. */
+static int is_int4(const kvp_seq *s)
 {
-    return p->cfg.mode == CFG_KV_INT4;
+    return s->mode == CFG_KV_INT4;
 }
 
 static int64_t cdiv(int64_t a, int64_t b)
@@ -100,8 +102,21 @@ void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t
         g->cfg[k] = *c;
         g->dims[k] = (kvc_dims){g->n_layers[k], d->kv_dim, d->head_dim, NULL};
     }
-    if (!(c->mode == CFG_KV_INT4 && c->window_kv == CFG_KV_INT4))
-        g->cfg[KVC_LAYER_WINDOW].mode = CFG_KV_FP16;
+    cfg_kv *wc = &g->cfg[KVC_LAYER_WINDOW];
+    wc->mode = (cfg_kv_mode)kvp_group_mode(c, KVC_LAYER_WINDOW, c->mode);
+    if (c->modes) {
+        wc->modes = 0;
+        for (int m = 0; m < CFG_KV_MODES; m++)
+            if (cfg_kv_has_mode(c, m))
+                wc->modes |= 1u << kvp_group_mode(c, KVC_LAYER_WINDOW, m);
+    }
+}
+
+int kvp_group_mode(const cfg_kv *c, int kind, int mode)
+{
+    if (kind == KVC_LAYER_WINDOW && !(mode == CFG_KV_INT4 && c->window_kv == CFG_KV_INT4))
+        return CFG_KV_FP16;
+    return mode;
 }
 
 /* A window sequence of the engine's steps (chunk-aligned prompt pieces,
@@ -153,7 +168,7 @@ void kvp_window_need(const cfg_kv *c, int window, int n_ctx, int64_t *hq, int64_
 
 int kvp_page_tokens(const cfg_kv *c)
 {
-    if (c->mode == CFG_KV_FP16)
+    if (!cfg_kv_has_mode(c, CFG_KV_INT4))
         return c->block_tokens;
     return c->block_tokens < 16 ? c->block_tokens : 16;
 }
@@ -284,9 +299,48 @@ static void unit_bytes(const cfg_kv *c, const kvc_dims *d, int64_t *qbytes, int6
 {
     kvq_layout Lq;
     *qbytes = 0;
-    if (c->mode == CFG_KV_INT4 && make_layout(c, d, &Lq, NULL, 0) == 0)
+    if (cfg_kv_has_mode(c, CFG_KV_INT4) && make_layout(c, d, &Lq, NULL, 0) == 0)
         *qbytes = (int64_t)Lq.bytes * d->n_layers;
     *fbytes = (int64_t)kvp_page_tokens(c) * d->n_layers * d->kv_dim * 2 * 2;
+}
+
+/* 1 if a pool of configuration c holds both FP16 and INT4 sequences. */
+static int mixed(const cfg_kv *c)
+{
+    return cfg_kv_has_mode(c, CFG_KV_FP16) && cfg_kv_has_mode(c, CFG_KV_INT4);
+}
+
+/* size_global for a pool of several modes (kv_modes): INT4 blocks for the
+ * quantized sequences, FP16 pages for the FP16 ones and the staging. With
+ * no budget, each of the max_seqs sequences fits in either mode; a byte
+ * budget is split so that as many full-context sequences fit in each
+ * mode; a token budget buys its tokens in each. */
+static int size_global_modes(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
+                             int64_t budget_bytes, int64_t budget_tokens, int64_t *n_qblocks,
+                             int64_t *n_fpages, char *err, size_t errlen)
+{
+    if (!mixed(cfg))
+        return size_global(cfg, d, n_ctx, max_seqs, budget_bytes, budget_tokens, n_qblocks,
+                           n_fpages, err, errlen);
+    cfg_kv c4 = cfg_kv_with_mode(cfg, CFG_KV_INT4), c16 = cfg_kv_with_mode(cfg, CFG_KV_FP16);
+    int64_t b4 = budget_bytes, b16 = budget_bytes;
+    if (budget_bytes > 0) {
+        int64_t qb, fb, q4, f4, q16, f16;
+        unit_bytes(&c4, d, &qb, &fb);
+        kvp_estimate(&c4, n_ctx, &q4, &f4);
+        kvp_estimate(&c16, n_ctx, &q16, &f16);
+        double s4 = (double)q4 * (double)qb + (double)f4 * (double)fb;
+        double s16 = (double)f16 * (double)fb;
+        b4 = (int64_t)((double)budget_bytes * s4 / (s4 + s16));
+        b16 = budget_bytes - b4;
+    }
+    int64_t nq4, nf4, nq16, nf16;
+    if (size_global(&c4, d, n_ctx, max_seqs, b4, budget_tokens, &nq4, &nf4, err, errlen) < 0 ||
+        size_global(&c16, d, n_ctx, max_seqs, b16, budget_tokens, &nq16, &nf16, err, errlen) < 0)
+        return -EINVAL;
+    *n_qblocks = nq4;
+    *n_fpages = budget_bytes > 0 || budget_tokens > 0 ? nf4 + nf16 : max64(nf4, nf16);
+    return 0;
 }
 
 int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
@@ -307,8 +361,19 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
         const kvc_dims *wd = &g.dims[KVC_LAYER_WINDOW];
         if (kvp_check(wc, wd, err, errlen) < 0)
             return -EINVAL;
-        int64_t hq, hf, pq, pf, qb, fb;
-        kvp_window_need(wc, g.window, n_ctx, &hq, &hf, &pq, &pf);
+        int64_t hq = 0, hf = 0, pq = 0, pf = 0, qb, fb;
+        for (int m = 0; m < CFG_KV_MODES; m++) {
+            /* each mode the group holds (kv_modes): the larger need */
+            int64_t h[4];
+            if (!cfg_kv_has_mode(wc, m))
+                continue;
+            cfg_kv cm = cfg_kv_with_mode(wc, (cfg_kv_mode)m);
+            kvp_window_need(&cm, g.window, n_ctx, &h[0], &h[1], &h[2], &h[3]);
+            hq = max64(hq, h[0]);
+            hf = max64(hf, h[1]);
+            pq = max64(pq, h[2]);
+            pf = max64(pf, h[3]);
+        }
         int64_t slots = max_seqs < KVC_PREFILL_SLOTS ? max_seqs : KVC_PREFILL_SLOTS;
         out->n_qblocks[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hq + slots * (pq - hq);
         out->n_fpages[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hf + slots * (pf - hf);
@@ -326,9 +391,10 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
     }
     if (g.n_layers[KVC_LAYER_GLOBAL] == 0)
         return 0;
-    return size_global(&g.cfg[KVC_LAYER_GLOBAL], &g.dims[KVC_LAYER_GLOBAL], n_ctx, max_seqs,
-                       budget, cfg->kv_budget_tokens, &out->n_qblocks[KVC_LAYER_GLOBAL],
-                       &out->n_fpages[KVC_LAYER_GLOBAL], err, errlen);
+    return size_global_modes(&g.cfg[KVC_LAYER_GLOBAL], &g.dims[KVC_LAYER_GLOBAL], n_ctx,
+                             max_seqs, budget, cfg->kv_budget_tokens,
+                             &out->n_qblocks[KVC_LAYER_GLOBAL],
+                             &out->n_fpages[KVC_LAYER_GLOBAL], err, errlen);
 }
 
 void kvp_plan_caps(const cfg_kv *c, int max_tokens, kvp_caps *out)
@@ -408,7 +474,7 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_
         return -EINVAL;
     if (window < 0)
         return lkq_err(err, errlen, -EINVAL, "negative KV window %d", window);
-    if (cfg->mode != CFG_KV_INT4)
+    if (!cfg_kv_has_mode(cfg, CFG_KV_INT4))
         n_qblocks = 0;
     if (n_qblocks < 0 || n_fpages < 1 || n_qblocks > INT32_MAX || n_fpages > INT32_MAX)
         return lkq_err(err, errlen, -EINVAL, "bad pool size (%lld blocks, %lld pages)",
@@ -421,7 +487,7 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_
     p->d.layer_window = NULL; /* borrowed by the caller: not kept */
     p->window = window;
     p->P = kvp_page_tokens(cfg);
-    p->has_q = is_int4(p);
+    p->has_q = cfg_kv_has_mode(cfg, CFG_KV_INT4);
     if (p->has_q) {
         if (make_layout(cfg, d, &p->L, err, errlen) < 0) {
             free(p);
@@ -561,6 +627,7 @@ int kvp_seq_create(kvp_pool *p, int max_tokens, void *owner, kvp_seq **out, char
     s->p = p;
     s->owner = owner;
     s->max_tokens = max_tokens;
+    s->mode = p->cfg.mode;
     kvp_plan_caps(&p->cfg, max_tokens, &s->cap);
     s->ents = malloc((size_t)s->cap.ents * sizeof *s->ents);
     s->tgt = malloc((size_t)s->cap.tgt * sizeof *s->tgt);
@@ -623,6 +690,39 @@ void kvp_seq_reset(kvp_seq *s)
     s->stage_first = s->tail_first = -1;
 }
 
+int kvp_seq_set_mode(kvp_seq *s, int mode, char *err, size_t errlen)
+{
+    if (!cfg_kv_has_mode(&s->p->cfg, mode))
+        return lkq_err(err, errlen, -EINVAL, "this KV pool holds no %s sequences",
+                       cfg_kv_mode_name(mode));
+    if (s->n_ents > 0 || s->n_tokens > 0 || s->st.active)
+        return lkq_err(err, errlen, -EINVAL, "the KV mode of a sequence is set while it is "
+                       "empty");
+    s->mode = mode;
+    return 0;
+}
+
+int kvp_seq_mode(const kvp_seq *s)
+{
+    return s->mode;
+}
+
+int kvp_seq_set_mode_groups(kvp_seq *const *s, int n_groups, const cfg_kv *c, int mode,
+                            char *err, size_t errlen)
+{
+    if (!cfg_kv_has_mode(c, mode))
+        return lkq_err(err, errlen, -EINVAL, "this KV pool holds no %s sequences (kv_modes)",
+                       cfg_kv_mode_name(mode));
+    for (int g = 0; g < n_groups; g++) {
+        if (!s[g])
+            continue;
+        int rc = kvp_seq_set_mode(s[g], kvp_group_mode(c, g, mode), err, errlen);
+        if (rc < 0) /* only a sequence that is not empty: every group is */
+            return rc;
+    }
+    return 0;
+}
+
 int kvp_seq_n_tokens(const kvp_seq *s)
 {
     return s->n_tokens;
@@ -635,7 +735,7 @@ int kvp_seq_chunks(const kvp_seq *s)
 
 int kvp_seq_warming(const kvp_seq *s)
 {
-    return is_int4(s->p) && s->chunk_idx < s->p->cfg.warmup_chunks && !s->prefill_done;
+    return is_int4(s) && s->chunk_idx < s->p->cfg.warmup_chunks && !s->prefill_done;
 }
 
 const kvp_ent *kvp_seq_entries(const kvp_seq *s, int *n)
@@ -863,7 +963,7 @@ int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen
                     s->max_tokens);
     if (!prefill && n > 1)
         prefill = 1; /* several tokens at once are a chunk */
-    if (is_int4(p) && !prefill && !s->prefill_done) {
+    if (is_int4(s) && !prefill && !s->prefill_done) {
         /* the first decode step ends the prefill */
         if (s->stage_first >= 0 && !c->keep_warmup_fp16)
             return KVP_FINISH_PREFILL; /* staged chunks to quantize first */
@@ -871,7 +971,7 @@ int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen
     }
     open_step(s, pos0, n, prefill);
     int ok = 0;
-    if (!is_int4(p)) {
+    if (!is_int4(s)) {
         ok = plan_pages(s, 0, n, pos0, 0);
     } else {
         /* sinks first: FP16 for the whole sequence */
@@ -927,7 +1027,7 @@ int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen
 int kvp_finish_prefill(kvp_seq *s, char *err, size_t errlen)
 {
     kvp_pool *p = s->p;
-    if (s->prefill_done || !is_int4(p))
+    if (s->prefill_done || !is_int4(s))
         return 0;
     if (s->st.active)
         return lkq_err(err, errlen, -EINVAL, "cannot end the prefill during an open KV step");
@@ -982,7 +1082,7 @@ void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx)
     kvp_step *st = &s->st;
     if (!st->active)
         return;
-    if (is_int4(p) && st->prefill && st->n > st->row_stats)
+    if (is_int4(s) && st->prefill && st->n > st->row_stats)
         s->tail_first = -1; /* a chunk ends the tail run; its pages stay FP16 */
     for (int i = 0; i < st->n_tgt; i++) {
         const kvp_tgt *t = &s->tgt[i];
@@ -996,7 +1096,7 @@ void kvp_commit(kvp_seq *s, kvp_block_fn on_block, void *ctx)
         if (t->kind == KVP_BLOCK) {
             if (on_block)
                 on_block(ctx, t->id, 1);
-        } else if (!is_sink && is_int4(p)) {
+        } else if (!is_sink && is_int4(s)) {
             if (st->prefill && s->stage_first < 0)
                 s->stage_first = idx;
             else if (!st->prefill && s->tail_first < 0)

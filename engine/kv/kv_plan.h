@@ -44,6 +44,13 @@
  * planner for every decision, so that the two caches hold the same entries
  * for the same steps by construction.
  *
+ * KV modes: a pool holds the modes of its configuration (cfg_kv.mode, plus
+ * kv_modes: cfg_kv_has_mode); each sequence has one (kvp_seq_set_mode, the
+ * pool's mode by default), and the planner decides by it: an FP16 sequence
+ * keeps every position in FP16 pages, an INT4 one follows the lifecycle
+ * above, both from the same free lists. A pool of several modes uses the
+ * INT4 page size (kvp_page_tokens) for every page.
+ *
  * May call: config/ (validation), kernels/kvq.h (block layout sizes). Uses
  * the shared types of engine/kv/kvcache.h (kvc_dims, kvc_stats). Allocates
  * only in kvp_pool_create / kvp_seq_create.
@@ -154,6 +161,9 @@ typedef struct {
  * and its index within the group). */
 void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t *group,
                       int32_t *local);
+/* The mode group `kind`'s part of a sequence of mode `mode` uses (a window
+ * layer is FP16 unless mode is int4 and c->window_kv is int4). */
+int kvp_group_mode(const cfg_kv *c, int kind, int mode);
 
 /* Units a sequence of a window pool (configuration c, window W) holds at
  * most when its steps are the engine's (prompt pieces aligned to chunks,
@@ -170,11 +180,12 @@ void kvp_window_need(const cfg_kv *c, int window, int n_ctx, int64_t *hq, int64_
 
 /* ---- configuration-level planning (no pool needed) --------------------------- */
 
-/* Tokens per FP16 page of a pool of configuration c: block_tokens in fp16
- * mode (pages are the blocks), else min(block_tokens, 16) so that sinks,
- * the tail and the staging hold little slack. */
+/* Tokens per FP16 page of a pool of configuration c: block_tokens in an
+ * fp16-only pool (pages are the blocks), else min(block_tokens, 16) so
+ * that sinks, the tail and the staging hold little slack. */
 int kvp_page_tokens(const cfg_kv *c);
 /* Upper bound of the INT4 blocks *nq and FP16 pages *nf a fresh sequence
+ * of mode c->mode (cfg_kv_with_mode for another mode of the pool)
  * holds at its peak (reservations of an open step included) while it
  * prefills n tokens in chunks of chunk_size and ends its prefill, in a
  * pool of configuration c without a window (the global group: the
@@ -265,6 +276,17 @@ void *kvp_seq_owner(const kvp_seq *s);
 /* Empties the sequence: aborts an open step, returns its entries' units to
  * the pool (in entry order), clears the prefill state. */
 void kvp_seq_reset(kvp_seq *s);
+
+/* Sets the KV mode of an empty sequence (one its pool holds: group modes,
+ * kvp_group_mode); it stays until the next call (kvp_seq_reset keeps it).
+ * Returns 0 or -EINVAL with a reason. kvp_seq_mode: the mode. */
+int kvp_seq_set_mode(kvp_seq *s, int mode, char *err, size_t errlen);
+int kvp_seq_mode(const kvp_seq *s);
+/* kvp_seq_set_mode over the groups of one sequence (s[g], NULL where the
+ * pool has no such group; c the executor's whole configuration): each
+ * group gets kvp_group_mode(c, g, mode). */
+int kvp_seq_set_mode_groups(kvp_seq *const *s, int n_groups, const cfg_kv *c, int mode,
+                            char *err, size_t errlen);
 
 int kvp_seq_n_tokens(const kvp_seq *s);
 /* Prefill chunks committed so far. */

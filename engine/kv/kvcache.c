@@ -358,6 +358,16 @@ void kvc_seq_destroy(kvc_seq *s)
     free(s);
 }
 
+int kvc_seq_set_mode(kvc_seq *s, int mode, char *err, size_t errlen)
+{
+    return kvp_seq_set_mode_groups(s->pl, KVC_LAYER_KINDS, &s->p->cfg, mode, err, errlen);
+}
+
+int kvc_seq_mode(const kvc_seq *s)
+{
+    return kvp_seq_mode(first_seq(s)); /* the global group's when there is one */
+}
+
 int kvc_seq_n_tokens(const kvc_seq *s)
 {
     return kvp_seq_n_tokens(first_seq(s));

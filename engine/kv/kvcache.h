@@ -169,6 +169,12 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err,
 void kvc_seq_destroy(kvc_seq *s); /* returns its blocks; NULL is a no-op */
 /* Empties the sequence (blocks back to the pool, EMA state cleared). */
 void kvc_seq_reset(kvc_seq *s);
+/* Sets the KV mode (cfg_kv_mode) of an empty sequence: one of the pool's
+ * (cfg_kv_has_mode; a pool of kv_modes holds several), in every layer
+ * group (kvp_seq_set_mode_groups). Returns 0 or -EINVAL with a reason.
+ * kvc_seq_mode: its mode (the pool's until set; kvc_seq_reset keeps it). */
+int kvc_seq_set_mode(kvc_seq *s, int mode, char *err, size_t errlen);
+int kvc_seq_mode(const kvc_seq *s);
 int kvc_seq_n_tokens(const kvc_seq *s);
 void kvc_seq_stats(const kvc_seq *s, kvc_stats *out);
 /* Mean over channels of the EMA range of layer l, tensor 0 = K / 1 = V;

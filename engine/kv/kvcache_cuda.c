@@ -419,6 +419,16 @@ static const kvp_seq *first_seq(const kvcd_seq *s)
     return s->pl[KVC_LAYER_GLOBAL] ? s->pl[KVC_LAYER_GLOBAL] : s->pl[KVC_LAYER_WINDOW];
 }
 
+int kvcd_seq_set_mode(kvcd_seq *s, int mode, char *err, size_t errlen)
+{
+    return kvp_seq_set_mode_groups(s->pl, KVC_LAYER_KINDS, &s->p->cfg, mode, err, errlen);
+}
+
+int kvcd_seq_mode(const kvcd_seq *s)
+{
+    return kvp_seq_mode(first_seq(s)); /* the global group's when there is one */
+}
+
 int kvcd_seq_n_tokens(const kvcd_seq *s)
 {
     return kvp_seq_n_tokens(first_seq(s));

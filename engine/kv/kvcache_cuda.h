@@ -76,6 +76,9 @@ int kvcd_pool_stats(kvcd_pool *p, kvc_stats *out, char *err, size_t errlen);
 int kvcd_seq_create(kvcd_pool *p, int max_tokens, kvcd_seq **out, char *err, size_t errlen);
 void kvcd_seq_destroy(kvcd_seq *s); /* NULL is a no-op */
 void kvcd_seq_reset(kvcd_seq *s);
+/* kvc_seq_set_mode / kvc_seq_mode. */
+int kvcd_seq_set_mode(kvcd_seq *s, int mode, char *err, size_t errlen);
+int kvcd_seq_mode(const kvcd_seq *s);
 int kvcd_seq_n_tokens(const kvcd_seq *s);
 /* Exact accounting, as kvc_seq_stats: bytes by kind and layer kind from the
  * host bookkeeping; the INT4 counters of the blocks held from the device

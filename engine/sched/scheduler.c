@@ -68,6 +68,7 @@ struct sched_req {
     int n_jobs, n_done;
     int n_prompt;
     int max_tokens, logprobs, ignore_eos;
+    int kv_mode;               /* cfg_kv_mode of its sequences */
     char *stop[SCHED_MAX_STOP];
     size_t stop_len[SCHED_MAX_STOP];
     int n_stop;
@@ -101,6 +102,7 @@ struct sched {
     uint64_t group_counter, turn_counter, step_no;
     int max_per_req;           /* sequences one group may run at once */
     int32_t max_seq_tokens;    /* longest sequence the pool holds alone */
+    int32_t max_seq_mode[CFG_KV_MODES]; /* the same by KV mode (0: not held) */
     sched_capacity cap;
     pthread_t thr;
     int thr_started;
@@ -112,6 +114,10 @@ struct sched {
     sched_metrics met;
     double t_metrics;
     int64_t cap_q, cap_f;      /* INT4 blocks and FP16 pages of the pool */
+    int admit_hold;            /* a step found the pool full (on_nospc): admit
+                                  nothing until a sequence ends, or a sequence
+                                  that holds nothing yet is preempted and
+                                  re-admitted at every step, forever */
     char piece_buf[1024];
 };
 
@@ -251,6 +257,13 @@ static void job_end(sched *s, job *j, const char *finish)
     sched_req *r = j->req;
     if (j->st == JOB_WAITING)
         wait_remove(s, j);
+    s->admit_hold = 0; /* its units come back */
+    kvc_stats st; /* what a sequence of its KV mode held at its end */
+    if (j->slot >= 0 && finish && fwd_seq_stats(s->slots[j->slot], &st, NULL, 0) == 0) {
+        s->met.kv_mode[r->kv_mode].finished++;
+        s->met.kv_mode[r->kv_mode].finished_bytes += st.bytes_total;
+        s->met.kv_mode[r->kv_mode].finished_tokens += st.tokens;
+    }
     release_slot(s, j);
     j->st = JOB_DONE;
     if (finish && !j->finish) {
@@ -300,6 +313,22 @@ int32_t sched_max_seq_tokens(const sched *s)
     return s->max_seq_tokens;
 }
 
+int sched_kv_has_mode(const sched *s, int m)
+{
+    return cfg_kv_has_mode(&s->p.kv, m);
+}
+
+int32_t sched_max_seq_tokens_mode(const sched *s, int m)
+{
+    return m >= 0 && m < CFG_KV_MODES ? s->max_seq_mode[m] : 0;
+}
+
+/* The admission estimate of job j's sequence at n tokens (its KV mode). */
+static void job_estimate(const sched *s, const job *j, int n, int64_t *nq, int64_t *nf)
+{
+    fwd_pool_estimate_mode(s->bk, j->req->kv_mode, n, nq, nf);
+}
+
 void sched_get_capacity(const sched *s, sched_capacity *out)
 {
     *out = s->cap;
@@ -325,6 +354,15 @@ static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *e
     }
     if (p->max_tokens < 1)
         return fail(err, errlen, -EINVAL, "max_tokens must be at least 1");
+    int kv_mode = p->kv_mode > 0 ? p->kv_mode - 1 : (int)s->p.kv.mode;
+    if (!cfg_kv_has_mode(&s->p.kv, kv_mode)) {
+        if (err && errlen)
+            snprintf(err, errlen, "kv_cache '%s' is not enabled on this server (its KV pool "
+                     "holds %s sequences; start it with --kv-modes to add others)",
+                     cfg_kv_mode_name(kv_mode), cfg_kv_mode_name(s->p.kv.mode));
+        return -EINVAL;
+    }
+    const int32_t max_seq = s->max_seq_mode[kv_mode];
     if ((int64_t)p->n_prompt + p->max_tokens > n_ctx) {
         if (err && errlen)
             snprintf(err, errlen,
@@ -335,7 +373,7 @@ static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *e
                      p->max_tokens);
         return -E2BIG;
     }
-    if ((int64_t)p->n_prompt + p->max_tokens > s->max_seq_tokens) {
+    if ((int64_t)p->n_prompt + p->max_tokens > max_seq) {
         /* it could start, but the pool would run out before max_tokens
          * with nothing left to preempt: say so now, not with a cut text */
         if (err && errlen)
@@ -344,7 +382,7 @@ static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *e
                      "for the completion), but the server's KV pool holds at most %d tokens "
                      "for one sequence (--kv-budget). Please reduce the prompt or max_tokens.",
                      (long long)p->n_prompt + p->max_tokens, p->n_prompt, p->max_tokens,
-                     s->max_seq_tokens);
+                     max_seq);
         return -E2BIG;
     }
     if (p->logprobs > SCHED_MAX_LOGPROBS)
@@ -358,6 +396,7 @@ static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *e
     r->max_tokens = p->max_tokens;
     r->logprobs = p->logprobs;
     r->ignore_eos = p->ignore_eos;
+    r->kv_mode = kv_mode;
     r->notify = p->notify;
     r->notify_ctx = p->notify_ctx;
     r->notify_final = p->notify_final;
@@ -705,11 +744,30 @@ static void snapshot_kv(sched *s, int force)
             }
         }
     }
-    if (s->met.kv_int4)
+    if (cfg_kv_has_mode(&s->p.kv, CFG_KV_INT4))
         for (int k = 0; k < s->p.max_seqs; k++)
             if (s->running[k] && fwd_seq_n_tokens(s->slots[k]) > 0 &&
                 fwd_seq_warming(s->slots[k]))
                 s->met.seqs_warming++;
+    /* what the running sequences of each KV mode hold */
+    for (int m = 0; m < CFG_KV_MODES; m++) {
+        s->met.kv_mode[m].seqs = 0;
+        s->met.kv_mode[m].tokens = s->met.kv_mode[m].bytes = 0;
+        s->met.kv_mode[m].qblocks = s->met.kv_mode[m].fpages = 0;
+    }
+    for (int k = 0; k < s->p.max_seqs; k++) {
+        kvc_stats st;
+        if (!s->running[k] || fwd_seq_stats(s->slots[k], &st, NULL, 0) < 0)
+            continue;
+        int m = fwd_seq_mode(s->slots[k]);
+        if (m < 0 || m >= CFG_KV_MODES)
+            continue;
+        s->met.kv_mode[m].seqs++;
+        s->met.kv_mode[m].tokens += st.tokens;
+        s->met.kv_mode[m].bytes += st.bytes_total;
+        s->met.kv_mode[m].qblocks += st.qblocks_used;
+        s->met.kv_mode[m].fpages += st.fpages_used;
+    }
 }
 
 static int prefilling(const job *j)
@@ -734,8 +792,8 @@ static void admit_budget(sched *s, int64_t *fq, int64_t *ff, int *n_pref)
         if (prefilling(j)) {
             (*n_pref)++;
             int64_t q1, f1, q0, f0;
-            fwd_pool_estimate(s->bk, j->prefill_to, &q1, &f1);
-            fwd_pool_estimate(s->bk, j->n_past, &q0, &f0);
+            job_estimate(s, j, j->prefill_to, &q1, &f1);
+            job_estimate(s, j, j->n_past, &q0, &f0);
             *fq -= q1 - q0;
             *ff -= f1 - f0;
         }
@@ -772,6 +830,9 @@ static void start_job(sched *s, job *j)
     j->slot = slot;
     j->st = JOB_RUNNING;
     fwd_seq_reset(s->slots[slot]);
+    char e[160];
+    if (fwd_seq_set_mode(s->slots[slot], j->req->kv_mode, e, sizeof e) < 0) /* checked at submit */
+        log_msg(LOG_LEVEL_ERROR, j->req->id, "KV mode: %s", e);
     j->n_past = 0;
     j->prefill_to = j->n_tok;
     j->admit_seq = ++s->admit_counter;
@@ -806,7 +867,7 @@ static int admit_some(sched *s)
         if (!j)
             break;
         int64_t nq, nf;
-        fwd_pool_estimate(s->bk, j->n_tok, &nq, &nf);
+        job_estimate(s, j, j->n_tok, &nq, &nf);
         if (nq > fq || nf > ff) {
             if (s->n_running == 0) {
                 /* nothing will free blocks: it can never fit */
@@ -843,7 +904,7 @@ static int make_room(sched *s)
     int64_t fq, ff, nq, nf;
     int n_pref;
     admit_budget(s, &fq, &ff, &n_pref);
-    fwd_pool_estimate(s->bk, w->n_tok, &nq, &nf);
+    job_estimate(s, w, w->n_tok, &nq, &nf);
     int need_pref = n_pref >= KVC_PREFILL_SLOTS;
     if (s->n_running < s->p.max_seqs && !need_pref && nq <= fq && nf <= ff)
         return 0; /* it can start as it is */
@@ -870,6 +931,9 @@ static int make_room(sched *s)
 
 static void admit(sched *s)
 {
+    if (s->admit_hold && s->n_running > 0)
+        return;
+    s->admit_hold = 0;
     admit_some(s);
     if (make_room(s))
         admit_some(s);
@@ -971,6 +1035,7 @@ static void on_nospc(sched *s, int failed, const char *why)
         return;
     }
     preempt(s, victim, "KV pool full");
+    s->admit_hold = 1;
 }
 
 /* log-probabilities of the chosen token and the top-n alternatives. */
@@ -1148,6 +1213,8 @@ static void *engine_main(void *arg)
                 r->got_first = 1;
                 r->t_first = t1;
                 hist_add(&s->met.ttft, t1 - r->t_submit);
+                s->met.kv_mode[r->kv_mode].ttft_count++;
+                s->met.kv_mode[r->kv_mode].ttft_sum += t1 - r->t_submit;
             } else if (j->n_gen > 0 && !s->items[i].prefill) {
                 hist_add(&s->met.itl, t1 - j->t_last_tok);
             }
@@ -1163,11 +1230,12 @@ static void *engine_main(void *arg)
     return NULL;
 }
 
-/* 1 if a fresh sequence of n tokens fits the whole (empty) pool. */
-static int fits_alone(const sched *s, int n)
+/* 1 if a fresh sequence of KV mode m and n tokens fits the whole (empty)
+ * pool. */
+static int fits_alone(const sched *s, int m, int n)
 {
     int64_t nq, nf;
-    fwd_pool_estimate(s->bk, n, &nq, &nf);
+    fwd_pool_estimate_mode(s->bk, m, n, &nq, &nf);
     return nq <= s->cap_q && nf <= s->cap_f;
 }
 
@@ -1183,20 +1251,25 @@ static void plan_capacity(sched *s)
         s->max_per_req = 1;
     if (s->max_per_req > p->max_seqs)
         s->max_per_req = p->max_seqs;
-    int lo = 0, hi = p->n_ctx;
-    while (lo < hi) {
-        int mid = lo + (hi - lo + 1) / 2;
-        if (fits_alone(s, mid))
-            lo = mid;
-        else
-            hi = mid - 1;
+    for (int m = 0; m < CFG_KV_MODES; m++) {
+        int lo = 0, hi = cfg_kv_has_mode(&p->kv, m) ? p->n_ctx : 0;
+        while (lo < hi) {
+            int mid = lo + (hi - lo + 1) / 2;
+            if (fits_alone(s, m, mid))
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        s->max_seq_mode[m] = lo;
     }
+    int lo = s->max_seq_mode[p->kv.mode];
     s->max_seq_tokens = lo;
     sched_capacity *c = &s->cap;
     c->pool_bytes = fwd_pool_capacity_bytes(s->bk);
     c->n_ctx = p->n_ctx;
     c->max_seq_tokens = lo;
     c->kv_int4 = p->kv.mode == CFG_KV_INT4;
+    c->kv_modes = cfg_kv_mode_mask(&p->kv);
     c->max_seqs = p->max_seqs;
     c->max_seqs_per_req = s->max_per_req;
     c->max_queue = p->max_queue;
@@ -1211,7 +1284,13 @@ static void plan_capacity(sched *s)
         fp16_seq += (int64_t)(w > 0 && w < p->n_ctx ? w : p->n_ctx) * hp->n_kv_heads *
                     hp->head_dim * 4;
     }
-    if (c->kv_int4) {
+    if (cfg_kv_has_mode(&p->kv, CFG_KV_FP16) && cfg_kv_has_mode(&p->kv, CFG_KV_INT4)) {
+        /* kv_modes: each mode has its units, INT4 blocks and FP16 pages */
+        fwd_pool_estimate_mode(s->bk, CFG_KV_INT4, p->n_ctx, &nq, &nf);
+        c->seqs_int4 = nq > 0 ? s->cap_q / nq : 0;
+        fwd_pool_estimate_mode(s->bk, CFG_KV_FP16, p->n_ctx, &nq, &nf);
+        c->seqs_fp16 = nf > 0 ? s->cap_f / nf : 0;
+    } else if (c->kv_int4) {
         /* INT4 blocks bound it: the FP16 pages are staging shared by the
          * prefills in progress plus a short tail per sequence */
         c->seqs_int4 = nq > 0 ? s->cap_q / nq : 0;
@@ -1283,6 +1362,7 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     hist_init(&s->met.prefill_chunk, lat, 15);
     hist_init(&s->met.itl, itl, 15);
     s->met.kv_int4 = p.kv.mode == CFG_KV_INT4;
+    s->met.kv_modes = cfg_kv_mode_mask(&p.kv);
     s->met.max_seqs = p.max_seqs;
     s->met.kv_budget_bytes = fwd_pool_capacity_bytes(s->bk);
     snapshot_kv(s, 1);

@@ -104,7 +104,13 @@ typedef struct {
     void *notify_ctx;
     int notify_final;      /* 1: notify only when the request has ended (a
                               non-streaming client has nothing to do before) */
+    int kv_mode;           /* 0: the server's KV mode (kv.mode); else
+                              SCHED_KV_MODE(m), m a cfg_kv_mode the pool holds
+                              (sched_kv_has_mode; else -EINVAL) */
 } sched_req_params;
+
+/* sched_req_params.kv_mode of cfg_kv_mode m (0 stays "the default"). */
+#define SCHED_KV_MODE(m) ((int)(m) + 1)
 
 /* One generated token (for logprobs). */
 typedef struct {
@@ -154,6 +160,11 @@ int32_t sched_n_ctx(const sched *s);
  * min(n_ctx, what the pool's blocks cover). A request beyond it is
  * refused at submit (-E2BIG); it could never finish. */
 int32_t sched_max_seq_tokens(const sched *s);
+/* 1 if the pool holds sequences of cfg_kv_mode m (kv.mode, kv.modes);
+ * sched_max_seq_tokens_mode: sched_max_seq_tokens for such a sequence (0
+ * when the pool does not hold the mode). */
+int sched_kv_has_mode(const sched *s, int m);
+int32_t sched_max_seq_tokens_mode(const sched *s, int m);
 
 /* The pool's capacity, for the startup line. */
 typedef struct {
@@ -161,6 +172,7 @@ typedef struct {
     int32_t n_ctx;            /* positions per sequence */
     int32_t max_seq_tokens;   /* sched_max_seq_tokens */
     int kv_int4;              /* the pool's mode: 1 int4, 0 fp16 */
+    uint32_t kv_modes;        /* bit m: the pool holds cfg_kv_mode m */
     int64_t seqs_int4;        /* sequences of n_ctx tokens the pool holds in int4
                                  (-1: unknown, the pool is fp16) */
     int64_t seqs_fp16;        /* ... in fp16 (int4 pools: the same bytes as an
@@ -247,6 +259,15 @@ typedef struct {
     uint64_t finished_stop, finished_length, cancelled, failed;
     sched_hist ttft, itl, e2e, prefill_chunk, queue_time;
     int kv_int4;                      /* 1 in int4 mode */
+    uint32_t kv_modes;                /* bit m: the pool holds cfg_kv_mode m */
+    struct {
+        int seqs;                     /* running sequences of this mode */
+        int64_t tokens, bytes, qblocks, fpages; /* what they hold */
+        uint64_t finished;            /* sequences that ended (stop / length) */
+        uint64_t finished_bytes, finished_tokens; /* what those held at their end */
+        uint64_t ttft_count;          /* requests that got their first token */
+        double ttft_sum;              /* their times to first token, seconds */
+    } kv_mode[CFG_KV_MODES];          /* by the requests' KV mode ("kv_cache") */
     int max_seqs;
     int64_t kv_budget_bytes;          /* bytes of the pool's arenas */
 } sched_metrics;
