@@ -1180,3 +1180,112 @@ Test(kv_plan, layer_groups_and_sizing)
     cr_assert_eq(sz.n_qblocks[KVC_LAYER_GLOBAL] + sz.n_fpages[KVC_LAYER_GLOBAL], 0);
     cr_assert_gt(sz.n_fpages[KVC_LAYER_WINDOW], 0);
 }
+
+/* A pool of both modes (kv_modes): each sequence plans by its own mode
+ * from the same free lists; an FP16 sequence that empties the pages leaves
+ * an INT4 sequence's blocks alone, and every failure changes nothing. */
+Test(kv_plan, mixed_pool_modes_per_sequence)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4);
+    cfg_kv c32 = cfg(CFG_KV_FP16);
+    c32.block_tokens = 32;
+    cr_assert_eq(kvp_page_tokens(&c32), 32, "an fp16-only pool: pages are the blocks");
+    c32.modes = c.modes;
+    cr_assert_eq(kvp_page_tokens(&c32), 16, "a mixed pool: the INT4 page size for all");
+
+    kvp_pool *p = pool(&c, 16, 12);
+    kvp_seq *s[2] = {seq(p, 256), seq(p, 256)}; /* s[0] fp16, s[1] int4 (the default) */
+    cr_assert_eq(kvp_seq_mode(s[1]), CFG_KV_INT4);
+    cr_assert_eq(kvp_seq_set_mode(s[0], CFG_KV_FP16, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_seq_mode(s[0]), CFG_KV_FP16);
+    const kvp_step *st = begin_ok(s[0], 32, 1);
+    cr_assert(!st->stats, "an fp16 sequence gathers no statistics");
+    cr_assert_eq(st->n_tgt, 2);
+    cr_assert_eq(st->tgt[0].kind, KVP_PAGE);
+    cr_assert_eq(st->tgt[1].kind, KVP_PAGE);
+    kvp_commit(s[0], NULL, NULL);
+    cr_assert_eq(kvp_seq_set_mode(s[0], CFG_KV_INT4, err, sizeof err), -EINVAL,
+                 "the mode of a sequence that holds tokens stays");
+    /* the int4 sequence: sinks + staging (pages), then live blocks */
+    cr_assert_eq(step(s[1], 32, 1), 0);
+    cr_assert_eq(step(s[1], 32, 1), 0);
+    cr_assert(!kvp_seq_warming(s[1]));
+    int nq, nf;
+    check_cover(s[1], &nq, &nf);
+    cr_assert_eq(nq, 4, "60 quantized tokens in blocks of 16");
+    cr_assert_eq(nf, 1, "the sink page");
+    /* the fp16 sequence takes every page left */
+    int64_t qf, ff;
+    kvp_pool_free_units(p, &qf, &ff);
+    for (int64_t i = 0; i < ff; i++)
+        cr_assert_eq(step(s[0], 16, 1), 0);
+    cr_assert_eq(kvp_begin(s[0], kvp_seq_n_tokens(s[0]), 1, 0, err, sizeof err), -ENOSPC);
+    /* a live chunk of the int4 sequence needs blocks only */
+    cr_assert_eq(step(s[1], 32, 1), 0);
+    check_cover(s[1], &nq, &nf);
+    cr_assert_eq(nq, 6);
+    /* its decode tail needs a page: -ENOSPC, nothing changed */
+    int n_before;
+    kvp_seq_entries(s[1], &n_before);
+    kvp_pool_free_units(p, &qf, &ff);
+    cr_assert_eq(kvp_begin(s[1], kvp_seq_n_tokens(s[1]), 1, 0, err, sizeof err), -ENOSPC);
+    int n_after;
+    kvp_seq_entries(s[1], &n_after);
+    int64_t qf2, ff2;
+    kvp_pool_free_units(p, &qf2, &ff2);
+    cr_assert_eq(n_after, n_before);
+    cr_assert_eq(qf2, qf);
+    cr_assert_eq(ff2, ff);
+    check_ids(p, s, 2);
+    /* a fresh sequence may take the other mode; an fp16-only pool holds no int4 */
+    kvp_seq_reset(s[0]);
+    cr_assert_eq(kvp_seq_mode(s[0]), CFG_KV_FP16, "reset keeps the mode");
+    cr_assert_eq(kvp_seq_set_mode(s[0], CFG_KV_INT4, err, sizeof err), 0, "%s", err);
+    cfg_kv f = cfg(CFG_KV_FP16);
+    kvp_pool *pf = pool(&f, 0, 4);
+    kvp_seq *q = seq(pf, 64);
+    cr_assert_eq(kvp_seq_set_mode(q, CFG_KV_INT4, err, sizeof err), -EINVAL);
+    cr_assert(strstr(err, "int4"), "%s", err);
+    kvp_seq_destroy(q);
+    kvp_pool_destroy(pf);
+    /* estimates by mode */
+    int64_t eq, ef;
+    cfg_kv c16 = cfg_kv_with_mode(&c, CFG_KV_FP16);
+    kvp_estimate(&c16, 57, &eq, &ef);
+    cr_assert_eq(eq, 0);
+    cr_assert_eq(ef, 5);
+    kvp_estimate(&c, 57, &eq, &ef);
+    cr_assert_gt(eq, 0);
+    for (int i = 0; i < 2; i++)
+        kvp_seq_destroy(s[i]);
+    kvp_pool_destroy(p);
+}
+
+/* Sizing a pool of both modes: INT4 blocks as an int4 pool, FP16 pages for
+ * as many FP16 sequences; a byte budget split between the two. */
+Test(kv_plan, mixed_pool_sizing)
+{
+    cfg_kv c4 = cfg(CFG_KV_INT4), c16 = cfg(CFG_KV_FP16), cm = cfg(CFG_KV_INT4);
+    cm.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4);
+    kvc_pool_sizes z4, z16, zm;
+    cr_assert_eq(kvp_pool_size(&c4, &dims, 256, 4, &z4, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_pool_size(&c16, &dims, 256, 4, &z16, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_pool_size(&cm, &dims, 256, 4, &zm, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(zm.n_qblocks[0], z4.n_qblocks[0]);
+    cr_assert_geq(zm.n_fpages[0], z16.n_fpages[0], "pages for 4 fp16 sequences (pages of 16)");
+    cr_assert_geq(zm.n_fpages[0], z4.n_fpages[0]);
+    cm.kv_budget_bytes = 200000;
+    cr_assert_eq(kvp_pool_size(&cm, &dims, 256, 4, &zm, err, sizeof err), 0, "%s", err);
+    kvp_pool *p = pool(&cm, zm.n_qblocks[0], zm.n_fpages[0]);
+    int64_t cap = kvp_pool_capacity_bytes(p);
+    cr_assert_leq(cap, 200000, "the budget holds: %lld", (long long)cap);
+    cr_assert_gt(cap, 150000, "most of the budget is used: %lld", (long long)cap);
+    int64_t q4, f4, f16, q16;
+    kvp_estimate(&cm, 256, &q4, &f4);
+    cfg_kv cm16 = cfg_kv_with_mode(&cm, CFG_KV_FP16);
+    kvp_estimate(&cm16, 256, &q16, &f16);
+    cr_assert_geq(zm.n_qblocks[0], q4, "a full int4 sequence fits");
+    cr_assert_geq(zm.n_fpages[0], f16, "a full fp16 sequence fits");
+    kvp_pool_destroy(p);
+}
