@@ -50,6 +50,8 @@ void lkq_args_usage(FILE *f)
         "  -m, --max-tokens N        tokens to generate per request (default 32)\n"
         "      --temperature T       (default 0)\n"
         "      --ignore-eos          generate exactly --max-tokens (vLLM's ignore_eos)\n"
+        "      --kv-cache MODE       send \"kv_cache\": MODE (fp16, int4: the server's KV\n"
+        "                            mode for these requests; default: the server's)\n"
         "      --chat                use /v1/chat/completions (default /v1/completions)\n"
         "      --model NAME          model field (default: first id of /v1/models)\n"
         "      --api-key KEY         bearer token (or $LKQ_API_KEY)\n"
@@ -214,7 +216,7 @@ enum {
     OPT_MAX_INFLIGHT = 256, OPT_PAUSE, OPT_SEED, OPT_TIMEOUT, OPT_KEEP_GOING,
     OPT_CPT, OPT_PROMPT_FILE, OPT_TEMP, OPT_CHAT, OPT_MODEL, OPT_API_KEY,
     OPT_SCRAPE, OPT_SCRAPE_INT, OPT_LABEL, OPT_CSV, OPT_JSON, OPT_REMOTE,
-    OPT_CUTOFF, OPT_SATURATED, OPT_IGNORE_EOS, OPT_SCRAPE_LOG,
+    OPT_CUTOFF, OPT_SATURATED, OPT_IGNORE_EOS, OPT_SCRAPE_LOG, OPT_KV_CACHE,
 };
 
 static const struct option long_opts[] = {
@@ -248,6 +250,7 @@ static const struct option long_opts[] = {
     {"until-saturated", required_argument, NULL, OPT_SATURATED},
     {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
     {"scrape-log", required_argument, NULL, OPT_SCRAPE_LOG},
+    {"kv-cache", required_argument, NULL, OPT_KV_CACHE},
     {NULL, 0, NULL, 0},
 };
 
@@ -411,6 +414,7 @@ int lkq_args_parse(int argc, char **argv, lkq_args *a, char *err, size_t errlen)
             break;
         case OPT_IGNORE_EOS: a->ignore_eos = 1; break;
         case OPT_SCRAPE_LOG: a->scrape_log = optarg; break;
+        case OPT_KV_CACHE: a->kv_cache = optarg; break;
         case ':':
             snprintf(err, errlen, "option %s needs a value", optopt ? opt_name(optopt, nb, sizeof nb)
                                                                     : argv[optind - 1]);

@@ -44,6 +44,7 @@ typedef struct lkq_args {
     double until_saturated;  /* end a level once the server has queued this long
                               * with every running request decoding; 0 = off */
     int ignore_eos;          /* send "ignore_eos": true (generate max_tokens) */
+    const char *kv_cache;    /* send "kv_cache": this (the KV mode); NULL: leave it out */
     const char *csv;         /* append rows here (header when new) */
     const char *json;        /* append JSON lines here */
     const char *scrape_log;  /* append every scrape as a CSV row here */

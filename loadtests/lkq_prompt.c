@@ -204,6 +204,8 @@ char *lkq_request_body(const lkq_args *a, const char *model, const char *prompt,
     json_object_set_new(o, "stream", json_true());
     if (a->ignore_eos)
         json_object_set_new(o, "ignore_eos", json_true());
+    if (a->kv_cache)
+        json_object_set_new(o, "kv_cache", json_string(a->kv_cache));
     json_t *so = json_object();
     json_object_set_new(so, "include_usage", json_true());
     json_object_set_new(o, "stream_options", so);
