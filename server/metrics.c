@@ -64,64 +64,59 @@ static void label(char *out, size_t cap, const char *v)
     out[j] = '\0';
 }
 
-/* What the running sequences hold, by their KV mode ("kv_cache" per
- * request), for each mode the pool holds: one server can A/B the modes. */
+/* One family of series by KV mode: v[m] for each mode the pool holds
+ * (labels mode="m" plus `extra`, e.g. ",kind=\"int4\""). */
+static void mode_family(lkq_sb *b, const sched_metrics *sm, const char *name, const char *type,
+                        const char *help, const char *extra, const double *v)
+{
+    if (help)
+        head(b, name, type, help);
+    for (int m = 0; m < CFG_KV_MODES; m++)
+        if ((sm->kv_modes >> m) & 1u)
+            lkq_sb_printf(b, "%s{mode=\"%s\"%s} %.17g\n", name, cfg_kv_mode_name(m), extra, v[m]);
+}
+
+/* What the sequences of each KV mode ("kv_cache" per request) hold now and
+ * held at their end, and their TTFT: one server can A/B the modes. */
 static void render_modes(lkq_sb *b, const sched_metrics *sm)
 {
-    head(b, "livekvq_kv_mode_sequences", "gauge", "Running sequences, by KV mode.");
-    for (int m = 0; m < CFG_KV_MODES; m++)
-        if ((sm->kv_modes >> m) & 1u)
-            lkq_sb_printf(b, "livekvq_kv_mode_sequences{mode=\"%s\"} %d\n", cfg_kv_mode_name(m),
-                          sm->kv_mode[m].seqs);
-    head(b, "livekvq_kv_mode_bytes", "gauge",
-         "KV cache bytes held by the running sequences, by KV mode.");
-    for (int m = 0; m < CFG_KV_MODES; m++)
-        if ((sm->kv_modes >> m) & 1u)
-            lkq_sb_printf(b, "livekvq_kv_mode_bytes{mode=\"%s\"} %lld\n", cfg_kv_mode_name(m),
-                          (long long)sm->kv_mode[m].bytes);
-    head(b, "livekvq_kv_mode_tokens", "gauge",
-         "Token positions held by the running sequences, by KV mode.");
-    for (int m = 0; m < CFG_KV_MODES; m++)
-        if ((sm->kv_modes >> m) & 1u)
-            lkq_sb_printf(b, "livekvq_kv_mode_tokens{mode=\"%s\"} %lld\n", cfg_kv_mode_name(m),
-                          (long long)sm->kv_mode[m].tokens);
-    head(b, "livekvq_kv_mode_blocks_used", "gauge",
-         "Pool units held by the running sequences, by KV mode and unit kind.");
-    for (int m = 0; m < CFG_KV_MODES; m++)
-        if ((sm->kv_modes >> m) & 1u)
-            lkq_sb_printf(b,
-                          "livekvq_kv_mode_blocks_used{mode=\"%s\",kind=\"int4\"} %lld\n"
-                          "livekvq_kv_mode_blocks_used{mode=\"%s\",kind=\"fp16\"} %lld\n",
-                          cfg_kv_mode_name(m), (long long)sm->kv_mode[m].qblocks,
-                          cfg_kv_mode_name(m), (long long)sm->kv_mode[m].fpages);
-    uint64_t v[4][CFG_KV_MODES];
+    enum { N = 10 };
+    double v[N][CFG_KV_MODES];
     for (int m = 0; m < CFG_KV_MODES; m++) {
-        v[0][m] = sm->kv_mode[m].finished;
-        v[1][m] = sm->kv_mode[m].finished_bytes;
-        v[2][m] = sm->kv_mode[m].finished_tokens;
-        v[3][m] = sm->kv_mode[m].ttft_count;
+        v[0][m] = sm->kv_mode[m].seqs;
+        v[1][m] = (double)sm->kv_mode[m].bytes;
+        v[2][m] = (double)sm->kv_mode[m].tokens;
+        v[3][m] = (double)sm->kv_mode[m].qblocks;
+        v[4][m] = (double)sm->kv_mode[m].fpages;
+        v[5][m] = (double)sm->kv_mode[m].finished;
+        v[6][m] = (double)sm->kv_mode[m].finished_bytes;
+        v[7][m] = (double)sm->kv_mode[m].finished_tokens;
+        v[8][m] = (double)sm->kv_mode[m].ttft_count;
+        v[9][m] = sm->kv_mode[m].ttft_sum;
     }
-    static const char *const fin[4][2] = {
-        {"livekvq_kv_mode_finished_sequences_total", "Sequences that ended, by KV mode."},
-        {"livekvq_kv_mode_finished_bytes_total",
-         "KV cache bytes each ended sequence held at its end, summed, by KV mode."},
-        {"livekvq_kv_mode_finished_tokens_total",
-         "Token positions each ended sequence held at its end, summed, by KV mode."},
-        {"livekvq_kv_mode_first_tokens_total", "Requests that got their first token, by KV mode."},
+    static const char *const fam[N][4] = {
+        {"livekvq_kv_mode_sequences", "gauge", "Running sequences, by KV mode.", ""},
+        {"livekvq_kv_mode_bytes", "gauge",
+         "KV cache bytes held by the running sequences, by KV mode.", ""},
+        {"livekvq_kv_mode_tokens", "gauge",
+         "Token positions held by the running sequences, by KV mode.", ""},
+        {"livekvq_kv_mode_blocks_used", "gauge",
+         "Pool units held by the running sequences, by KV mode and unit kind.",
+         ",kind=\"int4\""},
+        {"livekvq_kv_mode_blocks_used", "gauge", NULL, ",kind=\"fp16\""},
+        {"livekvq_kv_mode_finished_sequences_total", "counter",
+         "Sequences that ended, by KV mode.", ""},
+        {"livekvq_kv_mode_finished_bytes_total", "counter",
+         "KV cache bytes each ended sequence held at its end, summed, by KV mode.", ""},
+        {"livekvq_kv_mode_finished_tokens_total", "counter",
+         "Token positions each ended sequence held at its end, summed, by KV mode.", ""},
+        {"livekvq_kv_mode_first_tokens_total", "counter",
+         "Requests that got their first token, by KV mode.", ""},
+        {"livekvq_kv_mode_ttft_seconds_total", "counter",
+         "Times to first token summed, by KV mode (divide by first_tokens_total).", ""},
     };
-    for (int i = 0; i < 4; i++) {
-        head(b, fin[i][0], "counter", fin[i][1]);
-        for (int m = 0; m < CFG_KV_MODES; m++)
-            if ((sm->kv_modes >> m) & 1u)
-                lkq_sb_printf(b, "%s{mode=\"%s\"} %llu\n", fin[i][0], cfg_kv_mode_name(m),
-                              (unsigned long long)v[i][m]);
-    }
-    head(b, "livekvq_kv_mode_ttft_seconds_total", "counter",
-         "Times to first token summed, by KV mode (divide by first_tokens_total).");
-    for (int m = 0; m < CFG_KV_MODES; m++)
-        if ((sm->kv_modes >> m) & 1u)
-            lkq_sb_printf(b, "livekvq_kv_mode_ttft_seconds_total{mode=\"%s\"} %.6f\n",
-                          cfg_kv_mode_name(m), sm->kv_mode[m].ttft_sum);
+    for (int i = 0; i < N; i++)
+        mode_family(b, sm, fam[i][0], fam[i][1], fam[i][2], fam[i][3], v[i]);
 }
 
 char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char *model_id,

@@ -190,6 +190,8 @@ typedef struct bk_ops {
     /* the KV mode of an empty sequence (kvc_seq_set_mode) and its mode */
     int (*seq_set_mode)(void *seq, int mode, char *err, size_t errlen);
     int (*seq_mode)(const void *seq);
+    /* units, bytes and positions held (kvc_seq_held: host bookkeeping only) */
+    void (*seq_held)(const void *seq, kvc_stats *out);
     int (*seq_stats)(void *seq, kvc_stats *out, char *err, size_t errlen);
     int (*seq_ema)(void *seq, int layer, int tensor, float *lo, float *hi);
     int (*seq_warming)(const void *seq);

@@ -507,6 +507,11 @@ static int cpu_seq_mode(const void *q)
     return kvc_seq_mode(q);
 }
 
+static void cpu_seq_held(const void *q, kvc_stats *out)
+{
+    kvc_seq_held(q, out);
+}
+
 static int cpu_seq_warming(const void *q)
 {
     return kvc_seq_warming(q);
@@ -576,6 +581,7 @@ const bk_ops bk_cpu_ops = {
     .seq_n_tokens = cpu_seq_n_tokens,
     .seq_set_mode = cpu_seq_set_mode,
     .seq_mode = cpu_seq_mode,
+    .seq_held = cpu_seq_held,
     .seq_stats = cpu_seq_stats,
     .seq_ema = cpu_seq_ema,
     .seq_warming = cpu_seq_warming,

@@ -844,6 +844,7 @@ static int cu_seq_set_mode(void *seq, int mode, char *err, size_t errlen)
     return kvcd_seq_set_mode(seq, mode, err, errlen);
 }
 static int cu_seq_mode(const void *seq) { return kvcd_seq_mode(seq); }
+static void cu_seq_held(const void *seq, kvc_stats *out) { kvcd_seq_held(seq, out); }
 static void cu_kv_commit(void *seq) { kvcd_commit(seq); }
 static void cu_kv_abort(void *seq) { kvcd_abort(seq); }
 
@@ -899,6 +900,7 @@ const bk_ops bk_cuda_ops = {
     .seq_create = cu_seq_create, .seq_destroy = cu_seq_destroy, .seq_reset = cu_seq_reset,
     .seq_n_tokens = cu_seq_n_tokens, .seq_stats = cu_seq_stats, .seq_ema = cu_seq_ema,
     .seq_warming = cu_seq_warming, .seq_set_mode = cu_seq_set_mode, .seq_mode = cu_seq_mode,
+    .seq_held = cu_seq_held,
     .seq_layer_counts = cu_seq_layer_counts,
     .seq_finish_prefill = cu_seq_finish_prefill, .kv_begin = cu_kv_begin,
     .kv_commit = cu_kv_commit, .kv_abort = cu_kv_abort,

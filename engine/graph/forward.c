@@ -496,6 +496,11 @@ int fwd_seq_mode(const fwd_seq *q)
     return q->s->ops->seq_mode(q->b);
 }
 
+void fwd_seq_held(const fwd_seq *q, kvc_stats *out)
+{
+    q->s->ops->seq_held(q->b, out);
+}
+
 int fwd_seq_warming(const fwd_seq *q)
 {
     return q->s->ops->seq_warming(q->b);

@@ -125,6 +125,9 @@ int fwd_seq_warming(const fwd_seq *q);
  * across fwd_seq_reset. Returns 0 or -EINVAL with a reason. */
 int fwd_seq_set_mode(fwd_seq *q, int mode, char *err, size_t errlen);
 int fwd_seq_mode(const fwd_seq *q);
+/* What the sequence holds (units, bytes, positions) from the host-side
+ * bookkeeping: no device access (fwd_seq_stats adds the outlier counts). */
+void fwd_seq_held(const fwd_seq *q, kvc_stats *out);
 int fwd_seq_layer_counts(fwd_seq *q, int layer, kvc_layer_counts *out, char *err,
                          size_t errlen);
 int fwd_seq_finish_prefill(fwd_seq *q, char *err, size_t errlen);

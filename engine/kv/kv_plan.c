@@ -778,6 +778,20 @@ void kvp_seq_add_stats(const kvp_seq *s, int kind, kvc_stats *out)
     out->bytes_fp16_equiv += el * 2;
 }
 
+void kvp_seq_groups_stats(kvp_seq *const *s, int n_groups, kvc_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    int tokens = -1;
+    for (int g = 0; g < n_groups; g++) {
+        if (!s[g])
+            continue;
+        kvp_seq_add_stats(s[g], g, out);
+        if (tokens < 0)
+            tokens = kvp_seq_n_tokens(s[g]);
+    }
+    out->tokens = tokens > 0 ? tokens : 0;
+}
+
 const kvp_step *kvp_seq_step(const kvp_seq *s)
 {
     return &s->st;

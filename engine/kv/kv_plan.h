@@ -307,6 +307,11 @@ int kvp_seq_held_tokens(const kvp_seq *s);
  * and the data-derived counts (n_quantized, n_outliers, n_clamped) are the
  * executor's to set. */
 void kvp_seq_add_stats(const kvp_seq *s, int kind, kvc_stats *out);
+/* The host-side accounting of one sequence over its groups (s[g], NULL
+ * where the pool has no such group): zeroes *out, adds each group's
+ * kvp_seq_add_stats and sets tokens (the first group's); the data-derived
+ * counts are left 0. */
+void kvp_seq_groups_stats(kvp_seq *const *s, int n_groups, kvc_stats *out);
 /* The open step's plan (active == 0 when none). Borrowed. */
 const kvp_step *kvp_seq_step(const kvp_seq *s);
 

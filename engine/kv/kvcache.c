@@ -205,13 +205,14 @@ static const kvp_seq *first_seq(const kvc_seq *s)
     return s->pl[KVC_LAYER_GLOBAL] ? s->pl[KVC_LAYER_GLOBAL] : s->pl[KVC_LAYER_WINDOW];
 }
 
+void kvc_seq_held(const kvc_seq *s, kvc_stats *out)
+{
+    kvp_seq_groups_stats(s->pl, KVC_LAYER_KINDS, out);
+}
+
 void kvc_seq_stats(const kvc_seq *s, kvc_stats *out)
 {
-    memset(out, 0, sizeof *out);
-    for (int k = 0; k < KVC_LAYER_KINDS; k++)
-        if (s->pl[k])
-            kvp_seq_add_stats(s->pl[k], k, out);
-    out->tokens = kvp_seq_n_tokens(first_seq(s));
+    kvc_seq_held(s, out);
     out->n_quantized = s->n_quantized;
     out->n_outliers = s->n_outliers;
     out->n_clamped = s->n_clamped;

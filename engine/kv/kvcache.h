@@ -177,6 +177,9 @@ int kvc_seq_set_mode(kvc_seq *s, int mode, char *err, size_t errlen);
 int kvc_seq_mode(const kvc_seq *s);
 int kvc_seq_n_tokens(const kvc_seq *s);
 void kvc_seq_stats(const kvc_seq *s, kvc_stats *out);
+/* kvc_seq_stats without the data-derived counts (n_quantized, n_outliers,
+ * n_clamped left 0): units, bytes and positions held, from the planner. */
+void kvc_seq_held(const kvc_seq *s, kvc_stats *out);
 /* Mean over channels of the EMA range of layer l, tensor 0 = K / 1 = V;
  * returns 0 if the range exists (at least one chunk seen), else -1. */
 int kvc_seq_ema(const kvc_seq *s, int layer, int tensor, float *lo, float *hi);

@@ -504,6 +504,11 @@ const kcu_seg *kvcd_seq_host_segs(const kvcd_seq *s, int g, int *n)
     return (const kcu_seg *)(s->t[g].htab + s->t[g].off_segs);
 }
 
+void kvcd_seq_held(const kvcd_seq *s, kvc_stats *out)
+{
+    kvp_seq_groups_stats(s->pl, KVC_LAYER_KINDS, out);
+}
+
 int kvcd_seq_stats(kvcd_seq *s, kvc_stats *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
@@ -512,10 +517,7 @@ int kvcd_seq_stats(kvcd_seq *s, kvc_stats *out, char *err, size_t errlen)
     int64_t h[8] = {0};
     if (s->cnt && kcu_d2h(s->p->c, h, s->cnt, sizeof h, err, errlen) < 0)
         return -EIO;
-    for (int k = 0; k < KVC_LAYER_KINDS; k++)
-        if (s->pl[k])
-            kvp_seq_add_stats(s->pl[k], k, out);
-    out->tokens = kvp_seq_n_tokens(first_seq(s));
+    kvcd_seq_held(s, out);
     out->n_quantized = (h[0] - h[4]) * s->p->d.kv_dim * 2;
     out->n_outliers = h[1] - h[5];
     out->n_clamped = h[2] - h[6];

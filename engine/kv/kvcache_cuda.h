@@ -85,6 +85,8 @@ int kvcd_seq_n_tokens(const kvcd_seq *s);
  * (counted at each commit; this waits for pending work). Returns 0, or
  * -EIO when a counting or the copy failed. */
 int kvcd_seq_stats(kvcd_seq *s, kvc_stats *out, char *err, size_t errlen);
+/* kvc_seq_held: host bookkeeping only, no device access. */
+void kvcd_seq_held(const kvcd_seq *s, kvc_stats *out);
 
 /* kvc_begin: reserves the step's pages/blocks in every layer group, all or
  * nothing, and uploads each group's tables. Returns 0, -ENOSPC (nothing

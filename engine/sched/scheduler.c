@@ -259,7 +259,8 @@ static void job_end(sched *s, job *j, const char *finish)
         wait_remove(s, j);
     s->admit_hold = 0; /* its units come back */
     kvc_stats st; /* what a sequence of its KV mode held at its end */
-    if (j->slot >= 0 && finish && fwd_seq_stats(s->slots[j->slot], &st, NULL, 0) == 0) {
+    if (j->slot >= 0 && finish) {
+        fwd_seq_held(s->slots[j->slot], &st);
         s->met.kv_mode[r->kv_mode].finished++;
         s->met.kv_mode[r->kv_mode].finished_bytes += st.bytes_total;
         s->met.kv_mode[r->kv_mode].finished_tokens += st.tokens;
@@ -757,8 +758,9 @@ static void snapshot_kv(sched *s, int force)
     }
     for (int k = 0; k < s->p.max_seqs; k++) {
         kvc_stats st;
-        if (!s->running[k] || fwd_seq_stats(s->slots[k], &st, NULL, 0) < 0)
+        if (!s->running[k])
             continue;
+        fwd_seq_held(s->slots[k], &st);
         int m = fwd_seq_mode(s->slots[k]);
         if (m < 0 || m >= CFG_KV_MODES)
             continue;

@@ -14,6 +14,8 @@
  *    AGREE_FRAC of the alone text (the rule test_gpu_forward uses for INT4
  *    greedy runs);
  *  - a pool too small for all requests preempts and still finishes each;
+ *  - a pool of both KV modes (kv.modes): an FP16 and an INT4 request at
+ *    once give the texts of single-mode pools;
  *  - cancelled requests return their blocks; while a request runs, the
  *    metrics snapshot reads the device-side figures (outliers counted from
  *    block headers, EMA means).
@@ -35,8 +37,9 @@
 #define LIGHT 1
 #endif
 
+/* modes: kv.modes (0: mode only; a pool of several KV modes). */
 static sched *mk(const mdl_model *m, bk_device dev, cfg_kv_mode mode, int max_seqs,
-                 int64_t budget_tokens)
+                 int64_t budget_tokens, uint32_t modes)
 {
     char err[512] = "";
     sched_params p = sched_default_params();
@@ -49,6 +52,7 @@ static sched *mk(const mdl_model *m, bk_device dev, cfg_kv_mode mode, int max_se
     p.kv.block_tokens = 32;
     p.kv.warmup_chunks = 1;
     p.kv.kv_budget_tokens = budget_tokens;
+    p.kv.modes = modes;
     sched *s = NULL;
     GT_CHECK(sched_create(m, &p, &s, err, sizeof err) == 0, "sched_create (%s): %s",
              bk_device_str(dev), err);
@@ -154,8 +158,8 @@ static void fp16_equal(const char *rel, int n_req, int max_tokens)
     req_set q;
     make_reqs(m, &q);
     char *tg[N_REQ] = {NULL}, *tc[N_REQ] = {NULL};
-    sched *g = mk(m, BK_DEVICE_CUDA, CFG_KV_FP16, 4, 0);
-    sched *c = mk(m, BK_DEVICE_CPU, CFG_KV_FP16, 4, 0);
+    sched *g = mk(m, BK_DEVICE_CUDA, CFG_KV_FP16, 4, 0, 0);
+    sched *c = mk(m, BK_DEVICE_CPU, CFG_KV_FP16, 4, 0, 0);
     if (g && c) {
         run_all(g, &q, n_req, max_tokens, tg);
         run_all(c, &q, n_req, max_tokens, tc);
@@ -198,7 +202,7 @@ static void case_int4_alone_vs_batched(void)
         return;
     req_set q;
     make_reqs(m, &q);
-    sched *s = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 4, 0);
+    sched *s = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 4, 0, 0);
     char *alone[1] = {NULL}, *all[N_REQ] = {NULL};
     if (s) {
         int gen = gt_emulated() ? 60 / LIGHT : 60;
@@ -224,6 +228,59 @@ static void case_int4_alone_vs_batched(void)
     mdl_free(m);
 }
 
+/* A pool of both KV modes (kv.modes): an FP16 and an INT4 request served
+ * at once give the texts of single-mode pools (FP16: the CPU's; INT4: the
+ * GPU int4 pool's, exact in the emulator, AGREE_FRAC on a device). */
+static void case_kv_modes_per_request(void)
+{
+    mdl_model *m = gt_load_model(GT_260K);
+    if (!m)
+        return;
+    req_set q;
+    make_reqs(m, &q);
+    const int gen = gt_emulated() ? 40 / LIGHT : 40;
+    sched *mix = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 4, 0,
+                    (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4));
+    sched *c16 = mk(m, BK_DEVICE_CPU, CFG_KV_FP16, 4, 0, 0);
+    sched *g4 = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 4, 0, 0);
+    char *ref16[1] = {NULL}, *ref4[1] = {NULL}, *t16 = NULL, *t4 = NULL;
+    if (mix && c16 && g4) {
+        run_all(c16, &q, 1, gen, ref16);
+        run_all(g4, &q, 1, gen, ref4);
+        char err[512] = "";
+        sched_req *r16 = NULL, *r4 = NULL;
+        sched_req_params p16 = greedy(q.ids[0], q.n[0], gen), p4 = p16;
+        p16.kv_mode = SCHED_KV_MODE(CFG_KV_FP16);
+        GT_CHECK(sched_submit(mix, &p16, &r16, err, sizeof err) == 0, "submit fp16: %s", err);
+        GT_CHECK(sched_submit(mix, &p4, &r4, err, sizeof err) == 0, "submit int4: %s", err);
+        int st16 = -1, st4 = -1;
+        t16 = r16 ? collect(mix, r16, &st16) : strdup("");
+        t4 = r4 ? collect(mix, r4, &st4) : strdup("");
+        sched_req_release(mix, r16);
+        sched_req_release(mix, r4);
+        GT_CHECK(st16 == 0 && st4 == 0, "statuses %d %d", st16, st4);
+        GT_CHECK(strcmp(t16, ref16[0]) == 0, "fp16 in a mixed pool\n%s\nfp16 pool\n%s", t16,
+                 ref16[0]);
+        size_t same = 0, len = strlen(ref4[0]);
+        while (ref4[0][same] && ref4[0][same] == t4[same])
+            same++;
+        GT_CHECK(gt_emulated() ? strcmp(t4, ref4[0]) == 0 : same >= (size_t)(AGREE_FRAC * len),
+                 "int4 in a mixed pool\n%s\nint4 pool\n%s", t4, ref4[0]);
+        sched_metrics met;
+        sched_get_metrics(mix, &met);
+        GT_CHECK(met.kv_mode[CFG_KV_FP16].finished == 1 && met.kv_mode[CFG_KV_INT4].finished == 1,
+                 "finished by mode: %llu %llu",
+                 (unsigned long long)met.kv_mode[CFG_KV_FP16].finished,
+                 (unsigned long long)met.kv_mode[CFG_KV_INT4].finished);
+    }
+    free(ref16[0]), free(ref4[0]), free(t16), free(t4);
+    sched_destroy(mix);
+    sched_destroy(c16);
+    sched_destroy(g4);
+    free_reqs(&q);
+    mdl_free(m);
+}
+
 /* 6 requests of ~180 tokens each in a pool of 512 tokens with 6 slots (under
  * sanitizers in the emulator ~110 in 384): admission waits and preemption
  * recomputes; every request finishes. */
@@ -240,7 +297,7 @@ static void case_small_pool_preempts(void)
     int32_t *ids = encode(m, longp, &n);
     int light = gt_emulated() ? LIGHT : 1;
     int gen = gt_emulated() ? 100 / light : 120;
-    sched *s = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 6, light > 1 ? 384 : 512);
+    sched *s = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 6, light > 1 ? 384 : 512, 0);
     sched_req *rs[6] = {NULL};
     for (int i = 0; s && i < 6; i++) {
         sched_req_params p = greedy(ids, n, gen);
@@ -284,7 +341,7 @@ static void case_metrics_and_cancel(void)
     int n; /* a prompt of some 30 tokens: the first chunk's range is not a point */
     int32_t *ids = encode(m, "Once upon a time there was a little girl named Lily. She "
                              "liked to play in the park with her red ball.", &n);
-    sched *s = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 1, 0);
+    sched *s = mk(m, BK_DEVICE_CUDA, CFG_KV_INT4, 1, 0, 0);
     if (!s) {
         free(ids);
         mdl_free(m);
@@ -339,6 +396,7 @@ int main(void)
     gt_case("fp16_vs_cpu", case_fp16_vs_cpu);
     gt_case("int4_alone_vs_batched", case_int4_alone_vs_batched);
     gt_case("small_pool_preempts", case_small_pool_preempts);
+    gt_case("kv_modes_per_request", case_kv_modes_per_request);
     gt_case("metrics_and_cancel", case_metrics_and_cancel);
     return gt_end();
 }

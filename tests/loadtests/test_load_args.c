@@ -95,7 +95,7 @@ Test(args, refusals_are_one_line)
         {"-c 1 -n 5x", "--requests"},
         {"-c 1 -d 5 --max-tokens 0", "--max-tokens"},
         {"-c 1 -d 5 --prompt-tokens -4", "--prompt-tokens"},
-        {"-c 1 -d 5 --kv-cache int4", "unknown option '--kv-cache'"},
+        {"-c 1 -d 5 --kv-budget 1G", "unknown option '--kv-budget'"},
         {"-c 1 -d 5 -Z", "unknown option '-Z'"},
         {"-c 1 -d 5 stray", "unexpected argument 'stray'"},
         {"-c 1 -d", "needs a value"},
@@ -353,7 +353,7 @@ static int count_lines(const char *s)
 
 Test(binary, refuses_bad_arguments_with_one_line)
 {
-    const char *bad[] = {"--kv-cache int4 -c 1 -d 1", "-c 1,,4 -d 1", "-c 8 -n 2", "-c 1",
+    const char *bad[] = {"--kv-budget 1G -c 1 -d 1", "-c 1,,4 -d 1", "-c 8 -n 2", "-c 1",
                          "-c 1 -d 1 --prompt-tokens 900000", "-c 1 -d 1 --prompt-file /nonexistent"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         run_result r;

@@ -286,6 +286,19 @@ static inline int ts_sse(const char *body, char text[][4096], int *done, long *u
     return n;
 }
 
+/* GET /metrics: the text (caller frees), NULL unless the answer is 200. */
+static inline char *ts_get_metrics(const tsrv *s)
+{
+    char url[256];
+    snprintf(url, sizeof url, "%s/metrics", s->base);
+    ts_buf b = {0};
+    if (ts_http(url, "GET", NULL, NULL, &b, 30) != 200) {
+        free(b.data);
+        return NULL;
+    }
+    return b.data;
+}
+
 /* Value of the first metric line starting with prefix (name or
  * name{labels}), or -1 if absent. */
 static inline double ts_metric(const char *text, const char *prefix)

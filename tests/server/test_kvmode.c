@@ -91,11 +91,9 @@ static void greedy(const tsrv *s, const char *kv, int max_tokens, char *out)
 
 static char *metrics(const tsrv *s)
 {
-    char url[256];
-    snprintf(url, sizeof url, "%s/metrics", s->base);
-    ts_buf b = {0};
-    cr_assert_eq(ts_http(url, "GET", NULL, NULL, &b, 30), 200);
-    return b.data;
+    char *m = ts_get_metrics(s);
+    cr_assert_not_null(m, "GET /metrics failed");
+    return m;
 }
 
 /* The text of a server started with --kv-cache mode alone. */

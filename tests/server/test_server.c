@@ -456,11 +456,9 @@ Test(server, bad_input, .timeout = 120)
 
 static char *get_metrics(const tsrv *s)
 {
-    char url[256];
-    snprintf(url, sizeof url, "%s/metrics", s->base);
-    ts_buf b = {0};
-    cr_assert_eq(ts_http(url, "GET", NULL, NULL, &b, 30), 200);
-    return b.data;
+    char *m = ts_get_metrics(s);
+    cr_assert_not_null(m, "GET /metrics failed");
+    return m;
 }
 
 Test(server, load_faults_and_sigterm, .timeout = 300)
