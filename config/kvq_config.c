@@ -141,7 +141,7 @@ int cfg_kv_mode_parse(const char *name, cfg_kv_mode *out)
     return -1;
 }
 
-const char *cfg_kv_mode_name(int mode)
+const char *cfg_kv_mode_str(int mode)
 {
     return mode >= 0 && mode < CFG_KV_MODES ? mode_names[mode][0] : "?";
 }
@@ -355,12 +355,12 @@ static void modes_str(uint32_t mask, char *b, size_t n)
     b[0] = 0;
     for (int m = 0; m < CFG_KV_MODES && at < n; m++)
         if ((mask >> m) & 1u) {
-            int w = snprintf(b + at, n - at, "%s%s", at ? "," : "", cfg_kv_mode_name(m));
+            int w = snprintf(b + at, n - at, "%s%s", at ? "," : "", cfg_kv_mode_str(m));
             at += w > 0 ? (size_t)w : 0;
         }
 }
 
-void cfg_kv_mode_names(char *buf, size_t cap)
+void cfg_kv_mode_list(char *buf, size_t cap)
 {
     if (cap)
         modes_str((1u << CFG_KV_MODES) - 1u, buf, cap);

@@ -79,11 +79,11 @@ int cfg_kv_is_key(const char *key);
 
 /* Mode names ("fp16", "int4"; parsing also takes "f16", "q4", any case):
  * cfg_kv_mode_parse returns 0 and *out, or -1 for an unknown name;
- * cfg_kv_mode_name returns "?" for a value out of range; cfg_kv_mode_names
+ * cfg_kv_mode_str returns "?" for a value out of range; cfg_kv_mode_list
  * writes "fp16,int4" (for error messages). */
 int cfg_kv_mode_parse(const char *name, cfg_kv_mode *out);
-const char *cfg_kv_mode_name(int mode);
-void cfg_kv_mode_names(char *buf, size_t cap);
+const char *cfg_kv_mode_str(int mode);
+void cfg_kv_mode_list(char *buf, size_t cap);
 /* 1 if a sequence of a pool of configuration c may use mode m: m is c's
  * mode or one of its kv_modes. */
 int cfg_kv_has_mode(const cfg_kv *c, int m);

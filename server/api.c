@@ -570,7 +570,7 @@ static int parse_kv_cache(json_t *root, const api_ctx *c, api_request *r, api_er
 {
     json_t *v = json_object_get(root, "kv_cache");
     char names[64];
-    cfg_kv_mode_names(names, sizeof names);
+    cfg_kv_mode_list(names, sizeof names);
     if (!v || json_is_null(v))
         return 0;
     if (!json_is_string(v)) {
@@ -587,7 +587,7 @@ static int parse_kv_cache(json_t *root, const api_ctx *c, api_request *r, api_er
     if (c->kv_modes && !((c->kv_modes >> m) & 1u)) {
         api_set_error(e, 400, NULL, NULL, "kv_cache",
                       "'kv_cache' %s is not enabled on this server (start it with "
-                      "--kv-modes fp16,int4 to serve both)", cfg_kv_mode_name(m));
+                      "--kv-modes fp16,int4 to serve both)", cfg_kv_mode_str(m));
         return -1;
     }
     r->kv_mode = SCHED_KV_MODE(m);

@@ -412,7 +412,7 @@ int main(int argc, char **argv)
                  "(\"kv_cache\" per request, default %s); one sequence up to %d tokens; %d "
                  "slots, at most %d per request; queue %d",
                  (double)cap.pool_bytes / (1024.0 * 1024.0), (long long)cap.seqs_int4, cap.n_ctx,
-                 (long long)cap.seqs_fp16, cfg_kv_mode_name(o.kv.mode), cap.max_seq_tokens,
+                 (long long)cap.seqs_fp16, cfg_kv_mode_str(o.kv.mode), cap.max_seq_tokens,
                  cap.max_seqs, cap.max_seqs_per_req, cap.max_queue);
     else if (cap.kv_int4)
         log_info("KV pool %.1f MiB holds %lld sequences of %d tokens in int4 (the same bytes "

@@ -73,7 +73,7 @@ static void mode_family(lkq_sb *b, const sched_metrics *sm, const char *name, co
         head(b, name, type, help);
     for (int m = 0; m < CFG_KV_MODES; m++)
         if ((sm->kv_modes >> m) & 1u)
-            lkq_sb_printf(b, "%s{mode=\"%s\"%s} %.17g\n", name, cfg_kv_mode_name(m), extra, v[m]);
+            lkq_sb_printf(b, "%s{mode=\"%s\"%s} %.17g\n", name, cfg_kv_mode_str(m), extra, v[m]);
 }
 
 /* What the sequences of each KV mode ("kv_cache" per request) hold now and

@@ -694,7 +694,7 @@ int kvp_seq_set_mode(kvp_seq *s, int mode, char *err, size_t errlen)
 {
     if (!cfg_kv_has_mode(&s->p->cfg, mode))
         return lkq_err(err, errlen, -EINVAL, "this KV pool holds no %s sequences",
-                       cfg_kv_mode_name(mode));
+                       cfg_kv_mode_str(mode));
     if (s->n_ents > 0 || s->n_tokens > 0 || s->st.active)
         return lkq_err(err, errlen, -EINVAL, "the KV mode of a sequence is set while it is "
                        "empty");
@@ -712,7 +712,7 @@ int kvp_seq_set_mode_groups(kvp_seq *const *s, int n_groups, const cfg_kv *c, in
 {
     if (!cfg_kv_has_mode(c, mode))
         return lkq_err(err, errlen, -EINVAL, "this KV pool holds no %s sequences (kv_modes)",
-                       cfg_kv_mode_name(mode));
+                       cfg_kv_mode_str(mode));
     for (int g = 0; g < n_groups; g++) {
         if (!s[g])
             continue;

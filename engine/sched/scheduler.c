@@ -360,7 +360,7 @@ static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *e
         if (err && errlen)
             snprintf(err, errlen, "kv_cache '%s' is not enabled on this server (its KV pool "
                      "holds %s sequences; start it with --kv-modes to add others)",
-                     cfg_kv_mode_name(kv_mode), cfg_kv_mode_name(s->p.kv.mode));
+                     cfg_kv_mode_str(kv_mode), cfg_kv_mode_str(s->p.kv.mode));
         return -EINVAL;
     }
     const int32_t max_seq = s->max_seq_mode[kv_mode];

@@ -114,3 +114,45 @@ Test(kvq_config, file_round_trip_and_errors)
     cr_assert(strstr(js, "\"chunk_size\": 1024") != NULL, "%s", js);
     cr_assert(strstr(js, "\"window_kv\": \"int4\"") != NULL, "%s", js);
 }
+
+/* kv_modes: the KV modes sequences of one pool may use (a server's
+ * per-request "kv_cache"); the mode names. */
+Test(kvq_config, kv_modes)
+{
+    cfg_kv c = cfg_kv_default();
+    cr_assert_eq(c.modes, 0u, "default: kv_cache only");
+    cr_assert(cfg_kv_has_mode(&c, CFG_KV_INT4) && !cfg_kv_has_mode(&c, CFG_KV_FP16));
+    cr_assert_eq(cfg_kv_set(&c, "kv-modes", "fp16, INT4", err, sizeof err), 0, "%s", err);
+    cr_assert_eq(c.modes, 3u);
+    cr_assert(cfg_kv_has_mode(&c, CFG_KV_FP16) && cfg_kv_has_mode(&c, CFG_KV_INT4));
+    cr_assert(!cfg_kv_has_mode(&c, CFG_KV_MODES) && !cfg_kv_has_mode(&c, -1));
+    cr_assert_eq(cfg_kv_mode_mask(&c), 3u);
+    cfg_kv f = cfg_kv_with_mode(&c, CFG_KV_FP16);
+    cr_assert_eq(f.mode, CFG_KV_FP16);
+    cr_assert_eq(f.modes, 3u);
+    cr_assert_eq(cfg_kv_set(&c, "kv_modes", "all", err, sizeof err), 0);
+    cr_assert_eq(c.modes, (1u << CFG_KV_MODES) - 1u);
+    cr_assert_lt(cfg_kv_set(&c, "kv_modes", "fp16,int5", err, sizeof err), 0);
+    cr_assert(strstr(err, "kv_modes") != NULL, "%s", err);
+    cr_assert_eq(c.modes, (1u << CFG_KV_MODES) - 1u, "a refusal changes nothing");
+    char js[1024];
+    cfg_kv_json(&c, js, sizeof js);
+    cr_assert(strstr(js, "\"kv_modes\": \"fp16,int4\"") != NULL, "%s", js);
+    cfg_kv d = cfg_kv_default();
+    cfg_kv_json(&d, js, sizeof js);
+    cr_assert_null(strstr(js, "kv_modes"), "unset: not written");
+    cr_assert_eq(cfg_kv_set(&c, "kv_modes", "", err, sizeof err), 0);
+    cr_assert_eq(c.modes, 0u);
+    cfg_kv_mode m;
+    cr_assert_eq(cfg_kv_mode_parse("F16", &m), 0);
+    cr_assert_eq(m, CFG_KV_FP16);
+    cr_assert_eq(cfg_kv_mode_parse("q4", &m), 0);
+    cr_assert_eq(m, CFG_KV_INT4);
+    cr_assert_lt(cfg_kv_mode_parse("int4 ", &m), 0);
+    cr_assert_lt(cfg_kv_mode_parse(NULL, &m), 0);
+    cr_assert_str_eq(cfg_kv_mode_str(CFG_KV_INT4), "int4");
+    cr_assert_str_eq(cfg_kv_mode_str(7), "?");
+    char names[64];
+    cfg_kv_mode_list(names, sizeof names);
+    cr_assert_str_eq(names, "fp16,int4");
+}
