@@ -38,16 +38,6 @@ static fwd_state *mk(const mdl_model *m, cfg_kv_mode mode, int prefix)
     return s;
 }
 
-static void prompt(int32_t *ids, int n, int32_t n_vocab, uint32_t seed)
-{
-    uint32_t x = seed;
-    ids[0] = 1;
-    for (int i = 1; i < n; i++) {
-        x = x * 1664525u + 1013904223u;
-        ids[i] = 3 + (int32_t)((x >> 8) % (uint32_t)(n_vocab - 3));
-    }
-}
-
 /* One step of q: tokens [at, at+n) of ids. Returns its logits. */
 static const float *step(fwd_state *s, fwd_seq *q, const int32_t *ids, int n, int prefill)
 {
@@ -97,9 +87,9 @@ static void reuse_is_exact(const char *path, cfg_kv_mode mode)
     float *cold = malloc((size_t)MAXROWS * V * sizeof(float));
     float *warm = malloc((size_t)MAXROWS * V * sizeof(float));
     int32_t x[300], y[300];
-    prompt(x, 300, V, 11);
+    tu_prompt(x, 300, V, 11);
     memcpy(y, x, sizeof y);
-    prompt(y + 150, 150, V, 99); /* y shares x's first 150 tokens */
+    tu_prompt(y + 150, 150, V, 99); /* y shares x's first 150 tokens */
     y[150] = 5;
 
     /* cold references on a state without the cache */
@@ -154,7 +144,7 @@ static void reuse_is_exact(const char *path, cfg_kv_mode mode)
         /* z: x's prompt, another continuation (the other choice) */
         int32_t z[300];
         memcpy(z, x, sizeof z);
-        prompt(z + n, 300 - n, V, 1234u + (uint32_t)k);
+        tu_prompt(z + n, 300 - n, V, 1234u + (uint32_t)k);
         n_cold = finish(ref, r, x, n, n + 20, V, cold);
         fwd_seq_reset(r);
         finish(ref, r, z, n, n + 20, V, cold_y);
