@@ -44,9 +44,15 @@
  * planner for every decision, so that the two caches hold the same entries
  * for the same steps by construction.
  *
+ * Prefix cache (kvp_prefix_*, kvp_seq_fork; see its section below): units
+ * count their holders, so whole prompt chunks can be shared between
+ * sequences and kept cached after them.
+ *
  * May call: config/ (validation), kernels/kvq.h (block layout sizes). Uses
  * the shared types of engine/kv/kvcache.h (kvc_dims, kvc_stats). Allocates
- * only in kvp_pool_create / kvp_seq_create.
+ * only in kvp_pool_create / kvp_seq_create, and per cached prefix in
+ * kvp_prefix_enable / kvp_prefix_insert (once per prompt chunk, never per
+ * token).
  * Threading: a pool and its sequences are used by one thread at a time (the
  * executor's thread).
  */

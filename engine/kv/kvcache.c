@@ -10,6 +10,10 @@
  * A step writes only into blocks/pages reserved by kvc_begin and not yet
  * visible (or past the visible end of the last page), so attention during
  * the step reads the history exactly as it was before the step.
+ * Prefix reuse: the planner shares the entries; this file keeps the EMA
+ * state and counters at a cached boundary (a node's data), restores them
+ * when a sequence continues from it, and copies them (and a partially
+ * filled page) for a fork.
  * May call: kv_plan, kernels (kvq, ktypes). Engine thread only.
  */
 #include "engine/kv/kvcache.h"

@@ -32,6 +32,15 @@
  * queued behind every chunk of a long one; every step still carries the
  * decode token of every running sequence.
  *
+ * Prefix reuse (sched_params.prefix_nodes, sched_req_params.cache_prompt;
+ * engine/kv/kv_plan.h, the prefix cache): an admitted sequence continues
+ * from the longest cached prefix of its prompt (whole chunks, with the EMA
+ * state at that boundary: what a cold run computes, bit for bit), every
+ * committed prompt chunk is offered to the cache, and the other choices of
+ * an n > 1 request wait until choice 0 has prefilled the prompt, then fork
+ * its sequence and sample from the same logits. Cached blocks no sequence
+ * holds count as free for admission and are evicted least recently used.
+ *
  * Output: per choice, the text (UTF-8, stop sequences cut, text that could
  * still become a stop sequence held back) and per-token records; the HTTP
  * side copies what is new with sched_req_poll and is told by its notify
