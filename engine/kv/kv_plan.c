@@ -1285,7 +1285,7 @@ int kvp_prefix_adopt(kvp_seq *s, const int32_t *toks, int n, const void **data)
     if (best < 0)
         return 0;
     kvp_node *nd = x->nodes[best];
-    if (nd->n_ents > s->cap.ents)
+    if (nd->n_ents > s->cap.ents || nd->n_tokens >= s->max_tokens)
         return 0; /* a shorter sequence than the one that stored it */
     nd->last_use = ++x->clock;
     for (int i = 0; i < nd->n_ents; i++) {
