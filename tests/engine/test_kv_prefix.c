@@ -329,3 +329,37 @@ Test(kv_prefix, configuration_keys_and_window_pools)
     kvp_seq_destroy(b);
     kvp_pool_destroy(p);
 }
+
+/* A pool of both KV modes (kv_modes): each mode's prefixes are its own;
+ * a fork continues its source's mode. */
+Test(kv_prefix, modes_keep_their_own_prefixes)
+{
+    fill_tokens();
+    cfg_kv c = cfg(CFG_KV_INT4);
+    c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *q4 = seq(p, 512), *f16 = seq(p, 512), *a = seq(p, 512), *b = seq(p, 512);
+    cr_assert_eq(kvp_seq_set_mode(f16, CFG_KV_FP16, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(prefill(q4, toks_a, 140), 3, "int4: boundaries at 64, 96, 128");
+    const void *d;
+    cr_assert_eq(kvp_seq_set_mode(a, CFG_KV_FP16, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_prefix_adopt(a, toks_a, 200, &d), 0, "an fp16 sequence takes no int4 prefix");
+    cr_assert_eq(prefill(f16, toks_a, 100), 3, "fp16: boundaries at 32, 64, 96");
+    cr_assert_eq(kvp_prefix_adopt(a, toks_a, 200, &d), 96);
+    int n;
+    const kvp_ent *e = kvp_seq_entries(a, &n);
+    for (int i = 0; i < n; i++)
+        cr_assert_eq(e[i].kind, KVP_PAGE, "entry %d of the fp16 prefix is a page", i);
+    cr_assert_eq(kvp_prefix_adopt(b, toks_a, 200, &d), 128, "int4 takes its own, longest");
+    e = kvp_seq_entries(b, &n);
+    cr_assert_eq(e[n - 1].kind, KVP_BLOCK);
+    kvp_seq *fk = seq(p, 512);
+    kvp_src from;
+    int32_t to;
+    cr_assert_eq(kvp_seq_fork(fk, a, &from, &to, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_seq_mode(fk), CFG_KV_FP16, "a fork continues its source's mode");
+    kvp_seq *all[] = {q4, f16, a, b, fk};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        kvp_seq_destroy(all[i]);
+    kvp_pool_destroy(p);
+}
