@@ -55,6 +55,11 @@ typedef struct {
     int n_threads;         /* cpu: worker threads (>= 1) */
     int use_ref;           /* cpu: kernels/ref, single-threaded (the oracle) */
     int device_index;      /* cuda: GPU ordinal */
+    int exact;             /* 1: exact evaluation mode - every matmul in f32 over the
+                            * dequantized weights (no 8-bit activations, no f16 GEMM
+                            * inputs), so two runs that differ only in their KV cache
+                            * differ only by f32 rounding (eval.h); costs 4 bytes per
+                            * weight and the speed of the integer kernels */
 } bk_config;
 
 /* A weight matrix held by the backend (rows x cols, y = x @ W^T). */

@@ -50,6 +50,7 @@ static int make_state(const mdl_model *m, const eval_params *p, const cfg_kv *kv
     fp.use_ref = p->use_ref;
     fp.kv = *kv;
     fp.device = (bk_device)p->device;
+    fp.exact = p->exact;
     return fwd_create(m, &fp, out, err, errlen);
 }
 

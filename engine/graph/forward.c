@@ -150,7 +150,7 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp,
     if (s->logit_rows < p.max_seqs)
         s->logit_rows = p.max_seqs < p.max_batch ? p.max_seqs : p.max_batch;
     bk_config bc = {hp, p.max_batch, p.max_seqs, s->logit_rows, p.n_ctx, p.n_threads,
-                    p.use_ref, p.device_index};
+                    p.use_ref, p.device_index, p.exact};
     rc = ops->create(&bc, &s->be, err, errlen);
     if (rc < 0) {
         s->be = NULL;
