@@ -43,7 +43,11 @@ import time
 
 import numpy as np
 
-import llama_cpp
+# llama.cpp's CPU backend runs on OpenMP: passive waiting, so that its
+# threads sleep at barriers instead of spinning on a shared machine (set
+# before the library loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import llama_cpp  # noqa: E402
 
 LLAMA_TYPES = {
     # name: (ggml type, bits per element of its block)
