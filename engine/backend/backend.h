@@ -169,6 +169,9 @@ typedef struct bk_ops {
     int (*add)(void *be, float *y, const float *x, size_t n, char *err, size_t errlen);
     /* x [n] = cap * tanh(x / cap) */
     int (*softcap)(void *be, float *x, size_t n, float cap, char *err, size_t errlen);
+    /* x [rows][dim] = x H / sqrt(dim) in place, row by row: the Walsh-Hadamard
+     * rotation of kv_rotate (dim = head_dim, a power of two; kref_hadamard) */
+    int (*hadamard)(void *be, float *x, int rows, int dim, char *err, size_t errlen);
     /* out [n][n_heads*head_dim] for q of the same shape; k, v [n][kv_dim]
      * are the step's own rows (after RoPE) */
     int (*attention)(void *be, int layer, const bk_attn *a, const float *q, float *out,

@@ -386,6 +386,19 @@ static int cpu_softcap(void *be, float *x, size_t n, float cap, char *err, size_
     return 0;
 }
 
+static int cpu_hadamard(void *be, float *x, int rows, int dim, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    if (dim < 1 || dim > 4096 || (dim & (dim - 1)))
+        return lkq_err(err, errlen, -EINVAL, "rotation of %d channels: not a power of two "
+                       "in [1, 4096]", dim);
+    if (b->use_ref)
+        kref_hadamard(x, rows, dim);
+    else
+        kcpu_hadamard(x, rows, dim);
+    return 0;
+}
+
 static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, float *out,
                          const float *k, const float *v, char *err, size_t errlen)
 {
@@ -594,7 +607,7 @@ const bk_ops bk_cpu_ops = {
     .rope = cpu_rope,
     .glu = cpu_glu,
     .add = cpu_add,
-    .softcap = cpu_softcap,
+    .softcap = cpu_softcap, .hadamard = cpu_hadamard,
     .attention = cpu_attention,
     .kv_store = cpu_kv_store,
     .pool_create = cpu_pool_create,

@@ -48,6 +48,7 @@
 #include "kernels/cuda/kcu_bias.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
 #include "kernels/cuda/kcu_geglu.cuh"
+#include "kernels/cuda/kcu_hadamard.cuh"
 #include "kernels/cuda/kcu_rmsnorm.cuh"
 #include "kernels/cuda/kcu_rope.cuh"
 #include "kernels/cuda/kcu_scale.cuh"
@@ -690,6 +691,14 @@ static int cu_softcap(void *be, float *x, size_t n, float cap, char *err, size_t
     return op_end(s, rc, err, errlen);
 }
 
+static int cu_hadamard(void *be, float *x, int rows, int dim, char *err, size_t errlen)
+{
+    cuda_be *s = be;
+    int rc = KCU(kcu_hadamard(s->c, x, rows, dim, err, errlen));
+    touch(s, x, (size_t)rows * (size_t)dim);
+    return op_end(s, rc, err, errlen);
+}
+
 /* One kcu_attn call over every slice of the step (the items and segments
  * of the layer's group, uploaded by step_begin; a window layer's window
  * masks what its group still holds beyond it); timed per layer while
@@ -893,6 +902,7 @@ const bk_ops bk_cuda_ops = {
     .step_begin = cu_step_begin, .embed = cu_embed, .matmul = cu_matmul,
     .rmsnorm = cu_rmsnorm, .add_bias = cu_add_bias, .rope = cu_rope, .glu = cu_glu,
     .add = cu_add, .softcap = cu_softcap, .attention = cu_attention, .kv_store = cu_kv_store,
+    .hadamard = cu_hadamard,
     /* the KV pool */
     .pool_create = cu_pool_create, .pool_capacity_bytes = cu_pool_capacity_bytes,
     .pool_free_units = cu_pool_free_units, .pool_usage = cu_pool_usage,

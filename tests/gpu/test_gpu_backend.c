@@ -37,7 +37,7 @@ static mdl_hparams tiny_hp(void)
 
 static void *mk(const mdl_hparams *hp, int device)
 {
-    bk_config c = {hp, 8, 2, 8, 64, 1, 0, device};
+    bk_config c = {hp, 8, 2, 8, 64, 1, 0, device, 0};
     void *be = NULL;
     gt_err[0] = '\0';
     int rc = O->create(&c, &be, gt_err, sizeof gt_err);
