@@ -46,6 +46,8 @@ static double now_s(void)
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
     "      --window-kv fp16|int4 sliding-window layers' cache (fp16; int4 needs --kv-cache int4)\n" \
+    "      --kv-rotate 0|1|2    Walsh-Hadamard rotation of K (1) or K and V (2) per head\n" \
+    "                           before the cache (0; needs a power-of-two head_dim)\n" \
     "      --config FILE        'key = value' lines with the same keys\n"
 
 static void usage_perplexity(FILE *f)

@@ -19,57 +19,62 @@
 
 #include "engine/eval/eval.h"
 #include "engine/model/model.h"
+#include "tests/engine/moby_tokens.h"
 #include "tests/test_util.h"
 
-/* Tokens of Moby-Dick from "CHAPTER 1." (BOS per the model). */
-static int32_t *moby_tokens(const mdl_model *m, int want, int *n_out)
+/* SmolLM2 and its first tokens of Moby-Dick; 0 when the model is absent. */
+static int load_smollm2(mdl_model **m, int32_t **ids, int want, int *n)
 {
-    FILE *f = fopen(tu_shared("data/moby-dick.txt"), "rb");
-    cr_assert_not_null(f);
-    static char buf[20000];
-    size_t len = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[len] = '\0';
-    const char *from = strncmp(buf, "CHAPTER 1.", 10) == 0 ? buf : strstr(buf, "\nCHAPTER 1.");
-    cr_assert_not_null(from);
-    int32_t *ids = malloc(sizeof(int32_t) * 20000);
-    int n = 0;
-    cr_assert_eq(tok_encode(m->tok, from, strlen(from), tok_default_add_bos(m->tok), 0, ids,
-                            20000, &n), 0);
-    cr_assert_geq(n, want);
-    *n_out = n;
-    return ids;
+    const char *p = tu_smollm2();
+    if (!p)
+        return 0;
+    char err[512];
+    cr_assert_eq(mdl_load(p, NULL, m, err, sizeof err), 0, "%s", err);
+    *ids = moby_tokens(*m, want, n);
+    return 1;
 }
 
-static eval_result run(const mdl_model *m, const int32_t *ids, int n, int ctx, int exact)
+/* Chunks of 64, blocks of 32: several chunks and pages in 256 tokens. */
+static cfg_kv small_kv(cfg_kv_mode mode)
 {
-    char err[512];
     cfg_kv kv = cfg_kv_default();
-    kv.mode = CFG_KV_INT4;
+    kv.mode = mode;
     kv.chunk_size = 64;
     kv.block_tokens = 32;
-    kv.warmup_chunks = 1000; /* never leaves warm-up: FP16 staging only */
+    return kv;
+}
+
+/* kv against the FP16 cache over one window of ctx tokens. */
+static eval_result run(const mdl_model *m, const int32_t *ids, int n, int ctx, int exact,
+                       const cfg_kv *kv)
+{
+    char err[512];
     eval_params ep = {.n_ctx = ctx, .n_windows = 1, .n_threads = 2, .compare = 1,
-                      .exact = exact, .kv = kv};
+                      .exact = exact, .kv = *kv};
     eval_result r;
     cr_assert_eq(eval_perplexity(m, ids, n, &ep, &r, err, sizeof err), 0, "%s", err);
     cr_assert_eq(r.n_scored, ctx - 1);
     return r;
 }
 
+/* SmolLM2 with at least ctx tokens of the text, or the test skipped. */
+#define LOAD_SMOLLM2(m, ids, n, ctx)                                                    \
+    do {                                                                               \
+        if (!load_smollm2(&(m), &(ids), (ctx), &(n)))                                  \
+            cr_skip_test("SmolLM2 model not present (run scripts/setup.sh)");          \
+    } while (0)
+
 Test(eval_exact, smollm2_fp16_page_noise_floor, .timeout = 300)
 {
-    const char *p = tu_smollm2();
-    if (!p)
-        cr_skip_test("SmolLM2 model not present (run scripts/setup.sh)");
-    char err[512];
-    mdl_model *m = NULL;
-    cr_assert_eq(mdl_load(p, NULL, &m, err, sizeof err), 0, "%s", err);
     const int ctx = 256;
+    mdl_model *m = NULL;
+    int32_t *ids = NULL;
     int n = 0;
-    int32_t *ids = moby_tokens(m, ctx, &n);
-    eval_result fast = run(m, ids, n, ctx, 0);
-    eval_result exact = run(m, ids, n, ctx, 1);
+    LOAD_SMOLLM2(m, ids, n, ctx);
+    cfg_kv kv = small_kv(CFG_KV_INT4);
+    kv.warmup_chunks = 1000; /* never leaves warm-up: FP16 staging only */
+    eval_result fast = run(m, ids, n, ctx, 0, &kv);
+    eval_result exact = run(m, ids, n, ctx, 1, &kv);
     cr_log_info("FP16 staging vs FP16 blocks, %d tokens: fast KLD %.3g (ppl %+.4f%%), "
                 "exact KLD %.3g (ppl %+.6f%%, top-1 %.4f)", ctx, fast.kld,
                 100 * (fast.ppl / fast.ppl_ref - 1), exact.kld,
@@ -90,36 +95,26 @@ Test(eval_exact, smollm2_fp16_page_noise_floor, .timeout = 300)
  * two is refused with one line. */
 Test(eval_exact, smollm2_rotation_is_invisible_in_fp16, .timeout = 300)
 {
-    const char *p = tu_smollm2();
-    if (!p)
-        cr_skip_test("SmolLM2 model not present (run scripts/setup.sh)");
-    char err[512];
-    mdl_model *m = NULL;
-    cr_assert_eq(mdl_load(p, NULL, &m, err, sizeof err), 0, "%s", err);
     const int ctx = 256;
+    mdl_model *m = NULL;
+    int32_t *ids = NULL;
     int n = 0;
-    int32_t *ids = moby_tokens(m, ctx, &n);
-    cfg_kv kv = cfg_kv_default();
-    kv.mode = CFG_KV_FP16;
-    kv.chunk_size = 64;
-    kv.block_tokens = 32;
+    LOAD_SMOLLM2(m, ids, n, ctx);
+    cfg_kv kv = small_kv(CFG_KV_FP16);
     kv.kv_rotate = 2;
-    eval_params ep = {.n_ctx = ctx, .n_windows = 1, .n_threads = 2, .compare = 1,
-                      .exact = 1, .kv = kv};
-    eval_result r;
-    cr_assert_eq(eval_perplexity(m, ids, n, &ep, &r, err, sizeof err), 0, "%s", err);
+    eval_result r = run(m, ids, n, ctx, 1, &kv);
     cr_log_info("FP16, K and V rotated vs plain, exact: KLD %.3g, top-1 %.4f", r.kld,
                 r.top1_agree);
-    cr_assert_eq(r.n_scored, ctx - 1);
     cr_assert_leq(r.kld, 1e-5);
     cr_assert_eq(r.top1_agree, 1.0);
     free(ids);
     mdl_free(m);
 
     /* stories15M: head_dim 48 */
+    char err[512];
+    eval_params ep = {.n_ctx = 32, .n_windows = 1, .n_threads = 2, .compare = 1, .kv = kv};
     cr_assert_eq(mdl_load(tu_shared("models/stories15M/stories15M.bin"), NULL, &m, err,
                           sizeof err), 0, "%s", err);
-    ep.n_ctx = 32;
     ids = moby_tokens(m, 32, &n);
     err[0] = '\0';
     cr_assert_lt(eval_perplexity(m, ids, n, &ep, &r, err, sizeof err), 0);
