@@ -44,8 +44,10 @@ computed the same way (bench/peers_kv.py mirrors engine/eval/eval.c).
   differ only in the KV cache: its noise floor (two FP16 caches that differ
   only in page size) is KLD 2.4e-7 at 256 tokens (tests/engine/test_eval_exact.c)
   against 2.6e-3 in the fast mode, so fast-mode KLDs below a few 1e-3 are
-  partly noise. llama.cpp has no exact mode here: its f16-vs-f16 row checks
-  that its runs are deterministic.
+  partly noise. llama.cpp has no exact mode here; two of its f16 runs side
+  by side agree exactly (KLD 0, checked at 256 tokens with
+  `--llama-types f16,q4_0`), so its KLDs carry no run-to-run noise, but its
+  quantized KV types see activations rounded to 8 bits like our fast mode.
 
 ![KLD vs bits per element](img/peers_pareto.png)
 """
