@@ -228,6 +228,11 @@ def main():
     log("tokens: %d of ours; llama.cpp's tokenizer differs at %d of them%s" %
         (len(ids), diff, "" if first is None else " (first at %d)" % first))
 
+    # the command, beside the CSV (bench/peers_report.py shows it)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".cmd", "a") as f:
+        f.write("~/.cache/livekvq/venv-llama/bin/python bench/peers_kv.py %s\n" %
+                " ".join(shlex.quote(x) for x in sys.argv[1:]))
     done = set()
     if os.path.exists(a.out):
         with open(a.out) as f:
