@@ -15,7 +15,7 @@
 const char *const cfg_kv_keys[] = {
     "kv_cache", "chunk_size", "block_tokens", "warmup_chunks", "ema_decay",
     "ema_clip", "clip_quantile", "v_group", "outlier_budget", "sink_tokens",
-    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", "kv_modes", NULL,
+    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", "kv_rotate", "kv_modes", NULL,
 };
 
 cfg_kv cfg_kv_default(void)
@@ -194,7 +194,7 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         return fail(err, errlen, "unknown cache option '%s' (known: kv_cache, chunk_size, "
                     "block_tokens, warmup_chunks, ema_decay, ema_clip, clip_quantile, "
                     "v_group, outlier_budget, sink_tokens, keep_warmup_fp16, k_quant, "
-                    "kv_budget, window_kv, kv_modes)", key ? key : "(null)");
+                    "kv_budget, window_kv, kv_rotate, kv_modes)", key ? key : "(null)");
     int bad = 0;
     const char *want = "";
     if (!strcmp(k, "kv_cache")) {
@@ -238,6 +238,8 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
             c->window_kv = CFG_KV_INT4;
         else
             bad = 1, want = "fp16 or int4";
+    } else if (!strcmp(k, "kv_rotate")) {
+        bad = parse_i(value, 0, 2, &c->kv_rotate), want = "0, 1 (K) or 2 (K and V)";
     } else if (!strcmp(k, "kv_modes")) {
         bad = parse_modes(value, &c->modes);
         want = "a list of modes such as fp16,int4, or all";
@@ -388,6 +390,8 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
             c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
             c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
             c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
+    if (c->kv_rotate)
+        fprintf(f, "kv_rotate = %d\n", c->kv_rotate);
     if (c->modes) {
         char m[128];
         modes_str(c->modes, m, sizeof m);
@@ -399,6 +403,11 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
 {
     char b[32];
     budget_str(c, b, sizeof b);
+    /* kv_rotate only when set: the text of every earlier configuration (and
+     * the ablation cells hashed from it) stays the same */
+    char rot[32] = "";
+    if (c->kv_rotate)
+        snprintf(rot, sizeof rot, ", \"kv_rotate\": %d", c->kv_rotate);
     char m[128] = "";
     if (c->modes) {
         char l[100];
@@ -410,11 +419,11 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
                     "\"warmup_chunks\": %d, \"ema_decay\": %g, \"ema_clip\": %g, "
                     "\"clip_quantile\": %g, \"v_group\": %d, \"outlier_budget\": %g, "
                     "\"sink_tokens\": %d, \"keep_warmup_fp16\": %d, \"k_quant\": \"%s\", "
-                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"%s",
+                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"%s%s",
                     c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size,
                     c->block_tokens, c->warmup_chunks, c->ema_decay, c->ema_clip,
                     c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
                     c->keep_warmup_fp16,
                     c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", m);
+                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", rot, m);
 }

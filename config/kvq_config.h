@@ -31,6 +31,11 @@
  *                   for each, and every sequence picks its own (a server's
  *                   per-request "kv_cache"); kv_cache stays the default.
  *                   Empty: kv_cache only (default)
+ *   kv_rotate       0 | 1 | 2: per-head Walsh-Hadamard rotation before the
+ *                   cache - 1 rotates K (and the query with it), 2 also V
+ *                   (and the attention output back); needs a power-of-two
+ *                   head_dim; scores are unchanged up to rounding, and
+ *                   quantization error spreads over the channels (0)
  */
 #ifndef LKQ_KVQ_CONFIG_H
 #define LKQ_KVQ_CONFIG_H
@@ -64,6 +69,7 @@ typedef struct {
     cfg_kv_mode window_kv;    /* window layers: FP16, or INT4 (with mode INT4) */
     uint32_t modes;           /* bit m: a sequence may use mode m (per request);
                                  0: `mode` only (a single-mode pool) */
+    int32_t kv_rotate;        /* 0 off, 1 K (and q), 2 K and V (and the output) */
 } cfg_kv;
 
 cfg_kv cfg_kv_default(void);
