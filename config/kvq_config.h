@@ -5,7 +5,10 @@
  * validated with a clear reason. Pure data; thread-safe.
  *
  * Keys (a '-' may be written for '_'):
- *   kv_cache        fp16 | int4                     (default int4)
+ *   kv_cache        fp16 | int2 | int3 | int4 | int8   (default int4); intN
+ *                   sets k_bits = v_bits = N
+ *   k_bits, v_bits  code width of K / V in the quantized cache: 2, 3, 4 or 8
+ *                   (4); int3 needs v_group a multiple of 8
  *   chunk_size      prefill chunk C, tokens; multiple of block_tokens (512)
  *   block_tokens    tokens per KV block T (128)
  *   warmup_chunks   W: chunks staged in FP16 before quantizing (2)
@@ -36,6 +39,8 @@
 
 #include "kernels/kvq.h"
 
+/* CFG_KV_INT4 is the LiveKVQuant-P (quantized) cache, whatever its code
+ * widths (k_bits, v_bits). */
 typedef enum { CFG_KV_FP16 = 0, CFG_KV_INT4 = 1 } cfg_kv_mode;
 
 typedef struct {
@@ -54,6 +59,7 @@ typedef struct {
     int64_t kv_budget_bytes;  /* 0 = unset */
     int64_t kv_budget_tokens; /* 0 = unset (at most one of the two is set) */
     cfg_kv_mode window_kv;    /* window layers: FP16, or INT4 (with mode INT4) */
+    int32_t k_bits, v_bits;   /* code widths of the quantized cache, {2, 3, 4, 8} */
 } cfg_kv;
 
 cfg_kv cfg_kv_default(void);
@@ -87,6 +93,10 @@ void cfg_kv_write(const cfg_kv *c, FILE *f);
 /* Writes the config as JSON object members ("key": value, ...) without
  * braces, for embedding in reports. Returns bytes that would be written. */
 int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap);
+
+/* The cache mode as a kv_cache value: "fp16", "int2" .. "int8" when K and
+ * V have one width, else "k<K>v<V>" (e.g. "k3v2"). A static string. */
+const char *cfg_kv_mode_name(const cfg_kv *c);
 
 /* The names of all keys, NULL-terminated (for --help and option tables). */
 extern const char *const cfg_kv_keys[];

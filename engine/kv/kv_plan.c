@@ -200,9 +200,9 @@ int kvp_check(const cfg_kv *c, const kvc_dims *d, char *err, size_t errlen)
 static int make_layout(const cfg_kv *c, const kvc_dims *d, kvq_layout *L, char *err,
                        size_t errlen)
 {
-    if (kvq_layout_init(L, c->block_tokens, d->kv_dim, d->head_dim,
-                        cfg_kv_v_group(c, d->head_dim), c->k_mode, c->outlier_budget, err,
-                        errlen) < 0)
+    if (kvq_layout_init_bits(L, c->block_tokens, d->kv_dim, d->head_dim,
+                             cfg_kv_v_group(c, d->head_dim), c->k_mode, c->outlier_budget,
+                             c->k_bits, c->v_bits, err, errlen) < 0)
         return -EINVAL;
     return 0;
 }

@@ -40,6 +40,10 @@
  *    outputs p_t * delta.
  * Sliding windows: tiles start at the first row any query of the item
  * sees; rows before a query's own window are masked (-inf) after scoring.
+ * Code widths other than 4 bits (K or V; kvq.h): each tile of a block is
+ * dequantized to f32 once per item and KV head (codes8: 8 codes of 2, 3, 4
+ * or 8 bits from one load, shifted per lane) and attended like an F32
+ * segment (qx_*), decode and prefill alike.
  * Layouts this path does not cover (head_dim or v_group not a multiple of
  * 16, head_dim > 512) go to the scalar back end's item.
  *
@@ -336,7 +340,8 @@ void kcpu_avx2_attn_item(const kcpu_attn_item *it, float *sc)
 /* A block seen from one KV head, plus the per-query prepared keys. */
 /* An INT4 block as one KV head of the item sees it. */
 typedef struct {
-    const uint8_t *kq, *vq; /* codes of token 0, first channel of the head */
+    const uint8_t *kq, *vq; /* 4-bit codes of token 0, first channel of the head */
+    const uint8_t *kq0, *vq0; /* the block's code streams (any width) */
     const uint16_t *ks, *vs; /* the block's scale snapshots (all channels) */
     const uint8_t *kz, *vz;
     size_t rowb;     /* bytes between tokens (D / 2) */
@@ -775,6 +780,7 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
     const int D = it->head_dim, hd64 = (D + 63) / 64 * 64;
     q4_blk c = {
         .kq = KVQ_CAT(base, L->off_kq, uint8_t *), .vq = KVQ_CAT(base, L->off_vq, uint8_t *),
+        .kq0 = KVQ_CAT(base, L->off_kq, uint8_t *), .vq0 = KVQ_CAT(base, L->off_vq, uint8_t *),
         .ks = KVQ_CAT(base, L->off_ks, uint16_t *), .vs = KVQ_CAT(base, L->off_vs, uint16_t *),
         .kz = KVQ_CAT(base, L->off_kz, uint8_t *), .vz = KVQ_CAT(base, L->off_vz, uint8_t *),
         .rowb = (size_t)L->kv_dim / 2, .Dk = L->kv_dim, .G = L->v_group,
@@ -1205,6 +1211,90 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
     }
 }
 
+/* ---- blocks of other code widths (2, 3, 8 bits, or K and V apart) ----
+ *
+ * A tile's rows of one KV head are dequantized to f32 once per item and
+ * head (x = s * (code - z) as fma(code, s, -s*z): bit-identical to
+ * kvq_dequant_block, outliers exact) and attended as an F32 segment's
+ * (float_group), for prefill and decode alike. */
+
+/* Codes e .. e + 7 (e % 8 == 0) of a b-bit stream as 32-bit lanes. For
+ * b < 8 the 8 codes are b bytes at q + e*b/8: one 32-bit load (the code
+ * regions are followed by other regions of the block, so it stays inside
+ * the block), broadcast, and lane i shifted right by i*b. */
+AI __m256i codes8(const uint8_t *q, size_t e, const int bits)
+{
+    const uint8_t *p = q + e / 8 * (size_t)bits;
+    if (bits == 8)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits,
+                                         6 * bits, 7 * bits);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh),
+                            _mm256_set1_epi32(KVQ_LEVELS_OF(bits)));
+}
+
+/* Row e0 .. e0 + D - 1 of a b-bit stream as f32, x = fma(code, s, -s*z). */
+AI void qx_row_w(const int bits, const uint8_t *q, size_t e0, int D, const float *sc,
+                 const float *nz, float *out)
+{
+    for (int c = 0; c < D; c += 8) {
+        __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+        _mm256_storeu_ps(out + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c), _mm256_loadu_ps(nz + c)));
+    }
+}
+
+/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0) into
+ * out [np][D]: per-channel snapshots (s16 / z at the head's channels) or
+ * per (token, group of G); sc / nz: room for D floats each (a row's scale
+ * and -s*z per channel). */
+static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
+                      const uint8_t *z, int per_channel, int p0, int np, int D, float *sc,
+                      float *nz, float *out)
+{
+    const int g0 = B->c0 / B->G;
+    for (int r = 0; r < np; r++) {
+        if (per_channel ? r == 0 : 1) {
+            for (int c = 0; c < D; c++) {
+                size_t si = per_channel ? (size_t)(B->c0 + c)
+                                        : (size_t)(p0 + r) * (size_t)B->ng + (size_t)(g0 + c / B->G);
+                float sv = f16(s16[si]);
+                sc[c] = sv;
+                nz[c] = -(sv * (float)z[si]);
+            }
+        }
+        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
+        float *o = out + (size_t)r * (size_t)D;
+        switch (bits) {
+        case 2: qx_row_w(2, q, e0, D, sc, nz, o); break;
+        case 3: qx_row_w(3, q, e0, D, sc, nz, o); break;
+        case 4: qx_row_w(4, q, e0, D, sc, nz, o); break;
+        default: qx_row_w(8, q, e0, D, sc, nz, o); break;
+        }
+    }
+}
+
+/* K and V rows [p0, p0 + np) of block B (one KV head) as f32, kt / vt
+ * [np][D], the head's outliers among them exact (their delta fields still
+ * hold the exact values: the generic path never makes them deltas). */
+static void qx_tile(const q4_blk *B, const kvq_layout *L, int p0, int np, int D, float *kt,
+                    float *vt, float *sc, float *nz)
+{
+    qx_tensor(B, B->kq0, L->k_bits, B->ks, B->kz, !B->per_token, p0, np, D, sc, nz, kt);
+    qx_tensor(B, B->vq0, L->v_bits, B->vs, B->vz, 0, p0, np, D, sc, nz, vt);
+    for (int e = 0; e < B->n_kout; e++) {
+        unsigned r = (unsigned)(B->kout[e].t - p0);
+        if (r < (unsigned)np)
+            kt[(size_t)r * (size_t)D + (size_t)B->kout[e].c] = B->kout[e].delta;
+    }
+    for (int e = 0; e < B->n_vout; e++) {
+        unsigned r = (unsigned)(B->vout[e].t - p0);
+        if (r < (unsigned)np)
+            vt[(size_t)r * (size_t)D + (size_t)B->vout[e].c] = B->vout[e].delta;
+    }
+}
+
 /* Prefetches the parts of block base that q4_prepare and q4_tile_consts
  * read scattered (snapshots, outlier lists; the codes stream in order and
  * the hardware prefetcher finds them), so that they arrive while the
@@ -1263,6 +1353,8 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
             kcpu_scalar_ops.attn_seg_item(it, tmp);
             return;
         }
+    /* the 4-bit paths below read nibbles; other widths dequantize tiles */
+    const int gen = L && (L->k_bits != 4 || L->v_bits != 4);
     const kcpu_seg_tmp ly = kcpu_seg_tmp_layout(L, D);
     float *sc = tmp + ly.sc, *kls = tmp + ly.tile, *qk = tmp + ly.qk, *blk = tmp + ly.blk;
     float *vsc = tmp + ly.vsc, *vzf = vsc + ly.vs_len, *W = kls + 4096;
@@ -1319,12 +1411,13 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
         if (sg->kind == KVS_Q4) {
             if (si + 1 < it->n_segs && it->segs[si + 1].kind == KVS_Q4)
                 q4_prefetch(L, it->segs[si + 1].k);
-            if (!queries_ready && !dense) {
+            if (!queries_ready && !dense && !gen) {
                 q4_queries(it, qk, ly.qk_stride);
                 queries_ready = 1;
             }
-            q4_prepare(B, dense ? NULL : &K, sg, it, hmin, nh, a, b, qk, ly.qk_stride, blk, outs);
-            if (dense) {
+            q4_prepare(B, dense || gen ? NULL : &K, sg, it, hmin, nh, a, b, qk, ly.qk_stride,
+                       blk, outs);
+            if (dense && !gen) {
                 for (int h = 0; h < nh; h++) {
                     if (hgn[h] == 0)
                         continue;
@@ -1339,7 +1432,7 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                 continue;
             }
         }
-        int step = sg->kind != KVS_Q4 ? KP : KPQ;
+        int step = sg->kind != KVS_Q4 || gen ? KP : KPQ;
         for (int p0 = a; p0 < b; p0 += step) {
             int np = b - p0 < step ? b - p0 : step, cur = -1;
             int fixed[KCPU_ATTN_QMAX] = { 0 }; /* per head: outlier deltas done, 1 K, 2 V */
@@ -1366,6 +1459,15 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                     float_group(sg->kind, qg, sg_sc, q, o, m + g0, l + g0, nv, lop, nmax,
                                 (const char *)sg->k + off, (const char *)sg->v + off, sg->stride,
                                 D, it->scale);
+                    continue;
+                }
+                if (gen) { /* kt, vt: this head's rows as f32 (blk: scratch) */
+                    if (h != cur) {
+                        qx_tile(&B[h], L, p0, np, D, kt, vt, blk, blk + (D + 63) / 64 * 64);
+                        cur = h;
+                    }
+                    float_group(KVS_F32, qg, sg_sc, q, o, m + g0, l + g0, nv, lop, nmax, kt, vt,
+                                (size_t)D, D, it->scale);
                     continue;
                 }
                 if (h != cur) {
