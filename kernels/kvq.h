@@ -84,9 +84,11 @@ typedef struct {
  *        per channel (n_ksnap = D) or per (token, group) (n_ksnap = T*D/G,
  *        index t*(D/G) + c/G)
  *   vs  [T*D/G] fp16, vz [T*D/G] uint8         V scale / zero per (token, group)
- *   kout_idx [out_cap] uint32, kout_val [out_cap] fp16   K outliers: element
- *        index t*D + c and its exact value (as FP16)
- *   vout_idx [out_cap] uint32, vout_val [out_cap] fp16   V outliers
+ *   kout_idx [out_cap] uint16 or uint32, kout_val [out_cap] fp16   K
+ *        outliers: element index t*D + c (16 bits when T*D <= 65536, e.g.
+ *        SmolLM2 and Gemma-3 at T = 128; else 32: idx_bytes) and its exact
+ *        value (as FP16)
+ *   vout_idx [out_cap], vout_val [out_cap]   V outliers, likewise
  * Dequantization: x = s * (q - z), except outliers, which are exact.
  * An outlier's dense slot holds the clamped code (0 or 2^b - 1). */
 typedef struct {
@@ -97,6 +99,7 @@ typedef struct {
     int v_group;        /* G */
     kvq_k_mode k_mode;
     int out_cap;        /* outlier slots per tensor (K and V each) */
+    int idx_bytes;      /* bytes of an outlier index: 2 when T*D <= 65536, else 4 */
     int n_ksnap;
     size_t off_kq, off_vq, off_ks, off_kz, off_vs, off_vz;
     size_t off_kout_idx, off_kout_val, off_vout_idx, off_vout_val;
@@ -129,11 +132,20 @@ int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_d
  * out_cap). kvq_layout_init_bits gives exactly this; the static_asserts in
  * kvq_ref.c pin it for each width. */
 #define KVQ_AL8(x) (((size_t)(x) + 7) & ~(size_t)7)
+#define KVQ_IDX_BYTES(T, D) ((size_t)(T) * (size_t)(D) <= 65536 ? 2 : 4)
 #define KVQ_BLOCK_BYTES(T, D, G, ns, cap, kb, vb)                                        \
     (KVQ_AL8(16) + KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D), kb)) +                     \
      KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D), vb)) + KVQ_AL8(2 * (size_t)(ns)) +        \
      KVQ_AL8(ns) + KVQ_AL8(2 * (size_t)(T) * (D) / (G)) + KVQ_AL8((size_t)(T) * (D) / (G)) + \
-     2 * (KVQ_AL8(4 * (size_t)(cap)) + KVQ_AL8(2 * (size_t)(cap))))
+     2 * (KVQ_AL8(KVQ_IDX_BYTES(T, D) * (size_t)(cap)) + KVQ_AL8(2 * (size_t)(cap))))
+
+/* Element index of outlier i of tensor v (0 K, 1 V) of the block at base. */
+static inline uint32_t kvq_out_idx(const kvq_layout *L, const void *base, int v, uint32_t i)
+{
+    const char *p = (const char *)base + (v ? L->off_vout_idx : L->off_kout_idx);
+    return L->idx_bytes == 2 ? ((const uint16_t *)(const void *)p)[i]
+                             : ((const uint32_t *)(const void *)p)[i];
+}
 
 /* Typed views of a block's regions (base = block start). */
 static inline kvq_block_hdr *kvq_hdr(void *base) { return (kvq_block_hdr *)base; }

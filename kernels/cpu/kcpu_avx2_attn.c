@@ -764,6 +764,19 @@ static void q4_keys_prepare(q4_keys *K, const q4_blk *cb, const kcpu_attn_seg_it
     }
 }
 
+/* Index e of an outlier index list of 16-bit (i16) or 32-bit entries. */
+static inline uint32_t oidx_at(const char *idx, int i16, uint32_t e)
+{
+    uint16_t h;
+    uint32_t w;
+    if (i16) {
+        memcpy(&h, idx + 2 * (size_t)e, sizeof h);
+        return h;
+    }
+    memcpy(&w, idx + 4 * (size_t)e, sizeof w);
+    return w;
+}
+
 /* Sets up block sg for the item's KV heads hmin .. hmin + nh - 1: B[h] its
  * view from each head, K (unless NULL: the tile path prepares its own) the
  * keys of every query prepared for its K scales (qk: the queries from
@@ -804,7 +817,8 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
     const uint64_t tmagic = ((uint64_t)1 << 40) / (uint64_t)c.Dk + 1;
     const uint64_t hmagic = ((uint64_t)1 << 40) / (uint64_t)D + 1;
     for (int x = 0; x < 2; x++) {
-        const uint32_t *idx = KVQ_CAT(base, x ? L->off_vout_idx : L->off_kout_idx, uint32_t *);
+        const char *idx = KVQ_CAT(base, x ? L->off_vout_idx : L->off_kout_idx, char *);
+        const int i16 = L->idx_bytes == 2;
         const uint16_t *val = KVQ_CAT(base, x ? L->off_vout_val : L->off_kout_val, uint16_t *);
         uint32_t n = x ? hdr->n_vout : hdr->n_kout;
         n = n < (uint32_t)L->out_cap ? n : (uint32_t)L->out_cap;
@@ -825,7 +839,9 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
                 const __m256i hi = _mm256_set1_epi32(b), cl = _mm256_set1_epi32(c0 - 1);
                 const __m256i ch_hi = _mm256_set1_epi32(c0 + D);
                 for (; e + 8 <= n; e += 8) {
-                    __m256i ix = _mm256_loadu_si256((const __m256i *)(idx + e));
+                    __m256i ix = i16 ? _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                           (const __m128i *)(idx + 2 * (size_t)e)))
+                                     : _mm256_loadu_si256((const __m256i *)(idx + 4 * (size_t)e));
                     __m256i t = _mm256_cvttps_epi32(
                         _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(ix), half), inv));
                     __m256i ch = _mm256_sub_epi32(ix, _mm256_mullo_epi32(t, vdk));
@@ -848,8 +864,9 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
                 }
             }
             for (; e < n; e++) {
-                uint32_t t = (uint32_t)(((uint64_t)idx[e] * tmagic) >> 40);
-                int ch = (int)(idx[e] - t * (uint32_t)c.Dk) - c0;
+                uint32_t ie = oidx_at(idx, i16, e);
+                uint32_t t = (uint32_t)(((uint64_t)ie * tmagic) >> 40);
+                int ch = (int)(ie - t * (uint32_t)c.Dk) - c0;
                 dst[k].t = (int)t;
                 dst[k].c = ch;
                 dst[k].delta = f16(val[e]);
@@ -859,8 +876,9 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
             n = 0;
         }
         for (uint32_t e = 0; e < n; e++) {
-            uint32_t t = (uint32_t)(((uint64_t)idx[e] * tmagic) >> 40);
-            uint32_t ch = idx[e] - t * (uint32_t)c.Dk;
+            uint32_t ie = oidx_at(idx, i16, e);
+            uint32_t t = (uint32_t)(((uint64_t)ie * tmagic) >> 40);
+            uint32_t ch = ie - t * (uint32_t)c.Dk;
             int h = (int)(((uint64_t)ch * hmagic) >> 40) - hmin;
             int keep = ((int)t >= a) & ((int)t < b) & (h >= 0) & (h < nh);
             int hb = h & -keep, slot = dummy + ((hb * cap + cnt[hb] - dummy) & -keep);
@@ -1306,8 +1324,9 @@ static void q4_prefetch(const kvq_layout *L, const void *base)
     size_t nk = (size_t)L->n_ksnap, cap = (size_t)L->out_cap;
     const size_t span[9][2] = {
         { 0, sizeof(kvq_block_hdr) }, { L->off_ks, 2 * nk }, { L->off_kz, nk },
-        { L->off_vs, 2 * nv }, { L->off_vz, nv }, { L->off_kout_idx, 4 * cap },
-        { L->off_kout_val, 2 * cap }, { L->off_vout_idx, 4 * cap }, { L->off_vout_val, 2 * cap },
+        { L->off_vs, 2 * nv }, { L->off_vz, nv }, { L->off_kout_idx, (size_t)L->idx_bytes * cap },
+        { L->off_kout_val, 2 * cap }, { L->off_vout_idx, (size_t)L->idx_bytes * cap },
+        { L->off_vout_val, 2 * cap },
     };
     for (int i = 0; i < 9; i++)
         for (size_t o = 0; o < span[i][1]; o += 64)

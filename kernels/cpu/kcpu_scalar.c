@@ -384,13 +384,13 @@ static void sc_seg_tile(const kvs_seg *sg, const kvq_layout *L, int c0, int D,
     }
     const kvq_block_hdr *h = kvq_chdr(b);
     for (int x = 0; x < 2; x++) {
-        const uint32_t *idx = KVQ_CAT(b, x ? L->off_vout_idx : L->off_kout_idx, uint32_t *);
         const uint16_t *val = KVQ_CAT(b, x ? L->off_vout_val : L->off_kout_val, uint16_t *);
         float *dst = x ? vt : kt;
         uint32_t n = x ? h->n_vout : h->n_kout;
         n = n < (uint32_t)L->out_cap ? n : (uint32_t)L->out_cap;
         for (uint32_t i = 0; i < n; i++) {
-            int t = (int)(idx[i] / (uint32_t)Dk) - p0, d = (int)(idx[i] % (uint32_t)Dk) - c0;
+            uint32_t e = kvq_out_idx(L, b, x, i);
+            int t = (int)(e / (uint32_t)Dk) - p0, d = (int)(e % (uint32_t)Dk) - c0;
             if (t >= 0 && t < np && d >= 0 && d < D)
                 dst[(size_t)t * (size_t)D + (size_t)d] = kt_f16_to_f32(val[i]);
         }

@@ -110,13 +110,11 @@ static __global__ void __launch_bounds__(GEN_THREADS)
                     uint32_t no = tensor ? hdr->n_vout : hdr->n_kout;
                     if (no > (uint32_t)P.L.out_cap)
                         no = (uint32_t)P.L.out_cap;
-                    const uint32_t *oi = (const uint32_t *)(blk + (tensor ? P.L.off_vout_idx
-                                                                          : P.L.off_kout_idx));
                     const uint16_t *ov = (const uint16_t *)(blk + (tensor ? P.L.off_vout_val
                                                                           : P.L.off_kout_val));
                     float *dst = tensor ? Vt : Kt;
                     for (uint32_t i = (uint32_t)tid; i < no; i += GEN_THREADS) {
-                        uint32_t el = oi[i];
+                        uint32_t el = kcu_oidx(blk, P.L, tensor, i);
                         int t = (int)(el / (uint32_t)D), c = (int)(el % (uint32_t)D);
                         if (t >= tb && t < tb + np && c >= h * hd && c < h * hd + hd)
                             dst[(t - tb) * hd + (c - h * hd)] = kcu_h2f(ov[i]);

@@ -229,8 +229,6 @@ KCU_UNROLL
                 const kvq_block_hdr *hdr = (const kvq_block_hdr *)blk;
                 if (tid == 0) {
                     for (int tensor = 0; tensor < 2; tensor++) {
-                        const uint32_t *oi = (const uint32_t *)(blk + (tensor ? P.L.off_vout_idx
-                                                                              : P.L.off_kout_idx));
                         uint32_t no = tensor ? hdr->n_vout : hdr->n_kout;
                         if (no > (uint32_t)out_cap)
                             no = (uint32_t)out_cap;
@@ -239,7 +237,7 @@ KCU_UNROLL
                         uint32_t lo = 0, hi = no;
                         while (lo < hi) {
                             uint32_t mid = (lo + hi) / 2;
-                            if (oi[mid] < key0)
+                            if (kcu_oidx(blk, P.L, tensor, mid) < key0)
                                 lo = mid + 1;
                             else
                                 hi = mid;
@@ -248,7 +246,7 @@ KCU_UNROLL
                         hi = no;
                         while (lo < hi) {
                             uint32_t mid = (lo + hi) / 2;
-                            if (oi[mid] < key1)
+                            if (kcu_oidx(blk, P.L, tensor, mid) < key1)
                                 lo = mid + 1;
                             else
                                 hi = mid;
@@ -260,8 +258,6 @@ KCU_UNROLL
                 __syncthreads();
                 for (int tensor = 0; tensor < 2; tensor++) {
                     int n_st = cnt[tensor], first = cnt[2 + tensor];
-                    const uint32_t *oi = (const uint32_t *)(blk + (tensor ? P.L.off_vout_idx
-                                                                          : P.L.off_kout_idx));
                     const uint16_t *ov = (const uint16_t *)(blk + (tensor ? P.L.off_vout_val
                                                                           : P.L.off_kout_val));
                     const uint8_t *cq = (const uint8_t *)(blk + (tensor ? P.L.off_vq : P.L.off_kq));
@@ -270,7 +266,7 @@ KCU_UNROLL
                     uint32_t *dst = tensor ? vst : kst;
                     float *dd = tensor ? vsd : ksd;
                     for (int i = tid; i < n_st; i += W * 32) {
-                        uint32_t el = oi[first + i];
+                        uint32_t el = kcu_oidx(blk, P.L, tensor, (uint32_t)(first + i));
                         int t = (int)(el / (uint32_t)D), c = (int)(el % (uint32_t)D);
                         int code = (cq[el >> 1] >> ((el & 1) * 4)) & 0xf;
                         size_t si2 = tensor ? (size_t)t * (size_t)ng + (size_t)(c / P.L.v_group)

@@ -419,7 +419,7 @@ static __global__ void __launch_bounds__(KQ_THREADS) kcu_kq_select_kernel(kq_arg
         const float *cexc = (const float *)(scr + A.S.off_cexc) + tensor * TD;
         const int *cnt = ccnt + tensor * A.n_tiles;
         const float *src = tensor ? A.v : A.k;
-        uint32_t *oidx = (uint32_t *)(base + (tensor ? L.off_vout_idx : L.off_kout_idx));
+        char *oidx = base + (tensor ? L.off_vout_idx : L.off_kout_idx);
         uint16_t *oval = (uint16_t *)(base + (tensor ? L.off_vout_val : L.off_kout_val));
         int part = 0;
         for (int t = tid; t < A.n_tiles; t += KQ_THREADS)
@@ -511,7 +511,10 @@ static __global__ void __launch_bounds__(KQ_THREADS) kcu_kq_select_kernel(kq_arg
                         float xv = src[((size_t)tg.row0 + el / (uint32_t)D) * A.stride +
                                        el % (uint32_t)D];
                         xv = kq_minf(kq_maxf(xv, -FP16_MAX_F), FP16_MAX_F);
-                        oidx[pos] = el;
+                        if (L.idx_bytes == 2) /* kvq.h: 16-bit when T*D <= 65536 */
+                            ((uint16_t *)oidx)[pos] = (uint16_t)el;
+                        else
+                            ((uint32_t *)oidx)[pos] = el;
                         oval[pos] = kcu_f2h(xv);
                     }
                     out += tot_keep;

@@ -40,12 +40,12 @@ static inline float maxf(float a, float b) { return b > a ? b : a; }
 /* The layouts of SmolLM2 (T 128, D 3 x 64, G 64, budget 0.5%: 123 slots)
  * and Gemma-3 (D 256) at every width, pinned: a change of the block format
  * shows up here first. */
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 4, 4) == 27808, "SmolLM2 K4V4 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 8, 8) == 52384, "SmolLM2 K8V8 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 3) == 21664, "SmolLM2 K3V3 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 2, 2) == 15520, "SmolLM2 K2V2 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 2) == 18592, "SmolLM2 K3V2 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 256, 256, 256, 164, 4, 4) == 35904, "Gemma-3 K4V4 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 4, 4) == 27312, "SmolLM2 K4V4 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 8, 8) == 51888, "SmolLM2 K8V8 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 3) == 21168, "SmolLM2 K3V3 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 2, 2) == 15024, "SmolLM2 K2V2 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 2) == 18096, "SmolLM2 K3V2 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 256, 256, 256, 164, 4, 4) == 35248, "Gemma-3 K4V4 block");
 _Static_assert(KVQ_CODE_BYTES(8, 3) == 3 && KVQ_CODE_BYTES(4, 2) == 1 &&
                    KVQ_CODE_BYTES(2, 4) == 1 && KVQ_CODE_BYTES(1, 8) == 1,
                "codes per byte");
@@ -107,6 +107,7 @@ int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_d
     L->v_group = v_group;
     L->k_mode = k_mode;
     L->out_cap = (int)cap;
+    L->idx_bytes = (int)KVQ_IDX_BYTES(block_tokens, kv_dim);
     L->n_ksnap = k_mode == KVQ_K_PER_CHANNEL ? kv_dim : (int)n_vsnap;
 
     size_t ncap = (size_t)L->out_cap, nks = (size_t)L->n_ksnap;
@@ -117,15 +118,15 @@ int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_d
     L->off_kz = off;        off += align8(nks);
     L->off_vs = off;        off += align8(n_vsnap * 2);
     L->off_vz = off;        off += align8(n_vsnap);
-    L->off_kout_idx = off;  off += align8(ncap * 4);
+    L->off_kout_idx = off;  off += align8(ncap * (size_t)L->idx_bytes);
     L->off_kout_val = off;  off += align8(ncap * 2);
-    L->off_vout_idx = off;  off += align8(ncap * 4);
+    L->off_vout_idx = off;  off += align8(ncap * (size_t)L->idx_bytes);
     L->off_vout_val = off;  off += align8(ncap * 2);
     L->bytes = off;
     assert(off == KVQ_BLOCK_BYTES(block_tokens, kv_dim, v_group, nks, ncap, k_bits, v_bits));
     L->bytes_dense = KVQ_CODE_BYTES(td, k_bits) + KVQ_CODE_BYTES(td, v_bits);
     L->bytes_scales = nks * 3 + n_vsnap * 3;
-    L->bytes_outliers = 2 * ncap * 6;
+    L->bytes_outliers = 2 * ncap * (size_t)(L->idx_bytes + 2);
     return 0;
 }
 
@@ -664,7 +665,7 @@ static uint32_t quant_row(qwork *w, const float *x, int D, size_t t, uint8_t *q,
  * with their values from x [n][stride]. Returns how many were kept; the
  * caller counts the rest as clamped (their dense codes already are). */
 static uint32_t keep_outliers(qwork *w, uint32_t cap, const float *x,
-                              size_t stride, int D, uint32_t *out_idx,
+                              size_t stride, int D, int idx_bytes, void *out_idx,
                               uint16_t *out_val)
 {
     uint32_t m = w->n, kept = 0;
@@ -694,7 +695,10 @@ static uint32_t keep_outliers(qwork *w, uint32_t cap, const float *x,
         uint32_t e = w->idx[i];
         float v = x[(size_t)(e / (uint32_t)D) * stride + e % (uint32_t)D];
         v = minf(maxf(v, -FP16_MAX), FP16_MAX); /* keep it finite */
-        out_idx[i] = e;
+        if (idx_bytes == 2)
+            ((uint16_t *)out_idx)[i] = (uint16_t)e;
+        else
+            ((uint32_t *)out_idx)[i] = e;
         out_val[i] = kt_f32_to_f16(v);
     }
     return kept;
@@ -818,7 +822,7 @@ void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
     else
         n_clamped += quant_groups(L, &w, k, stride, n, NULL, NULL, kq, ks, kz);
     kept = keep_outliers(&w, cap, k, stride, D,
-                         KVQ_AT(base, L->off_kout_idx, uint32_t *),
+                         L->idx_bytes, KVQ_AT(base, L->off_kout_idx, void *),
                          KVQ_AT(base, L->off_kout_val, uint16_t *));
     h->n_kout = kept;
     n_clamped += w.n - kept;
@@ -848,7 +852,7 @@ void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
                               KVQ_AT(base, L->off_vs, uint16_t *),
                               KVQ_AT(base, L->off_vz, uint8_t *));
     kept = keep_outliers(&w, cap, v, stride, D,
-                         KVQ_AT(base, L->off_vout_idx, uint32_t *),
+                         L->idx_bytes, KVQ_AT(base, L->off_vout_idx, void *),
                          KVQ_AT(base, L->off_vout_val, uint16_t *));
     h->n_vout = kept;
     n_clamped += w.n - kept;
@@ -894,12 +898,12 @@ static void dequant_tensor(const kvq_layout *L, const void *base, int per_channe
                 row[j] = sc[j] * (float)(kvq_get_code(q, i0 + (size_t)j, bits) - zc[j]);
         }
     }
-    const uint32_t *idx = KVQ_CAT(base, off_idx, uint32_t *);
     const uint16_t *val = KVQ_CAT(base, off_val, uint16_t *);
     if (n_out > (uint32_t)L->out_cap)
         n_out = (uint32_t)L->out_cap;
     for (uint32_t i = 0; i < n_out; i++) {
-        uint32_t t = idx[i] / (uint32_t)D, c = idx[i] % (uint32_t)D;
+        uint32_t e = kvq_out_idx(L, base, off_idx == L->off_vout_idx, i);
+        uint32_t t = e / (uint32_t)D, c = e % (uint32_t)D;
         if (t < (uint32_t)n)
             x[(size_t)t * stride + c] = kt_f16_to_f32(val[i]);
     }

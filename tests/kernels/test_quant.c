@@ -137,7 +137,9 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
     const uint8_t *q = base + (is_k ? L->off_kq : L->off_vq);
     const uint16_t *s16 = (const uint16_t *)(base + (is_k ? L->off_ks : L->off_vs));
     const uint8_t *z = base + (is_k ? L->off_kz : L->off_vz);
-    const uint32_t *oi = (const uint32_t *)(base + (is_k ? L->off_kout_idx : L->off_vout_idx));
+    uint32_t *oi = malloc(sizeof(uint32_t) * ((size_t)L->out_cap + 1));
+    for (int i = 0; i < L->out_cap; i++)
+        oi[i] = kvq_out_idx(L, base, !is_k, (uint32_t)i);
     const uint16_t *ov = (const uint16_t *)(base + (is_k ? L->off_kout_val : L->off_vout_val));
     uint32_t n_out = is_k ? h->n_kout : h->n_vout;
     const char *nm = is_k ? "K" : "V";
@@ -226,6 +228,7 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
     }
     free(deq);
     free(is_out);
+    free(oi);
     return st;
 #undef code_at
 }
@@ -317,6 +320,7 @@ static const layout_case layout_cases[] = {
     { 1, 40, 40, 8, KVQ_K_PER_TOKEN, 1.0f, 40 },
     { 3, 2, 2, 1, KVQ_K_PER_CHANNEL, 0.5f, 3 },
     { 16, 576, 64, 64, KVQ_K_PER_CHANNEL, 0.002f, 19 },
+    { 128, 1024, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 656 }, /* 32-bit outlier indices */
 };
 
 Test(kvq_layout, regions_aligned_disjoint_and_formulas)
@@ -331,14 +335,15 @@ Test(kvq_layout, regions_aligned_disjoint_and_formulas)
         cr_assert_eq((size_t)L.n_ksnap, nk);
         cr_assert_eq(L.bytes_dense, td);
         cr_assert_eq(L.bytes_scales, 3 * nk + 3 * nv);
-        cr_assert_eq(L.bytes_outliers, 12 * cap);
+        cr_assert_eq(L.idx_bytes, td <= 65536 ? 2 : 4, "16-bit outlier indices up to 65536 elements");
+        cr_assert_eq(L.bytes_outliers, 2 * cap * (size_t)(L.idx_bytes + 2));
         cr_assert_eq(L.bytes % 8, 0);
         struct { size_t off, len; } r[] = {
             { L.off_kq, td / 2 }, { L.off_vq, td / 2 },
             { L.off_ks, 2 * nk }, { L.off_kz, nk },
             { L.off_vs, 2 * nv }, { L.off_vz, nv },
-            { L.off_kout_idx, 4 * cap }, { L.off_kout_val, 2 * cap },
-            { L.off_vout_idx, 4 * cap }, { L.off_vout_val, 2 * cap },
+            { L.off_kout_idx, (size_t)L.idx_bytes * cap }, { L.off_kout_val, 2 * cap },
+            { L.off_vout_idx, (size_t)L.idx_bytes * cap }, { L.off_vout_val, 2 * cap },
         };
         size_t end = sizeof(kvq_block_hdr), sum = sizeof(kvq_block_hdr);
         for (size_t j = 0; j < sizeof r / sizeof r[0]; j++) {
@@ -388,7 +393,7 @@ Test(kvq_layout, bits_per_element_smollm2)
                 "(dense %.3f + scales %.4f + outliers %.4f + header/padding %.4f)",
                 L.bytes, bpe, dense, scales, outl, bpe - dense - scales - outl);
     fprintf(stderr, "bits/element all-in: %.4f (%zu bytes per layer-block)\n", bpe, L.bytes);
-    cr_assert_eq(L.bytes, 27808);
+    cr_assert_eq(L.bytes, 27312); /* 16-bit outlier indices (was 27808) */
     cr_assert_leq(bpe, 4.6);
 }
 
@@ -694,8 +699,12 @@ Test(kvq_quant, budget_overflow_keeps_largest)
     cr_assert_eq(h->n_clamped, 12);
     cr_assert_eq(bs.k.n_clamped_finite, 6);
     /* kept: the spikes 16..19 (j = 6..9), ascending by index */
-    const uint32_t *ki = (const uint32_t *)(b + L.off_kout_idx);
-    const uint32_t *vi = (const uint32_t *)(b + L.off_vout_idx);
+    uint32_t ki[8];
+    for (int i = 0; i < 8 && i < L.out_cap; i++)
+        ki[i] = kvq_out_idx(&L, b, 0, (uint32_t)i);
+    uint32_t vi[64];
+    for (int i = 0; i < 64 && i < L.out_cap; i++)
+        vi[i] = kvq_out_idx(&L, b, 1, (uint32_t)i);
     for (int j = 6; j < 10; j++) {
         int fk = 0, fv = 0;
         for (int i = 0; i < 4; i++) {
@@ -723,7 +732,9 @@ Test(kvq_quant, budget_ties_lowest_index)
         k[i] = (i % 3 == 0) ? 5.0f : 0.25f;
     uint8_t *b;
     quant_check(&L, k, v, D, T, lo, hi, NULL, NULL, &b);
-    const uint32_t *ki = (const uint32_t *)(b + L.off_kout_idx);
+    uint32_t ki[8];
+    for (int i = 0; i < 8 && i < L.out_cap; i++)
+        ki[i] = kvq_out_idx(&L, b, 0, (uint32_t)i);
     cr_assert(ki[0] == 0 && ki[1] == 3 && ki[2] == 6, "ties: %u %u %u", ki[0], ki[1], ki[2]);
     cr_assert_eq(kvq_chdr(b)->n_clamped, 11 - 3);
     free(b);
@@ -788,7 +799,7 @@ Test(kvq_quant, v_candidate_inside_group_grid_is_not_outlier)
     quant_check(&L, k, v, D, T, NULL, NULL, vlo, vhi, &b);
     h = kvq_chdr(b);
     cr_assert_eq(h->n_vout, 1);
-    cr_assert_eq(((const uint32_t *)(b + L.off_vout_idx))[0], 3u);
+    cr_assert_eq(kvq_out_idx(&L, b, 1, 0), 3u);
     free(b);
 }
 
