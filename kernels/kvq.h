@@ -80,10 +80,12 @@ typedef struct {
  *   kq  [T * D / 2]              K codes, token-major, element (t,c) at
  *                                nibble t*D + c (low nibble = even index)
  *   vq  [T * D / 2]              V codes, same layout
- *   ks  [n_ksnap] fp16, kz [n_ksnap] uint8     K scale / zero snapshot:
+ *   ks  [n_ksnap] fp16, kz [n_ksnap] zeros      K scale / zero snapshot:
  *        per channel (n_ksnap = D) or per (token, group) (n_ksnap = T*D/G,
  *        index t*(D/G) + c/G)
- *   vs  [T*D/G] fp16, vz [T*D/G] uint8         V scale / zero per (token, group)
+ *   vs  [T*D/G] fp16, vz [T*D/G] zeros          V scale / zero per (token, group)
+ *        zeros are 4-bit (two per byte, low nibble first: kvq_zero_at) for
+ *        codes of up to 4 bits, bytes for 8-bit codes (k_zbits / v_zbits)
  *   kout_idx [out_cap] uint16 or uint32, kout_val [out_cap] fp16   K
  *        outliers: element index t*D + c (16 bits when T*D <= 65536, e.g.
  *        SmolLM2 and Gemma-3 at T = 128; else 32: idx_bytes) and its exact
@@ -100,6 +102,7 @@ typedef struct {
     kvq_k_mode k_mode;
     int out_cap;        /* outlier slots per tensor (K and V each) */
     int idx_bytes;      /* bytes of an outlier index: 2 when T*D <= 65536, else 4 */
+    int k_zbits, v_zbits; /* bits of a stored zero: 4 (codes <= 4 bits) or 8 */
     int n_ksnap;
     size_t off_kq, off_vq, off_ks, off_kz, off_vs, off_vz;
     size_t off_kout_idx, off_kout_val, off_vout_idx, off_vout_val;
@@ -133,11 +136,19 @@ int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_d
  * kvq_ref.c pin it for each width. */
 #define KVQ_AL8(x) (((size_t)(x) + 7) & ~(size_t)7)
 #define KVQ_IDX_BYTES(T, D) ((size_t)(T) * (size_t)(D) <= 65536 ? 2 : 4)
+#define KVQ_ZBITS(b) ((b) <= 4 ? 4 : 8)
 #define KVQ_BLOCK_BYTES(T, D, G, ns, cap, kb, vb)                                        \
     (KVQ_AL8(16) + KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D), kb)) +                     \
      KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D), vb)) + KVQ_AL8(2 * (size_t)(ns)) +        \
-     KVQ_AL8(ns) + KVQ_AL8(2 * (size_t)(T) * (D) / (G)) + KVQ_AL8((size_t)(T) * (D) / (G)) + \
+     KVQ_AL8(KVQ_CODE_BYTES(ns, KVQ_ZBITS(kb))) + KVQ_AL8(2 * (size_t)(T) * (D) / (G)) +   \
+     KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D) / (G), KVQ_ZBITS(vb))) +                    \
      2 * (KVQ_AL8(KVQ_IDX_BYTES(T, D) * (size_t)(cap)) + KVQ_AL8(2 * (size_t)(cap))))
+
+/* Zero i of a snapshot's zero array of zbits (4 or 8) bits per entry. */
+static inline int kvq_zero_at(const uint8_t *z, size_t i, int zbits)
+{
+    return zbits == 4 ? (z[i >> 1] >> ((i & 1) * 4)) & 15 : z[i];
+}
 
 /* Element index of outlier i of tensor v (0 K, 1 V) of the block at base. */
 static inline uint32_t kvq_out_idx(const kvq_layout *L, const void *base, int v, uint32_t i)

@@ -335,6 +335,32 @@ void kcpu_avx2_attn_item(const kcpu_attn_item *it, float *sc)
     finish(nq, it->o, m, l, it->ml, D);
 }
 
+/* ---- code streams (kernels/kvq.h) ---- */
+
+/* Codes e .. e + 7 (e % 8 == 0) of a b-bit stream as 32-bit lanes. For
+ * b < 8 the 8 codes are b bytes at q + e*b/8: one 32-bit load (the code
+ * regions are followed by other regions of the block, so it stays inside
+ * the block), broadcast, and lane i shifted right by i*b. */
+AI __m256i codes8(const uint8_t *q, size_t e, const int bits)
+{
+    const uint8_t *p = q + e / 8 * (size_t)bits;
+    if (bits == 8)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits,
+                                         6 * bits, 7 * bits);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh),
+                            _mm256_set1_epi32(KVQ_LEVELS_OF(bits)));
+}
+
+/* Zeros i .. i + 7 (i % 8 == 0) of a zero array of zb (4 or 8) bits per
+ * entry as f32 (the 4-bit ones are a 4-bit code stream). */
+AI __m256 zeros8(const uint8_t *z, size_t i, int zb)
+{
+    return _mm256_cvtepi32_ps(zb == 4 ? codes8(z, i, 4) : codes8(z, i, 8));
+}
+
 /* ---- INT4 blocks ---- */
 
 /* A block seen from one KV head, plus the per-query prepared keys. */
@@ -343,7 +369,8 @@ typedef struct {
     const uint8_t *kq, *vq; /* 4-bit codes of token 0, first channel of the head */
     const uint8_t *kq0, *vq0; /* the block's code streams (any width) */
     const uint16_t *ks, *vs; /* the block's scale snapshots (all channels) */
-    const uint8_t *kz, *vz;
+    const uint8_t *kz, *vz; /* zeros: kzb / vzb bits each (kvq_zero_at) */
+    int kzb, vzb;
     size_t rowb;     /* bytes between tokens (D / 2) */
     int Dk, G, ng;   /* block's kv_dim, v_group, groups per token */
     uint64_t gmagic; /* c / G = (c * gmagic) >> 40 for c < 2^24 */
@@ -588,7 +615,8 @@ static void q4_fix_k(const q4_blk *B, int p0, int p1, float scale)
         uint64_t cc = (uint64_t)(B->c0 + o->c);
         size_t si = B->per_token ? (size_t)o->t * (size_t)B->ng + (size_t)((cc * B->gmagic) >> 40)
                                  : (size_t)cc;
-        float deq = f16(B->ks[si]) * (float)(q4_code(B->kq, B->rowb, o->t, o->c) - B->kz[si]);
+        float deq = f16(B->ks[si]) *
+                    (float)(q4_code(B->kq, B->rowb, o->t, o->c) - kvq_zero_at(B->kz, si, B->kzb));
         o->delta = (o->delta - deq) * scale;
     }
 }
@@ -737,8 +765,8 @@ static void q4_keys_prepare(q4_keys *K, const q4_blk *cb, const kcpu_attn_seg_it
             for (int u = 0; u < D; u += 16) { /* natural -> even / odd */
                 __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u)));
                 __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u + 8)));
-                __m256 z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c.kz + c0 + u))));
-                __m256 z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c.kz + c0 + u + 8))));
+                __m256 z0 = zeros8(c.kz, (size_t)(c0 + u), c.kzb);
+                __m256 z1 = zeros8(c.kz, (size_t)(c0 + u + 8), c.kzb);
                 _mm256_storeu_ps(sp + u, eo_even(n0, n1));
                 _mm256_storeu_ps(sp + u + 8, eo_odd(n0, n1));
                 _mm256_storeu_ps(zf + u, eo_even(z0, z1));
@@ -796,6 +824,7 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
         .kq0 = KVQ_CAT(base, L->off_kq, uint8_t *), .vq0 = KVQ_CAT(base, L->off_vq, uint8_t *),
         .ks = KVQ_CAT(base, L->off_ks, uint16_t *), .vs = KVQ_CAT(base, L->off_vs, uint16_t *),
         .kz = KVQ_CAT(base, L->off_kz, uint8_t *), .vz = KVQ_CAT(base, L->off_vz, uint8_t *),
+        .kzb = L->k_zbits, .vzb = L->v_zbits,
         .rowb = (size_t)L->kv_dim / 2, .Dk = L->kv_dim, .G = L->v_group,
         .ng = L->kv_dim / L->v_group,
         .gmagic = ((uint64_t)1 << 40) / (uint64_t)L->v_group + 1,
@@ -910,21 +939,24 @@ static void q4_tile_consts(const q4_blk *B, int p0, int np, int D, float *vsc,
     size_t st = (size_t)B->ng;
     for (int grp = 0; grp < ngh; grp++) {
         const uint16_t *sp = B->vs + (size_t)p0 * st + (size_t)(g0 + grp);
-        const uint8_t *zp = B->vz + (size_t)p0 * st + (size_t)(g0 + grp);
+        size_t zi = (size_t)p0 * st + (size_t)(g0 + grp); /* zero of row r: zi + r * st */
         float *so = vsc + (size_t)grp * KCPU_ATTN_KPMAX, *zo = vzf + (size_t)grp * KCPU_ATTN_KPMAX;
         int r = 0;
-        for (; r + 8 <= np; r += 8, sp += 8 * st, zp += 8 * st) {
+        for (; r + 8 <= np; r += 8, sp += 8 * st, zi += 8 * st) {
             __m128i h = _mm_setr_epi16((short)sp[0], (short)sp[st], (short)sp[2 * st], (short)sp[3 * st],
                                        (short)sp[4 * st], (short)sp[5 * st], (short)sp[6 * st],
                                        (short)sp[7 * st]);
-            __m128i z8 = _mm_setr_epi16(zp[0], zp[st], zp[2 * st], zp[3 * st], zp[4 * st],
-                                        zp[5 * st], zp[6 * st], zp[7 * st]);
+            __m256i z8 = _mm256_setr_epi32(
+                kvq_zero_at(B->vz, zi, B->vzb), kvq_zero_at(B->vz, zi + st, B->vzb),
+                kvq_zero_at(B->vz, zi + 2 * st, B->vzb), kvq_zero_at(B->vz, zi + 3 * st, B->vzb),
+                kvq_zero_at(B->vz, zi + 4 * st, B->vzb), kvq_zero_at(B->vz, zi + 5 * st, B->vzb),
+                kvq_zero_at(B->vz, zi + 6 * st, B->vzb), kvq_zero_at(B->vz, zi + 7 * st, B->vzb));
             _mm256_storeu_ps(so + r, _mm256_cvtph_ps(h));
-            _mm256_storeu_ps(zo + r, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(z8)));
+            _mm256_storeu_ps(zo + r, _mm256_cvtepi32_ps(z8));
         }
-        for (; r < np; r++, sp += st, zp += st) {
+        for (; r < np; r++, sp += st, zi += st) {
             so[r] = f16(*sp);
-            zo[r] = (float)*zp;
+            zo[r] = (float)kvq_zero_at(B->vz, zi, B->vzb);
         }
         for (; r < np8; r++)
             so[r] = zo[r] = 0.0f;
@@ -938,7 +970,8 @@ static void q4_tile_consts(const q4_blk *B, int p0, int np, int D, float *vsc,
             size_t si = row + (size_t)((B->c0 + 16 * k) / B->G);
             float sv = f16(B->ks[si]);
             kls[((size_t)r * (size_t)units + (size_t)k) * 2] = sv;
-            kls[((size_t)r * (size_t)units + (size_t)k) * 2 + 1] = -sv * (float)B->kz[si];
+            kls[((size_t)r * (size_t)units + (size_t)k) * 2 + 1] =
+                -sv * (float)kvq_zero_at(B->kz, si, B->kzb);
         }
     }
 }
@@ -973,8 +1006,7 @@ static void q4d_keys(const q4_blk *B, const kcpu_attn_seg_item *it, int i0, int 
             __m256 v = _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + c), scale);
             if (!B->per_token) {
                 v = _mm256_mul_ps(v, _mm256_loadu_ps(sk + c));
-                __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                    _mm_loadl_epi64((const __m128i *)(B->kz + B->c0 + c))));
+                __m256 z = zeros8(B->kz, (size_t)(B->c0 + c), B->kzb);
                 bs = _mm256_fmadd_ps(v, z, bs);
             }
             _mm256_storeu_ps(qf + c, v);
@@ -994,7 +1026,7 @@ static void q4d_krows(const q4_blk *B, int p0, int np, int D, float *ksr, float 
             size_t si = (size_t)(p0 + (r < np ? r : np - 1)) * (size_t)B->ng + (size_t)(g0 + grp);
             float sv = f16(B->ks[si]);
             ksr[grp * KCPU_ATTN_KPMAX + r] = sv;
-            knz[grp * KCPU_ATTN_KPMAX + r] = -(sv * (float)B->kz[si]);
+            knz[grp * KCPU_ATTN_KPMAX + r] = -(sv * (float)kvq_zero_at(B->kz, si, B->kzb));
         }
 }
 
@@ -1053,7 +1085,7 @@ static void q4d_kt(const q4_blk *B, int p0, int np, int D, float *kt, int kts, c
         int c = B->kout[e].c;
         float x = B->kout[e].delta; /* still the exact value */
         if (!B->per_token)
-            x = x / sk[c] + (float)B->kz[B->c0 + c];
+            x = x / sk[c] + (float)kvq_zero_at(B->kz, (size_t)(B->c0 + c), B->kzb);
         kt[(size_t)c * (size_t)kts + r] = x;
     }
 }
@@ -1140,7 +1172,7 @@ static void q4d_vn(const q4_blk *B, int p0, int np, int D, float *vn)
         for (int grp = 0; grp < ngh; grp++) {
             float sv = f16(B->vs[gs + (size_t)grp]);
             __m256 s8 = _mm256_set1_ps(sv);
-            __m256 nz = _mm256_set1_ps(-(sv * (float)B->vz[gs + (size_t)grp]));
+            __m256 nz = _mm256_set1_ps(-(sv * (float)kvq_zero_at(B->vz, gs + (size_t)grp, B->vzb)));
             for (int u = 0; u < upg; u++) {
                 int c = (grp * upg + u) * 16;
                 __m256 c0, c1;
@@ -1236,23 +1268,6 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
  * kvq_dequant_block, outliers exact) and attended as an F32 segment's
  * (float_group), for prefill and decode alike. */
 
-/* Codes e .. e + 7 (e % 8 == 0) of a b-bit stream as 32-bit lanes. For
- * b < 8 the 8 codes are b bytes at q + e*b/8: one 32-bit load (the code
- * regions are followed by other regions of the block, so it stays inside
- * the block), broadcast, and lane i shifted right by i*b. */
-AI __m256i codes8(const uint8_t *q, size_t e, const int bits)
-{
-    const uint8_t *p = q + e / 8 * (size_t)bits;
-    if (bits == 8)
-        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    uint32_t w;
-    memcpy(&w, p, sizeof w);
-    const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits,
-                                         6 * bits, 7 * bits);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh),
-                            _mm256_set1_epi32(KVQ_LEVELS_OF(bits)));
-}
-
 /* Row e0 .. e0 + D - 1 of a b-bit stream as f32, x = fma(code, s, -s*z). */
 AI void qx_row_w(const int bits, const uint8_t *q, size_t e0, int D, const float *sc,
                  const float *nz, float *out)
@@ -1268,7 +1283,7 @@ AI void qx_row_w(const int bits, const uint8_t *q, size_t e0, int D, const float
  * per (token, group of G); sc / nz: room for D floats each (a row's scale
  * and -s*z per channel). */
 static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
-                      const uint8_t *z, int per_channel, int p0, int np, int D, float *sc,
+                      const uint8_t *z, int zb, int per_channel, int p0, int np, int D, float *sc,
                       float *nz, float *out)
 {
     const int g0 = B->c0 / B->G;
@@ -1279,7 +1294,7 @@ static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_
                                         : (size_t)(p0 + r) * (size_t)B->ng + (size_t)(g0 + c / B->G);
                 float sv = f16(s16[si]);
                 sc[c] = sv;
-                nz[c] = -(sv * (float)z[si]);
+                nz[c] = -(sv * (float)kvq_zero_at(z, si, zb));
             }
         }
         size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
@@ -1299,8 +1314,8 @@ static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_
 static void qx_tile(const q4_blk *B, const kvq_layout *L, int p0, int np, int D, float *kt,
                     float *vt, float *sc, float *nz)
 {
-    qx_tensor(B, B->kq0, L->k_bits, B->ks, B->kz, !B->per_token, p0, np, D, sc, nz, kt);
-    qx_tensor(B, B->vq0, L->v_bits, B->vs, B->vz, 0, p0, np, D, sc, nz, vt);
+    qx_tensor(B, B->kq0, L->k_bits, B->ks, B->kz, B->kzb, !B->per_token, p0, np, D, sc, nz, kt);
+    qx_tensor(B, B->vq0, L->v_bits, B->vs, B->vz, B->vzb, 0, p0, np, D, sc, nz, vt);
     for (int e = 0; e < B->n_kout; e++) {
         unsigned r = (unsigned)(B->kout[e].t - p0);
         if (r < (unsigned)np)
@@ -1323,8 +1338,9 @@ static void q4_prefetch(const kvq_layout *L, const void *base)
     size_t nv = (size_t)L->block_tokens * (size_t)L->kv_dim / (size_t)L->v_group;
     size_t nk = (size_t)L->n_ksnap, cap = (size_t)L->out_cap;
     const size_t span[9][2] = {
-        { 0, sizeof(kvq_block_hdr) }, { L->off_ks, 2 * nk }, { L->off_kz, nk },
-        { L->off_vs, 2 * nv }, { L->off_vz, nv }, { L->off_kout_idx, (size_t)L->idx_bytes * cap },
+        { 0, sizeof(kvq_block_hdr) }, { L->off_ks, 2 * nk },
+        { L->off_kz, KVQ_CODE_BYTES(nk, L->k_zbits) }, { L->off_vs, 2 * nv },
+        { L->off_vz, KVQ_CODE_BYTES(nv, L->v_zbits) }, { L->off_kout_idx, (size_t)L->idx_bytes * cap },
         { L->off_kout_val, 2 * cap }, { L->off_vout_idx, (size_t)L->idx_bytes * cap },
         { L->off_vout_val, 2 * cap },
     };

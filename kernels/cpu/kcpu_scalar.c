@@ -377,9 +377,11 @@ static void sc_seg_tile(const kvs_seg *sg, const kvq_layout *L, int c0, int D,
                                                      : (size_t)c;
             size_t vg = (size_t)t * (size_t)ng + (size_t)(c / L->v_group);
             kt[(size_t)r * (size_t)D + (size_t)d] =
-                kt_f16_to_f32(ks[kg]) * (float)(kvq_get_code(kq, e, L->k_bits) - kz[kg]);
+                kt_f16_to_f32(ks[kg]) *
+                (float)(kvq_get_code(kq, e, L->k_bits) - kvq_zero_at(kz, kg, L->k_zbits));
             vt[(size_t)r * (size_t)D + (size_t)d] =
-                kt_f16_to_f32(vs[vg]) * (float)(kvq_get_code(vq, e, L->v_bits) - vz[vg]);
+                kt_f16_to_f32(vs[vg]) *
+                (float)(kvq_get_code(vq, e, L->v_bits) - kvq_zero_at(vz, vg, L->v_zbits));
         }
     }
     const kvq_block_hdr *h = kvq_chdr(b);

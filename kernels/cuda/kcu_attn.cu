@@ -41,7 +41,7 @@ static __device__ __forceinline__ float gen_q4(const char *blk, const kvq_layout
                     : (size_t)t * (size_t)ng + (size_t)(c / L.v_group);
     const uint16_t *s = (const uint16_t *)(blk + (v ? L.off_vs : L.off_ks));
     const uint8_t *z = (const uint8_t *)(blk + (v ? L.off_vz : L.off_kz));
-    return __fmul_rn(kcu_h2f(s[si]), (float)(code - (int)z[si]));
+    return __fmul_rn(kcu_h2f(s[si]), (float)(code - kcu_zero_at(z, si, v ? L.v_zbits : L.k_zbits)));
 }
 
 /* dynamic smem: qs[g][hd], Kt[TP][hd], Vt[TP][hd], S[g][TP], acc[g][hd],

@@ -78,6 +78,18 @@ static __device__ uint16_t kq_f16_round_up(float s)
     return h;
 }
 
+/* Stores zero zz at entry i of a zeroed zero array of zb bits per entry
+ * (kvq.h: 4-bit entries share bytes, so word-wise atomicOr). */
+static __device__ __forceinline__ void kq_put_zero(uint8_t *z, size_t i, int zb, int zz)
+{
+    if (zb == 8) {
+        z[i] = (uint8_t)zz;
+        return;
+    }
+    size_t bit = i * 4;
+    atomicOr((unsigned *)z + (bit >> 5), (unsigned)zz << (unsigned)(bit & 31));
+}
+
 /* kvq_scale_zero_bits, lv = 2^bits - 1 */
 static __device__ void kq_scale_zero(float lo, float hi, int lv, uint16_t *s16, int *z)
 {
@@ -219,7 +231,7 @@ static __device__ void kq_group_scales(const kq_args &A, const float *x, size_t 
         kq_scale_zero(mn, mx, lv, &s, &z);
         size_t si = (size_t)t * (size_t)ng + (size_t)g;
         s16[si] = s;
-        zs[si] = (uint8_t)z;
+        kq_put_zero(zs, si, lv <= 15 ? 4 : 8, z);
         gs[i] = kcu_h2f(s);
         gz[i] = z;
     }
@@ -364,7 +376,7 @@ static __global__ void __launch_bounds__(KQ_THREADS) kcu_kq_tile_kernel(kq_args 
             rz[c] = z;
             if (tile == 0) {
                 ks[c] = s;
-                kz[c] = (uint8_t)z;
+                kq_put_zero(kz, (size_t)c, L.k_zbits, z);
             }
         }
     } else {

@@ -40,12 +40,12 @@ static inline float maxf(float a, float b) { return b > a ? b : a; }
 /* The layouts of SmolLM2 (T 128, D 3 x 64, G 64, budget 0.5%: 123 slots)
  * and Gemma-3 (D 256) at every width, pinned: a change of the block format
  * shows up here first. */
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 4, 4) == 27312, "SmolLM2 K4V4 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 4, 4) == 27024, "SmolLM2 K4V4 block");
 _Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 8, 8) == 51888, "SmolLM2 K8V8 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 3) == 21168, "SmolLM2 K3V3 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 2, 2) == 15024, "SmolLM2 K2V2 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 2) == 18096, "SmolLM2 K3V2 block");
-_Static_assert(KVQ_BLOCK_BYTES(128, 256, 256, 256, 164, 4, 4) == 35248, "Gemma-3 K4V4 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 3) == 20880, "SmolLM2 K3V3 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 2, 2) == 14736, "SmolLM2 K2V2 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 2) == 17808, "SmolLM2 K3V2 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 256, 256, 256, 164, 4, 4) == 35056, "Gemma-3 K4V4 block");
 _Static_assert(KVQ_CODE_BYTES(8, 3) == 3 && KVQ_CODE_BYTES(4, 2) == 1 &&
                    KVQ_CODE_BYTES(2, 4) == 1 && KVQ_CODE_BYTES(1, 8) == 1,
                "codes per byte");
@@ -108,6 +108,8 @@ int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_d
     L->k_mode = k_mode;
     L->out_cap = (int)cap;
     L->idx_bytes = (int)KVQ_IDX_BYTES(block_tokens, kv_dim);
+    L->k_zbits = KVQ_ZBITS(k_bits);
+    L->v_zbits = KVQ_ZBITS(v_bits);
     L->n_ksnap = k_mode == KVQ_K_PER_CHANNEL ? kv_dim : (int)n_vsnap;
 
     size_t ncap = (size_t)L->out_cap, nks = (size_t)L->n_ksnap;
@@ -115,9 +117,9 @@ int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_d
     L->off_kq = off;        off += align8(KVQ_CODE_BYTES(td, k_bits));
     L->off_vq = off;        off += align8(KVQ_CODE_BYTES(td, v_bits));
     L->off_ks = off;        off += align8(nks * 2);
-    L->off_kz = off;        off += align8(nks);
+    L->off_kz = off;        off += align8(KVQ_CODE_BYTES(nks, L->k_zbits));
     L->off_vs = off;        off += align8(n_vsnap * 2);
-    L->off_vz = off;        off += align8(n_vsnap);
+    L->off_vz = off;        off += align8(KVQ_CODE_BYTES(n_vsnap, L->v_zbits));
     L->off_kout_idx = off;  off += align8(ncap * (size_t)L->idx_bytes);
     L->off_kout_val = off;  off += align8(ncap * 2);
     L->off_vout_idx = off;  off += align8(ncap * (size_t)L->idx_bytes);
@@ -125,7 +127,8 @@ int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_d
     L->bytes = off;
     assert(off == KVQ_BLOCK_BYTES(block_tokens, kv_dim, v_group, nks, ncap, k_bits, v_bits));
     L->bytes_dense = KVQ_CODE_BYTES(td, k_bits) + KVQ_CODE_BYTES(td, v_bits);
-    L->bytes_scales = nks * 3 + n_vsnap * 3;
+    L->bytes_scales = nks * 2 + KVQ_CODE_BYTES(nks, L->k_zbits) + n_vsnap * 2 +
+                      KVQ_CODE_BYTES(n_vsnap, L->v_zbits);
     L->bytes_outliers = 2 * ncap * (size_t)(L->idx_bytes + 2);
     return 0;
 }
@@ -740,11 +743,13 @@ static uint32_t quant_groups(const kvq_layout *L, qwork *w, const float *x,
             if (mn > mx) /* no finite value at all */
                 mn = mx = 0;
             size_t si = (size_t)t * (size_t)ng + (size_t)g;
-            kvq_scale_zero_bits(mn, mx, w->bits, &s16[si], &z[si]);
+            uint8_t zz;
+            kvq_scale_zero_bits(mn, mx, w->bits, &s16[si], &zz);
+            kvq_put_code(z, si, KVQ_ZBITS(w->bits), zz);
             float s = kt_f16_to_f32(s16[si]);
             for (int c = c0; c < c0 + G; c++) {
                 w->rs[c] = s;
-                w->rz[c] = z[si];
+                w->rz[c] = zz;
             }
         }
         /* Only flagged values can lie outside their group's grid (the rest
@@ -782,9 +787,11 @@ static uint32_t quant_k_channels(const kvq_layout *L, qwork *w, const float *k,
             if (lo > hi)
                 lo = hi = 0;
         }
-        kvq_scale_zero_bits(lo, hi, w->bits, &s16[c], &z[c]);
+        uint8_t zz;
+        kvq_scale_zero_bits(lo, hi, w->bits, &s16[c], &zz);
+        kvq_put_code(z, (size_t)c, KVQ_ZBITS(w->bits), zz);
         w->rs[c] = kt_f16_to_f32(s16[c]);
-        w->rz[c] = z[c];
+        w->rz[c] = zz;
     }
     w->n = 0;
     for (int t = 0; t < n; t++)
@@ -889,7 +896,7 @@ static void dequant_tensor(const kvq_layout *L, const void *base, int per_channe
                         g_prev = c / G;
                     }
                     sc[j] = s;
-                    zc[j] = z[si];
+                    zc[j] = kvq_zero_at(z, si, KVQ_ZBITS(bits));
                 }
             }
             size_t i0 = (size_t)t * (size_t)D + (size_t)c0;

@@ -144,6 +144,8 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
     uint32_t n_out = is_k ? h->n_kout : h->n_vout;
     const char *nm = is_k ? "K" : "V";
     const int bits = is_k ? L->k_bits : L->v_bits, lv = KVQ_LEVELS_OF(bits);
+    const int zb = is_k ? L->k_zbits : L->v_zbits;
+    cr_assert_eq(zb, bits <= 4 ? 4 : 8, "zeros of %d-bit codes in %d bits", bits, zb);
     const double err_rel = ERR_REL_B(bits);
 #define code_at(q_, i_) kvq_get_code(q_, i_, bits)
     tensor_stats st = { 0, 0, 0, 0.0, INFINITY, -INFINITY };
@@ -165,7 +167,7 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
         cr_assert_eq(code_at(q, i), 0, "%s code of unused slot %zu", nm, i);
     if (!per_ch)
         for (size_t i = (size_t)n * ng; i < (size_t)T * ng; i++)
-            cr_assert(s16[i] == 0 && z[i] == 0, "%s snapshot of unused token", nm);
+            cr_assert(s16[i] == 0 && kvq_zero_at(z, i, zb) == 0, "%s snapshot of unused token", nm);
 
     float *deq = malloc((size_t)T * D * sizeof(float));
     for (size_t i = 0; i < (size_t)T * D; i++)
@@ -179,7 +181,7 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
             size_t i = (size_t)t * D + c;
             size_t si = per_ch ? (size_t)c : (size_t)t * ng + c / G;
             float s = kt_f16_to_f32(s16[si]);
-            int zz = z[si], code = code_at(q, i);
+            int zz = kvq_zero_at(z, si, zb), code = code_at(q, i);
             float xv = x[(size_t)t * stride + c], d = deq[i];
             cr_assert(s > 0 && isfinite(s), "%s scale %g", nm, s);
             cr_assert_leq(zz, lv);
@@ -249,7 +251,8 @@ static block_stats quant_check(const kvq_layout *L, const float *k, const float 
             uint16_t s;
             uint8_t z;
             kvq_scale_zero_bits(klo[c], khi[c], L->k_bits, &s, &z);
-            cr_assert(KVQ_CAT(b, L->off_ks, uint16_t *)[c] == s && KVQ_CAT(b, L->off_kz, uint8_t *)[c] == z,
+            cr_assert(KVQ_CAT(b, L->off_ks, uint16_t *)[c] == s &&
+                          kvq_zero_at(KVQ_CAT(b, L->off_kz, uint8_t *), (size_t)c, L->k_zbits) == z,
                       "K snapshot of channel %d is not kvq_scale_zero(lo, hi)", c);
         }
     block_stats bs;
@@ -334,14 +337,15 @@ Test(kvq_layout, regions_aligned_disjoint_and_formulas)
         cr_assert_eq(L.out_cap, lc->cap, "case %zu: out_cap %d, want %d", ci, L.out_cap, lc->cap);
         cr_assert_eq((size_t)L.n_ksnap, nk);
         cr_assert_eq(L.bytes_dense, td);
-        cr_assert_eq(L.bytes_scales, 3 * nk + 3 * nv);
+        cr_assert_eq(L.bytes_scales, 2 * nk + (nk + 1) / 2 + 2 * nv + (nv + 1) / 2,
+                     "FP16 scales and 4-bit zeros");
         cr_assert_eq(L.idx_bytes, td <= 65536 ? 2 : 4, "16-bit outlier indices up to 65536 elements");
         cr_assert_eq(L.bytes_outliers, 2 * cap * (size_t)(L.idx_bytes + 2));
         cr_assert_eq(L.bytes % 8, 0);
         struct { size_t off, len; } r[] = {
             { L.off_kq, td / 2 }, { L.off_vq, td / 2 },
-            { L.off_ks, 2 * nk }, { L.off_kz, nk },
-            { L.off_vs, 2 * nv }, { L.off_vz, nv },
+            { L.off_ks, 2 * nk }, { L.off_kz, (nk + 1) / 2 },
+            { L.off_vs, 2 * nv }, { L.off_vz, (nv + 1) / 2 },
             { L.off_kout_idx, (size_t)L.idx_bytes * cap }, { L.off_kout_val, 2 * cap },
             { L.off_vout_idx, (size_t)L.idx_bytes * cap }, { L.off_vout_val, 2 * cap },
         };
@@ -393,7 +397,7 @@ Test(kvq_layout, bits_per_element_smollm2)
                 "(dense %.3f + scales %.4f + outliers %.4f + header/padding %.4f)",
                 L.bytes, bpe, dense, scales, outl, bpe - dense - scales - outl);
     fprintf(stderr, "bits/element all-in: %.4f (%zu bytes per layer-block)\n", bpe, L.bytes);
-    cr_assert_eq(L.bytes, 27312); /* 16-bit outlier indices (was 27808) */
+    cr_assert_eq(L.bytes, 27024); /* 16-bit outlier indices, 4-bit zeros (was 27808) */
     cr_assert_leq(bpe, 4.6);
 }
 
@@ -895,6 +899,6 @@ Test(kvq_quant, k_per_token_mode)
     kvq_scale_zero(mn, mx, &s, &z);
     size_t si = (size_t)5 * (D / G) + 33 / G;
     cr_assert_eq(((const uint16_t *)(b + L.off_ks))[si], s);
-    cr_assert_eq((b + L.off_kz)[si], z);
+    cr_assert_eq(kvq_zero_at(b + L.off_kz, si, L.k_zbits), z);
     free(b);
 }
