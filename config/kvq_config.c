@@ -146,8 +146,12 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         else if (!strcasecmp(value, "int2") || !strcasecmp(value, "int3") ||
                  !strcasecmp(value, "int8"))
             c->mode = CFG_KV_INT4, c->k_bits = c->v_bits = value[3] - '0';
+        else if (strlen(value) == 4 && (value[0] == 'k' || value[0] == 'K') &&
+                 (value[2] == 'v' || value[2] == 'V') && KVQ_BITS_OK(value[1] - '0') &&
+                 KVQ_BITS_OK(value[3] - '0')) /* "k3v2": cfg_kv_mode_name's mixed names */
+            c->mode = CFG_KV_INT4, c->k_bits = value[1] - '0', c->v_bits = value[3] - '0';
         else
-            bad = 1, want = "fp16, int2, int3, int4 or int8";
+            bad = 1, want = "fp16, int2, int3, int4, int8 or kNvM (N, M in 2, 3, 4, 8)";
     } else if (!strcmp(k, "k_bits") || !strcmp(k, "v_bits")) {
         int32_t b = 0;
         bad = parse_i(value, 2, 8, &b) || !KVQ_BITS_OK(b);

@@ -5,8 +5,9 @@
  * validated with a clear reason. Pure data; thread-safe.
  *
  * Keys (a '-' may be written for '_'):
- *   kv_cache        fp16 | int2 | int3 | int4 | int8   (default int4); intN
- *                   sets k_bits = v_bits = N
+ *   kv_cache        fp16 | int2 | int3 | int4 | int8 | kNvM  (default int4);
+ *                   intN sets k_bits = v_bits = N, kNvM (e.g. k3v2) k_bits = N
+ *                   and v_bits = M
  *   k_bits, v_bits  code width of K / V in the quantized cache: 2, 3, 4 or 8
  *                   (4); int3 needs v_group a multiple of 8
  *   chunk_size      prefill chunk C, tokens; multiple of block_tokens (512)

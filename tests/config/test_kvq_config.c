@@ -60,7 +60,7 @@ Test(kvq_config, refusals_say_why)
     cr_assert_lt(cfg_kv_set(&c, "clip_quantile", "0.5", err, sizeof err), 0);
     cr_assert_lt(cfg_kv_set(&c, "outlier_budget", "-0.1", err, sizeof err), 0);
     cr_assert_lt(cfg_kv_set(&c, "kv_cache", "int5", err, sizeof err), 0);
-    cr_assert(strstr(err, "int2, int3, int4 or int8") != NULL, "%s", err);
+    cr_assert(strstr(err, "int2, int3, int4, int8 or kNvM") != NULL, "%s", err);
     cr_assert_lt(cfg_kv_set(&c, "kv_budget", "12 parsecs", err, sizeof err), 0);
     cr_assert_lt(cfg_kv_set(&c, "frobnicate", "1", err, sizeof err), 0);
     cr_assert(strstr(err, "unknown cache option") != NULL, "%s", err);
@@ -134,6 +134,10 @@ Test(kvq_config, code_widths)
     cr_assert(c.k_bits == 8 && c.v_bits == 8);
     cr_assert_eq(cfg_kv_set(&c, "kv_cache", "int2", err, sizeof err), 0, "%s", err);
     cr_assert_str_eq(cfg_kv_mode_name(&c), "int2");
+    cr_assert_eq(cfg_kv_set(&c, "kv_cache", "k3v2", err, sizeof err), 0, "%s", err);
+    cr_assert(c.k_bits == 3 && c.v_bits == 2, "the mixed names parse back");
+    cr_assert_str_eq(cfg_kv_mode_name(&c), "k3v2");
+    cr_assert_lt(cfg_kv_set(&c, "kv_cache", "k5v2", err, sizeof err), 0);
     static const char *bad[] = { "5", "1", "0", "16", "4.0", "", "x" };
     for (int i = 0; i < 7; i++) {
         err[0] = 0;
