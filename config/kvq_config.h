@@ -11,14 +11,14 @@
  *   k_bits, v_bits  code width of K / V in the quantized cache: 2, 3, 4 or 8
  *                   (4); int3 needs v_group a multiple of 8
  *   chunk_size      prefill chunk C, tokens; multiple of block_tokens (512)
- *   block_tokens    tokens per KV block T (128)
+ *   block_tokens    tokens per KV block T (256)
  *   warmup_chunks   W: chunks staged in FP16 before quantizing (2)
  *   ema_decay       beta in [0, 1) (0.3)
  *   ema_clip        gamma >= 0, range move per chunk in widths (4)
  *   clip_quantile   alpha in [0, 0.5) (0.005)
  *   v_group         V channels per scale group; divides head_dim; 0 = one
  *                   group per head, i.e. head_dim (0)
- *   outlier_budget  FP16 outliers per block, fraction of elements (0.005)
+ *   outlier_budget  FP16 outliers per block, fraction of elements (0.004)
  *   sink_tokens     first positions kept FP16 for the whole sequence (4)
  *   keep_warmup_fp16  0 | 1: leave warm-up chunks in FP16 (0)
  *   k_quant         channel | token: keys per channel (EMA) or per token (channel)

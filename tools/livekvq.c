@@ -41,9 +41,9 @@ static double now_s(void)
     "KV cache (LiveKVQuant-P; see config/kvq_config.h for every knob):\n" \
     "      --kv-cache fp16|int2|int3|int4|int8  KV cache mode (default int4)\n" \
     "      --k-bits N --v-bits N  code widths of K and V apart, 2|3|4|8 (4)\n" \
-    "      --chunk-size N       prefill chunk (512)  --block-tokens N  (128)\n" \
+    "      --chunk-size N       prefill chunk (512)  --block-tokens N  (256)\n" \
     "      --warmup-chunks N    (2)   --ema-decay B (0.3)  --ema-clip G (4)\n" \
-    "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.005)\n" \
+    "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.004)\n" \
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
     "      --window-kv fp16|int4 sliding-window layers' cache (fp16; int4 needs --kv-cache int4)\n" \
