@@ -243,7 +243,8 @@ void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z);
  * header, snapshots, codes, outlier lists; unused token slots are zero).
  * K per channel: s,z from [k_lo, k_hi] (EMA); an element outside
  *   [lo - s/2, hi + s/2] is an outlier candidate. The band is taken on the
- *   stored grid, [s(-z - 1/2), s(15 - z + 1/2)] with the FP16 s and integer
+ *   stored grid, [s(-z - 1/2), s(m - z + 1/2)] (m = 2^b - 1; 15 at 4 bits)
+ *   with the FP16 s and integer
  *   z (it differs from the EMA's lo/hi by at most s/2), so that a value is a
  *   candidate exactly when its clamped code would be off by more than s/2.
  *   k_lo/k_hi NULL: the block's own per-channel min/max (no outliers).
@@ -262,7 +263,7 @@ void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z);
  * code; values beyond the FP16 range are saturated to +-65504); the rest are
  * clamped and counted in n_clamped (K and V together). Outlier lists are in
  * ascending element index. Non-finite inputs: NaN is stored as code z
- * (dequantizes to 0) and counted as clamped; +-Inf clamp to 15/0 and count
+ * (dequantizes to 0) and counted as clamped; +-Inf clamp to m/0 and count
  * as clamped; neither is ever an outlier.
  * v_lo/v_hi NULL: no V outlier band (all values in range, min/max per group).
  * Guarantee: every finite value that is neither an outlier nor clamped
