@@ -1268,43 +1268,55 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
  * kvq_dequant_block, outliers exact) and attended as an F32 segment's
  * (float_group), for prefill and decode alike. */
 
-/* Row e0 .. e0 + D - 1 of a b-bit stream as f32, x = fma(code, s, -s*z). */
-AI void qx_row_w(const int bits, const uint8_t *q, size_t e0, int D, const float *sc,
-                 const float *nz, float *out)
+/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0, G % 16
+ * == 0) into out [np][D], x = fma(code, s, -s*z): per-channel snapshots
+ * (s16 / z at the head's channels; sc / nz: room for D floats each, filled
+ * once) or one per (token, group of G), broadcast over the group. */
+AI void qx_rows_w(const int bits, const q4_blk *B, const uint8_t *q, const uint16_t *s16,
+                  const uint8_t *z, int zb, int per_channel, int p0, int np, int D,
+                  float *sc, float *nz, float *out)
 {
-    for (int c = 0; c < D; c += 8) {
-        __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
-        _mm256_storeu_ps(out + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c), _mm256_loadu_ps(nz + c)));
+    if (per_channel)
+        for (int c = 0; c < D; c++) {
+            float sv = f16(s16[B->c0 + c]);
+            sc[c] = sv;
+            nz[c] = -(sv * (float)kvq_zero_at(z, (size_t)(B->c0 + c), zb));
+        }
+    const int g0 = B->c0 / B->G;
+    for (int r = 0; r < np; r++) {
+        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
+        float *o = out + (size_t)r * (size_t)D;
+        if (per_channel) {
+            for (int c = 0; c < D; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c),
+                                                        _mm256_loadu_ps(nz + c)));
+            }
+            continue;
+        }
+        size_t gs = (size_t)(p0 + r) * (size_t)B->ng + (size_t)g0;
+        for (int c0 = 0; c0 < D; c0 += B->G) {
+            size_t si = gs + (size_t)(c0 / B->G);
+            float sv = f16(s16[si]);
+            __m256 s8 = _mm256_set1_ps(sv);
+            __m256 n8 = _mm256_set1_ps(-(sv * (float)kvq_zero_at(z, si, zb)));
+            for (int c = c0; c < c0 + B->G; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, s8, n8));
+            }
+        }
     }
 }
 
-/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0) into
- * out [np][D]: per-channel snapshots (s16 / z at the head's channels) or
- * per (token, group of G); sc / nz: room for D floats each (a row's scale
- * and -s*z per channel). */
 static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
                       const uint8_t *z, int zb, int per_channel, int p0, int np, int D, float *sc,
                       float *nz, float *out)
 {
-    const int g0 = B->c0 / B->G;
-    for (int r = 0; r < np; r++) {
-        if (per_channel ? r == 0 : 1) {
-            for (int c = 0; c < D; c++) {
-                size_t si = per_channel ? (size_t)(B->c0 + c)
-                                        : (size_t)(p0 + r) * (size_t)B->ng + (size_t)(g0 + c / B->G);
-                float sv = f16(s16[si]);
-                sc[c] = sv;
-                nz[c] = -(sv * (float)kvq_zero_at(z, si, zb));
-            }
-        }
-        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
-        float *o = out + (size_t)r * (size_t)D;
-        switch (bits) {
-        case 2: qx_row_w(2, q, e0, D, sc, nz, o); break;
-        case 3: qx_row_w(3, q, e0, D, sc, nz, o); break;
-        case 4: qx_row_w(4, q, e0, D, sc, nz, o); break;
-        default: qx_row_w(8, q, e0, D, sc, nz, o); break;
-        }
+    switch (bits) {
+    case 2: qx_rows_w(2, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 3: qx_rows_w(3, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 4: qx_rows_w(4, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    default: qx_rows_w(8, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
     }
 }
 
