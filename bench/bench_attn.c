@@ -13,7 +13,8 @@
  *   fp16-seg, 2 int4), --threads N (only N threads), --cpu (time calls by
  *   the process's CPU time instead of wall time: with --threads 1 on a
  *   shared machine, time-slicing by other processes drops out; cache and
- *   memory contention remain)
+ *   memory contention remain), --bits K,V (code widths of the quantized
+ *   mode, kernels/kvq.h: 2, 3, 4 or 8 each; default 4,4)
  *
  * Cases: decoding one token at 1K / 4K / 8K context, and a 512-token
  * prefill chunk at positions 512 and 3584. Modes:
@@ -145,6 +146,7 @@ int main(int argc, char **argv)
 {
     int reps = 5, cold = 0, only = -1, only_mode = -1, only_thr = 0, solo = 0;
     kvq_k_mode km = KVQ_K_PER_CHANNEL;
+    int kbits = 4, vbits = 4;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
             reps = atoi(argv[++i]);
@@ -165,14 +167,19 @@ int main(int argc, char **argv)
             cold = 1;
         } else if (!strcmp(argv[i], "--kmode") && i + 1 < argc) {
             km = !strcmp(argv[++i], "token") ? KVQ_K_PER_TOKEN : KVQ_K_PER_CHANNEL;
+        } else if (!strcmp(argv[i], "--bits") && i + 1 < argc) {
+            if (sscanf(argv[++i], "%d,%d", &kbits, &vbits) != 2) {
+                fprintf(stderr, "--bits: expected K,V (e.g. 3,2)\n");
+                return 2;
+            }
         } else {
-            fprintf(stderr, "usage: %s [--reps N] [--cold] [--kmode channel|token] [--case 0-4] [--mode 0-2] [--threads 1|2] [--solo] [--outliers F] [--cpu]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--reps N] [--cold] [--kmode channel|token] [--case 0-4] [--mode 0-2] [--threads 1|2] [--solo] [--outliers F] [--cpu] [--bits K,V]\n", argv[0]);
             return 2;
         }
     }
     kvq_layout L;
     char err[128];
-    if (kvq_layout_init(&L, T, D, HD, G, km, 0.005f, err, sizeof err) < 0) {
+    if (kvq_layout_init_bits(&L, T, D, HD, G, km, 0.005f, kbits, vbits, err, sizeof err) < 0) {
         fprintf(stderr, "layout: %s\n", err);
         return 1;
     }

@@ -92,7 +92,7 @@ int main(int argc, char **argv)
     }
     const float *lg;
     double t[100];
-    const char *kvn = kv.mode == CFG_KV_FP16 ? "fp16" : "int4";
+    const char *kvn = cfg_kv_mode_name(&kv);
     printf("| model | kernels | kv | threads | test | tok/s (median of %d) |\n", reps);
     printf("|---|---|---|---|---|---|\n");
     for (int k = 0; k < npp; k++) {

@@ -8,6 +8,9 @@
 #
 #   bench/kv_cost.sh 5
 #   LKQ_BUILD=build-attn bench/kv_cost.sh 5   (another build directory)
+#   LKQ_MODES="int4 int3 k3v2 k2v2 int8" LKQ_GEN=1024,4096 bench/kv_cost.sh 1
+#     (each code width against the same rounds' fp16; kv_cache names of
+#     config/kvq_config.h; LKQ_GEN: the decode contexts, default 1024,4096)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROUNDS=${1:-5}
@@ -18,24 +21,26 @@ case $BUILD in /*) ;; *) BUILD=$ROOT/$BUILD ;; esac
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$ROOT/scripts/build.sh" "$BUILD"
+MODES=${LKQ_MODES:-int4}
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r/$ROUNDS" >&2
-    for kv in fp16 int4; do
+    for kv in fp16 $MODES; do
         "$BUILD/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 -k "$kv" \
-            -P 4096 -G 1024,4096 | grep -E '\| (pp|tg)[0-9]' >>"$tmp/$kv"
+            -P 4096 -G "${LKQ_GEN:-1024,4096}" | grep -E '\| (pp|tg)[0-9]' >>"$tmp/$kv"
     done
 done
-python3 - "$tmp" "$ROUNDS" <<'PY'
+for kv in $MODES; do
+python3 - "$tmp" "$ROUNDS" "$kv" <<'PY'
 import statistics, sys, os
-tmp = sys.argv[1]
+tmp, kvn = sys.argv[1], sys.argv[3]
 def load(kv):
     d = {}
     for line in open(os.path.join(tmp, kv)):
         f = [x.strip() for x in line.strip().strip('|').split('|')]
         d.setdefault(f[-2], []).append(float(f[-1]))
     return d
-a, b = load("fp16"), load("int4")
-print("| test | fp16 tok/s | int4 tok/s | int4 time / fp16 time |")
+a, b = load("fp16"), load(kvn)
+print("| test | fp16 tok/s | %s tok/s | %s time / fp16 time |" % (kvn, kvn))
 print("|---|---|---|---|")
 for t in a:
     x, y = statistics.median(a[t]), statistics.median(b[t])
@@ -45,4 +50,6 @@ for t in a:
     r = [p / q for p, q in zip(a[t], b[t])]
     print("%s per round: %s (median %.3f)" % (t, " ".join("%.3f" % v for v in r),
                                              statistics.median(r)))
+print()
 PY
+done

@@ -15,7 +15,8 @@
 const char *const cfg_kv_keys[] = {
     "kv_cache", "chunk_size", "block_tokens", "warmup_chunks", "ema_decay",
     "ema_clip", "clip_quantile", "v_group", "outlier_budget", "sink_tokens",
-    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", "kv_rotate", "kv_modes", NULL,
+    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", "kv_rotate", "k_bits", "v_bits",
+    "kv_modes", NULL,
 };
 
 cfg_kv cfg_kv_default(void)
@@ -23,19 +24,21 @@ cfg_kv cfg_kv_default(void)
     cfg_kv c = {
         .mode = CFG_KV_INT4,
         .chunk_size = 512,
-        .block_tokens = 128,
+        .block_tokens = 256, /* docs/kvquant.md "Bits per element": 4.39 at 4K */
         .warmup_chunks = 2,
         .ema_decay = 0.3f, /* measured: docs/kvquant.md (0.9/0.5 clamped 1.7%) */
         .ema_clip = 4.0f,
         .clip_quantile = 0.005f,
         .v_group = 0,
-        .outlier_budget = 0.005f,
+        .outlier_budget = 0.004f, /* K uses all of 0.5%, V 0.37%: docs/kvquant.md */
         .sink_tokens = 4,
         .keep_warmup_fp16 = 0,
         .k_mode = KVQ_K_PER_CHANNEL,
         .kv_budget_bytes = 0,
         .kv_budget_tokens = 0,
         .window_kv = CFG_KV_FP16, /* measured: docs/kvquant.md "Window layers" */
+        .k_bits = 4,
+        .v_bits = 4,
     };
     return c;
 }
@@ -194,16 +197,30 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         return fail(err, errlen, "unknown cache option '%s' (known: kv_cache, chunk_size, "
                     "block_tokens, warmup_chunks, ema_decay, ema_clip, clip_quantile, "
                     "v_group, outlier_budget, sink_tokens, keep_warmup_fp16, k_quant, "
-                    "kv_budget, window_kv, kv_rotate, kv_modes)", key ? key : "(null)");
+                    "kv_budget, window_kv, kv_rotate, k_bits, v_bits, kv_modes)",
+                    key ? key : "(null)");
     int bad = 0;
     const char *want = "";
     if (!strcmp(k, "kv_cache")) {
         if (!strcasecmp(value, "fp16") || !strcasecmp(value, "f16"))
             c->mode = CFG_KV_FP16;
         else if (!strcasecmp(value, "int4") || !strcasecmp(value, "q4"))
-            c->mode = CFG_KV_INT4;
+            c->mode = CFG_KV_INT4, c->k_bits = c->v_bits = 4;
+        else if (!strcasecmp(value, "int2") || !strcasecmp(value, "int3") ||
+                 !strcasecmp(value, "int8"))
+            c->mode = CFG_KV_INT4, c->k_bits = c->v_bits = value[3] - '0';
+        else if (strlen(value) == 4 && (value[0] == 'k' || value[0] == 'K') &&
+                 (value[2] == 'v' || value[2] == 'V') && KVQ_BITS_OK(value[1] - '0') &&
+                 KVQ_BITS_OK(value[3] - '0')) /* "k3v2": cfg_kv_mode_name's mixed names */
+            c->mode = CFG_KV_INT4, c->k_bits = value[1] - '0', c->v_bits = value[3] - '0';
         else
-            bad = 1, want = "fp16 or int4";
+            bad = 1, want = "fp16, int2, int3, int4, int8 or kNvM (N, M in 2, 3, 4, 8)";
+    } else if (!strcmp(k, "k_bits") || !strcmp(k, "v_bits")) {
+        int32_t b = 0;
+        bad = parse_i(value, 2, 8, &b) || !KVQ_BITS_OK(b);
+        want = "a code width of 2, 3, 4 or 8 bits";
+        if (!bad)
+            *(k[0] == 'k' ? &c->k_bits : &c->v_bits) = b;
     } else if (!strcmp(k, "chunk_size")) {
         bad = parse_i(value, 1, 1 << 20, &c->chunk_size), want = "an integer >= 1";
     } else if (!strcmp(k, "block_tokens")) {
@@ -326,7 +343,29 @@ int cfg_kv_validate(const cfg_kv *c, char *err, size_t errlen)
         return fail(err, errlen, "sink_tokens must be >= 0");
     if (c->kv_budget_bytes < 0 || c->kv_budget_tokens < 0)
         return fail(err, errlen, "kv_budget must be >= 0");
+    if (!KVQ_BITS_OK(c->k_bits) || !KVQ_BITS_OK(c->v_bits))
+        return fail(err, errlen, "k_bits and v_bits must be 2, 3, 4 or 8 (got %d, %d)",
+                    c->k_bits, c->v_bits);
+    if ((c->k_bits == 3 || c->v_bits == 3) && c->v_group > 0 && c->v_group % 8 != 0)
+        return fail(err, errlen, "int3 packs 8 codes in 3 bytes: v_group must be a multiple "
+                    "of 8 (got %d)", c->v_group);
     return 0;
+}
+
+const char *cfg_kv_mode_name(const cfg_kv *c)
+{
+    static const char *const names[4][4] = {
+        { "int2", "k2v3", "k2v4", "k2v8" },
+        { "k3v2", "int3", "k3v4", "k3v8" },
+        { "k4v2", "k4v3", "int4", "k4v8" },
+        { "k8v2", "k8v3", "k8v4", "int8" },
+    };
+    if (c->mode == CFG_KV_FP16)
+        return "fp16";
+    if (!KVQ_BITS_OK(c->k_bits) || !KVQ_BITS_OK(c->v_bits))
+        return "int?";
+    int k = c->k_bits == 8 ? 3 : c->k_bits - 2, v = c->v_bits == 8 ? 3 : c->v_bits - 2;
+    return names[k][v];
 }
 
 int cfg_kv_v_group(const cfg_kv *c, int head_dim)
@@ -343,7 +382,10 @@ int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,
         if (head_dim % cfg_kv_v_group(c, head_dim) != 0)
             return fail(err, errlen, "v_group %d does not divide the model's head_dim %d",
                         c->v_group, head_dim);
-        if ((head_dim * n_kv_heads) % 2 != 0)
+        if ((c->k_bits == 3 || c->v_bits == 3) && cfg_kv_v_group(c, head_dim) % 8 != 0)
+            return fail(err, errlen, "int3 packs 8 codes in 3 bytes: v_group (%d) must be a "
+                        "multiple of 8", cfg_kv_v_group(c, head_dim));
+        if ((c->k_bits == 4 || c->v_bits == 4) && (head_dim * n_kv_heads) % 2 != 0)
             return fail(err, errlen, "kv_dim %d is odd: INT4 packing needs pairs",
                         head_dim * n_kv_heads);
     }
@@ -384,12 +426,12 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
             "kv_cache = %s\nchunk_size = %d\nblock_tokens = %d\nwarmup_chunks = %d\n"
             "ema_decay = %g\nema_clip = %g\nclip_quantile = %g\nv_group = %d\n"
             "outlier_budget = %g\nsink_tokens = %d\nkeep_warmup_fp16 = %d\n"
-            "k_quant = %s\nkv_budget = %s\nwindow_kv = %s\n",
+            "k_quant = %s\nkv_budget = %s\nwindow_kv = %s\nk_bits = %d\nv_bits = %d\n",
             c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size, c->block_tokens,
             c->warmup_chunks, c->ema_decay, c->ema_clip, c->clip_quantile, c->v_group,
             c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
             c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-            c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
+            c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", c->k_bits, c->v_bits);
     if (c->kv_rotate)
         fprintf(f, "kv_rotate = %d\n", c->kv_rotate);
     if (c->modes) {
@@ -419,11 +461,13 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
                     "\"warmup_chunks\": %d, \"ema_decay\": %g, \"ema_clip\": %g, "
                     "\"clip_quantile\": %g, \"v_group\": %d, \"outlier_budget\": %g, "
                     "\"sink_tokens\": %d, \"keep_warmup_fp16\": %d, \"k_quant\": \"%s\", "
-                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"%s%s",
-                    c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size,
+                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\", \"k_bits\": %d, "
+                    "\"v_bits\": %d%s%s",
+                    cfg_kv_mode_name(c), c->chunk_size,
                     c->block_tokens, c->warmup_chunks, c->ema_decay, c->ema_clip,
                     c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
                     c->keep_warmup_fp16,
                     c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", rot, m);
+                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", c->k_bits, c->v_bits, rot,
+                    m);
 }

@@ -5,16 +5,20 @@
  * validated with a clear reason. Pure data; thread-safe.
  *
  * Keys (a '-' may be written for '_'):
- *   kv_cache        fp16 | int4                     (default int4)
+ *   kv_cache        fp16 | int2 | int3 | int4 | int8 | kNvM  (default int4);
+ *                   intN sets k_bits = v_bits = N, kNvM (e.g. k3v2) k_bits = N
+ *                   and v_bits = M
+ *   k_bits, v_bits  code width of K / V in the quantized cache: 2, 3, 4 or 8
+ *                   (4); int3 needs v_group a multiple of 8
  *   chunk_size      prefill chunk C, tokens; multiple of block_tokens (512)
- *   block_tokens    tokens per KV block T (128)
+ *   block_tokens    tokens per KV block T (256)
  *   warmup_chunks   W: chunks staged in FP16 before quantizing (2)
  *   ema_decay       beta in [0, 1) (0.3)
  *   ema_clip        gamma >= 0, range move per chunk in widths (4)
  *   clip_quantile   alpha in [0, 0.5) (0.005)
  *   v_group         V channels per scale group; divides head_dim; 0 = one
  *                   group per head, i.e. head_dim (0)
- *   outlier_budget  FP16 outliers per block, fraction of elements (0.005)
+ *   outlier_budget  FP16 outliers per block, fraction of elements (0.004)
  *   sink_tokens     first positions kept FP16 for the whole sequence (4)
  *   keep_warmup_fp16  0 | 1: leave warm-up chunks in FP16 (0)
  *   k_quant         channel | token: keys per channel (EMA) or per token (channel)
@@ -46,6 +50,8 @@
 
 #include "kernels/kvq.h"
 
+/* CFG_KV_INT4 is the LiveKVQuant-P (quantized) cache, whatever its code
+ * widths (k_bits, v_bits). */
 typedef enum { CFG_KV_FP16 = 0, CFG_KV_INT4 = 1 } cfg_kv_mode;
 /* Modes there are (a new width is a new cfg_kv_mode below this bound and a
  * line in the name table of kvq_config.c). */
@@ -70,6 +76,7 @@ typedef struct {
     uint32_t modes;           /* bit m: a sequence may use mode m (per request);
                                  0: `mode` only (a single-mode pool) */
     int32_t kv_rotate;        /* 0 off, 1 K (and q), 2 K and V (and the output) */
+    int32_t k_bits, v_bits;   /* code widths of the quantized cache, {2, 3, 4, 8} */
 } cfg_kv;
 
 cfg_kv cfg_kv_default(void);
@@ -119,6 +126,10 @@ void cfg_kv_write(const cfg_kv *c, FILE *f);
 /* Writes the config as JSON object members ("key": value, ...) without
  * braces, for embedding in reports. Returns bytes that would be written. */
 int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap);
+
+/* The cache mode as a kv_cache value: "fp16", "int2" .. "int8" when K and
+ * V have one width, else "k<K>v<V>" (e.g. "k3v2"). A static string. */
+const char *cfg_kv_mode_name(const cfg_kv *c);
 
 /* The names of all keys, NULL-terminated (for --help and option tables). */
 extern const char *const cfg_kv_keys[];

@@ -11,7 +11,9 @@
  *
  * Notation: T = block_tokens, D = kv_dim = n_kv_heads * head_dim,
  * G = v_group (divides head_dim). Element (t, c) of a block is token t,
- * channel c (channel c belongs to KV head c / head_dim). 4 bits, levels 0..15.
+ * channel c (channel c belongs to KV head c / head_dim). b bits per code
+ * (k_bits for K, v_bits for V; b in {2, 3, 4, 8}, default 4), levels
+ * 0 .. 2^b - 1.
  */
 #ifndef LKQ_KVQ_H
 #define LKQ_KVQ_H
@@ -19,8 +21,42 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define KVQ_LEVELS 15 /* 2^4 - 1 */
-#define KVQ_EPS 1e-6f /* smallest range width: s = max(hi - lo, eps) / 15 */
+#define KVQ_LEVELS 15 /* 2^4 - 1: the levels of the default width */
+#define KVQ_EPS 1e-6f /* smallest range width: s = max(hi - lo, eps) / levels */
+
+/* ---- code widths ----------------------------------------------------------
+ * Codes of b bits are packed as one little-endian bit stream per tensor:
+ * element i occupies bits [i*b, i*b + b) counted from bit 0 of byte 0
+ * (low bits first), so 2 and 4 bits never straddle a byte, 8 bits are
+ * bytes, and 3 bits pack 8 codes in 3 bytes. Widths outside {2, 3, 4, 8}
+ * are refused by kvq_layout_init_bits. int3 needs v_group (hence head_dim
+ * and kv_dim) a multiple of 8, so that every head and group starts on a
+ * whole 3-byte unit (the SIMD and CUDA readers rely on it). */
+#define KVQ_BITS_OK(b) ((b) == 2 || (b) == 3 || (b) == 4 || (b) == 8)
+#define KVQ_LEVELS_OF(b) ((1 << (b)) - 1)
+/* bytes of n codes of b bits */
+#define KVQ_CODE_BYTES(n, b) (((size_t)(n) * (size_t)(b) + 7) / 8)
+
+/* Code i of a b-bit stream (b <= 8; reads the second byte only when the
+ * code straddles it). */
+static inline int kvq_get_code(const uint8_t *q, size_t i, int b)
+{
+    size_t bit = i * (size_t)b;
+    unsigned sh = (unsigned)(bit & 7), v = q[bit >> 3];
+    if (sh + (unsigned)b > 8)
+        v |= (unsigned)q[(bit >> 3) + 1] << 8;
+    return (int)((v >> sh) & (unsigned)KVQ_LEVELS_OF(b));
+}
+
+/* ORs code (0 .. 2^b - 1) into slot i of a zeroed b-bit stream. */
+static inline void kvq_put_code(uint8_t *q, size_t i, int b, int code)
+{
+    size_t bit = i * (size_t)b;
+    unsigned sh = (unsigned)(bit & 7), v = (unsigned)code << sh;
+    q[bit >> 3] |= (uint8_t)v;
+    if (sh + (unsigned)b > 8)
+        q[(bit >> 3) + 1] |= (uint8_t)(v >> 8);
+}
 
 /* How keys are grouped for their scale/zero. */
 typedef enum {
@@ -44,22 +80,29 @@ typedef struct {
  *   kq  [T * D / 2]              K codes, token-major, element (t,c) at
  *                                nibble t*D + c (low nibble = even index)
  *   vq  [T * D / 2]              V codes, same layout
- *   ks  [n_ksnap] fp16, kz [n_ksnap] uint8     K scale / zero snapshot:
+ *   ks  [n_ksnap] fp16, kz [n_ksnap] zeros      K scale / zero snapshot:
  *        per channel (n_ksnap = D) or per (token, group) (n_ksnap = T*D/G,
  *        index t*(D/G) + c/G)
- *   vs  [T*D/G] fp16, vz [T*D/G] uint8         V scale / zero per (token, group)
- *   kout_idx [out_cap] uint32, kout_val [out_cap] fp16   K outliers: element
- *        index t*D + c and its exact value (as FP16)
- *   vout_idx [out_cap] uint32, vout_val [out_cap] fp16   V outliers
+ *   vs  [T*D/G] fp16, vz [T*D/G] zeros          V scale / zero per (token, group)
+ *        zeros are 4-bit (two per byte, low nibble first: kvq_zero_at) for
+ *        codes of up to 4 bits, bytes for 8-bit codes (k_zbits / v_zbits)
+ *   kout_idx [out_cap] uint16 or uint32, kout_val [out_cap] fp16   K
+ *        outliers: element index t*D + c (16 bits when T*D <= 65536, e.g.
+ *        SmolLM2 and Gemma-3 at T = 128; else 32: idx_bytes) and its exact
+ *        value (as FP16)
+ *   vout_idx [out_cap], vout_val [out_cap]   V outliers, likewise
  * Dequantization: x = s * (q - z), except outliers, which are exact.
- * An outlier's dense slot holds the clamped code (0 or 15). */
+ * An outlier's dense slot holds the clamped code (0 or 2^b - 1). */
 typedef struct {
     int block_tokens;   /* T */
+    int k_bits, v_bits; /* code widths, each in {2, 3, 4, 8} */
     int kv_dim;         /* D */
     int head_dim;
     int v_group;        /* G */
     kvq_k_mode k_mode;
     int out_cap;        /* outlier slots per tensor (K and V each) */
+    int idx_bytes;      /* bytes of an outlier index: 2 when T*D <= 65536, else 4 */
+    int k_zbits, v_zbits; /* bits of a stored zero: 4 (codes <= 4 bits) or 8 */
     int n_ksnap;
     size_t off_kq, off_vq, off_ks, off_kz, off_vs, off_vz;
     size_t off_kout_idx, off_kout_val, off_vout_idx, off_vout_val;
@@ -78,6 +121,42 @@ typedef struct {
 int kvq_layout_init(kvq_layout *L, int block_tokens, int kv_dim, int head_dim,
                     int v_group, kvq_k_mode k_mode, float outlier_budget,
                     char *err, size_t errlen);
+
+/* The same with the code widths: k_bits, v_bits in {2, 3, 4, 8} (otherwise
+ * refused, as is 3 bits with a v_group that is not a multiple of 8). 4-bit
+ * codes keep the rule that kv_dim is even. kvq_layout_init is this with
+ * 4, 4. */
+int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_dim,
+                         int v_group, kvq_k_mode k_mode, float outlier_budget,
+                         int k_bits, int v_bits, char *err, size_t errlen);
+
+/* Bytes of one layer-block as a constant expression (the layout above,
+ * 16-byte header, every region rounded up to 8 bytes; ns = n_ksnap, cap =
+ * out_cap). kvq_layout_init_bits gives exactly this; the static_asserts in
+ * kvq_ref.c pin it for each width. */
+#define KVQ_AL8(x) (((size_t)(x) + 7) & ~(size_t)7)
+#define KVQ_IDX_BYTES(T, D) ((size_t)(T) * (size_t)(D) <= 65536 ? 2 : 4)
+#define KVQ_ZBITS(b) ((b) <= 4 ? 4 : 8)
+#define KVQ_BLOCK_BYTES(T, D, G, ns, cap, kb, vb)                                        \
+    (KVQ_AL8(16) + KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D), kb)) +                     \
+     KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D), vb)) + KVQ_AL8(2 * (size_t)(ns)) +        \
+     KVQ_AL8(KVQ_CODE_BYTES(ns, KVQ_ZBITS(kb))) + KVQ_AL8(2 * (size_t)(T) * (D) / (G)) +   \
+     KVQ_AL8(KVQ_CODE_BYTES((size_t)(T) * (D) / (G), KVQ_ZBITS(vb))) +                    \
+     2 * (KVQ_AL8(KVQ_IDX_BYTES(T, D) * (size_t)(cap)) + KVQ_AL8(2 * (size_t)(cap))))
+
+/* Zero i of a snapshot's zero array of zbits (4 or 8) bits per entry. */
+static inline int kvq_zero_at(const uint8_t *z, size_t i, int zbits)
+{
+    return zbits == 4 ? (z[i >> 1] >> ((i & 1) * 4)) & 15 : z[i];
+}
+
+/* Element index of outlier i of tensor v (0 K, 1 V) of the block at base. */
+static inline uint32_t kvq_out_idx(const kvq_layout *L, const void *base, int v, uint32_t i)
+{
+    const char *p = (const char *)base + (v ? L->off_vout_idx : L->off_kout_idx);
+    return L->idx_bytes == 2 ? ((const uint16_t *)(const void *)p)[i]
+                             : ((const uint32_t *)(const void *)p)[i];
+}
 
 /* Typed views of a block's regions (base = block start). */
 static inline kvq_block_hdr *kvq_hdr(void *base) { return (kvq_block_hdr *)base; }
@@ -143,7 +222,11 @@ static inline int kvq_ema_warming(const kvq_ema *e, const kvq_ema_params *p)
 
 /* ---- Eq. 3-4: quantization ----------------------------------------------- */
 
-/* s and z for a range: s = max(hi - lo, KVQ_EPS) / 15,
+/* s and z for a range on b-bit codes (levels m = 2^b - 1):
+ * s = max(hi - lo, KVQ_EPS) / m, z = clamp(round(-lo / s), 0, m). */
+void kvq_scale_zero_bits(float lo, float hi, int bits, uint16_t *s_f16, uint8_t *z);
+
+/* The 4-bit case, in detail: s = max(hi - lo, KVQ_EPS) / 15,
  * z = clamp(round(-lo / s), 0, 15) (round half away from zero, as roundf).
  * The snapshot stores s as FP16; z and all codes use the FP16-rounded s.
  * Readings: (1) since z is in 0..15 the grid s*(q - z) always contains 0, so
@@ -160,7 +243,8 @@ void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z);
  * header, snapshots, codes, outlier lists; unused token slots are zero).
  * K per channel: s,z from [k_lo, k_hi] (EMA); an element outside
  *   [lo - s/2, hi + s/2] is an outlier candidate. The band is taken on the
- *   stored grid, [s(-z - 1/2), s(15 - z + 1/2)] with the FP16 s and integer
+ *   stored grid, [s(-z - 1/2), s(m - z + 1/2)] (m = 2^b - 1; 15 at 4 bits)
+ *   with the FP16 s and integer
  *   z (it differs from the EMA's lo/hi by at most s/2), so that a value is a
  *   candidate exactly when its clamped code would be off by more than s/2.
  *   k_lo/k_hi NULL: the block's own per-channel min/max (no outliers).
@@ -179,7 +263,7 @@ void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z);
  * code; values beyond the FP16 range are saturated to +-65504); the rest are
  * clamped and counted in n_clamped (K and V together). Outlier lists are in
  * ascending element index. Non-finite inputs: NaN is stored as code z
- * (dequantizes to 0) and counted as clamped; +-Inf clamp to 15/0 and count
+ * (dequantizes to 0) and counted as clamped; +-Inf clamp to m/0 and count
  * as clamped; neither is ever an outlier.
  * v_lo/v_hi NULL: no V outlier band (all values in range, min/max per group).
  * Guarantee: every finite value that is neither an outlier nor clamped

@@ -87,8 +87,9 @@ static void usage(FILE *f)
         "      --config FILE         'key = value' lines: the options above without\n"
         "                            dashes (host, port, threads, ...) and cache knobs\n"
         "Cache knobs (as for livekvq perplexity):\n"
-        "      --kv-cache fp16|int4  (default int4)   --kv-budget BYTES|Nt (0 = fit\n"
-        "                            max-seqs sequences of ctx-size)\n"
+        "      --kv-cache fp16|int2|int3|int4|int8 (default int4)  --k-bits N --v-bits N\n"
+        "                            (2|3|4|8, K and V apart)\n"
+        "      --kv-budget BYTES|Nt  (0 = fit max-seqs sequences of ctx-size)\n"
         "      --chunk-size --block-tokens --warmup-chunks --ema-decay --ema-clip\n"
         "      --clip-quantile --v-group --outlier-budget --sink-tokens\n"
         "      --keep-warmup-fp16 --k-quant\n"
@@ -410,7 +411,7 @@ int main(int argc, char **argv)
     log_info("model %s (%s): %d layers, ctx %d per sequence, %d sequences; KV cache %s, "
              "pool %.1f MiB; device %s; loaded in %.2f s",
              id, m->format, m->hp.n_layers, sched_n_ctx(s), o.max_seqs,
-             o.kv.mode == CFG_KV_INT4 ? "int4" : "fp16",
+             cfg_kv_mode_name(&o.kv),
              (double)sm.kv_budget_bytes / (1024.0 * 1024.0), sched_describe(s), mono_s() - t0);
     /* what the pool holds, so an operator knows before the first request */
     sched_capacity cap;

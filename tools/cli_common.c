@@ -290,7 +290,7 @@ void cli_fmt_duration(double s, char *buf, size_t cap)
 
 const char *cli_kv_mode_name(const cfg_kv *c)
 {
-    return c->mode == CFG_KV_FP16 ? "fp16" : "int4";
+    return cfg_kv_mode_name(c);
 }
 
 void cli_eval_opts(const struct option *base, int nb, struct option *opts, int cap,

@@ -39,10 +39,11 @@ static double now_s(void)
 #define KV_HELP \
     "\n" \
     "KV cache (LiveKVQuant-P; see config/kvq_config.h for every knob):\n" \
-    "      --kv-cache fp16|int4 KV cache mode (default int4)\n" \
-    "      --chunk-size N       prefill chunk (512)  --block-tokens N  (128)\n" \
+    "      --kv-cache fp16|int2|int3|int4|int8  KV cache mode (default int4)\n" \
+    "      --k-bits N --v-bits N  code widths of K and V apart, 2|3|4|8 (4)\n" \
+    "      --chunk-size N       prefill chunk (512)  --block-tokens N  (256)\n" \
     "      --warmup-chunks N    (2)   --ema-decay B (0.3)  --ema-clip G (4)\n" \
-    "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.005)\n" \
+    "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.004)\n" \
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
     "      --window-kv fp16|int4 sliding-window layers' cache (fp16; int4 needs --kv-cache int4)\n" \
@@ -53,7 +54,7 @@ static double now_s(void)
 static void usage_perplexity(FILE *f)
 {
     fprintf(f,
-        "usage: livekvq perplexity -m MODEL -f TEXT -c CTX [--kv-cache fp16|int4] [knobs] [options]\n"
+        "usage: livekvq perplexity -m MODEL -f TEXT -c CTX [--kv-cache fp16|int2|int3|int4|int8] [knobs] [options]\n"
         "\n"
         "Cuts the text (from the first line starting with --start, default\n"
         "'CHAPTER 1.' when present) into windows of CTX tokens, prefills each in\n"
@@ -578,7 +579,7 @@ static int parse_opts(int argc, char **argv, cli_opts *o)
         default:
             if (c >= OPT_KV && c < OPT_KV + 32) {
                 if (cfg_kv_set(&o->kv, cfg_kv_keys[c - OPT_KV], optarg, kerr, sizeof kerr) < 0) {
-                    fprintf(stderr, "livekvq: --%s\n", kerr);
+                    fprintf(stderr, "livekvq: %s\n", kerr);
                     return -1;
                 }
                 break;
@@ -624,7 +625,8 @@ static int cmd_generate(int argc, char **argv)
     cli_opts o;
     int pr = parse_opts(argc, argv, &o);
     if (pr != 0) {
-        usage_generate(pr > 0 ? stdout : stderr);
+        if (pr > 0) /* --help; a bad option has said why in one line */
+            usage_generate(stdout);
         return pr > 0 ? 0 : 2;
     }
     mdl_model *m = NULL;
@@ -675,7 +677,8 @@ static int cmd_tokenize(int argc, char **argv)
     cli_opts o;
     int pr = parse_opts(argc, argv, &o);
     if (pr != 0) {
-        usage_tokenize(pr > 0 ? stdout : stderr);
+        if (pr > 0) /* --help; a bad option has said why in one line */
+            usage_tokenize(stdout);
         return pr > 0 ? 0 : 2;
     }
     o.quiet = 1;
@@ -780,7 +783,7 @@ static int append_csv(const char *path, const cli_opts *o, const mdl_model *m,
     const cfg_kv *k = &o->kv;
     fprintf(f, "\"%s\",%ld,%ld,%s,%d,%d,%d,%g,%g,%g,%d,%g,%d,%d,%s,%lld,%.6f,%.6f,%.6f,"
                "%.6g,%.6g,%.6f,%.4f,%lld,%lld,%.6g,%.6g,%.3f,%.3f\n",
-            m->name, o->n_ctx, o->n_windows, k->mode == CFG_KV_FP16 ? "fp16" : "int4",
+            m->name, o->n_ctx, o->n_windows, cfg_kv_mode_name(k),
             k->chunk_size, k->block_tokens, k->warmup_chunks, k->ema_decay, k->ema_clip,
             k->clip_quantile, k->v_group, k->outlier_budget, k->sink_tokens,
             k->keep_warmup_fp16, k->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel",
@@ -799,7 +802,8 @@ static int cmd_perplexity(int argc, char **argv)
     cli_opts o;
     int pr = parse_opts(argc, argv, &o);
     if (pr != 0) {
-        usage_perplexity(pr > 0 ? stdout : stderr);
+        if (pr > 0) /* --help; a bad option has said why in one line */
+            usage_perplexity(stdout);
         return pr > 0 ? 0 : 2;
     }
     if (!o.file || o.n_ctx <= 0) {
@@ -850,7 +854,7 @@ static int cmd_perplexity(int argc, char **argv)
         goto done;
     }
     printf("model            %s\n", m->name);
-    printf("kv cache         %s\n", o.kv.mode == CFG_KV_FP16 ? "fp16" : "int4");
+    printf("kv cache         %s\n", cfg_kv_mode_name(&o.kv));
     printf("evaluation       %s\n", o.exact ? "exact (f32 matmuls)" : "fast (optimized matmuls)");
     printf("context          %ld x %ld window(s), %lld positions scored\n", o.n_ctx,
            o.n_windows, (long long)r.n_scored);

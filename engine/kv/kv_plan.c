@@ -222,9 +222,9 @@ int kvp_check(const cfg_kv *c, const kvc_dims *d, char *err, size_t errlen)
 static int make_layout(const cfg_kv *c, const kvc_dims *d, kvq_layout *L, char *err,
                        size_t errlen)
 {
-    if (kvq_layout_init(L, c->block_tokens, d->kv_dim, d->head_dim,
-                        cfg_kv_v_group(c, d->head_dim), c->k_mode, c->outlier_budget, err,
-                        errlen) < 0)
+    if (kvq_layout_init_bits(L, c->block_tokens, d->kv_dim, d->head_dim,
+                             cfg_kv_v_group(c, d->head_dim), c->k_mode, c->outlier_budget,
+                             c->k_bits, c->v_bits, err, errlen) < 0)
         return -EINVAL;
     return 0;
 }
@@ -1258,7 +1258,7 @@ static uint64_t cfg_seed(const cfg_kv *c, const kvc_dims *d)
     int32_t iv[] = {(int32_t)c->mode, c->chunk_size, c->block_tokens, c->warmup_chunks,
                     c->v_group, c->sink_tokens, c->keep_warmup_fp16, (int32_t)c->k_mode,
                     (int32_t)c->window_kv, c->kv_rotate, d->n_layers, d->kv_dim,
-                    d->head_dim};
+                    d->head_dim, c->k_bits, c->v_bits};
     float fv[] = {c->ema_decay, c->ema_clip, c->clip_quantile, c->outlier_budget};
     uint64_t h = fnv(1469598103934665603ull, iv, sizeof iv);
     return fnv(h, fv, sizeof fv);

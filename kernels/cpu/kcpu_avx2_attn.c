@@ -40,6 +40,10 @@
  *    outputs p_t * delta.
  * Sliding windows: tiles start at the first row any query of the item
  * sees; rows before a query's own window are masked (-inf) after scoring.
+ * Code widths other than 4 bits (K or V; kvq.h): each tile of a block is
+ * dequantized to f32 once per item and KV head (codes8: 8 codes of 2, 3, 4
+ * or 8 bits from one load, shifted per lane) and attended like an F32
+ * segment (qx_*), decode and prefill alike.
  * Layouts this path does not cover (head_dim or v_group not a multiple of
  * 16, head_dim > 512) go to the scalar back end's item.
  *
@@ -331,14 +335,42 @@ void kcpu_avx2_attn_item(const kcpu_attn_item *it, float *sc)
     finish(nq, it->o, m, l, it->ml, D);
 }
 
+/* ---- code streams (kernels/kvq.h) ---- */
+
+/* Codes e .. e + 7 (e % 8 == 0) of a b-bit stream as 32-bit lanes. For
+ * b < 8 the 8 codes are b bytes at q + e*b/8: one 32-bit load (the code
+ * regions are followed by other regions of the block, so it stays inside
+ * the block), broadcast, and lane i shifted right by i*b. */
+AI __m256i codes8(const uint8_t *q, size_t e, const int bits)
+{
+    const uint8_t *p = q + e / 8 * (size_t)bits;
+    if (bits == 8)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits,
+                                         6 * bits, 7 * bits);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh),
+                            _mm256_set1_epi32(KVQ_LEVELS_OF(bits)));
+}
+
+/* Zeros i .. i + 7 (i % 8 == 0) of a zero array of zb (4 or 8) bits per
+ * entry as f32 (the 4-bit ones are a 4-bit code stream). */
+AI __m256 zeros8(const uint8_t *z, size_t i, int zb)
+{
+    return _mm256_cvtepi32_ps(zb == 4 ? codes8(z, i, 4) : codes8(z, i, 8));
+}
+
 /* ---- INT4 blocks ---- */
 
 /* A block seen from one KV head, plus the per-query prepared keys. */
 /* An INT4 block as one KV head of the item sees it. */
 typedef struct {
-    const uint8_t *kq, *vq; /* codes of token 0, first channel of the head */
+    const uint8_t *kq, *vq; /* 4-bit codes of token 0, first channel of the head */
+    const uint8_t *kq0, *vq0; /* the block's code streams (any width) */
     const uint16_t *ks, *vs; /* the block's scale snapshots (all channels) */
-    const uint8_t *kz, *vz;
+    const uint8_t *kz, *vz; /* zeros: kzb / vzb bits each (kvq_zero_at) */
+    int kzb, vzb;
     size_t rowb;     /* bytes between tokens (D / 2) */
     int Dk, G, ng;   /* block's kv_dim, v_group, groups per token */
     uint64_t gmagic; /* c / G = (c * gmagic) >> 40 for c < 2^24 */
@@ -583,7 +615,8 @@ static void q4_fix_k(const q4_blk *B, int p0, int p1, float scale)
         uint64_t cc = (uint64_t)(B->c0 + o->c);
         size_t si = B->per_token ? (size_t)o->t * (size_t)B->ng + (size_t)((cc * B->gmagic) >> 40)
                                  : (size_t)cc;
-        float deq = f16(B->ks[si]) * (float)(q4_code(B->kq, B->rowb, o->t, o->c) - B->kz[si]);
+        float deq = f16(B->ks[si]) *
+                    (float)(q4_code(B->kq, B->rowb, o->t, o->c) - kvq_zero_at(B->kz, si, B->kzb));
         o->delta = (o->delta - deq) * scale;
     }
 }
@@ -732,8 +765,8 @@ static void q4_keys_prepare(q4_keys *K, const q4_blk *cb, const kcpu_attn_seg_it
             for (int u = 0; u < D; u += 16) { /* natural -> even / odd */
                 __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u)));
                 __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u + 8)));
-                __m256 z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c.kz + c0 + u))));
-                __m256 z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c.kz + c0 + u + 8))));
+                __m256 z0 = zeros8(c.kz, (size_t)(c0 + u), c.kzb);
+                __m256 z1 = zeros8(c.kz, (size_t)(c0 + u + 8), c.kzb);
                 _mm256_storeu_ps(sp + u, eo_even(n0, n1));
                 _mm256_storeu_ps(sp + u + 8, eo_odd(n0, n1));
                 _mm256_storeu_ps(zf + u, eo_even(z0, z1));
@@ -759,6 +792,19 @@ static void q4_keys_prepare(q4_keys *K, const q4_blk *cb, const kcpu_attn_seg_it
     }
 }
 
+/* Index e of an outlier index list of 16-bit (i16) or 32-bit entries. */
+static inline uint32_t oidx_at(const char *idx, int i16, uint32_t e)
+{
+    uint16_t h;
+    uint32_t w;
+    if (i16) {
+        memcpy(&h, idx + 2 * (size_t)e, sizeof h);
+        return h;
+    }
+    memcpy(&w, idx + 4 * (size_t)e, sizeof w);
+    return w;
+}
+
 /* Sets up block sg for the item's KV heads hmin .. hmin + nh - 1: B[h] its
  * view from each head, K (unless NULL: the tile path prepares its own) the
  * keys of every query prepared for its K scales (qk: the queries from
@@ -775,8 +821,10 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
     const int D = it->head_dim, hd64 = (D + 63) / 64 * 64;
     q4_blk c = {
         .kq = KVQ_CAT(base, L->off_kq, uint8_t *), .vq = KVQ_CAT(base, L->off_vq, uint8_t *),
+        .kq0 = KVQ_CAT(base, L->off_kq, uint8_t *), .vq0 = KVQ_CAT(base, L->off_vq, uint8_t *),
         .ks = KVQ_CAT(base, L->off_ks, uint16_t *), .vs = KVQ_CAT(base, L->off_vs, uint16_t *),
         .kz = KVQ_CAT(base, L->off_kz, uint8_t *), .vz = KVQ_CAT(base, L->off_vz, uint8_t *),
+        .kzb = L->k_zbits, .vzb = L->v_zbits,
         .rowb = (size_t)L->kv_dim / 2, .Dk = L->kv_dim, .G = L->v_group,
         .ng = L->kv_dim / L->v_group,
         .gmagic = ((uint64_t)1 << 40) / (uint64_t)L->v_group + 1,
@@ -798,7 +846,8 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
     const uint64_t tmagic = ((uint64_t)1 << 40) / (uint64_t)c.Dk + 1;
     const uint64_t hmagic = ((uint64_t)1 << 40) / (uint64_t)D + 1;
     for (int x = 0; x < 2; x++) {
-        const uint32_t *idx = KVQ_CAT(base, x ? L->off_vout_idx : L->off_kout_idx, uint32_t *);
+        const char *idx = KVQ_CAT(base, x ? L->off_vout_idx : L->off_kout_idx, char *);
+        const int i16 = L->idx_bytes == 2;
         const uint16_t *val = KVQ_CAT(base, x ? L->off_vout_val : L->off_kout_val, uint16_t *);
         uint32_t n = x ? hdr->n_vout : hdr->n_kout;
         n = n < (uint32_t)L->out_cap ? n : (uint32_t)L->out_cap;
@@ -819,7 +868,9 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
                 const __m256i hi = _mm256_set1_epi32(b), cl = _mm256_set1_epi32(c0 - 1);
                 const __m256i ch_hi = _mm256_set1_epi32(c0 + D);
                 for (; e + 8 <= n; e += 8) {
-                    __m256i ix = _mm256_loadu_si256((const __m256i *)(idx + e));
+                    __m256i ix = i16 ? _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                           (const __m128i *)(idx + 2 * (size_t)e)))
+                                     : _mm256_loadu_si256((const __m256i *)(idx + 4 * (size_t)e));
                     __m256i t = _mm256_cvttps_epi32(
                         _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(ix), half), inv));
                     __m256i ch = _mm256_sub_epi32(ix, _mm256_mullo_epi32(t, vdk));
@@ -842,8 +893,9 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
                 }
             }
             for (; e < n; e++) {
-                uint32_t t = (uint32_t)(((uint64_t)idx[e] * tmagic) >> 40);
-                int ch = (int)(idx[e] - t * (uint32_t)c.Dk) - c0;
+                uint32_t ie = oidx_at(idx, i16, e);
+                uint32_t t = (uint32_t)(((uint64_t)ie * tmagic) >> 40);
+                int ch = (int)(ie - t * (uint32_t)c.Dk) - c0;
                 dst[k].t = (int)t;
                 dst[k].c = ch;
                 dst[k].delta = f16(val[e]);
@@ -853,8 +905,9 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
             n = 0;
         }
         for (uint32_t e = 0; e < n; e++) {
-            uint32_t t = (uint32_t)(((uint64_t)idx[e] * tmagic) >> 40);
-            uint32_t ch = idx[e] - t * (uint32_t)c.Dk;
+            uint32_t ie = oidx_at(idx, i16, e);
+            uint32_t t = (uint32_t)(((uint64_t)ie * tmagic) >> 40);
+            uint32_t ch = ie - t * (uint32_t)c.Dk;
             int h = (int)(((uint64_t)ch * hmagic) >> 40) - hmin;
             int keep = ((int)t >= a) & ((int)t < b) & (h >= 0) & (h < nh);
             int hb = h & -keep, slot = dummy + ((hb * cap + cnt[hb] - dummy) & -keep);
@@ -886,21 +939,24 @@ static void q4_tile_consts(const q4_blk *B, int p0, int np, int D, float *vsc,
     size_t st = (size_t)B->ng;
     for (int grp = 0; grp < ngh; grp++) {
         const uint16_t *sp = B->vs + (size_t)p0 * st + (size_t)(g0 + grp);
-        const uint8_t *zp = B->vz + (size_t)p0 * st + (size_t)(g0 + grp);
+        size_t zi = (size_t)p0 * st + (size_t)(g0 + grp); /* zero of row r: zi + r * st */
         float *so = vsc + (size_t)grp * KCPU_ATTN_KPMAX, *zo = vzf + (size_t)grp * KCPU_ATTN_KPMAX;
         int r = 0;
-        for (; r + 8 <= np; r += 8, sp += 8 * st, zp += 8 * st) {
+        for (; r + 8 <= np; r += 8, sp += 8 * st, zi += 8 * st) {
             __m128i h = _mm_setr_epi16((short)sp[0], (short)sp[st], (short)sp[2 * st], (short)sp[3 * st],
                                        (short)sp[4 * st], (short)sp[5 * st], (short)sp[6 * st],
                                        (short)sp[7 * st]);
-            __m128i z8 = _mm_setr_epi16(zp[0], zp[st], zp[2 * st], zp[3 * st], zp[4 * st],
-                                        zp[5 * st], zp[6 * st], zp[7 * st]);
+            __m256i z8 = _mm256_setr_epi32(
+                kvq_zero_at(B->vz, zi, B->vzb), kvq_zero_at(B->vz, zi + st, B->vzb),
+                kvq_zero_at(B->vz, zi + 2 * st, B->vzb), kvq_zero_at(B->vz, zi + 3 * st, B->vzb),
+                kvq_zero_at(B->vz, zi + 4 * st, B->vzb), kvq_zero_at(B->vz, zi + 5 * st, B->vzb),
+                kvq_zero_at(B->vz, zi + 6 * st, B->vzb), kvq_zero_at(B->vz, zi + 7 * st, B->vzb));
             _mm256_storeu_ps(so + r, _mm256_cvtph_ps(h));
-            _mm256_storeu_ps(zo + r, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(z8)));
+            _mm256_storeu_ps(zo + r, _mm256_cvtepi32_ps(z8));
         }
-        for (; r < np; r++, sp += st, zp += st) {
+        for (; r < np; r++, sp += st, zi += st) {
             so[r] = f16(*sp);
-            zo[r] = (float)*zp;
+            zo[r] = (float)kvq_zero_at(B->vz, zi, B->vzb);
         }
         for (; r < np8; r++)
             so[r] = zo[r] = 0.0f;
@@ -914,7 +970,8 @@ static void q4_tile_consts(const q4_blk *B, int p0, int np, int D, float *vsc,
             size_t si = row + (size_t)((B->c0 + 16 * k) / B->G);
             float sv = f16(B->ks[si]);
             kls[((size_t)r * (size_t)units + (size_t)k) * 2] = sv;
-            kls[((size_t)r * (size_t)units + (size_t)k) * 2 + 1] = -sv * (float)B->kz[si];
+            kls[((size_t)r * (size_t)units + (size_t)k) * 2 + 1] =
+                -sv * (float)kvq_zero_at(B->kz, si, B->kzb);
         }
     }
 }
@@ -949,8 +1006,7 @@ static void q4d_keys(const q4_blk *B, const kcpu_attn_seg_item *it, int i0, int 
             __m256 v = _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + c), scale);
             if (!B->per_token) {
                 v = _mm256_mul_ps(v, _mm256_loadu_ps(sk + c));
-                __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                    _mm_loadl_epi64((const __m128i *)(B->kz + B->c0 + c))));
+                __m256 z = zeros8(B->kz, (size_t)(B->c0 + c), B->kzb);
                 bs = _mm256_fmadd_ps(v, z, bs);
             }
             _mm256_storeu_ps(qf + c, v);
@@ -970,7 +1026,7 @@ static void q4d_krows(const q4_blk *B, int p0, int np, int D, float *ksr, float 
             size_t si = (size_t)(p0 + (r < np ? r : np - 1)) * (size_t)B->ng + (size_t)(g0 + grp);
             float sv = f16(B->ks[si]);
             ksr[grp * KCPU_ATTN_KPMAX + r] = sv;
-            knz[grp * KCPU_ATTN_KPMAX + r] = -(sv * (float)B->kz[si]);
+            knz[grp * KCPU_ATTN_KPMAX + r] = -(sv * (float)kvq_zero_at(B->kz, si, B->kzb));
         }
 }
 
@@ -1029,7 +1085,7 @@ static void q4d_kt(const q4_blk *B, int p0, int np, int D, float *kt, int kts, c
         int c = B->kout[e].c;
         float x = B->kout[e].delta; /* still the exact value */
         if (!B->per_token)
-            x = x / sk[c] + (float)B->kz[B->c0 + c];
+            x = x / sk[c] + (float)kvq_zero_at(B->kz, (size_t)(B->c0 + c), B->kzb);
         kt[(size_t)c * (size_t)kts + r] = x;
     }
 }
@@ -1116,7 +1172,7 @@ static void q4d_vn(const q4_blk *B, int p0, int np, int D, float *vn)
         for (int grp = 0; grp < ngh; grp++) {
             float sv = f16(B->vs[gs + (size_t)grp]);
             __m256 s8 = _mm256_set1_ps(sv);
-            __m256 nz = _mm256_set1_ps(-(sv * (float)B->vz[gs + (size_t)grp]));
+            __m256 nz = _mm256_set1_ps(-(sv * (float)kvq_zero_at(B->vz, gs + (size_t)grp, B->vzb)));
             for (int u = 0; u < upg; u++) {
                 int c = (grp * upg + u) * 16;
                 __m256 c0, c1;
@@ -1205,6 +1261,85 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
     }
 }
 
+/* ---- blocks of other code widths (2, 3, 8 bits, or K and V apart) ----
+ *
+ * A tile's rows of one KV head are dequantized to f32 once per item and
+ * head (x = s * (code - z) as fma(code, s, -s*z): bit-identical to
+ * kvq_dequant_block, outliers exact) and attended as an F32 segment's
+ * (float_group), for prefill and decode alike. */
+
+/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0, G % 16
+ * == 0) into out [np][D], x = fma(code, s, -s*z): per-channel snapshots
+ * (s16 / z at the head's channels; sc / nz: room for D floats each, filled
+ * once) or one per (token, group of G), broadcast over the group. */
+AI void qx_rows_w(const int bits, const q4_blk *B, const uint8_t *q, const uint16_t *s16,
+                  const uint8_t *z, int zb, int per_channel, int p0, int np, int D,
+                  float *sc, float *nz, float *out)
+{
+    if (per_channel)
+        for (int c = 0; c < D; c++) {
+            float sv = f16(s16[B->c0 + c]);
+            sc[c] = sv;
+            nz[c] = -(sv * (float)kvq_zero_at(z, (size_t)(B->c0 + c), zb));
+        }
+    const int g0 = B->c0 / B->G;
+    for (int r = 0; r < np; r++) {
+        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
+        float *o = out + (size_t)r * (size_t)D;
+        if (per_channel) {
+            for (int c = 0; c < D; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c),
+                                                        _mm256_loadu_ps(nz + c)));
+            }
+            continue;
+        }
+        size_t gs = (size_t)(p0 + r) * (size_t)B->ng + (size_t)g0;
+        for (int c0 = 0; c0 < D; c0 += B->G) {
+            size_t si = gs + (size_t)(c0 / B->G);
+            float sv = f16(s16[si]);
+            __m256 s8 = _mm256_set1_ps(sv);
+            __m256 n8 = _mm256_set1_ps(-(sv * (float)kvq_zero_at(z, si, zb)));
+            for (int c = c0; c < c0 + B->G; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, s8, n8));
+            }
+        }
+    }
+}
+
+static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
+                      const uint8_t *z, int zb, int per_channel, int p0, int np, int D, float *sc,
+                      float *nz, float *out)
+{
+    switch (bits) {
+    case 2: qx_rows_w(2, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 3: qx_rows_w(3, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 4: qx_rows_w(4, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    default: qx_rows_w(8, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    }
+}
+
+/* K and V rows [p0, p0 + np) of block B (one KV head) as f32, kt / vt
+ * [np][D], the head's outliers among them exact (their delta fields still
+ * hold the exact values: the generic path never makes them deltas). */
+static void qx_tile(const q4_blk *B, const kvq_layout *L, int p0, int np, int D, float *kt,
+                    float *vt, float *sc, float *nz)
+{
+    qx_tensor(B, B->kq0, L->k_bits, B->ks, B->kz, B->kzb, !B->per_token, p0, np, D, sc, nz, kt);
+    qx_tensor(B, B->vq0, L->v_bits, B->vs, B->vz, B->vzb, 0, p0, np, D, sc, nz, vt);
+    for (int e = 0; e < B->n_kout; e++) {
+        unsigned r = (unsigned)(B->kout[e].t - p0);
+        if (r < (unsigned)np)
+            kt[(size_t)r * (size_t)D + (size_t)B->kout[e].c] = B->kout[e].delta;
+    }
+    for (int e = 0; e < B->n_vout; e++) {
+        unsigned r = (unsigned)(B->vout[e].t - p0);
+        if (r < (unsigned)np)
+            vt[(size_t)r * (size_t)D + (size_t)B->vout[e].c] = B->vout[e].delta;
+    }
+}
+
 /* Prefetches the parts of block base that q4_prepare and q4_tile_consts
  * read scattered (snapshots, outlier lists; the codes stream in order and
  * the hardware prefetcher finds them), so that they arrive while the
@@ -1215,9 +1350,11 @@ static void q4_prefetch(const kvq_layout *L, const void *base)
     size_t nv = (size_t)L->block_tokens * (size_t)L->kv_dim / (size_t)L->v_group;
     size_t nk = (size_t)L->n_ksnap, cap = (size_t)L->out_cap;
     const size_t span[9][2] = {
-        { 0, sizeof(kvq_block_hdr) }, { L->off_ks, 2 * nk }, { L->off_kz, nk },
-        { L->off_vs, 2 * nv }, { L->off_vz, nv }, { L->off_kout_idx, 4 * cap },
-        { L->off_kout_val, 2 * cap }, { L->off_vout_idx, 4 * cap }, { L->off_vout_val, 2 * cap },
+        { 0, sizeof(kvq_block_hdr) }, { L->off_ks, 2 * nk },
+        { L->off_kz, KVQ_CODE_BYTES(nk, L->k_zbits) }, { L->off_vs, 2 * nv },
+        { L->off_vz, KVQ_CODE_BYTES(nv, L->v_zbits) }, { L->off_kout_idx, (size_t)L->idx_bytes * cap },
+        { L->off_kout_val, 2 * cap }, { L->off_vout_idx, (size_t)L->idx_bytes * cap },
+        { L->off_vout_val, 2 * cap },
     };
     for (int i = 0; i < 9; i++)
         for (size_t o = 0; o < span[i][1]; o += 64)
@@ -1263,6 +1400,8 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
             kcpu_scalar_ops.attn_seg_item(it, tmp);
             return;
         }
+    /* the 4-bit paths below read nibbles; other widths dequantize tiles */
+    const int gen = L && (L->k_bits != 4 || L->v_bits != 4);
     const kcpu_seg_tmp ly = kcpu_seg_tmp_layout(L, D);
     float *sc = tmp + ly.sc, *kls = tmp + ly.tile, *qk = tmp + ly.qk, *blk = tmp + ly.blk;
     float *vsc = tmp + ly.vsc, *vzf = vsc + ly.vs_len, *W = kls + 4096;
@@ -1319,12 +1458,13 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
         if (sg->kind == KVS_Q4) {
             if (si + 1 < it->n_segs && it->segs[si + 1].kind == KVS_Q4)
                 q4_prefetch(L, it->segs[si + 1].k);
-            if (!queries_ready && !dense) {
+            if (!queries_ready && !dense && !gen) {
                 q4_queries(it, qk, ly.qk_stride);
                 queries_ready = 1;
             }
-            q4_prepare(B, dense ? NULL : &K, sg, it, hmin, nh, a, b, qk, ly.qk_stride, blk, outs);
-            if (dense) {
+            q4_prepare(B, dense || gen ? NULL : &K, sg, it, hmin, nh, a, b, qk, ly.qk_stride,
+                       blk, outs);
+            if (dense && !gen) {
                 for (int h = 0; h < nh; h++) {
                     if (hgn[h] == 0)
                         continue;
@@ -1339,7 +1479,7 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                 continue;
             }
         }
-        int step = sg->kind != KVS_Q4 ? KP : KPQ;
+        int step = sg->kind != KVS_Q4 || gen ? KP : KPQ;
         for (int p0 = a; p0 < b; p0 += step) {
             int np = b - p0 < step ? b - p0 : step, cur = -1;
             int fixed[KCPU_ATTN_QMAX] = { 0 }; /* per head: outlier deltas done, 1 K, 2 V */
@@ -1366,6 +1506,15 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                     float_group(sg->kind, qg, sg_sc, q, o, m + g0, l + g0, nv, lop, nmax,
                                 (const char *)sg->k + off, (const char *)sg->v + off, sg->stride,
                                 D, it->scale);
+                    continue;
+                }
+                if (gen) { /* kt, vt: this head's rows as f32 (blk: scratch) */
+                    if (h != cur) {
+                        qx_tile(&B[h], L, p0, np, D, kt, vt, blk, blk + (D + 63) / 64 * 64);
+                        cur = h;
+                    }
+                    float_group(KVS_F32, qg, sg_sc, q, o, m + g0, l + g0, nv, lop, nmax, kt, vt,
+                                (size_t)D, D, it->scale);
                     continue;
                 }
                 if (h != cur) {

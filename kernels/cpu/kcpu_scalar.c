@@ -347,13 +347,8 @@ static void sc_attn_item(const kcpu_attn_item *it, float *tmp)
 /* ---- attention over a segmented history ---- */
 
 /* Nibble i of a packed 4-bit array (low nibble = even index). */
-static inline int sc_nib(const uint8_t *p, size_t i)
-{
-    return (p[i >> 1] >> ((i & 1) * 4)) & 15;
-}
-
 /* Loads positions [p0, p0 + np) of segment sg, channels [c0, c0 + D), into
- * kt, vt [np][D] as f32. A KVS_Q4 block is dequantized tile by tile
+ * kt, vt [np][D] as f32. A KVS_Q4 block (any code width) is dequantized tile by tile
  * (s * (code - z) with its snapshots), its outliers patched in exactly. */
 static void sc_seg_tile(const kvs_seg *sg, const kvq_layout *L, int c0, int D,
                         int p0, int np, float *kt, float *vt)
@@ -381,19 +376,23 @@ static void sc_seg_tile(const kvs_seg *sg, const kvq_layout *L, int c0, int D,
             size_t kg = L->k_mode == KVQ_K_PER_TOKEN ? (size_t)t * (size_t)ng + (size_t)(c / L->v_group)
                                                      : (size_t)c;
             size_t vg = (size_t)t * (size_t)ng + (size_t)(c / L->v_group);
-            kt[(size_t)r * (size_t)D + (size_t)d] = kt_f16_to_f32(ks[kg]) * (float)(sc_nib(kq, e) - kz[kg]);
-            vt[(size_t)r * (size_t)D + (size_t)d] = kt_f16_to_f32(vs[vg]) * (float)(sc_nib(vq, e) - vz[vg]);
+            kt[(size_t)r * (size_t)D + (size_t)d] =
+                kt_f16_to_f32(ks[kg]) *
+                (float)(kvq_get_code(kq, e, L->k_bits) - kvq_zero_at(kz, kg, L->k_zbits));
+            vt[(size_t)r * (size_t)D + (size_t)d] =
+                kt_f16_to_f32(vs[vg]) *
+                (float)(kvq_get_code(vq, e, L->v_bits) - kvq_zero_at(vz, vg, L->v_zbits));
         }
     }
     const kvq_block_hdr *h = kvq_chdr(b);
     for (int x = 0; x < 2; x++) {
-        const uint32_t *idx = KVQ_CAT(b, x ? L->off_vout_idx : L->off_kout_idx, uint32_t *);
         const uint16_t *val = KVQ_CAT(b, x ? L->off_vout_val : L->off_kout_val, uint16_t *);
         float *dst = x ? vt : kt;
         uint32_t n = x ? h->n_vout : h->n_kout;
         n = n < (uint32_t)L->out_cap ? n : (uint32_t)L->out_cap;
         for (uint32_t i = 0; i < n; i++) {
-            int t = (int)(idx[i] / (uint32_t)Dk) - p0, d = (int)(idx[i] % (uint32_t)Dk) - c0;
+            uint32_t e = kvq_out_idx(L, b, x, i);
+            int t = (int)(e / (uint32_t)Dk) - p0, d = (int)(e % (uint32_t)Dk) - c0;
             if (t >= 0 && t < np && d >= 0 && d < D)
                 dst[(size_t)t * (size_t)D + (size_t)d] = kt_f16_to_f32(val[i]);
         }

@@ -7,7 +7,7 @@
  * visible positions of the split are walked segment by segment in tiles of
  * TP positions: the tile's K and V for this head are expanded to f32 in
  * shared memory (FP16 pages and the step's f32 K/V read as they are, INT4
- * blocks dequantized as s * (q - z), then the block's outliers written over
+ * blocks of any code width dequantized as s * (q - z), then the block's outliers written over
  * their elements), the group's scores and an online softmax update the
  * accumulators. Exact where the oracle is exact; sums in f32.
  *
@@ -28,13 +28,20 @@ static __device__ __forceinline__ float gen_q4(const char *blk, const kvq_layout
     int D = L.kv_dim, ng = D / L.v_group;
     const uint8_t *q = (const uint8_t *)(blk + (v ? L.off_vq : L.off_kq));
     size_t e = (size_t)t * (size_t)D + (size_t)c;
-    int code = (q[e >> 1] >> ((e & 1) * 4)) & 0xf;
+    /* code e of the b-bit stream (kvq.h; the second byte only when the
+     * code straddles it) */
+    const int b = v ? L.v_bits : L.k_bits;
+    size_t bit = e * (size_t)b;
+    unsigned sh = (unsigned)(bit & 7), w = q[bit >> 3];
+    if (sh + (unsigned)b > 8)
+        w |= (unsigned)q[(bit >> 3) + 1] << 8;
+    int code = (int)((w >> sh) & ((1u << b) - 1u));
     size_t si = (!v && L.k_mode == KVQ_K_PER_CHANNEL)
                     ? (size_t)c
                     : (size_t)t * (size_t)ng + (size_t)(c / L.v_group);
     const uint16_t *s = (const uint16_t *)(blk + (v ? L.off_vs : L.off_ks));
     const uint8_t *z = (const uint8_t *)(blk + (v ? L.off_vz : L.off_kz));
-    return __fmul_rn(kcu_h2f(s[si]), (float)(code - (int)z[si]));
+    return __fmul_rn(kcu_h2f(s[si]), (float)(code - kcu_zero_at(z, si, v ? L.v_zbits : L.k_zbits)));
 }
 
 /* dynamic smem: qs[g][hd], Kt[TP][hd], Vt[TP][hd], S[g][TP], acc[g][hd],
@@ -103,13 +110,11 @@ static __global__ void __launch_bounds__(GEN_THREADS)
                     uint32_t no = tensor ? hdr->n_vout : hdr->n_kout;
                     if (no > (uint32_t)P.L.out_cap)
                         no = (uint32_t)P.L.out_cap;
-                    const uint32_t *oi = (const uint32_t *)(blk + (tensor ? P.L.off_vout_idx
-                                                                          : P.L.off_kout_idx));
                     const uint16_t *ov = (const uint16_t *)(blk + (tensor ? P.L.off_vout_val
                                                                           : P.L.off_kout_val));
                     float *dst = tensor ? Vt : Kt;
                     for (uint32_t i = (uint32_t)tid; i < no; i += GEN_THREADS) {
-                        uint32_t el = oi[i];
+                        uint32_t el = kcu_oidx(blk, P.L, tensor, i);
                         int t = (int)(el / (uint32_t)D), c = (int)(el % (uint32_t)D);
                         if (t >= tb && t < tb + np && c >= h * hd && c < h * hd + hd)
                             dst[(t - tb) * hd + (c - h * hd)] = kcu_h2f(ov[i]);
@@ -216,6 +221,7 @@ extern "C" int kcu_attn_mma_supported(const kcu_attn_shape *sh)
     if (sh->L) {
         const kvq_layout *L = sh->L;
         if (L->k_mode != KVQ_K_PER_CHANNEL || L->v_group % 8 || L->kv_dim != D ||
+            L->k_bits != 4 || L->v_bits != 4 || /* it unpacks nibbles */
             L->block_tokens > 65535 || L->off_kq % 8 || L->off_vq % 8)
             return 0;
     }

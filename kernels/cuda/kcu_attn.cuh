@@ -12,8 +12,8 @@
  *
  * Two kernels behind one launcher: a tensor-core kernel (mma.sync
  * m16n8k16, FP16 operands, FP32 accumulation) for head_dim 64 or 128, keys
- * per channel and v_group a multiple of 8; and a generic FP32 kernel for
- * every other shape. A query that sees no position gets zeros (as the
+ * per channel, v_group a multiple of 8 and 4-bit codes; and a generic FP32
+ * kernel for every other shape and code width (2, 3, 8 bits). A query that sees no position gets zeros (as the
  * oracle). C-callable launcher; kernels in kcu_attn.cu, kcu_attn_mma.cu.
  */
 #ifndef LKQ_KCU_ATTN_CUH

@@ -8,6 +8,22 @@
 #include "kernels/cuda/kcu_attn.cuh"
 #include "kernels/cuda/kcu_compat.cuh"
 
+/* Zero i of a snapshot's zero array of zb (4 or 8) bits per entry
+ * (kvq_zero_at). */
+static __device__ __forceinline__ int kcu_zero_at(const uint8_t *z, size_t i, int zb)
+{
+    return zb == 4 ? (z[i >> 1] >> ((i & 1) * 4)) & 15 : z[i];
+}
+
+/* Element index of outlier i of tensor (0 K, 1 V) of the block at blk:
+ * 16-bit or 32-bit entries (kvq_layout.idx_bytes, kvq.h). */
+static __device__ __forceinline__ uint32_t kcu_oidx(const char *blk, const kvq_layout &L,
+                                                    int tensor, uint32_t i)
+{
+    const char *p = blk + (tensor ? L.off_vout_idx : L.off_kout_idx);
+    return L.idx_bytes == 2 ? (uint32_t)((const uint16_t *)p)[i] : ((const uint32_t *)p)[i];
+}
+
 struct kcu_attn_args {
     kcu_kv_arena A;
     int layer;

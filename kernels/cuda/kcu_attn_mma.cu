@@ -204,11 +204,14 @@ KCU_UNROLL
         if (kind == KVS_Q4 && active) {
             /* this block's K scales fold into Q; its zeros into the pairs */
             const uint16_t *ks = (const uint16_t *)(blk + P.L.off_ks) + head_c + sl;
-            const uint8_t *kz = (const uint8_t *)(blk + P.L.off_kz) + head_c + sl;
+            /* 4-bit codes only here, so 4-bit zeros (kvq.h) */
+            const uint8_t *kz = (const uint8_t *)(blk + P.L.off_kz);
+            const size_t kz0 = (size_t)head_c + (size_t)sl;
 KCU_UNROLL
             for (int r = 0; r < NP; r++) {
                 int c0 = 8 * (r >> 2) + (r & 3), c1 = c0 + 4;
-                zp[r] = 0x64006400u | (uint32_t)kz[c0] | ((uint32_t)kz[c1] << 16);
+                zp[r] = 0x64006400u | (uint32_t)kcu_zero_at(kz, kz0 + (size_t)c0, 4) |
+                        ((uint32_t)kcu_zero_at(kz, kz0 + (size_t)c1, 4) << 16);
             }
 KCU_UNROLL
             for (int js = 0; js < KS; js++)
@@ -229,8 +232,6 @@ KCU_UNROLL
                 const kvq_block_hdr *hdr = (const kvq_block_hdr *)blk;
                 if (tid == 0) {
                     for (int tensor = 0; tensor < 2; tensor++) {
-                        const uint32_t *oi = (const uint32_t *)(blk + (tensor ? P.L.off_vout_idx
-                                                                              : P.L.off_kout_idx));
                         uint32_t no = tensor ? hdr->n_vout : hdr->n_kout;
                         if (no > (uint32_t)out_cap)
                             no = (uint32_t)out_cap;
@@ -239,7 +240,7 @@ KCU_UNROLL
                         uint32_t lo = 0, hi = no;
                         while (lo < hi) {
                             uint32_t mid = (lo + hi) / 2;
-                            if (oi[mid] < key0)
+                            if (kcu_oidx(blk, P.L, tensor, mid) < key0)
                                 lo = mid + 1;
                             else
                                 hi = mid;
@@ -248,7 +249,7 @@ KCU_UNROLL
                         hi = no;
                         while (lo < hi) {
                             uint32_t mid = (lo + hi) / 2;
-                            if (oi[mid] < key1)
+                            if (kcu_oidx(blk, P.L, tensor, mid) < key1)
                                 lo = mid + 1;
                             else
                                 hi = mid;
@@ -260,8 +261,6 @@ KCU_UNROLL
                 __syncthreads();
                 for (int tensor = 0; tensor < 2; tensor++) {
                     int n_st = cnt[tensor], first = cnt[2 + tensor];
-                    const uint32_t *oi = (const uint32_t *)(blk + (tensor ? P.L.off_vout_idx
-                                                                          : P.L.off_kout_idx));
                     const uint16_t *ov = (const uint16_t *)(blk + (tensor ? P.L.off_vout_val
                                                                           : P.L.off_kout_val));
                     const uint8_t *cq = (const uint8_t *)(blk + (tensor ? P.L.off_vq : P.L.off_kq));
@@ -270,12 +269,13 @@ KCU_UNROLL
                     uint32_t *dst = tensor ? vst : kst;
                     float *dd = tensor ? vsd : ksd;
                     for (int i = tid; i < n_st; i += W * 32) {
-                        uint32_t el = oi[first + i];
+                        uint32_t el = kcu_oidx(blk, P.L, tensor, (uint32_t)(first + i));
                         int t = (int)(el / (uint32_t)D), c = (int)(el % (uint32_t)D);
                         int code = (cq[el >> 1] >> ((el & 1) * 4)) & 0xf;
                         size_t si2 = tensor ? (size_t)t * (size_t)ng + (size_t)(c / P.L.v_group)
                                             : (size_t)c;
-                        float deq = __fmul_rn(kcu_h2f(cs[si2]), (float)(code - (int)cz[si2]));
+                        float deq = __fmul_rn(kcu_h2f(cs[si2]),
+                                              (float)(code - kcu_zero_at(cz, si2, 4)));
                         dst[i] = ((uint32_t)(t - t0) << 16) | (uint32_t)c;
                         dd[i] = kcu_h2f(ov[first + i]) - deq;
                     }
@@ -438,8 +438,9 @@ KCU_UNROLL
                             for (int k2 = 0; k2 < 2; k2++) {
                                 size_t s0 = (size_t)pp[2 * k2] * (size_t)ng + gi;
                                 size_t s1 = (size_t)pp[2 * k2 + 1] * (size_t)ng + gi;
-                                zpp[h2][u][k2] =
-                                    0x64006400u | (uint32_t)vz[s0] | ((uint32_t)vz[s1] << 16);
+                                zpp[h2][u][k2] = 0x64006400u |
+                                                 (uint32_t)kcu_zero_at(vz, s0, 4) |
+                                                 ((uint32_t)kcu_zero_at(vz, s1, 4) << 16);
                                 spp[h2][u][k2] = (uint32_t)vs[s0] | ((uint32_t)vs[s1] << 16);
                             }
                         }

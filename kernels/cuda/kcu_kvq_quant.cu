@@ -9,7 +9,8 @@
  *  3. tiles: one thread block per (target, tile of R token rows) computes
  *     the scale/zero snapshots (K per channel from the range, or per
  *     (token, group); V per (token, group) from the values the EMA band
- *     does not flag), the INT4 codes, and the outlier candidates with
+ *     does not flag), the codes (4 bits: byte pairs; other widths OR'ed
+ *     into the zeroed bit stream, kvq.h), and the outlier candidates with
  *     their excursion, written in element order (a block-wide prefix sum
  *     per step of 8 elements per thread) into the tile's scratch region;
  *  4. select: one thread block per target keeps the out_cap candidates of
@@ -77,32 +78,44 @@ static __device__ uint16_t kq_f16_round_up(float s)
     return h;
 }
 
-/* kvq_scale_zero */
-static __device__ void kq_scale_zero(float lo, float hi, uint16_t *s16, int *z)
+/* Stores zero zz at entry i of a zeroed zero array of zb bits per entry
+ * (kvq.h: 4-bit entries share bytes, so word-wise atomicOr). */
+static __device__ __forceinline__ void kq_put_zero(uint8_t *z, size_t i, int zb, int zz)
+{
+    if (zb == 8) {
+        z[i] = (uint8_t)zz;
+        return;
+    }
+    size_t bit = i * 4;
+    atomicOr((unsigned *)z + (bit >> 5), (unsigned)zz << (unsigned)(bit & 31));
+}
+
+/* kvq_scale_zero_bits, lv = 2^bits - 1 */
+static __device__ void kq_scale_zero(float lo, float hi, int lv, uint16_t *s16, int *z)
 {
     float l = isfinite(lo) ? kq_minf(lo, 0.0f) : 0.0f;
     float h = isfinite(hi) ? kq_maxf(hi, 0.0f) : 0.0f;
     float w = kq_maxf(__fsub_rn(h, l), KVQ_EPS);
-    uint16_t s = kq_f16_round_up(__fdiv_rn(w, (float)KVQ_LEVELS));
+    uint16_t s = kq_f16_round_up(__fdiv_rn(w, (float)lv));
     float sf = kcu_h2f(s);
     float zf = __fdiv_rn(-l, sf);
     *s16 = s;
-    *z = zf >= (float)KVQ_LEVELS ? KVQ_LEVELS : kq_round_away(zf);
+    *z = zf >= (float)lv ? lv : kq_round_away(zf);
 }
 
 /* code_of: clamped code of finite x; *exc = steps beyond the half-step band */
-static __device__ __forceinline__ int kq_code(float x, float s, int z, float *exc)
+static __device__ __forceinline__ int kq_code(float x, float s, int z, int lv, float *exc)
 {
     float q = __fdiv_rn(x, s);
-    float qc = q < -64.0f ? -64.0f : (q > 64.0f ? 64.0f : q);
+    float qc = q < -512.0f ? -512.0f : (q > 512.0f ? 512.0f : q);
     int r = kq_round_away(qc) + z;
     if (r < 0) {
         *exc = __fsub_rn(__fsub_rn(-(float)z, 0.5f), q);
         return 0;
     }
-    if (r > KVQ_LEVELS) {
-        *exc = __fsub_rn(q, __fadd_rn((float)(KVQ_LEVELS - z), 0.5f));
-        return KVQ_LEVELS;
+    if (r > lv) {
+        *exc = __fsub_rn(q, __fadd_rn((float)(lv - z), 0.5f));
+        return lv;
     }
     *exc = 0.0f;
     return r;
@@ -111,7 +124,7 @@ static __device__ __forceinline__ int kq_code(float x, float s, int z, float *ex
 /* The V flag band of channel c: [lo - s_c/2, hi + s_c/2] from the EMA range,
  * everything for a channel without a range. */
 static __device__ __forceinline__ void kq_band(const float *v_lo, const float *v_hi, int c,
-                                               float *flo, float *fhi)
+                                               int lv, float *flo, float *fhi)
 {
     float lo = v_lo[c], hi = v_hi[c];
     if (isnan(lo) || isnan(hi)) {
@@ -119,8 +132,7 @@ static __device__ __forceinline__ void kq_band(const float *v_lo, const float *v
         *fhi = INFINITY;
         return;
     }
-    float half = __fdiv_rn(__fmul_rn(0.5f, kq_maxf(__fsub_rn(hi, lo), KVQ_EPS)),
-                           (float)KVQ_LEVELS);
+    float half = __fdiv_rn(__fmul_rn(0.5f, kq_maxf(__fsub_rn(hi, lo), KVQ_EPS)), (float)lv);
     *flo = __fsub_rn(lo, half);
     *fhi = __fadd_rn(hi, half);
 }
@@ -181,8 +193,9 @@ static __global__ void kcu_kq_minmax_kernel(kq_args A)
  * finite values the band does not flag (all of them when there is no band
  * or none is left), written to the snapshot (s16, z) and to gs/gz. */
 static __device__ void kq_group_scales(const kq_args &A, const float *x, size_t row0, int t0,
-                                       int t1, const float *flo_src, const float *fhi_src,
-                                       uint16_t *s16, uint8_t *zs, float *gs, int *gz)
+                                       int t1, int lv, const float *flo_src,
+                                       const float *fhi_src, uint16_t *s16, uint8_t *zs,
+                                       float *gs, int *gz)
 {
     int D = A.L.kv_dim, G = A.L.v_group, ng = D / G;
     int pairs = (t1 - t0) * ng;
@@ -199,7 +212,7 @@ static __device__ void kq_group_scales(const kq_args &A, const float *x, size_t 
             bool unflagged = true;
             if (flo_src) {
                 float flo, fhi;
-                kq_band(flo_src, fhi_src, c, &flo, &fhi);
+                kq_band(flo_src, fhi_src, c, lv, &flo, &fhi);
                 unflagged = v >= flo && v <= fhi;
             }
             if (unflagged) {
@@ -215,10 +228,10 @@ static __device__ void kq_group_scales(const kq_args &A, const float *x, size_t 
             mn = mx = 0.0f;
         uint16_t s;
         int z;
-        kq_scale_zero(mn, mx, &s, &z);
+        kq_scale_zero(mn, mx, lv, &s, &z);
         size_t si = (size_t)t * (size_t)ng + (size_t)g;
         s16[si] = s;
-        zs[si] = (uint8_t)z;
+        kq_put_zero(zs, si, lv <= 15 ? 4 : 8, z);
         gs[i] = kcu_h2f(s);
         gz[i] = z;
     }
@@ -230,7 +243,7 @@ static __device__ void kq_group_scales(const kq_args &A, const float *x, size_t 
  * outside it. Writes codes, the tile's candidate list and count; returns
  * (in every thread) nothing; adds the non-finite count to *nonfin. */
 static __device__ void kq_tensor(const kq_args &A, int tensor, const float *x, size_t row0,
-                                 int t0, int t1, uint8_t *codes, bool per_channel,
+                                 int t0, int t1, int bits, uint8_t *codes, bool per_channel,
                                  const float *rs, const int *rz, const float *gs, const int *gz,
                                  bool cands, const float *flo_src, const float *fhi_src,
                                  uint32_t *cidx, float *cexc, int *ccnt, int *nonfin, int *ws)
@@ -238,6 +251,7 @@ static __device__ void kq_tensor(const kq_args &A, int tensor, const float *x, s
     int D = A.L.kv_dim, G = A.L.v_group, ng = D / G;
     int E = (t1 - t0) * D;
     int running = 0, bad = 0;
+    const int lv = (1 << bits) - 1;
     for (int e0 = 0; e0 < E; e0 += KQ_THREADS * KQ_PER_THREAD) { /* block-uniform */
         int my = e0 + (int)threadIdx.x * KQ_PER_THREAD;
         unsigned flags = 0;
@@ -261,15 +275,15 @@ static __device__ void kq_tensor(const kq_args &A, int tensor, const float *x, s
                 int code;
                 float exc = 0.0f;
                 if (!isfinite(xv)) {
-                    code = isnan(xv) ? z : (xv > 0 ? KVQ_LEVELS : 0);
+                    code = isnan(xv) ? z : (xv > 0 ? lv : 0);
                     bad++;
                 } else {
-                    code = kq_code(xv, s, z, &exc);
+                    code = kq_code(xv, s, z, lv, &exc);
                     if (cands && exc > 0.0f) {
                         bool out = true;
                         if (flo_src) {
                             float flo, fhi;
-                            kq_band(flo_src, fhi_src, c, &flo, &fhi);
+                            kq_band(flo_src, fhi_src, c, lv, &flo, &fhi);
                             out = xv < flo || xv > fhi;
                         }
                         if (out) {
@@ -280,7 +294,17 @@ static __device__ void kq_tensor(const kq_args &A, int tensor, const float *x, s
                     }
                 }
                 size_t el = (size_t)t * (size_t)D + (size_t)c;
-                if ((el & 1) == 0) {
+                if (bits != 4) {
+                    /* other widths: OR the code into the zeroed stream word
+                     * by word (kvq.h: code el at bit el*bits; a code may
+                     * share a word with another thread's) */
+                    size_t bit = el * (size_t)bits;
+                    unsigned *w = (unsigned *)codes + (bit >> 5);
+                    unsigned sh = (unsigned)(bit & 31);
+                    atomicOr(w, (unsigned)code << sh);
+                    if (sh + (unsigned)bits > 32)
+                        atomicOr(w + 1, (unsigned)code >> (32 - sh));
+                } else if ((el & 1) == 0) {
                     byte = (uint8_t)code;
                 } else {
                     byte |= (uint8_t)(code << 4);
@@ -347,27 +371,30 @@ static __global__ void __launch_bounds__(KQ_THREADS) kcu_kq_tile_kernel(kq_args 
             float hi = A.k_lo ? A.k_hi[c] : mm[D + c];
             uint16_t s;
             int z;
-            kq_scale_zero(lo, hi, &s, &z);
+            kq_scale_zero(lo, hi, (1 << L.k_bits) - 1, &s, &z);
             rs[c] = kcu_h2f(s);
             rz[c] = z;
             if (tile == 0) {
                 ks[c] = s;
-                kz[c] = (uint8_t)z;
+                kq_put_zero(kz, (size_t)c, L.k_zbits, z);
             }
         }
     } else {
-        kq_group_scales(A, A.k, (size_t)tg.row0, t0, t1, NULL, NULL, ks, kz, gs, gz);
+        kq_group_scales(A, A.k, (size_t)tg.row0, t0, t1, (1 << L.k_bits) - 1, NULL, NULL, ks, kz,
+                        gs, gz);
     }
     __syncthreads();
-    kq_tensor(A, 0, A.k, (size_t)tg.row0, t0, t1, (uint8_t *)(base + L.off_kq), per_channel, rs,
+    kq_tensor(A, 0, A.k, (size_t)tg.row0, t0, t1, L.k_bits, (uint8_t *)(base + L.off_kq),
+              per_channel, rs,
               rz, gs, gz, per_channel && A.k_lo != NULL, NULL, NULL, cidx + creg, cexc + creg,
               ccnt, nonfin, ws);
     __syncthreads();
     /* V grid: per (token, group), the EMA band leaving out what it flags */
-    kq_group_scales(A, A.v, (size_t)tg.row0, t0, t1, A.v_lo, A.v_hi,
+    kq_group_scales(A, A.v, (size_t)tg.row0, t0, t1, (1 << L.v_bits) - 1, A.v_lo, A.v_hi,
                     (uint16_t *)(base + L.off_vs), (uint8_t *)(base + L.off_vz), gs, gz);
     __syncthreads();
-    kq_tensor(A, 1, A.v, (size_t)tg.row0, t0, t1, (uint8_t *)(base + L.off_vq), false, rs, rz,
+    kq_tensor(A, 1, A.v, (size_t)tg.row0, t0, t1, L.v_bits, (uint8_t *)(base + L.off_vq), false,
+              rs, rz,
               gs, gz, A.v_lo != NULL, A.v_lo, A.v_hi, cidx + TD + creg, cexc + TD + creg, ccnt,
               nonfin, ws);
 }
@@ -404,7 +431,7 @@ static __global__ void __launch_bounds__(KQ_THREADS) kcu_kq_select_kernel(kq_arg
         const float *cexc = (const float *)(scr + A.S.off_cexc) + tensor * TD;
         const int *cnt = ccnt + tensor * A.n_tiles;
         const float *src = tensor ? A.v : A.k;
-        uint32_t *oidx = (uint32_t *)(base + (tensor ? L.off_vout_idx : L.off_kout_idx));
+        char *oidx = base + (tensor ? L.off_vout_idx : L.off_kout_idx);
         uint16_t *oval = (uint16_t *)(base + (tensor ? L.off_vout_val : L.off_kout_val));
         int part = 0;
         for (int t = tid; t < A.n_tiles; t += KQ_THREADS)
@@ -496,7 +523,10 @@ static __global__ void __launch_bounds__(KQ_THREADS) kcu_kq_select_kernel(kq_arg
                         float xv = src[((size_t)tg.row0 + el / (uint32_t)D) * A.stride +
                                        el % (uint32_t)D];
                         xv = kq_minf(kq_maxf(xv, -FP16_MAX_F), FP16_MAX_F);
-                        oidx[pos] = el;
+                        if (L.idx_bytes == 2) /* kvq.h: 16-bit when T*D <= 65536 */
+                            ((uint16_t *)oidx)[pos] = (uint16_t)el;
+                        else
+                            ((uint32_t *)oidx)[pos] = el;
                         oval[pos] = kcu_f2h(xv);
                     }
                     out += tot_keep;

@@ -37,19 +37,45 @@ static inline float maxf(float a, float b) { return b > a ? b : a; }
 
 /* ---- layout ---------------------------------------------------------------- */
 
+/* The layouts of SmolLM2 (T 128, D 3 x 64, G 64, budget 0.5%: 123 slots)
+ * and Gemma-3 (D 256) at every width, pinned: a change of the block format
+ * shows up here first. */
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 4, 4) == 27024, "SmolLM2 K4V4 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 8, 8) == 51888, "SmolLM2 K8V8 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 3) == 20880, "SmolLM2 K3V3 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 2, 2) == 14736, "SmolLM2 K2V2 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 192, 64, 192, 123, 3, 2) == 17808, "SmolLM2 K3V2 block");
+_Static_assert(KVQ_BLOCK_BYTES(128, 256, 256, 256, 164, 4, 4) == 35056, "Gemma-3 K4V4 block");
+_Static_assert(KVQ_CODE_BYTES(8, 3) == 3 && KVQ_CODE_BYTES(4, 2) == 1 &&
+                   KVQ_CODE_BYTES(2, 4) == 1 && KVQ_CODE_BYTES(1, 8) == 1,
+               "codes per byte");
+_Static_assert(sizeof(kvq_block_hdr) == 16, "block header");
+
 int kvq_layout_init(kvq_layout *L, int block_tokens, int kv_dim, int head_dim,
                     int v_group, kvq_k_mode k_mode, float outlier_budget,
                     char *err, size_t errlen)
 {
+    return kvq_layout_init_bits(L, block_tokens, kv_dim, head_dim, v_group, k_mode,
+                                outlier_budget, 4, 4, err, errlen);
+}
+
+int kvq_layout_init_bits(kvq_layout *L, int block_tokens, int kv_dim, int head_dim,
+                         int v_group, kvq_k_mode k_mode, float outlier_budget,
+                         int k_bits, int v_bits, char *err, size_t errlen)
+{
     const char *why = NULL;
     memset(L, 0, sizeof *L);
-    if (block_tokens <= 0 || kv_dim <= 0 || head_dim <= 0 || v_group <= 0)
+    if (!KVQ_BITS_OK(k_bits) || !KVQ_BITS_OK(v_bits))
+        why = "k_bits and v_bits must be 2, 3, 4 or 8";
+    else if (block_tokens <= 0 || kv_dim <= 0 || head_dim <= 0 || v_group <= 0)
         why = "block_tokens, kv_dim, head_dim and v_group must be positive";
     else if (head_dim % v_group != 0)
         why = "v_group must divide head_dim";
     else if (kv_dim % head_dim != 0)
         why = "head_dim must divide kv_dim";
-    else if (kv_dim % 2 != 0)
+    else if ((k_bits == 3 || v_bits == 3) && v_group % 8 != 0)
+        why = "int3 packs 8 codes in 3 bytes: v_group must be a multiple of 8";
+    else if ((k_bits == 4 || v_bits == 4) && kv_dim % 2 != 0)
         why = "kv_dim must be even (two 4-bit codes per byte)";
     else if (k_mode != KVQ_K_PER_CHANNEL && k_mode != KVQ_K_PER_TOKEN)
         why = "unknown k_mode";
@@ -74,29 +100,36 @@ int kvq_layout_init(kvq_layout *L, int block_tokens, int kv_dim, int head_dim,
         cap = (double)td;
 
     L->block_tokens = block_tokens;
+    L->k_bits = k_bits;
+    L->v_bits = v_bits;
     L->kv_dim = kv_dim;
     L->head_dim = head_dim;
     L->v_group = v_group;
     L->k_mode = k_mode;
     L->out_cap = (int)cap;
+    L->idx_bytes = (int)KVQ_IDX_BYTES(block_tokens, kv_dim);
+    L->k_zbits = KVQ_ZBITS(k_bits);
+    L->v_zbits = KVQ_ZBITS(v_bits);
     L->n_ksnap = k_mode == KVQ_K_PER_CHANNEL ? kv_dim : (int)n_vsnap;
 
     size_t ncap = (size_t)L->out_cap, nks = (size_t)L->n_ksnap;
     size_t off = align8(sizeof(kvq_block_hdr));
-    L->off_kq = off;        off += align8(td / 2);
-    L->off_vq = off;        off += align8(td / 2);
+    L->off_kq = off;        off += align8(KVQ_CODE_BYTES(td, k_bits));
+    L->off_vq = off;        off += align8(KVQ_CODE_BYTES(td, v_bits));
     L->off_ks = off;        off += align8(nks * 2);
-    L->off_kz = off;        off += align8(nks);
+    L->off_kz = off;        off += align8(KVQ_CODE_BYTES(nks, L->k_zbits));
     L->off_vs = off;        off += align8(n_vsnap * 2);
-    L->off_vz = off;        off += align8(n_vsnap);
-    L->off_kout_idx = off;  off += align8(ncap * 4);
+    L->off_vz = off;        off += align8(KVQ_CODE_BYTES(n_vsnap, L->v_zbits));
+    L->off_kout_idx = off;  off += align8(ncap * (size_t)L->idx_bytes);
     L->off_kout_val = off;  off += align8(ncap * 2);
-    L->off_vout_idx = off;  off += align8(ncap * 4);
+    L->off_vout_idx = off;  off += align8(ncap * (size_t)L->idx_bytes);
     L->off_vout_val = off;  off += align8(ncap * 2);
     L->bytes = off;
-    L->bytes_dense = td; /* two tensors at half a byte per element */
-    L->bytes_scales = nks * 3 + n_vsnap * 3;
-    L->bytes_outliers = 2 * ncap * 6;
+    assert(off == KVQ_BLOCK_BYTES(block_tokens, kv_dim, v_group, nks, ncap, k_bits, v_bits));
+    L->bytes_dense = KVQ_CODE_BYTES(td, k_bits) + KVQ_CODE_BYTES(td, v_bits);
+    L->bytes_scales = nks * 2 + KVQ_CODE_BYTES(nks, L->k_zbits) + n_vsnap * 2 +
+                      KVQ_CODE_BYTES(n_vsnap, L->v_zbits);
+    L->bytes_outliers = 2 * ncap * (size_t)(L->idx_bytes + 2);
     return 0;
 }
 
@@ -424,7 +457,7 @@ void kvq_ema_update(kvq_ema *e, const kvq_ema_params *p, const float *a,
 
 /* ---- Eq. 3-4 ------------------------------------------------------------------ */
 
-/* roundf (half away from zero) of q, |q| <= 64, without a libm call:
+/* roundf (half away from zero) of q, |q| <= 512, without a libm call:
  * q - trunc(q) is exact. */
 static inline int round_away(float q)
 {
@@ -445,54 +478,51 @@ static uint16_t f16_round_up(float s)
     return h;
 }
 
-void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z)
+void kvq_scale_zero_bits(float lo, float hi, int bits, uint16_t *s_f16, uint8_t *z)
 {
+    const int lv = KVQ_LEVELS_OF(bits);
     float l = isfinite(lo) ? minf(lo, 0.0f) : 0.0f;
     float h = isfinite(hi) ? maxf(hi, 0.0f) : 0.0f;
     float w = maxf(h - l, KVQ_EPS); /* h - l may be +inf: s saturates */
-    uint16_t s16 = f16_round_up(w / (float)KVQ_LEVELS);
+    uint16_t s16 = f16_round_up(w / (float)lv);
     float s = kt_f16_to_f32(s16);
     float zf = -l / s; /* >= 0 */
     *s_f16 = s16;
-    *z = (uint8_t)(zf >= KVQ_LEVELS ? KVQ_LEVELS : round_away(zf));
+    *z = (uint8_t)(zf >= (float)lv ? lv : round_away(zf));
 }
 
-static inline void put_code(uint8_t *q, size_t i, int code)
+void kvq_scale_zero(float lo, float hi, uint16_t *s_f16, uint8_t *z)
 {
-    q[i >> 1] |= (uint8_t)(code << ((i & 1) * 4));
+    kvq_scale_zero_bits(lo, hi, 4, s_f16, z);
 }
 
-static inline int get_code(const uint8_t *q, size_t i)
-{
-    return (q[i >> 1] >> ((i & 1) * 4)) & 0xf;
-}
-
-/* Code of x on the grid s * (q - z), q in 0..15 (x finite). Returns the
+/* Code of x on the grid s * (q - z), q in 0..lv (x finite). Returns the
  * clamped code and sets *exc to how far x lies beyond the grid's half-step
- * band [s(-z - 1/2), s(15 - z + 1/2)], in steps (<= 0: inside). */
-static inline int code_of(float x, float s, int z, float *exc)
+ * band [s(-z - 1/2), s(lv - z + 1/2)], in steps (<= 0: inside). x / s is
+ * clamped to +-512 for the rounding (beyond every width's codes). */
+static inline int code_of(float x, float s, int z, int lv, float *exc)
 {
     float q = x / s;
-    float qc = q < -64.0f ? -64.0f : (q > 64.0f ? 64.0f : q); /* codes only */
+    float qc = q < -512.0f ? -512.0f : (q > 512.0f ? 512.0f : q); /* codes only */
     int r = round_away(qc) + z;
     if (r < 0) {
         *exc = (-(float)z - 0.5f) - q;
         return 0;
     }
-    if (r > KVQ_LEVELS) {
-        *exc = q - ((float)(KVQ_LEVELS - z) + 0.5f);
-        return KVQ_LEVELS;
+    if (r > lv) {
+        *exc = q - ((float)(lv - z) + 0.5f);
+        return lv;
     }
     *exc = 0;
     return r;
 }
 
-/* Code of a non-finite value: NaN -> z (dequantizes to 0), +-Inf -> 15 / 0. */
-static int code_nonfinite(float x, int z)
+/* Code of a non-finite value: NaN -> z (dequantizes to 0), +-Inf -> lv / 0. */
+static int code_nonfinite(float x, int z, int lv)
 {
     if (isnan(x))
         return z;
-    return x > 0 ? KVQ_LEVELS : 0;
+    return x > 0 ? lv : 0;
 }
 
 /* Working memory of one kvq_quantize_block call, carved from its scratch. */
@@ -504,8 +534,9 @@ typedef struct {
     float *band;   /* [2][D] V flag band, lo then hi */
     float *rs;     /* [D] grid scale of each channel of the current row */
     int *rz;       /* [D] grid zero, likewise */
-    float *rq;     /* [D] x / s of the current row, clamped to +-64 */
+    float *rq;     /* [D] x / s of the current row, clamped to +-512 */
     int *rr;       /* [D] unclamped codes of the current row */
+    int bits, lv;  /* width of the tensor being quantized, its top code */
 } qwork;
 
 size_t kvq_quantize_scratch_bytes(const kvq_layout *L)
@@ -547,36 +578,46 @@ static void row_scale(const float *restrict x, const float *restrict s,
 {
     for (int c = 0; c < D; c++) {
         float v = x[c] / s[c];
-        v = v < -64.0f ? -64.0f : v;
-        rq[c] = v > 64.0f ? 64.0f : v;
+        v = v < -512.0f ? -512.0f : v;
+        rq[c] = v > 512.0f ? 512.0f : v;
     }
 }
 
-/* Returns 1 when some unclamped code is outside 0..15. */
+/* Returns 1 when some unclamped code is outside 0..lv. */
 static int row_round(const float *restrict rq, const int *restrict z,
-                     int *restrict rr, int D)
+                     int *restrict rr, int D, int lv)
 {
     int out = 0;
     for (int c = 0; c < D; c++) {
         int r = round_away(rq[c]) + z[c];
         rr[c] = r;
-        out |= (unsigned)r > KVQ_LEVELS;
+        out |= (unsigned)r > (unsigned)lv;
     }
     return out;
 }
 
-static void row_pack(const int *restrict rr, uint8_t *restrict q, int D)
+/* Clamps the row's codes to 0..lv and writes them at codes i0 .. i0+D-1 of
+ * the (zeroed) b-bit stream q: whole bytes for 8 bits and for 4 bits on a
+ * byte boundary, code by code otherwise. */
+static void row_pack(int *restrict rr, uint8_t *restrict q, size_t i0, int D, int bits, int lv)
 {
-    for (int c = 0; c < D / 2; c++) {
-        int a = rr[2 * c], b = rr[2 * c + 1];
-        a = a < 0 ? 0 : (a > KVQ_LEVELS ? KVQ_LEVELS : a);
-        b = b < 0 ? 0 : (b > KVQ_LEVELS ? KVQ_LEVELS : b);
-        q[c] = (uint8_t)(a | b << 4);
+    for (int c = 0; c < D; c++)
+        rr[c] = rr[c] < 0 ? 0 : (rr[c] > lv ? lv : rr[c]);
+    if (bits == 8) {
+        for (int c = 0; c < D; c++)
+            q[i0 + (size_t)c] = (uint8_t)rr[c];
+    } else if (bits == 4 && i0 % 2 == 0 && D % 2 == 0) {
+        uint8_t *qr = q + i0 / 2;
+        for (int c = 0; c < D / 2; c++)
+            qr[c] = (uint8_t)(rr[2 * c] | rr[2 * c + 1] << 4);
+    } else {
+        for (int c = 0; c < D; c++)
+            kvq_put_code(q, i0 + (size_t)c, bits, rr[c]);
     }
 }
 
 /* Quantizes one row x[0..D) (token t) on the grids (w->rs[c], w->rz[c])
- * into the row's codes q[0..D/2). Values beyond the grid's half-step band
+ * into codes t*D .. t*D + D - 1 of the stream q. Values beyond the grid's half-step band
  * become candidates when `cands` is set and, if flo/fhi are given, they lie
  * outside [flo[c], fhi[c]] (the V flag band). Returns the count of
  * non-finite values (coded by code_nonfinite). */
@@ -586,6 +627,7 @@ static uint32_t quant_row(qwork *w, const float *x, int D, size_t t, uint8_t *q,
     const float *rs = w->rs;
     const int *rz = w->rz;
     int *rr = w->rr;
+    const int bits = w->bits, lv = w->lv;
     size_t i0 = t * (size_t)D;
     int bad = 0;
     for (int c = 0; c < D; c++)
@@ -595,29 +637,29 @@ static uint32_t quant_row(qwork *w, const float *x, int D, size_t t, uint8_t *q,
         for (int c = 0; c < D; c++) {
             float exc;
             if (!isfinite(x[c])) {
-                put_code(q, (size_t)c, code_nonfinite(x[c], rz[c]));
+                kvq_put_code(q, i0 + (size_t)c, bits, code_nonfinite(x[c], rz[c], lv));
                 n_bad++;
                 continue;
             }
-            put_code(q, (size_t)c, code_of(x[c], rs[c], rz[c], &exc));
+            kvq_put_code(q, i0 + (size_t)c, bits, code_of(x[c], rs[c], rz[c], lv, &exc));
             if (cands && exc > 0 && (!flo || x[c] < flo[c] || x[c] > fhi[c]))
                 add_cand(w, i0 + (size_t)c, exc);
         }
         return n_bad;
     }
     row_scale(x, rs, w->rq, D);
-    int out = row_round(w->rq, rz, rr, D);
-    row_pack(rr, q, D);
+    int out = row_round(w->rq, rz, rr, D, lv);
     if (out && cands) {
         for (int c = 0; c < D; c++) {
-            if ((unsigned)rr[c] <= KVQ_LEVELS)
+            if ((unsigned)rr[c] <= (unsigned)lv)
                 continue;
             float exc;
-            code_of(x[c], rs[c], rz[c], &exc);
+            code_of(x[c], rs[c], rz[c], lv, &exc);
             if (exc > 0 && (!flo || x[c] < flo[c] || x[c] > fhi[c]))
                 add_cand(w, i0 + (size_t)c, exc);
         }
     }
+    row_pack(rr, q, i0, D, bits, lv);
     return 0;
 }
 
@@ -626,7 +668,7 @@ static uint32_t quant_row(qwork *w, const float *x, int D, size_t t, uint8_t *q,
  * with their values from x [n][stride]. Returns how many were kept; the
  * caller counts the rest as clamped (their dense codes already are). */
 static uint32_t keep_outliers(qwork *w, uint32_t cap, const float *x,
-                              size_t stride, int D, uint32_t *out_idx,
+                              size_t stride, int D, int idx_bytes, void *out_idx,
                               uint16_t *out_val)
 {
     uint32_t m = w->n, kept = 0;
@@ -656,7 +698,10 @@ static uint32_t keep_outliers(qwork *w, uint32_t cap, const float *x,
         uint32_t e = w->idx[i];
         float v = x[(size_t)(e / (uint32_t)D) * stride + e % (uint32_t)D];
         v = minf(maxf(v, -FP16_MAX), FP16_MAX); /* keep it finite */
-        out_idx[i] = e;
+        if (idx_bytes == 2)
+            ((uint16_t *)out_idx)[i] = (uint16_t)e;
+        else
+            ((uint32_t *)out_idx)[i] = e;
         out_val[i] = kt_f32_to_f16(v);
     }
     return kept;
@@ -698,17 +743,18 @@ static uint32_t quant_groups(const kvq_layout *L, qwork *w, const float *x,
             if (mn > mx) /* no finite value at all */
                 mn = mx = 0;
             size_t si = (size_t)t * (size_t)ng + (size_t)g;
-            kvq_scale_zero(mn, mx, &s16[si], &z[si]);
+            uint8_t zz;
+            kvq_scale_zero_bits(mn, mx, w->bits, &s16[si], &zz);
+            kvq_put_code(z, si, KVQ_ZBITS(w->bits), zz);
             float s = kt_f16_to_f32(s16[si]);
             for (int c = c0; c < c0 + G; c++) {
                 w->rs[c] = s;
-                w->rz[c] = z[si];
+                w->rz[c] = zz;
             }
         }
         /* Only flagged values can lie outside their group's grid (the rest
          * set its range); a float-rounding sliver of the rest is ignored. */
-        n_bad += quant_row(w, row, D, (size_t)t, q + (size_t)t * (size_t)D / 2,
-                           flo != NULL, flo, fhi);
+        n_bad += quant_row(w, row, D, (size_t)t, q, flo != NULL, flo, fhi);
     }
     return n_bad;
 }
@@ -741,14 +787,16 @@ static uint32_t quant_k_channels(const kvq_layout *L, qwork *w, const float *k,
             if (lo > hi)
                 lo = hi = 0;
         }
-        kvq_scale_zero(lo, hi, &s16[c], &z[c]);
+        uint8_t zz;
+        kvq_scale_zero_bits(lo, hi, w->bits, &s16[c], &zz);
+        kvq_put_code(z, (size_t)c, KVQ_ZBITS(w->bits), zz);
         w->rs[c] = kt_f16_to_f32(s16[c]);
-        w->rz[c] = z[c];
+        w->rz[c] = zz;
     }
     w->n = 0;
     for (int t = 0; t < n; t++)
-        n_bad += quant_row(w, k + (size_t)t * stride, D, (size_t)t,
-                           q + (size_t)t * (size_t)D / 2, k_lo && k_hi, NULL, NULL);
+        n_bad += quant_row(w, k + (size_t)t * stride, D, (size_t)t, q, k_lo && k_hi,
+                           NULL, NULL);
     return n_bad;
 }
 
@@ -774,12 +822,14 @@ void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
     uint8_t *kq = KVQ_AT(base, L->off_kq, uint8_t *);
     uint16_t *ks = KVQ_AT(base, L->off_ks, uint16_t *);
     uint8_t *kz = KVQ_AT(base, L->off_kz, uint8_t *);
+    w.bits = L->k_bits;
+    w.lv = KVQ_LEVELS_OF(L->k_bits);
     if (L->k_mode == KVQ_K_PER_CHANNEL)
         n_clamped += quant_k_channels(L, &w, k, stride, n, k_lo, k_hi, kq, ks, kz);
     else
         n_clamped += quant_groups(L, &w, k, stride, n, NULL, NULL, kq, ks, kz);
     kept = keep_outliers(&w, cap, k, stride, D,
-                         KVQ_AT(base, L->off_kout_idx, uint32_t *),
+                         L->idx_bytes, KVQ_AT(base, L->off_kout_idx, void *),
                          KVQ_AT(base, L->off_kout_val, uint16_t *));
     h->n_kout = kept;
     n_clamped += w.n - kept;
@@ -795,19 +845,21 @@ void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
                 w.band[D + c] = INFINITY;
                 continue;
             }
-            float half = 0.5f * maxf(hi - lo, KVQ_EPS) / (float)KVQ_LEVELS;
+            float half = 0.5f * maxf(hi - lo, KVQ_EPS) / (float)KVQ_LEVELS_OF(L->v_bits);
             w.band[c] = lo - half;
             w.band[D + c] = hi + half;
         }
         flo = w.band;
         fhi = w.band + D;
     }
+    w.bits = L->v_bits;
+    w.lv = KVQ_LEVELS_OF(L->v_bits);
     n_clamped += quant_groups(L, &w, v, stride, n, flo, fhi,
                               KVQ_AT(base, L->off_vq, uint8_t *),
                               KVQ_AT(base, L->off_vs, uint16_t *),
                               KVQ_AT(base, L->off_vz, uint8_t *));
     kept = keep_outliers(&w, cap, v, stride, D,
-                         KVQ_AT(base, L->off_vout_idx, uint32_t *),
+                         L->idx_bytes, KVQ_AT(base, L->off_vout_idx, void *),
                          KVQ_AT(base, L->off_vout_val, uint16_t *));
     h->n_vout = kept;
     n_clamped += w.n - kept;
@@ -820,7 +872,7 @@ void kvq_quantize_block(const kvq_layout *L, void *base, const float *k,
  * element. */
 #define DQ_SLICE 256
 static void dequant_tensor(const kvq_layout *L, const void *base, int per_channel,
-                           size_t off_q, size_t off_s, size_t off_z,
+                           int bits, size_t off_q, size_t off_s, size_t off_z,
                            size_t off_idx, size_t off_val, uint32_t n_out,
                            int n, float *x, size_t stride)
 {
@@ -844,21 +896,21 @@ static void dequant_tensor(const kvq_layout *L, const void *base, int per_channe
                         g_prev = c / G;
                     }
                     sc[j] = s;
-                    zc[j] = z[si];
+                    zc[j] = kvq_zero_at(z, si, KVQ_ZBITS(bits));
                 }
             }
             size_t i0 = (size_t)t * (size_t)D + (size_t)c0;
             float *row = x + (size_t)t * stride + (size_t)c0;
             for (int j = 0; j < w; j++)
-                row[j] = sc[j] * (float)(get_code(q, i0 + (size_t)j) - zc[j]);
+                row[j] = sc[j] * (float)(kvq_get_code(q, i0 + (size_t)j, bits) - zc[j]);
         }
     }
-    const uint32_t *idx = KVQ_CAT(base, off_idx, uint32_t *);
     const uint16_t *val = KVQ_CAT(base, off_val, uint16_t *);
     if (n_out > (uint32_t)L->out_cap)
         n_out = (uint32_t)L->out_cap;
     for (uint32_t i = 0; i < n_out; i++) {
-        uint32_t t = idx[i] / (uint32_t)D, c = idx[i] % (uint32_t)D;
+        uint32_t e = kvq_out_idx(L, base, off_idx == L->off_vout_idx, i);
+        uint32_t t = e / (uint32_t)D, c = e % (uint32_t)D;
         if (t < (uint32_t)n)
             x[(size_t)t * stride + c] = kt_f16_to_f32(val[i]);
     }
@@ -871,10 +923,10 @@ void kvq_dequant_block(const kvq_layout *L, const void *base, float *k,
     int n = (int)(h->n_tok < (uint32_t)L->block_tokens ? h->n_tok
                                                        : (uint32_t)L->block_tokens);
     if (k)
-        dequant_tensor(L, base, L->k_mode == KVQ_K_PER_CHANNEL, L->off_kq,
+        dequant_tensor(L, base, L->k_mode == KVQ_K_PER_CHANNEL, L->k_bits, L->off_kq,
                        L->off_ks, L->off_kz, L->off_kout_idx, L->off_kout_val,
                        h->n_kout, n, k, stride);
     if (v)
-        dequant_tensor(L, base, 0, L->off_vq, L->off_vs, L->off_vz,
+        dequant_tensor(L, base, 0, L->v_bits, L->off_vq, L->off_vs, L->off_vz,
                        L->off_vout_idx, L->off_vout_val, h->n_vout, n, v, stride);
 }

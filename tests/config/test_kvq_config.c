@@ -59,8 +59,8 @@ Test(kvq_config, refusals_say_why)
     cr_assert_lt(cfg_kv_set(&c, "ema_decay", "nan", err, sizeof err), 0);
     cr_assert_lt(cfg_kv_set(&c, "clip_quantile", "0.5", err, sizeof err), 0);
     cr_assert_lt(cfg_kv_set(&c, "outlier_budget", "-0.1", err, sizeof err), 0);
-    cr_assert_lt(cfg_kv_set(&c, "kv_cache", "int8", err, sizeof err), 0);
-    cr_assert(strstr(err, "fp16 or int4") != NULL, "%s", err);
+    cr_assert_lt(cfg_kv_set(&c, "kv_cache", "int5", err, sizeof err), 0);
+    cr_assert(strstr(err, "int2, int3, int4, int8 or kNvM") != NULL, "%s", err);
     cr_assert_lt(cfg_kv_set(&c, "kv_budget", "12 parsecs", err, sizeof err), 0);
     cr_assert_lt(cfg_kv_set(&c, "frobnicate", "1", err, sizeof err), 0);
     cr_assert(strstr(err, "unknown cache option") != NULL, "%s", err);
@@ -155,4 +155,47 @@ Test(kvq_config, kv_modes)
     char names[64];
     cfg_kv_mode_list(names, sizeof names);
     cr_assert_str_eq(names, "fp16,int4");
+}
+
+/* Code widths: kv_cache intN sets both, k_bits / v_bits one each; widths
+ * outside {2, 3, 4, 8} and int3 with a group that is not a multiple of 8
+ * are refused with a reason. */
+Test(kvq_config, code_widths)
+{
+    cfg_kv c = cfg_kv_default();
+    char err[256] = "";
+    cr_assert(c.k_bits == 4 && c.v_bits == 4, "int4 is the default");
+    cr_assert_str_eq(cfg_kv_mode_name(&c), "int4");
+    cr_assert_eq(cfg_kv_set(&c, "kv-cache", "int3", err, sizeof err), 0, "%s", err);
+    cr_assert(c.mode == CFG_KV_INT4 && c.k_bits == 3 && c.v_bits == 3);
+    cr_assert_str_eq(cfg_kv_mode_name(&c), "int3");
+    cr_assert_eq(cfg_kv_set(&c, "v-bits", "2", err, sizeof err), 0, "%s", err);
+    cr_assert(c.k_bits == 3 && c.v_bits == 2);
+    cr_assert_str_eq(cfg_kv_mode_name(&c), "k3v2");
+    cr_assert_eq(cfg_kv_set(&c, "kv_cache", "int8", err, sizeof err), 0, "%s", err);
+    cr_assert(c.k_bits == 8 && c.v_bits == 8);
+    cr_assert_eq(cfg_kv_set(&c, "kv_cache", "int2", err, sizeof err), 0, "%s", err);
+    cr_assert_str_eq(cfg_kv_mode_name(&c), "int2");
+    cr_assert_eq(cfg_kv_set(&c, "kv_cache", "k3v2", err, sizeof err), 0, "%s", err);
+    cr_assert(c.k_bits == 3 && c.v_bits == 2, "the mixed names parse back");
+    cr_assert_str_eq(cfg_kv_mode_name(&c), "k3v2");
+    cr_assert_lt(cfg_kv_set(&c, "kv_cache", "k5v2", err, sizeof err), 0);
+    static const char *bad[] = { "5", "1", "0", "16", "4.0", "", "x" };
+    for (int i = 0; i < 7; i++) {
+        err[0] = 0;
+        cr_assert_lt(cfg_kv_set(&c, "k_bits", bad[i], err, sizeof err), 0, "'%s'", bad[i]);
+        cr_assert(strstr(err, "2, 3, 4 or 8") != NULL, "%s", err);
+        cr_assert_lt(cfg_kv_set(&c, "v_bits", bad[i], err, sizeof err), 0, "'%s'", bad[i]);
+    }
+    c = cfg_kv_default();
+    cr_assert_eq(cfg_kv_set(&c, "k_bits", "3", err, sizeof err), 0);
+    c.v_group = 12;
+    cr_assert_lt(cfg_kv_validate(&c, err, sizeof err), 0);
+    cr_assert(strstr(err, "multiple of 8") != NULL, "%s", err);
+    c.v_group = 0; /* one group per head: head_dim 12 */
+    cr_assert_lt(cfg_kv_validate_model(&c, 12, 2, err, sizeof err), 0);
+    cr_assert(strstr(err, "multiple of 8") != NULL, "%s", err);
+    cr_assert_eq(cfg_kv_validate_model(&c, 64, 3, err, sizeof err), 0, "%s", err);
+    c.k_bits = 7; /* set behind the parser's back */
+    cr_assert_lt(cfg_kv_validate(&c, err, sizeof err), 0);
 }

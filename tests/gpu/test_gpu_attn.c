@@ -50,6 +50,7 @@ typedef struct {
     int n_items;
     int n_sink, n_q4, n_stage, n_q; /* per item (item i adds 37*i INT4 positions) */
     int window; /* sliding window W (0: none): a query at p sees [p - W + 1, p] */
+    int kb, vb; /* code widths of K / V (0: 4) */
 } scen;
 
 #define MAX_ITEMS 4
@@ -98,8 +99,9 @@ static void build(const scen *s, batch *b)
     b->P = s->fp16_mode ? s->T : 16;
     if (!s->fp16_mode) {
         char err[128];
-        GT_CHECK(kvq_layout_init(&b->L, s->T, D, s->hd, s->G, s->km, s->budget, err,
-                                 sizeof err) == 0, "layout: %s", err);
+        GT_CHECK(kvq_layout_init_bits(&b->L, s->T, D, s->hd, s->G, s->km, s->budget,
+                                      s->kb ? s->kb : 4, s->vb ? s->vb : 4, err,
+                                      sizeof err) == 0, "layout: %s", err);
         b->has_L = 1;
     }
     size_t f_layer = (size_t)b->P * D * 2 * 2;
@@ -304,7 +306,8 @@ static void run_scen(const scen *s, const char *name)
     batch *b = calloc(1, sizeof *b);
     build(s, b);
     run_path(s, b, KCU_ATTN_GENERIC, name);
-    run_path(s, b, KCU_ATTN_MMA, name);
+    if ((s->kb ? s->kb : 4) == 4 && (s->vb ? s->vb : 4) == 4) /* the MMA kernel: 4 bits */
+        run_path(s, b, KCU_ATTN_MMA, name);
     release(b);
     free(b);
 }
@@ -312,45 +315,63 @@ static void run_scen(const scen *s, const char *name)
 /* n_head, n_kv, hd, T, G, k mode, budget, outliers, fp16, items, sink, q4, stage, n_q */
 static void case_decode_smollm2(void)
 {
-    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 0};
+    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 0, 0, 0};
     run_scen(&s, "decode smollm2");
 }
 
 static void case_decode_llama3(void)
 {
-    scen s = {32, 8, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 3, 4, 520, 9, 1, 0};
+    scen s = {32, 8, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 3, 4, 520, 9, 1, 0, 0, 0};
     run_scen(&s, "decode llama3-8b");
 }
 
 static void case_prefill_chunk(void)
 {
-    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 200, 16, 40, 0};
+    scen s = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 200, 16, 40, 0, 0, 0};
     run_scen(&s, "prefill smollm2");
-    scen s2 = {32, 8, 128, 64, 32, KVQ_K_PER_CHANNEL, 0.02f, 0.02f, 0, 2, 3, 100, 0, 9, 0};
+    scen s2 = {32, 8, 128, 64, 32, KVQ_K_PER_CHANNEL, 0.02f, 0.02f, 0, 2, 3, 100, 0, 9, 0, 0, 0};
     run_scen(&s2, "prefill llama3 G32 outliers");
+}
+
+/* Every code width (the generic kernel), decode and a prefill chunk, odd
+ * heads, against the dequantize-then-attend oracle. */
+static void case_every_width(void)
+{
+    static const int wd[][2] = { { 2, 2 }, { 3, 2 }, { 3, 3 }, { 8, 8 } };
+    for (int i = 0; i < 4; i++) {
+        scen d = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 150, 20, 1, 0,
+                  wd[i][0], wd[i][1]};
+        run_scen(&d, "decode smollm2");
+        scen p = {9, 3, 64, 64, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 100, 16, 12, 0,
+                  wd[i][0], wd[i][1]};
+        run_scen(&p, "prefill smollm2");
+        scen o = {6, 3, 24, 32, 8, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 2, 4, 70, 9, 2, 0,
+                  wd[i][0], wd[i][1]};
+        run_scen(&o, "odd heads, K per token");
+    }
 }
 
 static void case_small_models(void)
 {
-    scen a = {6, 6, 48, 32, 48, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 70, 5, 3, 0};
+    scen a = {6, 6, 48, 32, 48, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 70, 5, 3, 0, 0, 0};
     run_scen(&a, "stories15M");
-    scen b = {8, 4, 8, 32, 8, KVQ_K_PER_CHANNEL, 0.01f, 0.01f, 0, 2, 4, 70, 9, 2, 0};
+    scen b = {8, 4, 8, 32, 8, KVQ_K_PER_CHANNEL, 0.01f, 0.01f, 0, 2, 4, 70, 9, 2, 0, 0, 0};
     run_scen(&b, "stories260K");
-    scen c = {4, 2, 64, 32, 16, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 1, 0, 64, 0, 2, 0};
+    scen c = {4, 2, 64, 32, 16, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 1, 0, 64, 0, 2, 0, 0, 0};
     run_scen(&c, "K per token");
 }
 
 static void case_fp16_cache(void)
 {
-    scen s = {8, 2, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 2, 0, 0, 700, 1, 0};
+    scen s = {8, 2, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 2, 0, 0, 700, 1, 0, 0, 0};
     run_scen(&s, "fp16 decode");
-    scen s2 = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 1, 0, 0, 150, 24, 0};
+    scen s2 = {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 1, 0, 0, 150, 24, 0, 0, 0};
     run_scen(&s2, "fp16 prefill");
 }
 
 static void case_no_history(void)
 {
-    scen s = {4, 2, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.0f, 0, 2, 0, 0, 0, 5, 0};
+    scen s = {4, 2, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.0f, 0, 2, 0, 0, 0, 5, 0, 0, 0};
     run_scen(&s, "no history");
 }
 
@@ -362,18 +383,18 @@ static void case_windows(void)
 {
     /* n_head, n_kv, hd, T, G, k mode, budget, outliers, fp16, items, sink, q4, stage, n_q, W */
     static const scen c[] = {
-        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 64},
-        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 200},
-        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 300, 20, 1, 325},
-        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 300, 20, 1, 1000},
-        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 200, 16, 40, 30},
-        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 200, 16, 40, 150},
-        {32, 8, 128, 64, 32, KVQ_K_PER_CHANNEL, 0.02f, 0.02f, 0, 2, 3, 100, 0, 9, 5},
-        {4, 2, 64, 32, 16, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 1, 0, 64, 0, 2, 1},
-        {8, 2, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 2, 0, 0, 700, 1, 512},
-        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 1, 0, 0, 150, 24, 16},
-        {4, 1, 256, 128, 256, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 100},
-        {4, 1, 256, 128, 256, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 130, 16, 20, 64},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 64, 0, 0},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 200, 0, 0},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 300, 20, 1, 325, 0, 0},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 300, 20, 1, 1000, 0, 0},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 200, 16, 40, 30, 0, 0},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 200, 16, 40, 150, 0, 0},
+        {32, 8, 128, 64, 32, KVQ_K_PER_CHANNEL, 0.02f, 0.02f, 0, 2, 3, 100, 0, 9, 5, 0, 0},
+        {4, 2, 64, 32, 16, KVQ_K_PER_TOKEN, 0.01f, 0.01f, 0, 1, 0, 64, 0, 2, 1, 0, 0},
+        {8, 2, 128, 128, 128, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 2, 0, 0, 700, 1, 512, 0, 0},
+        {9, 3, 64, 128, 64, KVQ_K_PER_CHANNEL, 0.0f, 0.0f, 1, 1, 0, 0, 150, 24, 16, 0, 0},
+        {4, 1, 256, 128, 256, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 2, 4, 300, 20, 1, 100, 0, 0},
+        {4, 1, 256, 128, 256, KVQ_K_PER_CHANNEL, 0.005f, 0.004f, 0, 1, 4, 130, 16, 20, 64, 0, 0},
     };
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
         char name[64];
@@ -390,6 +411,7 @@ int main(void)
     gt_case("decode_llama3", case_decode_llama3);
     gt_case("prefill_chunk", case_prefill_chunk);
     gt_case("small_models", case_small_models);
+    gt_case("every_width", case_every_width);
     gt_case("fp16_cache", case_fp16_cache);
     gt_case("no_history", case_no_history);
     gt_case("windows", case_windows);

@@ -177,6 +177,7 @@ typedef struct {
     float out_frac; /* injected outliers */
     int nonfinite;  /* inject NaN / Inf / huge values */
     int ties;       /* many outliers of equal excursion */
+    int kb, vb;     /* code widths of K / V (0: 4) */
 } qcase;
 
 /* Fills x [rows][D] around per-channel centers, with outliers. */
@@ -204,7 +205,8 @@ static void quant_case(const qcase *q)
 {
     kvq_layout L;
     char lerr[128];
-    if (kvq_layout_init(&L, q->T, q->D, q->hd, q->G, q->km, q->budget, lerr, sizeof lerr) < 0) {
+    if (kvq_layout_init_bits(&L, q->T, q->D, q->hd, q->G, q->km, q->budget, q->kb ? q->kb : 4,
+                             q->vb ? q->vb : 4, lerr, sizeof lerr) < 0) {
         GT_CHECK(0, "layout: %s", lerr);
         return;
     }
@@ -342,20 +344,39 @@ static void case_quantize(void)
 {
     const qcase cs[] = {
         /* T, D, hd, G, k mode, budget, K range, V range, outliers, non-finite, ties */
-        {128, 192, 64, 64, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.004f, 0, 0}, /* SmolLM2 */
-        {128, 192, 64, 64, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.03f, 0, 0},  /* over budget */
-        {32, 32, 8, 8, KVQ_K_PER_CHANNEL, 0.01f, 1, 1, 0.05f, 1, 0},       /* stories260K */
-        {16, 288, 48, 48, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.0f, 0, 1},    /* ties */
-        {16, 288, 48, 48, KVQ_K_PER_CHANNEL, 0.02f, 1, 1, 0.001f, 0, 1},  /* ties */
-        {5, 6, 2, 1, KVQ_K_PER_TOKEN, 0.2f, 1, 1, 0.2f, 1, 0},             /* odd */
-        {17, 48, 48, 16, KVQ_K_PER_CHANNEL, 1.0f, 1, 1, 0.3f, 0, 0},       /* budget 1 */
-        {64, 288, 48, 48, KVQ_K_PER_CHANNEL, 0.0f, 1, 1, 0.02f, 0, 0},     /* no budget */
-        {64, 256, 64, 32, KVQ_K_PER_TOKEN, 0.05f, 1, 1, 0.05f, 0, 0},
-        {32, 128, 64, 64, KVQ_K_PER_CHANNEL, 0.01f, 0, 0, 0.02f, 1, 0},    /* no ranges */
-        {128, 1024, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.006f, 0, 0}, /* Llama-3-8B */
+        {128, 192, 64, 64, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.004f, 0, 0, 0, 0}, /* SmolLM2 */
+        {128, 192, 64, 64, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.03f, 0, 0, 0, 0},  /* over budget */
+        {32, 32, 8, 8, KVQ_K_PER_CHANNEL, 0.01f, 1, 1, 0.05f, 1, 0, 0, 0},       /* stories260K */
+        {16, 288, 48, 48, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.0f, 0, 1, 0, 0},    /* ties */
+        {16, 288, 48, 48, KVQ_K_PER_CHANNEL, 0.02f, 1, 1, 0.001f, 0, 1, 0, 0},  /* ties */
+        {5, 6, 2, 1, KVQ_K_PER_TOKEN, 0.2f, 1, 1, 0.2f, 1, 0, 0, 0},             /* odd */
+        {17, 48, 48, 16, KVQ_K_PER_CHANNEL, 1.0f, 1, 1, 0.3f, 0, 0, 0, 0},       /* budget 1 */
+        {64, 288, 48, 48, KVQ_K_PER_CHANNEL, 0.0f, 1, 1, 0.02f, 0, 0, 0, 0},     /* no budget */
+        {64, 256, 64, 32, KVQ_K_PER_TOKEN, 0.05f, 1, 1, 0.05f, 0, 0, 0, 0},
+        {32, 128, 64, 64, KVQ_K_PER_CHANNEL, 0.01f, 0, 0, 0.02f, 1, 0, 0, 0},    /* no ranges */
+        {128, 1024, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.006f, 0, 0, 0, 0}, /* Llama-3-8B */
     };
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++)
         quant_case(&cs[i]);
+}
+
+/* Every code width, K and V apart (kvq.h's bit streams; 3 bits share
+ * bytes and 32-bit words between threads): the same blocks as the
+ * reference, on SmolLM2's shape, odd shapes and K per token. */
+static void case_quantize_widths(void)
+{
+    static const int wd[][2] = { { 2, 2 }, { 3, 3 }, { 8, 8 }, { 3, 2 }, { 4, 8 } };
+    for (int i = 0; i < 5; i++) {
+        int kb = wd[i][0], vb = wd[i][1];
+        const qcase cs[] = {
+            {128, 192, 64, 64, KVQ_K_PER_CHANNEL, 0.005f, 1, 1, 0.004f, 0, 0, kb, vb},
+            {32, 32, 8, 8, KVQ_K_PER_CHANNEL, 0.01f, 1, 1, 0.05f, 1, 0, kb, vb},
+            {17, 48, 24, 8, KVQ_K_PER_TOKEN, 0.05f, 1, 1, 0.05f, 0, 0, kb, vb},
+            {7, 40, 40, 8, KVQ_K_PER_CHANNEL, 0.02f, 1, 1, 0.02f, 0, 1, kb, vb},
+        };
+        for (size_t j = 0; j < sizeof cs / sizeof cs[0]; j++)
+            quant_case(&cs[j]);
+    }
 }
 
 /* ---- FP16 pages ------------------------------------------------------------------------ */
@@ -422,6 +443,7 @@ int main(void)
     gt_case("quantiles", case_quantiles);
     gt_case("ema", case_ema);
     gt_case("quantize", case_quantize);
+    gt_case("quantize_widths", case_quantize_widths);
     gt_case("pages", case_pages);
     return gt_end();
 }

@@ -100,6 +100,7 @@ typedef struct {
     int qpos0;       /* > 0: the queries sit at qpos0 .. instead of the
                         chunk's positions (inside the history) */
     int window;      /* sliding window W (0: none): query p sees [p-W+1, p] */
+    int kb, vb;      /* code widths of K / V (0: 4) */
 } scen;
 
 /* A built history: the segments and everything they point to. */
@@ -128,7 +129,8 @@ static void hist_build(const scen *s, hist *h)
     memset(h, 0, sizeof *h);
     int D = s->n_kv * s->hd;
     char err[128] = "";
-    cr_assert(kvq_layout_init(&h->L, s->T, D, s->hd, s->G, s->km, s->budget, err, sizeof err) == 0,
+    cr_assert(kvq_layout_init_bits(&h->L, s->T, D, s->hd, s->G, s->km, s->budget,
+                                   s->kb ? s->kb : 4, s->vb ? s->vb : 4, err, sizeof err) == 0,
               "layout: %s", err);
     h->D = D;
     h->pos0 = s->n_sink + s->n_q4 + s->n_stage;
@@ -282,10 +284,10 @@ static void run_scen(const scen *s, const char *name)
                           &h.L, s->n_head, s->n_kv, s->hd, scale, ws);
             snprintf(what, sizeof what,
                      "%s [%s, %d threads, heads %d/%d x %d, T %d G %d k_mode %d, pos0 %d n_q %d, "
-                     "n_q4 %d, budget %g, outliers %g, window %d]",
+                     "n_q4 %d, budget %g, outliers %g, window %d, K%dV%d]",
                      name, kcpu_simd_name(), kcpu_pool_size(g_pools[pi]), s->n_head, s->n_kv,
                      s->hd, s->T, s->G, (int)s->km, qpos0, s->n_q, s->n_q4, (double)s->budget,
-                     (double)s->out_frac, s->window);
+                     (double)s->out_frac, s->window, h.L.k_bits, h.L.v_bits);
             check_close(what, got, ref, nq, SEG_ATOL * vmax, SEG_RTOL);
         }
     }
@@ -501,6 +503,60 @@ Test(attn_seg, odd_head_layouts, .timeout = 240)
         s.n_q = i % 2 ? 1 : 4;
         run_scen(&s, "odd head layout");
     }
+    pools_down();
+}
+
+/* Every code width, K and V apart (kvq.h): decode (the SIMD back end's
+ * dequantized tiles, few queries) and a prefill chunk (many queries per KV
+ * head), per-channel and per-token K, a sliding window, against the
+ * dequantize-then-attend oracle, on the SIMD and the scalar back ends. */
+Test(attn_seg, every_width, .timeout = 240)
+{
+    pools_up();
+    static const int wd[][2] = { { 2, 2 }, { 3, 2 }, { 3, 3 }, { 8, 8 }, { 4, 2 }, { 8, 4 } };
+    for (int i = 0; i < 6; i++) {
+        scen s = base_scen();
+        s.kb = wd[i][0];
+        s.vb = wd[i][1];
+        s.n_q4 = 200;
+        run_scen(&s, "decode");
+        s.n_q = 24;
+        s.window = i % 2 ? 0 : 150;
+        run_scen(&s, "chunk");
+        s.km = KVQ_K_PER_TOKEN;
+        s.n_q = 3;
+        s.window = 0;
+        run_scen(&s, "per-token K");
+    }
+    pools_down();
+}
+
+/* Odd head dims and group sizes at every width (the scalar item takes
+ * what the SIMD one does not cover; int3 needs groups of 8). */
+Test(attn_seg, every_width_odd_heads, .timeout = 240)
+{
+    pools_up();
+    static const struct { int n_head, n_kv, hd, G; } sh[] = {
+        { 3, 3, 12, 4 }, { 4, 2, 24, 8 }, { 2, 1, 40, 8 }, { 6, 3, 7, 7 },
+    };
+    static const int bits[] = { 2, 3, 4, 8 };
+    for (int b = 0; b < 4; b++)
+        for (int i = 0; i < 4; i++) {
+            if (bits[b] == 3 && sh[i].G % 8)
+                continue;
+            if (bits[b] == 4 && sh[i].n_kv * sh[i].hd % 2)
+                continue;
+            scen s = base_scen();
+            s.n_head = sh[i].n_head;
+            s.n_kv = sh[i].n_kv;
+            s.hd = sh[i].hd;
+            s.G = sh[i].G;
+            s.T = 16;
+            s.n_q4 = 50;
+            s.n_q = i % 2 ? 1 : 9;
+            s.kb = s.vb = bits[b];
+            run_scen(&s, "odd head layout");
+        }
     pools_down();
 }
 

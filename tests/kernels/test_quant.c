@@ -38,7 +38,10 @@
 
 _Static_assert(sizeof(kvq_block_hdr) == 16, "kvq_block_hdr is 4 x u32");
 
-#define ERR_REL (0.5 * (1.0 + 0x1p-19)) /* |x - x^| <= ERR_REL * s */
+#define ERR_REL (0.5 * (1.0 + 0x1p-19)) /* |x - x^| <= ERR_REL * s (4 bits) */
+/* The same bound for b-bit codes: s/2 plus the f32 rounding of x/s for
+ * codes up to 2^b - 1 (ERR_REL at 4 bits). */
+#define ERR_REL_B(b) (0.5 + (double)(1 << (b)) * 0x1p-24)
 #define GUARD 64
 #define GUARD_BYTE 0xa5
 
@@ -64,13 +67,19 @@ static float rnd_gauss(void)
     return sqrtf(-2.0f * logf(rnd_unif())) * cosf(6.2831853f * rnd_unif());
 }
 
-static kvq_layout mk_layout(int T, int D, int hd, int G, kvq_k_mode km, float budget)
+static kvq_layout mk_layout_bits(int T, int D, int hd, int G, kvq_k_mode km, float budget,
+                                 int kb, int vb)
 {
     kvq_layout L;
     char err[128] = "";
-    int rc = kvq_layout_init(&L, T, D, hd, G, km, budget, err, sizeof err);
-    cr_assert_eq(rc, 0, "layout T=%d D=%d hd=%d G=%d: %s", T, D, hd, G, err);
+    int rc = kvq_layout_init_bits(&L, T, D, hd, G, km, budget, kb, vb, err, sizeof err);
+    cr_assert_eq(rc, 0, "layout T=%d D=%d hd=%d G=%d K%dV%d: %s", T, D, hd, G, kb, vb, err);
     return L;
+}
+
+static kvq_layout mk_layout(int T, int D, int hd, int G, kvq_k_mode km, float budget)
+{
+    return mk_layout_bits(T, D, hd, G, km, budget, 4, 4);
 }
 
 /* A block with GUARD guard bytes after it (and a scratch likewise). */
@@ -99,10 +108,6 @@ static void check_guard(const uint8_t *p, size_t n, const char *what)
         cr_assert_eq(p[n + i], GUARD_BYTE, "%s: byte %d past the end written", what, i);
 }
 
-static int code_at(const uint8_t *q, size_t i)
-{
-    return (q[i >> 1] >> ((i & 1) * 4)) & 0xf;
-}
 
 static float f16_sat(float x)
 {
@@ -132,10 +137,17 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
     const uint8_t *q = base + (is_k ? L->off_kq : L->off_vq);
     const uint16_t *s16 = (const uint16_t *)(base + (is_k ? L->off_ks : L->off_vs));
     const uint8_t *z = base + (is_k ? L->off_kz : L->off_vz);
-    const uint32_t *oi = (const uint32_t *)(base + (is_k ? L->off_kout_idx : L->off_vout_idx));
+    uint32_t *oi = malloc(sizeof(uint32_t) * ((size_t)L->out_cap + 1));
+    for (int i = 0; i < L->out_cap; i++)
+        oi[i] = kvq_out_idx(L, base, !is_k, (uint32_t)i);
     const uint16_t *ov = (const uint16_t *)(base + (is_k ? L->off_kout_val : L->off_vout_val));
     uint32_t n_out = is_k ? h->n_kout : h->n_vout;
     const char *nm = is_k ? "K" : "V";
+    const int bits = is_k ? L->k_bits : L->v_bits, lv = KVQ_LEVELS_OF(bits);
+    const int zb = is_k ? L->k_zbits : L->v_zbits;
+    cr_assert_eq(zb, bits <= 4 ? 4 : 8, "zeros of %d-bit codes in %d bits", bits, zb);
+    const double err_rel = ERR_REL_B(bits);
+#define code_at(q_, i_) kvq_get_code(q_, i_, bits)
     tensor_stats st = { 0, 0, 0, 0.0, INFINITY, -INFINITY };
 
     cr_assert_leq(n_out, (uint32_t)L->out_cap, "%s outliers over capacity", nm);
@@ -155,7 +167,7 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
         cr_assert_eq(code_at(q, i), 0, "%s code of unused slot %zu", nm, i);
     if (!per_ch)
         for (size_t i = (size_t)n * ng; i < (size_t)T * ng; i++)
-            cr_assert(s16[i] == 0 && z[i] == 0, "%s snapshot of unused token", nm);
+            cr_assert(s16[i] == 0 && kvq_zero_at(z, i, zb) == 0, "%s snapshot of unused token", nm);
 
     float *deq = malloc((size_t)T * D * sizeof(float));
     for (size_t i = 0; i < (size_t)T * D; i++)
@@ -169,12 +181,12 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
             size_t i = (size_t)t * D + c;
             size_t si = per_ch ? (size_t)c : (size_t)t * ng + c / G;
             float s = kt_f16_to_f32(s16[si]);
-            int zz = z[si], code = code_at(q, i);
+            int zz = kvq_zero_at(z, si, zb), code = code_at(q, i);
             float xv = x[(size_t)t * stride + c], d = deq[i];
             cr_assert(s > 0 && isfinite(s), "%s scale %g", nm, s);
-            cr_assert_leq(zz, 15);
+            cr_assert_leq(zz, lv);
             if (!isfinite(xv)) {
-                int want = isnan(xv) ? zz : (xv > 0 ? 15 : 0);
+                int want = isnan(xv) ? zz : (xv > 0 ? lv : 0);
                 cr_assert_eq(code, want, "%s non-finite code", nm);
                 cr_assert(!is_out[i], "%s non-finite value stored as outlier", nm);
                 cr_assert_eq(d, s * (float)(code - zz));
@@ -186,30 +198,30 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
             double exc = (fabs((double)xv - grid) - 0.5 * s) / s;
             if (is_out[i]) {
                 cr_assert_eq(d, f16_sat(xv), "%s outlier (%d,%d) not exact: %g vs %g", nm, t, c, d, xv);
-                cr_assert(code == 0 || code == 15, "%s outlier dense slot %d", nm, code);
-                cr_assert(code == 15 ? xv > grid : xv < grid, "%s outlier clamp side", nm);
+                cr_assert(code == 0 || code == lv, "%s outlier dense slot %d", nm, code);
+                cr_assert(code == lv ? xv > grid : xv < grid, "%s outlier clamp side", nm);
                 cr_assert_gt(exc, -1e-5, "%s outlier inside the grid (exc %g)", nm, exc);
                 st.min_out_exc = fmin(st.min_out_exc, exc);
             } else {
                 cr_assert_eq(d, (float)grid, "%s dequant formula", nm);
                 double e = fabs((double)xv - d) / s;
-                if (e <= ERR_REL) {
+                if (e <= err_rel) {
                     st.max_err_rel = fmax(st.max_err_rel, e);
                 } else {
-                    cr_assert(code == 0 || code == 15, "%s (%d,%d) error %g steps but not clamped (code %d)",
+                    cr_assert(code == 0 || code == lv, "%s (%d,%d) error %g steps but not clamped (code %d)",
                               nm, t, c, e, code);
-                    cr_assert(code == 15 ? xv > d : xv < d, "%s clamp side", nm);
+                    cr_assert(code == lv ? xv > d : xv < d, "%s clamp side", nm);
                     st.n_clamped_finite++;
                     st.max_clamp_exc = fmax(st.max_clamp_exc, exc);
                 }
             }
             if (lo && hi) {
-                float sc = fmaxf(hi[c] - lo[c], KVQ_EPS) / 15.0f;
+                float sc = fmaxf(hi[c] - lo[c], KVQ_EPS) / (float)lv;
                 float bl = lo[c] - band * 0.5f * sc, bh = hi[c] + band * 0.5f * sc;
                 if (xv >= bl && xv <= bh) {
                     cr_assert(!is_out[i], "%s in-range value (%d,%d)=%g [%g,%g] is an outlier",
                               nm, t, c, xv, lo[c], hi[c]);
-                    cr_assert_leq(fabs((double)xv - d) / s, ERR_REL,
+                    cr_assert_leq(fabs((double)xv - d) / s, err_rel,
                                   "%s in-range value (%d,%d) error %g steps", nm, t, c,
                                   fabs((double)xv - d) / s);
                 }
@@ -218,7 +230,9 @@ static tensor_stats check_tensor(const kvq_layout *L, const uint8_t *base, int i
     }
     free(deq);
     free(is_out);
+    free(oi);
     return st;
+#undef code_at
 }
 
 /* Quantizes (k, v) into a fresh block with guards and checks everything. */
@@ -236,8 +250,9 @@ static block_stats quant_check(const kvq_layout *L, const float *k, const float 
         for (int c = 0; c < L->kv_dim; c++) {
             uint16_t s;
             uint8_t z;
-            kvq_scale_zero(klo[c], khi[c], &s, &z);
-            cr_assert(KVQ_CAT(b, L->off_ks, uint16_t *)[c] == s && KVQ_CAT(b, L->off_kz, uint8_t *)[c] == z,
+            kvq_scale_zero_bits(klo[c], khi[c], L->k_bits, &s, &z);
+            cr_assert(KVQ_CAT(b, L->off_ks, uint16_t *)[c] == s &&
+                          kvq_zero_at(KVQ_CAT(b, L->off_kz, uint8_t *), (size_t)c, L->k_zbits) == z,
                       "K snapshot of channel %d is not kvq_scale_zero(lo, hi)", c);
         }
     block_stats bs;
@@ -308,6 +323,7 @@ static const layout_case layout_cases[] = {
     { 1, 40, 40, 8, KVQ_K_PER_TOKEN, 1.0f, 40 },
     { 3, 2, 2, 1, KVQ_K_PER_CHANNEL, 0.5f, 3 },
     { 16, 576, 64, 64, KVQ_K_PER_CHANNEL, 0.002f, 19 },
+    { 128, 1024, 128, 128, KVQ_K_PER_CHANNEL, 0.005f, 656 }, /* 32-bit outlier indices */
 };
 
 Test(kvq_layout, regions_aligned_disjoint_and_formulas)
@@ -321,15 +337,17 @@ Test(kvq_layout, regions_aligned_disjoint_and_formulas)
         cr_assert_eq(L.out_cap, lc->cap, "case %zu: out_cap %d, want %d", ci, L.out_cap, lc->cap);
         cr_assert_eq((size_t)L.n_ksnap, nk);
         cr_assert_eq(L.bytes_dense, td);
-        cr_assert_eq(L.bytes_scales, 3 * nk + 3 * nv);
-        cr_assert_eq(L.bytes_outliers, 12 * cap);
+        cr_assert_eq(L.bytes_scales, 2 * nk + (nk + 1) / 2 + 2 * nv + (nv + 1) / 2,
+                     "FP16 scales and 4-bit zeros");
+        cr_assert_eq(L.idx_bytes, td <= 65536 ? 2 : 4, "16-bit outlier indices up to 65536 elements");
+        cr_assert_eq(L.bytes_outliers, 2 * cap * (size_t)(L.idx_bytes + 2));
         cr_assert_eq(L.bytes % 8, 0);
         struct { size_t off, len; } r[] = {
             { L.off_kq, td / 2 }, { L.off_vq, td / 2 },
-            { L.off_ks, 2 * nk }, { L.off_kz, nk },
-            { L.off_vs, 2 * nv }, { L.off_vz, nv },
-            { L.off_kout_idx, 4 * cap }, { L.off_kout_val, 2 * cap },
-            { L.off_vout_idx, 4 * cap }, { L.off_vout_val, 2 * cap },
+            { L.off_ks, 2 * nk }, { L.off_kz, (nk + 1) / 2 },
+            { L.off_vs, 2 * nv }, { L.off_vz, (nv + 1) / 2 },
+            { L.off_kout_idx, (size_t)L.idx_bytes * cap }, { L.off_kout_val, 2 * cap },
+            { L.off_vout_idx, (size_t)L.idx_bytes * cap }, { L.off_vout_val, 2 * cap },
         };
         size_t end = sizeof(kvq_block_hdr), sum = sizeof(kvq_block_hdr);
         for (size_t j = 0; j < sizeof r / sizeof r[0]; j++) {
@@ -379,7 +397,7 @@ Test(kvq_layout, bits_per_element_smollm2)
                 "(dense %.3f + scales %.4f + outliers %.4f + header/padding %.4f)",
                 L.bytes, bpe, dense, scales, outl, bpe - dense - scales - outl);
     fprintf(stderr, "bits/element all-in: %.4f (%zu bytes per layer-block)\n", bpe, L.bytes);
-    cr_assert_eq(L.bytes, 27808);
+    cr_assert_eq(L.bytes, 27024); /* 16-bit outlier indices, 4-bit zeros (was 27808) */
     cr_assert_leq(bpe, 4.6);
 }
 
@@ -450,8 +468,8 @@ Test(kvq_quant, pack_unpack_round_trip)
     cr_assert_eq(kq[0] & 0xf, qk[0], "element 0 is the low nibble");
     cr_assert_eq(kq[0] >> 4, qk[1], "element 1 is the high nibble");
     for (int i = 0; i < n * D; i++) {
-        cr_assert_eq(code_at(kq, (size_t)i), qk[i]);
-        cr_assert_eq(code_at(vq, (size_t)i), qv[i]);
+        cr_assert_eq(kvq_get_code(kq, (size_t)i, 4), qk[i]);
+        cr_assert_eq(kvq_get_code(vq, (size_t)i, 4), qv[i]);
     }
     float *out = malloc(sizeof(float) * T * D * 2);
     kvq_dequant_block(&L, b, out, out + T * D, D);
@@ -484,12 +502,23 @@ static const shape_case shapes[] = {
     { 16, 192, 64, 32, KVQ_K_PER_CHANNEL, 3 },
 };
 
+/* 1 when the widths kb / vb take the shape (int3: groups of 8; 4 bits:
+ * kv_dim even). */
+static int shape_fits(const shape_case *sc, int kb, int vb)
+{
+    if ((kb == 3 || vb == 3) && sc->G % 8)
+        return 0;
+    return !((kb == 4 || vb == 4) && sc->D % 2);
+}
+
 /* The EMA range covers the data: no outlier, no clamp, error <= s/2. */
-Test(kvq_quant, in_range_error_bound_all_shapes)
+static void in_range_error_bound(int kb, int vb)
 {
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const shape_case *sc = &shapes[si];
-        kvq_layout L = mk_layout(sc->T, sc->D, sc->hd, sc->G, sc->km, 0.005f);
+        if (!shape_fits(sc, kb, vb))
+            continue;
+        kvq_layout L = mk_layout_bits(sc->T, sc->D, sc->hd, sc->G, sc->km, 0.005f, kb, vb);
         size_t stride = (size_t)sc->D + 5; /* a strided source */
         float *k = malloc(sizeof(float) * stride * sc->T), *v = malloc(sizeof(float) * stride * sc->T);
         float *lo = malloc(sizeof(float) * sc->D * 4), *hi = lo + sc->D;
@@ -503,10 +532,11 @@ Test(kvq_quant, in_range_error_bound_all_shapes)
         block_stats bs = quant_check(&L, k, v, stride, sc->n, pl, ph, vlo, vhi, NULL);
         cr_assert_eq(bs.k.n_out + bs.v.n_out + bs.k.n_clamped_finite + bs.v.n_clamped_finite, 0,
                      "shape %zu: outliers in an in-range block", si);
-        cr_assert_leq(bs.k.max_err_rel, ERR_REL);
-        cr_assert_leq(bs.v.max_err_rel, ERR_REL);
-        cr_log_info("shape %zu (T=%d D=%d hd=%d G=%d n=%d): max error K %.6f, V %.6f steps",
-                    si, sc->T, sc->D, sc->hd, sc->G, sc->n, bs.k.max_err_rel, bs.v.max_err_rel);
+        cr_assert_leq(bs.k.max_err_rel, ERR_REL_B(kb));
+        cr_assert_leq(bs.v.max_err_rel, ERR_REL_B(vb));
+        cr_log_info("K%dV%d shape %zu (T=%d D=%d hd=%d G=%d n=%d): max error K %.6f, V %.6f steps",
+                    kb, vb, si, sc->T, sc->D, sc->hd, sc->G, sc->n, bs.k.max_err_rel,
+                    bs.v.max_err_rel);
         /* the same with no V band and (K per channel) no K range */
         bs = quant_check(&L, k, v, stride, sc->n, NULL, NULL, NULL, NULL, NULL);
         cr_assert_eq(bs.k.n_out + bs.v.n_out + bs.k.n_clamped_finite + bs.v.n_clamped_finite, 0);
@@ -516,15 +546,22 @@ Test(kvq_quant, in_range_error_bound_all_shapes)
     }
 }
 
+Test(kvq_quant, in_range_error_bound_all_shapes)
+{
+    in_range_error_bound(4, 4);
+}
+
 /* Real-looking data against a narrower EMA range: outliers stored exactly,
  * the budget respected, everything else within s/2. */
-Test(kvq_quant, outliers_exact_all_shapes)
+static void outliers_exact(int kb, int vb)
 {
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const shape_case *sc = &shapes[si];
+        if (!shape_fits(sc, kb, vb))
+            continue;
         for (int bi = 0; bi < 3; bi++) {
             float budget = bi == 0 ? 0.0f : bi == 1 ? 0.005f : 0.05f;
-            kvq_layout L = mk_layout(sc->T, sc->D, sc->hd, sc->G, sc->km, budget);
+            kvq_layout L = mk_layout_bits(sc->T, sc->D, sc->hd, sc->G, sc->km, budget, kb, vb);
             size_t stride = (size_t)sc->D;
             float *k = malloc(sizeof(float) * stride * sc->T), *v = malloc(sizeof(float) * stride * sc->T);
             float *lo = malloc(sizeof(float) * sc->D * 4), *hi = lo + sc->D;
@@ -565,6 +602,75 @@ Test(kvq_quant, outliers_exact_all_shapes)
     }
 }
 
+Test(kvq_quant, outliers_exact_all_shapes)
+{
+    outliers_exact(4, 4);
+}
+
+/* Every code width, K and V apart: round trip within s/2 in range (up to
+ * the f32 rounding of x/s), outliers exact, clamps counted, on every shape
+ * the width takes (odd head dims and group sizes included). */
+Test(kvq_quant, every_width_error_bound_and_outliers)
+{
+    static const int wd[][2] = { { 2, 2 }, { 3, 3 }, { 8, 8 }, { 3, 2 }, { 2, 8 }, { 8, 3 } };
+    for (int i = 0; i < 6; i++) {
+        in_range_error_bound(wd[i][0], wd[i][1]);
+        outliers_exact(wd[i][0], wd[i][1]);
+    }
+}
+
+/* The bit stream of each width, pinned: element i at bits [i*b, i*b + b),
+ * low bits first (8 codes of 3 bits in 3 bytes). */
+Test(kvq_quant, code_streams_pinned)
+{
+    uint8_t q[8] = { 0 };
+    for (int i = 0; i < 8; i++)
+        kvq_put_code(q, (size_t)i, 3, i);
+    cr_assert(q[0] == 0x88 && q[1] == 0xc6 && q[2] == 0xfa && q[3] == 0, "3-bit %02x %02x %02x",
+              q[0], q[1], q[2]);
+    memset(q, 0, sizeof q);
+    for (int i = 0; i < 8; i++)
+        kvq_put_code(q, (size_t)i, 2, i & 3);
+    cr_assert(q[0] == 0xe4 && q[1] == 0xe4 && q[2] == 0);
+    memset(q, 0, sizeof q);
+    kvq_put_code(q, 1, 4, 9);
+    kvq_put_code(q, 2, 8, 200);
+    cr_assert(q[0] == 0x90 && q[2] == 200);
+    for (int b = 2; b <= 8; b++) {
+        if (!KVQ_BITS_OK(b))
+            continue;
+        uint8_t st[64] = { 0 };
+        for (int i = 0; i < 60; i++)
+            kvq_put_code(st, (size_t)i, b, (i * 7 + 3) & KVQ_LEVELS_OF(b));
+        for (int i = 0; i < 60; i++)
+            cr_assert_eq(kvq_get_code(st, (size_t)i, b), (i * 7 + 3) & KVQ_LEVELS_OF(b));
+    }
+}
+
+/* Widths outside {2, 3, 4, 8} and int3 with groups that are not whole
+ * 3-byte units are refused with a reason. */
+Test(kvq_layout, refuses_bad_widths)
+{
+    kvq_layout L;
+    char err[128];
+    static const int bad[] = { 0, 1, 5, 6, 7, 9, 16, -4 };
+    for (int i = 0; i < 8; i++) {
+        err[0] = 0;
+        cr_assert_lt(kvq_layout_init_bits(&L, 16, 64, 64, 64, KVQ_K_PER_CHANNEL, 0.01f, bad[i], 4,
+                                          err, sizeof err), 0, "k_bits %d", bad[i]);
+        cr_assert(strstr(err, "2, 3, 4 or 8"), "%s", err);
+        cr_assert_lt(kvq_layout_init_bits(&L, 16, 64, 64, 64, KVQ_K_PER_CHANNEL, 0.01f, 4, bad[i],
+                                          err, sizeof err), 0, "v_bits %d", bad[i]);
+    }
+    err[0] = 0;
+    cr_assert_lt(kvq_layout_init_bits(&L, 16, 60, 12, 12, KVQ_K_PER_CHANNEL, 0.01f, 3, 3, err,
+                                      sizeof err), 0);
+    cr_assert(strstr(err, "multiple of 8"), "%s", err);
+    cr_assert_eq(kvq_layout_init_bits(&L, 16, 63, 21, 7, KVQ_K_PER_CHANNEL, 0.01f, 2, 8, err,
+                                      sizeof err), 0, "%s", err);
+    cr_assert_eq(L.bytes_dense, (16 * 63 * 2 + 7) / 8 + 16 * 63);
+}
+
 /* More candidates than slots: the largest excursions are kept, in index
  * order, the rest clamped and counted. */
 Test(kvq_quant, budget_overflow_keeps_largest)
@@ -597,8 +703,12 @@ Test(kvq_quant, budget_overflow_keeps_largest)
     cr_assert_eq(h->n_clamped, 12);
     cr_assert_eq(bs.k.n_clamped_finite, 6);
     /* kept: the spikes 16..19 (j = 6..9), ascending by index */
-    const uint32_t *ki = (const uint32_t *)(b + L.off_kout_idx);
-    const uint32_t *vi = (const uint32_t *)(b + L.off_vout_idx);
+    uint32_t ki[8];
+    for (int i = 0; i < 8 && i < L.out_cap; i++)
+        ki[i] = kvq_out_idx(&L, b, 0, (uint32_t)i);
+    uint32_t vi[64];
+    for (int i = 0; i < 64 && i < L.out_cap; i++)
+        vi[i] = kvq_out_idx(&L, b, 1, (uint32_t)i);
     for (int j = 6; j < 10; j++) {
         int fk = 0, fv = 0;
         for (int i = 0; i < 4; i++) {
@@ -626,7 +736,9 @@ Test(kvq_quant, budget_ties_lowest_index)
         k[i] = (i % 3 == 0) ? 5.0f : 0.25f;
     uint8_t *b;
     quant_check(&L, k, v, D, T, lo, hi, NULL, NULL, &b);
-    const uint32_t *ki = (const uint32_t *)(b + L.off_kout_idx);
+    uint32_t ki[8];
+    for (int i = 0; i < 8 && i < L.out_cap; i++)
+        ki[i] = kvq_out_idx(&L, b, 0, (uint32_t)i);
     cr_assert(ki[0] == 0 && ki[1] == 3 && ki[2] == 6, "ties: %u %u %u", ki[0], ki[1], ki[2]);
     cr_assert_eq(kvq_chdr(b)->n_clamped, 11 - 3);
     free(b);
@@ -691,7 +803,7 @@ Test(kvq_quant, v_candidate_inside_group_grid_is_not_outlier)
     quant_check(&L, k, v, D, T, NULL, NULL, vlo, vhi, &b);
     h = kvq_chdr(b);
     cr_assert_eq(h->n_vout, 1);
-    cr_assert_eq(((const uint32_t *)(b + L.off_vout_idx))[0], 3u);
+    cr_assert_eq(kvq_out_idx(&L, b, 1, 0), 3u);
     free(b);
 }
 
@@ -787,6 +899,6 @@ Test(kvq_quant, k_per_token_mode)
     kvq_scale_zero(mn, mx, &s, &z);
     size_t si = (size_t)5 * (D / G) + 33 / G;
     cr_assert_eq(((const uint16_t *)(b + L.off_ks))[si], s);
-    cr_assert_eq((b + L.off_kz)[si], z);
+    cr_assert_eq(kvq_zero_at(b + L.off_kz, si, L.k_zbits), z);
     free(b);
 }

@@ -467,6 +467,7 @@ Test(server, load_faults_and_sigterm, .timeout = 300)
      * all 32 clients at once */
     const char *args[] = {"-m", m260(), "--tokenizer", tok260(), "-t", "2", "--max-seqs", "8",
                           "--max-queue", "12", "--kv-budget", "1200t", "--chunk-size", "128",
+                          "--block-tokens", "128",
                           "-c", "512", NULL};
     tsrv s;
     start_or_die(&s, args);
@@ -1019,7 +1020,7 @@ Test(server, logit_bias, .timeout = 60)
 Test(server, kv_pool_limit, .timeout = 60)
 {
     const char *args[] = {"-m", m260(), "--tokenizer", tok260(), "-t", "2", "--kv-budget",
-                          "300t", "-c", "512", "--max-seqs", "2", NULL};
+                          "300t", "-c", "512", "--max-seqs", "2", "--block-tokens", "128", NULL};
     tsrv s;
     start_or_die(&s, args);
     long st;

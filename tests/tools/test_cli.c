@@ -204,9 +204,26 @@ Test(cli, cache_knobs_are_validated)
     run(&R, args, NULL);
     cr_assert_eq(R.status, 2);
     cr_assert(strstr(R.err, "not a multiple of block_tokens") != NULL, "%s", R.err);
-    snprintf(args, sizeof args, "generate -m %s -p hi --kv-cache int8", m);
+    snprintf(args, sizeof args, "generate -m %s -p hi --kv-cache int5", m);
     run(&R, args, NULL);
     cr_assert_eq(R.status, 2);
+    /* code widths: outside {2, 3, 4, 8}, or int3 with groups not of 8 codes:
+     * one line, exit 2 */
+    static const char *bad_bits[][2] = {
+        { "--k-bits 5", "2, 3, 4 or 8" }, { "--v-bits 1", "2, 3, 4 or 8" },
+        { "--kv-cache int3 --v-group 12", "multiple of 8" },
+    };
+    for (int i = 0; i < 3; i++) {
+        snprintf(args, sizeof args, "perplexity -m %s -f /dev/null -c 64 %s", m, bad_bits[i][0]);
+        run(&R, args, NULL);
+        cr_assert_eq(R.status, 2, "%s: %s", bad_bits[i][0], R.err);
+        cr_assert(strstr(R.err, bad_bits[i][1]) != NULL, "%s: %s", bad_bits[i][0], R.err);
+        cr_assert_eq(strchr(R.err, '\n'), R.err + strlen(R.err) - 1, "one line: %s", R.err);
+    }
+    snprintf(args, sizeof args, "generate -m %s -p 'Once upon a time' -n 4 --temp 0 -q "
+             "--kv-cache int3 --chunk-size 64 --block-tokens 32", m);
+    run(&R, args, NULL); /* stories260K: head_dim 8, one group of 8 */
+    cr_assert_eq(R.status, 0, "%s", R.err);
     snprintf(args, sizeof args, "generate -m %s -p hi --v-group 48", m);
     run(&R, args, NULL);
     cr_assert_eq(R.status, 1, "v_group must divide head_dim 8: %s", R.err);
