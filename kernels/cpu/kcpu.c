@@ -14,6 +14,8 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* ---- back-end dispatch ---- */
 
@@ -43,6 +45,17 @@ static int best_path(void)
                 b = KCPU_PATH_AVX512VNNI;
         }
 #endif
+        /* LKQ_CPU_KERNELS=scalar|avx2|avx512|avx512vnni caps the choice
+         * (for comparisons; a path this CPU lacks is ignored). */
+        const char *env = getenv("LKQ_CPU_KERNELS");
+        if (env && *env) {
+            static const char *names[] = {"scalar", "avx2", "avx512", "avx512vnni"};
+            static const int paths[] = {KCPU_PATH_SCALAR, KCPU_PATH_AVX2, KCPU_PATH_AVX512,
+                                        KCPU_PATH_AVX512VNNI};
+            for (int i = 0; i < 4; i++)
+                if (!strcmp(env, names[i]) && paths[i] < b)
+                    b = paths[i];
+        }
         atomic_store_explicit(&g_best, b, memory_order_relaxed);
     }
     return b;

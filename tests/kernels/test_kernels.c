@@ -862,3 +862,18 @@ Test(dispatch, names)
     cr_assert_eq(kcpu_force_path(KCPU_PATH_AUTO), 0);
     cr_assert_str_eq(kcpu_simd_name(), n);
 }
+
+/* LKQ_CPU_KERNELS caps the run-time choice (each Criterion test runs in its
+ * own process, so the lazy choice has not been made yet here). */
+Test(dispatch, env_caps_choice)
+{
+    cr_assert_eq(setenv("LKQ_CPU_KERNELS", "scalar", 1), 0);
+    cr_assert_str_eq(kcpu_simd_name(), "scalar");
+}
+
+Test(dispatch, env_unknown_ignored)
+{
+    cr_assert_eq(setenv("LKQ_CPU_KERNELS", "sse9", 1), 0);
+    cr_assert_str_neq(kcpu_simd_name(), "sse9");
+    cr_assert_str_neq(kcpu_simd_name(), "");
+}
