@@ -602,8 +602,10 @@ int api_parse(api_kind kind, const char *body, size_t len, const api_ctx *c,
     r->sp.seed = 0;
     r->n = 1;
     r->logprobs = -1;
+    r->cache_prompt = 1;
     if (get_bool(root, "stream", &r->stream, e) < 0 || get_bool(root, "echo", &r->echo, e) < 0 ||
-        get_bool(root, "ignore_eos", &r->ignore_eos, e) < 0)
+        get_bool(root, "ignore_eos", &r->ignore_eos, e) < 0 ||
+        get_bool(root, "cache_prompt", &r->cache_prompt, e) < 0)
         goto done;
     json_t *so = json_object_get(root, "stream_options");
     if (so && !json_is_null(so)) {

@@ -51,6 +51,7 @@ typedef struct {
     int max_tokens;
     int logprobs;           /* -1: none; else top alternatives */
     int ignore_eos;
+    int cache_prompt;       /* 1 (default): prefix reuse; "cache_prompt": false opts out */
     smp_params sp;
     char *stop[SCHED_MAX_STOP];
     int n_stop;

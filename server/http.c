@@ -594,6 +594,7 @@ static enum MHD_Result start_generation(conn *c)
             sp[k].stop[i] = c->req.stop[i];
         sp[k].n_stop = c->req.n_stop;
         sp[k].ignore_eos = c->req.ignore_eos;
+        sp[k].cache_prompt = c->req.cache_prompt;
         sp[k].id = c->id;
         sp[k].notify = on_notify;
         sp[k].notify_ctx = c;

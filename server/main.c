@@ -35,6 +35,7 @@ typedef struct {
     int port;
     int threads, http_threads;
     int n_ctx, max_seqs, max_seqs_per_req, max_queue, max_batch, max_n, max_prompt_tokens;
+    int prefix_cache;
     char *api_key, *metrics_key;
     double read_timeout_s;
     size_t max_body;
@@ -65,6 +66,8 @@ static void usage(FILE *f)
         "      --max-seqs-per-request N  sequences one request may run at once\n"
         "                            (default max-seqs - max-seqs/4: room for others)\n"
         "      --max-queue N         waiting sequences before 429 (default 64)\n"
+        "      --prefix-cache N      prompt prefixes kept for reuse (default 128; 0: off;\n"
+        "                            a request opts out with \"cache_prompt\": false)\n"
         "      --max-batch N         tokens per step (default chunk_size + max_seqs)\n"
         "      --max-n N             choices per request (default 16)\n"
         "      --max-prompt-tokens N prompt limit (default ctx-size - 1)\n"
@@ -143,6 +146,9 @@ static int set_opt(srv_opts *o, const char *key, const char *val)
     } else if (!strcmp(k, "max_seqs")) {
         if (parse_long("--max-seqs", val, 1, 1024, &v) < 0) return -1;
         o->max_seqs = (int)v;
+    } else if (!strcmp(k, "prefix_cache")) {
+        if (parse_long("--prefix-cache", val, 0, 1 << 20, &v) < 0) return -1;
+        o->prefix_cache = (int)v;
     } else if (!strcmp(k, "max_seqs_per_request") || !strcmp(k, "max_seqs_per_req")) {
         if (parse_long("--max-seqs-per-request", val, 1, 1024, &v) < 0) return -1;
         o->max_seqs_per_req = (int)v;
@@ -256,6 +262,7 @@ static int parse_args(int argc, char **argv, srv_opts *o)
     o->max_seqs = 16;
     o->max_queue = 64;
     o->max_n = SCHED_MAX_N;
+    o->prefix_cache = sched_default_params().prefix_nodes;
     o->max_body = 8u << 20;
     o->grace_s = 30;
     o->kv = cfg_kv_default();
@@ -362,6 +369,7 @@ int main(int argc, char **argv)
     sp.n_ctx = o.n_ctx;
     sp.max_seqs = o.max_seqs;
     sp.max_seqs_per_req = o.max_seqs_per_req;
+    sp.prefix_nodes = o.prefix_cache;
     sp.max_queue = o.max_queue;
     sp.max_batch = o.max_batch;
     sp.n_threads = o.threads;

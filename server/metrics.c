@@ -248,6 +248,31 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
     lkq_sb_printf(&b, "vllm:num_requests_running{model_name=\"%s\"} %d\n", model, sm->running);
     head(&b, "vllm:num_requests_waiting", "gauge", "Requests waiting (vLLM-compatible).");
     lkq_sb_printf(&b, "vllm:num_requests_waiting{model_name=\"%s\"} %d\n", model, sm->waiting);
+    /* prefix reuse (vLLM's counter names; tokens) */
+    head(&b, "vllm:prefix_cache_queries_total", "counter",
+         "Prompt tokens looked up in the prefix cache (vLLM-compatible).");
+    lkq_sb_printf(&b, "vllm:prefix_cache_queries_total{model_name=\"%s\"} %lld\n", model,
+                  (long long)sm->prefix.queries);
+    head(&b, "vllm:prefix_cache_hits_total", "counter",
+         "Of those, tokens found cached and not recomputed (vLLM-compatible).");
+    lkq_sb_printf(&b, "vllm:prefix_cache_hits_total{model_name=\"%s\"} %lld\n", model,
+                  (long long)sm->prefix.hits);
+    gauge(&b, "livekvq_prefix_cache_enabled", "1 when prompt prefix reuse is on.",
+          (double)sm->prefix_on);
+    gauge(&b, "livekvq_prefix_cache_prefixes", "Prompt prefixes cached now.",
+          (double)sm->prefix.nodes);
+    gauge(&b, "livekvq_prefix_cache_blocks", "INT4 blocks only the prefix cache holds "
+          "(evictable; admission counts them as free).", (double)sm->prefix.qblocks);
+    gauge(&b, "livekvq_prefix_cache_pages", "FP16 pages only the prefix cache holds.",
+          (double)sm->prefix.fpages);
+    gauge(&b, "livekvq_prefix_cache_bytes", "Bytes of the units only the prefix cache holds.",
+          (double)sm->prefix.bytes);
+    counter(&b, "livekvq_prefix_cache_evictions_total",
+            "Cached prefixes evicted (least recently used, when the pool needed room).",
+            (double)sm->prefix.evictions);
+    counter(&b, "livekvq_prefix_cache_forks_total",
+            "Choices (n > 1) that shared their prompt's prefill with the first choice.",
+            (double)sm->forks);
     if (b.oom) {
         free(b.s);
         return NULL;

@@ -5,6 +5,7 @@
 #ifndef LKQ_TEST_UTIL_H
 #define LKQ_TEST_UTIL_H
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -49,6 +50,17 @@ static inline const char *tu_src(const char *rel)
     const char *root = getenv("LKQ_SRCDIR");
     snprintf(buf, sizeof buf, "%s/%s", root ? root : ".", rel);
     return buf;
+}
+
+/* A reproducible random prompt: BOS (1), then ids in [3, n_vocab). */
+static inline void tu_prompt(int32_t *ids, int n, int32_t n_vocab, uint32_t seed)
+{
+    uint32_t x = seed;
+    ids[0] = 1;
+    for (int i = 1; i < n; i++) {
+        x = x * 1664525u + 1013904223u;
+        ids[i] = 3 + (int32_t)((x >> 8) % (uint32_t)(n_vocab - 3));
+    }
 }
 
 #endif

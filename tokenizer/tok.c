@@ -222,6 +222,8 @@ static tok_pre parse_pre(const char *pre, int *ok)
     if (!strcmp(pre, "llama-bpe") || !strcmp(pre, "llama3") ||
         !strcmp(pre, "llama-v3"))
         return TOK_PRE_LLAMA3;
+    if (!strcmp(pre, "qwen2"))
+        return TOK_PRE_QWEN2;
     *ok = 0;
     return TOK_PRE_GPT2;
 }

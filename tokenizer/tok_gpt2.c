@@ -8,6 +8,10 @@
  *      llama3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
  *              ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
  *              (+ HF ignore_merges: a pre-token that is a vocab token is kept)
+ *      qwen2:  the llama3 regex with \p{N} (one digit per pre-token), without
+ *              ignore_merges. Qwen2's tokenizer.json also NFC-normalizes the
+ *              text first; that is not done here (as in llama.cpp): text that
+ *              is not in NFC may tokenize differently from HF.
  *   2. each pre-token's bytes start as the tokens of their GPT-2
  *      byte-to-unicode characters; merges are applied lowest rank first,
  *      leftmost on ties (min-heap + linked list, as HF tokenizers' BPE).
@@ -268,7 +272,8 @@ static size_t match_llama3(const g_ctx *c, size_t i, size_t e)
         return run(cl, i + 1, e, UNI_L);
     if (cl[i] == UNI_N) {
         size_t k = i;
-        while (k < e && k - i < 3 && cl[k] == UNI_N)
+        size_t max = c->t->pre == TOK_PRE_QWEN2 ? 1 : 3;
+        while (k < e && k - i < max && cl[k] == UNI_N)
             k++;
         return k;
     }
@@ -292,8 +297,9 @@ static size_t match_llama3(const g_ctx *c, size_t i, size_t e)
 static int regex_split(g_ctx *c, size_t a, size_t b)
 {
     while (a < b) {
-        size_t e = c->t->pre == TOK_PRE_LLAMA3 ? match_llama3(c, a, b)
-                                               : match_gpt2(c, a, b);
+        size_t e = c->t->pre == TOK_PRE_LLAMA3 || c->t->pre == TOK_PRE_QWEN2
+                       ? match_llama3(c, a, b)
+                       : match_gpt2(c, a, b);
         if (emit_word(c, a, e) < 0)
             return -ENOMEM;
         a = e;

@@ -18,7 +18,7 @@
 #define TOK_SPACE_UTF8 "\xE2\x96\x81" /* U+2581, SentencePiece's space */
 
 /* Pre-tokenizer families of the GPT-2 path. */
-typedef enum { TOK_PRE_GPT2 = 0, TOK_PRE_SMOLLM, TOK_PRE_LLAMA3 } tok_pre;
+typedef enum { TOK_PRE_GPT2 = 0, TOK_PRE_SMOLLM, TOK_PRE_LLAMA3, TOK_PRE_QWEN2 } tok_pre;
 
 /* Open-addressing map from a token's text to its id (texts live in the
  * tokenizer's arena). A slot holds id (-1 = empty) and the text's hash, so

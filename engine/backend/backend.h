@@ -196,6 +196,17 @@ typedef struct bk_ops {
     int (*kv_begin)(void *seq, int pos0, int n, int prefill, char *err, size_t errlen);
     void (*kv_commit)(void *seq);
     void (*kv_abort)(void *seq);
+
+    /* ---- prefix reuse (optional: NULL where the device cannot share
+     * blocks yet; the graph then answers -ENOTSUP) ---- */
+    /* turns the pool's prefix cache on (kvc_pool_prefix_enable) */
+    int (*prefix_enable)(void *be, int max_nodes, char *err, size_t errlen);
+    void (*prefix_stats)(void *be, kvc_prefix_stats *out);
+    /* an empty sequence continues from the longest cached prefix of
+     * toks[0, n): returns the positions taken (kvc_seq_prefix_adopt) */
+    int (*seq_prefix_adopt)(void *seq, const int32_t *toks, int n);
+    void (*seq_prefix_store)(void *seq, const int32_t *toks);
+    int (*seq_fork)(void *dst, const void *src, char *err, size_t errlen);
 } bk_ops;
 
 /* The table of device d, or NULL (with a one-line reason) when this build

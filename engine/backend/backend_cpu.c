@@ -530,6 +530,31 @@ static void cpu_kv_abort(void *q)
     kvc_abort(q);
 }
 
+static int cpu_prefix_enable(void *be, int max_nodes, char *err, size_t errlen)
+{
+    return kvc_pool_prefix_enable(((cpu_be *)be)->kvp, max_nodes, err, errlen);
+}
+
+static void cpu_prefix_stats(void *be, kvc_prefix_stats *out)
+{
+    kvc_pool_prefix_stats(((cpu_be *)be)->kvp, out);
+}
+
+static int cpu_seq_prefix_adopt(void *q, const int32_t *toks, int n)
+{
+    return kvc_seq_prefix_adopt(q, toks, n);
+}
+
+static void cpu_seq_prefix_store(void *q, const int32_t *toks)
+{
+    kvc_seq_prefix_store(q, toks);
+}
+
+static int cpu_seq_fork(void *dst, const void *src, char *err, size_t errlen)
+{
+    return kvc_seq_fork(dst, src, err, errlen);
+}
+
 const bk_ops bk_cpu_ops = {
     .name = "cpu",
     .host_memory = 1,
@@ -572,4 +597,9 @@ const bk_ops bk_cpu_ops = {
     .kv_begin = cpu_kv_begin,
     .kv_commit = cpu_kv_commit,
     .kv_abort = cpu_kv_abort,
+    .prefix_enable = cpu_prefix_enable,
+    .prefix_stats = cpu_prefix_stats,
+    .seq_prefix_adopt = cpu_seq_prefix_adopt,
+    .seq_prefix_store = cpu_seq_prefix_store,
+    .seq_fork = cpu_seq_fork,
 };

@@ -502,6 +502,44 @@ int fwd_seq_finish_prefill(fwd_seq *q, char *err, size_t errlen)
     return q->s->ops->seq_finish_prefill(q->b, err, errlen);
 }
 
+/* ---- prefix reuse: the backend's, when it has it ---- */
+
+int fwd_prefix_enable(fwd_state *s, int max_nodes, char *err, size_t errlen)
+{
+    if (!s->ops->prefix_enable)
+        return lkq_err(err, errlen, -ENOTSUP, "prefix reuse is not implemented on the %s "
+                       "backend", s->ops->name);
+    return s->ops->prefix_enable(s->be, max_nodes, err, errlen);
+}
+
+void fwd_prefix_stats(const fwd_state *s, kvc_prefix_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (s->ops->prefix_stats)
+        s->ops->prefix_stats(s->be, out);
+}
+
+int fwd_seq_prefix_adopt(fwd_seq *q, const int32_t *toks, int n)
+{
+    return q->s->ops->seq_prefix_adopt ? q->s->ops->seq_prefix_adopt(q->b, toks, n) : 0;
+}
+
+void fwd_seq_prefix_store(fwd_seq *q, const int32_t *toks)
+{
+    if (q->s->ops->seq_prefix_store)
+        q->s->ops->seq_prefix_store(q->b, toks);
+}
+
+int fwd_seq_fork(fwd_seq *dst, const fwd_seq *src, char *err, size_t errlen)
+{
+    if (dst->s != src->s)
+        return lkq_err(err, errlen, -EINVAL, "fork: the sequences are on different states");
+    if (!dst->s->ops->seq_fork)
+        return lkq_err(err, errlen, -ENOTSUP, "fork is not implemented on the %s backend",
+                       dst->s->ops->name);
+    return dst->s->ops->seq_fork(dst->b, src->b, err, errlen);
+}
+
 int64_t fwd_pool_capacity_bytes(const fwd_state *s)
 {
     return s->ops->pool_capacity_bytes(s->be);

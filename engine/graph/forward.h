@@ -124,6 +124,25 @@ int fwd_seq_layer_counts(fwd_seq *q, int layer, kvc_layer_counts *out, char *err
                          size_t errlen);
 int fwd_seq_finish_prefill(fwd_seq *q, char *err, size_t errlen);
 
+/* Prefix reuse (engine/kv/kv_plan.h, the prefix cache): whole prompt
+ * chunks past warm-up are shared between sequences with the EMA state at
+ * their boundary, so a sequence continuing from them computes exactly
+ * what it would have computed from scratch. fwd_prefix_enable turns it on
+ * (at most max_nodes cached prefixes): -ENOTSUP with a reason where the
+ * backend cannot share blocks (cuda today) or the model has sliding-window
+ * layers. fwd_seq_prefix_adopt: an empty sequence continues from the
+ * longest cached prefix of toks[0, n) - returns the positions it holds
+ * now (0: none or off). fwd_seq_prefix_store: after a committed prompt
+ * chunk, caches the sequence's prefix (toks: its tokens from position 0)
+ * when it ends on a shareable boundary. fwd_seq_fork: the empty sequence
+ * dst continues from where src is (the n choices of one prompt; -ENOSPC
+ * when a page for a partially filled last page is not there). */
+int fwd_prefix_enable(fwd_state *s, int max_nodes, char *err, size_t errlen);
+void fwd_prefix_stats(const fwd_state *s, kvc_prefix_stats *out);
+int fwd_seq_prefix_adopt(fwd_seq *q, const int32_t *toks, int n);
+void fwd_seq_prefix_store(fwd_seq *q, const int32_t *toks);
+int fwd_seq_fork(fwd_seq *dst, const fwd_seq *src, char *err, size_t errlen);
+
 /* The pool: capacity, free INT4 blocks / FP16 pages, the admission
  * estimate of a fresh sequence of n prompt tokens, usage 0..1, and the
  * pool-wide accounting (cuda: outlier counts read from the device). */

@@ -39,6 +39,13 @@ struct kvp_pool {
     int32_t *qfree, *ffree; /* stacks of free ids */
     int64_t nq, nf, nqfree, nffree;
     kvp_seq *seqs; /* live sequences, newest first */
+    /* holders of each unit (the prefix cache shares units): sref[kind][id]
+     * sequences (a step's reservation included), nref[kind][id] cache
+     * nodes; a unit is free when both are 0, "cached" (evictable, counted
+     * as free by admission) when only nodes hold it */
+    int32_t *sref[2], *nref[2];
+    int64_t ncached[2];
+    struct kvp_prefix *px; /* NULL: no prefix cache */
 };
 
 struct kvp_seq {
@@ -478,7 +485,12 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_
     p->nf = n_fpages;
     p->qfree = malloc(((size_t)n_qblocks + 1) * sizeof(int32_t));
     p->ffree = malloc((size_t)n_fpages * sizeof(int32_t));
-    if (!p->qfree || !p->ffree) {
+    for (int k = 0; k < 2; k++) {
+        size_t n = (size_t)(k == KVP_BLOCK ? n_qblocks : n_fpages) + 1;
+        p->sref[k] = calloc(n, sizeof(int32_t));
+        p->nref[k] = calloc(n, sizeof(int32_t));
+    }
+    if (!p->qfree || !p->ffree || !p->sref[0] || !p->sref[1] || !p->nref[0] || !p->nref[1]) {
         kvp_pool_destroy(p);
         return lkq_err(err, errlen, -ENOMEM, "out of memory for the KV free lists");
     }
@@ -497,8 +509,13 @@ void kvp_pool_destroy(kvp_pool *p)
 {
     if (!p)
         return;
+    kvp_prefix_disable(p);
     free(p->qfree);
     free(p->ffree);
+    for (int k = 0; k < 2; k++) {
+        free(p->sref[k]);
+        free(p->nref[k]);
+    }
     free(p);
 }
 
@@ -541,8 +558,9 @@ void kvp_pool_unit_bytes(const kvp_pool *p, size_t *qbytes, size_t *fbytes)
 
 void kvp_pool_free_units(const kvp_pool *p, int64_t *qfree, int64_t *ffree)
 {
-    *qfree = p->nqfree;
-    *ffree = p->nffree;
+    /* cached prefix units are evicted on demand (take): free for admission */
+    *qfree = p->nqfree + p->ncached[KVP_BLOCK];
+    *ffree = p->nffree + p->ncached[KVP_PAGE];
 }
 
 const int32_t *kvp_pool_free_list(const kvp_pool *p, int kind, int64_t *n)
@@ -559,36 +577,62 @@ int64_t kvp_pool_capacity_bytes(const kvp_pool *p)
 double kvp_pool_usage(const kvp_pool *p)
 {
     double total = (double)p->nq * (double)p->qbytes + (double)p->nf * (double)p->fbytes;
-    double used = (double)(p->nq - p->nqfree) * (double)p->qbytes +
-                  (double)(p->nf - p->nffree) * (double)p->fbytes;
+    double used = (double)(p->nq - p->nqfree - p->ncached[KVP_BLOCK]) * (double)p->qbytes +
+                  (double)(p->nf - p->nffree - p->ncached[KVP_PAGE]) * (double)p->fbytes;
     return total > 0 ? used / total : 0.0;
 }
 
 void kvp_pool_add_stats(const kvp_pool *p, int kind, kvc_stats *out)
 {
-    add_units(p, kind, p->nq - p->nqfree, p->nf - p->nffree, 1, out);
+    /* units held by sequences (shared ones once); cached-only units are
+     * reported by kvp_prefix_get_stats */
+    add_units(p, kind, p->nq - p->nqfree - p->ncached[KVP_BLOCK],
+              p->nf - p->nffree - p->ncached[KVP_PAGE], 1, out);
 }
+
+static int64_t *free_count(kvp_pool *p, int kind)
+{
+    return kind == KVP_BLOCK ? &p->nqfree : &p->nffree;
+}
+
+/* Changes the holders of unit id by ds sequences and dn cache nodes; a
+ * unit nobody holds goes back to its free stack, and the count of cached
+ * units (held by nodes only) follows. */
+static void hold(kvp_pool *p, int kind, int32_t id, int ds, int dn)
+{
+    int32_t *sr = &p->sref[kind][id], *nr = &p->nref[kind][id];
+    int was = *sr == 0 && *nr > 0;
+    *sr += ds;
+    *nr += dn;
+    assert(*sr >= 0 && *nr >= 0);
+    int is = *sr == 0 && *nr > 0;
+    p->ncached[kind] += is - was;
+    if (*sr == 0 && *nr == 0) {
+        int64_t *nfree = free_count(p, kind);
+        (kind == KVP_BLOCK ? p->qfree : p->ffree)[(*nfree)++] = id;
+    }
+}
+
+static int evict_lru(kvp_pool *p);
 
 static int take(kvp_pool *p, int kind, int32_t *id)
 {
-    if (kind == KVP_BLOCK) {
-        if (p->nqfree == 0)
-            return -1;
-        *id = p->qfree[--p->nqfree];
-    } else {
-        if (p->nffree == 0)
-            return -1;
-        *id = p->ffree[--p->nffree];
-    }
+    int64_t *nfree = free_count(p, kind);
+    /* cached units count as free: evict least recently used prefixes
+     * until one of this kind comes back */
+    while (*nfree == 0 && p->ncached[kind] > 0 && evict_lru(p) == 0)
+        ;
+    if (*nfree == 0)
+        return -1;
+    *id = (kind == KVP_BLOCK ? p->qfree : p->ffree)[--(*nfree)];
+    p->sref[kind][*id] = 1;
     return 0;
 }
 
+/* A sequence lets go of a unit. */
 static void give(kvp_pool *p, int kind, int32_t id)
 {
-    if (kind == KVP_BLOCK)
-        p->qfree[p->nqfree++] = id;
-    else
-        p->ffree[p->nffree++] = id;
+    hold(p, kind, id, -1, 0);
 }
 
 /* ---- sequences ----------------------------------------------------------------- */
@@ -1097,4 +1141,312 @@ int kvp_begin_groups(kvp_seq *const *s, int n_groups, int pos0, int n, int prefi
         }
     }
     return 0;
+}
+
+/* ---- the prefix cache ------------------------------------------------------------ */
+
+/* One cached prefix: the entries of a sequence at a chunk boundary (it
+ * holds each of their units once), the tokens they were computed from,
+ * and the executor's snapshot at that boundary (EMA state, counters). */
+typedef struct kvp_node {
+    uint64_t hash;       /* prefix_hash of its tokens */
+    int n_tokens;        /* a multiple of chunk_size */
+    int chunk_idx;
+    int32_t *toks;       /* [n_tokens] */
+    kvp_ent *ents;
+    int n_ents;
+    uint64_t last_use;
+    void *data;          /* [data_bytes], the executor's */
+} kvp_node;
+
+struct kvp_prefix {
+    kvp_node **nodes;    /* [max_nodes]; n_nodes used, unordered */
+    int n_nodes, max_nodes;
+    size_t data_bytes;
+    uint64_t clock;
+    uint64_t seed;       /* the hash of the configuration (mode included) */
+    int64_t queries, hits, inserts, evictions;
+};
+
+/* FNV-1a over bytes, continuing from h. */
+static uint64_t fnv(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *b = data;
+    for (size_t i = 0; i < n; i++) {
+        h ^= b[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+/* The key of a pool's prefixes: every knob a block's bytes depend on (the
+ * KV mode first). A sequence's prefix of k chunks hashes to the chain
+ * h_k = fnv(h_{k-1}, tokens of chunk k-1), h_0 = this seed. */
+static uint64_t cfg_seed(const cfg_kv *c, const kvc_dims *d)
+{
+    int32_t iv[] = {(int32_t)c->mode, c->chunk_size, c->block_tokens, c->warmup_chunks,
+                    c->v_group, c->sink_tokens, c->keep_warmup_fp16, (int32_t)c->k_mode,
+                    (int32_t)c->window_kv, d->n_layers, d->kv_dim, d->head_dim};
+    float fv[] = {c->ema_decay, c->ema_clip, c->clip_quantile, c->outlier_budget};
+    uint64_t h = fnv(1469598103934665603ull, iv, sizeof iv);
+    return fnv(h, fv, sizeof fv);
+}
+
+int kvp_prefix_enable(kvp_pool *p, int max_nodes, size_t data_bytes, char *err,
+                      size_t errlen)
+{
+    if (p->px)
+        return 0;
+    if (p->window > 0)
+        return lkq_err(err, errlen, -ENOTSUP, "prefix reuse is not supported for "
+                       "sliding-window layers (their units leave as the window moves)");
+    if (max_nodes < 1)
+        return lkq_err(err, errlen, -EINVAL, "the prefix cache needs at least one node");
+    struct kvp_prefix *x = calloc(1, sizeof *x);
+    if (x)
+        x->nodes = calloc((size_t)max_nodes, sizeof *x->nodes);
+    if (!x || !x->nodes) {
+        free(x);
+        return lkq_err(err, errlen, -ENOMEM, "out of memory for the prefix cache");
+    }
+    x->max_nodes = max_nodes;
+    x->data_bytes = data_bytes;
+    x->seed = cfg_seed(&p->cfg, &p->d);
+    p->px = x;
+    return 0;
+}
+
+int kvp_prefix_enabled(const kvp_pool *p)
+{
+    return p->px != NULL;
+}
+
+static void node_free(kvp_pool *p, kvp_node *nd)
+{
+    for (int i = 0; i < nd->n_ents; i++)
+        hold(p, nd->ents[i].kind, nd->ents[i].id, 0, -1);
+    free(nd->toks);
+    free(nd->ents);
+    free(nd->data);
+    free(nd);
+}
+
+/* Removes node i (its units go back unless a sequence or another node
+ * holds them). */
+static void node_remove(kvp_pool *p, int i)
+{
+    struct kvp_prefix *x = p->px;
+    node_free(p, x->nodes[i]);
+    x->nodes[i] = x->nodes[--x->n_nodes];
+}
+
+/* Evicts the least recently used node. Returns 0, or -1 when there is
+ * none. */
+static int evict_lru(kvp_pool *p)
+{
+    struct kvp_prefix *x = p->px;
+    if (!x || x->n_nodes == 0)
+        return -1;
+    int best = 0;
+    for (int i = 1; i < x->n_nodes; i++)
+        if (x->nodes[i]->last_use < x->nodes[best]->last_use)
+            best = i;
+    node_remove(p, best);
+    x->evictions++;
+    return 0;
+}
+
+void kvp_prefix_disable(kvp_pool *p)
+{
+    if (!p->px)
+        return;
+    while (p->px->n_nodes > 0)
+        node_remove(p, p->px->n_nodes - 1);
+    free(p->px->nodes);
+    free(p->px);
+    p->px = NULL;
+}
+
+void kvp_prefix_clear(kvp_pool *p)
+{
+    while (p->px && p->px->n_nodes > 0) {
+        node_remove(p, p->px->n_nodes - 1);
+        p->px->evictions++;
+    }
+}
+
+/* The node holding exactly tokens[0, n) (hash h), or -1. */
+static int node_find(const kvp_pool *p, uint64_t h, const int32_t *toks, int n)
+{
+    const struct kvp_prefix *x = p->px;
+    for (int i = 0; i < x->n_nodes; i++) {
+        const kvp_node *nd = x->nodes[i];
+        if (nd->hash == h && nd->n_tokens == n &&
+            memcmp(nd->toks, toks, (size_t)n * sizeof *toks) == 0)
+            return i;
+    }
+    return -1;
+}
+
+/* 1 when the sequence's entries at this point are a prefix another
+ * sequence can continue from as if it had computed them: a whole number
+ * of full chunks of the prompt, past warm-up (int4: nothing staged,
+ * every chunk quantized with the statistics the next chunk starts from),
+ * no decode tail, no open step, and no partially filled page a later
+ * step would continue. */
+static int shareable(const kvp_seq *s)
+{
+    const kvp_pool *p = s->p;
+    const int C = p->cfg.chunk_size;
+    if (!p->px || p->window > 0 || s->st.active || s->prefill_done || s->n_tokens <= 0 ||
+        s->n_tokens % C || s->chunk_idx * C != s->n_tokens || s->stage_first >= 0 ||
+        s->tail_first >= 0 || s->n_ents == 0)
+        return 0;
+    if (is_int4(p) && s->chunk_idx < p->cfg.warmup_chunks)
+        return 0;
+    const kvp_ent *last = &s->ents[s->n_ents - 1];
+    return !(last->kind == KVP_PAGE && last->n < p->P);
+}
+
+int kvp_prefix_adopt(kvp_seq *s, const int32_t *toks, int n, const void **data)
+{
+    kvp_pool *p = s->p;
+    struct kvp_prefix *x = p->px;
+    *data = NULL;
+    if (!x || s->n_tokens != 0 || s->n_ents != 0 || s->st.active || n <= 0)
+        return 0;
+    x->queries += n;
+    const int C = p->cfg.chunk_size;
+    /* the last prompt token is always computed: its logits are needed */
+    int kmax = (n - 1) / C, best = -1;
+    uint64_t h = x->seed;
+    for (int k = 1; k <= kmax; k++) {
+        h = fnv(h, toks + (size_t)(k - 1) * C, (size_t)C * sizeof *toks);
+        int i = node_find(p, h, toks, k * C);
+        if (i >= 0)
+            best = i; /* the longest match wins */
+    }
+    if (best < 0)
+        return 0;
+    kvp_node *nd = x->nodes[best];
+    if (nd->n_ents > s->cap.ents || nd->n_tokens >= s->max_tokens)
+        return 0; /* a shorter sequence than the one that stored it */
+    nd->last_use = ++x->clock;
+    for (int i = 0; i < nd->n_ents; i++) {
+        s->ents[i] = nd->ents[i];
+        hold(p, nd->ents[i].kind, nd->ents[i].id, 1, 0);
+    }
+    s->n_ents = nd->n_ents;
+    s->n_tokens = nd->n_tokens;
+    s->chunk_idx = nd->chunk_idx;
+    s->prefill_done = 0;
+    s->stage_first = s->tail_first = -1;
+    x->hits += nd->n_tokens;
+    *data = nd->data;
+    return nd->n_tokens;
+}
+
+int kvp_prefix_insert(kvp_seq *s, const int32_t *toks, void **data)
+{
+    kvp_pool *p = s->p;
+    struct kvp_prefix *x = p->px;
+    *data = NULL;
+    if (!shareable(s))
+        return 0;
+    const int C = p->cfg.chunk_size, n = s->n_tokens;
+    uint64_t h = x->seed;
+    for (int k = 0; k < n / C; k++)
+        h = fnv(h, toks + (size_t)k * C, (size_t)C * sizeof *toks);
+    int i = node_find(p, h, toks, n);
+    if (i >= 0) {
+        x->nodes[i]->last_use = ++x->clock;
+        return 0;
+    }
+    if (x->n_nodes == x->max_nodes)
+        evict_lru(p);
+    kvp_node *nd = calloc(1, sizeof *nd);
+    if (!nd)
+        return -ENOMEM;
+    nd->toks = malloc((size_t)n * sizeof *toks);
+    nd->ents = malloc((size_t)s->n_ents * sizeof *nd->ents);
+    nd->data = x->data_bytes ? malloc(x->data_bytes) : NULL;
+    if (!nd->toks || !nd->ents || (x->data_bytes && !nd->data)) {
+        free(nd->toks);
+        free(nd->ents);
+        free(nd->data);
+        free(nd);
+        return -ENOMEM; /* nothing cached: still correct */
+    }
+    memcpy(nd->toks, toks, (size_t)n * sizeof *toks);
+    memcpy(nd->ents, s->ents, (size_t)s->n_ents * sizeof *nd->ents);
+    for (int k = 0; k < s->n_ents; k++)
+        hold(p, s->ents[k].kind, s->ents[k].id, 0, 1);
+    nd->n_ents = s->n_ents;
+    nd->n_tokens = n;
+    nd->chunk_idx = s->chunk_idx;
+    nd->hash = h;
+    nd->last_use = ++x->clock;
+    x->nodes[x->n_nodes++] = nd;
+    x->inserts++;
+    *data = nd->data;
+    return 1;
+}
+
+int kvp_seq_fork(kvp_seq *dst, const kvp_seq *src, kvp_src *copy_from, int32_t *copy_to,
+                 char *err, size_t errlen)
+{
+    kvp_pool *p = dst->p;
+    copy_from->id = -1;
+    copy_from->n = 0;
+    *copy_to = -1;
+    if (src->p != p || dst == src)
+        return lkq_err(err, errlen, -EINVAL, "fork: the sequences must differ and share a pool");
+    if (dst->n_ents || dst->n_tokens || dst->st.active || src->st.active)
+        return lkq_err(err, errlen, -EINVAL, "fork: the target must be empty and no step open");
+    if (p->window > 0)
+        return lkq_err(err, errlen, -ENOTSUP, "fork: not supported for sliding-window layers");
+    if (src->n_ents > dst->cap.ents || src->n_tokens > dst->max_tokens)
+        return lkq_err(err, errlen, -EINVAL, "fork: the target sequence is too short");
+    int n = src->n_ents;
+    /* a partially filled last page is continued by a later step: the fork
+     * gets its own copy (the executor copies the slots) */
+    int cow = n > 0 && src->ents[n - 1].kind == KVP_PAGE && src->ents[n - 1].n < p->P;
+    if (cow) {
+        if (take(p, KVP_PAGE, copy_to) < 0)
+            return lkq_err(err, errlen, -ENOSPC, "KV pool exhausted (fork)");
+        *copy_from = (kvp_src){src->ents[n - 1].id, src->ents[n - 1].n};
+    }
+    for (int i = 0; i < n; i++) {
+        dst->ents[i] = src->ents[i];
+        if (cow && i == n - 1)
+            dst->ents[i].id = *copy_to; /* already held: take() */
+        else
+            hold(p, src->ents[i].kind, src->ents[i].id, 1, 0);
+    }
+    dst->n_ents = n;
+    dst->n_tokens = src->n_tokens;
+    dst->chunk_idx = src->chunk_idx;
+    dst->prefill_done = src->prefill_done;
+    dst->stage_first = src->stage_first;
+    dst->tail_first = src->tail_first;
+    return 0;
+}
+
+void kvp_prefix_get_stats(const kvp_pool *p, kvc_prefix_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    const struct kvp_prefix *x = p->px;
+    if (!x)
+        return;
+    out->queries = x->queries;
+    out->hits = x->hits;
+    out->inserts = x->inserts;
+    out->evictions = x->evictions;
+    out->nodes = x->n_nodes;
+    out->qblocks = p->ncached[KVP_BLOCK];
+    out->fpages = p->ncached[KVP_PAGE];
+    out->bytes = out->qblocks * (int64_t)p->qbytes + out->fpages * (int64_t)p->fbytes;
+    for (int i = 0; i < x->n_nodes; i++)
+        if (x->nodes[i]->n_tokens > out->longest)
+            out->longest = x->nodes[i]->n_tokens;
 }

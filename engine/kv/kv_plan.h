@@ -44,9 +44,15 @@
  * planner for every decision, so that the two caches hold the same entries
  * for the same steps by construction.
  *
+ * Prefix cache (kvp_prefix_*, kvp_seq_fork; see its section below): units
+ * count their holders, so whole prompt chunks can be shared between
+ * sequences and kept cached after them.
+ *
  * May call: config/ (validation), kernels/kvq.h (block layout sizes). Uses
  * the shared types of engine/kv/kvcache.h (kvc_dims, kvc_stats). Allocates
- * only in kvp_pool_create / kvp_seq_create.
+ * only in kvp_pool_create / kvp_seq_create, and per cached prefix in
+ * kvp_prefix_enable / kvp_prefix_insert (once per prompt chunk, never per
+ * token).
  * Threading: a pool and its sequences are used by one thread at a time (the
  * executor's thread).
  */
@@ -354,5 +360,60 @@ int kvp_begin_groups(kvp_seq *const *s, int n_groups, int pos0, int n, int prefi
 /* Undoes kvp_begin / kvp_finish_prefill's reservation: the free lists are
  * restored exactly (same ids, same order). No-op when no step is open. */
 void kvp_abort(kvp_seq *s);
+
+/* ---- the prefix cache -------------------------------------------------------
+ * A quantized block depends only on the tokens before it and on the EMA
+ * state at its chunk boundary, so a sequence's entries at a chunk boundary
+ * can be continued by any later sequence with the same tokens: they are
+ * shared (each unit counts its holders: sequences and cache nodes) instead
+ * of recomputed. Only what is provably what a cold run would hold is
+ * shared: whole chunks of a prompt past warm-up (int4: the staged warm-up
+ * has been re-quantized into blocks and each later chunk was quantized
+ * live; so the warm-up is shared as a unit, with the first boundary at
+ * warmup_chunks * chunk_size), no decode tail, no partially filled page a
+ * later step would continue (a fork copies such a page instead). Pools
+ * with a window (sliding-window layers) do not share: their units leave
+ * as the window moves. A node keys its prefix by a hash chain over its
+ * chunks seeded with the configuration (KV mode first), and checks the
+ * tokens themselves. Units only nodes hold are "cached": they count as
+ * free (kvp_pool_free_units, admission) and are not "used" in the
+ * accounting; take() evicts the least recently used nodes when the free
+ * stack is empty. The executor keeps its own state at the boundary (EMA
+ * ranges, counters) in the node's data (data_bytes, opaque here). */
+
+/* Turns the prefix cache on (at most max_nodes prefixes, each with
+ * data_bytes of the executor's). Returns 0, -ENOTSUP for a pool with a
+ * window, -EINVAL / -ENOMEM with a reason. Idempotent. */
+int kvp_prefix_enable(kvp_pool *p, int max_nodes, size_t data_bytes, char *err,
+                      size_t errlen);
+int kvp_prefix_enabled(const kvp_pool *p);
+/* Drops every cached prefix (counted as evictions) / and turns the cache
+ * off (kvp_pool_destroy does). */
+void kvp_prefix_clear(kvp_pool *p);
+void kvp_prefix_disable(kvp_pool *p);
+/* An empty sequence s takes the longest cached prefix of toks[0, n) that
+ * leaves at least its last token to compute: its entries (held, not
+ * copied), position and chunk state. Returns the tokens taken (a multiple
+ * of chunk_size; 0: none, or no cache) and *data, the node's executor
+ * state (borrowed; valid until the next call that may evict). Counts n
+ * queried tokens and the tokens hit. */
+int kvp_prefix_adopt(kvp_seq *s, const int32_t *toks, int n, const void **data);
+/* After a commit: when s (whose first tokens are toks[0, n_tokens)) is at
+ * a shareable boundary that is not cached yet, caches it (evicting the
+ * least recently used node if max_nodes are cached) and returns 1 with
+ * *data for the executor to fill now; 0 when there is nothing to do
+ * (already cached: it counts as a use), -ENOMEM (nothing cached). */
+int kvp_prefix_insert(kvp_seq *s, const int32_t *toks, void **data);
+void kvp_prefix_get_stats(const kvp_pool *p, kvc_prefix_stats *out);
+
+/* Makes the empty sequence dst continue from where src is (no step open
+ * on either): the same entries, held by both, and the same prefill /
+ * warm-up / tail state - the n choices of one prompt. A partially filled
+ * last page is not shared: dst gets a new page *copy_to and the executor
+ * copies slots [0, copy_from->n) of page copy_from->id into it (id -1:
+ * nothing to copy). Returns 0, -ENOSPC (no page for the copy), -ENOTSUP
+ * (a pool with a window), -EINVAL, with a reason. */
+int kvp_seq_fork(kvp_seq *dst, const kvp_seq *src, kvp_src *copy_from, int32_t *copy_to,
+                 char *err, size_t errlen);
 
 #endif

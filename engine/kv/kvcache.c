@@ -10,6 +10,10 @@
  * A step writes only into blocks/pages reserved by kvc_begin and not yet
  * visible (or past the visible end of the last page), so attention during
  * the step reads the history exactly as it was before the step.
+ * Prefix reuse: the planner shares the entries; this file keeps the EMA
+ * state and counters at a cached boundary (a node's data), restores them
+ * when a sequence continues from it, and copies them (and a partially
+ * filled page) for a fork.
  * May call: kv_plan, kernels (kvq, ktypes). Engine thread only.
  */
 #include "engine/kv/kvcache.h"
@@ -624,5 +628,127 @@ int kvc_seq_layer_counts(const kvc_seq *s, int layer, kvc_layer_counts *out)
         out->n_v_outliers += h->n_vout;
         out->n_clamped += h->n_clamped;
     }
+    return 0;
+}
+
+/* ---- prefix reuse: the planner shares the entries, this file the state ---- */
+
+/* A sequence's state at a chunk boundary besides its entries (kept in a
+ * prefix node): the counters, then each layer's EMA n_chunks (K, V), then
+ * ema_mem. */
+typedef struct {
+    int64_t n_quantized, n_outliers, n_clamped;
+} kvc_snap_hdr;
+
+static size_t snap_bytes(const kvc_pool *p)
+{
+    const size_t L = (size_t)p->d.n_layers, D = (size_t)p->d.kv_dim;
+    return sizeof(kvc_snap_hdr) + L * 2 * sizeof(int32_t) + L * 8 * D * sizeof(float);
+}
+
+/* Copies the state of src into dst (same pool). */
+static void copy_state(kvc_seq *dst, const kvc_seq *src)
+{
+    const kvc_pool *p = src->p;
+    dst->n_quantized = src->n_quantized;
+    dst->n_outliers = src->n_outliers;
+    dst->n_clamped = src->n_clamped;
+    memcpy(dst->ema_mem, src->ema_mem,
+           (size_t)p->d.n_layers * 8 * (size_t)p->d.kv_dim * sizeof(float));
+    for (int l = 0; l < p->d.n_layers; l++) {
+        dst->ek[l].n_chunks = src->ek[l].n_chunks;
+        dst->ev[l].n_chunks = src->ev[l].n_chunks;
+    }
+}
+
+static void snap_save(const kvc_seq *s, unsigned char *d)
+{
+    const kvc_pool *p = s->p;
+    const int L = p->d.n_layers;
+    kvc_snap_hdr h = {s->n_quantized, s->n_outliers, s->n_clamped};
+    memcpy(d, &h, sizeof h);
+    d += sizeof h;
+    for (int l = 0; l < L; l++) {
+        int32_t nc[2] = {s->ek[l].n_chunks, s->ev[l].n_chunks};
+        memcpy(d, nc, sizeof nc);
+        d += sizeof nc;
+    }
+    memcpy(d, s->ema_mem, (size_t)L * 8 * (size_t)p->d.kv_dim * sizeof(float));
+}
+
+static void snap_load(kvc_seq *s, const unsigned char *d)
+{
+    const kvc_pool *p = s->p;
+    const int L = p->d.n_layers;
+    kvc_snap_hdr h;
+    memcpy(&h, d, sizeof h);
+    d += sizeof h;
+    s->n_quantized = h.n_quantized;
+    s->n_outliers = h.n_outliers;
+    s->n_clamped = h.n_clamped;
+    for (int l = 0; l < L; l++) {
+        int32_t nc[2];
+        memcpy(nc, d, sizeof nc);
+        d += sizeof nc;
+        s->ek[l].n_chunks = nc[0];
+        s->ev[l].n_chunks = nc[1];
+    }
+    memcpy(s->ema_mem, d, (size_t)L * 8 * (size_t)p->d.kv_dim * sizeof(float));
+}
+
+int kvc_pool_prefix_enable(kvc_pool *p, int max_nodes, char *err, size_t errlen)
+{
+    if (p->g[KVC_LAYER_WINDOW].pl || !p->g[KVC_LAYER_GLOBAL].pl)
+        return lkq_err(err, errlen, -ENOTSUP, "prefix reuse is not supported for models "
+                       "with sliding-window layers");
+    return kvp_prefix_enable(p->g[KVC_LAYER_GLOBAL].pl, max_nodes, snap_bytes(p), err,
+                             errlen);
+}
+
+void kvc_pool_prefix_stats(const kvc_pool *p, kvc_prefix_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (p->g[KVC_LAYER_GLOBAL].pl)
+        kvp_prefix_get_stats(p->g[KVC_LAYER_GLOBAL].pl, out);
+}
+
+int kvc_seq_prefix_adopt(kvc_seq *s, const int32_t *toks, int n)
+{
+    if (s->pl[KVC_LAYER_WINDOW] || !s->pl[KVC_LAYER_GLOBAL])
+        return 0;
+    const void *d;
+    int k = kvp_prefix_adopt(s->pl[KVC_LAYER_GLOBAL], toks, n, &d);
+    if (k > 0)
+        snap_load(s, d);
+    return k;
+}
+
+void kvc_seq_prefix_store(kvc_seq *s, const int32_t *toks)
+{
+    if (s->pl[KVC_LAYER_WINDOW] || !s->pl[KVC_LAYER_GLOBAL])
+        return;
+    void *d;
+    if (kvp_prefix_insert(s->pl[KVC_LAYER_GLOBAL], toks, &d) == 1)
+        snap_save(s, d);
+}
+
+int kvc_seq_fork(kvc_seq *dst, const kvc_seq *src, char *err, size_t errlen)
+{
+    const kvc_pool *p = src->p;
+    if (dst->p != p || src->pl[KVC_LAYER_WINDOW])
+        return lkq_err(err, errlen, -ENOTSUP, "fork: not supported for models with "
+                       "sliding-window layers");
+    kvp_src from;
+    int32_t to;
+    int rc = kvp_seq_fork(dst->pl[KVC_LAYER_GLOBAL], src->pl[KVC_LAYER_GLOBAL], &from, &to,
+                          err, errlen);
+    if (rc < 0)
+        return rc;
+    if (from.id >= 0) {
+        const kvc_group *G = &p->g[KVC_LAYER_GLOBAL];
+        memcpy(G->farena + (size_t)to * G->fbytes, G->farena + (size_t)from.id * G->fbytes,
+               G->fbytes);
+    }
+    copy_state(dst, src);
     return 0;
 }

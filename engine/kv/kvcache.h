@@ -228,4 +228,35 @@ typedef struct {
  * layer out of range. Reads block headers only; O(blocks). */
 int kvc_seq_layer_counts(const kvc_seq *s, int layer, kvc_layer_counts *out);
 
+/* ---- prefix reuse (the planner's prefix cache, engine/kv/kv_plan.h) ---- */
+
+/* The prefix cache's counters (tokens, nodes, units only the cache holds). */
+typedef struct {
+    int64_t queries;     /* prompt tokens looked up (kvp_prefix_adopt) */
+    int64_t hits;        /* of those, tokens found cached */
+    int64_t inserts, evictions; /* nodes */
+    int64_t nodes;       /* cached prefixes now */
+    int64_t qblocks, fpages, bytes; /* units only the cache holds (evictable) */
+    int64_t longest;     /* tokens of the longest cached prefix */
+} kvc_prefix_stats;
+
+/* Turns prefix reuse on (at most max_nodes cached prefixes, each with a
+ * snapshot of the sequence's EMA state). Returns 0, -ENOTSUP with a reason
+ * for a model with sliding-window layers, -ENOMEM. */
+int kvc_pool_prefix_enable(kvc_pool *p, int max_nodes, char *err, size_t errlen);
+/* The counters (zeros when off). */
+void kvc_pool_prefix_stats(const kvc_pool *p, kvc_prefix_stats *out);
+/* An empty sequence continues from the longest cached prefix of toks[0, n)
+ * (its blocks shared, its EMA state restored): returns the positions it
+ * now holds (0: none). The next step starts there. */
+int kvc_seq_prefix_adopt(kvc_seq *s, const int32_t *toks, int n);
+/* After a committed prompt chunk: caches the sequence's prefix (toks: its
+ * first kvc_seq_n_tokens tokens) if it is at a shareable boundary. */
+void kvc_seq_prefix_store(kvc_seq *s, const int32_t *toks);
+/* The empty sequence dst continues from where src is (shared blocks, a
+ * copy of a partially filled last page, the same EMA state): the n
+ * choices of one prompt. Returns 0, -ENOSPC, -ENOTSUP, -EINVAL with a
+ * reason. */
+int kvc_seq_fork(kvc_seq *dst, const kvc_seq *src, char *err, size_t errlen);
+
 #endif

@@ -68,6 +68,7 @@ struct sched_req {
     int n_jobs, n_done;
     int n_prompt;
     int max_tokens, logprobs, ignore_eos;
+    int cache_prompt;          /* and the scheduler has prefix reuse on */
     char *stop[SCHED_MAX_STOP];
     size_t stop_len[SCHED_MAX_STOP];
     int n_stop;
@@ -150,6 +151,7 @@ sched_params sched_default_params(void)
 {
     sched_params p = {.n_ctx = 0, .max_seqs = 16, .max_seqs_per_req = 0, .max_queue = 64,
                       .max_batch = 0, .n_threads = 0, .kv = cfg_kv_default(),
+                      .prefix_nodes = 128,
                       .device = BK_DEVICE_CPU};
     return p;
 }
@@ -358,6 +360,7 @@ static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *e
     r->max_tokens = p->max_tokens;
     r->logprobs = p->logprobs;
     r->ignore_eos = p->ignore_eos;
+    r->cache_prompt = p->cache_prompt && s->met.prefix_on;
     r->notify = p->notify;
     r->notify_ctx = p->notify_ctx;
     r->notify_final = p->notify_final;
@@ -681,6 +684,7 @@ static void snapshot_kv(sched *s, int force)
     s->t_metrics = t;
     (void)fwd_pool_stats(s->bk, &s->met.kv, NULL, 0); /* partial sums on a device error */
     s->met.kv_usage = fwd_pool_usage(s->bk);
+    fwd_prefix_stats(s->bk, &s->met.prefix);
     int L = s->m->hp.n_layers < SCHED_MAX_LAYERS ? s->m->hp.n_layers : SCHED_MAX_LAYERS;
     s->met.n_layers = L;
     s->met.seqs_warming = 0;
@@ -742,6 +746,16 @@ static void admit_budget(sched *s, int64_t *fq, int64_t *ff, int *n_pref)
     }
 }
 
+/* 1 while choice j > 0 of a request that caches its prompt waits for
+ * choice 0 to finish the prompt's prefill: it then forks choice 0's
+ * sequence (fork_choices) instead of prefilling the prompt again. */
+static int awaits_fork(const job *j)
+{
+    const job *j0 = &j->req->jobs[0];
+    return j->index > 0 && j->req->cache_prompt && j->n_gen == 0 && j0->st == JOB_RUNNING &&
+           j0->n_gen == 0;
+}
+
 /* The waiting job to admit next: one of the group with the fewest
  * sequences running that is below its cap (round robin between requests),
  * the oldest group on ties, queue order within a group (a preempted job
@@ -751,7 +765,7 @@ static job *next_waiting(sched *s)
     job *best = NULL;
     for (job *j = s->wait_head; j; j = j->qnext) {
         const sched_group *g = j->req->grp;
-        if (j->req->cancelled || g->running >= s->max_per_req)
+        if (j->req->cancelled || g->running >= s->max_per_req || awaits_fork(j))
             continue;
         if (!best || g->running < best->req->grp->running ||
             (g->running == best->req->grp->running && g->seq < best->req->grp->seq))
@@ -774,6 +788,12 @@ static void start_job(sched *s, job *j)
     fwd_seq_reset(s->slots[slot]);
     j->n_past = 0;
     j->prefill_to = j->n_tok;
+    if (j->req->cache_prompt) {
+        /* continue from the longest cached prefix (whole chunks) */
+        j->n_past = fwd_seq_prefix_adopt(s->slots[slot], j->toks, j->n_tok);
+        if (j->n_gen == 0)
+            s->met.prompt_tokens += (uint64_t)j->n_past;
+    }
     j->admit_seq = ++s->admit_counter;
     j->prefill_turn = ++s->turn_counter; /* behind the prefills already going */
     if (j->n_gen == 0 && j->index == 0)
@@ -1072,6 +1092,54 @@ static const char *publish(sched *s, job *j, int32_t tok)
     return finish;
 }
 
+/* Choice 0 (j) of a request just ended its prompt's prefill with logits
+ * lg: the other choices still waiting start now as forks of its sequence
+ * (the prompt's blocks shared, a partially filled page copied) and sample
+ * their first token from the same logits - exactly what their own prefill
+ * would have computed. A choice that finds no slot, or no page for the
+ * copy, waits and is admitted as usual later (from the prefix cache).
+ * Engine thread, under mu (the fork copies the EMA state: small). */
+static void fork_choices(sched *s, job *j, const float *lg, double t)
+{
+    sched_req *r = j->req;
+    char err[256];
+    for (int i = 1; i < r->n_jobs; i++) {
+        job *c = &r->jobs[i];
+        if (c->st != JOB_WAITING || c->n_gen != 0 || r->cancelled)
+            continue;
+        if (s->n_running >= s->p.max_seqs || r->grp->running >= s->max_per_req)
+            break;
+        wait_remove(s, c);
+        int slot = 0;
+        while (s->running[slot])
+            slot++;
+        fwd_seq_reset(s->slots[slot]);
+        if (fwd_seq_fork(s->slots[slot], s->slots[j->slot], err, sizeof err) < 0) {
+            log_msg(LOG_LEVEL_DEBUG, r->id, "choice %d not forked: %s", i, err);
+            wait_push(s, c, 1);
+            break;
+        }
+        s->running[slot] = c;
+        s->n_running++;
+        r->grp->running++;
+        c->slot = slot;
+        c->st = JOB_RUNNING;
+        c->n_past = c->prefill_to = c->n_tok;
+        c->admit_seq = ++s->admit_counter;
+        c->prefill_turn = ++s->turn_counter;
+        s->met.forks++;
+        c->next_tok = smp_sample(c->smp, lg, c->toks, c->n_tok, NULL);
+        if (r->logprobs >= 0) {
+            c->next_rec.token = c->next_tok;
+            logprobs(lg, s->m->hp.n_vocab, c->next_tok, r->logprobs, &c->next_rec);
+        }
+        c->t_last_tok = t;
+        const char *fin = publish(s, c, c->next_tok);
+        if (fin)
+            job_end(s, c, fin);
+    }
+}
+
 static void *engine_main(void *arg)
 {
     sched *s = arg;
@@ -1109,6 +1177,8 @@ static void *engine_main(void *arg)
         if (rc == 0) {
             for (int i = 0; i < n; i++) {
                 job *j = s->item_job[i];
+                if (s->items[i].prefill && j->req->cache_prompt)
+                    fwd_seq_prefix_store(s->items[i].seq, j->toks); /* engine fields */
                 if (!s->items[i].want_logits)
                     continue;
                 const float *lg = s->items[i].out_logits;
@@ -1152,6 +1222,9 @@ static void *engine_main(void *arg)
                 hist_add(&s->met.itl, t1 - j->t_last_tok);
             }
             j->t_last_tok = t1;
+            if (s->items[i].prefill && j->index == 0 && r->n_jobs > 1 && r->cache_prompt &&
+                j->n_gen == 0)
+                fork_choices(s, j, s->items[i].out_logits, t1);
             const char *fin = publish(s, j, j->next_tok);
             notify(r);
             if (fin)
@@ -1258,6 +1331,13 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     int rc = fwd_create(m, &fp, &s->bk, err, errlen);
     if (rc < 0)
         goto fail;
+    if (p.prefix_nodes > 0) {
+        char why[256];
+        int pr = fwd_prefix_enable(s->bk, p.prefix_nodes, why, sizeof why);
+        s->met.prefix_on = pr == 0;
+        if (pr < 0)
+            log_msg(LOG_LEVEL_INFO, NULL, "prompt prefix reuse is off: %s", why);
+    }
     fwd_pool_free_units(s->bk, &s->cap_q, &s->cap_f);
     plan_capacity(s);
     s->slots = calloc((size_t)p.max_seqs, sizeof *s->slots);

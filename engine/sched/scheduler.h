@@ -32,6 +32,15 @@
  * queued behind every chunk of a long one; every step still carries the
  * decode token of every running sequence.
  *
+ * Prefix reuse (sched_params.prefix_nodes, sched_req_params.cache_prompt;
+ * engine/kv/kv_plan.h, the prefix cache): an admitted sequence continues
+ * from the longest cached prefix of its prompt (whole chunks, with the EMA
+ * state at that boundary: what a cold run computes, bit for bit), every
+ * committed prompt chunk is offered to the cache, and the other choices of
+ * an n > 1 request wait until choice 0 has prefilled the prompt, then fork
+ * its sequence and sample from the same logits. Cached blocks no sequence
+ * holds count as free for admission and are evicted least recently used.
+ *
  * Output: per choice, the text (UTF-8, stop sequences cut, text that could
  * still become a stop sequence held back) and per-token records; the HTTP
  * side copies what is new with sched_req_poll and is told by its notify
@@ -75,6 +84,10 @@ typedef struct {
     int32_t max_batch;   /* tokens per step (<= 0: chunk_size + max_seqs) */
     int32_t n_threads;   /* compute threads (<= 0: online CPUs) */
     cfg_kv kv;           /* cache mode, knobs and budget */
+    int32_t prefix_nodes; /* prompt prefixes the KV pool may keep cached for
+                            reuse (engine/kv/kv_plan.h, the prefix cache);
+                            0: no prefix reuse. Where the backend or model
+                            cannot share blocks it is off (logged). */
     bk_device device;    /* where the forward pass and the KV pool live:
                             BK_DEVICE_CPU (default) or BK_DEVICE_CUDA (device 0;
                             sched_create fails with a reason when the build has
@@ -96,6 +109,10 @@ typedef struct {
     const char *stop[SCHED_MAX_STOP]; /* copied */
     int n_stop;
     int ignore_eos;
+    int cache_prompt;      /* 1: continue from a cached prefix of the prompt
+                              and cache its whole chunks for later requests;
+                              its n choices share the prompt's blocks
+                              (prefilled once). 0: computed from scratch */
     const char *id;        /* request id for logs (copied) */
     /* Called on the engine thread with the scheduler lock held when the
      * request has new output or finished; must not call sched_* functions
@@ -249,6 +266,11 @@ typedef struct {
     int kv_int4;                      /* 1 in int4 mode */
     int max_seqs;
     int64_t kv_budget_bytes;          /* bytes of the pool's arenas */
+    int prefix_on;                    /* prefix reuse is running */
+    kvc_prefix_stats prefix;          /* its counters (tokens queried / hit,
+                                         cached units, evictions) */
+    uint64_t forks;                   /* choices that shared their prompt's
+                                         prefill with choice 0 */
 } sched_metrics;
 
 void sched_get_metrics(sched *s, sched_metrics *out);

@@ -33,7 +33,11 @@ Files:
                       Sequence[Split(Regex(LLAMA3_PATTERN), "isolated"),
                                ByteLevel(add_prefix_space=False, use_regex=False)]
                       and BPE(ignore_merges=True), as Llama-3's tokenizer.json
-The last two (~700 inputs each) check the other pre-tokenizer families of
+  gpt2_pre_qwen2.txt  same vocab, Qwen2's pre-tokenizer: as Llama-3's with
+                      \p{N} instead of \p{N}{1,3}, and BPE(ignore_merges=False)
+                      (Qwen2's NFC normalizer is left out: the C side does
+                      not normalize; the inputs here are NFC except one)
+The last three (~700 inputs each) check the other pre-tokenizer families of
 the C code; their vocab is SmolLM2's, not the real GPT-2 / Llama-3 one.
 
 Golden format (UTF-8 text): lines starting with '#' are comments; then
@@ -55,6 +59,16 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
                   r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                   r"\s+(?!\S)|\s+")
 
+# Added to the vocab for the llama3 and qwen2 files (after SmolLM2's ids),
+# so that they tell the two families apart: SmolLM2 has no multi-digit
+# tokens (llama3 groups up to 3 digits, qwen2 none) and these two words
+# have no merge path (llama3's ignore_merges keeps them whole, qwen2 not).
+# tests/tokenizer/test_tok_gpt2.c adds the same (EXTRA_TOKENS / _MERGES).
+EXTRA_TOKENS = ["00", "000", "12", "123", "19", "199", "20", "202",
+                "\u0120Queequeg", "\u0120Starbuck"]
+EXTRA_MERGES = ["0 0", "00 0", "1 2", "12 3", "1 9", "19 9", "2 0", "20 2"]
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
 
 def field(reader, name):
     return reader.fields[name].contents()
@@ -67,6 +81,10 @@ def build_reference(path, family):
     merges = field(r, "tokenizer.ggml.merges")
     assert field(r, "tokenizer.ggml.model") == "gpt2"
     assert field(r, "tokenizer.ggml.pre") == "smollm"
+    if family in ("llama3", "qwen2"):
+        tokens = list(tokens) + EXTRA_TOKENS
+        types = list(types) + [1] * len(EXTRA_TOKENS)
+        merges = list(merges) + EXTRA_MERGES
     vocab = {t: i for i, t in enumerate(tokens)}
     bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
                      ignore_merges=family == "llama3")
@@ -80,8 +98,9 @@ def build_reference(path, family):
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                     use_regex=True)
     else:
+        pattern = QWEN2_PATTERN if family == "qwen2" else LLAMA3_PATTERN
         tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     tk.decoder = decoders.ByteLevel()
@@ -93,7 +112,8 @@ def build_reference(path, family):
 HANDMADE = [
     "", " ", "  ", "\n", "\t", "\r\n", " \n ", "a", "Hello world", " Hello",
     "Hello  world   !", "trailing spaces   ", "\t\ttabs\tand\nnewlines\n\n",
-    "12345", "3.14159", "1,000,000 and 2^32 = 4294967296", "a1b22c333",
+    "12345", "1999 2023 20202 000123", " Queequeg and Starbuck", "3.14159",
+    "1,000,000 and 2^32 = 4294967296", "a1b22c333",
     "I'm sure you're right, we'll see, they've said it's Bob's dog; I'd go",
     "DON'T SHOUT I'M HERE", "'s 't 're 've 'm 'll 'd", "''quoted'' `code`",
     "naïve café résumé façade jalapeño Zürich Ærø", "e\u0301 combining",
@@ -168,7 +188,7 @@ def main():
     tk, _ = build_reference(a.gguf, "smollm")
     write_golden(a.outdir + "/gpt2_smollm2.txt", tk, "smollm", lines + mixes)
     small = list(HANDMADE) + lines[len(HANDMADE)::8] + mixes[:400]
-    for fam in ("gpt2", "llama3"):
+    for fam in ("gpt2", "llama3", "qwen2"):
         tk, _ = build_reference(a.gguf, fam)
         write_golden("%s/gpt2_pre_%s.txt" % (a.outdir, fam), tk, fam, small)
 

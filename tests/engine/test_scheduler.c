@@ -595,3 +595,155 @@ Test(scheduler, group_limits_and_pool_limit)
     free(ids);
     mdl_free(m);
 }
+
+/* ---- prefix reuse (issue 13): cache_prompt, n choices, pool pressure ---- */
+
+/* A prompt of several chunks (stories260K: about 13 tokens a sentence). */
+static int32_t *long_prompt(const mdl_model *m, int sentences, const char *tail, int *n)
+{
+    char text[8192] = "";
+    for (int i = 0; i < sentences; i++)
+        strcat(text, i % 2 ? "Tom saw a big red ball in the park. "
+                           : "Once upon a time there was a little girl named Lily. ");
+    strcat(text, tail);
+    return encode(m, text, n);
+}
+
+static char *run_one(sched *s, const sched_req_params *p)
+{
+    char err[512];
+    sched_req *r;
+    sched_out o;
+    memset(&o, 0, sizeof o);
+    cr_assert_eq(sched_submit(s, p, &r, err, sizeof err), 0, "%s", err);
+    char *t = collect(s, r, &o);
+    cr_assert_eq(o.status, 0, "%s", o.error);
+    sched_req_release(s, r);
+    sched_out_free(&o);
+    return t;
+}
+
+/* The same prompt twice reuses the cached chunks and writes the same text
+ * as a cold run; a second prompt sharing its beginning reuses that part;
+ * cache_prompt 0 reuses nothing. */
+static void prefix_same_text(cfg_kv_mode mode)
+{
+    mdl_model *m = load(m260());
+    int n, n2;
+    int32_t *ids = long_prompt(m, 20, "The end", &n);
+    int32_t *ids2 = long_prompt(m, 12, "Then the dog barked at the cat", &n2);
+    cr_assert_gt(n, 200);
+    char *ref = reference(m, mode, ids, n, 24);
+    char *ref2 = reference(m, mode, ids2, n2, 24);
+    sched *s = mk(m, mode, 4, 0);
+    sched_req_params p = greedy(ids, n, 24);
+    p.cache_prompt = 1;
+    for (int k = 0; k < 3; k++) {
+        sched_metrics a, b;
+        sched_get_metrics(s, &a);
+        p.cache_prompt = k < 2;
+        char *t = run_one(s, &p);
+        cr_assert_str_eq(t, ref, "run %d:\n%s\ncold:\n%s", k, t, ref);
+        free(t);
+        usleep(300 * 1000); /* the metrics snapshot is refreshed every 0.2 s */
+        sched_get_metrics(s, &b);
+        cr_assert(b.prefix_on);
+        int64_t hit = b.prefix.hits - a.prefix.hits;
+        if (k == 0)
+            cr_assert_eq(hit, 0);
+        else if (k == 1)
+            cr_assert_eq(hit, (n - 1) / 64 * 64, "run 1 reused %lld of %d", (long long)hit, n);
+        else
+            cr_assert_eq(b.prefix.queries, a.prefix.queries, "cache_prompt 0 looks nothing up");
+        cr_assert_gt(b.prefix.nodes, 0);
+        cr_assert_eq(b.kv.qblocks_used + b.kv.fpages_used, 0, "cached units are not 'used'");
+    }
+    sched_req_params p2 = greedy(ids2, n2, 24);
+    p2.cache_prompt = 1;
+    char *t = run_one(s, &p2);
+    cr_assert_str_eq(t, ref2);
+    free(t);
+    sched_destroy(s);
+    free(ref);
+    free(ref2);
+    free(ids);
+    free(ids2);
+    mdl_free(m);
+}
+
+Test(scheduler, prefix_reuse_int4)
+{
+    prefix_same_text(CFG_KV_INT4);
+}
+
+Test(scheduler, prefix_reuse_fp16)
+{
+    prefix_same_text(CFG_KV_FP16);
+}
+
+/* n = 4 sampled choices fork choice 0 after one prefill and write what
+ * four separate requests with seeds seed + i write. */
+Test(scheduler, n_choices_share_the_prompt)
+{
+    mdl_model *m = load(m260());
+    int n;
+    int32_t *ids = long_prompt(m, 14, "Lily said", &n);
+    sched *s = mk(m, CFG_KV_INT4, 8, 0);
+    sched_req_params p = greedy(ids, n, 16);
+    p.sp.temperature = 0.9f;
+    p.sp.seed = 42;
+    p.n = 4;
+    p.cache_prompt = 1;
+    char *together = run_one(s, &p);
+    sched_metrics met;
+    sched_get_metrics(s, &met);
+    cr_assert_eq(met.forks, 3, "choices 1..3 forked choice 0 (%llu)",
+                 (unsigned long long)met.forks);
+    char want[1 << 14] = "";
+    for (int i = 0; i < 4; i++) {
+        sched_req_params q = greedy(ids, n, 16);
+        q.sp.temperature = 0.9f;
+        q.sp.seed = 42 + (uint64_t)i;
+        char *t = run_one(s, &q);
+        if (i)
+            strcat(want, "|");
+        strcat(want, t);
+        free(t);
+    }
+    cr_assert_str_eq(together, want);
+    free(together);
+    sched_destroy(s);
+    free(ids);
+    mdl_free(m);
+}
+
+/* A pool that holds about two prompts: cached prefixes are evicted as new
+ * prompts need room, everything finishes with the cold text. */
+Test(scheduler, prefix_cache_evicted_under_pressure)
+{
+    mdl_model *m = load(m260());
+    sched *s = mk(m, CFG_KV_INT4, 2, 640);
+    static const char *tails[4] = {"The end", "Then Tom ran", "Lily was sad", "A bird sang"};
+    for (int k = 0; k < 4; k++) {
+        int n;
+        int32_t *ids = long_prompt(m, 16 + k, tails[k], &n);
+        /* a different first sentence: nothing shared between prompts */
+        ids[1] = (int32_t)(ids[1] + k) % m->hp.n_vocab;
+        char *ref = reference(m, CFG_KV_INT4, ids, n, 12);
+        sched_req_params p = greedy(ids, n, 12);
+        p.cache_prompt = 1;
+        char *t = run_one(s, &p);
+        cr_assert_str_eq(t, ref, "prompt %d", k);
+        free(t);
+        free(ref);
+        free(ids);
+    }
+    usleep(300 * 1000);
+    sched_metrics met;
+    sched_get_metrics(s, &met);
+    cr_assert_gt(met.prefix.evictions, 0);
+    cr_assert_eq(met.preemptions, 0);
+    cr_assert_eq(met.kv.qblocks_used + met.kv.fpages_used, 0);
+    sched_destroy(s);
+    mdl_free(m);
+}

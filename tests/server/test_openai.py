@@ -12,7 +12,9 @@ logit_bias through the client (a +100 token is all greedy decoding picks, a
 -100 one never comes; ids from POST /tokenize); a wrong API key gives
 openai.AuthenticationError; invalid requests give BadRequestError /
 NotFoundError with the field named (an over-long stop string, a logit_bias
-out of range, more sequences than the queue holds); SIGTERM gives exit 0
+out of range, more sequences than the queue holds); "cache_prompt": false
+gives the same text, a non-boolean one is a 400 naming it, /metrics has the
+prefix cache's series; SIGTERM gives exit 0
 with no sanitizer report.
 
 Run: tests/server/run_py.sh --openai tests/server/test_openai.py with
@@ -345,6 +347,22 @@ class OpenAIClient(unittest.TestCase):
         r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2,
                                            temperature=0)
         self.assertTrue(self.greedy.choices[0].text.startswith(r.choices[0].text))
+
+    def test_cache_prompt(self):
+        # opting out of prefix reuse changes nothing in the answer
+        r = self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=8,
+                                           temperature=0, extra_body={"cache_prompt": False})
+        self.assertEqual(r.choices[0].text, self.greedy.choices[0].text)
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2,
+                                           extra_body={"cache_prompt": "no"})
+        self.assertEqual(cm.exception.param, "cache_prompt")
+        with urllib.request.urlopen(self.srv.url + "/metrics", timeout=30) as m:
+            text = m.read().decode()
+        for name in ("vllm:prefix_cache_queries_total{", "vllm:prefix_cache_hits_total{",
+                     "livekvq_prefix_cache_enabled 1", "livekvq_prefix_cache_blocks ",
+                     "livekvq_prefix_cache_bytes ", "livekvq_prefix_cache_evictions_total "):
+            self.assertIn(name, text)
 
     # ---- shutdown (runs last: unittest sorts by name) -------------------------
 

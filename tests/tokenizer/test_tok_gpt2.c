@@ -54,7 +54,39 @@ static long json_str(const char **p, char *out)
     return o;
 }
 
-/* SmolLM2's vocabulary with the pre-tokenizer family replaced by pre. */
+/* Appended to the vocab for the llama3 and qwen2 goldens, as
+ * scripts/golden/make_gpt2_goldens.py does (EXTRA_TOKENS / EXTRA_MERGES):
+ * multi-digit tokens (llama3 groups up to 3 digits, qwen2 none) and two
+ * words without a merge path (llama3's ignore_merges keeps them whole). */
+static const char *const EXTRA_TOKENS[] = {"00", "000", "12", "123", "19", "199", "20", "202",
+                                           "\xc4\xa0Queequeg", "\xc4\xa0Starbuck"};
+static const char *const EXTRA_MERGES[] = {"0 0", "00 0", "1 2", "12 3",
+                                           "1 9", "19 9", "2 0", "20 2"};
+
+static void add_extras(tt_vocab *v)
+{
+    int nt = (int)(sizeof EXTRA_TOKENS / sizeof *EXTRA_TOKENS);
+    int nm = (int)(sizeof EXTRA_MERGES / sizeof *EXTRA_MERGES);
+    int n0 = v->d.n_vocab, m0 = v->d.n_merges;
+    v->tokens = realloc(v->tokens, sizeof(tok_str) * (size_t)(n0 + nt));
+    v->merges = realloc(v->merges, sizeof(tok_str) * (size_t)(m0 + nm));
+    v->types = realloc(v->types, sizeof(int32_t) * (size_t)(n0 + nt));
+    cr_assert(v->tokens && v->merges && v->types && !v->scores);
+    for (int i = 0; i < nt; i++) {
+        v->tokens[n0 + i] = (tok_str){strdup(EXTRA_TOKENS[i]), (uint32_t)strlen(EXTRA_TOKENS[i])};
+        v->types[n0 + i] = TOK_TYPE_NORMAL;
+    }
+    for (int i = 0; i < nm; i++)
+        v->merges[m0 + i] = (tok_str){strdup(EXTRA_MERGES[i]), (uint32_t)strlen(EXTRA_MERGES[i])};
+    v->d.tokens = v->tokens;
+    v->d.types = v->types;
+    v->d.merges = v->merges;
+    v->d.n_vocab = n0 + nt;
+    v->d.n_merges = m0 + nm;
+}
+
+/* SmolLM2's vocabulary with the pre-tokenizer family replaced by pre (and
+ * the extra tokens above for llama3 / qwen2). */
 static tok_tokenizer *smollm2_with_pre(const char *pre)
 {
     const char *p = tt_smollm2_path();
@@ -64,6 +96,8 @@ static tok_tokenizer *smollm2_with_pre(const char *pre)
     cr_assert_eq(tt_load_gguf_vocab(p, &v), 0, "cannot read %s", p);
     if (pre)
         v.d.pre = pre;
+    if (pre && (!strcmp(pre, "llama-bpe") || !strcmp(pre, "qwen2")))
+        add_extras(&v);
     tok_tokenizer *t = NULL;
     char err[256] = "";
     cr_assert_eq(tok_create(&v.d, &t, err, sizeof err), 0, "%s", err);
@@ -151,6 +185,11 @@ Test(tok_gpt2, pre_gpt2_matches_hf_tokenizers)
 Test(tok_gpt2, pre_llama3_matches_hf_tokenizers)
 {
     check_golden("gpt2_pre_llama3.txt", "llama-bpe");
+}
+
+Test(tok_gpt2, pre_qwen2_matches_hf_tokenizers)
+{
+    check_golden("gpt2_pre_qwen2.txt", "qwen2");
 }
 
 Test(tok_gpt2, specials_and_eog)
