@@ -15,7 +15,7 @@
 const char *const cfg_kv_keys[] = {
     "kv_cache", "chunk_size", "block_tokens", "warmup_chunks", "ema_decay",
     "ema_clip", "clip_quantile", "v_group", "outlier_budget", "sink_tokens",
-    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", NULL,
+    "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", "kv_rotate", NULL,
 };
 
 cfg_kv cfg_kv_default(void)
@@ -133,7 +133,7 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         return fail(err, errlen, "unknown cache option '%s' (known: kv_cache, chunk_size, "
                     "block_tokens, warmup_chunks, ema_decay, ema_clip, clip_quantile, "
                     "v_group, outlier_budget, sink_tokens, keep_warmup_fp16, k_quant, "
-                    "kv_budget, window_kv)", key ? key : "(null)");
+                    "kv_budget, window_kv, kv_rotate)", key ? key : "(null)");
     int bad = 0;
     const char *want = "";
     if (!strcmp(k, "kv_cache")) {
@@ -177,6 +177,8 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
             c->window_kv = CFG_KV_INT4;
         else
             bad = 1, want = "fp16 or int4";
+    } else if (!strcmp(k, "kv_rotate")) {
+        bad = parse_i(value, 0, 2, &c->kv_rotate), want = "0, 1 (K) or 2 (K and V)";
     } else if (!strcmp(k, "kv_budget")) {
         bad = parse_budget(value, &c->kv_budget_bytes, &c->kv_budget_tokens);
         want = "bytes (e.g. 512M, 2GiB) or tokens (e.g. 65536t)";
@@ -306,22 +308,29 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
             c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
             c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
             c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
+    if (c->kv_rotate)
+        fprintf(f, "kv_rotate = %d\n", c->kv_rotate);
 }
 
 int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
 {
     char b[32];
     budget_str(c, b, sizeof b);
+    /* kv_rotate only when set: the text of every earlier configuration (and
+     * the ablation cells hashed from it) stays the same */
+    char rot[32] = "";
+    if (c->kv_rotate)
+        snprintf(rot, sizeof rot, ", \"kv_rotate\": %d", c->kv_rotate);
     return snprintf(buf, cap,
                     "\"kv_cache\": \"%s\", \"chunk_size\": %d, \"block_tokens\": %d, "
                     "\"warmup_chunks\": %d, \"ema_decay\": %g, \"ema_clip\": %g, "
                     "\"clip_quantile\": %g, \"v_group\": %d, \"outlier_budget\": %g, "
                     "\"sink_tokens\": %d, \"keep_warmup_fp16\": %d, \"k_quant\": \"%s\", "
-                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"",
+                    "\"kv_budget\": \"%s\", \"window_kv\": \"%s\"%s",
                     c->mode == CFG_KV_FP16 ? "fp16" : "int4", c->chunk_size,
                     c->block_tokens, c->warmup_chunks, c->ema_decay, c->ema_clip,
                     c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
                     c->keep_warmup_fp16,
                     c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16");
+                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", rot);
 }

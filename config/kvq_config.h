@@ -26,6 +26,11 @@
  *                   LiveKVQuant-P like the global layers (only with
  *                   kv_cache = int4; with fp16 every layer is FP16)
  *                   (default fp16, measured: docs/kvquant.md "Window layers")
+ *   kv_rotate       0 | 1 | 2: per-head Walsh-Hadamard rotation before the
+ *                   cache - 1 rotates K (and the query with it), 2 also V
+ *                   (and the attention output back); needs a power-of-two
+ *                   head_dim; scores are unchanged up to rounding, and
+ *                   quantization error spreads over the channels (0)
  */
 #ifndef LKQ_KVQ_CONFIG_H
 #define LKQ_KVQ_CONFIG_H
@@ -54,6 +59,7 @@ typedef struct {
     int64_t kv_budget_bytes;  /* 0 = unset */
     int64_t kv_budget_tokens; /* 0 = unset (at most one of the two is set) */
     cfg_kv_mode window_kv;    /* window layers: FP16, or INT4 (with mode INT4) */
+    int32_t kv_rotate;        /* 0 off, 1 K (and q), 2 K and V (and the output) */
 } cfg_kv;
 
 cfg_kv cfg_kv_default(void);

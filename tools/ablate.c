@@ -69,7 +69,7 @@ typedef struct {
     const char *model, *text, *out, *start;
     long ctx, windows, decode, threads, max_cells;
     bk_device device;
-    int oat, no_timing, no_quality, no_compare, dry_run, quiet;
+    int oat, no_timing, no_quality, no_compare, exact, dry_run, quiet;
     cfg_kv base;
     abl_axis axes[ABL_MAX_AXES];
     int n_axes;
@@ -129,6 +129,10 @@ static void usage(FILE *f)
         "                        per-layer files)\n"
         "      --no-quality      skip the quality run (memory and timing only)\n"
         "      --no-compare      quality without the FP16 reference (no KLD/top-1)\n"
+        "      --exact           exact quality runs: f32 matmuls over the dequantized\n"
+        "                        weights, so a cell and its FP16 reference differ only\n"
+        "                        in the KV cache (livekvq perplexity --exact); timing\n"
+        "                        runs stay in the fast mode\n"
         "      --max-cells N     refuse sweeps of more cells (default 1000)\n"
         "      --dry-run         list the cells (done / to run) and exit\n"
         "  -t, --threads N       threads (default: online CPUs)\n"
@@ -138,7 +142,7 @@ static void usage(FILE *f)
 
 enum {
     O_VARY = 256, O_DESIGN, O_WINDOWS, O_DECODE, O_NO_TIMING, O_NO_QUALITY,
-    O_NO_COMPARE, O_MAX_CELLS, O_DRY_RUN,
+    O_NO_COMPARE, O_MAX_CELLS, O_DRY_RUN, O_EXACT,
 };
 
 static const char *const abl_pseudo_keys[] = {"ctx", NULL};
@@ -244,6 +248,7 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
         {"no-timing", no_argument, 0, O_NO_TIMING},
         {"no-quality", no_argument, 0, O_NO_QUALITY},
         {"no-compare", no_argument, 0, O_NO_COMPARE},
+        {"exact", no_argument, 0, O_EXACT},
         {"max-cells", required_argument, 0, O_MAX_CELLS},
         {"dry-run", no_argument, 0, O_DRY_RUN},
         {"quiet", no_argument, 0, 'q'},
@@ -313,6 +318,7 @@ static int parse_opts(int argc, char **argv, abl_opts *o, char *err, size_t errl
         case O_NO_TIMING: o->no_timing = 1; break;
         case O_NO_QUALITY: o->no_quality = 1; break;
         case O_NO_COMPARE: o->no_compare = 1; break;
+        case O_EXACT: o->exact = 1; break;
         case O_MAX_CELLS:
             if (cli_parse_long("--max-cells", optarg, 1, 1000000, &v, err, errlen) < 0)
                 return -1;
@@ -367,10 +373,10 @@ static int finish_cell(const abl_opts *o, abl_cell *c, char *err, size_t errlen)
     cfg_kv_json(&c->kv, cfg, sizeof cfg);
     snprintf(c->key, sizeof c->key,
              "model=%s text=%s start=%s ctx=%d windows=%ld decode=%ld quality=%d "
-             "compare=%d timing=%d {%s}",
+             "compare=%d timing=%d%s {%s}",
              base_name(o->model), base_name(o->text), o->start ? o->start : "-", c->ctx,
              o->windows, o->no_timing ? 0L : o->decode, !o->no_quality, !o->no_compare,
-             !o->no_timing, cfg);
+             !o->no_timing, o->exact ? " exact=1" : "", cfg);
     snprintf(c->hash, sizeof c->hash, "%016llx", (unsigned long long)cli_hash64(c->key));
     return 0;
 }
@@ -667,9 +673,10 @@ static void format_cell(const abl_opts *o, const abl_cell *c, const abl_res *r,
         lkq_sb_printf(csv, "%lld,%.6f,%.6f,%.6f,%.6g,%.6g,%.6f,", (long long)e->n_scored, e->ppl,
                   e->ppl_ref, e->ppl / e->ppl_ref - 1.0, e->kld, e->kld_max, e->top1_agree);
         lkq_sb_printf(js, ", \"n_scored\": %lld, \"ppl\": %.6f, \"ppl_fp16\": %.6f, "
-                  "\"ppl_rel\": %.6f, \"kld\": %.6g, \"kld_max\": %.6g, \"top1_agree\": %.6f",
+                  "\"ppl_rel\": %.6f, \"kld\": %.6g, \"kld_max\": %.6g, \"top1_agree\": %.6f, "
+                  "\"exact\": %d",
                   (long long)e->n_scored, e->ppl, e->ppl_ref, e->ppl / e->ppl_ref - 1.0,
-                  e->kld, e->kld_max, e->top1_agree);
+                  e->kld, e->kld_max, e->top1_agree, o->exact);
     } else {
         lkq_sb_printf(csv, ",,,,,,,");
     }
@@ -771,6 +778,7 @@ static int run_cell(const abl_opts *o, const mdl_model *m, const abl_cell *c,
         eval_params ep = {
             .n_ctx = c->ctx, .n_windows = (int32_t)o->windows,
             .n_threads = (int32_t)o->threads, .device = (int)o->device, .compare = !o->no_compare, .kv = c->kv,
+            .exact = o->exact,
             .progress = eval_cb, .progress_ctx = P,
         };
         double t0 = cli_now_s();

@@ -46,6 +46,8 @@ static double now_s(void)
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
     "      --window-kv fp16|int4 sliding-window layers' cache (fp16; int4 needs --kv-cache int4)\n" \
+    "      --kv-rotate 0|1|2    Walsh-Hadamard rotation of K (1) or K and V (2) per head\n" \
+    "                           before the cache (0; needs a power-of-two head_dim)\n" \
     "      --config FILE        'key = value' lines with the same keys\n"
 
 static void usage_perplexity(FILE *f)
@@ -66,6 +68,9 @@ static void usage_perplexity(FILE *f)
         "      --windows N          consecutive windows to evaluate (default 1)\n"
         "      --start TEXT         start at the first line beginning with TEXT\n"
         "      --no-compare         skip the FP16 reference (no KLD / top-1)\n"
+        "      --exact              exact mode: f32 matmuls over the dequantized weights\n"
+        "                           in both runs, so they differ only in the KV cache\n"
+        "                           (noise floor < 1e-5 KLD; slower, 4 B per weight)\n"
         "      --device cpu|cuda    where the forward pass runs (default cpu)\n"
         "      --json               last line of stdout: the result as JSON\n"
         "      --csv PATH           append the result as a CSV row (header if new)\n"
@@ -233,7 +238,7 @@ typedef struct {
     cfg_kv kv;           /* KV cache mode and knobs */
     /* perplexity */
     long n_windows;
-    int json, no_compare;
+    int json, no_compare, exact;
     const char *csv, *json_out, *start;
 } cli_opts;
 
@@ -421,7 +426,7 @@ enum {
     OPT_TOKENIZER = 256, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_RPEN,
     OPT_RLAST, OPT_PPEN, OPT_FPEN, OPT_NOBOS, OPT_CHAT, OPT_SYSTEM, OPT_ECHO,
     OPT_IGNEOS, OPT_REF, OPT_SPECIAL, OPT_PIECES, OPT_CONFIG, OPT_JSON,
-    OPT_CSV, OPT_JSON_OUT, OPT_WINDOWS, OPT_START, OPT_NO_COMPARE, OPT_DEVICE,
+    OPT_CSV, OPT_JSON_OUT, OPT_WINDOWS, OPT_START, OPT_NO_COMPARE, OPT_EXACT, OPT_DEVICE,
     OPT_KV = 512, /* + index into cfg_kv_keys */
 };
 
@@ -458,6 +463,7 @@ static const struct option base_opts[] = {
     {"windows", required_argument, 0, OPT_WINDOWS},
     {"start", required_argument, 0, OPT_START},
     {"no-compare", no_argument, 0, OPT_NO_COMPARE},
+    {"exact", no_argument, 0, OPT_EXACT},
     {"device", required_argument, 0, OPT_DEVICE},
     {"quiet", no_argument, 0, 'q'},
     {"help", no_argument, 0, 'h'},
@@ -557,6 +563,7 @@ static int parse_opts(int argc, char **argv, cli_opts *o)
         case OPT_JSON_OUT: o->json_out = optarg; break;
         case OPT_START: o->start = optarg; break;
         case OPT_NO_COMPARE: o->no_compare = 1; break;
+        case OPT_EXACT: o->exact = 1; break;
         case OPT_DEVICE:
             if (bk_parse_device(optarg, &o->device) < 0) {
                 fprintf(stderr, "livekvq: --device expects cpu or cuda, got '%s'\n", optarg);
@@ -735,7 +742,8 @@ static void ppl_json(const cli_opts *o, const mdl_model *m, const eval_result *r
              "\"clamp_ratio\": %.6g, \"global_layers\": %d, \"window_layers\": %d, "
              "\"bits_per_element_global\": %.4f, \"bits_per_element_window\": %.4f, "
              "\"kv_bytes_global\": %lld, \"kv_bytes_window\": %lld, "
-             "\"kv_tokens_window\": %lld, \"t_test_s\": %.3f, \"t_fp16_s\": %.3f, %s}",
+             "\"kv_tokens_window\": %lld, \"t_test_s\": %.3f, \"t_fp16_s\": %.3f, "
+             "\"exact\": %d, %s}",
              m->name, o->n_ctx, o->n_windows, (long long)r->n_scored, r->ppl, r->ppl_ref,
              r->ppl / r->ppl_ref - 1.0, r->kld, r->kld_max, r->top1_agree,
              r->bits_per_element, (long long)r->kv.bytes_total,
@@ -750,7 +758,8 @@ static void ppl_json(const cli_opts *o, const mdl_model *m, const eval_result *r
              kvc_stats_kind_bits(&r->kv, KVC_LAYER_WINDOW),
              (long long)r->kv.layer_kind[KVC_LAYER_GLOBAL].bytes_total,
              (long long)r->kv.layer_kind[KVC_LAYER_WINDOW].bytes_total,
-             (long long)r->kv.layer_kind[KVC_LAYER_WINDOW].tokens, r->t_test_s, r->t_ref_s, cfg);
+             (long long)r->kv.layer_kind[KVC_LAYER_WINDOW].tokens, r->t_test_s, r->t_ref_s,
+             o->exact, cfg);
 }
 
 static int append_csv(const char *path, const cli_opts *o, const mdl_model *m,
@@ -831,6 +840,7 @@ static int cmd_perplexity(int argc, char **argv)
     eval_params ep = {
         .n_ctx = (int32_t)o.n_ctx, .n_windows = (int32_t)o.n_windows,
         .n_threads = (int32_t)o.n_threads, .use_ref = o.ref, .compare = !o.no_compare,
+        .exact = o.exact,
         .device = (int)o.device,
         .kv = o.kv, .progress = ppl_progress, .progress_ctx = &o,
     };
@@ -841,6 +851,7 @@ static int cmd_perplexity(int argc, char **argv)
     }
     printf("model            %s\n", m->name);
     printf("kv cache         %s\n", o.kv.mode == CFG_KV_FP16 ? "fp16" : "int4");
+    printf("evaluation       %s\n", o.exact ? "exact (f32 matmuls)" : "fast (optimized matmuls)");
     printf("context          %ld x %ld window(s), %lld positions scored\n", o.n_ctx,
            o.n_windows, (long long)r.n_scored);
     printf("perplexity       %.4f (fp16 cache %.4f, %+.3f%%)\n", r.ppl, r.ppl_ref,

@@ -55,6 +55,11 @@ typedef struct {
     int n_threads;         /* cpu: worker threads (>= 1) */
     int use_ref;           /* cpu: kernels/ref, single-threaded (the oracle) */
     int device_index;      /* cuda: GPU ordinal */
+    int exact;             /* 1: exact evaluation mode - every matmul in f32 over the
+                            * dequantized weights (no 8-bit activations, no f16 GEMM
+                            * inputs), so two runs that differ only in their KV cache
+                            * differ only by f32 rounding (eval.h); costs 4 bytes per
+                            * weight and the speed of the integer kernels */
 } bk_config;
 
 /* A weight matrix held by the backend (rows x cols, y = x @ W^T). */
@@ -164,6 +169,9 @@ typedef struct bk_ops {
     int (*add)(void *be, float *y, const float *x, size_t n, char *err, size_t errlen);
     /* x [n] = cap * tanh(x / cap) */
     int (*softcap)(void *be, float *x, size_t n, float cap, char *err, size_t errlen);
+    /* x [rows][dim] = x H / sqrt(dim) in place, row by row: the Walsh-Hadamard
+     * rotation of kv_rotate (dim = head_dim, a power of two; kref_hadamard) */
+    int (*hadamard)(void *be, float *x, int rows, int dim, char *err, size_t errlen);
     /* out [n][n_heads*head_dim] for q of the same shape; k, v [n][kv_dim]
      * are the step's own rows (after RoPE) */
     int (*attention)(void *be, int layer, const bk_attn *a, const float *q, float *out,

@@ -24,12 +24,16 @@
 #include "kernels/ref/kref.h"
 
 struct bk_weight {
-    mdl_weight w; /* a view of the model's tensor */
+    mdl_weight w; /* a view of the model's tensor, or (exact mode) of its f32 copy */
+    const void *src; /* the model's tensor (exact mode: finds a tied head's copy) */
 };
 
 typedef struct {
     kcpu_pool *pool;
-    int use_ref, n_threads, max_batch, max_seqs, n_ctx, head_dim, kv_dim;
+    int use_ref, exact, n_threads, max_batch, max_seqs, n_ctx, head_dim, kv_dim;
+    /* exact mode: the f32 copies made so far (a tied head reuses its table's) */
+    bk_weight **f32w;
+    int n_f32w;
     /* everything handed out (alloc, weights), freed by destroy */
     void **owned;
     int n_owned, cap_owned;
@@ -78,6 +82,7 @@ static void cpu_destroy(void *be)
     for (int i = 0; i < b->n_owned; i++)
         free(b->owned[i]);
     free(b->owned);
+    free(b->f32w);
     free(b->tokens);
     free(b->slices);
     free(b->ws_mm);
@@ -94,6 +99,7 @@ static int cpu_create(const bk_config *c, void **out, char *err, size_t errlen)
     if (!b)
         return lkq_err(err, errlen, -ENOMEM, "out of memory");
     b->use_ref = c->use_ref;
+    b->exact = c->exact;
     b->n_threads = c->n_threads > 0 ? c->n_threads : 1;
     b->max_batch = c->max_batch;
     b->max_seqs = c->max_seqs > 0 ? c->max_seqs : 1;
@@ -110,8 +116,9 @@ static int cpu_create(const bk_config *c, void **out, char *err, size_t errlen)
         cpu_destroy(b);
         return lkq_err(err, errlen, -ENOMEM, "cannot start %d worker threads", c->n_threads);
     }
-    snprintf(b->desc, sizeof b->desc, "cpu (%s, %d threads)",
-             b->use_ref ? "reference" : kcpu_simd_name(), b->n_threads);
+    snprintf(b->desc, sizeof b->desc, "cpu (%s, %d threads%s)",
+             b->use_ref ? "reference" : kcpu_simd_name(), b->n_threads,
+             b->exact ? ", exact f32 matmuls" : "");
     *out = b;
     return 0;
 }
@@ -146,6 +153,38 @@ static int cpu_alloc(void *be, size_t bytes, void **out, char *err, size_t errle
     return rc;
 }
 
+/* Exact mode: h->w becomes an f32 copy of a quantized / half tensor (the
+ * one made for the same tensor before, when a tied head asks again), so
+ * kcpu_matmul takes its f32 path (f32 activations, fixed order per row). */
+static int to_f32(cpu_be *b, bk_weight *h, char *err, size_t errlen)
+{
+    const mdl_weight *w = &h->w;
+    for (int i = 0; i < b->n_f32w; i++) {
+        const bk_weight *o = b->f32w[i];
+        if (o->src == w->data && o->w.n_rows == w->n_rows && o->w.n_cols == w->n_cols) {
+            h->w = o->w;
+            return 0;
+        }
+    }
+    bk_weight **grown = realloc(b->f32w, (size_t)(b->n_f32w + 1) * sizeof *grown);
+    if (!grown)
+        return lkq_err(err, errlen, -ENOMEM, "out of memory");
+    b->f32w = grown;
+    const size_t rb = kt_row_bytes(w->type, w->n_cols);
+    float *f = malloc((size_t)w->n_rows * (size_t)w->n_cols * sizeof(float));
+    int rc = own(b, f, err, errlen);
+    if (rc < 0)
+        return lkq_err(err, errlen, rc, "out of memory for the f32 copy of a %lld x %lld "
+                       "weight (exact mode)", (long long)w->n_rows, (long long)w->n_cols);
+    for (int64_t r = 0; r < w->n_rows; r++)
+        kref_dequant_row(w->type, (const uint8_t *)w->data + (size_t)r * rb,
+                         f + (size_t)r * (size_t)w->n_cols, w->n_cols);
+    h->w.data = f;
+    h->w.type = KT_F32;
+    b->f32w[b->n_f32w++] = h;
+    return 0;
+}
+
 static int cpu_upload_weight(void *be, const mdl_weight *w, bk_weight **out, char *err,
                              size_t errlen)
 {
@@ -156,6 +195,10 @@ static int cpu_upload_weight(void *be, const mdl_weight *w, bk_weight **out, cha
     if (rc < 0)
         return rc;
     h->w = *w;
+    h->src = w->data;
+    if (b->exact && w->type != KT_F32 && (rc = to_f32(b, h, err, errlen)) < 0)
+        return rc;
+    w = &h->w;
     /* the matmul scratch for this weight at a full step, grown once here */
     size_t need = kcpu_matmul_scratch_bytes(w->type, (int)w->n_cols, b->max_batch);
     if (need > b->ws_mm_bytes) {
@@ -340,6 +383,19 @@ static int cpu_softcap(void *be, float *x, size_t n, float cap, char *err, size_
         kref_softcap(x, (int)n, cap);
     else
         kcpu_softcap(x, (int)n, cap);
+    return 0;
+}
+
+static int cpu_hadamard(void *be, float *x, int rows, int dim, char *err, size_t errlen)
+{
+    cpu_be *b = be;
+    if (dim < 1 || dim > 4096 || (dim & (dim - 1)))
+        return lkq_err(err, errlen, -EINVAL, "rotation of %d channels: not a power of two "
+                       "in [1, 4096]", dim);
+    if (b->use_ref)
+        kref_hadamard(x, rows, dim);
+    else
+        kcpu_hadamard(x, rows, dim);
     return 0;
 }
 
@@ -576,7 +632,7 @@ const bk_ops bk_cpu_ops = {
     .rope = cpu_rope,
     .glu = cpu_glu,
     .add = cpu_add,
-    .softcap = cpu_softcap,
+    .softcap = cpu_softcap, .hadamard = cpu_hadamard,
     .attention = cpu_attention,
     .kv_store = cpu_kv_store,
     .pool_create = cpu_pool_create,

@@ -48,6 +48,7 @@
 #include "kernels/cuda/kcu_bias.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
 #include "kernels/cuda/kcu_geglu.cuh"
+#include "kernels/cuda/kcu_hadamard.cuh"
 #include "kernels/cuda/kcu_rmsnorm.cuh"
 #include "kernels/cuda/kcu_rope.cuh"
 #include "kernels/cuda/kcu_scale.cuh"
@@ -163,26 +164,31 @@ static int cu_alloc(void *be, size_t bytes, void **out, char *err, size_t errlen
     return dev_alloc(be, out, bytes, err, errlen);
 }
 
-/* Dequantizes w (a quantized type) to F16 into d, a bounded number of rows
- * at a time through host staging. */
-static int upload_dequant(cuda_be *s, const mdl_weight *w, uint16_t *d, char *err,
+/* Dequantizes w (a quantized or half type) to F16, or with f32 to F32
+ * (exact mode), into d, a bounded number of rows at a time through host
+ * staging. */
+static int upload_dequant(cuda_be *s, const mdl_weight *w, void *d, int f32, char *err,
                           size_t errlen)
 {
     const size_t cols = (size_t)w->n_cols, rb = kt_row_bytes(w->type, w->n_cols);
     const size_t rows_per = ((size_t)8 << 20) / (cols * 4) + 1;
     float *tmp = malloc(rows_per * cols * sizeof(float));
-    uint16_t *h = malloc(rows_per * cols * sizeof(uint16_t));
+    uint16_t *h = f32 ? NULL : malloc(rows_per * cols * sizeof(uint16_t));
     int rc = 0;
-    if (!tmp || !h)
+    if (!tmp || (!f32 && !h))
         rc = lkq_err(err, errlen, -ENOMEM, "out of host memory converting weights");
     for (size_t r0 = 0; rc == 0 && r0 < (size_t)w->n_rows; r0 += rows_per) {
         size_t nr = (size_t)w->n_rows - r0 < rows_per ? (size_t)w->n_rows - r0 : rows_per;
         for (size_t r = 0; r < nr; r++)
             kref_dequant_row(w->type, (const uint8_t *)w->data + (r0 + r) * rb, tmp + r * cols,
                              w->n_cols);
+        if (f32) {
+            rc = KCU(kcu_h2d(s->c, (float *)d + r0 * cols, tmp, nr * cols * 4, err, errlen));
+            continue;
+        }
         for (size_t i = 0; i < nr * cols; i++)
             h[i] = kt_f32_to_f16(tmp[i]);
-        rc = KCU(kcu_h2d(s->c, d + r0 * cols, h, nr * cols * 2, err, errlen));
+        rc = KCU(kcu_h2d(s->c, (uint16_t *)d + r0 * cols, h, nr * cols * 2, err, errlen));
     }
     free(tmp);
     free(h);
@@ -212,15 +218,17 @@ static int cu_upload_weight(void *be, const mdl_weight *w, bk_weight **out, char
     d->cols = (int)w->n_cols;
     d->src = w->data;
     d->src_t = w->type;
-    int as_is = w->type == KT_F32 || w->type == KT_F16 || w->type == KT_BF16;
-    d->t = as_is ? w->type : KT_F16;
+    /* exact mode: every weight in F32, so GEMM inputs stay f32 (no TF32) */
+    int as_is = w->type == KT_F32 ||
+                (!s->cfg.exact && (w->type == KT_F16 || w->type == KT_BF16));
+    d->t = as_is ? w->type : s->cfg.exact ? KT_F32 : KT_F16;
     size_t bytes = kt_row_bytes(d->t, w->n_cols) * (size_t)w->n_rows;
     int rc = dev_alloc(s, &d->d, bytes, err, errlen);
     if (rc < 0)
         return rc;
     s->weight_bytes += bytes;
     rc = as_is ? KCU(kcu_h2d(s->c, d->d, w->data, bytes, err, errlen))
-               : upload_dequant(s, w, d->d, err, errlen);
+               : upload_dequant(s, w, d->d, d->t == KT_F32, err, errlen);
     if (rc == 0)
         *out = d;
     return rc;
@@ -683,6 +691,14 @@ static int cu_softcap(void *be, float *x, size_t n, float cap, char *err, size_t
     return op_end(s, rc, err, errlen);
 }
 
+static int cu_hadamard(void *be, float *x, int rows, int dim, char *err, size_t errlen)
+{
+    cuda_be *s = be;
+    int rc = KCU(kcu_hadamard(s->c, x, rows, dim, err, errlen));
+    touch(s, x, (size_t)rows * (size_t)dim);
+    return op_end(s, rc, err, errlen);
+}
+
 /* One kcu_attn call over every slice of the step (the items and segments
  * of the layer's group, uploaded by step_begin; a window layer's window
  * masks what its group still holds beyond it); timed per layer while
@@ -885,6 +901,7 @@ const bk_ops bk_cuda_ops = {
     .step_begin = cu_step_begin, .embed = cu_embed, .matmul = cu_matmul,
     .rmsnorm = cu_rmsnorm, .add_bias = cu_add_bias, .rope = cu_rope, .glu = cu_glu,
     .add = cu_add, .softcap = cu_softcap, .attention = cu_attention, .kv_store = cu_kv_store,
+    .hadamard = cu_hadamard,
     /* the KV pool */
     .pool_create = cu_pool_create, .pool_capacity_bytes = cu_pool_capacity_bytes,
     .pool_free_units = cu_pool_free_units, .pool_usage = cu_pool_usage,

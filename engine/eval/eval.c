@@ -50,6 +50,7 @@ static int make_state(const mdl_model *m, const eval_params *p, const cfg_kv *kv
     fp.use_ref = p->use_ref;
     fp.kv = *kv;
     fp.device = (bk_device)p->device;
+    fp.exact = p->exact;
     return fwd_create(m, &fp, out, err, errlen);
 }
 
@@ -73,9 +74,10 @@ int eval_perplexity(const mdl_model *m, const int32_t *tokens, int64_t n_tokens,
                  p->n_ctx, m->hp.n_ctx_train);
         return -1;
     }
-    int compare = p->compare && p->kv.mode != CFG_KV_FP16;
+    int compare = p->compare && (p->kv.mode != CFG_KV_FP16 || p->kv.kv_rotate);
     cfg_kv ref_kv = p->kv;
     ref_kv.mode = CFG_KV_FP16;
+    ref_kv.kv_rotate = 0; /* the reference is the plain FP16 cache */
     fwd_state *test = NULL, *ref = NULL;
     float *lp_ref = NULL, *lp = NULL;
     int rc = -1;

@@ -25,6 +25,12 @@ typedef struct {
     int use_ref;        /* reference kernels (slow; tests) */
     int device;         /* bk_device (engine/backend/backend.h): 0 = CPU, 1 = CUDA */
     int compare;        /* 1: run the FP16 reference beside (KLD, top-1) */
+    int exact;          /* 1: exact mode - both runs with f32 matmuls over the
+                           dequantized weights (fwd_params.exact), so they differ
+                           only by their KV cache: two FP16 caches of different
+                           page sizes then differ by KLD < 1e-5 (the fast mode's
+                           8-bit activations put that floor near 2e-3). Slower
+                           (about 2x on AVX2) and 4 bytes per weight per run. */
     cfg_kv kv;          /* configuration under test */
     /* progress callback, called after every chunk (may be NULL) */
     void (*progress)(void *ctx, int window, int n_windows, int chunk,

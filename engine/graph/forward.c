@@ -137,6 +137,9 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp,
     if (rc < 0)
         return rc;
     fwd_params p = plan_params(hp, pp);
+    if (p.kv.kv_rotate && (hp->head_dim & (hp->head_dim - 1)))
+        return lkq_err(err, errlen, -EINVAL, "kv_rotate needs a power-of-two head_dim "
+                       "(this model's is %d)", hp->head_dim);
     const bk_ops *ops = bk_find(p.device, err, errlen);
     if (!ops)
         return -ENODEV;
@@ -150,7 +153,7 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp,
     if (s->logit_rows < p.max_seqs)
         s->logit_rows = p.max_seqs < p.max_batch ? p.max_seqs : p.max_batch;
     bk_config bc = {hp, p.max_batch, p.max_seqs, s->logit_rows, p.n_ctx, p.n_threads,
-                    p.use_ref, p.device_index};
+                    p.use_ref, p.device_index, p.exact};
     rc = ops->create(&bc, &s->be, err, errlen);
     if (rc < 0) {
         s->be = NULL;
@@ -629,8 +632,16 @@ static int step(fwd_state *s, int n, int n_sl, int n_head, int row0, char *err, 
         }
         OP(pr->other_s, o->rope(be, s->q, (size_t)Q, &rq, err, errlen));
         OP(pr->other_s, o->rope(be, s->k, (size_t)KV, &rk, err, errlen));
+        if (s->p.kv.kv_rotate) { /* q.k = (qH).(kH): K cached rotated, q rotated alike */
+            OP(pr->other_s, o->hadamard(be, s->q, n * hp->n_heads, hd, err, errlen));
+            OP(pr->other_s, o->hadamard(be, s->k, n * hp->n_kv_heads, hd, err, errlen));
+            if (s->p.kv.kv_rotate == 2) /* V cached rotated: the output rotates back */
+                OP(pr->other_s, o->hadamard(be, s->v, n * hp->n_kv_heads, hd, err, errlen));
+        }
         OP(pr->attn_s, o->attention(be, l, &at, s->q, s->att, s->k, s->v, err, errlen));
         OP(pr->kv_store_s, o->kv_store(be, l, s->k, s->v, err, errlen));
+        if (s->p.kv.kv_rotate == 2) /* sum p_i (v_i H) = (sum p_i v_i) H; H H = I */
+            OP(pr->other_s, o->hadamard(be, s->att, n * hp->n_heads, hd, err, errlen));
         OP(pr->matmul_s, o->matmul(be, L->wo, s->att, s->xb2, n, err, errlen));
         if (hp->sandwich_norm)
             OP(pr->other_s, o->rmsnorm(be, s->xb2, s->xb2, L->post_attn_norm, n, D, eps, err,

@@ -46,6 +46,7 @@ typedef struct {
     bk_device device;   /* BK_DEVICE_CPU (default) or BK_DEVICE_CUDA */
     int device_index;   /* cuda: GPU ordinal (0) */
     cfg_kv kv;          /* KV cache mode and knobs (cfg_kv_default()) */
+    int exact;          /* 1: f32 matmuls over dequantized weights (bk_config.exact) */
 } fwd_params;
 
 typedef struct fwd_state fwd_state;

@@ -1186,7 +1186,8 @@ static uint64_t cfg_seed(const cfg_kv *c, const kvc_dims *d)
 {
     int32_t iv[] = {(int32_t)c->mode, c->chunk_size, c->block_tokens, c->warmup_chunks,
                     c->v_group, c->sink_tokens, c->keep_warmup_fp16, (int32_t)c->k_mode,
-                    (int32_t)c->window_kv, d->n_layers, d->kv_dim, d->head_dim};
+                    (int32_t)c->window_kv, c->kv_rotate, d->n_layers, d->kv_dim,
+                    d->head_dim};
     float fv[] = {c->ema_decay, c->ema_clip, c->clip_quantile, c->outlier_budget};
     uint64_t h = fnv(1469598103934665603ull, iv, sizeof iv);
     return fnv(h, fv, sizeof fv);

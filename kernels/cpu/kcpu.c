@@ -511,6 +511,23 @@ void kcpu_geglu(float *gate, const float *up, int n)
     }
 }
 
+void kcpu_hadamard(float *x, int rows, int dim)
+{
+    const float norm = 1.0f / sqrtf((float)dim);
+    for (int r = 0; r < rows; r++) {
+        float *xr = x + (size_t)r * (size_t)dim;
+        for (int h = 1; h < dim; h <<= 1) /* pairs (i, i + h) within blocks of 2h */
+            for (int b = 0; b < dim; b += 2 * h)
+                for (int i = b; i < b + h; i++) {
+                    float a = xr[i], c = xr[i + h];
+                    xr[i] = a + c;
+                    xr[i + h] = a - c;
+                }
+        for (int i = 0; i < dim; i++)
+            xr[i] *= norm;
+    }
+}
+
 void kcpu_softcap(float *x, int n, float cap)
 {
     const float inv = 1.0f / cap;

@@ -75,6 +75,10 @@ void kcpu_softmax(float *x, int n);
 void kcpu_geglu(float *gate, const float *up, int n);
 void kcpu_softcap(float *x, int n, float cap);
 void kcpu_swiglu(float *gate, const float *up, int n);
+/* kref_hadamard's contract (dim a power of two, at most 4096) through the
+ * fast transform: log2(dim) butterfly passes in f32, then the 1/sqrt(dim)
+ * scale (the same operation order as kcu_hadamard). */
+void kcpu_hadamard(float *x, int rows, int dim);
 /* Row-wise dequantize (used for the token embedding lookup). */
 void kcpu_dequant_row(kt_type t, const void *row, float *out, int64_t n);
 

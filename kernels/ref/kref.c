@@ -251,6 +251,30 @@ void kref_softcap(float *x, int n, float cap)
         x[i] = (float)((double)cap * tanh((double)x[i] / (double)cap));
 }
 
+void kref_hadamard(float *x, int rows, int dim)
+{
+    double *y = malloc((size_t)dim * sizeof(double));
+    if (!y) {
+        for (size_t i = 0; i < (size_t)rows * (size_t)dim; i++)
+            x[i] = NAN;
+        return;
+    }
+    const double norm = 1.0 / sqrt((double)dim);
+    for (int r = 0; r < rows; r++) {
+        float *xr = x + (size_t)r * (size_t)dim;
+        for (int i = 0; i < dim; i++) {
+            double acc = 0.0;
+            for (int j = 0; j < dim; j++)
+                acc += (__builtin_popcount((unsigned)(i & j)) & 1) ? -(double)xr[j]
+                                                                   : (double)xr[j];
+            y[i] = acc * norm;
+        }
+        for (int i = 0; i < dim; i++)
+            xr[i] = (float)y[i];
+    }
+    free(y);
+}
+
 void kref_softmax(float *x, int n)
 {
     if (n <= 0)

@@ -40,6 +40,13 @@ void kref_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
 void kref_rope_ex(float *x, int n_heads, int head_dim, int n_rot, int pos, float theta,
                   float freq_scale, const float *freqs, int neox);
 
+/* In place, each of the rows rows of x [rows][dim] becomes x H / sqrt(dim),
+ * H the Walsh-Hadamard matrix of order dim (H[i][j] = (-1)^popcount(i & j);
+ * dim a power of two): orthonormal and its own inverse, so rotating both
+ * sides of a dot product leaves it unchanged. Straight from the definition
+ * (O(dim^2) per row, double sums). */
+void kref_hadamard(float *x, int rows, int dim);
+
 /* In-place numerically stable softmax over x[n]. */
 void kref_softmax(float *x, int n);
 

@@ -24,6 +24,7 @@
 #include "engine/model/model.h"
 #include "kernels/cpu/kcpu.h"
 #include "kernels/ref/kref.h"
+#include "tests/engine/moby_tokens.h"
 #include "tests/test_util.h"
 
 static mdl_model *load(const char *path)
@@ -43,26 +44,6 @@ static cfg_kv small_chunks(cfg_kv_mode mode)
     c.warmup_chunks = 2;
     c.sink_tokens = 4;
     return c;
-}
-
-/* Tokens of Moby-Dick from "CHAPTER 1." (BOS per the model). */
-static int32_t *moby_tokens(const mdl_model *m, int want, int *n_out)
-{
-    FILE *f = fopen(tu_shared("data/moby-dick.txt"), "rb");
-    cr_assert_not_null(f);
-    static char buf[40000];
-    size_t len = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[len] = '\0';
-    const char *from = strncmp(buf, "CHAPTER 1.", 10) == 0 ? buf : strstr(buf, "\nCHAPTER 1.");
-    cr_assert_not_null(from);
-    int32_t *ids = malloc(sizeof(int32_t) * 60000);
-    int n = 0;
-    cr_assert_eq(tok_encode(m->tok, from, strlen(from), tok_default_add_bos(m->tok), 0, ids,
-                            60000, &n), 0);
-    cr_assert_geq(n, want);
-    *n_out = n;
-    return ids;
 }
 
 /* Greedy continuation of n_gen tokens after a prompt, in a given cache mode. */

@@ -9,6 +9,7 @@
  *    afresh (the current graph never reuses a buffer that way: this is the
  *    contract for the next graph that does);
  *  - a tensor uploaded twice (a tied output head) is held once;
+ *  - exact mode: a quantized weight held in F32, its matmul an F32 GEMM;
  *  - refusals: quantized synthetic weights, a step before the pool, a
  *    token out of range, a matmul larger than planned (a window layer's
  *    attention is taken);
@@ -20,6 +21,7 @@
 #include <errno.h>
 
 #include "engine/backend/backend.h"
+#include "kernels/ref/kref.h"
 
 static const bk_ops *O;
 
@@ -35,15 +37,20 @@ static mdl_hparams tiny_hp(void)
     return hp;
 }
 
-static void *mk(const mdl_hparams *hp, int device)
+static void *mk_ex(const mdl_hparams *hp, int device, int exact)
 {
-    bk_config c = {hp, 8, 2, 8, 64, 1, 0, device};
+    bk_config c = {hp, 8, 2, 8, 64, 1, 0, device, exact};
     void *be = NULL;
     gt_err[0] = '\0';
     int rc = O->create(&c, &be, gt_err, sizeof gt_err);
     if (device == 0)
         GT_CHECK(rc == 0, "create: %s", gt_err);
     return rc == 0 ? be : NULL;
+}
+
+static void *mk(const mdl_hparams *hp, int device)
+{
+    return mk_ex(hp, device, 0);
 }
 
 static float *vec(void *be, size_t n, float scale)
@@ -216,6 +223,56 @@ static void case_upload_and_refusals(void)
     GT_CHECK(mk(&hp, 99) == NULL && strstr(gt_err, "device"), "device 99: %s", gt_err);
 }
 
+/* Exact mode (bk_config.exact): a Q8_0 weight is held as F32 (4 bytes per
+ * element) and the matmul is an F32 GEMM over the exactly dequantized
+ * values: within 1e-6 of sum |w x| of the double product (the fast mode's
+ * F16 inputs are ~1e-3 off). */
+static void case_exact(void)
+{
+    mdl_hparams hp = tiny_hp();
+    void *be = mk_ex(&hp, 0, 1);
+    if (!be)
+        return;
+    const int rows = 40, cols = 32;
+    const size_t rb = kt_row_bytes(KT_Q8_0, cols);
+    uint8_t *q = malloc(rb * rows);
+    for (int r = 0; r < rows; r++) {
+        uint16_t d = kt_f32_to_f16(0.01f + 0.001f * r);
+        memcpy(q + r * rb, &d, 2);
+        for (int j = 0; j < cols; j++)
+            q[r * rb + 2 + j] = (uint8_t)(int8_t)(gt_gauss() * 40.0f);
+    }
+    mdl_weight mw = {KT_Q8_0, q, cols, rows};
+    bk_weight *w = NULL;
+    size_t bytes = 0;
+    GT_OK(O->upload_weight(be, &mw, &w, gt_err, sizeof gt_err));
+    GT_OK(O->ctl(be, BK_CTL_WEIGHT_BYTES, &bytes, gt_err, sizeof gt_err));
+    GT_CHECK(bytes == (size_t)rows * cols * 4, "exact mode holds %zu bytes for a %dx%d weight",
+             bytes, rows, cols);
+    const int n = 3;
+    float xh[3 * 32], yh[3 * 40], wr[32];
+    for (int i = 0; i < n * cols; i++)
+        xh[i] = gt_gauss();
+    float *x = NULL, *y = NULL;
+    GT_OK(O->upload_vector(be, xh, (size_t)n * cols, &x, gt_err, sizeof gt_err));
+    GT_OK(O->alloc(be, sizeof yh, (void **)&y, gt_err, sizeof gt_err));
+    mm(be, w, x, y, n, yh, (size_t)n * rows);
+    for (int r = 0; r < rows; r++) {
+        kref_dequant_row(KT_Q8_0, q + r * rb, wr, cols);
+        for (int t = 0; t < n; t++) {
+            double acc = 0, mag = 0;
+            for (int j = 0; j < cols; j++) {
+                acc += (double)wr[j] * xh[t * cols + j];
+                mag += fabs((double)wr[j] * xh[t * cols + j]);
+            }
+            GT_CHECK(fabs(yh[t * rows + r] - acc) <= 1e-6 * mag + 1e-30,
+                     "exact matmul row %d token %d: %g vs %g", r, t, yh[t * rows + r], acc);
+        }
+    }
+    O->destroy(be);
+    free(q);
+}
+
 int main(void)
 {
     gt_begin("test_gpu_backend");
@@ -227,5 +284,6 @@ int main(void)
     }
     gt_case("conv_cache", case_conv_cache);
     gt_case("upload_and_refusals", case_upload_and_refusals);
+    gt_case("exact", case_exact);
     return gt_end();
 }

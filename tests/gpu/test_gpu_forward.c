@@ -13,7 +13,8 @@
  *    within PPL_REL, the KL divergence to each side's FP16 run within
  *    KLD_ABS, and the cache's structure (tokens, INT4 elements, bytes held)
  *    is identical; the outlier count agrees within OUTLIER_REL (both sides
- *    quantize K/V that differ in the last bits);
+ *    quantize K/V that differ in the last bits); also with kv_rotate = 2
+ *    (K and V rotated per head before the cache);
  *  - greedy decoding with the INT4 cache through several tail
  *    re-quantizations stays on the CPU's tokens for at least INT4_AGREE of
  *    them;
@@ -192,7 +193,8 @@ static void case_greedy_fp16(void)
                gt_emulated() ? 16 / LIGHT : 40, 0);
 }
 
-static void ppl_equal(const char *rel, int ctx)
+/* rotate: kv_rotate of both sides (the graph's hadamard op on each backend) */
+static void ppl_equal(const char *rel, int ctx, int rotate)
 {
     mdl_model *m = load(rel);
     if (!m)
@@ -214,6 +216,7 @@ static void ppl_equal(const char *rel, int ctx)
     tok_encode(m->tok, from, strlen(from), 1, 0, ids, 60000, &n);
     eval_params ep = {.n_ctx = ctx, .n_windows = 1, .n_threads = 2, .compare = 1,
                       .kv = small_chunks(CFG_KV_INT4)};
+    ep.kv.kv_rotate = rotate;
     eval_result rc_, rg;
     char err[512] = "";
     ep.device = 0;
@@ -260,14 +263,16 @@ static void ppl_equal(const char *rel, int ctx)
 
 static void case_ppl_int4(void)
 {
-    ppl_equal("models/stories260K/stories260K.bin", gt_emulated() && LIGHT > 1 ? 320 : 512);
+    ppl_equal("models/stories260K/stories260K.bin", gt_emulated() && LIGHT > 1 ? 320 : 512, 0);
+    /* K and V rotated (head_dim 8) */
+    ppl_equal("models/stories260K/stories260K.bin", gt_emulated() && LIGHT > 1 ? 192 : 256, 2);
 #ifdef GT_LIGHT
     if (gt_emulated()) { /* emulator under sanitizers: far too slow for CI */
         printf("     (stories15M perplexity: not run in the sanitizer build of the emulator)\n");
         return;
     }
 #endif
-    ppl_equal("models/stories15M/stories15M.bin", gt_emulated() ? 192 : 256);
+    ppl_equal("models/stories15M/stories15M.bin", gt_emulated() ? 192 : 256, 0);
 }
 
 static void case_int4_decode(void)

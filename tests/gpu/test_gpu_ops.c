@@ -4,8 +4,9 @@
  * real shapes, adversarial values): RMSNorm, RoPE (adjacent pairs, and
  * kcu_rope_ex: NEOX halves, rope_freqs divisors, one position per row),
  * SwiGLU, GeGLU, soft-capping, bias add over rows, scaling, residual add,
- * f32 -> f16 / bf16 conversion (bit-exact), embedding rows, and the cuBLAS
- * weight GEMM in F32, F16 and BF16.
+ * f32 -> f16 / bf16 conversion (bit-exact), embedding rows, the
+ * Walsh-Hadamard rotation of kv_rotate, and the cuBLAS weight GEMM in F32,
+ * F16 and BF16.
  *
  * Tolerances (|got - ref| <= ATOL + RTOL |ref|, or as stated):
  *  - RMSNorm, RoPE, RoPE-ex (vs kref_rope_ex), SwiGLU, soft-capping (vs
@@ -30,11 +31,13 @@
 #include "kernels/cuda/kcu_bias.cuh"
 #include "kernels/cuda/kcu_elem.cuh"
 #include "kernels/cuda/kcu_geglu.cuh"
+#include "kernels/cuda/kcu_hadamard.cuh"
 #include "kernels/cuda/kcu_rmsnorm.cuh"
 #include "kernels/cuda/kcu_rope.cuh"
 #include "kernels/cuda/kcu_scale.cuh"
 #include "kernels/cuda/kcu_softcap.cuh"
 #include "kernels/cuda/kcu_swiglu.cuh"
+#include "kernels/cpu/kcpu.h"
 #include "kernels/ktypes.h"
 #include "kernels/ref/kref.h"
 
@@ -276,6 +279,50 @@ static void case_softcap(void)
     kcu_free(gt_c, dx);
 }
 
+/* Walsh-Hadamard rotation (kv_rotate): against the oracle (its double sums
+ * vs log2(dim) f32 passes: |err| <= 1e-6 * log2(dim) * the row's L2 norm,
+ * the butterfly's bound), bit-exact against kcpu_hadamard (same pairs, same
+ * order, no contraction), and a dim that is not a power of two refused. */
+static void case_hadamard(void)
+{
+    const int shapes[][2] = {{1, 1}, {3, 2}, {5, 64}, {7, 128}, {4, 256}, {2, 512}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        int rows = shapes[si][0], dim = shapes[si][1];
+        size_t N = (size_t)rows * dim;
+        float *x = rand_vec(N, 3.0f);
+        x[0] = 1e4f; /* an outlier channel, what the rotation spreads */
+        float *ref = malloc(N * 4), *cpu = malloc(N * 4), *got = malloc(N * 4);
+        memcpy(ref, x, N * 4);
+        memcpy(cpu, x, N * 4);
+        kref_hadamard(ref, rows, dim);
+        kcpu_hadamard(cpu, rows, dim);
+        float *dx = gt_up(x, N * 4);
+        GT_OK(kcu_hadamard(gt_c, dx, rows, dim, gt_err, sizeof gt_err));
+        gt_down(got, dx, N * 4);
+        int lg = 0;
+        while ((1 << lg) < dim)
+            lg++;
+        for (int r = 0; r < rows; r++) {
+            double l2 = 0;
+            for (int i = 0; i < dim; i++)
+                l2 += (double)x[(size_t)r * dim + i] * x[(size_t)r * dim + i];
+            char what[64];
+            snprintf(what, sizeof what, "hadamard %dx%d row %d", rows, dim, r);
+            gt_close(what, got + (size_t)r * dim, ref + (size_t)r * dim, (size_t)dim,
+                     1e-6 * (lg + 1) * sqrt(l2), 0.0);
+        }
+        GT_CHECK(memcmp(got, cpu, N * 4) == 0, "hadamard %dx%d: not bit-exact vs kcpu", rows,
+                 dim);
+        kcu_free(gt_c, dx);
+        free(x), free(ref), free(cpu), free(got);
+    }
+    float *dx = gt_up(NULL, 96 * 4);
+    gt_err[0] = '\0';
+    GT_CHECK(kcu_hadamard(gt_c, dx, 1, 96, gt_err, sizeof gt_err) < 0 && gt_err[0],
+             "dim 96 accepted");
+    kcu_free(gt_c, dx);
+}
+
 /* Bias over rows and scaling: one f32 operation per element, exact. */
 static void case_bias_scale(void)
 {
@@ -489,6 +536,7 @@ int main(void)
     gt_case("swiglu", case_swiglu);
     gt_case("geglu", case_geglu);
     gt_case("softcap", case_softcap);
+    gt_case("hadamard", case_hadamard);
     gt_case("bias_scale", case_bias_scale);
     gt_case("add_convert", case_add_convert);
     gt_case("embed", case_embed);

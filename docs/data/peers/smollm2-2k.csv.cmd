@@ -1,0 +1,1 @@
+~/.cache/livekvq/venv-llama/bin/python bench/peers_kv.py -m models/SmolLM2-135M-Instruct.Q4_1.gguf -c 2048 -o docs/data/peers/smollm2-2k.csv --llama-types q8_0,q5_0,q4_1,q4_0,iq4_nl --ours 'int4=--kv-cache int4' --exact
