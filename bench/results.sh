@@ -152,6 +152,9 @@ deterministic. Quality at 1K-8K for the default configuration and the
 ablations that switch its parts off is in [kvquant.md](kvquant.md) (not
 repeated here); its rows are plotted below.
 
+Gemma-3-270M (window layers, 4K-32K, server capacity at 32K): see
+[gemma3.md](gemma3.md).
+
 ## How to reproduce
 
 ```sh

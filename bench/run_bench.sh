@@ -12,7 +12,9 @@
 # LKQ_BASE_BUILD=DIR adds a third engine to the rotation: the bench_e2e of
 # another build of LiveKVQuant (e.g. the commit before a restructure), with
 # its column and the ratios in the table (OUT=FILE writes the table
-# elsewhere than docs/bench.md).
+# elsewhere than docs/bench.md). LKQ_PP / LKQ_TG (comma lists, default
+# 512,2048 / 16,2048) pick the prompt lengths and the generation contexts
+# (bench/gemma3_speed.sh: 512,8192 / 16384 on Gemma-3-270M).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=${1:-5}
@@ -21,24 +23,28 @@ PY=${LKQ_LLAMA_PY:-$HOME/.cache/livekvq/venv-llama/bin/python}
 THREADS=${LKQ_THREADS:-2}
 OUT=${OUT:-$ROOT/docs/bench.md}
 BASE=${LKQ_BASE_BUILD:-}
+PP=${LKQ_PP:-512,2048}
+TG=${LKQ_TG:-16,2048}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 "$ROOT/scripts/build.sh"
 for r in $(seq 1 "$REPS"); do
     echo "round $r/$REPS" >&2
-    "$ROOT/build/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 | grep -E '\| (pp|tg)[0-9]' >>"$tmp/ours"
+    "$ROOT/build/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 -P "$PP" -G "$TG" | grep -E '\| (pp|tg)[0-9]' >>"$tmp/ours"
     if [ -n "$BASE" ]; then
-        "$BASE/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 | grep -E '\| (pp|tg)[0-9]' >>"$tmp/base"
+        "$BASE/bench/bench_e2e" -m "$MODEL" -t "$THREADS" -r 1 -P "$PP" -G "$TG" | grep -E '\| (pp|tg)[0-9]' >>"$tmp/base"
     fi
     if [ -x "$PY" ]; then
-        OMP_WAIT_POLICY=passive "$PY" "$ROOT/bench/llamacpp_bench.py" -m "$MODEL" -t "$THREADS" -r 1 >>"$tmp/peer"
+        OMP_WAIT_POLICY=passive "$PY" "$ROOT/bench/llamacpp_bench.py" -m "$MODEL" -t "$THREADS" -r 1 -P "$PP" -G "$TG" >>"$tmp/peer"
     fi
 done
 
-python3 - "$tmp" "$REPS" "$THREADS" >"$tmp/table" <<'PY'
+python3 - "$tmp" "$REPS" "$THREADS" "$PP" "$TG" >"$tmp/table" <<'PY'
 import statistics, sys, os
 tmp, reps, threads = sys.argv[1], sys.argv[2], sys.argv[3]
+tests = ["pp" + x for x in sys.argv[4].split(",") if x] + \
+        ["tg64@" + x for x in sys.argv[5].split(",") if x]
 def load(name):
     d = {}
     p = os.path.join(tmp, name)
@@ -58,7 +64,7 @@ if base:
 else:
     print("| test | LiveKVQuant tok/s | llama.cpp tok/s | ratio |")
     print("|---|---|---|---|")
-for t in ("pp512", "pp2048", "tg64@16", "tg64@2048"):
+for t in tests:
     o, p, b = med(ours, t), med(peer, t), med(base, t)
     if base:
         print("| %s | %.1f | %.1f | %.3f | %.1f | %.2f | %.2f |" % (t, o, b, div(o, b), p, div(o, p), div(b, p)))
@@ -71,7 +77,7 @@ PY
     echo
     echo "Model: $(basename "$MODEL"), $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores."
     echo "Date: $(date -u +%Y-%m-%d). Median of $REPS rounds; the two engines alternate within one run."
-    echo "Command: \`${BASE:+LKQ_BASE_BUILD=$BASE }bench/run_bench.sh $REPS\`"
+    echo "Command: \`${CMD_NAME:-${BASE:+LKQ_BASE_BUILD=$BASE }bench/run_bench.sh $REPS}\`"
     echo
     echo "pp N = prompt processing of N tokens from an empty cache (batches of 512);"
     echo "tg 64@C = 64 tokens generated one at a time after a C-token prompt. Both"

@@ -779,8 +779,7 @@ static int cu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d,
     /* every slice's history is at most n_ctx positions: pages or blocks,
      * and the chunk boundaries that may split them (a window group holds
      * fewer; each group has a table of this size) */
-    int page = kvc_plan_page_tokens(cfg);
-    int unit = page < cfg->block_tokens ? page : cfg->block_tokens;
+    int unit = kvc_plan_unit_tokens(cfg);
     s->cap_segs = (int)S * (n_ctx / unit + n_ctx / cfg->chunk_size + 16);
     s->off_pos = B * sizeof(int32_t);
     size_t off = s->off_pos + B * sizeof(int32_t);

@@ -90,6 +90,22 @@ static int64_t max64(int64_t a, int64_t b)
 
 /* ---- layer groups ------------------------------------------------------------------ */
 
+/* Tokens per FP16 page of a window group in fp16 mode. Its pages are not
+ * the global layers' blocks (nothing there is ever quantized), and a
+ * window sequence holds its last W - 1 positions plus less than two pages
+ * (kvp_window_need), so they are as small as int4 mode's pages: the largest
+ * divisor of block_tokens up to 16 (a power-of-two step down), so that
+ * every chunk still fills whole pages. Gemma-3-270M (W 512, 15 layers):
+ * 544 positions per sequence instead of 768 with pages of 128, 7.97 MiB
+ * instead of 11.25 MiB per sequence slot. */
+static int window_page_tokens(int T)
+{
+    int P = T;
+    while (P > 16 && P % 2 == 0)
+        P /= 2;
+    return P;
+}
+
 void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t *group,
                       int32_t *local)
 {
@@ -117,6 +133,8 @@ void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t
             if (cfg_kv_has_mode(c, m))
                 wc->modes |= 1u << kvp_group_mode(c, KVC_LAYER_WINDOW, m);
     }
+    if (!cfg_kv_has_mode(wc, CFG_KV_INT4))
+        wc->block_tokens = window_page_tokens(c->block_tokens);
 }
 
 int kvp_group_mode(const cfg_kv *c, int kind, int mode)
@@ -178,6 +196,13 @@ int kvp_page_tokens(const cfg_kv *c)
     if (!cfg_kv_has_mode(c, CFG_KV_INT4))
         return c->block_tokens;
     return c->block_tokens < 16 ? c->block_tokens : 16;
+}
+
+int kvp_unit_tokens(const cfg_kv *c)
+{
+    int P = kvp_page_tokens(c), W = window_page_tokens(c->block_tokens);
+    int unit = P < c->block_tokens ? P : c->block_tokens;
+    return W < unit ? W : unit;
 }
 
 void kvp_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf)
@@ -402,6 +427,25 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
                              max_seqs, budget, cfg->kv_budget_tokens,
                              &out->n_qblocks[KVC_LAYER_GLOBAL],
                              &out->n_fpages[KVC_LAYER_GLOBAL], err, errlen);
+}
+
+int kvp_pool_fit(const cfg_kv *c, const kvc_dims *d, int n_ctx, int max_seqs, char *err,
+                 size_t errlen)
+{
+    kvc_pool_sizes sz;
+    int rc = kvp_pool_size(c, d, n_ctx, max_seqs, &sz, err, errlen);
+    if (rc < 0)
+        return rc;
+    kvp_groups g;
+    kvp_layer_groups(c, d, &g, NULL, NULL);
+    if (g.n_layers[KVC_LAYER_GLOBAL] == 0)
+        return max_seqs;
+    const cfg_kv *gc = &g.cfg[KVC_LAYER_GLOBAL];
+    int64_t nq, nf;
+    kvp_estimate(gc, n_ctx, &nq, &nf);
+    int64_t fit = gc->mode == CFG_KV_INT4 ? sz.n_qblocks[KVC_LAYER_GLOBAL] / (nq > 0 ? nq : 1)
+                                          : sz.n_fpages[KVC_LAYER_GLOBAL] / (nf > 0 ? nf : 1);
+    return fit < max_seqs ? (int)fit : max_seqs;
 }
 
 void kvp_plan_caps(const cfg_kv *c, int max_tokens, kvp_caps *out)

@@ -157,7 +157,10 @@ typedef struct {
     cfg_kv cfg[KVC_LAYER_KINDS];    /* each group's configuration: c for the
                                        global layers; for the window layers c
                                        in fp16 mode unless c is int4 and
-                                       window_kv is int4 */
+                                       window_kv is int4, and then with pages
+                                       of at most 16 tokens (block_tokens is
+                                       the page size in fp16 mode; the
+                                       largest divisor of c's up to 16) */
     kvc_dims dims[KVC_LAYER_KINDS]; /* each group's dimensions (its layers;
                                        layer_window NULL) */
 } kvp_groups;
@@ -190,6 +193,10 @@ void kvp_window_need(const cfg_kv *c, int window, int n_ctx, int64_t *hq, int64_
  * fp16-only pool (pages are the blocks), else min(block_tokens, 16) so
  * that sinks, the tail and the staging hold little slack. */
 int kvp_page_tokens(const cfg_kv *c);
+/* The fewest tokens any unit (page or block) of any group of a pool of
+ * configuration c holds: what bounds the segment count of a history of n
+ * positions (n / unit + a partial unit per chunk boundary). */
+int kvp_unit_tokens(const cfg_kv *c);
 /* Upper bound of the INT4 blocks *nq and FP16 pages *nf a fresh sequence
  * of mode c->mode (cfg_kv_with_mode for another mode of the pool)
  * holds at its peak (reservations of an open step included) while it
@@ -209,6 +216,16 @@ void kvp_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf);
  * reason (bad config, budget too small). */
 int kvp_pool_size(const cfg_kv *c, const kvc_dims *d, int n_ctx, int max_seqs,
                   kvc_pool_sizes *out, char *err, size_t errlen);
+/* How many sequences of n_ctx tokens a pool sized by kvp_pool_size(c, d,
+ * n_ctx, max_seqs) holds at once: max_seqs, or fewer when the global
+ * group's units run out first (its INT4 blocks, or its FP16 pages in fp16
+ * mode, by kvp_estimate of n_ctx; FP16 staging and tail pages of an INT4
+ * global group are shared and not counted). The window group needs no
+ * check: it is reserved per sequence slot. Returns the count (0 without a
+ * global group: unbounded by blocks, the slots decide: max_seqs), or
+ * -EINVAL with a reason. */
+int kvp_pool_fit(const cfg_kv *c, const kvc_dims *d, int n_ctx, int max_seqs, char *err,
+                 size_t errlen);
 /* The tables of a sequence of max_tokens positions (see kvp_caps). */
 void kvp_plan_caps(const cfg_kv *c, int max_tokens, kvp_caps *out);
 /* Checks a configuration against KV dimensions (what every pool needs).

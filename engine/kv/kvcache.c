@@ -91,6 +91,11 @@ int kvc_plan_page_tokens(const cfg_kv *c)
     return kvp_page_tokens(c);
 }
 
+int kvc_plan_unit_tokens(const cfg_kv *c)
+{
+    return kvp_unit_tokens(c);
+}
+
 void kvc_plan_estimate(const cfg_kv *c, int n, int64_t *nq, int64_t *nf)
 {
     kvp_estimate(c, n, nq, nf);

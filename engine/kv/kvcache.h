@@ -161,6 +161,9 @@ void kvc_pool_estimate(const kvc_pool *p, int n, int64_t *nq, int64_t *nf);
  * and the tokens per FP16 page such a pool uses. */
 void kvc_plan_estimate(const cfg_kv *cfg, int n, int64_t *nq, int64_t *nf);
 int kvc_plan_page_tokens(const cfg_kv *cfg);
+/* The fewest tokens any page or block of any layer group of such a pool
+ * holds (kvp_unit_tokens): the bound of a history's segment count. */
+int kvc_plan_unit_tokens(const cfg_kv *cfg);
 
 /* A sequence of at most max_tokens positions. Its metadata (entry list,
  * EMA state, scratch) is allocated here, once. */

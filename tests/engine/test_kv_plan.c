@@ -1289,3 +1289,98 @@ Test(kv_plan, mixed_pool_sizing)
     cr_assert_geq(zm.n_fpages[0], f16, "a full fp16 sequence fits");
     kvp_pool_destroy(p);
 }
+
+/* FP16 window layers hold pages of at most 16 tokens, not blocks of
+ * block_tokens: a long sequence (Gemma-3's shape: blocks of 128, chunks of
+ * 512, W 512) holds its last W - 1 positions plus less than two pages,
+ * and the group's units stay within kvp_window_need over chunks and decode
+ * (the global group keeps its blocks as pages in fp16 mode). */
+Test(kv_plan, window_fp16_pages_are_small_and_bounded)
+{
+    int32_t win[3] = {512, 512, 0};
+    kvc_dims d = {3, 16, 8, win};
+    static const int modes[] = {CFG_KV_INT4, CFG_KV_FP16};
+    for (int mi = 0; mi < 2; mi++) {
+        cfg_kv c = cfg_kv_default();
+        c.mode = modes[mi];
+        c.block_tokens = 128;
+        c.chunk_size = 512;
+        c.window_kv = CFG_KV_FP16;
+        kvp_groups gr;
+        kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+        const cfg_kv *wc = &gr.cfg[KVC_LAYER_WINDOW];
+        cr_assert_eq(wc->mode, CFG_KV_FP16);
+        cr_assert_eq(kvp_page_tokens(wc), 16, "window pages of 16 tokens");
+        cr_assert_eq(kvp_page_tokens(&gr.cfg[KVC_LAYER_GLOBAL]), mi ? 128 : 16,
+                     "the global group keeps its pages");
+        cr_assert_eq(kvp_unit_tokens(&c), 16);
+        int64_t hq, hf, pq, pf;
+        kvp_window_need(wc, 512, 32768, &hq, &hf, &pq, &pf);
+        cr_assert_eq(hq + pq, 0);
+        cr_assert_eq(hf, 34, "511 positions in pages of 16 plus two: %lld", (long long)hf);
+        cr_assert_eq(pf, 65, "plus a chunk's 32 pages: %lld", (long long)pf);
+        /* after a step: W - 1 positions plus less than two pages (the hold
+         * adds a decode step's page) */
+        cr_assert_leq((hf - 1) * 16, 512 - 1 + 2 * 16);
+        window_run(wc, 512, 4 * 512 + 77, 300, 32768);
+    }
+    /* a block size without a power-of-two divisor up to 16 keeps a divisor */
+    cfg_kv c = cfg_kv_default();
+    c.block_tokens = 24;
+    c.chunk_size = 72;
+    kvp_groups gr;
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].block_tokens, 12);
+    cr_assert_eq(c.chunk_size % gr.cfg[KVC_LAYER_WINDOW].block_tokens, 0);
+}
+
+/* The capacity figure of docs/gemma3.md: Gemma-3-270M's KV shape (18
+ * layers, one KV head of 256, window 512 on 15 of them), 32K context, a 1
+ * GiB budget: the most 32K sequences a pool holds over --max-seqs 1..64.
+ * FP16 9; INT4 29 with FP16 window layers (26 when the window group used
+ * pages of 128), 30 with INT4 window layers. */
+static int best_fit(cfg_kv_mode mode, cfg_kv_mode window_kv, const kvc_dims *d)
+{
+    cfg_kv c = cfg_kv_default();
+    c.mode = mode;
+    c.window_kv = window_kv;
+    c.kv_budget_bytes = 1LL << 30;
+    int best = 0;
+    for (int n = 1; n <= 64; n++) {
+        int fit = kvp_pool_fit(&c, d, 32768, n, err, sizeof err);
+        cr_assert_geq(fit, 0, "%s", err);
+        cr_assert_leq(fit, n);
+        best = fit > best ? fit : best;
+    }
+    return best;
+}
+
+Test(kv_plan, gemma3_capacity_in_one_gib)
+{
+    int32_t win[18];
+    for (int l = 0; l < 18; l++)
+        win[l] = l % 6 == 5 ? 0 : 512;
+    kvc_dims d = {18, 256, 256, win};
+    int f16 = best_fit(CFG_KV_FP16, CFG_KV_FP16, &d);
+    int q4 = best_fit(CFG_KV_INT4, CFG_KV_FP16, &d);
+    int q4w = best_fit(CFG_KV_INT4, CFG_KV_INT4, &d);
+    cr_assert_eq(f16, 9, "fp16: %d", f16);
+    cr_assert_geq(q4, 29, "int4, fp16 window layers: %d", q4);
+    cr_assert_geq(q4w, 30, "int4, int4 window layers: %d", q4w);
+    /* the FP16 window layers' share per sequence slot: 34 pages of 16
+     * positions (7.97 MiB), no longer 6 of 128 (11.25 MiB) */
+    cfg_kv g3 = cfg_kv_default();
+    kvp_groups gr;
+    kvp_layer_groups(&g3, &d, &gr, NULL, NULL);
+    int64_t hq, hf, pq, pf;
+    kvp_window_need(&gr.cfg[KVC_LAYER_WINDOW], gr.window, 32768, &hq, &hf, &pq, &pf);
+    cr_assert_eq(hf * 16 * 15 * 256 * 2 * 2, 34LL * 245760);
+    /* without a global group the slots decide */
+    int32_t all[2] = {8, 8};
+    kvc_dims d2 = {2, 16, 8, all};
+    cfg_kv c = cfg(CFG_KV_INT4);
+    cr_assert_eq(kvp_pool_fit(&c, &d2, 1024, 3, err, sizeof err), 3);
+    /* too small a budget: the sizing's error */
+    c.kv_budget_bytes = 4096;
+    cr_assert_eq(kvp_pool_fit(&c, &d, 32768, 4, err, sizeof err), -EINVAL);
+}

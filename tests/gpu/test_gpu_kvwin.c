@@ -43,6 +43,7 @@
 #define CTX 512
 
 static int n_fail_steps;
+static int block_tokens = 16; /* 32: the FP16 window pages (16) are smaller than a block */
 
 static cfg_kv win_cfg(cfg_kv_mode mode, cfg_kv_mode wmode)
 {
@@ -50,7 +51,7 @@ static cfg_kv win_cfg(cfg_kv_mode mode, cfg_kv_mode wmode)
     c.mode = mode;
     c.window_kv = wmode;
     c.chunk_size = 32;
-    c.block_tokens = 16;
+    c.block_tokens = block_tokens;
     c.warmup_chunks = 2;
     c.sink_tokens = 4;
     c.v_group = 8;
@@ -267,6 +268,11 @@ static void case_window_fp16(void)
     run(CFG_KV_INT4, CFG_KV_FP16, 24, 100, 60);
     run(CFG_KV_FP16, CFG_KV_FP16, 24, 100, 40);
     run(CFG_KV_INT4, CFG_KV_FP16, 1000, 70, 20);
+    /* blocks of 32: the window layers' FP16 pages stay 16 positions */
+    block_tokens = 32;
+    run(CFG_KV_INT4, CFG_KV_FP16, 40, 100, 40);
+    run(CFG_KV_FP16, CFG_KV_FP16, 40, 100, 40);
+    block_tokens = 16;
 }
 
 static void case_window_int4(void)
