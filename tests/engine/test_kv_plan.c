@@ -1337,11 +1337,15 @@ Test(kv_plan, window_fp16_pages_are_small_and_bounded)
 /* The capacity figure of docs/gemma3.md: Gemma-3-270M's KV shape (18
  * layers, one KV head of 256, window 512 on 15 of them), 32K context, a 1
  * GiB budget: the most 32K sequences a pool holds over --max-seqs 1..64.
- * FP16 9; INT4 29 with FP16 window layers (26 when the window group used
- * pages of 128), 30 with INT4 window layers. */
-static int best_fit(cfg_kv_mode mode, cfg_kv_mode window_kv, const kvc_dims *d)
+ * FP16 9; INT4 with FP16 window layers 30 (29 with blocks of 128, 26 when
+ * the window group used pages of 128); INT4 window layers 30 with blocks of
+ * 128, 27 with the default 256. */
+static int best_fit(cfg_kv_mode mode, cfg_kv_mode window_kv, int block_tokens,
+                    const kvc_dims *d)
 {
     cfg_kv c = cfg_kv_default();
+    if (block_tokens)
+        c.block_tokens = block_tokens;
     c.mode = mode;
     c.window_kv = window_kv;
     c.kv_budget_bytes = 1LL << 30;
@@ -1361,12 +1365,18 @@ Test(kv_plan, gemma3_capacity_in_one_gib)
     for (int l = 0; l < 18; l++)
         win[l] = l % 6 == 5 ? 0 : 512;
     kvc_dims d = {18, 256, 256, win};
-    int f16 = best_fit(CFG_KV_FP16, CFG_KV_FP16, &d);
-    int q4 = best_fit(CFG_KV_INT4, CFG_KV_FP16, &d);
-    int q4w = best_fit(CFG_KV_INT4, CFG_KV_INT4, &d);
+    int f16 = best_fit(CFG_KV_FP16, CFG_KV_FP16, 0, &d);
+    int q4 = best_fit(CFG_KV_INT4, CFG_KV_FP16, 0, &d);
+    /* INT4 window layers hold whole blocks: with the default blocks of 256
+     * a 512-position window spans 3 of them (27 fit), with 128 5 (30) */
+    int q4w = best_fit(CFG_KV_INT4, CFG_KV_INT4, 128, &d);
+    int q4w256 = best_fit(CFG_KV_INT4, CFG_KV_INT4, 0, &d);
     cr_assert_eq(f16, 9, "fp16: %d", f16);
-    cr_assert_geq(q4, 29, "int4, fp16 window layers: %d", q4);
-    cr_assert_geq(q4w, 30, "int4, int4 window layers: %d", q4w);
+    cr_assert_geq(q4, 30, "int4, fp16 window layers: %d", q4);
+    cr_assert_geq(q4w, 30, "int4, int4 window layers, blocks of 128: %d", q4w);
+    cr_assert_geq(q4w256, 27, "int4, int4 window layers, blocks of 256: %d", q4w256);
+    fprintf(stderr, "gemma3 32K in 1 GiB: fp16 %d, int4 %d, int4 windows %d (blocks of 128) "
+            "%d (256)\n", f16, q4, q4w, q4w256);
     /* the FP16 window layers' share per sequence slot: 34 pages of 16
      * positions (7.97 MiB), no longer 6 of 128 (11.25 MiB) */
     cfg_kv g3 = cfg_kv_default();
