@@ -759,7 +759,7 @@ static enum MHD_Result do_metrics(conn *c)
     pthread_mutex_lock(&h->mu);
     hm = h->hm;
     pthread_mutex_unlock(&h->mu);
-    char *s = metrics_render(&sm, &hm, h->model_id, sm.kv_int4 ? "int4" : "fp16",
+    char *s = metrics_render(&sm, &hm, h->model_id, sm.kv_name ? sm.kv_name : "?",
                              now_s() - h->t_start);
     if (!s)
         return fail(c, 500, "server_error", NULL, "%s", "out of memory");

@@ -246,3 +246,18 @@ Test(kvmode, full_int4_pool_leaves_fp16_intact, .timeout = 240)
 {
     full_pool("\"int4\"", "\"fp16\"", 0);
 }
+
+/* A server of another code width serves, and names its mode in /metrics'
+ * build_info (not "int4" for every quantized width). */
+Test(kvmode, other_width_named_in_build_info, .timeout = 120)
+{
+    const char *args[] = {BASE_ARGS, "--kv-cache", "k3v2", NULL};
+    tsrv s;
+    cr_assert_eq(ts_start(&s, args), 0, "the server did not start");
+    char t[TEXT_CAP];
+    greedy(&s, NULL, 40, t);
+    char *m = metrics(&s);
+    cr_assert_not_null(strstr(m, "kv_cache=\"k3v2\"} 1"), "build_info:\n%.400s", m);
+    free(m);
+    cr_assert_eq(ts_stop(&s, 30), 0);
+}
