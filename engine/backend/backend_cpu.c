@@ -341,26 +341,17 @@ static int cpu_glu(void *be, float *gate, const float *up, int rows, int cols, m
                    char *err, size_t errlen)
 {
     cpu_be *b = be;
-    for (int i = 0; i < rows; i++) {
-        float *g = gate + (size_t)i * (size_t)cols;
-        const float *u = up + (size_t)i * (size_t)cols;
-        switch (act) {
-        case MDL_ACT_SILU:
-            if (b->use_ref)
-                kref_swiglu(g, u, cols);
-            else
-                kcpu_swiglu(g, u, cols);
-            break;
-        case MDL_ACT_GELU_TANH:
-            if (b->use_ref)
-                kref_geglu(g, u, cols);
-            else
-                kcpu_geglu(g, u, cols);
-            break;
-        default:
-            return lkq_err(err, errlen, -ENOTSUP, "activation %d is not supported", (int)act);
-        }
+    if (act != MDL_ACT_SILU && act != MDL_ACT_GELU_TANH)
+        return lkq_err(err, errlen, -ENOTSUP, "activation %d is not supported", (int)act);
+    size_t n = (size_t)rows * (size_t)cols; /* the rows are contiguous */
+    if (!b->use_ref) {
+        kcpu_glu(b->pool, act == MDL_ACT_GELU_TANH, gate, up, n);
+        return 0;
     }
+    if (act == MDL_ACT_SILU)
+        kref_swiglu(gate, up, (int)n);
+    else
+        kref_geglu(gate, up, (int)n);
     return 0;
 }
 

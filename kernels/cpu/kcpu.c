@@ -443,6 +443,37 @@ void kcpu_swiglu(float *gate, const float *up, int n)
     ops()->swiglu(gate, up, n);
 }
 
+typedef struct {
+    float *gate;
+    const float *up;
+    size_t n;
+    int gelu;
+} glu_ctx;
+
+static void glu_task(void *arg, int ith, int nth)
+{
+    const glu_ctx *c = arg;
+    size_t groups = (c->n + 7) / 8;
+    size_t g0 = groups * (size_t)ith / (size_t)nth, g1 = groups * (size_t)(ith + 1) / (size_t)nth;
+    size_t i0 = g0 * 8, i1 = g1 * 8 < c->n ? g1 * 8 : c->n;
+    if (i0 >= i1)
+        return;
+    if (c->gelu)
+        ops()->geglu(c->gate + i0, c->up + i0, (int)(i1 - i0));
+    else
+        ops()->swiglu(c->gate + i0, c->up + i0, (int)(i1 - i0));
+}
+
+void kcpu_glu(kcpu_pool *p, int gelu, float *gate, const float *up, size_t n)
+{
+    glu_ctx c = { gate, up, n, gelu };
+    if (n < 4096) { /* below a few microseconds, waking the workers costs more */
+        glu_task(&c, 0, 1);
+        return;
+    }
+    kcpu_pool_run(p, glu_task, &c);
+}
+
 void kcpu_dequant_row(kt_type t, const void *row, float *out, int64_t n)
 {
     ops()->dequant_row(t, row, out, n);
@@ -504,11 +535,7 @@ void kcpu_rope_ex(float *x, int n_heads, int head_dim, int n_rot, int pos, float
 
 void kcpu_geglu(float *gate, const float *up, int n)
 {
-    const float k = 0.7978845608f; /* sqrt(2/pi) */
-    for (int i = 0; i < n; i++) {
-        float g = gate[i];
-        gate[i] = 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g))) * up[i];
-    }
+    ops()->geglu(gate, up, n);
 }
 
 void kcpu_hadamard(float *x, int rows, int dim)

@@ -75,6 +75,11 @@ void kcpu_softmax(float *x, int n);
 void kcpu_geglu(float *gate, const float *up, int n);
 void kcpu_softcap(float *x, int n, float cap);
 void kcpu_swiglu(float *gate, const float *up, int n);
+/* gate[i] = act(gate[i]) * up[i] for i < n (act: gelu_tanh when gelu, else
+ * silu), split in ranges of whole 8-element groups over the pool's
+ * threads; each range is the single-threaded kernel's work, so the result
+ * is the same for any thread count. */
+void kcpu_glu(kcpu_pool *p, int gelu, float *gate, const float *up, size_t n);
 /* kref_hadamard's contract (dim a power of two, at most 4096) through the
  * fast transform: log2(dim) butterfly passes in f32, then the 1/sqrt(dim)
  * scale (the same operation order as kcu_hadamard). */

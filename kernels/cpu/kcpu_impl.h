@@ -208,6 +208,7 @@ typedef struct {
                     float eps);
     void (*softmax)(float *x, int n);
     void (*swiglu)(float *gate, const float *up, int n);
+    void (*geglu)(float *gate, const float *up, int n);
     void (*dequant_row)(kt_type t, const void *row, float *out, int64_t n);
     void (*f32_to_f16)(uint16_t *dst, const float *src, int64_t n);
 } kcpu_ops;

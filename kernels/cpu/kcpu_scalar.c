@@ -486,6 +486,16 @@ static void sc_swiglu(float *gate, const float *up, int n)
         gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+/* gelu_tanh(g) * up in float (tanhf); kref_geglu is the same in double */
+static void sc_geglu(float *gate, const float *up, int n)
+{
+    const float k = 0.7978845608f; /* sqrt(2/pi) */
+    for (int i = 0; i < n; i++) {
+        float g = gate[i];
+        gate[i] = 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}
+
 /* Same float expressions as kref_dequant_row, so results are bit exact. */
 static void sc_dequant_row(kt_type t, const void *row, float *out, int64_t n)
 {
@@ -529,6 +539,7 @@ const kcpu_ops kcpu_scalar_ops = {
     .rmsnorm = sc_rmsnorm,
     .softmax = sc_softmax,
     .swiglu = sc_swiglu,
+    .geglu = sc_geglu,
     .dequant_row = sc_dequant_row,
     .f32_to_f16 = sc_f32_to_f16,
 };

@@ -675,32 +675,71 @@ Test(ops, rope_ex)
     cr_assert_float_eq(x[1], 0.0f, 0);
 }
 
-/* GELU-tanh GLU and soft-capping: kcpu (float tanh) vs kref (double). */
+/* GELU-tanh GLU and soft-capping: kcpu (float; AVX2 exp form and scalar
+ * tanhf form) vs kref (double). */
 Test(ops, geglu_softcap)
 {
-    for (int si = 0; si < N_EW; si++) {
-        int n = ew_sizes[si];
-        float *g = malloc((size_t)n * 4), *u = malloc((size_t)n * 4), *a = malloc((size_t)n * 4);
-        fill(g, (size_t)n, -12.0f, 12.0f);
-        fill(u, (size_t)n, -3.0f, 3.0f);
-        memcpy(a, g, (size_t)n * 4);
-        kref_geglu(a, u, n);
-        kcpu_geglu(g, u, n);
-        check_close("geglu", g, a, NULL, (size_t)n, EW_ATOL, 1e-5);
-        fill(g, (size_t)n, -200.0f, 200.0f);
-        memcpy(a, g, (size_t)n * 4);
-        kref_softcap(a, n, 30.0f);
-        kcpu_softcap(g, n, 30.0f);
-        check_close("softcap", g, a, NULL, (size_t)n, 1e-5, 1e-6);
-        for (int i = 0; i < n; i++)
-            cr_assert(fabsf(g[i]) <= 30.0f);
-        free(g); free(u); free(a);
+    for (int scalar = 0; scalar < 2; scalar++) {
+        kcpu_force_scalar(scalar);
+        for (int si = 0; si < N_EW; si++) {
+            int n = ew_sizes[si];
+            float *g = malloc((size_t)n * 4), *u = malloc((size_t)n * 4);
+            float *a = malloc((size_t)n * 4);
+            fill(g, (size_t)n, -12.0f, 12.0f);
+            for (int i = 0; i < n; i += 3) /* the curved part */
+                g[i] = rnd_f(-4.0f, 4.0f);
+            if (n > 2)
+                g[1] = -200.0f; /* saturated: -0 */
+            fill(u, (size_t)n, -3.0f, 3.0f);
+            memcpy(a, g, (size_t)n * 4);
+            kref_geglu(a, u, n);
+            kcpu_geglu(g, u, n);
+            check_close("geglu", g, a, NULL, (size_t)n, EW_ATOL, 1e-5);
+            fill(g, (size_t)n, -200.0f, 200.0f);
+            memcpy(a, g, (size_t)n * 4);
+            kref_softcap(a, n, 30.0f);
+            kcpu_softcap(g, n, 30.0f);
+            check_close("softcap", g, a, NULL, (size_t)n, 1e-5, 1e-6);
+            for (int i = 0; i < n; i++)
+                cr_assert(fabsf(g[i]) <= 30.0f);
+            free(g); free(u); free(a);
+        }
     }
+    kcpu_force_scalar(0);
     /* known values: gelu_tanh(1) = 0.841192, gelu_tanh(-1) = -0.158808 */
     float gv[2] = {1.0f, -1.0f}, uv[2] = {1.0f, 2.0f};
     kref_geglu(gv, uv, 2);
     cr_assert_float_eq(gv[0], 0.841192f, 1e-5);
     cr_assert_float_eq(gv[1], -0.317616f, 1e-5);
+}
+
+/* kcpu_glu over the pool (both activations): the same values as the
+ * single-threaded kernel over the whole row, for 1..4 threads and sizes
+ * around the threading threshold and the 8-element groups. */
+Test(ops, glu_threaded_equals_single)
+{
+    static const size_t sizes[] = { 1, 7, 4095, 4096, 4097, 65543 };
+    for (int nth = 1; nth <= 4; nth++) {
+        kcpu_pool *p = NULL;
+        cr_assert_eq(kcpu_pool_create(nth, &p), 0);
+        for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++)
+            for (int gelu = 0; gelu < 2; gelu++) {
+                size_t n = sizes[si];
+                float *g = malloc(n * 4), *u = malloc(n * 4), *a = malloc(n * 4);
+                fill(g, n, -6.0f, 6.0f);
+                fill(u, n, -3.0f, 3.0f);
+                memcpy(a, g, n * 4);
+                if (gelu)
+                    kcpu_geglu(a, u, (int)n);
+                else
+                    kcpu_swiglu(a, u, (int)n);
+                kcpu_glu(p, gelu, g, u, n);
+                cr_assert_eq(memcmp(g, a, n * 4), 0, "glu gelu=%d n=%zu threads=%d", gelu, n,
+                             nth);
+                free(g); free(u); free(a);
+            }
+        kcpu_pool_destroy(p);
+    }
 }
 
 Test(ops, f32_to_f16_bit_exact)
