@@ -13,7 +13,9 @@
  *   --sweep (instead: every quantized weight type on one 1024 x 2048 matrix,
  *   the Gemma-3-270M ffn_down width, 1 and 512 tokens, 2 threads, each SIMD
  *   path: GMAC/s = rows x cols x tokens / time; docs/bench.md), --rounds R
- *   (--sweep repeated R times, each cell's best round kept)
+ *   (--sweep repeated R times, each cell's best round kept), --gemma (instead:
+ *   the seven matmuls of a Gemma-3-270M layer with its file's types, 512
+ *   tokens, one thread in CPU time; with --rounds)
  *
  * A second table times kcpu_attn_f16 (decode and a prefill chunk).
  * Each cell times single calls (at least N of them and at least 0.2 s):
@@ -332,9 +334,90 @@ static int bench_sweep(kcpu_pool *pool, int reps, int hot, int rounds)
     return 0;
 }
 
+/* --gemma: the seven matmuls of one Gemma-3-270M layer with the types of
+ * gemma-3-270m-q4_k_m.gguf (q, k, gate, up Q5_0; v Q8_0; o Q4_K; down
+ * Q6_K) on a 512-token prefill batch, ONE thread, the run-time path, timed
+ * in the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), so that other jobs
+ * on a shared machine do not count (only their cache traffic does). Each
+ * shape keeps its fastest call over rounds x reps calls. Prints ms per
+ * call, GMAC/s per core and the 18-layer sum (the matmul part of a pp512
+ * on one core, without the output head). */
+static double thread_cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int bench_gemma(kcpu_pool *pool1, int reps, int rounds)
+{
+    static const struct { const char *name; kt_type t; int rows, cols; } gs[] = {
+        { "attn_q", KT_Q5_0, 1024, 640 }, { "attn_k", KT_Q5_0, 256, 640 },
+        { "attn_v", KT_Q8_0, 256, 640 },  { "attn_output", KT_Q4_K, 640, 1024 },
+        { "ffn_gate", KT_Q5_0, 2048, 640 }, { "ffn_up", KT_Q5_0, 2048, 640 },
+        { "ffn_down", KT_Q6_K, 640, 2048 },
+    };
+    enum { NG = (int)(sizeof gs / sizeof gs[0]), NT = 512 };
+    double best[NG][2]; /* [shape][0: kcpu_matmul, 1: kcpu_matmul_rp] */
+    float *x = malloc((size_t)NT * 2048 * sizeof(float));
+    float *y = malloc((size_t)NT * 2048 * sizeof(float));
+    if (!x || !y)
+        return -1;
+    for (size_t i = 0; i < (size_t)NT * 2048; i++)
+        x[i] = rndf();
+    for (int g = 0; g < NG; g++)
+        best[g][0] = best[g][1] = 1e30;
+    for (int r = 0; r < rounds; r++)
+        for (int g = 0; g < NG; g++) {
+            size_t wbytes = kt_row_bytes(gs[g].t, gs[g].cols) * (size_t)gs[g].rows;
+            uint8_t *W = malloc(wbytes);
+            void *ws = malloc(kcpu_rp_scratch_bytes(gs[g].cols, NT) +
+                              kcpu_matmul_scratch_bytes(gs[g].t, gs[g].cols, NT) + 1);
+            if (!W || !ws)
+                return -1;
+            fill_weights(gs[g].t, W, wbytes);
+            kcpu_rp *rp = kcpu_rp_create(gs[g].t, W, gs[g].rows, gs[g].cols);
+            if (!rp)
+                return -1;
+            for (int k = 0; k < 2 * reps; k++) {
+                double t0 = thread_cpu_s();
+                if (k % 2)
+                    kcpu_matmul_rp(pool1, rp, x, y, NT, ws);
+                else
+                    kcpu_matmul(pool1, gs[g].t, W, x, y, gs[g].rows, gs[g].cols, NT, ws);
+                double dt = thread_cpu_s() - t0;
+                if (dt < best[g][k % 2])
+                    best[g][k % 2] = dt;
+            }
+            kcpu_rp_destroy(rp);
+            free(W);
+            free(ws);
+        }
+    printf("Gemma-3-270M layer matmuls, %d tokens, 1 thread (CPU time), %s, fastest of %d "
+           "calls; rp = the repacked weights (kcpu_matmul_rp)\n", NT, kcpu_simd_name(),
+           rounds * reps);
+    printf("%-12s %-5s %5s %5s %8s %8s %8s %8s %6s\n", "matmul", "type", "rows", "cols",
+           "ms/call", "GMAC/s", "rp ms", "rp GMAC", "speed");
+    double sum[2] = { 0.0, 0.0 };
+    for (int g = 0; g < NG; g++) {
+        double macs = (double)gs[g].rows * gs[g].cols * NT;
+        sum[0] += best[g][0];
+        sum[1] += best[g][1];
+        printf("%-12s %-5s %5d %5d %8.2f %8.2f %8.2f %8.2f %5.2fx\n", gs[g].name,
+               kt_name(gs[g].t), gs[g].rows, gs[g].cols, best[g][0] * 1e3,
+               macs / best[g][0] * 1e-9, best[g][1] * 1e3, macs / best[g][1] * 1e-9,
+               best[g][0] / best[g][1]);
+    }
+    printf("18 layers: %.3f core-seconds per %d-token prefill, %.3f repacked (%.2fx), "
+           "matmuls only\n", 18.0 * sum[0], NT, 18.0 * sum[1], sum[0] / sum[1]);
+    free(x);
+    free(y);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    int full = 0, hot = 0, reps = 5, sweep = 0, rounds = 1;
+    int full = 0, hot = 0, reps = 5, sweep = 0, rounds = 1, gemma = 0;
     kt_type layer_t = KT_Q4_1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--full")) {
@@ -347,6 +430,8 @@ int main(int argc, char **argv)
                 reps = 1;
         } else if (!strcmp(argv[i], "--sweep")) {
             sweep = 1;
+        } else if (!strcmp(argv[i], "--gemma")) {
+            gemma = 1;
         } else if (!strcmp(argv[i], "--rounds") && i + 1 < argc) {
             rounds = atoi(argv[++i]);
             if (rounds < 1)
@@ -366,8 +451,8 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: %s [--full] [--hot] [--reps N] [--type T] [--sweep "
-                    "[--rounds R]]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--full] [--hot] [--reps N] [--type T] [--sweep | "
+                    "--gemma] [--rounds R]\n", argv[0]);
             return 2;
         }
     }
@@ -376,8 +461,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "cannot create thread pools\n");
         return 1;
     }
-    if (sweep) {
-        int rc = bench_sweep(pools[1], reps, hot, rounds);
+    if (sweep || gemma) {
+        int rc = sweep ? bench_sweep(pools[1], reps, hot, rounds)
+                       : bench_gemma(pools[0], reps, rounds);
         if (rc < 0)
             fprintf(stderr, "out of memory\n");
         kcpu_pool_destroy(pools[0]);

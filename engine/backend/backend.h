@@ -66,10 +66,14 @@ typedef struct {
 typedef struct bk_weight bk_weight;
 
 /* One sequence's rows in a step: rows [off, off + n) at positions
- * pos0 .. pos0 + n - 1 of sequence seq (a backend sequence). */
+ * pos0 .. pos0 + n - 1 of sequence seq (a backend sequence). prefill: the
+ * rows are prompt tokens (else one decode token); a backend may pick its
+ * matmul kernel by it, never by the step's size, so that a row's result
+ * does not depend on what else is batched with it. */
 typedef struct {
     void *seq;
     int off, n, pos0;
+    int prefill;
 } bk_slice;
 
 typedef struct {

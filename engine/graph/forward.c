@@ -758,7 +758,7 @@ int fwd_eval(fwd_state *s, const int32_t *tokens, int n, int pos, int want_all,
         if (rc < 0)
             return rc;
         memcpy(s->tok_buf, tokens + done, (size_t)b * sizeof *tokens);
-        s->slices[0] = (bk_slice){q, 0, b, at};
+        s->slices[0] = (bk_slice){q, 0, b, at, prefill};
         int n_head = 0;
         if (want_all) {
             for (int i = 0; i < b; i++)
@@ -832,7 +832,7 @@ int fwd_eval_batch(fwd_state *s, fwd_item *items, int n_items, int *failed, char
             return rc;
         }
         memcpy(s->tok_buf + total, it->tokens, (size_t)it->n * sizeof *it->tokens);
-        s->slices[i] = (bk_slice){it->seq->b, total, it->n, pos};
+        s->slices[i] = (bk_slice){it->seq->b, total, it->n, pos, it->prefill};
         total += it->n;
         if (it->want_logits)
             s->head_rows[n_head++] = total - 1;

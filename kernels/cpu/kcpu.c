@@ -248,6 +248,190 @@ void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
     kcpu_pool_run(p, mm_task, &c);
 }
 
+/* ---- the repacked matmul (struct kcpu_rp, kcpu_impl.h) ---- */
+
+int kcpu_rp_wanted(void)
+{
+#if defined(LKQ_HAVE_AVX512)
+    return ops() == &kcpu_avx512vnni_ops;
+#else
+    return 0;
+#endif
+}
+
+kcpu_rp *kcpu_rp_create(kt_type t, const void *W, int n_rows, int n_cols)
+{
+    if (!kt_is_quant(t) || n_rows <= 0 || n_cols <= 0 || n_cols % kt_block_elems(t))
+        return NULL;
+    kcpu_rp *rp = calloc(1, sizeof *rp);
+    const int nb = n_cols / KT_QK;
+    int8_t *wq = malloc((size_t)n_cols);
+    float *f = malloc(3 * (size_t)nb * sizeof(float));
+    if (!rp || !wq || !f)
+        goto fail;
+    rp->t = t;
+    rp->rows = n_rows;
+    rp->cols = n_cols;
+    rp->sub = t == KT_Q6_K ? 16 : 32;
+    rp->n_sb = n_cols / rp->sub;
+    rp->n_rg = (n_rows + KCPU_RP_RG - 1) / KCPU_RP_RG;
+    rp->sb_bytes = (size_t)rp->sub * KCPU_RP_RG + 2 * KCPU_RP_RG * sizeof(float);
+    rp->rg_bytes = (size_t)rp->n_sb * rp->sb_bytes;
+    rp->mem = calloc(1, (size_t)rp->n_rg * rp->rg_bytes + 64);
+    if (!rp->mem)
+        goto fail;
+    rp->data = (uint8_t *)ALIGN_UP((uintptr_t)rp->mem, 64);
+    float *dw = f, *dw2 = f + nb, *mw = f + 2 * nb;
+    const size_t rb = kt_row_bytes(t, n_cols);
+    /* code offset (signed codes become u8) and the bias per unit of scale
+     * where the offset is the type's own (Q4_0 q - 8, Q5_0 q - 16) */
+    const int signed_codes = t == KT_Q8_0 || t == KT_Q6_K;
+    const float off = t == KT_Q4_0 ? -8.0f : t == KT_Q5_0 ? -16.0f : signed_codes ? -128.0f : 0.0f;
+    for (int r = 0; r < n_rows; r++) {
+        kcpu_unpack_blocks(t, (const char *)W + (size_t)r * rb, 0, nb, wq, dw, dw2, mw);
+        const int g = r / KCPU_RP_RG, lane = r % KCPU_RP_RG;
+        for (int j = 0; j < rp->n_sb; j++) {
+            uint8_t *rec = rp->data + (size_t)g * rp->rg_bytes + (size_t)j * rp->sb_bytes;
+            float *sc = (float *)(rec + (size_t)rp->sub * KCPU_RP_RG);
+            const int e0 = j * rp->sub, b = e0 / KT_QK;
+            const float scale = rp->sub == 16 && e0 % KT_QK ? dw2[b] : dw[b];
+            sc[lane] = scale;
+            /* Q4_0 / Q5_0 carry d in mw; the offset types have mw = 0 */
+            sc[KCPU_RP_RG + lane] = t == KT_Q4_0 || t == KT_Q5_0 ? off * mw[b]
+                                  : signed_codes ? off * scale : mw[b];
+            for (int e = 0; e < rp->sub; e++)
+                rec[(e / 4) * 4 * KCPU_RP_RG + 4 * lane + e % 4] =
+                    (uint8_t)(wq[e0 + e] + (signed_codes ? 128 : 0));
+        }
+    }
+    free(wq);
+    free(f);
+    return rp;
+fail:
+    free(wq);
+    free(f);
+    kcpu_rp_destroy(rp);
+    return NULL;
+}
+
+void kcpu_rp_destroy(kcpu_rp *rp)
+{
+    if (!rp)
+        return;
+    free(rp->mem);
+    free(rp);
+}
+
+size_t kcpu_rp_bytes(const kcpu_rp *rp)
+{
+    return rp ? (size_t)rp->n_rg * rp->rg_bytes + sizeof *rp : 0;
+}
+
+size_t kcpu_rp_scratch_bytes(int n_cols, int n_tok)
+{
+    if (n_cols <= 0 || n_tok <= 0)
+        return 0;
+    return kcpu_matmul_scratch_bytes(KT_Q8_0, n_cols, n_tok) + 64 +
+           ALIGN_UP((size_t)n_tok * (size_t)(n_cols / 16) * sizeof(float), 64);
+}
+
+typedef struct {
+    const kcpu_rp *rp;
+    kcpu_q8x xq;
+    float *xs;
+    float *y;
+    kcpu_mm_rp_fn fn;
+    int chunk; /* row groups per work item */
+    atomic_int next;
+} rp_ctx;
+
+/* xs [t][j] = d_x * sum of token t's codes over sub-block j (q8x's s when
+ * sub-blocks are whole blocks: quantized with smul 1). */
+static void rp_sums_task(void *arg, int ith, int nth)
+{
+    rp_ctx *c = arg;
+    const int nb = c->xq.nb, sub = c->rp->sub, n_sb = c->rp->n_sb;
+    for (int t = ith; t < c->xq.n_tok; t += nth)
+        for (int j = 0; j < n_sb; j++) {
+            const int e0 = j * sub;
+            const size_t xi = kcpu_q8x_index(nb, t, e0 / KT_QK);
+            float v;
+            if (sub == KT_QK) {
+                v = c->xq.s[xi];
+            } else {
+                int32_t sum = 0;
+                for (int e = 0; e < sub; e++)
+                    sum += c->xq.qs[xi * KT_QK + (size_t)(e0 % KT_QK + e)];
+                v = c->xq.d[xi] * (float)sum;
+            }
+            c->xs[(size_t)t * (size_t)n_sb + (size_t)j] = v;
+        }
+}
+
+static void rp_task(void *arg, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    rp_ctx *c = arg;
+    for (;;) {
+        int g0 = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed) * c->chunk;
+        if (g0 >= c->rp->n_rg)
+            break;
+        int g1 = g0 + c->chunk < c->rp->n_rg ? g0 + c->chunk : c->rp->n_rg;
+        c->fn(c->rp, &c->xq, c->xs, c->y, g0, g1);
+    }
+}
+
+void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, int n_tok,
+                    void *ws)
+{
+    if (n_tok <= 0)
+        return;
+    const int nth = kcpu_pool_size(p);
+    /* the activations as kcpu_matmul quantizes them for Q8_0 (smul 1) */
+    mm_ctx q = { .ops = ops(), .t = KT_Q8_0, .x = x, .n_cols = rp->cols, .n_tok = n_tok };
+    const int nb = rp->cols / KT_QK;
+    const size_t nblk = q8x_slots(rp->cols, n_tok);
+    char *base = (char *)ALIGN_UP((uintptr_t)ws, 64);
+    q.qs = (int8_t *)base;
+    base += ALIGN_UP(nblk * KT_QK, 64);
+    q.d = (float *)base;
+    base += ALIGN_UP(nblk * sizeof(float), 64);
+    q.s = (float *)base;
+    base += ALIGN_UP(nblk * sizeof(float), 64);
+    for (int k = n_tok; k % KCPU_XG; k++) /* zero the padding tokens */
+        for (int b = 0; b < nb; b++) {
+            size_t i = kcpu_q8x_index(nb, k, b);
+            memset(q.qs + i * KT_QK, 0, KT_QK);
+            q.d[i] = q.s[i] = 0.0f;
+        }
+    q.xq = (kcpu_q8x){ q.qs, q.d, q.s, nb, n_tok };
+    if (n_tok == 1 || nth == 1)
+        quantize_task(&q, 0, 1);
+    else
+        kcpu_pool_run(p, quantize_task, &q);
+    rp_ctx c = { .rp = rp, .xq = q.xq, .xs = (float *)base, .y = y };
+#if defined(LKQ_HAVE_AVX512)
+    c.fn = ops() == &kcpu_avx512vnni_ops ? kcpu_avx512vnni_mm_rp : kcpu_scalar_mm_rp;
+#else
+    c.fn = kcpu_scalar_mm_rp;
+#endif
+    if (n_tok == 1 || nth == 1)
+        rp_sums_task(&c, 0, 1);
+    else
+        kcpu_pool_run(p, rp_sums_task, &c);
+    /* work items of whole row-group pairs, about 96 KB of records (kept in
+     * L2 while every token passes), at least ~4 per thread */
+    int chunk = (rp->n_rg + 4 * nth - 1) / (4 * nth);
+    int cap = (int)((size_t)(96 * 1024) / rp->rg_bytes);
+    if (chunk > cap)
+        chunk = cap;
+    chunk = chunk < 2 ? 2 : ALIGN_UP(chunk, 2);
+    c.chunk = chunk;
+    atomic_init(&c.next, 0);
+    kcpu_pool_run(p, rp_task, &c);
+}
+
 /* ---- attention ---- */
 
 /* Scratch: per thread, the attn_item tmp (scores of one tile), then a

@@ -64,6 +64,26 @@ size_t kcpu_matmul_scratch_bytes(kt_type t, int n_cols, int n_tok);
 void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
                  float *y, int n_rows, int n_cols, int n_tok, void *ws);
 
+/* A quantized weight repacked for the integer GEMM of prompt batches
+ * (layout in kcpu_impl.h): 16 rows x 4 columns per vpdpbusd, codes as
+ * bytes, an f32 scale and bias per row and 32 (Q6_K: 16) columns - about
+ * 10 (Q6_K 12) bits per weight, kept beside the model's own tensor, which
+ * single-token calls still use. kcpu_rp_wanted: whether repacking pays on
+ * this CPU (the path in use is AVX-512 VNNI; elsewhere kcpu_matmul_rp runs
+ * a portable loop). kcpu_rp_create: NULL when t is not quantized, cols is
+ * not a whole number of blocks, or memory runs out. */
+typedef struct kcpu_rp kcpu_rp;
+int kcpu_rp_wanted(void);
+kcpu_rp *kcpu_rp_create(kt_type t, const void *W, int n_rows, int n_cols);
+void kcpu_rp_destroy(kcpu_rp *rp); /* NULL is a no-op */
+size_t kcpu_rp_bytes(const kcpu_rp *rp);
+/* kcpu_matmul's contract for the repacked weight (y [n_tok][n_rows]); the
+ * same int8 activations, so the same error bound. ws: at least
+ * kcpu_rp_scratch_bytes(n_cols, n_tok). */
+size_t kcpu_rp_scratch_bytes(int n_cols, int n_tok);
+void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, int n_tok,
+                    void *ws);
+
 void kcpu_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void kcpu_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,
                float theta, float freq_scale);

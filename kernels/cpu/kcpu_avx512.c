@@ -365,3 +365,102 @@ void MM_QUANT_FN(kt_type t, const void *W, size_t row_bytes, const kcpu_q8x *xq,
         break; /* not quantized: kcpu.c never sends them here */
     }
 }
+
+#if defined(KCPU_AVX512_VNNI)
+/* ---- the repacked matmul (struct kcpu_rp, kcpu_impl.h) ----
+ * One vpdpbusd = 16 rows x 4 columns of one token: the 64-byte code vector
+ * of a record's step s against the token's 4 activation bytes broadcast to
+ * every lane, so after sub / 4 steps each int32 lane holds its row's whole
+ * sub-block dot and no horizontal sum is ever needed. Per sub-block and
+ * (row group, token) three float ops remain: cvt, x d_x, fma with the
+ * scales, plus the bias fma against xs. Tile: NG (1, 2) row groups x TN
+ * (1..4) tokens of one activation group (KCPU_XG): 8 int32 + 8 f32
+ * accumulators. */
+AI void rp_tile(const int NG, const int TN, const struct kcpu_rp *rp, const kcpu_q8x *xq,
+                const float *xs, float *y, int g, int t0)
+{
+    const int sub = rp->sub, nb = xq->nb, n_sb = rp->n_sb;
+    __m512 acc[2][MAXT];
+#pragma GCC unroll 2
+    for (int i = 0; i < NG; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++)
+            acc[i][t] = _mm512_setzero_ps();
+    const uint8_t *base = rp->data + (size_t)g * rp->rg_bytes;
+    for (int j = 0; j < n_sb; j++) {
+        const uint8_t *rec = base + (size_t)j * rp->sb_bytes;
+        const int e0 = j * sub;
+        const size_t xi0 = kcpu_q8x_index(nb, t0, e0 / KT_QK);
+        const int8_t *xb = xq->qs + xi0 * KT_QK + (e0 % KT_QK);
+        __m512i dot[2][MAXT];
+#pragma GCC unroll 2
+        for (int i = 0; i < NG; i++)
+#pragma GCC unroll 4
+            for (int t = 0; t < TN; t++)
+                dot[i][t] = _mm512_setzero_si512();
+        for (int s = 0; s < sub / 4; s++) {
+            __m512i w[2];
+#pragma GCC unroll 2
+            for (int i = 0; i < NG; i++)
+                w[i] = _mm512_load_si512((const void *)(rec + (size_t)i * rp->rg_bytes + 64 * s));
+#pragma GCC unroll 4
+            for (int t = 0; t < TN; t++) {
+                int32_t v;
+                memcpy(&v, xb + t * KT_QK + 4 * s, 4);
+                __m512i xv = _mm512_set1_epi32(v);
+#pragma GCC unroll 2
+                for (int i = 0; i < NG; i++)
+                    dot[i][t] = _mm512_dpbusd_epi32(dot[i][t], w[i], xv);
+            }
+        }
+#pragma GCC unroll 2
+        for (int i = 0; i < NG; i++) {
+            const float *f = (const float *)(rec + (size_t)i * rp->rg_bytes +
+                                             (size_t)sub * KCPU_RP_RG);
+            __m512 sc = _mm512_load_ps(f), bi = _mm512_load_ps(f + KCPU_RP_RG);
+#pragma GCC unroll 4
+            for (int t = 0; t < TN; t++) {
+                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][t]),
+                                         _mm512_set1_ps(xq->d[xi0 + (size_t)t]));
+                acc[i][t] = _mm512_fmadd_ps(v, sc, acc[i][t]);
+                acc[i][t] = _mm512_fmadd_ps(
+                    bi, _mm512_set1_ps(xs[(size_t)(t0 + t) * (size_t)n_sb + (size_t)j]),
+                    acc[i][t]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < NG; i++) {
+        const int r0 = (g + i) * KCPU_RP_RG;
+        const int n = rp->rows - r0 < KCPU_RP_RG ? rp->rows - r0 : KCPU_RP_RG;
+        const __mmask16 m = (__mmask16)((1u << n) - 1u);
+#pragma GCC unroll 4
+        for (int t = 0; t < TN; t++)
+            _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * (size_t)rp->rows + (size_t)r0, m,
+                                  acc[i][t]);
+    }
+}
+
+AI void rp_groups(const int TN, const struct kcpu_rp *rp, const kcpu_q8x *xq, const float *xs,
+                  float *y, int g0, int g1, int t0)
+{
+    int g = g0;
+    for (; g + 2 <= g1; g += 2)
+        rp_tile(2, TN, rp, xq, xs, y, g, t0);
+    if (g < g1)
+        rp_tile(1, TN, rp, xq, xs, y, g, t0);
+}
+
+void kcpu_avx512vnni_mm_rp(const struct kcpu_rp *rp, const kcpu_q8x *xq, const float *xs,
+                           float *y, int g0, int g1)
+{
+    for (int t0 = 0; t0 < xq->n_tok; t0 += KCPU_XG) {
+        switch (xq->n_tok - t0 < KCPU_XG ? xq->n_tok - t0 : KCPU_XG) {
+        case 1: rp_groups(1, rp, xq, xs, y, g0, g1, t0); break;
+        case 2: rp_groups(2, rp, xq, xs, y, g0, g1, t0); break;
+        case 3: rp_groups(3, rp, xq, xs, y, g0, g1, t0); break;
+        default: rp_groups(4, rp, xq, xs, y, g0, g1, t0); break;
+        }
+    }
+}
+#endif

@@ -47,6 +47,45 @@ static inline size_t kcpu_q8x_index(int nb, int t, int b)
  * amax = max |x| over the block, d = amax / 127, id = d ? 1 / d : 0,
  * q = round-half-even(x * id). */
 
+/* A quantized weight matrix repacked for integer GEMM (kcpu_rp_create):
+ * rows in groups of KCPU_RP_RG (the last padded with zero rows), columns in
+ * sub-blocks of `sub` (32, or 16 for Q6_K's 16-element scales). Group g,
+ * sub-block j is one record at data + g * rg_bytes + j * sb_bytes:
+ *   codes [sub / 4][KCPU_RP_RG][4] u8: row r's elements 4s .. 4s+3 of the
+ *         sub-block at [s][r] (one 64-byte vector per 4 columns: the 16
+ *         rows' 4-element dot products are the 16 int32 lanes of one
+ *         vpdpbusd against 4 broadcast activation bytes);
+ *   scale [KCPU_RP_RG] f32, bias [KCPU_RP_RG] f32;
+ * so that the weight is w = scale * code + bias for every element (the
+ * very f32 values kref_dequant_row forms; Q8_0 / Q6_K codes are q + 128).
+ * The matmul of quantized activations (kcpu_q8x, smul 1) is then, per row
+ * and token, sum over sub-blocks of
+ *   scale * d_x * sum(code * q_x) + bias * xs,   xs = d_x * sum(q_x)
+ * with xs per sub-block ([token][n_sb] floats). */
+#define KCPU_RP_RG 16
+
+struct kcpu_rp {
+    kt_type t;
+    int rows, cols, sub, n_sb, n_rg;
+    size_t sb_bytes, rg_bytes;
+    uint8_t *data; /* 64-byte aligned */
+    void *mem;
+};
+
+/* Rows groups [g0, g1) x all tokens of a repacked matmul: y [n_tok][rows]. */
+typedef void (*kcpu_mm_rp_fn)(const struct kcpu_rp *rp, const kcpu_q8x *xq, const float *xs,
+                              float *y, int g0, int g1);
+void kcpu_scalar_mm_rp(const struct kcpu_rp *rp, const kcpu_q8x *xq, const float *xs, float *y,
+                       int g0, int g1);
+#if defined(LKQ_HAVE_AVX512)
+void kcpu_avx512vnni_mm_rp(const struct kcpu_rp *rp, const kcpu_q8x *xq, const float *xs,
+                           float *y, int g0, int g1);
+#endif
+/* Codes 32 at a time of the blocks b0 .. b0+n-1 of a quantized row, with
+ * the f32 factors: see kcpu_scalar.c. */
+void kcpu_unpack_blocks(kt_type t, const void *row, int b0, int n, int8_t *wq, float *dw,
+                        float *dw2, float *mw);
+
 /* Attention work item: up to KCPU_ATTN_QMAX query vectors that share one KV
  * head (GQA group heads x a few tokens), over positions [p0, p1), walked in
  * tiles of kcpu_attn_kp(head_dim) positions with an online softmax (running

@@ -59,8 +59,8 @@ static inline uint64_t sc_spread_bits(uint8_t v)
  *   Q4_K / Q5_K  dw = d * sc_j, mw = -(dmin * m_j) (s carries no offset);
  *   Q6_K  codes q - 32 (signed), dw / dw2 = d * scale of each 16-half, mw 0.
  * The scales are the very f32 products kref_dequant_row forms. */
-static void sc_unpack(kt_type t, const void *row, int b0, int n, int8_t *wq,
-                      float *dw, float *dw2, float *mw)
+void kcpu_unpack_blocks(kt_type t, const void *row, int b0, int n, int8_t *wq, float *dw,
+                        float *dw2, float *mw)
 {
     for (int i = 0; i < n; i++) {
         int8_t *o = wq + i * KT_QK;
@@ -173,7 +173,7 @@ static void sc_mm_quant(kt_type t, const void *W, size_t row_bytes,
             y[(size_t)k * (size_t)n_rows + (size_t)r] = 0.0f;
         for (int b0 = 0; b0 < nb; b0 += SC_CHUNK_BLOCKS) {
             int n = nb - b0 < SC_CHUNK_BLOCKS ? nb - b0 : SC_CHUNK_BLOCKS;
-            sc_unpack(t, row, b0, n, wq, dw, dw2, mw);
+            kcpu_unpack_blocks(t, row, b0, n, wq, dw, dw2, mw);
             for (int k = 0; k < xq->n_tok; k++) {
                 float acc = 0.0f;
                 for (int i = 0; i < n; i++) {
@@ -510,7 +510,7 @@ static void sc_dequant_row(kt_type t, const void *row, float *out, int64_t n)
     int8_t wq[KT_QK];
     float dw = 0.0f, dw2 = 0.0f, mw = 0.0f;
     for (int64_t b = 0; b < n / KT_QK; b++) {
-        sc_unpack(t, row, (int)b, 1, wq, &dw, &dw2, &mw);
+        kcpu_unpack_blocks(t, row, (int)b, 1, wq, &dw, &dw2, &mw);
         float *o = out + b * KT_QK;
         for (int j = 0; j < KT_QK; j++) {
             if (t == KT_Q4_0 || t == KT_Q5_0)
@@ -527,6 +527,35 @@ static void sc_f32_to_f16(uint16_t *dst, const float *src, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)
         dst[i] = kt_f32_to_f16(src[i]);
+}
+
+/* The repacked matmul (kcpu_impl.h, struct kcpu_rp) in portable C: the
+ * layout's arithmetic written out (the fallback when AVX-512 VNNI is not
+ * the path in use). */
+void kcpu_scalar_mm_rp(const struct kcpu_rp *rp, const kcpu_q8x *xq, const float *xs, float *y,
+                       int g0, int g1)
+{
+    const int nb = xq->nb, sub = rp->sub;
+    for (int g = g0; g < g1; g++)
+        for (int r = 0; r < KCPU_RP_RG && g * KCPU_RP_RG + r < rp->rows; r++)
+            for (int t = 0; t < xq->n_tok; t++) {
+                float acc = 0.0f;
+                for (int j = 0; j < rp->n_sb; j++) {
+                    const uint8_t *rec = rp->data + (size_t)g * rp->rg_bytes +
+                                         (size_t)j * rp->sb_bytes;
+                    const float *sc = (const float *)(rec + (size_t)sub * KCPU_RP_RG);
+                    const int e0 = j * sub, b = e0 / KT_QK;
+                    const size_t xi = kcpu_q8x_index(nb, t, b);
+                    const int8_t *xb = xq->qs + xi * KT_QK + (e0 % KT_QK);
+                    int32_t dot = 0;
+                    for (int e = 0; e < sub; e++)
+                        dot += (int32_t)rec[(e / 4) * 4 * KCPU_RP_RG + 4 * r + e % 4] *
+                               (int32_t)xb[e];
+                    acc += sc[r] * ((float)dot * xq->d[xi]) +
+                           sc[KCPU_RP_RG + r] * xs[(size_t)t * (size_t)rp->n_sb + (size_t)j];
+                }
+                y[(size_t)t * (size_t)rp->rows + (size_t)(g * KCPU_RP_RG + r)] = acc;
+            }
 }
 
 const kcpu_ops kcpu_scalar_ops = {

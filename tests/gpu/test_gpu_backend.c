@@ -122,7 +122,7 @@ static void case_conv_cache(void)
         int32_t tok = 3;
         GT_OK(O->seq_create(be, 32, &seq, gt_err, sizeof gt_err));
         for (int pos = 0; pos < 2 && seq; pos++) {
-            bk_slice sl = {seq, 0, 1, pos};
+            bk_slice sl = {seq, 0, 1, pos, pos == 0};
             bk_step st = {&tok, 1, &sl, 1};
             if (pos == 1)
                 O->kv_commit(seq);
@@ -197,7 +197,7 @@ static void case_upload_and_refusals(void)
     GT_OK(O->seq_create(be, 32, &seq, gt_err, sizeof gt_err));
     GT_OK(O->kv_begin(seq, 0, 1, 1, gt_err, sizeof gt_err));
     tok = 40; /* n_vocab */
-    bk_slice sl = {seq, 0, 1, 0};
+    bk_slice sl = {seq, 0, 1, 0, 1};
     st = (bk_step){&tok, 1, &sl, 1};
     gt_err[0] = '\0';
     GT_CHECK(O->step_begin(be, &st, gt_err, sizeof gt_err) == -EINVAL && strstr(gt_err, "range"),

@@ -417,6 +417,31 @@ static void check_matmul(kt_type t, mm_shape s, int adversarial, kcpu_pool **poo
             }
         }
     }
+    /* the repacked weight (kcpu_matmul_rp): its portable loop and, where
+     * the CPU has it, the AVX-512 VNNI kernel, against the same bounds */
+    if (quant) {
+        kcpu_rp *rp = kcpu_rp_create(t, W, s.n_rows, s.n_cols);
+        cr_assert(rp, "kcpu_rp_create %s", kt_name(t));
+        void *wsr = malloc(kcpu_rp_scratch_bytes(s.n_cols, s.n_tok) + 1);
+        cr_assert(wsr);
+        kcpu_path rpaths[2] = { KCPU_PATH_SCALAR, KCPU_PATH_AUTO };
+        for (int pa = 0; pa < 2; pa++) {
+            cr_assert_eq(kcpu_force_path(rpaths[pa]), 0);
+            for (int pi = 0; pi < n_pools; pi++) {
+                for (size_t i = 0; i < ny; i++)
+                    got[i] = NAN;
+                kcpu_matmul_rp(pools[pi], rp, x, got, s.n_tok, wsr);
+                snprintf(what, sizeof what, "matmul_rp %s %s%s rows %d cols %d tok %d threads %d",
+                         kt_name(t), kcpu_rp_wanted() ? "vnni" : "portable",
+                         adversarial ? " adversarial" : "", s.n_rows, s.n_cols, s.n_tok,
+                         kcpu_pool_size(pools[pi]));
+                check_close(what, got, refq, mag, ny, MM_ATOL, MM_RTOL);
+                check_close(what, got, ref, qb, ny, MM_ATOL, MM_RTOL);
+            }
+        }
+        kcpu_rp_destroy(rp);
+        free(wsr);
+    }
     kcpu_force_scalar(0);
     free(W); free(x); free(xq); free(hs); free(wrow); free(wabs); free(ref); free(refq);
     free(got); free(mag); free(qb); free(ws);
