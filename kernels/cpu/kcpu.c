@@ -210,6 +210,34 @@ static int mm_chunk_rows(size_t row_bytes, int n_rows, int n_tok, int nth)
     return ALIGN_UP(c, 4);
 }
 
+/* Quantizes c->x (c->n_cols x c->n_tok, c->t's code offset) into the
+ * q8x scratch at ws (kcpu_matmul_scratch_bytes), in parallel over tokens
+ * when there are several; sets c->xq. Returns the first byte after it. */
+static char *quantize_x(kcpu_pool *p, mm_ctx *c, void *ws)
+{
+    const int nb = c->n_cols / KT_QK, n_tok = c->n_tok;
+    size_t nblk = q8x_slots(c->n_cols, n_tok);
+    char *base = (char *)ALIGN_UP((uintptr_t)ws, 64);
+    c->qs = (int8_t *)base;
+    base += ALIGN_UP(nblk * KT_QK, 64);
+    c->d = (float *)base;
+    base += ALIGN_UP(nblk * sizeof(float), 64);
+    c->s = (float *)base;
+    base += ALIGN_UP(nblk * sizeof(float), 64);
+    for (int k = n_tok; k % KCPU_XG; k++) /* zero the padding tokens */
+        for (int b = 0; b < nb; b++) {
+            size_t i = kcpu_q8x_index(nb, k, b);
+            memset(c->qs + i * KT_QK, 0, KT_QK);
+            c->d[i] = c->s[i] = 0.0f;
+        }
+    c->xq = (kcpu_q8x){ c->qs, c->d, c->s, nb, n_tok };
+    if (n_tok == 1 || kcpu_pool_size(p) == 1)
+        quantize_task(c, 0, 1);
+    else
+        kcpu_pool_run(p, quantize_task, c);
+    return base;
+}
+
 /* See kcpu.h. Quantized weight types: x is first quantized into ws (in
  * parallel over tokens when there are several), then rows are shared out. */
 void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
@@ -224,27 +252,8 @@ void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
     };
     c.chunk = mm_chunk_rows(c.row_bytes, n_rows, n_tok, nth);
     atomic_init(&c.next, 0);
-    if (is_quant(t)) {
-        int nb = n_cols / KT_QK;
-        size_t nblk = q8x_slots(n_cols, n_tok);
-        char *base = (char *)ALIGN_UP((uintptr_t)ws, 64);
-        c.qs = (int8_t *)base;
-        base += ALIGN_UP(nblk * KT_QK, 64);
-        c.d = (float *)base;
-        base += ALIGN_UP(nblk * sizeof(float), 64);
-        c.s = (float *)base;
-        for (int k = n_tok; k % KCPU_XG; k++) /* zero the padding tokens */
-            for (int b = 0; b < nb; b++) {
-                size_t i = kcpu_q8x_index(nb, k, b);
-                memset(c.qs + i * KT_QK, 0, KT_QK);
-                c.d[i] = c.s[i] = 0.0f;
-            }
-        c.xq = (kcpu_q8x){ c.qs, c.d, c.s, nb, n_tok };
-        if (n_tok == 1 || nth == 1)
-            quantize_task(&c, 0, 1);
-        else
-            kcpu_pool_run(p, quantize_task, &c);
-    }
+    if (is_quant(t))
+        quantize_x(p, &c, ws);
     kcpu_pool_run(p, mm_task, &c);
 }
 
@@ -390,26 +399,7 @@ void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, i
     const int nth = kcpu_pool_size(p);
     /* the activations as kcpu_matmul quantizes them for Q8_0 (smul 1) */
     mm_ctx q = { .ops = ops(), .t = KT_Q8_0, .x = x, .n_cols = rp->cols, .n_tok = n_tok };
-    const int nb = rp->cols / KT_QK;
-    const size_t nblk = q8x_slots(rp->cols, n_tok);
-    char *base = (char *)ALIGN_UP((uintptr_t)ws, 64);
-    q.qs = (int8_t *)base;
-    base += ALIGN_UP(nblk * KT_QK, 64);
-    q.d = (float *)base;
-    base += ALIGN_UP(nblk * sizeof(float), 64);
-    q.s = (float *)base;
-    base += ALIGN_UP(nblk * sizeof(float), 64);
-    for (int k = n_tok; k % KCPU_XG; k++) /* zero the padding tokens */
-        for (int b = 0; b < nb; b++) {
-            size_t i = kcpu_q8x_index(nb, k, b);
-            memset(q.qs + i * KT_QK, 0, KT_QK);
-            q.d[i] = q.s[i] = 0.0f;
-        }
-    q.xq = (kcpu_q8x){ q.qs, q.d, q.s, nb, n_tok };
-    if (n_tok == 1 || nth == 1)
-        quantize_task(&q, 0, 1);
-    else
-        kcpu_pool_run(p, quantize_task, &q);
+    char *base = quantize_x(p, &q, ws);
     rp_ctx c = { .rp = rp, .xq = q.xq, .xs = (float *)base, .y = y };
 #if defined(LKQ_HAVE_AVX512)
     c.fn = ops() == &kcpu_avx512vnni_ops ? kcpu_avx512vnni_mm_rp : kcpu_scalar_mm_rp;
