@@ -591,6 +591,11 @@ int fwd_pool_shared(const fwd_state *s)
     return s->shared;
 }
 
+int64_t fwd_pool_page_cost(const fwd_state *s)
+{
+    return s->shared ? kvp_plan_cost(&s->gcfg, &s->gdims, CFG_KV_FP16, 0, 1) : 1;
+}
+
 void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf)
 {
     fwd_pool_estimate_mode(s, cfg_kv_mode_id(&s->p.kv), n, nq, nf);

@@ -168,6 +168,9 @@ void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf);
 void fwd_pool_estimate_mode(const fwd_state *s, int mode, int n, int64_t *nq, int64_t *nf);
 double fwd_pool_usage(const fwd_state *s);
 int fwd_pool_shared(const fwd_state *s);
+/* One FP16 page in fwd_pool_free_units' currency (a shared pool: its slab
+ * share in bytes; else 1 page). */
+int64_t fwd_pool_page_cost(const fwd_state *s);
 int fwd_pool_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen);
 const cfg_kv *fwd_kv_cfg(const fwd_state *s);
 

@@ -795,8 +795,11 @@ static void admit_budget(sched *s, int64_t *fq, int64_t *ff, int *n_pref)
         if (!j)
             continue;
         /* headroom: a page of decode tail per running job (more is taken
-         * lazily; preemption covers the rest) */
-        *ff -= 1;
+         * lazily; preemption covers the rest); a shared pool counts bytes */
+        if (fwd_pool_shared(s->bk))
+            *fq -= fwd_pool_page_cost(s->bk);
+        else
+            *ff -= 1;
         if (prefilling(j)) {
             (*n_pref)++;
             int64_t q1, f1, q0, f0;
