@@ -36,7 +36,7 @@
  * executors address blocks and pages as arena + id * U whatever the mode. */
 typedef struct {
     size_t U;                   /* bytes per id step */
-    int64_t S;                  /* bytes per slab (2 of the largest unit) */
+    int64_t S;                  /* bytes per slab (1-8 of the largest unit) */
     size_t cb[CFG_KV_MODES];    /* bytes of a unit of class c, rounded up to U
                                    (0: the pool holds no such class) */
     int32_t per[CFG_KV_MODES];  /* units of class c per slab */
@@ -126,9 +126,9 @@ static int mode_layout(const cfg_kv *c, const kvc_dims *d, int m, kvq_layout *L,
 /* The slab geometry of a pool of configuration c (dimensions d) holding
  * several modes: ids step by U = 64 bytes (every block layout is a
  * multiple of 8 bytes; 64 keeps units cache-line aligned and ids within
- * int32 up to 128 GiB); a slab is two of the largest unit, so that a slab
- * of any class wastes at most a third of itself and usually a few
- * percent. Returns 0, or -EINVAL with a reason. */
+ * int32 up to 128 GiB); a slab is a few of the largest unit, so that a
+ * slab of any class wastes at most about 3 % of itself. Returns 0, or
+ * -EINVAL with a reason. */
 static int geometry(const cfg_kv *c, const kvc_dims *d, kvp_geo *g, char *err, size_t errlen)
 {
     memset(g, 0, sizeof *g);
@@ -157,7 +157,24 @@ static int geometry(const cfg_kv *c, const kvc_dims *d, kvp_geo *g, char *err, s
         big = g->cb[CFG_KV_FP16] > big ? g->cb[CFG_KV_FP16] : big;
         g->n_cls++;
     }
-    g->S = (int64_t)big * 2;
+    /* the slab: the smallest multiple (1..8) of the largest unit where no
+     * class wastes more than 3 % of it (int3 blocks are 0.78 of int4's: one
+     * or two per slab of one or two int4 blocks would cost as much as int4
+     * blocks), else the multiple that wastes least */
+    double best = 2.0;
+    for (int k = 1; k <= 8; k++) {
+        int64_t S = (int64_t)big * k;
+        double w = 0.0;
+        for (int m = 0; m < CFG_KV_MODES; m++)
+            if (g->cb[m] && (double)(S % (int64_t)g->cb[m]) / (double)S > w)
+                w = (double)(S % (int64_t)g->cb[m]) / (double)S;
+        if (w < best - 1e-12) {
+            best = w;
+            g->S = S;
+        }
+        if (w <= 0.03)
+            break;
+    }
     for (int m = 0; m < CFG_KV_MODES; m++) {
         if (!g->cb[m])
             continue;

@@ -52,7 +52,8 @@
  * follows the lifecycle above with blocks of its own widths
  * (kvp_seq_layout). A pool of several modes uses the INT4 page size
  * (kvp_page_tokens) for every page, and is "shared": one byte arena cut
- * into slabs of two of its largest unit; a slab in use holds units of one
+ * into slabs of a few of its largest unit (so that no class wastes more
+ * than ~3 % of a slab); a slab in use holds units of one
  * class only (FP16 pages, or the blocks of one mode), handed out lowest
  * slab first, and returns to the common free stack as soon as all its
  * units are free - so memory an FP16 sequence let go of holds int4 or
