@@ -726,6 +726,11 @@ static void snapshot_kv(sched *s, int force)
     s->t_metrics = t;
     (void)fwd_pool_stats(s->bk, &s->met.kv, NULL, 0); /* partial sums on a device error */
     s->met.kv_usage = fwd_pool_usage(s->bk);
+    if (s->met.kv_shared) {
+        int64_t fb, unused;
+        fwd_pool_free_units(s->bk, &fb, &unused); /* bytes in a shared pool */
+        s->met.kv_free_bytes = fb;
+    }
     fwd_prefix_stats(s->bk, &s->met.prefix);
     int L = s->m->hp.n_layers < SCHED_MAX_LAYERS ? s->m->hp.n_layers : SCHED_MAX_LAYERS;
     s->met.n_layers = L;
@@ -1463,6 +1468,9 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     s->met.kv_int4 = p.kv.mode == CFG_KV_INT4;
     s->met.kv_name = cfg_kv_mode_name(&p.kv);
     s->met.kv_modes = cfg_kv_mode_mask(&p.kv);
+    s->met.kv_shared = s->cap.shared;
+    for (int m = 0; m < CFG_KV_MODES; m++)
+        s->met.kv_mode_capacity[m] = s->cap.seqs_mode[m];
     s->met.max_seqs = p.max_seqs;
     s->met.kv_budget_bytes = fwd_pool_capacity_bytes(s->bk);
     snapshot_kv(s, 1);

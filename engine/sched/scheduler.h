@@ -290,6 +290,10 @@ typedef struct {
         uint64_t ttft_count;          /* requests that got their first token */
         double ttft_sum;              /* their times to first token, seconds */
     } kv_mode[CFG_KV_MODES];          /* by the requests' KV mode ("kv_cache") */
+    int64_t kv_mode_capacity[CFG_KV_MODES]; /* sequences of n_ctx the pool holds
+                                         when all are of mode m (sched_capacity) */
+    int kv_shared;                    /* several modes in one shared pool */
+    int64_t kv_free_bytes;            /* a shared pool's free bytes (slab shares) */
     int max_seqs;
     int64_t kv_budget_bytes;          /* bytes of the pool's arenas */
     int prefix_on;                    /* prefix reuse is running */

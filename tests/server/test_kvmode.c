@@ -317,6 +317,11 @@ Test(kvmode, widths_per_request_match_single_mode, .timeout = 300)
     cr_assert_lt(bpt[1], bpt[3], "k4v2 %g < int4 %g bytes per token", bpt[1], bpt[3]);
     cr_assert_lt(bpt[3], bpt[2], "int4 %g < fp16 %g bytes per token", bpt[3], bpt[2]);
     cr_assert_null(strstr(m, "mode=\"int8\""), "only the enabled modes are labelled");
+    double c16 = ts_metric(m, "livekvq_kv_mode_capacity_sequences{mode=\"fp16\"}");
+    double c3 = ts_metric(m, "livekvq_kv_mode_capacity_sequences{mode=\"int3\"}");
+    cr_assert(c16 >= 1 && c3 > c16, "the shared pool holds more int3 than fp16: %g %g", c3,
+              c16);
+    cr_assert_gt(ts_metric(m, "livekvq_kv_shared_free_bytes"), 0);
     free(m);
     kjob b;
     set_body(&b, &s, "\"int2\"", 8);
