@@ -591,6 +591,21 @@ int fwd_pool_shared(const fwd_state *s)
     return s->shared;
 }
 
+int64_t fwd_pool_held_cost(const fwd_state *s, int mode, int n)
+{
+    if (!s->shared || !cfg_kv_has_mode(&s->p.kv, mode))
+        return 0;
+    cfg_kv c = cfg_kv_with_mode(&s->gcfg, mode);
+    int64_t nq, nf;
+    kvc_plan_estimate(&c, n, &nq, &nf);
+    if (mode != CFG_KV_FP16) {
+        /* after its prefill: its blocks, the sink pages and a tail page */
+        int64_t P = kvc_plan_page_tokens(&c), sinks = c.sink_tokens < n ? c.sink_tokens : n;
+        nf = (sinks + P - 1) / P + 1;
+    }
+    return kvp_plan_cost(&s->gcfg, &s->gdims, mode, nq, nf);
+}
+
 int64_t fwd_pool_page_cost(const fwd_state *s)
 {
     return s->shared ? kvp_plan_cost(&s->gcfg, &s->gdims, CFG_KV_FP16, 0, 1) : 1;

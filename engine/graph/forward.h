@@ -171,6 +171,11 @@ int fwd_pool_shared(const fwd_state *s);
 /* One FP16 page in fwd_pool_free_units' currency (a shared pool: its slab
  * share in bytes; else 1 page). */
 int64_t fwd_pool_page_cost(const fwd_state *s);
+/* A shared pool: the bytes a sequence of mode `mode` and n tokens holds
+ * once its prefill is over (a quantized one: its blocks, sink pages and a
+ * tail page; its peak adds the warm-up staging, which only the sequences
+ * in prefill hold at once: KVC_PREFILL_SLOTS). 0 for other pools. */
+int64_t fwd_pool_held_cost(const fwd_state *s, int mode, int n);
 int fwd_pool_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen);
 const cfg_kv *fwd_kv_cfg(const fwd_state *s);
 

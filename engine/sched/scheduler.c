@@ -1379,10 +1379,18 @@ static void plan_capacity(sched *s)
         if (!cfg_kv_has_mode(&p->kv, m))
             continue;
         fwd_pool_estimate_mode(s->bk, m, p->n_ctx, &q, &f);
-        if (c->shared || m != CFG_KV_FP16)
+        if (c->shared) {
+            /* what the sequences hold once prefilled, the warm-up staging
+             * of the KVC_PREFILL_SLOTS that may prefill at once set aside
+             * (as a single-mode pool counts its blocks alone) */
+            int64_t held = fwd_pool_held_cost(s->bk, m, p->n_ctx);
+            int64_t room = s->cap_q - KVC_PREFILL_SLOTS * (q - held);
+            c->seqs_mode[m] = held > 0 && room > 0 ? room / held : 0;
+        } else if (m != CFG_KV_FP16) {
             c->seqs_mode[m] = q > 0 ? s->cap_q / q : 0;
-        else
+        } else {
             c->seqs_mode[m] = f > 0 ? s->cap_f / f : 0;
+        }
     }
     if (c->shared) {
         c->seqs_int4 = c->seqs_mode[CFG_KV_INT4];
