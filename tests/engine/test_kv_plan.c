@@ -1199,7 +1199,8 @@ static int64_t check_shared_disjoint(const kvp_pool *p, kvp_seq **seqs, int n_se
         const kvp_ent *e = kvp_seq_entries(seqs[j], &n);
         const kvq_layout *L = kvp_seq_layout(seqs[j]);
         for (int i = 0; i < n; i++) {
-            size_t b = e[i].kind == KVP_BLOCK ? L->bytes * (size_t)dims.n_layers : fb;
+            size_t b = e[i].kind == KVP_BLOCK ? L->bytes * (size_t)kvp_pool_dims(p)->n_layers
+                                              : fb;
             size_t off = (size_t)e[i].id * qs;
             cr_assert_leq(off + b, qa, "unit %d past the arena", e[i].id);
             for (size_t k = 0; k < b; k++) {
@@ -1392,6 +1393,54 @@ Test(kv_plan, shared_pool_memory_moves_between_modes)
     for (int k = 0; k < NS; k++)
         kvp_seq_destroy(s[k]);
     cr_assert_eq(kvp_pool_free_bytes(p), cap);
+    kvp_pool_destroy(p);
+}
+
+/* A window group of several modes (window_kv int4, kv_modes with widths)
+ * is a shared pool too: sized per sequence slot for the mode that needs the
+ * most, it holds a sequence of each mode side by side through chunks and
+ * decode, their units never overlap, and every slab comes back. */
+Test(kv_plan, shared_window_group)
+{
+    int32_t win[2] = {64, 0};
+    kvc_dims d = {2, 16, 8, win};
+    cfg_kv c = cfg(CFG_KV_INT4);
+    c.window_kv = CFG_KV_INT4;
+    int i3;
+    cr_assert_eq(cfg_kv_mode_parse("int3", &i3), 0);
+    c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4) | (1u << i3);
+    kvp_groups gr;
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    const cfg_kv *wc = &gr.cfg[KVC_LAYER_WINDOW];
+    cr_assert_eq(cfg_kv_mode_count(wc), 3, "the window group holds the three modes");
+    kvc_pool_sizes sz;
+    cr_assert_eq(kvp_pool_size(&c, &d, 512, 3, &sz, err, sizeof err), 0, "%s", err);
+    kvp_pool *p = NULL;
+    cr_assert_eq(kvp_pool_create(wc, &gr.dims[KVC_LAYER_WINDOW], gr.window,
+                                 sz.n_qblocks[KVC_LAYER_WINDOW], sz.n_fpages[KVC_LAYER_WINDOW],
+                                 &p, err, sizeof err), 0, "%s", err);
+    cr_assert(kvp_pool_shared(p));
+    const int modes[3] = {CFG_KV_FP16, CFG_KV_INT4, i3};
+    kvp_seq *s[3];
+    for (int k = 0; k < 3; k++) {
+        s[k] = seq(p, 512);
+        cr_assert_eq(kvp_seq_set_mode(s[k], modes[k], err, sizeof err), 0, "%s", err);
+    }
+    for (int t = 0; t < 7; t++) /* 224 prompt tokens, one sequence at a time per chunk */
+        for (int k = 0; k < 3; k++)
+            cr_assert_eq(step(s[k], 32, 1), 0, "%s chunk %d: %s", cfg_kv_mode_str(modes[k]), t,
+                         err);
+    for (int t = 0; t < 100; t++)
+        for (int k = 0; k < 3; k++)
+            cr_assert_eq(step(s[k], 1, 0), 0, "%s decode %d: %s", cfg_kv_mode_str(modes[k]), t,
+                         err);
+    check_shared_disjoint(p, s, 3);
+    for (int k = 0; k < 3; k++) {
+        cr_assert_leq(kvp_seq_held_tokens(s[k]), 64 + 32 + 16, "%s keeps about its window",
+                      cfg_kv_mode_str(modes[k]));
+        kvp_seq_destroy(s[k]);
+    }
+    cr_assert_eq(kvp_pool_free_bytes(p), kvp_pool_capacity_bytes(p));
     kvp_pool_destroy(p);
 }
 
