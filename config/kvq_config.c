@@ -128,41 +128,101 @@ static int parse_budget(const char *v, int64_t *bytes, int64_t *tokens)
     return 0;
 }
 
-/* The mode names, by cfg_kv_mode; the second column is an alias. */
-static const char *const mode_names[CFG_KV_MODES][2] = {
-    [CFG_KV_FP16] = {"fp16", "f16"},
-    [CFG_KV_INT4] = {"int4", "q4"},
+/* The mode names by id (cfg_kv_mode ids: 0 fp16, 1 int4, ...), each with
+ * its code widths; the second name is an alias. */
+static const struct {
+    const char *name, *alias;
+    int k, v;
+} mode_tab[CFG_KV_MODES] = {
+    [CFG_KV_FP16] = {"fp16", "f16", 0, 0},
+    [CFG_KV_INT4] = {"int4", "q4", 4, 4},
+    {"int2", "k2v2", 2, 2}, {"int3", "k3v3", 3, 3}, {"int8", "k8v8", 8, 8},
+    {"k2v3", NULL, 2, 3}, {"k2v4", NULL, 2, 4}, {"k2v8", NULL, 2, 8},
+    {"k3v2", NULL, 3, 2}, {"k3v4", NULL, 3, 4}, {"k3v8", NULL, 3, 8},
+    {"k4v2", NULL, 4, 2}, {"k4v3", NULL, 4, 3}, {"k4v8", NULL, 4, 8},
+    {"k8v2", NULL, 8, 2}, {"k8v3", NULL, 8, 3}, {"k8v4", NULL, 8, 4},
 };
 
-int cfg_kv_mode_parse(const char *name, cfg_kv_mode *out)
+/* "all" in kv_modes: fp16 and the widths with K at least as wide as V
+ * that are worth serving (keys carry the outliers: KIVI and our
+ * docs/kvquant.md width table). */
+static const char *const all_modes[] = {"fp16", "int8", "int4", "int3", "int2",
+                                        "k8v4", "k4v2", "k4v3", "k3v2"};
+
+int cfg_kv_mode_parse(const char *name, int *out)
 {
     for (int m = 0; name && m < CFG_KV_MODES; m++)
-        if (!strcasecmp(name, mode_names[m][0]) || !strcasecmp(name, mode_names[m][1])) {
-            *out = (cfg_kv_mode)m;
+        if (!strcasecmp(name, mode_tab[m].name) ||
+            (mode_tab[m].alias && !strcasecmp(name, mode_tab[m].alias))) {
+            *out = m;
             return 0;
         }
+    /* "k4v4" for int4 (every kNvN names its intN) */
+    if (name && strlen(name) == 4 && (name[0] == 'k' || name[0] == 'K') &&
+        (name[2] == 'v' || name[2] == 'V'))
+        for (int m = 1; m < CFG_KV_MODES; m++)
+            if (mode_tab[m].k == name[1] - '0' && mode_tab[m].v == name[3] - '0') {
+                *out = m;
+                return 0;
+            }
     return -1;
 }
 
 const char *cfg_kv_mode_str(int mode)
 {
-    return mode >= 0 && mode < CFG_KV_MODES ? mode_names[mode][0] : "?";
+    return mode >= 0 && mode < CFG_KV_MODES ? mode_tab[mode].name : "?";
+}
+
+void cfg_kv_mode_bits(int m, int *k_bits, int *v_bits)
+{
+    *k_bits = m > 0 && m < CFG_KV_MODES ? mode_tab[m].k : 0;
+    *v_bits = m > 0 && m < CFG_KV_MODES ? mode_tab[m].v : 0;
+}
+
+int cfg_kv_mode_id(const cfg_kv *c)
+{
+    if (c->mode == CFG_KV_FP16)
+        return CFG_KV_FP16;
+    for (int m = 1; m < CFG_KV_MODES; m++)
+        if (mode_tab[m].k == c->k_bits && mode_tab[m].v == c->v_bits)
+            return m;
+    return CFG_KV_INT4; /* bad widths: cfg_kv_validate refuses them */
 }
 
 int cfg_kv_has_mode(const cfg_kv *c, int m)
 {
-    return m >= 0 && m < CFG_KV_MODES && (m == (int)c->mode || ((c->modes >> m) & 1u));
+    return m >= 0 && m < CFG_KV_MODES && (m == cfg_kv_mode_id(c) || ((c->modes >> m) & 1u));
+}
+
+int cfg_kv_has_quant(const cfg_kv *c)
+{
+    return (cfg_kv_mode_mask(c) & ~(1u << CFG_KV_FP16)) != 0;
 }
 
 uint32_t cfg_kv_mode_mask(const cfg_kv *c)
 {
-    return c->modes | (1u << c->mode);
+    return c->modes | (1u << cfg_kv_mode_id(c));
 }
 
-cfg_kv cfg_kv_with_mode(const cfg_kv *c, cfg_kv_mode m)
+int cfg_kv_mode_count(const cfg_kv *c)
+{
+    uint32_t m = cfg_kv_mode_mask(c);
+    int n = 0;
+    for (; m; m &= m - 1)
+        n++;
+    return n;
+}
+
+cfg_kv cfg_kv_with_mode(const cfg_kv *c, int m)
 {
     cfg_kv r = *c;
-    r.mode = m;
+    if (m == CFG_KV_FP16 || m < 0 || m >= CFG_KV_MODES) {
+        r.mode = CFG_KV_FP16;
+        return r;
+    }
+    r.mode = CFG_KV_INT4;
+    r.k_bits = mode_tab[m].k;
+    r.v_bits = mode_tab[m].v;
     return r;
 }
 
@@ -172,7 +232,12 @@ static int parse_modes(const char *v, uint32_t *out)
 {
     uint32_t mask = 0;
     if (!strcasecmp(v, "all")) {
-        *out = (1u << CFG_KV_MODES) - 1u;
+        for (size_t i = 0; i < sizeof all_modes / sizeof *all_modes; i++) {
+            int m = 0;
+            cfg_kv_mode_parse(all_modes[i], &m);
+            mask |= 1u << m;
+        }
+        *out = mask;
         return 0;
     }
     char buf[128];
@@ -180,7 +245,7 @@ static int parse_modes(const char *v, uint32_t *out)
         return 1;
     snprintf(buf, sizeof buf, "%s", v);
     for (char *save = NULL, *t = strtok_r(buf, ", ", &save); t; t = strtok_r(NULL, ", ", &save)) {
-        cfg_kv_mode m;
+        int m;
         if (cfg_kv_mode_parse(t, &m) < 0)
             return 1;
         mask |= 1u << m;
@@ -259,7 +324,8 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         bad = parse_i(value, 0, 2, &c->kv_rotate), want = "0, 1 (K) or 2 (K and V)";
     } else if (!strcmp(k, "kv_modes")) {
         bad = parse_modes(value, &c->modes);
-        want = "a list of modes such as fp16,int4, or all";
+        want = "a list of modes such as fp16,int4,int3 (fp16, int2, int3, int4, int8, kNvM), "
+               "or all";
     } else if (!strcmp(k, "kv_budget")) {
         bad = parse_budget(value, &c->kv_budget_bytes, &c->kv_budget_tokens);
         want = "bytes (e.g. 512M, 2GiB) or tokens (e.g. 65536t)";
@@ -349,6 +415,11 @@ int cfg_kv_validate(const cfg_kv *c, char *err, size_t errlen)
     if ((c->k_bits == 3 || c->v_bits == 3) && c->v_group > 0 && c->v_group % 8 != 0)
         return fail(err, errlen, "int3 packs 8 codes in 3 bytes: v_group must be a multiple "
                     "of 8 (got %d)", c->v_group);
+    for (int m = 1; m < CFG_KV_MODES; m++)
+        if (((c->modes >> m) & 1u) && (mode_tab[m].k == 3 || mode_tab[m].v == 3) &&
+            c->v_group > 0 && c->v_group % 8 != 0)
+            return fail(err, errlen, "kv_modes %s: int3 packs 8 codes in 3 bytes: v_group "
+                        "must be a multiple of 8 (got %d)", mode_tab[m].name, c->v_group);
     return 0;
 }
 
@@ -378,24 +449,29 @@ int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,
 {
     if (cfg_kv_validate(c, err, errlen) < 0)
         return -1;
-    if (c->mode == CFG_KV_INT4) {
+    /* every quantized mode the pool holds (kv_modes) fits the model */
+    for (int m = 1; m < CFG_KV_MODES; m++) {
+        if (!cfg_kv_has_mode(c, m))
+            continue;
+        int kb = mode_tab[m].k, vb = mode_tab[m].v;
         if (head_dim % cfg_kv_v_group(c, head_dim) != 0)
             return fail(err, errlen, "v_group %d does not divide the model's head_dim %d",
                         c->v_group, head_dim);
-        if ((c->k_bits == 3 || c->v_bits == 3) && cfg_kv_v_group(c, head_dim) % 8 != 0)
-            return fail(err, errlen, "int3 packs 8 codes in 3 bytes: v_group (%d) must be a "
-                        "multiple of 8", cfg_kv_v_group(c, head_dim));
-        if ((c->k_bits == 4 || c->v_bits == 4) && (head_dim * n_kv_heads) % 2 != 0)
+        if ((kb == 3 || vb == 3) && cfg_kv_v_group(c, head_dim) % 8 != 0)
+            return fail(err, errlen, "%s: int3 packs 8 codes in 3 bytes: v_group (%d) must "
+                        "be a multiple of 8", mode_tab[m].name, cfg_kv_v_group(c, head_dim));
+        if ((kb == 4 || vb == 4) && (head_dim * n_kv_heads) % 2 != 0)
             return fail(err, errlen, "kv_dim %d is odd: INT4 packing needs pairs",
                         head_dim * n_kv_heads);
     }
     return 0;
 }
 
-/* A mode mask as "fp16,int4". */
-static void modes_str(uint32_t mask, char *b, size_t n)
+void cfg_kv_modes_str(uint32_t mask, char *b, size_t n)
 {
     size_t at = 0;
+    if (n == 0)
+        return;
     b[0] = 0;
     for (int m = 0; m < CFG_KV_MODES && at < n; m++)
         if ((mask >> m) & 1u) {
@@ -407,7 +483,7 @@ static void modes_str(uint32_t mask, char *b, size_t n)
 void cfg_kv_mode_list(char *buf, size_t cap)
 {
     if (cap)
-        modes_str((1u << CFG_KV_MODES) - 1u, buf, cap);
+        cfg_kv_modes_str((1u << CFG_KV_MODES) - 1u, buf, cap);
 }
 
 static void budget_str(const cfg_kv *c, char *b, size_t n)
@@ -435,8 +511,8 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
     if (c->kv_rotate)
         fprintf(f, "kv_rotate = %d\n", c->kv_rotate);
     if (c->modes) {
-        char m[128];
-        modes_str(c->modes, m, sizeof m);
+        char m[160];
+        cfg_kv_modes_str(c->modes, m, sizeof m);
         fprintf(f, "kv_modes = %s\n", m);
     }
 }
@@ -450,10 +526,10 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
     char rot[32] = "";
     if (c->kv_rotate)
         snprintf(rot, sizeof rot, ", \"kv_rotate\": %d", c->kv_rotate);
-    char m[128] = "";
+    char m[200] = "";
     if (c->modes) {
-        char l[100];
-        modes_str(c->modes, l, sizeof l);
+        char l[160];
+        cfg_kv_modes_str(c->modes, l, sizeof l);
         snprintf(m, sizeof m, ", \"kv_modes\": \"%s\"", l);
     }
     return snprintf(buf, cap,

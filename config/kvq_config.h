@@ -30,10 +30,14 @@
  *                   LiveKVQuant-P like the global layers (only with
  *                   kv_cache = int4; with fp16 every layer is FP16)
  *                   (default fp16, measured: docs/kvquant.md "Window layers")
- *   kv_modes        modes sequences of one pool may use, e.g. "fp16,int4"
- *                   or "all": the pool holds INT4 blocks and FP16 pages
- *                   for each, and every sequence picks its own (a server's
- *                   per-request "kv_cache"); kv_cache stays the default.
+ *   kv_modes        modes sequences of one pool may use, e.g. "fp16,int4,int3"
+ *                   (any kv_cache value: fp16, int2, int3, int4, int8, kNvM)
+ *                   or "all" (= fp16,int8,int4,int3,int2,k8v4,k4v2,k4v3,
+ *                   k3v2: every width with K at least as wide as V): one
+ *                   shared pool of slabs (engine/kv/kv_plan.h) holds the
+ *                   FP16 pages and the blocks of every width, and every
+ *                   sequence picks its own mode (a server's per-request
+ *                   "kv_cache"); kv_cache stays the default.
  *                   Empty: kv_cache only (default)
  *   kv_rotate       0 | 1 | 2: per-head Walsh-Hadamard rotation before the
  *                   cache - 1 rotates K (and the query with it), 2 also V
@@ -50,12 +54,15 @@
 
 #include "kernels/kvq.h"
 
-/* CFG_KV_INT4 is the LiveKVQuant-P (quantized) cache, whatever its code
- * widths (k_bits, v_bits). */
+/* cfg_kv.mode: CFG_KV_INT4 is the LiveKVQuant-P (quantized) cache,
+ * whatever its code widths (k_bits, v_bits). */
 typedef enum { CFG_KV_FP16 = 0, CFG_KV_INT4 = 1 } cfg_kv_mode;
-/* Modes there are (a new width is a new cfg_kv_mode below this bound and a
- * line in the name table of kvq_config.c). */
-#define CFG_KV_MODES 2
+/* KV mode ids: what a sequence (a request's "kv_cache") holds its cache
+ * in, the mode and the widths together. 0 is fp16 (CFG_KV_FP16), 1 is
+ * int4 = k4v4 (CFG_KV_INT4), 2.. the other width pairs (int2, int3, int8,
+ * then kNvM with N != M, in the name table of kvq_config.c). cfg_kv.modes,
+ * cfg_kv_has_mode, cfg_kv_with_mode and cfg_kv_mode_str take ids. */
+#define CFG_KV_MODES 17
 
 typedef struct {
     cfg_kv_mode mode;
@@ -90,21 +97,33 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
 /* 1 if key names a knob (accepts '-' for '_'). */
 int cfg_kv_is_key(const char *key);
 
-/* Mode names ("fp16", "int4"; parsing also takes "f16", "q4", any case):
- * cfg_kv_mode_parse returns 0 and *out, or -1 for an unknown name;
- * cfg_kv_mode_str returns "?" for a value out of range; cfg_kv_mode_list
- * writes "fp16,int4" (for error messages). */
-int cfg_kv_mode_parse(const char *name, cfg_kv_mode *out);
+/* Mode names by id ("fp16", "int4", "int2", "int3", "int8", "k2v3" ..;
+ * parsing also takes "f16", "q4", any case): cfg_kv_mode_parse returns 0
+ * and the id in *out, or -1 for an unknown name; cfg_kv_mode_str returns
+ * "?" for an id out of range; cfg_kv_mode_list writes every name,
+ * comma-separated (for error messages); cfg_kv_modes_str the names of a
+ * mask ("fp16,int4"). */
+int cfg_kv_mode_parse(const char *name, int *out);
 const char *cfg_kv_mode_str(int mode);
 void cfg_kv_mode_list(char *buf, size_t cap);
-/* 1 if a sequence of a pool of configuration c may use mode m: m is c's
- * mode or one of its kv_modes. */
+void cfg_kv_modes_str(uint32_t mask, char *buf, size_t cap);
+/* The mode id of c's own mode (kv_cache with its widths). */
+int cfg_kv_mode_id(const cfg_kv *c);
+/* The code widths of a quantized mode id (0, 0 for fp16 or a bad id). */
+void cfg_kv_mode_bits(int m, int *k_bits, int *v_bits);
+/* 1 if a sequence of a pool of configuration c may use mode id m: m is
+ * c's own mode (cfg_kv_mode_id) or one of its kv_modes. */
 int cfg_kv_has_mode(const cfg_kv *c, int m);
-/* The modes a pool of configuration c holds, as a bit mask (never 0). */
+/* 1 if c's pool holds a quantized mode (any width). */
+int cfg_kv_has_quant(const cfg_kv *c);
+/* The mode ids a pool of configuration c holds, as a bit mask (never 0);
+ * cfg_kv_mode_count: how many. */
 uint32_t cfg_kv_mode_mask(const cfg_kv *c);
-/* c with mode m (the other knobs, kv_modes included, unchanged): what a
- * sequence of mode m in c's pool is planned with. */
-cfg_kv cfg_kv_with_mode(const cfg_kv *c, cfg_kv_mode m);
+int cfg_kv_mode_count(const cfg_kv *c);
+/* c with mode id m (mode and k_bits / v_bits; the other knobs, kv_modes
+ * included, unchanged): what a sequence of mode m in c's pool is planned
+ * with. */
+cfg_kv cfg_kv_with_mode(const cfg_kv *c, int m);
 
 /* Reads "key = value" lines ('#' comments, blank lines) into c. Errors name
  * the file and line. */

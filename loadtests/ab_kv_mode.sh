@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # loadtests/ab_kv_mode.sh - A/B of the KV modes on ONE server (issue 13
-# item 2): livekvq-server started with --kv-modes fp16,int4 (one pool), two
-# lkq_load clients at the same time, one sending "kv_cache": "fp16", the
-# other "kv_cache": "int4", the same prompts (same --seed). Prints a table
-# per mode: requests, KV bytes per sequence and per token (what each
-# sequence held when it ended: livekvq_kv_mode_finished_*), bits per KV
-# element, TTFT p50 / p90 as the client saw it and the server's mean TTFT
-# (livekvq_kv_mode_ttft_seconds_total / first_tokens_total).
+# item 2): livekvq-server started with --kv-modes $MODES (one shared pool),
+# one lkq_load client per mode at the same time, each sending its
+# "kv_cache", the same prompts (same --seed). Prints a table per mode:
+# requests, KV bytes per sequence and per token (what each sequence held
+# when it ended: livekvq_kv_mode_finished_*), the sequences of that length
+# the whole pool holds in that mode (pool bytes / bytes per sequence) and
+# of the full context (the startup line), TTFT p50 / p90 as the client saw
+# it and the server's mean TTFT (livekvq_kv_mode_ttft_seconds_total /
+# first_tokens_total).
 #
 # Usage: loadtests/ab_kv_mode.sh [BUILD_DIR]          (default build)
 # Environment (defaults): MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf),
 #   TOKENIZER (none; for a llama2.c model), PROMPT_TOKENS (1536),
 #   MAX_TOKENS (32), REQUESTS (6 per mode), CONCURRENCY (1 per mode),
 #   THREADS (2), DEFAULT_MODE (int4: the server's --kv-cache), NICE (5),
+#   MODES (fp16,int4,int3: the modes compared, one client each),
 #   OUT (BUILD_DIR/loadtests/ab_kv_mode), LKQ_SHARED.
 set -euo pipefail
 
@@ -28,6 +31,7 @@ REQUESTS=${REQUESTS:-6}
 CONCURRENCY=${CONCURRENCY:-1}
 THREADS=${THREADS:-2}
 DEFAULT_MODE=${DEFAULT_MODE:-int4}
+MODES=${MODES:-fp16,int4,int3}
 NICE=${NICE:-5}
 OUT=${OUT:-$BUILD/loadtests/ab_kv_mode}
 export LKQ_SHARED=${LKQ_SHARED:-$ROOT/../shared}
@@ -41,8 +45,9 @@ die() { say "$*"; exit 1; }
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT/metrics.txt" "$OUT/server.log"
 
-args=(-m "$MODEL" -t "$THREADS" --port 0 --kv-cache "$DEFAULT_MODE" --kv-modes fp16,int4
-      --max-seqs $((2 * CONCURRENCY + 2)))
+n_modes=$(echo "$MODES" | tr ',' '\n' | wc -l)
+args=(-m "$MODEL" -t "$THREADS" --port 0 --kv-cache "$DEFAULT_MODE" --kv-modes "$MODES"
+      --max-seqs $((n_modes * CONCURRENCY + 2)))
 [ -n "${TOKENIZER:-}" ] && args+=(--tokenizer "$TOKENIZER")
 coproc SRV { exec nice -n "$NICE" "$SERVER" "${args[@]}" 2>"$OUT/server.log"; }
 SRV_PID=$SRV_PID
@@ -55,7 +60,7 @@ done
 say "server $URL: $(grep -m1 'KV pool' "$OUT/server.log" | sed 's/^.*info  //')"
 
 pids=()
-for mode in fp16 int4; do
+for mode in ${MODES//,/ }; do
     nice -n "$NICE" "$LOAD" --url "$URL" -c "$CONCURRENCY" -n "$REQUESTS" \
         -p "$PROMPT_TOKENS" -m "$MAX_TOKENS" --ignore-eos --kv-cache "$mode" --seed 7 \
         --label "$mode" --json "$OUT/$mode.json" -q &
@@ -66,18 +71,28 @@ for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 [ "$rc" = 0 ] || die "a load client failed (exit $rc)"
 curl -sf "$URL/metrics" >"$OUT/metrics.txt" || die "no /metrics"
 
-python3 - "$OUT" <<'EOF'
+grep -m1 'KV pool' "$OUT/server.log" >"$OUT/capacity.txt" || true
+python3 - "$OUT" "$MODES" <<'EOF'
 import json, re, sys
-out = sys.argv[1]
+out, modes = sys.argv[1], sys.argv[2].split(",")
 met = open(f"{out}/metrics.txt").read()
+cap = open(f"{out}/capacity.txt").read()
+pool = re.search(r"KV pool ([0-9.]+) MiB", cap)
+pool_b = float(pool.group(1)) * 1024 * 1024 if pool else float("nan")
+ctx = re.search(r"sequences of (\d+) tokens", cap)
+def full(mode):
+    r = re.search(r"(\d+) in %s\b" % re.escape(mode), cap)
+    return r.group(1) if r else "?"
 def m(name, mode):
     r = re.search(r'^%s\{mode="%s"\} (\S+)$' % (re.escape(name), mode), met, re.M)
     return float(r.group(1)) if r else float("nan")
-print("| mode | requests | KV bytes / sequence | KV bytes / token | vs fp16 | "
-      "TTFT p50 (client) | TTFT p90 (client) | TTFT mean (server) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| mode | requests | KV MB / sequence | KV bytes / token | vs fp16 | "
+      "sequences held (this length) | sequences held (%s tokens) | "
+      "TTFT p50 (client) | TTFT p90 (client) | TTFT mean (server) |"
+      % (ctx.group(1) if ctx else "n_ctx"))
+print("|---|---|---|---|---|---|---|---|---|---|")
 per_tok = {}
-for mode in ("fp16", "int4"):
+for mode in modes:
     lv = json.loads(open(f"{out}/{mode}.json").read().splitlines()[-1])
     n = m("livekvq_kv_mode_finished_sequences_total", mode)
     b = m("livekvq_kv_mode_finished_bytes_total", mode)
@@ -86,7 +101,8 @@ for mode in ("fp16", "int4"):
     ts = m("livekvq_kv_mode_ttft_seconds_total", mode)
     per_tok[mode] = b / t
     ttft = lv["ttft_s"]
+    base = per_tok.get("fp16", float("nan"))
     print(f"| {mode} | {lv['ok']} | {b / n / 1e6:.2f} MB | {b / t:.0f} B | "
-          f"{per_tok['fp16'] / per_tok[mode]:.2f}x | {ttft['p50']:.2f} s | "
-          f"{ttft['p90']:.2f} s | {ts / ft:.2f} s |")
+          f"{base / per_tok[mode]:.2f}x | {int(pool_b // (b / n))} | {full(mode)} | "
+          f"{ttft['p50']:.2f} s | {ttft['p90']:.2f} s | {ts / ft:.2f} s |")
 EOF

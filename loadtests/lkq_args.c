@@ -50,7 +50,7 @@ void lkq_args_usage(FILE *f)
         "  -m, --max-tokens N        tokens to generate per request (default 32)\n"
         "      --temperature T       (default 0)\n"
         "      --ignore-eos          generate exactly --max-tokens (vLLM's ignore_eos)\n"
-        "      --kv-cache MODE       send \"kv_cache\": MODE (fp16, int4: the server's KV\n"
+        "      --kv-cache MODE       send \"kv_cache\": MODE (fp16, int4, int3, k4v2 ...: a KV\n"
         "                            mode for these requests; default: the server's)\n"
         "      --chat                use /v1/chat/completions (default /v1/completions)\n"
         "      --model NAME          model field (default: first id of /v1/models)\n"

@@ -564,30 +564,37 @@ static int parse_logit_bias(json_t *root, api_request *r, const api_ctx *c, api_
     return 0;
 }
 
-/* "kv_cache": a KV mode name (cfg_kv_mode_parse) the server's pool holds;
- * absent or null: the server's --kv-cache. */
+/* "kv_cache": a KV mode name (cfg_kv_mode_parse: fp16, int2, int3, int4,
+ * int8, kNvM) the server's pool holds; absent or null: the server's
+ * --kv-cache. Errors name the field and list the modes this server serves. */
 static int parse_kv_cache(json_t *root, const api_ctx *c, api_request *r, api_error *e)
 {
     json_t *v = json_object_get(root, "kv_cache");
-    char names[64];
-    cfg_kv_mode_list(names, sizeof names);
     if (!v || json_is_null(v))
         return 0;
+    char on[160];
+    if (c->kv_modes)
+        cfg_kv_modes_str(c->kv_modes, on, sizeof on);
+    else
+        cfg_kv_mode_list(on, sizeof on);
     if (!json_is_string(v)) {
-        api_set_error(e, 400, NULL, NULL, "kv_cache", "'kv_cache' must be a string, one of: %s",
-                      names);
+        api_set_error(e, 400, NULL, NULL, "kv_cache",
+                      "'kv_cache' must be a string, one of the modes this server serves: %s",
+                      on);
         return -1;
     }
-    cfg_kv_mode m;
+    int m;
     if (cfg_kv_mode_parse(json_string_value(v), &m) < 0) {
         api_set_error(e, 400, NULL, NULL, "kv_cache",
-                      "unknown 'kv_cache' value '%.40s' (known: %s)", json_string_value(v), names);
+                      "unknown 'kv_cache' value '%.40s' (KV modes are fp16, int2, int3, int4, "
+                      "int8 and kNvM such as k4v2; this server serves: %s)",
+                      json_string_value(v), on);
         return -1;
     }
     if (c->kv_modes && !((c->kv_modes >> m) & 1u)) {
         api_set_error(e, 400, NULL, NULL, "kv_cache",
-                      "'kv_cache' %s is not enabled on this server (start it with "
-                      "--kv-modes fp16,int4 to serve both)", cfg_kv_mode_str(m));
+                      "'kv_cache' %s is not enabled on this server (it serves: %s; start it "
+                      "with --kv-modes to add others)", cfg_kv_mode_str(m), on);
         return -1;
     }
     r->kv_mode = SCHED_KV_MODE(m);

@@ -95,9 +95,11 @@ static void usage(FILE *f)
         "      --keep-warmup-fp16 --k-quant\n"
         "      --window-kv fp16|int4 sliding-window layers (Gemma-3): FP16 pages or\n"
         "                            LiveKVQuant-P like the global layers (default fp16)\n"
-        "      --kv-modes fp16,int4  modes requests may pick with \"kv_cache\" (one pool\n"
-        "                            holds both; --kv-cache is the default; all = every\n"
-        "                            mode). Default: --kv-cache only\n");
+        "      --kv-modes fp16,int4,int3  modes requests may pick with \"kv_cache\"\n"
+        "                            (fp16, int2, int3, int4, int8, kNvM; one shared pool\n"
+        "                            holds them all and memory moves between them;\n"
+        "                            --kv-cache is the default; all = fp16,int8,int4,int3,\n"
+        "                            int2,k8v4,k4v2,k4v3,k3v2). Default: --kv-cache only\n");
 }
 
 static int parse_long(const char *name, const char *v, long lo, long hi, long *out)
@@ -416,14 +418,25 @@ int main(int argc, char **argv)
     /* what the pool holds, so an operator knows before the first request */
     sched_capacity cap;
     sched_get_capacity(s, &cap);
-    if (cap.kv_modes & (cap.kv_modes - 1))
-        log_info("KV pool %.1f MiB holds %lld sequences of %d tokens in int4 and %lld in fp16 "
-                 "(\"kv_cache\" per request, default %s); one sequence up to %d tokens; %d "
-                 "slots, at most %d per request; queue %d",
-                 (double)cap.pool_bytes / (1024.0 * 1024.0), (long long)cap.seqs_int4, cap.n_ctx,
-                 (long long)cap.seqs_fp16, cfg_kv_mode_str(o.kv.mode), cap.max_seq_tokens,
-                 cap.max_seqs, cap.max_seqs_per_req, cap.max_queue);
-    else if (cap.kv_int4)
+    if (cap.kv_modes & (cap.kv_modes - 1)) {
+        /* one shared pool: what it holds when all sequences are of one mode */
+        char per[512];
+        size_t at = 0;
+        per[0] = 0;
+        for (int m = 0; m < CFG_KV_MODES && at < sizeof per; m++)
+            if ((cap.kv_modes >> m) & 1u) {
+                int w = snprintf(per + at, sizeof per - at, "%s%lld in %s", at ? ", " : "",
+                                 (long long)cap.seqs_mode[m], cfg_kv_mode_str(m));
+                at += w > 0 ? (size_t)w : 0;
+            }
+        log_info("KV pool %.1f MiB, shared by the KV modes: holds sequences of %d tokens: %s "
+                 "(any mix in between: memory moves between modes; \"kv_cache\" per "
+                 "request, default %s); one sequence up to %d tokens; %d slots, at most %d "
+                 "per request; queue %d",
+                 (double)cap.pool_bytes / (1024.0 * 1024.0), cap.n_ctx, per,
+                 cfg_kv_mode_str(cap.kv_mode), cap.max_seq_tokens, cap.max_seqs,
+                 cap.max_seqs_per_req, cap.max_queue);
+    } else if (cap.kv_int4)
         log_info("KV pool %.1f MiB holds %lld sequences of %d tokens in int4 (the same bytes "
                  "would hold %lld in fp16); one sequence up to %d tokens; %d slots, at most %d "
                  "per request; queue %d", (double)cap.pool_bytes / (1024.0 * 1024.0),

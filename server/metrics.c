@@ -117,6 +117,18 @@ static void render_modes(lkq_sb *b, const sched_metrics *sm)
     };
     for (int i = 0; i < N; i++)
         mode_family(b, sm, fam[i][0], fam[i][1], fam[i][2], fam[i][3], v[i]);
+    double cap[CFG_KV_MODES];
+    for (int m = 0; m < CFG_KV_MODES; m++)
+        cap[m] = (double)sm->kv_mode_capacity[m];
+    mode_family(b, sm, "livekvq_kv_mode_capacity_sequences", "gauge",
+                "Full-context sequences the whole pool holds when all are of this KV mode "
+                "(a pool of several modes is shared: memory moves between them).", "", cap);
+    if (sm->kv_shared) {
+        head(b, "livekvq_kv_shared_free_bytes", "gauge",
+             "Free bytes of the shared pool of several KV modes (free slabs plus the free "
+             "units of slabs in use, at their slab share), what admission counts.");
+        lkq_sb_printf(b, "livekvq_kv_shared_free_bytes %lld\n", (long long)sm->kv_free_bytes);
+    }
 }
 
 char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char *model_id,

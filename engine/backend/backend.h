@@ -192,6 +192,9 @@ typedef struct bk_ops {
     int64_t (*pool_capacity_bytes)(void *be);
     /* units of the global layers free now (admission; kvc_pool_free_units) */
     void (*pool_free_units)(void *be, int64_t *qfree, int64_t *ffree);
+    /* free bytes of the global layers (kvc_pool_free_bytes): what a shared
+     * pool of several KV modes admits by */
+    int64_t (*pool_free_bytes)(void *be);
     double (*pool_usage)(void *be);
     int (*pool_stats)(void *be, kvc_stats *out, char *err, size_t errlen);
     const kvq_layout *(*pool_layout)(void *be); /* NULL in fp16 mode */

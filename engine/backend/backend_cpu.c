@@ -453,9 +453,10 @@ static int cpu_attention(void *be, int layer, const bk_attn *a, const float *q, 
     (void)errlen;
     const size_t KV = (size_t)a->n_kv_heads * (size_t)a->head_dim;
     const size_t Q = (size_t)a->n_heads * (size_t)a->head_dim;
-    const kvq_layout *L = kvc_layer_layout(b->kvp, layer); /* its group's blocks */
     for (int c = 0; c < b->n_slices; c++) {
         const bk_slice *sl = &b->slices[c];
+        /* the blocks of this sequence's mode in the layer's group */
+        const kvq_layout *L = kvc_seq_layer_layout(sl->seq, layer);
         const size_t off = (size_t)sl->off;
         int ns = kvc_segments(sl->seq, layer, b->segs, b->cap_segs - 1);
         b->segs[ns++] = (kvs_seg){KVS_F32, sl->pos0, sl->n, k + off * KV, v + off * KV, KV};
@@ -500,10 +501,11 @@ static int cpu_pool_create(void *be, const cfg_kv *cfg, const kvc_dims *d,
     if (rc < 0)
         return rc;
     /* the scratch of the widest block layout (global or window layers) */
-    size_t ws = 0;
-    for (int l = 0; l < d->n_layers; l++) {
-        size_t w = kcpu_attn_seg_scratch_bytes(b->n_threads, kvc_layer_layout(b->kvp, l),
-                                               b->head_dim);
+    size_t ws = kcpu_attn_seg_scratch_bytes(b->n_threads, NULL, b->head_dim);
+    const kvq_layout *lay[2 * CFG_KV_MODES];
+    size_t n_lay = kvc_pool_attn_layouts(b->kvp, lay, 2 * CFG_KV_MODES);
+    for (size_t i = 0; i < n_lay; i++) {
+        size_t w = kcpu_attn_seg_scratch_bytes(b->n_threads, lay[i], b->head_dim);
         ws = w > ws ? w : ws;
     }
     b->ws_attn = malloc(ws > 0 ? ws : 1);
@@ -528,6 +530,11 @@ static int64_t cpu_pool_capacity_bytes(void *be)
 static void cpu_pool_free_units(void *be, int64_t *qfree, int64_t *ffree)
 {
     kvc_pool_free_units(((cpu_be *)be)->kvp, qfree, ffree);
+}
+
+static int64_t cpu_pool_free_bytes(void *be)
+{
+    return kvc_pool_free_bytes(((cpu_be *)be)->kvp);
 }
 
 static double cpu_pool_usage(void *be)
@@ -699,6 +706,7 @@ const bk_ops bk_cpu_ops = {
     .pool_create = cpu_pool_create,
     .pool_capacity_bytes = cpu_pool_capacity_bytes,
     .pool_free_units = cpu_pool_free_units,
+    .pool_free_bytes = cpu_pool_free_bytes,
     .pool_usage = cpu_pool_usage,
     .pool_stats = cpu_pool_stats,
     .pool_layout = cpu_pool_layout,

@@ -820,6 +820,11 @@ static void cu_pool_free_units(void *be, int64_t *qfree, int64_t *ffree)
     kvcd_pool_free_units(((cuda_be *)be)->pool, qfree, ffree);
 }
 
+static int64_t cu_pool_free_bytes(void *be)
+{
+    return kvcd_pool_free_bytes(((cuda_be *)be)->pool);
+}
+
 static double cu_pool_usage(void *be)
 {
     return kvcd_pool_usage(((cuda_be *)be)->pool);
@@ -911,6 +916,7 @@ const bk_ops bk_cuda_ops = {
     /* the KV pool */
     .pool_create = cu_pool_create, .pool_capacity_bytes = cu_pool_capacity_bytes,
     .pool_free_units = cu_pool_free_units, .pool_usage = cu_pool_usage,
+    .pool_free_bytes = cu_pool_free_bytes,
     .pool_stats = cu_pool_stats, .pool_layout = cu_pool_layout,
     /* its sequences */
     .seq_create = cu_seq_create, .seq_destroy = cu_seq_destroy, .seq_reset = cu_seq_reset,

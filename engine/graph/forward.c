@@ -21,6 +21,7 @@
 #include "engine/graph/forward.h"
 
 #include "engine/util/err.h"
+#include "engine/kv/kv_plan.h"
 
 #include <errno.h>
 #include <math.h>
@@ -62,6 +63,10 @@ struct fwd_state {
     bk_slice *slices;  /* [max_seqs] */
     int *head_rows;    /* [logit_rows] rows that get logits */
     int has_global;    /* the model has global (window 0) layers */
+    int shared;        /* the global layers' pool holds several KV modes: one
+                          arena of slabs, admission by bytes (kv_plan.h) */
+    cfg_kv gcfg;       /* the global group's configuration and dimensions */
+    kvc_dims gdims;
     fwd_seq *own;
     fwd_profile prof;
 };
@@ -191,6 +196,13 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp,
     s->has_global = 0;
     for (int l = 0; l < hp->n_layers; l++)
         s->has_global |= !layer_window || layer_window[l] <= 0;
+    if (s->has_global) {
+        kvp_groups gr;
+        kvp_layer_groups(&p.kv, &kd, &gr, NULL, NULL);
+        s->gcfg = gr.cfg[KVC_LAYER_GLOBAL];
+        s->gdims = gr.dims[KVC_LAYER_GLOBAL];
+        s->shared = cfg_kv_mode_count(&s->gcfg) > 1;
+    }
     if (rc == 0)
         rc = kvc_pool_plan(&p.kv, &kd, p.n_ctx, p.max_seqs, &sz, err, errlen);
     if (rc == 0)
@@ -565,12 +577,43 @@ int64_t fwd_pool_capacity_bytes(const fwd_state *s)
 
 void fwd_pool_free_units(const fwd_state *s, int64_t *qfree, int64_t *ffree)
 {
+    if (s->shared) {
+        /* one currency, the bytes of the shared arena (see the header) */
+        *qfree = s->ops->pool_free_bytes(s->be);
+        *ffree = INT64_MAX / 4;
+        return;
+    }
     s->ops->pool_free_units(s->be, qfree, ffree);
+}
+
+int fwd_pool_shared(const fwd_state *s)
+{
+    return s->shared;
+}
+
+int64_t fwd_pool_held_cost(const fwd_state *s, int mode, int n)
+{
+    if (!s->shared || !cfg_kv_has_mode(&s->p.kv, mode))
+        return 0;
+    cfg_kv c = cfg_kv_with_mode(&s->gcfg, mode);
+    int64_t nq, nf;
+    kvc_plan_estimate(&c, n, &nq, &nf);
+    if (mode != CFG_KV_FP16) {
+        /* after its prefill: its blocks, the sink pages and a tail page */
+        int64_t P = kvc_plan_page_tokens(&c), sinks = c.sink_tokens < n ? c.sink_tokens : n;
+        nf = (sinks + P - 1) / P + 1;
+    }
+    return kvp_plan_cost(&s->gcfg, &s->gdims, mode, nq, nf);
+}
+
+int64_t fwd_pool_page_cost(const fwd_state *s)
+{
+    return s->shared ? kvp_plan_cost(&s->gcfg, &s->gdims, CFG_KV_FP16, 0, 1) : 1;
 }
 
 void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf)
 {
-    fwd_pool_estimate_mode(s, s->p.kv.mode, n, nq, nf);
+    fwd_pool_estimate_mode(s, cfg_kv_mode_id(&s->p.kv), n, nq, nf);
 }
 
 void fwd_pool_estimate_mode(const fwd_state *s, int mode, int n, int64_t *nq, int64_t *nf)
@@ -578,8 +621,13 @@ void fwd_pool_estimate_mode(const fwd_state *s, int mode, int n, int64_t *nq, in
     /* the global layers' units: the window layers are reserved per slot */
     *nq = *nf = 0;
     if (s->has_global && cfg_kv_has_mode(&s->p.kv, mode)) {
-        cfg_kv c = cfg_kv_with_mode(&s->p.kv, (cfg_kv_mode)mode);
+        cfg_kv c = cfg_kv_with_mode(&s->p.kv, mode);
         kvc_plan_estimate(&c, n, nq, nf);
+        if (s->shared) {
+            /* the units' slab shares in bytes (fwd_pool_free_units) */
+            *nq = kvp_plan_cost(&s->gcfg, &s->gdims, mode, *nq, *nf);
+            *nf = 0;
+        }
     }
 }
 

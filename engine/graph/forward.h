@@ -154,7 +154,12 @@ int fwd_seq_fork(fwd_seq *dst, const fwd_seq *src, char *err, size_t errlen);
 
 /* The pool: capacity, free INT4 blocks / FP16 pages, the admission
  * estimate of a fresh sequence of n prompt tokens, usage 0..1, and the
- * pool-wide accounting (cuda: outlier counts read from the device). */
+ * pool-wide accounting (cuda: outlier counts read from the device).
+ * A shared pool (kv_modes: several KV modes in one arena of slabs,
+ * fwd_pool_shared) counts in bytes instead: fwd_pool_free_units gives
+ * its free bytes in *qfree (and INT64_MAX / 4 in *ffree), and an estimate
+ * the bytes its blocks and pages take in *nq (*nf 0), so that the
+ * scheduler's unit arithmetic admits any mix of modes from one budget. */
 int64_t fwd_pool_capacity_bytes(const fwd_state *s);
 void fwd_pool_free_units(const fwd_state *s, int64_t *qfree, int64_t *ffree);
 void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf);
@@ -162,6 +167,15 @@ void fwd_pool_estimate(const fwd_state *s, int n, int64_t *nq, int64_t *nf);
  * does not hold); fwd_pool_estimate is this with the pool's mode. */
 void fwd_pool_estimate_mode(const fwd_state *s, int mode, int n, int64_t *nq, int64_t *nf);
 double fwd_pool_usage(const fwd_state *s);
+int fwd_pool_shared(const fwd_state *s);
+/* One FP16 page in fwd_pool_free_units' currency (a shared pool: its slab
+ * share in bytes; else 1 page). */
+int64_t fwd_pool_page_cost(const fwd_state *s);
+/* A shared pool: the bytes a sequence of mode `mode` and n tokens holds
+ * once its prefill is over (a quantized one: its blocks, sink pages and a
+ * tail page; its peak adds the warm-up staging, which only the sequences
+ * in prefill hold at once: KVC_PREFILL_SLOTS). 0 for other pools. */
+int64_t fwd_pool_held_cost(const fwd_state *s, int mode, int n);
 int fwd_pool_stats(fwd_state *s, kvc_stats *out, char *err, size_t errlen);
 const cfg_kv *fwd_kv_cfg(const fwd_state *s);
 

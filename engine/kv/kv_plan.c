@@ -27,15 +27,46 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A shared pool (several KV modes, kv_modes): one byte arena of n_slabs
+ * slabs of S bytes; a slab in use holds units of one class only (class 0:
+ * FP16 pages, class m > 0: blocks of quantized mode id m), as many as fit
+ * (per[c], each cb[c] bytes), and goes back to the common stack of free
+ * slabs when all its units are free, so the memory moves between modes.
+ * A unit's id is its byte offset / U (U divides S and every cb[c]): the
+ * executors address blocks and pages as arena + id * U whatever the mode. */
+typedef struct {
+    size_t U;                   /* bytes per id step */
+    int64_t S;                  /* bytes per slab (1-8 of the largest unit) */
+    size_t cb[CFG_KV_MODES];    /* bytes of a unit of class c, rounded up to U
+                                   (0: the pool holds no such class) */
+    int32_t per[CFG_KV_MODES];  /* units of class c per slab */
+    int32_t M;                  /* the most units any slab holds */
+    int n_cls;                  /* classes held */
+} kvp_geo;
+
 struct kvp_pool {
     cfg_kv cfg;
     kvc_dims d;
     int window;    /* sequences keep their last `window` positions (0: all) */
-    kvq_layout L;
-    int has_q;     /* int4 mode */
+    kvq_layout L;  /* the layout of qmode's blocks */
+    int has_q;     /* a quantized mode is held */
+    int qmode;     /* the pool's quantized mode id: its own, else the first held */
+    kvq_layout Lm[CFG_KV_MODES]; /* the block layout of each quantized mode held */
+    size_t qbm[CFG_KV_MODES];    /* one block of mode m, all layers (0: not held) */
     int P;         /* tokens per FP16 page */
-    size_t qbytes; /* one block, all layers */
+    size_t qbytes; /* one block (of qmode), all layers */
     size_t fbytes; /* one page, all layers */
+    /* the shared pool (kvp_geo): shared = 0 for a single-mode pool */
+    int shared;
+    kvp_geo g;
+    int32_t n_slabs;
+    int32_t *scls;    /* [n_slabs]: the class of a slab in use, -1 free */
+    int32_t *snfree;  /* [n_slabs]: its free units */
+    int32_t *sfree;   /* [n_slabs * M]: each slab's stack of free unit indices */
+    int32_t *slabs;   /* stack of free slabs (the lowest handed out first) */
+    int32_t n_free_slabs;
+    int64_t used_cls[CFG_KV_MODES];   /* units of each class held (by anyone) */
+    int64_t cached_cls[CFG_KV_MODES]; /* of those, held by cache nodes only */
     int32_t *qfree, *ffree; /* stacks of free ids */
     int64_t nq, nf, nqfree, nffree;
     kvp_seq *seqs; /* live sequences, newest first */
@@ -75,7 +106,7 @@ enum { NO_UNITS = -1, NO_ROOM = -2 };
 /* A sequence quantizes (INT4 mode) or keeps everything in FP16 pages. */
 static int is_int4(const kvp_seq *s)
 {
-    return s->mode == CFG_KV_INT4;
+    return s->mode != CFG_KV_FP16;
 }
 
 static int64_t cdiv(int64_t a, int64_t b)
@@ -86,6 +117,78 @@ static int64_t cdiv(int64_t a, int64_t b)
 static int64_t max64(int64_t a, int64_t b)
 {
     return a > b ? a : b;
+}
+
+/* The quantized block layout of mode id m for configuration c. */
+static int mode_layout(const cfg_kv *c, const kvc_dims *d, int m, kvq_layout *L, char *err,
+                       size_t errlen);
+
+/* The slab geometry of a pool of configuration c (dimensions d) holding
+ * several modes: ids step by U = 64 bytes (every block layout is a
+ * multiple of 8 bytes; 64 keeps units cache-line aligned and ids within
+ * int32 up to 128 GiB); a slab is a few of the largest unit, so that a
+ * slab of any class wastes at most about 3 % of itself. Returns 0, or
+ * -EINVAL with a reason. */
+static int geometry(const cfg_kv *c, const kvc_dims *d, kvp_geo *g, char *err, size_t errlen)
+{
+    memset(g, 0, sizeof *g);
+    g->U = 64;
+    size_t big = 0;
+    for (int m = 0; m < CFG_KV_MODES; m++) {
+        size_t b;
+        if (!cfg_kv_has_mode(c, m))
+            continue;
+        if (m == CFG_KV_FP16) {
+            b = (size_t)kvp_page_tokens(c) * (size_t)d->n_layers * (size_t)d->kv_dim * 4;
+        } else {
+            kvq_layout L;
+            if (mode_layout(c, d, m, &L, err, errlen) < 0)
+                return -EINVAL;
+            b = L.bytes * (size_t)d->n_layers;
+        }
+        g->cb[m] = (b + g->U - 1) / g->U * g->U;
+        big = g->cb[m] > big ? g->cb[m] : big;
+        g->n_cls++;
+    }
+    /* pages always exist (sinks, staging, the decode tail) */
+    if (!g->cb[CFG_KV_FP16]) {
+        size_t b = (size_t)kvp_page_tokens(c) * (size_t)d->n_layers * (size_t)d->kv_dim * 4;
+        g->cb[CFG_KV_FP16] = (b + g->U - 1) / g->U * g->U;
+        big = g->cb[CFG_KV_FP16] > big ? g->cb[CFG_KV_FP16] : big;
+        g->n_cls++;
+    }
+    /* the slab: the smallest multiple (1..8) of the largest unit where no
+     * class wastes more than 3 % of it (int3 blocks are 0.78 of int4's: one
+     * or two per slab of one or two int4 blocks would cost as much as int4
+     * blocks), else the multiple that wastes least */
+    double best = 2.0;
+    for (int k = 1; k <= 8; k++) {
+        int64_t S = (int64_t)big * k;
+        double w = 0.0;
+        for (int m = 0; m < CFG_KV_MODES; m++)
+            if (g->cb[m] && (double)(S % (int64_t)g->cb[m]) / (double)S > w)
+                w = (double)(S % (int64_t)g->cb[m]) / (double)S;
+        if (w < best - 1e-12) {
+            best = w;
+            g->S = S;
+        }
+        if (w <= 0.03)
+            break;
+    }
+    for (int m = 0; m < CFG_KV_MODES; m++) {
+        if (!g->cb[m])
+            continue;
+        g->per[m] = (int32_t)(g->S / (int64_t)g->cb[m]);
+        if (g->per[m] > g->M)
+            g->M = g->per[m];
+    }
+    return 0;
+}
+
+/* What a unit of class c costs in a shared pool: its share of a slab. */
+static int64_t unit_cost(const kvp_geo *g, int c)
+{
+    return g->per[c] > 0 ? g->S / g->per[c] : g->S;
 }
 
 /* ---- layer groups ------------------------------------------------------------------ */
@@ -133,13 +236,13 @@ void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t
             if (cfg_kv_has_mode(c, m))
                 wc->modes |= 1u << kvp_group_mode(c, KVC_LAYER_WINDOW, m);
     }
-    if (!cfg_kv_has_mode(wc, CFG_KV_INT4))
+    if (!cfg_kv_has_quant(wc))
         wc->block_tokens = window_page_tokens(c->block_tokens);
 }
 
 int kvp_group_mode(const cfg_kv *c, int kind, int mode)
 {
-    if (kind == KVC_LAYER_WINDOW && !(mode == CFG_KV_INT4 && c->window_kv == CFG_KV_INT4))
+    if (kind == KVC_LAYER_WINDOW && !(mode != CFG_KV_FP16 && c->window_kv == CFG_KV_INT4))
         return CFG_KV_FP16;
     return mode;
 }
@@ -193,7 +296,7 @@ void kvp_window_need(const cfg_kv *c, int window, int n_ctx, int64_t *hq, int64_
 
 int kvp_page_tokens(const cfg_kv *c)
 {
-    if (!cfg_kv_has_mode(c, CFG_KV_INT4))
+    if (!cfg_kv_has_quant(c))
         return c->block_tokens;
     return c->block_tokens < 16 ? c->block_tokens : 16;
 }
@@ -252,6 +355,13 @@ static int make_layout(const cfg_kv *c, const kvc_dims *d, kvq_layout *L, char *
                              c->k_bits, c->v_bits, err, errlen) < 0)
         return -EINVAL;
     return 0;
+}
+
+static int mode_layout(const cfg_kv *c, const kvc_dims *d, int m, kvq_layout *L, char *err,
+                       size_t errlen)
+{
+    cfg_kv cm = cfg_kv_with_mode(c, m);
+    return make_layout(&cm, d, L, err, errlen);
 }
 
 /* Sizes the global group (d: its layers) for max_seqs sequences of n_ctx,
@@ -331,22 +441,38 @@ static void unit_bytes(const cfg_kv *c, const kvc_dims *d, int64_t *qbytes, int6
 {
     kvq_layout Lq;
     *qbytes = 0;
-    if (cfg_kv_has_mode(c, CFG_KV_INT4) && make_layout(c, d, &Lq, NULL, 0) == 0)
+    if (cfg_kv_has_quant(c) && make_layout(c, d, &Lq, NULL, 0) == 0)
         *qbytes = (int64_t)Lq.bytes * d->n_layers;
     *fbytes = (int64_t)kvp_page_tokens(c) * d->n_layers * d->kv_dim * 2 * 2;
 }
 
-/* 1 if a pool of configuration c holds both FP16 and INT4 sequences. */
+/* 1 if a pool of configuration c holds several modes: a shared pool. */
 static int mixed(const cfg_kv *c)
 {
-    return cfg_kv_has_mode(c, CFG_KV_FP16) && cfg_kv_has_mode(c, CFG_KV_INT4);
+    return cfg_kv_mode_count(c) > 1;
 }
 
-/* size_global for a pool of several modes (kv_modes): INT4 blocks for the
- * quantized sequences, FP16 pages for the FP16 ones and the staging. With
- * no budget, each of the max_seqs sequences fits in either mode; a byte
- * budget is split so that as many full-context sequences fit in each
- * mode; a token budget buys its tokens in each. */
+/* Slabs for `bytes` of units in a shared pool of geometry g: rounded up,
+ * plus one per class (each class may hold one partially filled slab). */
+static int64_t slabs_for(const kvp_geo *g, int64_t bytes)
+{
+    return cdiv(bytes, g->S) + g->n_cls;
+}
+
+/* The sizes of a shared pool of n_slabs slabs as kvp_pool_create takes
+ * them: no blocks, and the pages whose bytes round up to n_slabs slabs. */
+static void shared_sizes(const kvp_geo *g, int64_t n_slabs, int64_t *n_qblocks,
+                         int64_t *n_fpages)
+{
+    *n_qblocks = 0;
+    *n_fpages = n_slabs * g->S / (int64_t)g->cb[CFG_KV_FP16];
+}
+
+/* size_global for a pool of several modes (kv_modes): one shared arena of
+ * slabs (kvp_geo). With no budget, max_seqs sequences of n_ctx fit in any
+ * one mode (the largest of the modes' single-mode sizes, in slab shares,
+ * plus a partial slab per class); a byte budget is the arena; a token
+ * budget buys its tokens in the mode that needs the most bytes. */
 static int size_global_modes(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
                              int64_t budget_bytes, int64_t budget_tokens, int64_t *n_qblocks,
                              int64_t *n_fpages, char *err, size_t errlen)
@@ -354,24 +480,35 @@ static int size_global_modes(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, in
     if (!mixed(cfg))
         return size_global(cfg, d, n_ctx, max_seqs, budget_bytes, budget_tokens, n_qblocks,
                            n_fpages, err, errlen);
-    cfg_kv c4 = cfg_kv_with_mode(cfg, CFG_KV_INT4), c16 = cfg_kv_with_mode(cfg, CFG_KV_FP16);
-    int64_t b4 = budget_bytes, b16 = budget_bytes;
-    if (budget_bytes > 0) {
-        int64_t qb, fb, q4, f4, q16, f16;
-        unit_bytes(&c4, d, &qb, &fb);
-        kvp_estimate(&c4, n_ctx, &q4, &f4);
-        kvp_estimate(&c16, n_ctx, &q16, &f16);
-        double s4 = (double)q4 * (double)qb + (double)f4 * (double)fb;
-        double s16 = (double)f16 * (double)fb;
-        b4 = (int64_t)((double)budget_bytes * s4 / (s4 + s16));
-        b16 = budget_bytes - b4;
-    }
-    int64_t nq4, nf4, nq16, nf16;
-    if (size_global(&c4, d, n_ctx, max_seqs, b4, budget_tokens, &nq4, &nf4, err, errlen) < 0 ||
-        size_global(&c16, d, n_ctx, max_seqs, b16, budget_tokens, &nq16, &nf16, err, errlen) < 0)
+    kvp_geo g;
+    if (geometry(cfg, d, &g, err, errlen) < 0)
         return -EINVAL;
-    *n_qblocks = nq4;
-    *n_fpages = budget_bytes > 0 || budget_tokens > 0 ? nf4 + nf16 : max64(nf4, nf16);
+    int64_t n_slabs;
+    if (budget_bytes > 0) {
+        n_slabs = budget_bytes / g.S;
+        if (n_slabs < g.n_cls)
+            return lkq_err(err, errlen, -EINVAL,
+                           "kv_budget too small: %lld bytes; a pool of %d KV modes needs at "
+                           "least %d slabs of %lld bytes", (long long)budget_bytes,
+                           cfg_kv_mode_count(cfg), g.n_cls, (long long)g.S);
+    } else {
+        int64_t need = 0;
+        for (int m = 0; m < CFG_KV_MODES; m++) {
+            int64_t nq, nf;
+            if (!cfg_kv_has_mode(cfg, m))
+                continue;
+            cfg_kv cm = cfg_kv_with_mode(cfg, m);
+            if (size_global(&cm, d, n_ctx, max_seqs, 0, budget_tokens, &nq, &nf, err,
+                            errlen) < 0)
+                return -EINVAL;
+            need = max64(need, nq * unit_cost(&g, m) + nf * unit_cost(&g, CFG_KV_FP16));
+        }
+        n_slabs = slabs_for(&g, need);
+    }
+    if (n_slabs > INT32_MAX / (g.M > 0 ? g.M : 1))
+        return lkq_err(err, errlen, -EINVAL, "KV pool too large (%lld slabs)",
+                       (long long)n_slabs);
+    shared_sizes(&g, n_slabs, n_qblocks, n_fpages);
     return 0;
 }
 
@@ -393,25 +530,41 @@ int kvp_pool_size(const cfg_kv *cfg, const kvc_dims *d, int n_ctx, int max_seqs,
         const kvc_dims *wd = &g.dims[KVC_LAYER_WINDOW];
         if (kvp_check(wc, wd, err, errlen) < 0)
             return -EINVAL;
-        int64_t hq = 0, hf = 0, pq = 0, pf = 0, qb, fb;
+        int64_t hq = 0, hf = 0, pq = 0, pf = 0, qb, fb, wneed = 0;
+        int64_t slots = max_seqs < KVC_PREFILL_SLOTS ? max_seqs : KVC_PREFILL_SLOTS;
+        kvp_geo wg;
+        if (mixed(wc) && geometry(wc, wd, &wg, err, errlen) < 0)
+            return -EINVAL;
         for (int m = 0; m < CFG_KV_MODES; m++) {
             /* each mode the group holds (kv_modes): the larger need */
             int64_t h[4];
             if (!cfg_kv_has_mode(wc, m))
                 continue;
-            cfg_kv cm = cfg_kv_with_mode(wc, (cfg_kv_mode)m);
+            cfg_kv cm = cfg_kv_with_mode(wc, m);
             kvp_window_need(&cm, g.window, n_ctx, &h[0], &h[1], &h[2], &h[3]);
             hq = max64(hq, h[0]);
             hf = max64(hf, h[1]);
             pq = max64(pq, h[2]);
             pf = max64(pf, h[3]);
+            if (mixed(wc))
+                wneed = max64(wneed, ((int64_t)max_seqs * h[0] + slots * (h[2] - h[0])) *
+                                             unit_cost(&wg, m) +
+                                         ((int64_t)max_seqs * h[1] + slots * (h[3] - h[1])) *
+                                             unit_cost(&wg, CFG_KV_FP16));
         }
-        int64_t slots = max_seqs < KVC_PREFILL_SLOTS ? max_seqs : KVC_PREFILL_SLOTS;
-        out->n_qblocks[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hq + slots * (pq - hq);
-        out->n_fpages[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hf + slots * (pf - hf);
-        unit_bytes(wc, wd, &qb, &fb);
-        int64_t wbytes = out->n_qblocks[KVC_LAYER_WINDOW] * qb +
-                         out->n_fpages[KVC_LAYER_WINDOW] * fb;
+        int64_t wbytes;
+        if (mixed(wc)) {
+            /* a shared window group: its slabs hold any one mode's need */
+            int64_t ns = slabs_for(&wg, wneed);
+            shared_sizes(&wg, ns, &out->n_qblocks[KVC_LAYER_WINDOW],
+                         &out->n_fpages[KVC_LAYER_WINDOW]);
+            wbytes = ns * wg.S;
+        } else {
+            out->n_qblocks[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hq + slots * (pq - hq);
+            out->n_fpages[KVC_LAYER_WINDOW] = (int64_t)max_seqs * hf + slots * (pf - hf);
+            unit_bytes(wc, wd, &qb, &fb);
+            wbytes = out->n_qblocks[KVC_LAYER_WINDOW] * qb + out->n_fpages[KVC_LAYER_WINDOW] * fb;
+        }
         if (budget > 0) {
             if (g.n_layers[KVC_LAYER_GLOBAL] > 0 && budget <= wbytes)
                 return lkq_err(err, errlen, -EINVAL,
@@ -441,10 +594,22 @@ int kvp_pool_fit(const cfg_kv *c, const kvc_dims *d, int n_ctx, int max_seqs, ch
     if (g.n_layers[KVC_LAYER_GLOBAL] == 0)
         return max_seqs;
     const cfg_kv *gc = &g.cfg[KVC_LAYER_GLOBAL];
-    int64_t nq, nf;
+    int64_t nq, nf, fit;
     kvp_estimate(gc, n_ctx, &nq, &nf);
-    int64_t fit = gc->mode == CFG_KV_INT4 ? sz.n_qblocks[KVC_LAYER_GLOBAL] / (nq > 0 ? nq : 1)
-                                          : sz.n_fpages[KVC_LAYER_GLOBAL] / (nf > 0 ? nf : 1);
+    if (mixed(gc)) {
+        /* a shared pool: the whole arena in the pool's own mode */
+        kvp_geo sg;
+        if (geometry(gc, &g.dims[KVC_LAYER_GLOBAL], &sg, err, errlen) < 0)
+            return -EINVAL;
+        int64_t bytes = cdiv(sz.n_fpages[KVC_LAYER_GLOBAL] * (int64_t)sg.cb[CFG_KV_FP16],
+                             sg.S) * sg.S;
+        int64_t cost = nq * unit_cost(&sg, cfg_kv_mode_id(gc)) +
+                       nf * unit_cost(&sg, CFG_KV_FP16);
+        fit = bytes / (cost > 0 ? cost : 1);
+    } else {
+        fit = gc->mode == CFG_KV_INT4 ? sz.n_qblocks[KVC_LAYER_GLOBAL] / (nq > 0 ? nq : 1)
+                                      : sz.n_fpages[KVC_LAYER_GLOBAL] / (nf > 0 ? nf : 1);
+    }
     return fit < max_seqs ? (int)fit : max_seqs;
 }
 
@@ -475,19 +640,21 @@ void kvp_stats_add_counts(kvc_stats *sum, const kvc_stats *s)
     }
 }
 
-/* Adds the bytes of nq blocks and nf pages of pool p, and the units used
- * (and total, when with_total) to *out and to its layer kind k. */
-static void add_units(const kvp_pool *p, int k, int64_t nq, int64_t nf, int with_total,
+/* Adds the bytes of nq blocks of mode id m and nf pages of pool p, and
+ * the units used (and total, when with_total) to *out and to its layer
+ * kind k. */
+static void add_units(const kvp_pool *p, int k, int m, int64_t nq, int64_t nf, int with_total,
                       kvc_stats *out)
 {
     const int64_t L = p->d.n_layers;
     kvc_kind_stats *ks = &out->layer_kind[k];
     int64_t b4 = 0, bs = 0, bo = 0, bx = 0;
-    if (p->has_q) {
-        b4 = nq * L * (int64_t)p->L.bytes_dense;
-        bs = nq * L * (int64_t)p->L.bytes_scales;
-        bo = nq * L * (int64_t)p->L.bytes_outliers;
-        bx = nq * (int64_t)p->qbytes - b4 - bs - bo;
+    if (m > 0 && m < CFG_KV_MODES && p->qbm[m]) {
+        const kvq_layout *Lq = &p->Lm[m];
+        b4 = nq * L * (int64_t)Lq->bytes_dense;
+        bs = nq * L * (int64_t)Lq->bytes_scales;
+        bo = nq * L * (int64_t)Lq->bytes_outliers;
+        bx = nq * (int64_t)p->qbm[m] - b4 - bs - bo;
     }
     int64_t bf = nf * (int64_t)p->fbytes;
     ks->layers = (int32_t)L;
@@ -517,6 +684,31 @@ static void add_units(const kvp_pool *p, int k, int64_t nq, int64_t nf, int with
 
 /* ---- the pool ------------------------------------------------------------------ */
 
+/* The shared arena's bookkeeping: n_slabs slabs, all free. Returns 0 or
+ * -ENOMEM. */
+static int shared_init(kvp_pool *p, int64_t n_slabs)
+{
+    p->n_slabs = (int32_t)n_slabs;
+    size_t ns = (size_t)n_slabs, nu = ns * (size_t)p->g.M;
+    p->scls = malloc(ns * sizeof(int32_t));
+    p->snfree = calloc(ns, sizeof(int32_t));
+    p->sfree = malloc(nu * sizeof(int32_t));
+    p->slabs = malloc(ns * sizeof(int32_t));
+    p->sref[0] = calloc(nu, sizeof(int32_t));
+    p->nref[0] = calloc(nu, sizeof(int32_t));
+    if (!p->scls || !p->snfree || !p->sfree || !p->slabs || !p->sref[0] || !p->nref[0])
+        return -ENOMEM;
+    for (int64_t i = 0; i < n_slabs; i++) {
+        p->scls[i] = -1;
+        p->slabs[i] = (int32_t)(n_slabs - 1 - i); /* slab 0 is handed out first */
+    }
+    p->n_free_slabs = (int32_t)n_slabs;
+    /* the equivalents: the whole arena in blocks of qmode, or in pages */
+    p->nq = p->has_q ? n_slabs * p->g.per[p->qmode] : 0;
+    p->nf = n_slabs * p->g.per[CFG_KV_FP16];
+    return 0;
+}
+
 int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_qblocks,
                     int64_t n_fpages, kvp_pool **out, char *err, size_t errlen)
 {
@@ -525,9 +717,10 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_
         return -EINVAL;
     if (window < 0)
         return lkq_err(err, errlen, -EINVAL, "negative KV window %d", window);
-    if (!cfg_kv_has_mode(cfg, CFG_KV_INT4))
+    if (!cfg_kv_has_quant(cfg))
         n_qblocks = 0;
-    if (n_qblocks < 0 || n_fpages < 1 || n_qblocks > INT32_MAX || n_fpages > INT32_MAX)
+    if (n_qblocks < 0 || n_fpages < 0 || (n_fpages < 1 && !mixed(cfg)) ||
+        n_qblocks > INT32_MAX || n_fpages > INT32_MAX)
         return lkq_err(err, errlen, -EINVAL, "bad pool size (%lld blocks, %lld pages)",
                     (long long)n_qblocks, (long long)n_fpages);
     kvp_pool *p = calloc(1, sizeof *p);
@@ -538,15 +731,52 @@ int kvp_pool_create(const cfg_kv *cfg, const kvc_dims *d, int window, int64_t n_
     p->d.layer_window = NULL; /* borrowed by the caller: not kept */
     p->window = window;
     p->P = kvp_page_tokens(cfg);
-    p->has_q = cfg_kv_has_mode(cfg, CFG_KV_INT4);
-    if (p->has_q) {
-        if (make_layout(cfg, d, &p->L, err, errlen) < 0) {
+    p->has_q = cfg_kv_has_quant(cfg);
+    p->qmode = -1;
+    for (int m = 1; m < CFG_KV_MODES; m++) {
+        if (!cfg_kv_has_mode(cfg, m))
+            continue;
+        if (mode_layout(cfg, d, m, &p->Lm[m], err, errlen) < 0) {
             free(p);
             return -EINVAL;
         }
-        p->qbytes = p->L.bytes * (size_t)d->n_layers;
+        p->qbm[m] = p->Lm[m].bytes * (size_t)d->n_layers;
+        if (p->qmode < 0)
+            p->qmode = m;
+    }
+    if (cfg_kv_mode_id(cfg) != CFG_KV_FP16)
+        p->qmode = cfg_kv_mode_id(cfg);
+    if (p->has_q) {
+        p->L = p->Lm[p->qmode];
+        p->qbytes = p->qbm[p->qmode];
     }
     p->fbytes = (size_t)p->P * (size_t)d->kv_dim * 2 * sizeof(uint16_t) * (size_t)d->n_layers;
+    if (mixed(cfg)) {
+        /* one arena of slabs: the bytes n_qblocks blocks of the pool's
+         * mode and n_fpages pages take, rounded up to whole slabs */
+        p->shared = 1;
+        if (geometry(cfg, d, &p->g, err, errlen) < 0) {
+            free(p);
+            return -EINVAL;
+        }
+        int64_t bytes = n_qblocks * (int64_t)p->qbytes + n_fpages * (int64_t)p->g.cb[0];
+        int64_t n_slabs = cdiv(bytes, p->g.S);
+        if (n_slabs < 1)
+            n_slabs = 1;
+        if (n_slabs * (int64_t)p->g.M > INT32_MAX ||
+            n_slabs * p->g.S / (int64_t)p->g.U > INT32_MAX) {
+            int64_t S = p->g.S;
+            free(p);
+            return lkq_err(err, errlen, -EINVAL, "KV pool too large (%lld slabs of %lld bytes)",
+                           (long long)n_slabs, (long long)S);
+        }
+        if (shared_init(p, n_slabs) < 0) {
+            kvp_pool_destroy(p);
+            return lkq_err(err, errlen, -ENOMEM, "out of memory for the KV free lists");
+        }
+        *out = p;
+        return 0;
+    }
     p->nq = n_qblocks;
     p->nf = n_fpages;
     p->qfree = malloc(((size_t)n_qblocks + 1) * sizeof(int32_t));
@@ -582,6 +812,10 @@ void kvp_pool_destroy(kvp_pool *p)
         free(p->sref[k]);
         free(p->nref[k]);
     }
+    free(p->scls);
+    free(p->snfree);
+    free(p->sfree);
+    free(p->slabs);
     free(p);
 }
 
@@ -605,9 +839,19 @@ const kvq_layout *kvp_pool_layout(const kvp_pool *p)
     return p->has_q ? &p->L : NULL;
 }
 
+const kvq_layout *kvp_pool_mode_layout(const kvp_pool *p, int mode)
+{
+    return mode > 0 && mode < CFG_KV_MODES && p->qbm[mode] ? &p->Lm[mode] : NULL;
+}
+
 int kvp_pool_page_tokens(const kvp_pool *p)
 {
     return p->P;
+}
+
+int kvp_pool_shared(const kvp_pool *p)
+{
+    return p->shared;
 }
 
 void kvp_pool_units(const kvp_pool *p, int64_t *nq, int64_t *nf)
@@ -622,8 +866,68 @@ void kvp_pool_unit_bytes(const kvp_pool *p, size_t *qbytes, size_t *fbytes)
     *fbytes = p->fbytes;
 }
 
+void kvp_pool_arena(const kvp_pool *p, size_t *qarena, size_t *farena, size_t *qstride,
+                    size_t *fstride)
+{
+    if (p->shared) {
+        *qarena = (size_t)p->n_slabs * (size_t)p->g.S;
+        *farena = 0;
+        *qstride = *fstride = p->g.U;
+        return;
+    }
+    *qarena = (size_t)p->nq * p->qbytes;
+    *farena = (size_t)p->nf * p->fbytes;
+    *qstride = p->qbytes;
+    *fstride = p->fbytes;
+}
+
+/* Free bytes of a shared pool: free slabs, the free units of slabs in use
+ * (at their slab share) and the units only cache nodes hold. */
+static int64_t shared_free_bytes(const kvp_pool *p)
+{
+    int64_t b = (int64_t)p->n_free_slabs * p->g.S;
+    for (int32_t i = 0; i < p->n_slabs; i++)
+        if (p->scls[i] >= 0)
+            b += (int64_t)p->snfree[i] * unit_cost(&p->g, p->scls[i]);
+    for (int c = 0; c < CFG_KV_MODES; c++)
+        b += p->cached_cls[c] * unit_cost(&p->g, c);
+    return b;
+}
+
+int64_t kvp_pool_free_bytes(const kvp_pool *p)
+{
+    if (p->shared)
+        return shared_free_bytes(p);
+    return (p->nqfree + p->ncached[KVP_BLOCK]) * (int64_t)p->qbytes +
+           (p->nffree + p->ncached[KVP_PAGE]) * (int64_t)p->fbytes;
+}
+
+int64_t kvp_pool_cost(const kvp_pool *p, int mode, int64_t nq, int64_t nf)
+{
+    if (!p->shared)
+        return nq * (int64_t)p->qbytes + nf * (int64_t)p->fbytes;
+    int m = mode > 0 && mode < CFG_KV_MODES && p->g.cb[mode] ? mode : p->qmode;
+    return (m > 0 ? nq * unit_cost(&p->g, m) : 0) + nf * unit_cost(&p->g, CFG_KV_FP16);
+}
+
+int64_t kvp_plan_cost(const cfg_kv *c, const kvc_dims *d, int mode, int64_t nq, int64_t nf)
+{
+    kvp_geo g;
+    if (!mixed(c) || geometry(c, d, &g, NULL, 0) < 0)
+        return -1;
+    return (mode > 0 && g.cb[mode] ? nq * unit_cost(&g, mode) : 0) +
+           nf * unit_cost(&g, CFG_KV_FP16);
+}
+
 void kvp_pool_free_units(const kvp_pool *p, int64_t *qfree, int64_t *ffree)
 {
+    if (p->shared) {
+        /* what the free bytes hold in blocks of the pool's mode / pages */
+        int64_t b = shared_free_bytes(p);
+        *qfree = p->has_q ? b / unit_cost(&p->g, p->qmode) : 0;
+        *ffree = b / unit_cost(&p->g, CFG_KV_FP16);
+        return;
+    }
     /* cached prefix units are evicted on demand (take): free for admission */
     *qfree = p->nqfree + p->ncached[KVP_BLOCK];
     *ffree = p->nffree + p->ncached[KVP_PAGE];
@@ -631,17 +935,27 @@ void kvp_pool_free_units(const kvp_pool *p, int64_t *qfree, int64_t *ffree)
 
 const int32_t *kvp_pool_free_list(const kvp_pool *p, int kind, int64_t *n)
 {
+    if (p->shared) {
+        *n = 0;
+        return NULL;
+    }
     *n = kind == KVP_BLOCK ? p->nqfree : p->nffree;
     return kind == KVP_BLOCK ? p->qfree : p->ffree;
 }
 
 int64_t kvp_pool_capacity_bytes(const kvp_pool *p)
 {
+    if (p->shared)
+        return (int64_t)p->n_slabs * p->g.S;
     return p->nq * (int64_t)p->qbytes + p->nf * (int64_t)p->fbytes;
 }
 
 double kvp_pool_usage(const kvp_pool *p)
 {
+    if (p->shared) {
+        double total = (double)kvp_pool_capacity_bytes(p);
+        return total > 0 ? (total - (double)shared_free_bytes(p)) / total : 0.0;
+    }
     double total = (double)p->nq * (double)p->qbytes + (double)p->nf * (double)p->fbytes;
     double used = (double)(p->nq - p->nqfree - p->ncached[KVP_BLOCK]) * (double)p->qbytes +
                   (double)(p->nf - p->nffree - p->ncached[KVP_PAGE]) * (double)p->fbytes;
@@ -652,7 +966,15 @@ void kvp_pool_add_stats(const kvp_pool *p, int kind, kvc_stats *out)
 {
     /* units held by sequences (shared ones once); cached-only units are
      * reported by kvp_prefix_get_stats */
-    add_units(p, kind, p->nq - p->nqfree - p->ncached[KVP_BLOCK],
+    if (p->shared) {
+        int64_t nf = p->used_cls[CFG_KV_FP16] - p->cached_cls[CFG_KV_FP16];
+        add_units(p, kind, 0, 0, nf, 1, out);
+        for (int m = 1; m < CFG_KV_MODES; m++)
+            if (p->used_cls[m] > 0)
+                add_units(p, kind, m, p->used_cls[m] - p->cached_cls[m], 0, 0, out);
+        return;
+    }
+    add_units(p, kind, p->qmode, p->nq - p->nqfree - p->ncached[KVP_BLOCK],
               p->nf - p->nffree - p->ncached[KVP_PAGE], 1, out);
 }
 
@@ -661,19 +983,93 @@ static int64_t *free_count(kvp_pool *p, int kind)
     return kind == KVP_BLOCK ? &p->nqfree : &p->nffree;
 }
 
+/* Shared pool: the slab of unit id, its class and index in the slab. */
+static int32_t unit_where(const kvp_pool *p, int32_t id, int *cls, int32_t *idx)
+{
+    int64_t off = (int64_t)id * (int64_t)p->g.U;
+    int32_t sl = (int32_t)(off / p->g.S);
+    *cls = p->scls[sl];
+    assert(*cls >= 0);
+    *idx = (int32_t)((off - (int64_t)sl * p->g.S) / (int64_t)p->g.cb[*cls]);
+    return sl;
+}
+
+/* The holder counters of unit id: sref[*k][i] / nref[*k][i]. */
+static int64_t ref_index(const kvp_pool *p, int kind, int32_t id, int *k, int *cls)
+{
+    if (!p->shared) {
+        *k = kind;
+        *cls = kind == KVP_BLOCK ? p->qmode : CFG_KV_FP16;
+        return id;
+    }
+    int32_t idx, sl = unit_where(p, id, cls, &idx);
+    *k = 0;
+    return (int64_t)sl * p->g.M + idx;
+}
+
+/* Shared pool: a unit of class c from the lowest slab of that class with
+ * one free, else from a free slab (lowest first). Returns 0 and *id, or
+ * -1 when neither exists. The choice depends only on the pool's state, so
+ * giving units back in reverse order restores it exactly. */
+static int slab_take(kvp_pool *p, int c, int32_t *id)
+{
+    int32_t sl = -1;
+    for (int32_t i = 0; i < p->n_slabs; i++)
+        if (p->scls[i] == c && p->snfree[i] > 0) {
+            sl = i;
+            break;
+        }
+    if (sl < 0) {
+        if (p->n_free_slabs == 0)
+            return -1;
+        sl = p->slabs[--p->n_free_slabs];
+        p->scls[sl] = c;
+        p->snfree[sl] = p->g.per[c];
+        for (int32_t i = 0; i < p->g.per[c]; i++)
+            p->sfree[(int64_t)sl * p->g.M + i] = p->g.per[c] - 1 - i;
+    }
+    int32_t idx = p->sfree[(int64_t)sl * p->g.M + --p->snfree[sl]];
+    *id = (int32_t)(((int64_t)sl * p->g.S + (int64_t)idx * (int64_t)p->g.cb[c]) /
+                    (int64_t)p->g.U);
+    p->used_cls[c]++;
+    return 0;
+}
+
+/* Shared pool: unit id is free again; its slab goes back to the free
+ * slabs when all its units are. */
+static void slab_give(kvp_pool *p, int32_t id)
+{
+    int c;
+    int32_t idx, sl = unit_where(p, id, &c, &idx);
+    p->sfree[(int64_t)sl * p->g.M + p->snfree[sl]++] = idx;
+    p->used_cls[c]--;
+    if (p->snfree[sl] == p->g.per[c]) {
+        p->scls[sl] = -1;
+        p->slabs[p->n_free_slabs++] = sl;
+    }
+}
+
 /* Changes the holders of unit id by ds sequences and dn cache nodes; a
  * unit nobody holds goes back to its free stack, and the count of cached
  * units (held by nodes only) follows. */
 static void hold(kvp_pool *p, int kind, int32_t id, int ds, int dn)
 {
-    int32_t *sr = &p->sref[kind][id], *nr = &p->nref[kind][id];
+    int k, cls;
+    int64_t x = ref_index(p, kind, id, &k, &cls);
+    int32_t *sr = &p->sref[k][x], *nr = &p->nref[k][x];
     int was = *sr == 0 && *nr > 0;
     *sr += ds;
     *nr += dn;
     assert(*sr >= 0 && *nr >= 0);
     int is = *sr == 0 && *nr > 0;
     p->ncached[kind] += is - was;
+    if (cls >= 0 && cls < CFG_KV_MODES)
+        p->cached_cls[cls] += is - was;
     if (*sr == 0 && *nr == 0) {
+        if (p->shared) {
+            slab_give(p, id);
+            return;
+        }
         int64_t *nfree = free_count(p, kind);
         (kind == KVP_BLOCK ? p->qfree : p->ffree)[(*nfree)++] = id;
     }
@@ -681,8 +1077,22 @@ static void hold(kvp_pool *p, int kind, int32_t id, int ds, int dn)
 
 static int evict_lru(kvp_pool *p);
 
-static int take(kvp_pool *p, int kind, int32_t *id)
+/* A unit of `kind` for a sequence of mode id `mode` (a shared pool takes
+ * its blocks from that mode's slabs). */
+static int take(kvp_pool *p, int kind, int mode, int32_t *id)
 {
+    if (p->shared) {
+        int c = kind == KVP_BLOCK ? mode : CFG_KV_FP16;
+        /* cached units count as free: evict least recently used prefixes
+         * until a unit of this class (or a free slab) comes back */
+        while (slab_take(p, c, id) < 0)
+            if (p->ncached[KVP_BLOCK] + p->ncached[KVP_PAGE] == 0 || evict_lru(p) < 0)
+                return -1;
+        int k, cls;
+        int64_t x = ref_index(p, kind, *id, &k, &cls);
+        p->sref[k][x] = 1;
+        return 0;
+    }
     int64_t *nfree = free_count(p, kind);
     /* cached units count as free: evict least recently used prefixes
      * until one of this kind comes back */
@@ -715,7 +1125,7 @@ int kvp_seq_create(kvp_pool *p, int max_tokens, void *owner, kvp_seq **out, char
     s->p = p;
     s->owner = owner;
     s->max_tokens = max_tokens;
-    s->mode = p->cfg.mode;
+    s->mode = cfg_kv_mode_id(&p->cfg);
     kvp_plan_caps(&p->cfg, max_tokens, &s->cap);
     s->ents = malloc((size_t)s->cap.ents * sizeof *s->ents);
     s->tgt = malloc((size_t)s->cap.tgt * sizeof *s->tgt);
@@ -795,6 +1205,11 @@ int kvp_seq_mode(const kvp_seq *s)
     return s->mode;
 }
 
+const kvq_layout *kvp_seq_layout(const kvp_seq *s)
+{
+    return kvp_pool_mode_layout(s->p, s->mode);
+}
+
 int kvp_seq_set_mode_groups(kvp_seq *const *s, int n_groups, const cfg_kv *c, int mode,
                             char *err, size_t errlen)
 {
@@ -857,7 +1272,7 @@ void kvp_seq_add_stats(const kvp_seq *s, int kind, kvc_stats *out)
     const kvp_pool *p = s->p;
     int64_t nq, nf;
     kvp_seq_units(s, &nq, &nf);
-    add_units(p, kind, nq, nf, 1, out);
+    add_units(p, kind, s->mode, nq, nf, 1, out);
     int64_t held = kvp_seq_held_tokens(s);
     int64_t el = held * p->d.n_layers * p->d.kv_dim * 2;
     out->layer_kind[kind].tokens += held;
@@ -944,7 +1359,7 @@ static int plan_pages(kvp_seq *s, int row, int m, int pos, int run_first)
         int32_t id;
         if (s->st.n_tgt >= s->cap.tgt)
             return NO_ROOM;
-        if (take(p, KVP_PAGE, &id) < 0)
+        if (take(p, KVP_PAGE, s->mode, &id) < 0)
             return NO_UNITS;
         int k = m < p->P ? m : p->P;
         s->tgt[s->st.n_tgt++] = (kvp_tgt){KVP_PAGE, id, 0, row, k, 0};
@@ -963,7 +1378,7 @@ static int plan_blocks(kvp_seq *s, int row, int m)
         int32_t id;
         if (s->st.n_tgt >= s->cap.tgt)
             return NO_ROOM;
-        if (take(s->p, KVP_BLOCK, &id) < 0)
+        if (take(s->p, KVP_BLOCK, s->mode, &id) < 0)
             return NO_UNITS;
         int k = m < T ? m : T;
         s->tgt[s->st.n_tgt++] = (kvp_tgt){KVP_BLOCK, id, 0, row, k, 0};
@@ -1029,7 +1444,7 @@ static int plan_requant(kvp_seq *s, int first, int kind)
     if (nb > s->cap.rq)
         return NO_ROOM;
     for (int i = 0; i < nb; i++) {
-        if (take(s->p, KVP_BLOCK, &s->rq_ids[i]) < 0)
+        if (take(s->p, KVP_BLOCK, s->mode, &s->rq_ids[i]) < 0)
             return NO_UNITS;
         s->st.n_rq = i + 1;
     }
@@ -1115,6 +1530,13 @@ int kvp_begin(kvp_seq *s, int pos0, int n, int prefill, char *err, size_t errlen
         return lkq_err(err, errlen, -ENOSPC,
                     "the KV step does not fit the sequence's tables (%d entries of %d)",
                     s->n_ents, s->cap.ents);
+    }
+    if (ok < 0 && p->shared) {
+        kvp_abort(s);
+        return lkq_err(err, errlen, -ENOSPC, "KV pool exhausted (%lld of %lld bytes free in "
+                       "the shared pool, none as a %s unit)",
+                       (long long)shared_free_bytes(p), (long long)kvp_pool_capacity_bytes(p),
+                       cfg_kv_mode_str(s->mode));
     }
     if (ok < 0) {
         kvp_abort(s);
@@ -1536,7 +1958,7 @@ int kvp_seq_fork(kvp_seq *dst, const kvp_seq *src, kvp_src *copy_from, int32_t *
      * gets its own copy (the executor copies the slots) */
     int cow = n > 0 && src->ents[n - 1].kind == KVP_PAGE && src->ents[n - 1].n < p->P;
     if (cow) {
-        if (take(p, KVP_PAGE, copy_to) < 0)
+        if (take(p, KVP_PAGE, src->mode, copy_to) < 0)
             return lkq_err(err, errlen, -ENOSPC, "KV pool exhausted (fork)");
         *copy_from = (kvp_src){src->ents[n - 1].id, src->ents[n - 1].n};
     }
@@ -1571,6 +1993,11 @@ void kvp_prefix_get_stats(const kvp_pool *p, kvc_prefix_stats *out)
     out->qblocks = p->ncached[KVP_BLOCK];
     out->fpages = p->ncached[KVP_PAGE];
     out->bytes = out->qblocks * (int64_t)p->qbytes + out->fpages * (int64_t)p->fbytes;
+    if (p->shared) {
+        out->bytes = 0;
+        for (int c = 0; c < CFG_KV_MODES; c++)
+            out->bytes += p->cached_cls[c] * (int64_t)(c ? p->qbm[c] : p->fbytes);
+    }
     for (int i = 0; i < x->n_nodes; i++)
         if (x->nodes[i]->n_tokens > out->longest)
             out->longest = x->nodes[i]->n_tokens;

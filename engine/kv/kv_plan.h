@@ -44,12 +44,22 @@
  * planner for every decision, so that the two caches hold the same entries
  * for the same steps by construction.
  *
- * KV modes: a pool holds the modes of its configuration (cfg_kv.mode, plus
- * kv_modes: cfg_kv_has_mode); each sequence has one (kvp_seq_set_mode, the
- * pool's mode by default), and the planner decides by it: an FP16 sequence
- * keeps every position in FP16 pages, an INT4 one follows the lifecycle
- * above, both from the same free lists. A pool of several modes uses the
- * INT4 page size (kvp_page_tokens) for every page.
+ * KV modes: a pool holds the mode ids of its configuration (cfg_kv_mode_id,
+ * plus kv_modes: cfg_kv_has_mode; a mode id is fp16 or a quantized mode
+ * with its code widths, e.g. int3 or k4v2); each sequence has one
+ * (kvp_seq_set_mode, the pool's by default), and the planner decides by
+ * it: an FP16 sequence keeps every position in FP16 pages, a quantized one
+ * follows the lifecycle above with blocks of its own widths
+ * (kvp_seq_layout). A pool of several modes uses the INT4 page size
+ * (kvp_page_tokens) for every page, and is "shared": one byte arena cut
+ * into slabs of a few of its largest unit (so that no class wastes more
+ * than ~3 % of a slab); a slab in use holds units of one
+ * class only (FP16 pages, or the blocks of one mode), handed out lowest
+ * slab first, and returns to the common free stack as soon as all its
+ * units are free - so memory an FP16 sequence let go of holds int4 or
+ * int3 blocks next, and vice versa. Unit ids there are byte offsets / 64
+ * (kvp_pool_arena: the executors address every unit as arena + id *
+ * stride). A single-mode pool keeps its two arenas and free stacks.
  *
  * Prefix cache (kvp_prefix_*, kvp_seq_fork; see its section below): units
  * count their holders, so whole prompt chunks can be shared between
@@ -240,7 +250,9 @@ void kvp_stats_add_counts(kvc_stats *sum, const kvc_stats *s);
 /* ---- the pool -------------------------------------------------------------- */
 
 /* Creates the bookkeeping of a pool of n_qblocks INT4 blocks (forced to 0
- * in fp16 mode) and n_fpages FP16 pages for configuration cfg and
+ * in fp16 mode) and n_fpages FP16 pages (a shared pool, cfg of several
+ * modes: the slabs that hold their bytes, rounded up; kvp_pool_size gives
+ * it n_qblocks 0 and the pages of its slabs) for configuration cfg and
  * dimensions d (both copied; d->n_layers: the layers of the group, its
  * layer_window is ignored) whose sequences keep their last `window`
  * positions (0: all of them). Lowest ids are handed out first. Returns 0
@@ -258,19 +270,41 @@ int kvp_pool_window(const kvp_pool *p);
 /* The layout of one layer's INT4 block; NULL in fp16 mode. */
 const kvq_layout *kvp_pool_layout(const kvp_pool *p);
 int kvp_pool_page_tokens(const kvp_pool *p);
-/* Units of the pool (*nq is 0 in fp16 mode). */
+/* Units of the pool (*nq is 0 in fp16 mode; a shared pool: what its whole
+ * arena holds in blocks of the pool's mode / in pages). */
 void kvp_pool_units(const kvp_pool *p, int64_t *nq, int64_t *nf);
 /* Bytes of one INT4 block / one FP16 page over all layers (an FP16 page
  * holds, per layer, K [page_tokens][kv_dim] then V, fp16). */
 void kvp_pool_unit_bytes(const kvp_pool *p, size_t *qbytes, size_t *fbytes);
-/* Units free now. */
+/* Units free now (a shared pool: what its free bytes hold in blocks of the
+ * pool's mode / in pages). */
 void kvp_pool_free_units(const kvp_pool *p, int64_t *qfree, int64_t *ffree);
 /* The free stack of one kind (the next id handed out is ids[*n - 1]);
- * borrowed, valid until the next call that takes or returns units. For
- * tests. */
+ * borrowed, valid until the next call that takes or returns units; NULL
+ * and 0 for a shared pool. For tests. */
 const int32_t *kvp_pool_free_list(const kvp_pool *p, int kind, int64_t *n);
 /* Bytes of both arenas, all overheads. */
 int64_t kvp_pool_capacity_bytes(const kvp_pool *p);
+/* 1 for a shared pool (several modes: one arena of slabs). */
+int kvp_pool_shared(const kvp_pool *p);
+/* The arenas the executor allocates: *qarena bytes for blocks and *farena
+ * for pages, unit id i at i * *qstride / i * *fstride. A shared pool has
+ * one arena (*farena 0: pages live in the block arena) and both strides
+ * are its id step. */
+void kvp_pool_arena(const kvp_pool *p, size_t *qarena, size_t *farena, size_t *qstride,
+                    size_t *fstride);
+/* The block layout of quantized mode id `mode` in this pool (NULL for
+ * fp16 or a mode the pool does not hold). */
+const kvq_layout *kvp_pool_mode_layout(const kvp_pool *p, int mode);
+/* Free bytes, cached prefix units included (admission): in a shared pool
+ * free slabs plus the free units of slabs in use at their slab share. */
+int64_t kvp_pool_free_bytes(const kvp_pool *p);
+/* What nq blocks of mode id `mode` and nf pages cost in this pool's bytes
+ * (a shared pool: their slab shares), the currency of kvp_pool_free_bytes. */
+int64_t kvp_pool_cost(const kvp_pool *p, int mode, int64_t nq, int64_t nf);
+/* kvp_pool_cost for a shared pool of configuration c and dimensions d
+ * without the pool; -1 when c holds one mode only. */
+int64_t kvp_plan_cost(const cfg_kv *c, const kvc_dims *d, int mode, int64_t nq, int64_t nf);
 /* Fraction of the pool's bytes in use, 0..1. */
 double kvp_pool_usage(const kvp_pool *p);
 /* Adds the pool's units (used and total) and the bytes of the units in
@@ -305,6 +339,8 @@ void kvp_seq_reset(kvp_seq *s);
  * Returns 0 or -EINVAL with a reason. kvp_seq_mode: the mode. */
 int kvp_seq_set_mode(kvp_seq *s, int mode, char *err, size_t errlen);
 int kvp_seq_mode(const kvp_seq *s);
+/* The layout of the sequence's blocks (its mode's); NULL for fp16. */
+const kvq_layout *kvp_seq_layout(const kvp_seq *s);
 /* kvp_seq_set_mode over the groups of one sequence (s[g], NULL where the
  * pool has no such group; c the executor's whole configuration): each
  * group gets kvp_group_mode(c, g, mode). */

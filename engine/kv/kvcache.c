@@ -33,12 +33,13 @@
 /* One layer group of the pool: the planner's pool and its arenas. */
 typedef struct {
     kvp_pool *pl;         /* NULL: the model has no layers of this kind */
-    const kvq_layout *L;  /* the planner's; NULL in fp16 mode */
+    const kvq_layout *L;  /* the planner's (the pool's mode); NULL in fp16 mode */
     int P;                /* tokens per FP16 page */
     size_t qbytes;        /* one block, all layers of the group */
     size_t fbytes;        /* one page, all layers of the group */
+    size_t qstride, fstride; /* bytes per unit id (a shared pool: its id step) */
     size_t f_layer;       /* one page, one layer: K [P][D] then V [P][D] fp16 */
-    uint8_t *qarena, *farena;
+    uint8_t *qarena, *farena; /* a shared pool: one arena, farena == qarena */
 } kvc_group;
 
 struct kvc_pool {
@@ -137,17 +138,16 @@ int kvc_pool_create(const cfg_kv *cfg, const kvc_dims *d, const kvc_pool_sizes *
             kvc_pool_destroy(p);
             return rc;
         }
-        int64_t nq, nf;
-        kvp_pool_units(g->pl, &nq, &nf);
+        size_t qa, fa;
         kvp_pool_unit_bytes(g->pl, &g->qbytes, &g->fbytes);
+        kvp_pool_arena(g->pl, &qa, &fa, &g->qstride, &g->fstride);
         g->L = kvp_pool_layout(g->pl);
         g->P = kvp_pool_page_tokens(g->pl);
         g->f_layer = g->fbytes / (size_t)gr.n_layers[k];
-        g->qarena = nq ? malloc((size_t)nq * g->qbytes) : NULL;
-        g->farena = malloc((size_t)nf * g->fbytes);
-        if ((nq && !g->qarena) || !g->farena) {
-            double mib = ((double)nq * (double)g->qbytes + (double)nf * (double)g->fbytes) /
-                         (1024.0 * 1024.0);
+        g->qarena = qa ? malloc(qa) : NULL;
+        g->farena = fa ? malloc(fa) : g->qarena; /* shared: one arena */
+        if ((qa && !g->qarena) || !g->farena) {
+            double mib = ((double)qa + (double)fa) / (1024.0 * 1024.0);
             kvc_pool_destroy(p);
             return lkq_err(err, errlen, -ENOMEM, "cannot allocate the KV pool (%.1f MiB)", mib);
         }
@@ -161,8 +161,9 @@ void kvc_pool_destroy(kvc_pool *p)
     if (!p)
         return;
     for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        if (p->g[k].farena != p->g[k].qarena)
+            free(p->g[k].farena);
         free(p->g[k].qarena);
-        free(p->g[k].farena);
         kvp_pool_destroy(p->g[k].pl);
     }
     free(p->group);
@@ -180,6 +181,28 @@ const kvq_layout *kvc_layer_layout(const kvc_pool *p, int layer)
     return p->g[p->group[layer]].L;
 }
 
+const kvq_layout *kvc_seq_layer_layout(const kvc_seq *s, int layer)
+{
+    return kvp_seq_layout(s->pl[s->p->group[layer]]);
+}
+
+size_t kvc_pool_attn_layouts(const kvc_pool *p, const kvq_layout **out, size_t cap)
+{
+    size_t n = 0;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        for (int m = 1; p->g[k].pl && m < CFG_KV_MODES; m++) {
+            const kvq_layout *L = kvp_pool_mode_layout(p->g[k].pl, m);
+            if (L && n < cap)
+                out[n++] = L;
+        }
+    return n;
+}
+
+int64_t kvc_pool_free_bytes(const kvc_pool *p)
+{
+    return p->g[KVC_LAYER_GLOBAL].pl ? kvp_pool_free_bytes(p->g[KVC_LAYER_GLOBAL].pl) : 0;
+}
+
 const cfg_kv *kvc_pool_cfg(const kvc_pool *p)
 {
     return &p->cfg;
@@ -190,16 +213,17 @@ int kvc_pool_page_tokens(const kvc_pool *p)
     return kvp_page_tokens(&p->cfg);
 }
 
-static uint8_t *qblock(const kvc_pool *p, int g, int32_t id, int li)
+/* Layer li of block id, of layout L (the sequence's mode's). */
+static uint8_t *qblock(const kvc_pool *p, int g, const kvq_layout *L, int32_t id, int li)
 {
     const kvc_group *G = &p->g[g];
-    return G->qarena + (size_t)id * G->qbytes + (size_t)li * G->L->bytes;
+    return G->qarena + (size_t)id * G->qstride + (size_t)li * L->bytes;
 }
 
 static uint16_t *fpage_k(const kvc_pool *p, int g, int32_t id, int li)
 {
     const kvc_group *G = &p->g[g];
-    return (uint16_t *)(G->farena + (size_t)id * G->fbytes + (size_t)li * G->f_layer);
+    return (uint16_t *)(G->farena + (size_t)id * G->fstride + (size_t)li * G->f_layer);
 }
 
 static uint16_t *fpage_v(const kvc_pool *p, int g, int32_t id, int li)
@@ -310,9 +334,15 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     const cfg_kv *c = &p->cfg;
     const int T = c->block_tokens, C = c->chunk_size;
     const int D = p->d.kv_dim, L = p->d.n_layers;
+    /* quantization scratch for the widest layout of any mode any group holds */
+    size_t kq_bytes = 0;
+    for (int k = 0; k < KVC_LAYER_KINDS; k++)
+        for (int m = 1; p->g[k].pl && m < CFG_KV_MODES; m++) {
+            const kvq_layout *Lm = kvp_pool_mode_layout(p->g[k].pl, m);
+            size_t b = Lm ? kvq_quantize_scratch_bytes(Lm) : 0;
+            kq_bytes = b > kq_bytes ? b : kq_bytes;
+        }
     int quant = p->g[KVC_LAYER_GLOBAL].L || p->g[KVC_LAYER_WINDOW].L;
-    const kvq_layout *Lq = p->g[KVC_LAYER_GLOBAL].L ? p->g[KVC_LAYER_GLOBAL].L
-                                                    : p->g[KVC_LAYER_WINDOW].L;
     s->ek = calloc((size_t)L, sizeof *s->ek);
     s->ev = calloc((size_t)L, sizeof *s->ev);
     s->ema_mem = calloc((size_t)L * 2 * 4 * (size_t)D, sizeof(float));
@@ -322,7 +352,7 @@ int kvc_seq_create(kvc_pool *p, int max_tokens, kvc_seq **out, char *err, size_t
     s->qscr = malloc((size_t)gather * sizeof(float));
     s->a = malloc((size_t)D * sizeof(float));
     s->b = malloc((size_t)D * sizeof(float));
-    s->kq_scr = quant ? malloc(kvq_quantize_scratch_bytes(Lq) + 1) : NULL;
+    s->kq_scr = quant ? malloc(kq_bytes + 1) : NULL;
     if (!s->ek || !s->ev || !s->ema_mem || !s->sk || !s->sv || !s->qscr || !s->a || !s->b ||
         (quant && !s->kq_scr)) {
         kvc_seq_destroy(s);
@@ -437,7 +467,7 @@ int kvc_segments(const kvc_seq *s, int layer, kvs_seg *segs, int cap)
         sg->n = e->n;
         if (e->kind == KVP_BLOCK) {
             sg->kind = KVS_Q4;
-            sg->k = qblock(p, g, e->id, li);
+            sg->k = qblock(p, g, kvp_seq_layout(s->pl[g]), e->id, li);
             sg->v = NULL;
             sg->stride = 0;
         } else {
@@ -501,8 +531,9 @@ static void quantize(kvc_seq *s, int layer, int32_t id, const float *k, const fl
 {
     const kvc_pool *p = s->p;
     const int g = p->group[layer];
+    const kvq_layout *L = kvp_seq_layout(s->pl[g]);
     int band = p->cfg.outlier_budget > 0.0f;
-    kvq_quantize_block(p->g[g].L, qblock(p, g, id, p->local[layer]), k, v, (size_t)p->d.kv_dim,
+    kvq_quantize_block(L, qblock(p, g, L, id, p->local[layer]), k, v, (size_t)p->d.kv_dim,
                        n, s->ek[layer].lo, s->ek[layer].hi, band ? s->ev[layer].lo : NULL,
                        band ? s->ev[layer].hi : NULL, s->kq_scr);
 }
@@ -576,10 +607,11 @@ static void count_block(void *ctx, int32_t id, int added)
     kvc_seq *s = cb->s;
     const kvc_pool *p = s->p;
     const int64_t sign = added ? 1 : -1;
+    const kvq_layout *L = kvp_seq_layout(s->pl[cb->g]);
     for (int l = 0; l < p->d.n_layers; l++) {
         if (p->group[l] != cb->g)
             continue;
-        const kvq_block_hdr *h = kvq_chdr(qblock(p, cb->g, id, p->local[l]));
+        const kvq_block_hdr *h = kvq_chdr(qblock(p, cb->g, L, id, p->local[l]));
         s->n_quantized += sign * (int64_t)h->n_tok * p->d.kv_dim * 2;
         s->n_outliers += sign * (int64_t)(h->n_kout + h->n_vout);
         s->n_clamped += sign * (int64_t)h->n_clamped;
@@ -629,11 +661,12 @@ int kvc_seq_layer_counts(const kvc_seq *s, int layer, kvc_layer_counts *out)
     const int g = p->group[layer], li = p->local[layer];
     int n_ents;
     const kvp_ent *ents = kvp_seq_entries(s->pl[g], &n_ents);
+    const kvq_layout *L = kvp_seq_layout(s->pl[g]);
     for (int i = 0; i < n_ents; i++) {
         const kvp_ent *e = &ents[i];
         if (e->kind != KVP_BLOCK)
             continue;
-        const kvq_block_hdr *h = kvq_chdr(qblock(p, g, e->id, li));
+        const kvq_block_hdr *h = kvq_chdr(qblock(p, g, L, e->id, li));
         out->n_quantized += (int64_t)h->n_tok * p->d.kv_dim * 2;
         out->n_k_outliers += h->n_kout;
         out->n_v_outliers += h->n_vout;
@@ -757,7 +790,7 @@ int kvc_seq_fork(kvc_seq *dst, const kvc_seq *src, char *err, size_t errlen)
         return rc;
     if (from.id >= 0) {
         const kvc_group *G = &p->g[KVC_LAYER_GLOBAL];
-        memcpy(G->farena + (size_t)to * G->fbytes, G->farena + (size_t)from.id * G->fbytes,
+        memcpy(G->farena + (size_t)to * G->fstride, G->farena + (size_t)from.id * G->fstride,
                G->fbytes);
     }
     copy_state(dst, src);

@@ -136,6 +136,15 @@ void kvc_pool_destroy(kvc_pool *p); /* NULL is a no-op; sequences first */
  * layers); kvc_layer_layout: the layout of layer l's blocks (its group's). */
 const kvq_layout *kvc_pool_layout(const kvc_pool *p);
 const kvq_layout *kvc_layer_layout(const kvc_pool *p, int layer);
+/* The layout of layer l's blocks of sequence s (its mode's: a pool of
+ * kv_modes holds blocks of several widths); NULL when s is fp16 there. */
+const kvq_layout *kvc_seq_layer_layout(const kvc_seq *s, int layer);
+/* Every block layout the pool's sequences may use (each group's modes), at
+ * most cap of them into out; returns the count (scratch sizing). */
+size_t kvc_pool_attn_layouts(const kvc_pool *p, const kvq_layout **out, size_t cap);
+/* Free bytes of the global layers' pool (kvp_pool_free_bytes): what a
+ * shared pool (kv_modes) admits by. */
+int64_t kvc_pool_free_bytes(const kvc_pool *p);
 const cfg_kv *kvc_pool_cfg(const kvc_pool *p);
 int kvc_pool_page_tokens(const kvc_pool *p);
 /* Pool-wide accounting over all live sequences. */

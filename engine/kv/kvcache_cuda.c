@@ -124,6 +124,17 @@ int kvcd_pool_create(kcu_ctx *c, const cfg_kv *cfg, const kvc_dims *d, const kvc
     kvp_layer_groups(cfg, d, &gr, p->group, p->local);
     const int T = cfg->block_tokens, C = cfg->chunk_size, D = d->kv_dim;
     int rc = 0;
+    /* the device kernels take one block layout per pool (p->Lq): kv_modes
+     * may add fp16 to one quantized width, not several widths */
+    if ((cfg_kv_mode_mask(cfg) & ~(1u << CFG_KV_FP16)) &
+        ((cfg_kv_mode_mask(cfg) & ~(1u << CFG_KV_FP16)) - 1u)) {
+        char l[160];
+        cfg_kv_modes_str(cfg_kv_mode_mask(cfg), l, sizeof l);
+        kvcd_pool_destroy(p);
+        return lkq_err(err, errlen, -ENOTSUP, "the CUDA KV cache holds fp16 and one quantized "
+                       "width per server, not several (kv_modes %s): use --device cpu, or "
+                       "--kv-modes fp16,%s", l, cfg_kv_mode_name(cfg));
+    }
     for (int k = 0; rc == 0 && k < KVC_LAYER_KINDS; k++) {
         kvcd_group *g = &p->g[k];
         if (gr.n_layers[k] == 0)
@@ -136,26 +147,26 @@ int kvcd_pool_create(kcu_ctx *c, const cfg_kv *cfg, const kvc_dims *d, const kvc
         g->L = kvp_pool_layout(g->pl);
         if (g->L)
             p->Lq = g->L;
-        int64_t nq, nf;
-        size_t qbytes, fbytes;
-        kvp_pool_units(g->pl, &nq, &nf);
+        size_t qbytes, fbytes, qa, fa;
         kvp_pool_unit_bytes(g->pl, &qbytes, &fbytes);
-        g->A.q_stride = qbytes;
+        /* a shared pool (kv_modes): one arena, units at id * its id step */
+        kvp_pool_arena(g->pl, &qa, &fa, &g->A.q_stride, &g->A.f_stride);
         g->A.q_layer = g->L ? g->L->bytes : 0;
-        g->A.f_stride = fbytes;
         g->A.f_layer = fbytes / (size_t)g->n_layers;
         g->A.page_tokens = kvp_pool_page_tokens(g->pl);
         g->A.kv_dim = D;
         /* the arenas: once, in device memory; zeroed so that never-written
          * page slots read as finite values */
-        if (nq > 0)
-            rc = kcu_malloc(c, (void **)&g->A.qarena, (size_t)nq * qbytes, err, errlen);
-        if (rc == 0)
-            rc = kcu_malloc(c, (void **)&g->A.farena, (size_t)nf * fbytes, err, errlen);
-        if (rc == 0)
-            rc = kcu_memset(c, g->A.farena, 0, (size_t)nf * fbytes, err, errlen);
+        if (qa > 0)
+            rc = kcu_malloc(c, (void **)&g->A.qarena, qa, err, errlen);
+        if (rc == 0 && fa > 0)
+            rc = kcu_malloc(c, (void **)&g->A.farena, fa, err, errlen);
+        else if (rc == 0)
+            g->A.farena = g->A.qarena; /* shared: pages live in the one arena */
+        if (rc == 0 && fa > 0)
+            rc = kcu_memset(c, g->A.farena, 0, fa, err, errlen);
         if (rc == 0 && g->A.qarena)
-            rc = kcu_memset(c, g->A.qarena, 0, (size_t)nq * qbytes, err, errlen);
+            rc = kcu_memset(c, g->A.qarena, 0, qa, err, errlen);
     }
     /* scratch: statistics of a chunk (or a decode block), quantization of a
      * chunk's blocks at a time, re-quantization rows (the planner's bound
@@ -194,8 +205,9 @@ void kvcd_pool_destroy(kvcd_pool *p)
     if (!p)
         return;
     for (int k = 0; k < KVC_LAYER_KINDS; k++) {
+        if (p->g[k].A.farena != p->g[k].A.qarena)
+            kcu_free(p->c, p->g[k].A.farena);
         kcu_free(p->c, p->g[k].A.qarena);
-        kcu_free(p->c, p->g[k].A.farena);
         kvp_pool_destroy(p->g[k].pl);
     }
     kcu_free(p->c, p->fold_scr);
@@ -252,6 +264,11 @@ void kvcd_pool_free_units(const kvcd_pool *p, int64_t *qfree, int64_t *ffree)
 {
     int64_t tq, tf;
     kvcd_pool_kind_units(p, KVC_LAYER_GLOBAL, qfree, ffree, &tq, &tf);
+}
+
+int64_t kvcd_pool_free_bytes(const kvcd_pool *p)
+{
+    return p->g[KVC_LAYER_GLOBAL].pl ? kvp_pool_free_bytes(p->g[KVC_LAYER_GLOBAL].pl) : 0;
 }
 
 void kvcd_pool_estimate(const kvcd_pool *p, int n, int64_t *nq, int64_t *nf)

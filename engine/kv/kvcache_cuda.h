@@ -61,6 +61,8 @@ size_t kvcd_pool_bytes(const kvcd_pool *p);
  * kvc_pool_usage (host bookkeeping only: no device access; free units and
  * the estimate are the global layers'). */
 void kvcd_pool_free_units(const kvcd_pool *p, int64_t *qfree, int64_t *ffree);
+/* kvc_pool_free_bytes. */
+int64_t kvcd_pool_free_bytes(const kvcd_pool *p);
 void kvcd_pool_kind_units(const kvcd_pool *p, int kind, int64_t *qfree, int64_t *ffree,
                           int64_t *qtotal, int64_t *ftotal);
 void kvcd_pool_estimate(const kvcd_pool *p, int n, int64_t *nq, int64_t *nf);

@@ -357,12 +357,14 @@ static int req_new(sched *s, const sched_req_params *p, sched_req **out, char *e
     }
     if (p->max_tokens < 1)
         return fail(err, errlen, -EINVAL, "max_tokens must be at least 1");
-    int kv_mode = p->kv_mode > 0 ? p->kv_mode - 1 : (int)s->p.kv.mode;
+    int kv_mode = p->kv_mode > 0 ? p->kv_mode - 1 : cfg_kv_mode_id(&s->p.kv);
     if (!cfg_kv_has_mode(&s->p.kv, kv_mode)) {
+        char on[160];
+        cfg_kv_modes_str(cfg_kv_mode_mask(&s->p.kv), on, sizeof on);
         if (err && errlen)
             snprintf(err, errlen, "kv_cache '%s' is not enabled on this server (its KV pool "
                      "holds %s sequences; start it with --kv-modes to add others)",
-                     cfg_kv_mode_str(kv_mode), cfg_kv_mode_str(s->p.kv.mode));
+                     cfg_kv_mode_str(kv_mode), on);
         return -EINVAL;
     }
     const int32_t max_seq = s->max_seq_mode[kv_mode];
@@ -724,6 +726,11 @@ static void snapshot_kv(sched *s, int force)
     s->t_metrics = t;
     (void)fwd_pool_stats(s->bk, &s->met.kv, NULL, 0); /* partial sums on a device error */
     s->met.kv_usage = fwd_pool_usage(s->bk);
+    if (s->met.kv_shared) {
+        int64_t fb, unused;
+        fwd_pool_free_units(s->bk, &fb, &unused); /* bytes in a shared pool */
+        s->met.kv_free_bytes = fb;
+    }
     fwd_prefix_stats(s->bk, &s->met.prefix);
     int L = s->m->hp.n_layers < SCHED_MAX_LAYERS ? s->m->hp.n_layers : SCHED_MAX_LAYERS;
     s->met.n_layers = L;
@@ -749,7 +756,7 @@ static void snapshot_kv(sched *s, int force)
             }
         }
     }
-    if (cfg_kv_has_mode(&s->p.kv, CFG_KV_INT4))
+    if (cfg_kv_has_quant(&s->p.kv))
         for (int k = 0; k < s->p.max_seqs; k++)
             if (s->running[k] && fwd_seq_n_tokens(s->slots[k]) > 0 &&
                 fwd_seq_warming(s->slots[k]))
@@ -793,8 +800,11 @@ static void admit_budget(sched *s, int64_t *fq, int64_t *ff, int *n_pref)
         if (!j)
             continue;
         /* headroom: a page of decode tail per running job (more is taken
-         * lazily; preemption covers the rest) */
-        *ff -= 1;
+         * lazily; preemption covers the rest); a shared pool counts bytes */
+        if (fwd_pool_shared(s->bk))
+            *fq -= fwd_pool_page_cost(s->bk);
+        else
+            *ff -= 1;
         if (prefilling(j)) {
             (*n_pref)++;
             int64_t q1, f1, q0, f0;
@@ -1337,7 +1347,7 @@ static void plan_capacity(sched *s)
         }
         s->max_seq_mode[m] = lo;
     }
-    int lo = s->max_seq_mode[p->kv.mode];
+    int lo = s->max_seq_mode[cfg_kv_mode_id(&p->kv)];
     s->max_seq_tokens = lo;
     sched_capacity *c = &s->cap;
     c->pool_bytes = fwd_pool_capacity_bytes(s->bk);
@@ -1345,6 +1355,8 @@ static void plan_capacity(sched *s)
     c->max_seq_tokens = lo;
     c->kv_int4 = p->kv.mode == CFG_KV_INT4;
     c->kv_modes = cfg_kv_mode_mask(&p->kv);
+    c->kv_mode = cfg_kv_mode_id(&p->kv);
+    c->shared = fwd_pool_shared(s->bk);
     c->max_seqs = p->max_seqs;
     c->max_seqs_per_req = s->max_per_req;
     c->max_queue = p->max_queue;
@@ -1359,12 +1371,30 @@ static void plan_capacity(sched *s)
         fp16_seq += (int64_t)(w > 0 && w < p->n_ctx ? w : p->n_ctx) * hp->n_kv_heads *
                     hp->head_dim * 4;
     }
-    if (cfg_kv_has_mode(&p->kv, CFG_KV_FP16) && cfg_kv_has_mode(&p->kv, CFG_KV_INT4)) {
-        /* kv_modes: each mode has its units, INT4 blocks and FP16 pages */
-        fwd_pool_estimate_mode(s->bk, CFG_KV_INT4, p->n_ctx, &nq, &nf);
-        c->seqs_int4 = nq > 0 ? s->cap_q / nq : 0;
-        fwd_pool_estimate_mode(s->bk, CFG_KV_FP16, p->n_ctx, &nq, &nf);
-        c->seqs_fp16 = nf > 0 ? s->cap_f / nf : 0;
+    for (int m = 0; m < CFG_KV_MODES; m++) {
+        /* each mode alone: a shared pool counts bytes (fwd_pool_free_units),
+         * a single-mode pool its blocks (int4) or pages (fp16) */
+        int64_t q, f;
+        c->seqs_mode[m] = 0;
+        if (!cfg_kv_has_mode(&p->kv, m))
+            continue;
+        fwd_pool_estimate_mode(s->bk, m, p->n_ctx, &q, &f);
+        if (c->shared) {
+            /* what the sequences hold once prefilled, the warm-up staging
+             * of the KVC_PREFILL_SLOTS that may prefill at once set aside
+             * (as a single-mode pool counts its blocks alone) */
+            int64_t held = fwd_pool_held_cost(s->bk, m, p->n_ctx);
+            int64_t room = s->cap_q - KVC_PREFILL_SLOTS * (q - held);
+            c->seqs_mode[m] = held > 0 && room > 0 ? room / held : 0;
+        } else if (m != CFG_KV_FP16) {
+            c->seqs_mode[m] = q > 0 ? s->cap_q / q : 0;
+        } else {
+            c->seqs_mode[m] = f > 0 ? s->cap_f / f : 0;
+        }
+    }
+    if (c->shared) {
+        c->seqs_int4 = c->seqs_mode[CFG_KV_INT4];
+        c->seqs_fp16 = c->seqs_mode[CFG_KV_FP16];
     } else if (c->kv_int4) {
         /* INT4 blocks bound it: the FP16 pages are staging shared by the
          * prefills in progress plus a short tail per sequence */
@@ -1446,6 +1476,9 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     s->met.kv_int4 = p.kv.mode == CFG_KV_INT4;
     s->met.kv_name = cfg_kv_mode_name(&p.kv);
     s->met.kv_modes = cfg_kv_mode_mask(&p.kv);
+    s->met.kv_shared = s->cap.shared;
+    for (int m = 0; m < CFG_KV_MODES; m++)
+        s->met.kv_mode_capacity[m] = s->cap.seqs_mode[m];
     s->met.max_seqs = p.max_seqs;
     s->met.kv_budget_bytes = fwd_pool_capacity_bytes(s->bk);
     snapshot_kv(s, 1);

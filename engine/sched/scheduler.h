@@ -189,7 +189,11 @@ typedef struct {
     int32_t n_ctx;            /* positions per sequence */
     int32_t max_seq_tokens;   /* sched_max_seq_tokens */
     int kv_int4;              /* the pool's mode: 1 int4, 0 fp16 */
-    uint32_t kv_modes;        /* bit m: the pool holds cfg_kv_mode m */
+    uint32_t kv_modes;        /* bit m: the pool holds KV mode id m */
+    int shared;               /* several modes in one shared pool (kv_modes) */
+    int32_t kv_mode;          /* the default mode id (--kv-cache) */
+    int64_t seqs_mode[CFG_KV_MODES]; /* sequences of n_ctx tokens the pool holds
+                                 when all of them are of mode id m (0: not held) */
     int64_t seqs_int4;        /* sequences of n_ctx tokens the pool holds in int4
                                  (-1: unknown, the pool is fp16) */
     int64_t seqs_fp16;        /* ... in fp16 (int4 pools: the same bytes as an
@@ -286,6 +290,10 @@ typedef struct {
         uint64_t ttft_count;          /* requests that got their first token */
         double ttft_sum;              /* their times to first token, seconds */
     } kv_mode[CFG_KV_MODES];          /* by the requests' KV mode ("kv_cache") */
+    int64_t kv_mode_capacity[CFG_KV_MODES]; /* sequences of n_ctx the pool holds
+                                         when all are of mode m (sched_capacity) */
+    int kv_shared;                    /* several modes in one shared pool */
+    int64_t kv_free_bytes;            /* a shared pool's free bytes (slab shares) */
     int max_seqs;
     int64_t kv_budget_bytes;          /* bytes of the pool's arenas */
     int prefix_on;                    /* prefix reuse is running */

@@ -131,10 +131,14 @@ Test(kvq_config, kv_modes)
     cr_assert_eq(f.mode, CFG_KV_FP16);
     cr_assert_eq(f.modes, 3u);
     cr_assert_eq(cfg_kv_set(&c, "kv_modes", "all", err, sizeof err), 0);
-    cr_assert_eq(c.modes, (1u << CFG_KV_MODES) - 1u);
+    uint32_t all = c.modes;
+    char l[200];
+    cfg_kv_modes_str(all, l, sizeof l);
+    cr_assert_str_eq(l, "fp16,int4,int2,int3,int8,k3v2,k4v2,k4v3,k8v4", "all: K >= V");
     cr_assert_lt(cfg_kv_set(&c, "kv_modes", "fp16,int5", err, sizeof err), 0);
     cr_assert(strstr(err, "kv_modes") != NULL, "%s", err);
-    cr_assert_eq(c.modes, (1u << CFG_KV_MODES) - 1u, "a refusal changes nothing");
+    cr_assert_eq(c.modes, all, "a refusal changes nothing");
+    cr_assert_eq(cfg_kv_set(&c, "kv_modes", "fp16,int4", err, sizeof err), 0);
     char js[1024];
     cfg_kv_json(&c, js, sizeof js);
     cr_assert(strstr(js, "\"kv_modes\": \"fp16,int4\"") != NULL, "%s", js);
@@ -143,7 +147,7 @@ Test(kvq_config, kv_modes)
     cr_assert_null(strstr(js, "kv_modes"), "unset: not written");
     cr_assert_eq(cfg_kv_set(&c, "kv_modes", "", err, sizeof err), 0);
     cr_assert_eq(c.modes, 0u);
-    cfg_kv_mode m;
+    int m;
     cr_assert_eq(cfg_kv_mode_parse("F16", &m), 0);
     cr_assert_eq(m, CFG_KV_FP16);
     cr_assert_eq(cfg_kv_mode_parse("q4", &m), 0);
@@ -151,10 +155,52 @@ Test(kvq_config, kv_modes)
     cr_assert_lt(cfg_kv_mode_parse("int4 ", &m), 0);
     cr_assert_lt(cfg_kv_mode_parse(NULL, &m), 0);
     cr_assert_str_eq(cfg_kv_mode_str(CFG_KV_INT4), "int4");
-    cr_assert_str_eq(cfg_kv_mode_str(7), "?");
-    char names[64];
+    cr_assert_str_eq(cfg_kv_mode_str(CFG_KV_MODES), "?");
+    char names[200];
     cfg_kv_mode_list(names, sizeof names);
-    cr_assert_str_eq(names, "fp16,int4");
+    cr_assert_str_eq(names, "fp16,int4,int2,int3,int8,k2v3,k2v4,k2v8,k3v2,k3v4,k3v8,k4v2,"
+                            "k4v3,k4v8,k8v2,k8v3,k8v4");
+}
+
+/* kv_modes of every width: mode ids carry the widths (int4 = k4v4 is id 1
+ * whatever the pool's own widths), cfg_kv_with_mode sets them, and a
+ * pool's own mode is its kv_cache with its widths. */
+Test(kvq_config, kv_modes_widths)
+{
+    cfg_kv c = cfg_kv_default();
+    char err[256] = "";
+    cr_assert_eq(cfg_kv_set(&c, "kv_cache", "int3", err, sizeof err), 0, "%s", err);
+    cr_assert_eq(cfg_kv_set(&c, "kv_modes", "fp16,int4,k4v2", err, sizeof err), 0, "%s", err);
+    int i3, i4, k42, f;
+    cr_assert_eq(cfg_kv_mode_parse("int3", &i3), 0);
+    cr_assert_eq(cfg_kv_mode_parse("int4", &i4), 0);
+    cr_assert_eq(cfg_kv_mode_parse("K4V2", &k42), 0);
+    cr_assert_eq(cfg_kv_mode_parse("fp16", &f), 0);
+    cr_assert_eq(i4, CFG_KV_INT4);
+    cr_assert_eq(cfg_kv_mode_parse("k4v4", &i4), 0, "an alias of int4");
+    cr_assert_eq(i4, CFG_KV_INT4);
+    cr_assert_eq(cfg_kv_mode_id(&c), i3, "the pool's own mode: int3");
+    cr_assert(cfg_kv_has_mode(&c, i3) && cfg_kv_has_mode(&c, i4) && cfg_kv_has_mode(&c, k42) &&
+              cfg_kv_has_mode(&c, f));
+    int k3v2;
+    cr_assert_eq(cfg_kv_mode_parse("k3v2", &k3v2), 0);
+    cr_assert(!cfg_kv_has_mode(&c, k3v2));
+    cr_assert_eq(cfg_kv_mode_count(&c), 4);
+    cr_assert(cfg_kv_has_quant(&c));
+    cfg_kv w = cfg_kv_with_mode(&c, k42);
+    cr_assert(w.mode == CFG_KV_INT4 && w.k_bits == 4 && w.v_bits == 2);
+    cr_assert_str_eq(cfg_kv_mode_name(&w), "k4v2");
+    cr_assert_eq(cfg_kv_mode_id(&w), k42);
+    cfg_kv h = cfg_kv_with_mode(&c, CFG_KV_FP16);
+    cr_assert_eq(h.mode, CFG_KV_FP16);
+    cr_assert_eq(cfg_kv_mode_id(&h), CFG_KV_FP16);
+    /* an int3 mode in kv_modes checks v_group like kv_cache int3 does */
+    cfg_kv g = cfg_kv_default();
+    g.v_group = 4;
+    cr_assert_eq(cfg_kv_validate(&g, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(cfg_kv_set(&g, "kv_modes", "fp16,int3", err, sizeof err), 0, "%s", err);
+    cr_assert_lt(cfg_kv_validate(&g, err, sizeof err), 0);
+    cr_assert(strstr(err, "int3") != NULL, "%s", err);
 }
 
 /* Code widths: kv_cache intN sets both, k_bits / v_bits one each; widths

@@ -1181,13 +1181,49 @@ Test(kv_plan, layer_groups_and_sizing)
     cr_assert_gt(sz.n_fpages[KVC_LAYER_WINDOW], 0);
 }
 
-/* A pool of both modes (kv_modes): each sequence plans by its own mode
- * from the same free lists; an FP16 sequence that empties the pages leaves
- * an INT4 sequence's blocks alone, and every failure changes nothing. */
+/* The units a set of sequences holds in a shared pool never overlap: each
+ * covers [id * stride, id * stride + its bytes) of the one arena, inside
+ * it. Returns the bytes held. */
+static int64_t check_shared_disjoint(const kvp_pool *p, kvp_seq **seqs, int n_seqs)
+{
+    size_t qa, fa, qs, fs;
+    kvp_pool_arena(p, &qa, &fa, &qs, &fs);
+    cr_assert_eq(fa, 0, "a shared pool has one arena");
+    cr_assert_eq(qs, fs);
+    unsigned char *used = calloc(qa, 1);
+    int64_t held = 0;
+    size_t qb, fb;
+    kvp_pool_unit_bytes(p, &qb, &fb);
+    for (int j = 0; j < n_seqs; j++) {
+        int n;
+        const kvp_ent *e = kvp_seq_entries(seqs[j], &n);
+        const kvq_layout *L = kvp_seq_layout(seqs[j]);
+        for (int i = 0; i < n; i++) {
+            size_t b = e[i].kind == KVP_BLOCK ? L->bytes * (size_t)kvp_pool_dims(p)->n_layers
+                                              : fb;
+            size_t off = (size_t)e[i].id * qs;
+            cr_assert_leq(off + b, qa, "unit %d past the arena", e[i].id);
+            for (size_t k = 0; k < b; k++) {
+                cr_assert_eq(used[off + k], 0, "byte %zu held twice", off + k);
+                used[off + k] = 1;
+            }
+            held += (int64_t)b;
+        }
+    }
+    free(used);
+    return held;
+}
+
+/* A pool of several modes (kv_modes) is shared: each sequence plans by
+ * its own mode (fp16 pages, or blocks of its own widths) from one arena of
+ * slabs, the units of different sequences never overlap, and a failure
+ * changes nothing (the same step again gets the same ids). */
 Test(kv_plan, mixed_pool_modes_per_sequence)
 {
     cfg_kv c = cfg(CFG_KV_INT4);
-    c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4);
+    int i3;
+    cr_assert_eq(cfg_kv_mode_parse("int3", &i3), 0);
+    c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4) | (1u << i3);
     cfg_kv c32 = cfg(CFG_KV_FP16);
     c32.block_tokens = 32;
     cr_assert_eq(kvp_page_tokens(&c32), 32, "an fp16-only pool: pages are the blocks");
@@ -1195,10 +1231,16 @@ Test(kv_plan, mixed_pool_modes_per_sequence)
     cr_assert_eq(kvp_page_tokens(&c32), 16, "a mixed pool: the INT4 page size for all");
 
     kvp_pool *p = pool(&c, 16, 12);
-    kvp_seq *s[2] = {seq(p, 256), seq(p, 256)}; /* s[0] fp16, s[1] int4 (the default) */
+    cr_assert(kvp_pool_shared(p));
+    kvp_seq *s[3] = {seq(p, 256), seq(p, 256), seq(p, 256)}; /* fp16, int4 (default), int3 */
     cr_assert_eq(kvp_seq_mode(s[1]), CFG_KV_INT4);
     cr_assert_eq(kvp_seq_set_mode(s[0], CFG_KV_FP16, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(kvp_seq_set_mode(s[2], i3, err, sizeof err), 0, "%s", err);
     cr_assert_eq(kvp_seq_mode(s[0]), CFG_KV_FP16);
+    cr_assert_null(kvp_seq_layout(s[0]));
+    const kvq_layout *L4 = kvp_seq_layout(s[1]), *L3 = kvp_seq_layout(s[2]);
+    cr_assert(L4 && L3 && L4->k_bits == 4 && L3->k_bits == 3 && L3->v_bits == 3);
+    cr_assert_lt(L3->bytes, L4->bytes, "int3 blocks are smaller");
     const kvp_step *st = begin_ok(s[0], 32, 1);
     cr_assert(!st->stats, "an fp16 sequence gathers no statistics");
     cr_assert_eq(st->n_tgt, 2);
@@ -1207,43 +1249,52 @@ Test(kv_plan, mixed_pool_modes_per_sequence)
     kvp_commit(s[0], NULL, NULL);
     cr_assert_eq(kvp_seq_set_mode(s[0], CFG_KV_INT4, err, sizeof err), -EINVAL,
                  "the mode of a sequence that holds tokens stays");
-    /* the int4 sequence: sinks + staging (pages), then live blocks */
-    cr_assert_eq(step(s[1], 32, 1), 0);
-    cr_assert_eq(step(s[1], 32, 1), 0);
-    cr_assert(!kvp_seq_warming(s[1]));
-    int nq, nf;
-    check_cover(s[1], &nq, &nf);
-    cr_assert_eq(nq, 4, "60 quantized tokens in blocks of 16");
-    cr_assert_eq(nf, 1, "the sink page");
-    /* the fp16 sequence takes every page left */
-    int64_t qf, ff;
-    kvp_pool_free_units(p, &qf, &ff);
-    for (int64_t i = 0; i < ff; i++)
-        cr_assert_eq(step(s[0], 16, 1), 0);
-    cr_assert_eq(kvp_begin(s[0], kvp_seq_n_tokens(s[0]), 1, 0, err, sizeof err), -ENOSPC);
-    /* a live chunk of the int4 sequence needs blocks only */
-    cr_assert_eq(step(s[1], 32, 1), 0);
-    check_cover(s[1], &nq, &nf);
-    cr_assert_eq(nq, 6);
-    /* its decode tail needs a page: -ENOSPC, nothing changed */
-    int n_before;
-    kvp_seq_entries(s[1], &n_before);
-    kvp_pool_free_units(p, &qf, &ff);
-    cr_assert_eq(kvp_begin(s[1], kvp_seq_n_tokens(s[1]), 1, 0, err, sizeof err), -ENOSPC);
-    int n_after;
-    kvp_seq_entries(s[1], &n_after);
-    int64_t qf2, ff2;
-    kvp_pool_free_units(p, &qf2, &ff2);
-    cr_assert_eq(n_after, n_before);
-    cr_assert_eq(qf2, qf);
-    cr_assert_eq(ff2, ff);
-    check_ids(p, s, 2);
-    /* a fresh sequence may take the other mode; an fp16-only pool holds no int4 */
+    /* the quantized sequences: sinks + staging (pages), then live blocks */
+    for (int k = 1; k <= 2; k++) {
+        cr_assert_eq(step(s[k], 32, 1), 0);
+        cr_assert_eq(step(s[k], 32, 1), 0);
+        cr_assert_eq(step(s[k], 32, 1), 0);
+        cr_assert(!kvp_seq_warming(s[k]));
+        int nq, nf;
+        check_cover(s[k], &nq, &nf);
+        cr_assert_eq(nq, 6, "92 quantized tokens in blocks of 16");
+        cr_assert_eq(nf, 1, "the sink page");
+    }
+    check_shared_disjoint(p, s, 3);
+    /* the fp16 sequence takes what is left, then -ENOSPC changes nothing */
+    while (step(s[0], 16, 1) == 0)
+        ;
+    int64_t fb0 = kvp_pool_free_bytes(p);
+    int pos = kvp_seq_n_tokens(s[2]);
+    int rc = kvp_begin(s[2], pos, 32, 1, err, sizeof err);
+    if (rc == 0) { /* a slab of int3 blocks had room: abort, then the same ids again */
+        int32_t ids[8];
+        int nt = kvp_seq_step(s[2])->n_tgt;
+        for (int i = 0; i < nt; i++)
+            ids[i] = kvp_seq_step(s[2])->tgt[i].id;
+        kvp_abort(s[2]);
+        cr_assert_eq(kvp_pool_free_bytes(p), fb0);
+        begin_ok(s[2], 32, 1);
+        for (int i = 0; i < nt; i++)
+            cr_assert_eq(kvp_seq_step(s[2])->tgt[i].id, ids[i], "abort restores the pool");
+        kvp_abort(s[2]);
+    } else {
+        cr_assert_eq(rc, -ENOSPC);
+        cr_assert(strstr(err, "shared pool"), "%s", err);
+    }
+    cr_assert_eq(kvp_pool_free_bytes(p), fb0, "a failed or aborted step changes nothing");
+    check_shared_disjoint(p, s, 3);
+    /* a fresh sequence may take another mode; an fp16-only pool holds no int4 */
     kvp_seq_reset(s[0]);
     cr_assert_eq(kvp_seq_mode(s[0]), CFG_KV_FP16, "reset keeps the mode");
     cr_assert_eq(kvp_seq_set_mode(s[0], CFG_KV_INT4, err, sizeof err), 0, "%s", err);
+    int k2v2;
+    cr_assert_eq(cfg_kv_mode_parse("int2", &k2v2), 0);
+    cr_assert_eq(kvp_seq_set_mode(s[0], k2v2, err, sizeof err), -EINVAL, "not in kv_modes");
+    cr_assert(strstr(err, "int2"), "%s", err);
     cfg_kv f = cfg(CFG_KV_FP16);
     kvp_pool *pf = pool(&f, 0, 4);
+    cr_assert(!kvp_pool_shared(pf));
     kvp_seq *q = seq(pf, 64);
     cr_assert_eq(kvp_seq_set_mode(q, CFG_KV_INT4, err, sizeof err), -EINVAL);
     cr_assert(strstr(err, "int4"), "%s", err);
@@ -1257,13 +1308,145 @@ Test(kv_plan, mixed_pool_modes_per_sequence)
     cr_assert_eq(ef, 5);
     kvp_estimate(&c, 57, &eq, &ef);
     cr_assert_gt(eq, 0);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 3; i++)
         kvp_seq_destroy(s[i]);
+    cr_assert_eq(kvp_pool_free_bytes(p), kvp_pool_capacity_bytes(p), "all back");
     kvp_pool_destroy(p);
 }
 
-/* Sizing a pool of both modes: INT4 blocks as an int4 pool, FP16 pages for
- * as many FP16 sequences; a byte budget split between the two. */
+/* Fills a shared pool with sequences of mode m (chunks of 32, as many
+ * as fit, each up to 256 tokens); returns how many tokens they hold. */
+static int64_t fill_mode(int m, kvp_seq **s, int n_seqs)
+{
+    int64_t tokens = 0;
+    for (int k = 0; k < n_seqs; k++) {
+        cr_assert_eq(kvp_seq_set_mode(s[k], m, err, sizeof err), 0, "%s", err);
+        while (kvp_seq_n_tokens(s[k]) + 32 <= 256 && step(s[k], 32, 1) == 0)
+            ;
+        tokens += kvp_seq_n_tokens(s[k]);
+    }
+    return tokens;
+}
+
+/* One shared pool: memory is interchangeable between modes. A pool filled
+ * by fp16 sequences and emptied holds as many int4 (and int3) tokens as a
+ * pool that never held fp16, and the other way round; almost every byte
+ * is used by whichever mode fills it. */
+Test(kv_plan, shared_pool_memory_moves_between_modes)
+{
+    cfg_kv c = cfg(CFG_KV_INT4);
+    int i3;
+    cr_assert_eq(cfg_kv_mode_parse("int3", &i3), 0);
+    c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4) | (1u << i3);
+    kvp_pool *p = pool(&c, 0, 64); /* the bytes of 64 pages */
+    enum { NS = 24 };
+    kvp_seq *s[NS];
+    for (int k = 0; k < NS; k++)
+        s[k] = seq(p, 256);
+    const int64_t cap = kvp_pool_capacity_bytes(p);
+    size_t qb, fb;
+    kvp_pool_unit_bytes(p, &qb, &fb);
+    int64_t tok[3][2];
+    const int modes[3] = {CFG_KV_FP16, CFG_KV_INT4, i3};
+    for (int round = 0; round < 2; round++)
+        for (int mi = 0; mi < 3; mi++) {
+            tok[mi][round] = fill_mode(modes[mi], s, NS);
+            int64_t held = check_shared_disjoint(p, s, NS);
+            cr_assert_gt(tok[mi][round], 0);
+            /* the mode that fills the pool gets (almost) all of it: what is
+             * left is less than a slab's worth per class plus a chunk */
+            cr_assert_geq((double)held, 0.6 * (double)cap, "%s holds %lld of %lld bytes",
+                          cfg_kv_mode_str(modes[mi]), (long long)held, (long long)cap);
+            for (int k = 0; k < NS; k++)
+                kvp_seq_reset(s[k]);
+            cr_assert_eq(kvp_pool_free_bytes(p), cap, "every slab back after %s",
+                         cfg_kv_mode_str(modes[mi]));
+        }
+    for (int mi = 0; mi < 3; mi++)
+        cr_assert_eq(tok[mi][0], tok[mi][1], "%s holds the same after the others ran",
+                     cfg_kv_mode_str(modes[mi]));
+    /* (these dimensions are tiny: scales and outlier room weigh a lot) */
+    cr_assert_gt(2 * tok[1][0], 3 * tok[0][0], "int4 holds 1.5x fp16's tokens: %lld %lld",
+                 (long long)tok[1][0], (long long)tok[0][0]);
+    cr_assert_geq(tok[2][0], tok[1][0], "int3 at least int4's: %lld %lld",
+                  (long long)tok[2][0], (long long)tok[1][0]);
+    /* and mixed: fp16 and int3 sequences side by side, then the fp16 ones
+     * end and int4 ones take their memory */
+    for (int k = 0; k < NS; k++)
+        cr_assert_eq(kvp_seq_set_mode(s[k], k % 2 ? i3 : CFG_KV_FP16, err, sizeof err), 0);
+    for (int r = 0; r < 8; r++)
+        for (int k = 0; k < NS; k++)
+            if (kvp_seq_n_tokens(s[k]) + 32 <= 256)
+                step(s[k], 32, 1);
+    check_shared_disjoint(p, s, NS);
+    for (int k = 0; k < NS; k += 2) {
+        kvp_seq_reset(s[k]);
+        cr_assert_eq(kvp_seq_set_mode(s[k], CFG_KV_INT4, err, sizeof err), 0);
+    }
+    int64_t t4 = 0;
+    for (int r = 0; r < 8; r++)
+        for (int k = 0; k < NS; k += 2)
+            if (kvp_seq_n_tokens(s[k]) + 32 <= 256 && step(s[k], 32, 1) == 0)
+                t4 += 32;
+    check_shared_disjoint(p, s, NS);
+    cr_assert_gt(t4, 0, "int4 sequences got the memory the fp16 ones let go of");
+    for (int k = 0; k < NS; k++)
+        kvp_seq_destroy(s[k]);
+    cr_assert_eq(kvp_pool_free_bytes(p), cap);
+    kvp_pool_destroy(p);
+}
+
+/* A window group of several modes (window_kv int4, kv_modes with widths)
+ * is a shared pool too: sized per sequence slot for the mode that needs the
+ * most, it holds a sequence of each mode side by side through chunks and
+ * decode, their units never overlap, and every slab comes back. */
+Test(kv_plan, shared_window_group)
+{
+    int32_t win[2] = {64, 0};
+    kvc_dims d = {2, 16, 8, win};
+    cfg_kv c = cfg(CFG_KV_INT4);
+    c.window_kv = CFG_KV_INT4;
+    int i3;
+    cr_assert_eq(cfg_kv_mode_parse("int3", &i3), 0);
+    c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4) | (1u << i3);
+    kvp_groups gr;
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    const cfg_kv *wc = &gr.cfg[KVC_LAYER_WINDOW];
+    cr_assert_eq(cfg_kv_mode_count(wc), 3, "the window group holds the three modes");
+    kvc_pool_sizes sz;
+    cr_assert_eq(kvp_pool_size(&c, &d, 512, 3, &sz, err, sizeof err), 0, "%s", err);
+    kvp_pool *p = NULL;
+    cr_assert_eq(kvp_pool_create(wc, &gr.dims[KVC_LAYER_WINDOW], gr.window,
+                                 sz.n_qblocks[KVC_LAYER_WINDOW], sz.n_fpages[KVC_LAYER_WINDOW],
+                                 &p, err, sizeof err), 0, "%s", err);
+    cr_assert(kvp_pool_shared(p));
+    const int modes[3] = {CFG_KV_FP16, CFG_KV_INT4, i3};
+    kvp_seq *s[3];
+    for (int k = 0; k < 3; k++) {
+        s[k] = seq(p, 512);
+        cr_assert_eq(kvp_seq_set_mode(s[k], modes[k], err, sizeof err), 0, "%s", err);
+    }
+    for (int t = 0; t < 7; t++) /* 224 prompt tokens, one sequence at a time per chunk */
+        for (int k = 0; k < 3; k++)
+            cr_assert_eq(step(s[k], 32, 1), 0, "%s chunk %d: %s", cfg_kv_mode_str(modes[k]), t,
+                         err);
+    for (int t = 0; t < 100; t++)
+        for (int k = 0; k < 3; k++)
+            cr_assert_eq(step(s[k], 1, 0), 0, "%s decode %d: %s", cfg_kv_mode_str(modes[k]), t,
+                         err);
+    check_shared_disjoint(p, s, 3);
+    for (int k = 0; k < 3; k++) {
+        cr_assert_leq(kvp_seq_held_tokens(s[k]), 64 + 32 + 16, "%s keeps about its window",
+                      cfg_kv_mode_str(modes[k]));
+        kvp_seq_destroy(s[k]);
+    }
+    cr_assert_eq(kvp_pool_free_bytes(p), kvp_pool_capacity_bytes(p));
+    kvp_pool_destroy(p);
+}
+
+/* Sizing a pool of several modes: one shared arena where max_seqs
+ * full-context sequences fit in any one of its modes; a byte budget is the
+ * arena; a single-mode pool is sized exactly as before. */
 Test(kv_plan, mixed_pool_sizing)
 {
     cfg_kv c4 = cfg(CFG_KV_INT4), c16 = cfg(CFG_KV_FP16), cm = cfg(CFG_KV_INT4);
@@ -1272,22 +1455,30 @@ Test(kv_plan, mixed_pool_sizing)
     cr_assert_eq(kvp_pool_size(&c4, &dims, 256, 4, &z4, err, sizeof err), 0, "%s", err);
     cr_assert_eq(kvp_pool_size(&c16, &dims, 256, 4, &z16, err, sizeof err), 0, "%s", err);
     cr_assert_eq(kvp_pool_size(&cm, &dims, 256, 4, &zm, err, sizeof err), 0, "%s", err);
-    cr_assert_eq(zm.n_qblocks[0], z4.n_qblocks[0]);
-    cr_assert_geq(zm.n_fpages[0], z16.n_fpages[0], "pages for 4 fp16 sequences (pages of 16)");
-    cr_assert_geq(zm.n_fpages[0], z4.n_fpages[0]);
-    cm.kv_budget_bytes = 200000;
-    cr_assert_eq(kvp_pool_size(&cm, &dims, 256, 4, &zm, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(zm.n_qblocks[0], 0, "a shared pool is sized in pages' bytes");
     kvp_pool *p = pool(&cm, zm.n_qblocks[0], zm.n_fpages[0]);
     int64_t cap = kvp_pool_capacity_bytes(p);
-    cr_assert_leq(cap, 200000, "the budget holds: %lld", (long long)cap);
-    cr_assert_gt(cap, 150000, "most of the budget is used: %lld", (long long)cap);
     int64_t q4, f4, f16, q16;
     kvp_estimate(&cm, 256, &q4, &f4);
     cfg_kv cm16 = cfg_kv_with_mode(&cm, CFG_KV_FP16);
     kvp_estimate(&cm16, 256, &q16, &f16);
-    cr_assert_geq(zm.n_qblocks[0], q4, "a full int4 sequence fits");
-    cr_assert_geq(zm.n_fpages[0], f16, "a full fp16 sequence fits");
+    cr_assert_geq(cap, 4 * kvp_pool_cost(p, CFG_KV_INT4, q4, f4), "4 int4 sequences fit");
+    cr_assert_geq(cap, 4 * kvp_pool_cost(p, CFG_KV_FP16, q16, f16), "4 fp16 sequences fit");
+    cr_assert_eq(kvp_plan_cost(&cm, &dims, CFG_KV_INT4, q4, f4),
+                 kvp_pool_cost(p, CFG_KV_INT4, q4, f4));
+    cr_assert_eq(kvp_pool_fit(&cm, &dims, 256, 4, err, sizeof err), 4);
     kvp_pool_destroy(p);
+    cm.kv_budget_bytes = 200000;
+    cr_assert_eq(kvp_pool_size(&cm, &dims, 256, 4, &zm, err, sizeof err), 0, "%s", err);
+    p = pool(&cm, zm.n_qblocks[0], zm.n_fpages[0]);
+    cap = kvp_pool_capacity_bytes(p);
+    cr_assert_leq(cap, 200000, "the budget holds: %lld", (long long)cap);
+    cr_assert_gt(cap, 150000, "most of the budget is used: %lld", (long long)cap);
+    kvp_pool_destroy(p);
+    /* single-mode pools: the same sizes as before kv_modes existed */
+    cr_assert_eq(z4.n_qblocks[0], 4 * ((256 + 15) / 16 + 2 + (256 + 31) / 32));
+    cr_assert_eq(z16.n_qblocks[0], 0);
+    cr_assert_eq(z16.n_fpages[0], 4 * ((256 + 15) / 16 + 1));
 }
 
 /* FP16 window layers hold pages of at most 16 tokens, not blocks of

@@ -363,3 +363,37 @@ Test(kv_prefix, modes_keep_their_own_prefixes)
         kvp_seq_destroy(all[i]);
     kvp_pool_destroy(p);
 }
+
+/* Widths keep their own prefixes too: an int3 sequence never adopts the
+ * int4 blocks of the same tokens (the chain starts from the mode id, which
+ * carries the widths), and takes its own once cached; a cached prefix's
+ * units are evictable in a shared pool like in any other. */
+Test(kv_prefix, widths_keep_their_own_prefixes)
+{
+    fill_tokens();
+    cfg_kv c = cfg(CFG_KV_INT4);
+    int i3;
+    cr_assert_eq(cfg_kv_mode_parse("int3", &i3), 0);
+    c.modes = (1u << CFG_KV_INT4) | (1u << i3);
+    kvp_pool *p = pool(&c, 64, 64);
+    kvp_seq *q4 = seq(p, 512), *q3 = seq(p, 512), *a = seq(p, 512), *b = seq(p, 512);
+    cr_assert_eq(prefill(q4, toks_a, 140), 3, "int4: boundaries at 64, 96, 128");
+    cr_assert_eq(kvp_seq_set_mode(a, i3, err, sizeof err), 0, "%s", err);
+    const void *d;
+    cr_assert_eq(kvp_prefix_adopt(a, toks_a, 200, &d), 0, "int3 takes no int4 prefix");
+    cr_assert_eq(kvp_seq_set_mode(q3, i3, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(prefill(q3, toks_a, 140), 3, "int3: its own boundaries");
+    cr_assert_eq(kvp_prefix_adopt(a, toks_a, 200, &d), 128);
+    int na, n3;
+    const kvp_ent *ea = kvp_seq_entries(a, &na), *e3 = kvp_seq_entries(q3, &n3);
+    cr_assert_leq(na, n3);
+    for (int i = 0; i < na; i++)
+        cr_assert_eq(ea[i].id, e3[i].id, "entry %d: the int3 sequence's own units", i);
+    cr_assert_eq(kvp_prefix_adopt(b, toks_a, 200, &d), 128, "int4 still takes its own");
+    kvp_seq *all[] = {q4, q3, a, b};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        kvp_seq_destroy(all[i]);
+    kvp_prefix_clear(p);
+    cr_assert_eq(kvp_pool_free_bytes(p), kvp_pool_capacity_bytes(p), "all back");
+    kvp_pool_destroy(p);
+}

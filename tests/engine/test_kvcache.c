@@ -501,3 +501,77 @@ Test(kvcache, window_layers_bounded_long, .timeout = 120)
     window_drive(CFG_KV_INT4, CFG_KV_FP16, 40, 20 * 32, 32, 300);
     window_drive(CFG_KV_INT4, CFG_KV_INT4, 40, 20 * 32, 32, 300);
 }
+
+/* Sequences of several widths in one shared pool (kv_modes) hold exactly
+ * what a pool of their mode alone holds: the same segments (kind,
+ * positions) and the same bytes in every block and page, layer by layer,
+ * however their steps interleave and wherever their units live. */
+Test(kvcache, shared_pool_bit_identical_to_single_mode)
+{
+    static const char *const names[] = {"int3", "k4v2", "fp16", "int4"};
+    enum { NM = 4 };
+    cfg_kv sc = cfg(CFG_KV_INT4);
+    int ids[NM];
+    for (int i = 0; i < NM; i++) {
+        cr_assert_eq(cfg_kv_mode_parse(names[i], &ids[i]), 0);
+        sc.modes |= 1u << ids[i];
+    }
+    kvc_pool_sizes sz;
+    cr_assert_eq(kvc_pool_plan(&sc, &dims, 256, NM, &sz, err, sizeof err), 0, "%s", err);
+    kvc_pool *sp = NULL;
+    cr_assert_eq(kvc_pool_create(&sc, &dims, &sz, &sp, err, sizeof err), 0, "%s", err);
+    kvc_seq *ss[NM], *one[NM];
+    kvc_pool *op[NM];
+    for (int i = 0; i < NM; i++) {
+        cr_assert_eq(kvc_seq_create(sp, 256, &ss[i], err, sizeof err), 0, "%s", err);
+        cr_assert_eq(kvc_seq_set_mode(ss[i], ids[i], err, sizeof err), 0, "%s", err);
+        cfg_kv c1 = cfg_kv_with_mode(&sc, ids[i]);
+        c1.modes = 0;
+        kvc_pool_sizes z1;
+        cr_assert_eq(kvc_pool_plan(&c1, &dims, 256, 1, &z1, err, sizeof err), 0, "%s", err);
+        cr_assert_eq(kvc_pool_create(&c1, &dims, &z1, &op[i], err, sizeof err), 0, "%s", err);
+        cr_assert_eq(kvc_seq_create(op[i], 256, &one[i], err, sizeof err), 0, "%s", err);
+        cr_assert_eq(kvc_seq_mode(one[i]), ids[i]);
+    }
+    /* interleaved: 3 prompt chunks, then 40 decode steps, mode by mode */
+    for (int t = 0; t < 3 + 40; t++)
+        for (int i = 0; i < NM; i++) {
+            cr_assert_eq(step(ss[i], t < 3 ? 32 : 1, t < 3), 0, "%s step %d: %s", names[i], t,
+                         err);
+        }
+    for (int i = 0; i < NM; i++)
+        for (int t = 0; t < 3 + 40; t++)
+            cr_assert_eq(step(one[i], t < 3 ? 32 : 1, t < 3), 0, "%s alone: %s", names[i], err);
+    kvs_seg a[256], b[256];
+    for (int i = 0; i < NM; i++) {
+        for (int l = 0; l < dims.n_layers; l++) {
+            int na = kvc_segments(ss[i], l, a, 256), nb = kvc_segments(one[i], l, b, 256);
+            cr_assert_eq(na, nb, "%s layer %d: %d segments vs %d", names[i], l, na, nb);
+            const kvq_layout *L = kvc_seq_layer_layout(ss[i], l);
+            for (int j = 0; j < na; j++) {
+                cr_assert(a[j].kind == b[j].kind && a[j].pos0 == b[j].pos0 && a[j].n == b[j].n,
+                          "%s layer %d segment %d", names[i], l, j);
+                if (a[j].kind == KVS_Q4) {
+                    cr_assert_eq(memcmp(a[j].k, b[j].k, L->bytes), 0,
+                                 "%s layer %d block %d differs", names[i], l, j);
+                } else {
+                    size_t nbytes = (size_t)a[j].n * (size_t)dims.kv_dim * 2;
+                    cr_assert_eq(memcmp(a[j].k, b[j].k, nbytes), 0, "%s page %d K", names[i], j);
+                    cr_assert_eq(memcmp(a[j].v, b[j].v, nbytes), 0, "%s page %d V", names[i], j);
+                }
+            }
+        }
+        kvc_stats x, y;
+        kvc_seq_stats(ss[i], &x);
+        kvc_seq_stats(one[i], &y);
+        cr_assert_eq(x.bytes_total, y.bytes_total, "%s bytes %lld vs %lld", names[i],
+                     (long long)x.bytes_total, (long long)y.bytes_total);
+        cr_assert_eq(x.n_outliers, y.n_outliers);
+    }
+    for (int i = 0; i < NM; i++) {
+        kvc_seq_destroy(ss[i]);
+        kvc_seq_destroy(one[i]);
+        kvc_pool_destroy(op[i]);
+    }
+    kvc_pool_destroy(sp);
+}

@@ -277,6 +277,26 @@ static void case_kv_modes_per_request(void)
     sched_destroy(mix);
     sched_destroy(c16);
     sched_destroy(g4);
+    /* the CUDA cache holds one quantized width: several are refused at
+     * startup, with a reason that says what to do */
+    {
+        char err[512] = "";
+        int i3 = 0;
+        cfg_kv_mode_parse("int3", &i3);
+        sched_params p = sched_default_params();
+        p.n_ctx = 512;
+        p.max_seqs = 2;
+        p.n_threads = 2;
+        p.device = BK_DEVICE_CUDA;
+        p.kv.chunk_size = 64;
+        p.kv.block_tokens = 32;
+        p.kv.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4) | (1u << i3);
+        sched *w = NULL;
+        GT_CHECK(sched_create(m, &p, &w, err, sizeof err) < 0 && !w &&
+                     strstr(err, "one quantized width"),
+                 "several widths on CUDA: %s", err);
+        sched_destroy(w);
+    }
     free_reqs(&q);
     mdl_free(m);
 }

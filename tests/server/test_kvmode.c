@@ -190,10 +190,11 @@ Test(kvmode, bad_values_are_400s, .timeout = 120)
  * never the oldest, so the other's text is its text alone; an FP16 crowd's
  * texts too (recomputation is exact), an INT4 crowd's may not be (a
  * recomputed sequence quantizes its generated tokens as a prompt). */
-static void full_pool(const char *crowd, const char *other, int crowd_exact)
+static void full_pool(const char *crowd, const char *other, int crowd_exact,
+                      const char *budget)
 {
     const char *args[] = {BASE_ARGS, "--kv-cache", "int4", "--kv-modes", "fp16,int4",
-                          "--max-seqs", "6", "--kv-budget", "1M", NULL};
+                          "--max-seqs", "6", "--kv-budget", budget, NULL};
     tsrv s;
     cr_assert_eq(ts_start(&s, args), 0, "the server did not start");
     static char alone_c[TEXT_CAP], alone_o[TEXT_CAP];
@@ -239,12 +240,13 @@ static void full_pool(const char *crowd, const char *other, int crowd_exact)
 
 Test(kvmode, full_fp16_pool_leaves_int4_intact, .timeout = 240)
 {
-    full_pool("\"fp16\"", "\"int4\"", 1);
+    full_pool("\"fp16\"", "\"int4\"", 1, "512K");
 }
 
 Test(kvmode, full_int4_pool_leaves_fp16_intact, .timeout = 240)
 {
-    full_pool("\"int4\"", "\"fp16\"", 0);
+    /* the pool is shared: INT4 sequences fill what the FP16 one leaves */
+    full_pool("\"int4\"", "\"fp16\"", 0, "400K");
 }
 
 /* A server of another code width serves, and names its mode in /metrics'
@@ -259,5 +261,78 @@ Test(kvmode, other_width_named_in_build_info, .timeout = 120)
     char *m = metrics(&s);
     cr_assert_not_null(strstr(m, "kv_cache=\"k3v2\"} 1"), "build_info:\n%.400s", m);
     free(m);
+    cr_assert_eq(ts_stop(&s, 30), 0);
+}
+
+/* Every width per request (fp16, int3, k4v2 beside the default int4 in one
+ * shared pool): each request's text is the text of a server started with
+ * that --kv-cache alone (bit-identical: a sequence's blocks do not depend
+ * on where in the arena they live), /metrics labels every mode, fewer bits
+ * hold fewer bytes per token, and a width this server was not started
+ * with is a 400 that names "kv_cache" and lists the enabled modes. */
+Test(kvmode, widths_per_request_match_single_mode, .timeout = 300)
+{
+    static const char *const modes[] = {"int3", "k4v2", "fp16"};
+    enum { NM = 3 };
+    static char alone[NM][TEXT_CAP];
+    for (int i = 0; i < NM; i++)
+        single_mode_text(modes[i], alone[i]);
+
+    const char *args[] = {BASE_ARGS, "--kv-cache", "int4", "--kv-modes", "fp16,int3,k4v2",
+                          NULL};
+    tsrv s;
+    cr_assert_eq(ts_start(&s, args), 0, "the server did not start");
+    static kjob j[NM + 1];
+    char kv[NM][16];
+    pthread_t th[NM + 1];
+    for (int i = 0; i < NM; i++) {
+        snprintf(kv[i], sizeof kv[i], "\"%s\"", modes[i]);
+        set_body(&j[i], &s, kv[i], 60);
+    }
+    set_body(&j[NM], &s, "\"int4\"", 60);
+    for (int i = 0; i <= NM; i++)
+        pthread_create(&th[i], NULL, run_job, &j[i]);
+    for (int i = 0; i <= NM; i++) {
+        pthread_join(th[i], NULL);
+        cr_assert_eq(j[i].status, 200, "job %d: %ld", i, j[i].status);
+    }
+    for (int i = 0; i < NM; i++)
+        cr_assert_str_eq(j[i].text, alone[i], "%s on the shared pool:\n%s\nalone:\n%s",
+                         modes[i], j[i].text, alone[i]);
+    char *m = metrics(&s);
+    double bpt[NM + 1];
+    const char *lab[NM + 1] = {"int3", "k4v2", "fp16", "int4"};
+    for (int i = 0; i <= NM; i++) {
+        char q[128];
+        snprintf(q, sizeof q, "livekvq_kv_mode_finished_sequences_total{mode=\"%s\"}", lab[i]);
+        cr_assert_eq(ts_metric(m, q), 1, "%s sequences", lab[i]);
+        snprintf(q, sizeof q, "livekvq_kv_mode_finished_bytes_total{mode=\"%s\"}", lab[i]);
+        double b = ts_metric(m, q);
+        snprintf(q, sizeof q, "livekvq_kv_mode_finished_tokens_total{mode=\"%s\"}", lab[i]);
+        double t = ts_metric(m, q);
+        cr_assert_gt(t, 100, "%s tokens", lab[i]);
+        bpt[i] = b / t;
+    }
+    cr_assert_lt(bpt[0], bpt[3], "int3 %g < int4 %g bytes per token", bpt[0], bpt[3]);
+    cr_assert_lt(bpt[1], bpt[3], "k4v2 %g < int4 %g bytes per token", bpt[1], bpt[3]);
+    cr_assert_lt(bpt[3], bpt[2], "int4 %g < fp16 %g bytes per token", bpt[3], bpt[2]);
+    cr_assert_null(strstr(m, "mode=\"int8\""), "only the enabled modes are labelled");
+    double c16 = ts_metric(m, "livekvq_kv_mode_capacity_sequences{mode=\"fp16\"}");
+    double c3 = ts_metric(m, "livekvq_kv_mode_capacity_sequences{mode=\"int3\"}");
+    cr_assert(c16 >= 1 && c3 > c16, "the shared pool holds more int3 than fp16: %g %g", c3,
+              c16);
+    cr_assert_gt(ts_metric(m, "livekvq_kv_shared_free_bytes"), 0);
+    free(m);
+    kjob b;
+    set_body(&b, &s, "\"int2\"", 8);
+    char url[256];
+    snprintf(url, sizeof url, "%s/v1/completions", s.base);
+    ts_buf r = {0};
+    long st = ts_http(url, "POST", b.body, NULL, &r, 30);
+    cr_assert_eq(st, 400);
+    cr_assert(r.data && strstr(r.data, "\"kv_cache\"") &&
+                  strstr(r.data, "fp16,int4,int3,k4v2"),
+              "names the field and the enabled modes: %s", r.data ? r.data : "");
+    free(r.data);
     cr_assert_eq(ts_stop(&s, 30), 0);
 }
