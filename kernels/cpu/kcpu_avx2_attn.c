@@ -239,7 +239,9 @@ AI void g_oaccum(const int E, const int QG, const int NV, float *const *o,
 AI void g_oaccum_all(const int E, const int QG, float *const *o, const float *const *p,
                      const void *vb, size_t ld, int n, int d0, int D)
 {
-    const int D8 = D & ~7, NV = QG == 1 ? 8 : 4;
+    /* code types keep their unpacking constants in registers too: fewer
+     * accumulators, or the 16 ymm registers spill */
+    const int D8 = D & ~7, NV = QG == 1 ? 8 : E >= E_C2 ? 2 : 4;
     for (; d0 + 8 * NV <= D8; d0 += 8 * NV)
         g_oaccum(E, QG, NV, o, p, vb, ld, n, d0);
     for (; d0 < D8; d0 += 8)
