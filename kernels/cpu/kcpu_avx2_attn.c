@@ -40,10 +40,14 @@
  *    outputs p_t * delta.
  * Sliding windows: tiles start at the first row any query of the item
  * sees; rows before a query's own window are masked (-inf) after scoring.
- * Code widths other than 4 bits (K or V; kvq.h): each tile of a block is
- * dequantized to f32 once per item and KV head (codes8: 8 codes of 2, 3, 4
- * or 8 bits from one load, shifted per lane) and attended like an F32
- * segment (qx_*), decode and prefill alike.
+ * Code widths other than 4 bits (K or V; kvq.h): 8 codes of 2, 3, 4 or 8
+ * bits come from one load, shifted per lane (codes8). Decoding (few
+ * queries per KV head, per-channel K) is fused, one code path for every
+ * width (cx_*): the float path's score and V-sum loops read the codes as
+ * an element type (E_C2 .. E_C8), the K scales and zeros folded into the
+ * queries as for INT4, the V scales into the softmax weights, outliers as
+ * deltas. Prefill chunks and per-token K dequantize each tile to f32 once
+ * per item and KV head and attend it like an F32 segment (qx_*).
  * Layouts this path does not cover (head_dim or v_group not a multiple of
  * 16, head_dim > 512) go to the scalar back end's item.
  *
