@@ -46,8 +46,10 @@
  * width (cx_*): the float path's score and V-sum loops read the codes as
  * an element type (E_C2 .. E_C8), the K scales and zeros folded into the
  * queries as for INT4, the V scales into the softmax weights, outliers as
- * deltas. Prefill chunks and per-token K dequantize each tile to f32 once
- * per item and KV head and attend it like an F32 segment (qx_*).
+ * deltas. Prefill chunks take the tile path of INT4 above at every width
+ * (the K tile transposed from codes8 by 8 x 8 blocks, V rows dequantized
+ * by qx_tensor); decoding with per-token K dequantizes each tile to f32
+ * once per item and KV head and attends it like an F32 segment (qx_tile).
  * Layouts this path does not cover (head_dim or v_group not a multiple of
  * 16, head_dim > 512) go to the scalar back end's item.
  *
@@ -1020,6 +1022,58 @@ static void q4_tile_consts(const q4_blk *B, int p0, int np, int D, float *vsc,
     }
 }
 
+/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0, G % 16
+ * == 0) into out [np][D], x = fma(code, s, -s*z): per-channel snapshots
+ * (s16 / z at the head's channels; sc / nz: room for D floats each, filled
+ * once) or one per (token, group of G), broadcast over the group. */
+AI void qx_rows_w(const int bits, const q4_blk *B, const uint8_t *q, const uint16_t *s16,
+                  const uint8_t *z, int zb, int per_channel, int p0, int np, int D,
+                  float *sc, float *nz, float *out)
+{
+    if (per_channel)
+        for (int c = 0; c < D; c++) {
+            float sv = f16(s16[B->c0 + c]);
+            sc[c] = sv;
+            nz[c] = -(sv * (float)kvq_zero_at(z, (size_t)(B->c0 + c), zb));
+        }
+    const int g0 = B->c0 / B->G;
+    for (int r = 0; r < np; r++) {
+        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
+        float *o = out + (size_t)r * (size_t)D;
+        if (per_channel) {
+            for (int c = 0; c < D; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c),
+                                                        _mm256_loadu_ps(nz + c)));
+            }
+            continue;
+        }
+        size_t gs = (size_t)(p0 + r) * (size_t)B->ng + (size_t)g0;
+        for (int c0 = 0; c0 < D; c0 += B->G) {
+            size_t si = gs + (size_t)(c0 / B->G);
+            float sv = f16(s16[si]);
+            __m256 s8 = _mm256_set1_ps(sv);
+            __m256 n8 = _mm256_set1_ps(-(sv * (float)kvq_zero_at(z, si, zb)));
+            for (int c = c0; c < c0 + B->G; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, s8, n8));
+            }
+        }
+    }
+}
+
+static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
+                      const uint8_t *z, int zb, int per_channel, int p0, int np, int D, float *sc,
+                      float *nz, float *out)
+{
+    switch (bits) {
+    case 2: qx_rows_w(2, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 3: qx_rows_w(3, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 4: qx_rows_w(4, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    default: qx_rows_w(8, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    }
+}
+
 /* ---- INT4 blocks, many queries per KV head (prefill chunks) ----
  *
  * With a dozen queries per KV head, unpacking each code once per item beats
@@ -1074,12 +1128,58 @@ static void q4d_krows(const q4_blk *B, int p0, int np, int D, float *ksr, float 
         }
 }
 
+/* 8 x 8 transpose: lane j of r[i] goes to lane i of r[j]. */
+AI void tr8x8(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) /* rows 4h .. 4h + 3: columns j | j + 4 in u[4h + j] */
+        for (int j = 0; j < 2; j++) {
+            u[4 * h + 2 * j] = _mm256_shuffle_ps(t[4 * h + j], t[4 * h + j + 2], 0x44);
+            u[4 * h + 2 * j + 1] = _mm256_shuffle_ps(t[4 * h + j], t[4 * h + j + 2], 0xee);
+        }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+        r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+}
+
+/* q4d_kt's tile for codes of another width (bits): per 8 rows x 8
+ * channels, codes8 of each row, then an 8 x 8 transpose. */
+AI void qx_kt_w(const int bits, const q4_blk *B, int p0, int np, int D, float *kt, int kts,
+                const float *ksr, const float *knz)
+{
+    for (int rb = 0; rb < np; rb += 8) {
+        size_t e[8];
+        for (int i = 0; i < 8; i++)
+            e[i] = (size_t)(p0 + (rb + i < np ? rb + i : np - 1)) * (size_t)B->Dk + (size_t)B->c0;
+        for (int c = 0; c < D; c += 8) {
+            __m256 x[8];
+            for (int i = 0; i < 8; i++)
+                x[i] = _mm256_cvtepi32_ps(codes8(B->kq0, e[i] + (size_t)c, bits));
+            tr8x8(x);
+            for (int j = 0; j < 8; j++) {
+                if (B->per_token) {
+                    const float *sr = ksr + (c + j) / B->G * KCPU_ATTN_KPMAX + rb;
+                    x[j] = _mm256_fmadd_ps(x[j], _mm256_loadu_ps(sr),
+                                           _mm256_loadu_ps(knz + (sr - ksr)));
+                }
+                _mm256_storeu_ps(kt + (size_t)(c + j) * (size_t)kts + rb, x[j]);
+            }
+        }
+    }
+}
+
 /* The K codes of rows [p0, p0 + np) of block B (one KV head) transposed:
  * kt[c * kts + r] for r < round8(np) (rows past np repeat row np - 1), as
  * f32 codes (per-channel K) or dequantized with the rows' scales ksr / knz
  * (per-token K). Per 8 rows x 16 channels: the 8 code bytes of each row
  * are transposed (byte j of each row -> one 8-byte column), and each
- * column splits into its two channels (low / high nibble). Then the head's
+ * column splits into its two channels (low / high nibble); other widths
+ * take qx_kt_w. Then the head's
  * K outliers among the rows replace their elements: exact / s_c + z_c
  * (per channel, so that qf . kt - bias gives q . exact there; sk: the K
  * scales as f32) or the exact value (per token). */
@@ -1087,7 +1187,13 @@ static void q4d_kt(const q4_blk *B, int p0, int np, int D, float *kt, int kts, c
                    const float *ksr, const float *knz)
 {
     const __m128i m4 = _mm_set1_epi8(15);
-    for (int rb = 0; rb < np; rb += 8) {
+    switch (B->kbits) { /* other widths: codes8 and a transpose */
+    case 2: qx_kt_w(2, B, p0, np, D, kt, kts, ksr, knz); break;
+    case 3: qx_kt_w(3, B, p0, np, D, kt, kts, ksr, knz); break;
+    case 8: qx_kt_w(8, B, p0, np, D, kt, kts, ksr, knz); break;
+    default: break;
+    }
+    for (int rb = 0; B->kbits == 4 && rb < np; rb += 8) {
         const uint8_t *rp[8];
         for (int i = 0; i < 8; i++)
             rp[i] = B->kq + (size_t)(p0 + (rb + i < np ? rb + i : np - 1)) * B->rowb;
@@ -1204,12 +1310,15 @@ AI void unpack16(const uint8_t *p, __m256 *c0, __m256 *c1)
 /* Dequantizes the V rows [p0, p0 + np) of block B (one KV head) into
  * vn [np][D] (natural channel order), to the bit what kvq_dequant_block
  * gives: x = s * (code - z), computed as fma(code, s, -s*z) (s*z and
- * s*(code - z) are exact in f32: an FP16 s times an integer below 16);
+ * s*(code - z) are exact in f32: an FP16 s times an integer below 256;
+ * codes of other widths through qx_tensor);
  * then the head's V outliers among those rows get their exact values. */
 static void q4d_vn(const q4_blk *B, int p0, int np, int D, float *vn)
 {
     const int ngh = D / B->G, upg = B->G / 16, g0 = B->c0 / B->G;
-    for (int r = 0; r < np; r++) {
+    if (B->vbits != 4) /* x = fma(code, s, -s*z) likewise */
+        qx_tensor(B, B->vq0, B->vbits, B->vs, B->vz, B->vzb, 0, p0, np, D, NULL, NULL, vn);
+    for (int r = 0; B->vbits == 4 && r < np; r++) {
         size_t t = (size_t)(p0 + r), gs = t * (size_t)B->ng + (size_t)g0;
         const uint8_t *vc = B->vq + t * B->rowb;
         float *vo = vn + (size_t)r * (size_t)D;
@@ -1311,58 +1420,6 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
  * head (x = s * (code - z) as fma(code, s, -s*z): bit-identical to
  * kvq_dequant_block, outliers exact) and attended as an F32 segment's
  * (float_group), for prefill and decode alike. */
-
-/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0, G % 16
- * == 0) into out [np][D], x = fma(code, s, -s*z): per-channel snapshots
- * (s16 / z at the head's channels; sc / nz: room for D floats each, filled
- * once) or one per (token, group of G), broadcast over the group. */
-AI void qx_rows_w(const int bits, const q4_blk *B, const uint8_t *q, const uint16_t *s16,
-                  const uint8_t *z, int zb, int per_channel, int p0, int np, int D,
-                  float *sc, float *nz, float *out)
-{
-    if (per_channel)
-        for (int c = 0; c < D; c++) {
-            float sv = f16(s16[B->c0 + c]);
-            sc[c] = sv;
-            nz[c] = -(sv * (float)kvq_zero_at(z, (size_t)(B->c0 + c), zb));
-        }
-    const int g0 = B->c0 / B->G;
-    for (int r = 0; r < np; r++) {
-        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
-        float *o = out + (size_t)r * (size_t)D;
-        if (per_channel) {
-            for (int c = 0; c < D; c += 8) {
-                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
-                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c),
-                                                        _mm256_loadu_ps(nz + c)));
-            }
-            continue;
-        }
-        size_t gs = (size_t)(p0 + r) * (size_t)B->ng + (size_t)g0;
-        for (int c0 = 0; c0 < D; c0 += B->G) {
-            size_t si = gs + (size_t)(c0 / B->G);
-            float sv = f16(s16[si]);
-            __m256 s8 = _mm256_set1_ps(sv);
-            __m256 n8 = _mm256_set1_ps(-(sv * (float)kvq_zero_at(z, si, zb)));
-            for (int c = c0; c < c0 + B->G; c += 8) {
-                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
-                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, s8, n8));
-            }
-        }
-    }
-}
-
-static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
-                      const uint8_t *z, int zb, int per_channel, int p0, int np, int D, float *sc,
-                      float *nz, float *out)
-{
-    switch (bits) {
-    case 2: qx_rows_w(2, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    case 3: qx_rows_w(3, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    case 4: qx_rows_w(4, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    default: qx_rows_w(8, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    }
-}
 
 /* K and V rows [p0, p0 + np) of block B (one KV head) as f32, kt / vt
  * [np][D], the head's outliers among them exact (their delta fields still
@@ -1567,8 +1624,8 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
             return;
         }
     /* the 4-bit paths below read nibbles; other widths (gen) decode with
-     * the fused code path (cx_tile) and dequantize tiles (qx_tile) for
-     * prefill chunks and per-token K */
+     * the fused code path (cx_tile), or with dequantized tiles (qx_tile)
+     * for per-token K; prefill chunks (dense) take q4d_tile at every width */
     const int gen = L && (L->k_bits != 4 || L->v_bits != 4);
     const kcpu_seg_tmp ly = kcpu_seg_tmp_layout(L, D);
     float *sc = tmp + ly.sc, *kls = tmp + ly.tile, *qk = tmp + ly.qk, *blk = tmp + ly.blk;
@@ -1581,7 +1638,7 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
      * unpacked once for all of them (q4d_tile; kt, vt: its K and V, in the
      * tile area: KP * D <= KCPU_ATTN_TILE as D <= 512 here) */
     const int dense = nq >= SEG_DENSE_Q * nh;
-    const int qx = gen && (dense || L->k_mode == KVQ_K_PER_TOKEN);
+    const int qx = gen && !dense && L->k_mode == KVQ_K_PER_TOKEN;
     const int fused = !qx && !dense; /* q4_tile or cx_tile */
     float *kt = kls, *vt = kls + (size_t)KP * (size_t)D;
     float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
@@ -1634,7 +1691,7 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
             }
             q4_prepare(B, fused ? &K : NULL, sg, it, hmin, nh, a, b, qk, ly.qk_stride,
                        blk, outs);
-            if (dense && !gen) {
+            if (dense) {
                 for (int h = 0; h < nh; h++) {
                     if (hgn[h] == 0)
                         continue;
