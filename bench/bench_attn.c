@@ -7,7 +7,8 @@
  *   ninja -C build-attn bench/bench_attn && ./build-attn/bench/bench_attn
  *   options: --reps N (minimum calls per cell, default 5), --cold (each call
  *   reads another of 30 layer copies of the cache, as a real decode step
- *   does, so the cache comes from memory instead of the last-level cache),
+ *   does, so the cache comes from memory instead of the last-level cache;
+ *   the modes of a round read different copies),
  *   --kmode token (per-token K scales instead of per-channel), --case I
  *   (only case I of the table, 0-4), --mode M (fp16 and mode M only: 1
  *   fp16-seg, 2 int4), --threads N (only N threads), --cpu (time calls by
@@ -223,11 +224,14 @@ int main(int argc, char **argv)
             int n = 0, li = 0;
             double wall0 = now_s();
             while (n < MAX_CALLS && (n < reps || (!solo && now_s() - wall0 < 0.6))) {
-                const layer *y = &ly[li];
+                int l0 = li;
                 li = (li + 1) % n_layers;
                 for (int mode = 0; mode < 3; mode++) {
                     if (!on[mode])
                         continue;
+                    /* --cold: each mode reads its own layer copy (fp16-seg
+                     * would find the FP16 cache that fp16 just read) */
+                    const layer *y = &ly[(l0 + 10 * mode) % n_layers];
                     int ns = make_segs(y, &L, mode, pos0, n_q, segs);
                     double t0 = now_s();
                     if (mode == M_FP16)

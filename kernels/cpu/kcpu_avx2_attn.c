@@ -40,10 +40,16 @@
  *    outputs p_t * delta.
  * Sliding windows: tiles start at the first row any query of the item
  * sees; rows before a query's own window are masked (-inf) after scoring.
- * Code widths other than 4 bits (K or V; kvq.h): each tile of a block is
- * dequantized to f32 once per item and KV head (codes8: 8 codes of 2, 3, 4
- * or 8 bits from one load, shifted per lane) and attended like an F32
- * segment (qx_*), decode and prefill alike.
+ * Code widths other than 4 bits (K or V; kvq.h): 8 codes of 2, 3, 4 or 8
+ * bits come from one load, shifted per lane (codes8). Decoding (few
+ * queries per KV head, per-channel K) is fused, one code path for every
+ * width (cx_*): the float path's score and V-sum loops read the codes as
+ * an element type (E_C2 .. E_C8), the K scales and zeros folded into the
+ * queries as for INT4, the V scales into the softmax weights, outliers as
+ * deltas. Prefill chunks take the tile path of INT4 above at every width
+ * (the K tile transposed from codes8 by 8 x 8 blocks, V rows dequantized
+ * by qx_tensor); decoding with per-token K dequantizes each tile to f32
+ * once per item and KV head and attends it like an F32 segment (qx_tile).
  * Layouts this path does not cover (head_dim or v_group not a multiple of
  * 16, head_dim > 512) go to the scalar back end's item.
  *
@@ -62,19 +68,49 @@
  * head there) keep the fused path. */
 #define SEG_DENSE_Q 6
 
-/* element type of a float K/V segment */
-enum { E_F32, E_F16 };
+/* ---- code streams (kernels/kvq.h) ---- */
+
+/* Codes e .. e + 7 (e % 8 == 0) of a b-bit stream as 32-bit lanes. For
+ * b < 8 the 8 codes are b bytes at q + e*b/8: one 32-bit load (the code
+ * regions are followed by other regions of the block, so it stays inside
+ * the block), broadcast, and lane i shifted right by i*b. */
+AI __m256i codes8(const uint8_t *q, size_t e, const int bits)
+{
+    const uint8_t *p = q + e / 8 * (size_t)bits;
+    if (bits == 8)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits,
+                                         6 * bits, 7 * bits);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh),
+                            _mm256_set1_epi32(KVQ_LEVELS_OF(bits)));
+}
+
+/* Element type of a K/V row: f32, fp16, or the raw codes (0 .. 2^b - 1 as
+ * f32) of a b-bit stream (E_C2 .. E_C8; element index i % 8 == 0 for ld8),
+ * whose scales and zeros the caller folds into the queries and weights. */
+enum { E_F32, E_F16, E_C2, E_C3, E_C4, E_C8 };
+
+/* bits of a code element type */
+#define E_BITS(E) ((E) == E_C2 ? 2 : (E) == E_C3 ? 3 : (E) == E_C4 ? 4 : 8)
 
 AI __m256 ld8(const int E, const void *p, size_t i)
 {
     if (E == E_F16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
-    return _mm256_loadu_ps((const float *)p + i);
+    if (E == E_F32)
+        return _mm256_loadu_ps((const float *)p + i);
+    return _mm256_cvtepi32_ps(codes8((const uint8_t *)p, i, E_BITS(E)));
 }
 
 AI float ld1(const int E, const void *p, size_t i)
 {
-    return E == E_F16 ? f16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    if (E == E_F16)
+        return f16(((const uint16_t *)p)[i]);
+    if (E == E_F32)
+        return ((const float *)p)[i];
+    return (float)kvq_get_code((const uint8_t *)p, i, E_BITS(E));
 }
 
 /* Lane i = sum of a[i] (4 vectors). */
@@ -126,10 +162,11 @@ AI int none_visible(const int *nv, const int *lo, int g)
 
 /* Scaled scores of QG queries (sharing one KV head) against the keys of the
  * tile (element type E, rows ld elements apart), 4 positions per step so
- * each loaded key vector serves every query: s[g][r] for r < round8(nmax),
- * -inf where r >= nv[g]. */
+ * each loaded key vector serves every query: s[g][r] = scale * (q[g] . k_r
+ * - bias[g]) (bias NULL: 0) for r < round8(nmax), -inf where r >= nv[g]. */
 AI void g_scores(const int E, const int QG, float *const *s, const float *const *q,
-                 const int *nv, int nmax, const void *kb, size_t ld, int D, float scale)
+                 const float *bias, const int *nv, int nmax, const void *kb, size_t ld, int D,
+                 float scale)
 {
     const int D8 = D & ~7;
     int r = 0;
@@ -163,6 +200,8 @@ AI void g_scores(const int E, const int QG, float *const *s, const float *const 
                 }
                 sv = _mm_add_ps(sv, _mm_loadu_ps(t4));
             }
+            if (bias)
+                sv = _mm_sub_ps(sv, _mm_set1_ps(bias[g]));
             store4(s[g], r, nv[g], _mm_mul_ps(sv, _mm_set1_ps(scale)));
         }
     }
@@ -201,13 +240,14 @@ AI void g_oaccum(const int E, const int QG, const int NV, float *const *o,
             _mm256_storeu_ps(o[g] + d0 + 8 * c, a[g][c]);
 }
 
-/* Weighted V sum of a query group over all dims: wide passes, then single
- * vectors, then the scalar tail. */
+/* Weighted V sum of a query group over dims [d0, D) (d0 % 8 == 0): wide
+ * passes, then single vectors, then the scalar tail. */
 AI void g_oaccum_all(const int E, const int QG, float *const *o, const float *const *p,
-                     const void *vb, size_t ld, int n, int D)
+                     const void *vb, size_t ld, int n, int d0, int D)
 {
-    const int D8 = D & ~7, NV = QG == 1 ? 8 : 4;
-    int d0 = 0;
+    /* code types keep their unpacking constants in registers too: fewer
+     * accumulators, or the 16 ymm registers spill */
+    const int D8 = D & ~7, NV = QG == 1 ? 8 : E >= E_C2 ? 2 : 4;
     for (; d0 + 8 * NV <= D8; d0 += 8 * NV)
         g_oaccum(E, QG, NV, o, p, vb, ld, n, d0);
     for (; d0 < D8; d0 += 8)
@@ -282,7 +322,7 @@ AI void float_tile(const int E, const int QG, float *sc, const float *const *q,
         s[g] = sc + (size_t)g * KCPU_ATTN_KPMAX;
         pc[g] = s[g];
     }
-    g_scores(E, QG, s, q, nv, nmax, kb, ld, D, scale);
+    g_scores(E, QG, s, q, NULL, nv, nmax, kb, ld, D, scale);
     mask_low(QG, s, lo);
     for (int g = 0; g < QG; g++) {
         if (none_visible(nv, lo, g))
@@ -290,7 +330,7 @@ AI void float_tile(const int E, const int QG, float *sc, const float *const *q,
         else
             softmax_tile(s[g], nmax, &m[g], &l[g], o[g], D);
     }
-    g_oaccum_all(E, QG, o, pc, vb, ld, nmax, D);
+    g_oaccum_all(E, QG, o, pc, vb, ld, nmax, 0, D);
 }
 
 /* See kcpu_attn_item. Positions are processed in tiles of KP; the queries
@@ -335,25 +375,6 @@ void kcpu_avx2_attn_item(const kcpu_attn_item *it, float *sc)
     finish(nq, it->o, m, l, it->ml, D);
 }
 
-/* ---- code streams (kernels/kvq.h) ---- */
-
-/* Codes e .. e + 7 (e % 8 == 0) of a b-bit stream as 32-bit lanes. For
- * b < 8 the 8 codes are b bytes at q + e*b/8: one 32-bit load (the code
- * regions are followed by other regions of the block, so it stays inside
- * the block), broadcast, and lane i shifted right by i*b. */
-AI __m256i codes8(const uint8_t *q, size_t e, const int bits)
-{
-    const uint8_t *p = q + e / 8 * (size_t)bits;
-    if (bits == 8)
-        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    uint32_t w;
-    memcpy(&w, p, sizeof w);
-    const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits,
-                                         6 * bits, 7 * bits);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh),
-                            _mm256_set1_epi32(KVQ_LEVELS_OF(bits)));
-}
-
 /* Zeros i .. i + 7 (i % 8 == 0) of a zero array of zb (4 or 8) bits per
  * entry as f32 (the 4-bit ones are a 4-bit code stream). */
 AI __m256 zeros8(const uint8_t *z, size_t i, int zb)
@@ -371,6 +392,7 @@ typedef struct {
     const uint16_t *ks, *vs; /* the block's scale snapshots (all channels) */
     const uint8_t *kz, *vz; /* zeros: kzb / vzb bits each (kvq_zero_at) */
     int kzb, vzb;
+    int kbits, vbits; /* code widths of K and V */
     size_t rowb;     /* bytes between tokens (D / 2) */
     int Dk, G, ng;   /* block's kv_dim, v_group, groups per token */
     uint64_t gmagic; /* c / G = (c * gmagic) >> 40 for c < 2^24 */
@@ -595,11 +617,11 @@ AI void q4_vacc(const int QG, const int GL, float *const *o, const int16_t *W16,
     }
 }
 
-/* Code of element (t, c) (c within the head) of a code array. */
-static inline int q4_code(const uint8_t *codes, size_t rowb, int t, int c)
+/* Code of element (t, c) (c within the head) of a code stream of block B
+ * (q: kq0 or vq0, any width). */
+static inline int q4_code(const q4_blk *B, const uint8_t *q, int bits, int t, int c)
 {
-    size_t e = (size_t)t * rowb * 2 + (size_t)c;
-    return (codes[e >> 1] >> ((e & 1) * 4)) & 15;
+    return kvq_get_code(q, (size_t)t * (size_t)B->Dk + (size_t)(B->c0 + c), bits);
 }
 
 /* Turns the exact values of the head's K outliers of tokens [p0, p1) into
@@ -616,7 +638,7 @@ static void q4_fix_k(const q4_blk *B, int p0, int p1, float scale)
         size_t si = B->per_token ? (size_t)o->t * (size_t)B->ng + (size_t)((cc * B->gmagic) >> 40)
                                  : (size_t)cc;
         float deq = f16(B->ks[si]) *
-                    (float)(q4_code(B->kq, B->rowb, o->t, o->c) - kvq_zero_at(B->kz, si, B->kzb));
+                    (float)(q4_code(B, B->kq0, B->kbits, o->t, o->c) - kvq_zero_at(B->kz, si, B->kzb));
         o->delta = (o->delta - deq) * scale;
     }
 }
@@ -631,7 +653,34 @@ static void q4_fix_v(const q4_blk *B, int p0, int p1, const float *vsc, const fl
             continue;
         size_t gi = (size_t)((((uint64_t)o->c) * B->gmagic) >> 40) * KCPU_ATTN_KPMAX +
                     (size_t)(o->t - p0);
-        o->delta -= vsc[gi] * ((float)q4_code(B->vq, B->rowb, o->t, o->c) - vzf[gi]);
+        o->delta -= vsc[gi] * ((float)q4_code(B, B->vq0, B->vbits, o->t, o->c) - vzf[gi]);
+    }
+}
+
+/* K outliers of the tile's rows [p0, p0 + nmax) (deltas, q4_fix_k): s[g][r]
+ * += q_c * scale * delta (masked scores stay -inf). */
+static void add_k_deltas(int QG, float *const *s, const float *const *q, const q4_blk *B,
+                         int p0, int nmax)
+{
+    for (int e = 0; e < B->n_kout; e++) {
+        unsigned r = (unsigned)(B->kout[e].t - p0);
+        if (r >= (unsigned)nmax)
+            continue;
+        for (int g = 0; g < QG; g++)
+            s[g][r] += q[g][B->kout[e].c] * B->kout[e].delta;
+    }
+}
+
+/* V outliers of the tile's rows (deltas, q4_fix_v): o[g][c] += p[g][r] * delta. */
+static void add_v_deltas(int QG, float *const *o, float *const *p, const q4_blk *B, int p0,
+                         int nmax)
+{
+    for (int e = 0; e < B->n_vout; e++) {
+        unsigned r = (unsigned)(B->vout[e].t - p0);
+        if (r >= (unsigned)nmax)
+            continue;
+        for (int g = 0; g < QG; g++)
+            o[g][B->vout[e].c] += p[g][r] * B->vout[e].delta;
     }
 }
 
@@ -658,13 +707,7 @@ AI void q4_tile(const int QG, float *sc, const q4_blk *B, const q4_keys *K, cons
         q4_fix_k(B, p0, p0 + np, scale);
         *fixed |= 1;
     }
-    for (int e = 0; e < B->n_kout; e++) { /* K outliers: q_c * scale * delta */
-        unsigned r = (unsigned)(B->kout[e].t - p0);
-        if (r >= (unsigned)nmax)
-            continue;
-        for (int g = 0; g < QG; g++) /* masked scores stay -inf */
-            s[g][r] += q[g][B->kout[e].c] * B->kout[e].delta;
-    }
+    add_k_deltas(QG, s, q, B, p0, nmax);
     mask_low(QG, s, lo);
     const int n8 = (nmax + 7) & ~7;
     float wq[3];
@@ -719,30 +762,37 @@ AI void q4_tile(const int QG, float *sc, const q4_blk *B, const q4_keys *K, cons
         q4_fix_v(B, p0, p0 + np, vsc, vzf);
         *fixed |= 2;
     }
-    for (int e = 0; e < B->n_vout; e++) { /* V outliers: p * delta */
-        unsigned r = (unsigned)(B->vout[e].t - p0);
-        if (r >= (unsigned)nmax)
-            continue;
-        for (int g = 0; g < QG; g++)
-            o[g][B->vout[e].c] += s[g][r] * B->vout[e].delta;
-    }
+    add_v_deltas(QG, o, s, B, p0, nmax);
 }
 
-/* The item's queries times scale in even / odd order (once per item,
- * before its first INT4 block): D floats at the start of each query's qk
- * area. */
+/* 1 when the fused decode path reads nibbles (4-bit K and V: channels in
+ * even / odd order, eo_ix), 0 when it reads any width with codes8
+ * (natural order). */
+static inline int q4_eo(const kvq_layout *L)
+{
+    return L->k_bits == 4 && L->v_bits == 4;
+}
+
+/* 16 consecutive floats n0, n1 stored at p in the order of the fused path:
+ * even / odd (eo) or natural. */
+AI void st_order(float *p, __m256 n0, __m256 n1, int eo)
+{
+    _mm256_storeu_ps(p, eo ? eo_even(n0, n1) : n0);
+    _mm256_storeu_ps(p + 8, eo ? eo_odd(n0, n1) : n1);
+}
+
+/* The item's queries times scale in the fused path's channel order
+ * (q4_eo; once per item, before its first quantized block): D floats at
+ * the start of each query's qk area. */
 static void q4_queries(const kcpu_attn_seg_item *it, float *qk, size_t qk_stride)
 {
-    const int D = it->head_dim;
+    const int D = it->head_dim, eo = q4_eo(it->L);
     const __m256 sc = _mm256_set1_ps(it->scale);
     for (int i = 0; i < it->nq; i++) {
         float *qp = qk + (size_t)i * qk_stride;
-        for (int u = 0; u < D; u += 16) {
-            __m256 n0 = _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + u), sc);
-            __m256 n1 = _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + u + 8), sc);
-            _mm256_storeu_ps(qp + u, eo_even(n0, n1));
-            _mm256_storeu_ps(qp + u + 8, eo_odd(n0, n1));
-        }
+        for (int u = 0; u < D; u += 16)
+            st_order(qp + u, _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + u), sc),
+                     _mm256_mul_ps(_mm256_loadu_ps(it->q[i] + u + 8), sc), eo);
     }
 }
 
@@ -754,23 +804,19 @@ static void q4_keys_prepare(q4_keys *K, const q4_blk *cb, const kcpu_attn_seg_it
                             int hmin, int nh, float *qk, size_t qk_stride, float *blk)
 {
     const q4_blk c = *cb;
-    const int D = it->head_dim;
-    /* per channel, q * scale * s with the head's scales in even / odd
-     * order, and the bias from its zeros */
+    const int D = it->head_dim, eo = q4_eo(it->L);
+    /* per channel, q * scale * s with the head's scales in the order of
+     * q4_queries, and the bias from its zeros */
     float *sp = blk, *zf = blk + D;
     int i = 0;
     for (int hi = 0; hi < nh; hi++) {
         int c0 = (hmin + hi) * D;
         if (!c.per_token)
-            for (int u = 0; u < D; u += 16) { /* natural -> even / odd */
-                __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u)));
-                __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u + 8)));
-                __m256 z0 = zeros8(c.kz, (size_t)(c0 + u), c.kzb);
-                __m256 z1 = zeros8(c.kz, (size_t)(c0 + u + 8), c.kzb);
-                _mm256_storeu_ps(sp + u, eo_even(n0, n1));
-                _mm256_storeu_ps(sp + u + 8, eo_odd(n0, n1));
-                _mm256_storeu_ps(zf + u, eo_even(z0, z1));
-                _mm256_storeu_ps(zf + u + 8, eo_odd(z0, z1));
+            for (int u = 0; u < D; u += 16) {
+                st_order(sp + u, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u))),
+                         _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c.ks + c0 + u + 8))), eo);
+                st_order(zf + u, zeros8(c.kz, (size_t)(c0 + u), c.kzb),
+                         zeros8(c.kz, (size_t)(c0 + u + 8), c.kzb), eo);
             }
         for (; i < it->nq && it->kvh[i] == hmin + hi; i++) {
             float *qp = qk + (size_t)i * qk_stride;
@@ -824,7 +870,7 @@ static void q4_prepare(q4_blk *B, q4_keys *K, const kvs_seg *sg, const kcpu_attn
         .kq0 = KVQ_CAT(base, L->off_kq, uint8_t *), .vq0 = KVQ_CAT(base, L->off_vq, uint8_t *),
         .ks = KVQ_CAT(base, L->off_ks, uint16_t *), .vs = KVQ_CAT(base, L->off_vs, uint16_t *),
         .kz = KVQ_CAT(base, L->off_kz, uint8_t *), .vz = KVQ_CAT(base, L->off_vz, uint8_t *),
-        .kzb = L->k_zbits, .vzb = L->v_zbits,
+        .kzb = L->k_zbits, .vzb = L->v_zbits, .kbits = L->k_bits, .vbits = L->v_bits,
         .rowb = (size_t)L->kv_dim / 2, .Dk = L->kv_dim, .G = L->v_group,
         .ng = L->kv_dim / L->v_group,
         .gmagic = ((uint64_t)1 << 40) / (uint64_t)L->v_group + 1,
@@ -976,6 +1022,58 @@ static void q4_tile_consts(const q4_blk *B, int p0, int np, int D, float *vsc,
     }
 }
 
+/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0, G % 16
+ * == 0) into out [np][D], x = fma(code, s, -s*z): per-channel snapshots
+ * (s16 / z at the head's channels; sc / nz: room for D floats each, filled
+ * once) or one per (token, group of G), broadcast over the group. */
+AI void qx_rows_w(const int bits, const q4_blk *B, const uint8_t *q, const uint16_t *s16,
+                  const uint8_t *z, int zb, int per_channel, int p0, int np, int D,
+                  float *sc, float *nz, float *out)
+{
+    if (per_channel)
+        for (int c = 0; c < D; c++) {
+            float sv = f16(s16[B->c0 + c]);
+            sc[c] = sv;
+            nz[c] = -(sv * (float)kvq_zero_at(z, (size_t)(B->c0 + c), zb));
+        }
+    const int g0 = B->c0 / B->G;
+    for (int r = 0; r < np; r++) {
+        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
+        float *o = out + (size_t)r * (size_t)D;
+        if (per_channel) {
+            for (int c = 0; c < D; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c),
+                                                        _mm256_loadu_ps(nz + c)));
+            }
+            continue;
+        }
+        size_t gs = (size_t)(p0 + r) * (size_t)B->ng + (size_t)g0;
+        for (int c0 = 0; c0 < D; c0 += B->G) {
+            size_t si = gs + (size_t)(c0 / B->G);
+            float sv = f16(s16[si]);
+            __m256 s8 = _mm256_set1_ps(sv);
+            __m256 n8 = _mm256_set1_ps(-(sv * (float)kvq_zero_at(z, si, zb)));
+            for (int c = c0; c < c0 + B->G; c += 8) {
+                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, s8, n8));
+            }
+        }
+    }
+}
+
+static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
+                      const uint8_t *z, int zb, int per_channel, int p0, int np, int D, float *sc,
+                      float *nz, float *out)
+{
+    switch (bits) {
+    case 2: qx_rows_w(2, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 3: qx_rows_w(3, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    case 4: qx_rows_w(4, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    default: qx_rows_w(8, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
+    }
+}
+
 /* ---- INT4 blocks, many queries per KV head (prefill chunks) ----
  *
  * With a dozen queries per KV head, unpacking each code once per item beats
@@ -1030,12 +1128,58 @@ static void q4d_krows(const q4_blk *B, int p0, int np, int D, float *ksr, float 
         }
 }
 
+/* 8 x 8 transpose: lane j of r[i] goes to lane i of r[j]. */
+AI void tr8x8(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) /* rows 4h .. 4h + 3: columns j | j + 4 in u[4h + j] */
+        for (int j = 0; j < 2; j++) {
+            u[4 * h + 2 * j] = _mm256_shuffle_ps(t[4 * h + j], t[4 * h + j + 2], 0x44);
+            u[4 * h + 2 * j + 1] = _mm256_shuffle_ps(t[4 * h + j], t[4 * h + j + 2], 0xee);
+        }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+        r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+}
+
+/* q4d_kt's tile for codes of another width (bits): per 8 rows x 8
+ * channels, codes8 of each row, then an 8 x 8 transpose. */
+AI void qx_kt_w(const int bits, const q4_blk *B, int p0, int np, int D, float *kt, int kts,
+                const float *ksr, const float *knz)
+{
+    for (int rb = 0; rb < np; rb += 8) {
+        size_t e[8];
+        for (int i = 0; i < 8; i++)
+            e[i] = (size_t)(p0 + (rb + i < np ? rb + i : np - 1)) * (size_t)B->Dk + (size_t)B->c0;
+        for (int c = 0; c < D; c += 8) {
+            __m256 x[8];
+            for (int i = 0; i < 8; i++)
+                x[i] = _mm256_cvtepi32_ps(codes8(B->kq0, e[i] + (size_t)c, bits));
+            tr8x8(x);
+            for (int j = 0; j < 8; j++) {
+                if (B->per_token) {
+                    const float *sr = ksr + (c + j) / B->G * KCPU_ATTN_KPMAX + rb;
+                    x[j] = _mm256_fmadd_ps(x[j], _mm256_loadu_ps(sr),
+                                           _mm256_loadu_ps(knz + (sr - ksr)));
+                }
+                _mm256_storeu_ps(kt + (size_t)(c + j) * (size_t)kts + rb, x[j]);
+            }
+        }
+    }
+}
+
 /* The K codes of rows [p0, p0 + np) of block B (one KV head) transposed:
  * kt[c * kts + r] for r < round8(np) (rows past np repeat row np - 1), as
  * f32 codes (per-channel K) or dequantized with the rows' scales ksr / knz
  * (per-token K). Per 8 rows x 16 channels: the 8 code bytes of each row
  * are transposed (byte j of each row -> one 8-byte column), and each
- * column splits into its two channels (low / high nibble). Then the head's
+ * column splits into its two channels (low / high nibble); other widths
+ * take qx_kt_w. Then the head's
  * K outliers among the rows replace their elements: exact / s_c + z_c
  * (per channel, so that qf . kt - bias gives q . exact there; sk: the K
  * scales as f32) or the exact value (per token). */
@@ -1043,7 +1187,13 @@ static void q4d_kt(const q4_blk *B, int p0, int np, int D, float *kt, int kts, c
                    const float *ksr, const float *knz)
 {
     const __m128i m4 = _mm_set1_epi8(15);
-    for (int rb = 0; rb < np; rb += 8) {
+    switch (B->kbits) { /* other widths: codes8 and a transpose */
+    case 2: qx_kt_w(2, B, p0, np, D, kt, kts, ksr, knz); break;
+    case 3: qx_kt_w(3, B, p0, np, D, kt, kts, ksr, knz); break;
+    case 8: qx_kt_w(8, B, p0, np, D, kt, kts, ksr, knz); break;
+    default: break;
+    }
+    for (int rb = 0; B->kbits == 4 && rb < np; rb += 8) {
         const uint8_t *rp[8];
         for (int i = 0; i < 8; i++)
             rp[i] = B->kq + (size_t)(p0 + (rb + i < np ? rb + i : np - 1)) * B->rowb;
@@ -1160,12 +1310,15 @@ AI void unpack16(const uint8_t *p, __m256 *c0, __m256 *c1)
 /* Dequantizes the V rows [p0, p0 + np) of block B (one KV head) into
  * vn [np][D] (natural channel order), to the bit what kvq_dequant_block
  * gives: x = s * (code - z), computed as fma(code, s, -s*z) (s*z and
- * s*(code - z) are exact in f32: an FP16 s times an integer below 16);
+ * s*(code - z) are exact in f32: an FP16 s times an integer below 256;
+ * codes of other widths through qx_tensor);
  * then the head's V outliers among those rows get their exact values. */
 static void q4d_vn(const q4_blk *B, int p0, int np, int D, float *vn)
 {
     const int ngh = D / B->G, upg = B->G / 16, g0 = B->c0 / B->G;
-    for (int r = 0; r < np; r++) {
+    if (B->vbits != 4) /* x = fma(code, s, -s*z) likewise */
+        qx_tensor(B, B->vq0, B->vbits, B->vs, B->vz, B->vzb, 0, p0, np, D, NULL, NULL, vn);
+    for (int r = 0; B->vbits == 4 && r < np; r++) {
         size_t t = (size_t)(p0 + r), gs = t * (size_t)B->ng + (size_t)g0;
         const uint8_t *vc = B->vq + t * B->rowb;
         float *vo = vn + (size_t)r * (size_t)D;
@@ -1254,9 +1407,9 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
         for (int g = 0; g < qg; g++)
             p[g] = sc + (size_t)(g0 + g) * KCPU_ATTN_KPMAX;
         switch (qg) {
-        case 1: g_oaccum_all(E_F32, 1, it->o + g0, p, vn, (size_t)D, nmaxg[gr], D); break;
-        case 2: g_oaccum_all(E_F32, 2, it->o + g0, p, vn, (size_t)D, nmaxg[gr], D); break;
-        default: g_oaccum_all(E_F32, 3, it->o + g0, p, vn, (size_t)D, nmaxg[gr], D); break;
+        case 1: g_oaccum_all(E_F32, 1, it->o + g0, p, vn, (size_t)D, nmaxg[gr], 0, D); break;
+        case 2: g_oaccum_all(E_F32, 2, it->o + g0, p, vn, (size_t)D, nmaxg[gr], 0, D); break;
+        default: g_oaccum_all(E_F32, 3, it->o + g0, p, vn, (size_t)D, nmaxg[gr], 0, D); break;
         }
     }
 }
@@ -1267,58 +1420,6 @@ static void q4d_tile(const kcpu_attn_seg_item *it, const q4_blk *B, int pos0, in
  * head (x = s * (code - z) as fma(code, s, -s*z): bit-identical to
  * kvq_dequant_block, outliers exact) and attended as an F32 segment's
  * (float_group), for prefill and decode alike. */
-
-/* Rows [p0, p0 + np) of one tensor of block B's head (D % 16 == 0, G % 16
- * == 0) into out [np][D], x = fma(code, s, -s*z): per-channel snapshots
- * (s16 / z at the head's channels; sc / nz: room for D floats each, filled
- * once) or one per (token, group of G), broadcast over the group. */
-AI void qx_rows_w(const int bits, const q4_blk *B, const uint8_t *q, const uint16_t *s16,
-                  const uint8_t *z, int zb, int per_channel, int p0, int np, int D,
-                  float *sc, float *nz, float *out)
-{
-    if (per_channel)
-        for (int c = 0; c < D; c++) {
-            float sv = f16(s16[B->c0 + c]);
-            sc[c] = sv;
-            nz[c] = -(sv * (float)kvq_zero_at(z, (size_t)(B->c0 + c), zb));
-        }
-    const int g0 = B->c0 / B->G;
-    for (int r = 0; r < np; r++) {
-        size_t e0 = (size_t)(p0 + r) * (size_t)B->Dk + (size_t)B->c0;
-        float *o = out + (size_t)r * (size_t)D;
-        if (per_channel) {
-            for (int c = 0; c < D; c += 8) {
-                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
-                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, _mm256_loadu_ps(sc + c),
-                                                        _mm256_loadu_ps(nz + c)));
-            }
-            continue;
-        }
-        size_t gs = (size_t)(p0 + r) * (size_t)B->ng + (size_t)g0;
-        for (int c0 = 0; c0 < D; c0 += B->G) {
-            size_t si = gs + (size_t)(c0 / B->G);
-            float sv = f16(s16[si]);
-            __m256 s8 = _mm256_set1_ps(sv);
-            __m256 n8 = _mm256_set1_ps(-(sv * (float)kvq_zero_at(z, si, zb)));
-            for (int c = c0; c < c0 + B->G; c += 8) {
-                __m256 f = _mm256_cvtepi32_ps(codes8(q, e0 + (size_t)c, bits));
-                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(f, s8, n8));
-            }
-        }
-    }
-}
-
-static void qx_tensor(const q4_blk *B, const uint8_t *q, int bits, const uint16_t *s16,
-                      const uint8_t *z, int zb, int per_channel, int p0, int np, int D, float *sc,
-                      float *nz, float *out)
-{
-    switch (bits) {
-    case 2: qx_rows_w(2, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    case 3: qx_rows_w(3, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    case 4: qx_rows_w(4, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    default: qx_rows_w(8, B, q, s16, z, zb, per_channel, p0, np, D, sc, nz, out); break;
-    }
-}
 
 /* K and V rows [p0, p0 + np) of block B (one KV head) as f32, kt / vt
  * [np][D], the head's outliers among them exact (their delta fields still
@@ -1338,6 +1439,128 @@ static void qx_tile(const q4_blk *B, const kvq_layout *L, int p0, int np, int D,
         if (r < (unsigned)np)
             vt[(size_t)r * (size_t)D + (size_t)B->vout[e].c] = B->vout[e].delta;
     }
+}
+
+/* ---- blocks of any code width, few queries per KV head (decoding) ----
+ *
+ * Fused, one code path for every width (K and V apart): the codes are
+ * unpacked by codes8 (E_C2 .. E_C8) inside the float path's g_scores and
+ * g_oaccum, never written to a tile.
+ *  - K (per channel): the keys of q4_keys_prepare in natural order, qf =
+ *    q * scale * s_c and bias = qf . z_c, so qf . code - bias is the scaled
+ *    score against x = s_c (code - z_c);
+ *  - V: a tile's softmax weights folded with the rows' group scales, w =
+ *    p * s, summed over the raw codes in f32; the zeros' share -sum w * z
+ *    is added to the group's channels;
+ *  - outliers: deltas against the dense codes, as in the INT4 path. */
+
+enum { CX_SCORES, CX_VSUM };
+
+/* One pass of a query group over a tile's codes: scores (s, q, bias, nv;
+ * channels [0, d1)) or a V sum (o += sum_r p[r] * code_r over channels
+ * [d0, d1)). rows: the codes of the tile's first row at the head's first
+ * channel, ld elements between rows. */
+typedef struct {
+    int op;
+    float *const *s;
+    const float *const *q;
+    const float *bias;
+    const int *nv;
+    float *const *o;
+    const float *const *p;
+    const uint8_t *rows;
+    size_t ld;
+    int n, d0, d1;
+} cx_pass;
+
+AI void cx_pass_eq(const int E, const int QG, const cx_pass *a)
+{
+    if (a->op == CX_SCORES)
+        g_scores(E, QG, a->s, a->q, a->bias, a->nv, a->n, a->rows, a->ld, a->d1, 1.0f);
+    else
+        g_oaccum_all(E, QG, a->o, a->p, a->rows, a->ld, a->n, a->d0, a->d1);
+}
+
+AI void cx_pass_e(const int E, int qg, const cx_pass *a)
+{
+    switch (qg) {
+    case 1: cx_pass_eq(E, 1, a); break;
+    case 2: cx_pass_eq(E, 2, a); break;
+    default: cx_pass_eq(E, 3, a); break;
+    }
+}
+
+/* Runs pass a over codes of `bits` bits for a group of qg (1..3) queries. */
+static void cx_run(int bits, int qg, const cx_pass *a)
+{
+    switch (bits) {
+    case 2: cx_pass_e(E_C2, qg, a); break;
+    case 3: cx_pass_e(E_C3, qg, a); break;
+    case 4: cx_pass_e(E_C4, qg, a); break;
+    default: cx_pass_e(E_C8, qg, a); break;
+    }
+}
+
+/* One tile of qg queries (item indices gi, one KV head) over a block of any
+ * code widths with per-channel K, fused; arguments as q4_tile's (K: keys
+ * in natural order; W: room for qg * round8(nmax) floats). */
+static void cx_tile(int qg, float *sc, const q4_blk *B, const q4_keys *K, const int *gi,
+                    const float *const *q, float *const *o, float *m, float *l, const int *nv,
+                    const int *lo, int nmax, int p0, int np, int *fixed, const float *vsc,
+                    const float *vzf, float *W, int ngh, int D, float scale)
+{
+    const int n8 = (nmax + 7) & ~7;
+    float *s[3], *w[3], bias[3];
+    const float *qf[3];
+    for (int g = 0; g < qg; g++) {
+        s[g] = sc + (size_t)g * KCPU_ATTN_KPMAX;
+        w[g] = W + (size_t)g * (size_t)n8;
+        qf[g] = K->qf[gi[g]];
+        bias[g] = K->bias[gi[g]];
+    }
+    /* element p0 * Dk + c0 is a multiple of 8: its codes start on a byte */
+    const size_t e0 = ((size_t)p0 * (size_t)B->Dk + (size_t)B->c0) / 8;
+    cx_pass a = { .op = CX_SCORES, .s = s, .q = qf, .bias = bias, .nv = nv,
+                  .rows = B->kq0 + e0 * (size_t)B->kbits, .ld = (size_t)B->Dk, .n = nmax,
+                  .d1 = D };
+    cx_run(B->kbits, qg, &a);
+    if (!(*fixed & 1)) { /* the tile's K rows are in L1 now */
+        q4_fix_k(B, p0, p0 + np, scale);
+        *fixed |= 1;
+    }
+    add_k_deltas(qg, s, q, B, p0, nmax);
+    mask_low(qg, s, lo);
+    for (int g = 0; g < qg; g++) {
+        if (none_visible(nv, lo, g))
+            memset(s[g], 0, (size_t)n8 * sizeof(float));
+        else
+            softmax_tile(s[g], nmax, &m[g], &l[g], o[g], D);
+    }
+    a = (cx_pass){ .op = CX_VSUM, .o = o, .p = (const float *const *)w,
+                   .rows = B->vq0 + e0 * (size_t)B->vbits, .ld = (size_t)B->Dk, .n = nmax };
+    for (int grp = 0; grp < ngh; grp++) {
+        const float *sv = vsc + (size_t)grp * KCPU_ATTN_KPMAX;
+        const float *zv = vzf + (size_t)grp * KCPU_ATTN_KPMAX;
+        a.d0 = grp * B->G;
+        a.d1 = a.d0 + B->G;
+        for (int g = 0; g < qg; g++) { /* w = p * s; o -= sum w * z */
+            __m256 zb = _mm256_setzero_ps();
+            for (int r = 0; r < n8; r += 8) {
+                __m256 wv = _mm256_mul_ps(_mm256_loadu_ps(s[g] + r), _mm256_loadu_ps(sv + r));
+                _mm256_storeu_ps(w[g] + r, wv);
+                zb = _mm256_fmadd_ps(wv, _mm256_loadu_ps(zv + r), zb);
+            }
+            __m256 bz = _mm256_set1_ps(hsum8(zb));
+            for (int c = a.d0; c < a.d1; c += 8)
+                _mm256_storeu_ps(o[g] + c, _mm256_sub_ps(_mm256_loadu_ps(o[g] + c), bz));
+        }
+        cx_run(B->vbits, qg, &a);
+    }
+    if (!(*fixed & 2)) {
+        q4_fix_v(B, p0, p0 + np, vsc, vzf);
+        *fixed |= 2;
+    }
+    add_v_deltas(qg, o, s, B, p0, nmax);
 }
 
 /* Prefetches the parts of block base that q4_prepare and q4_tile_consts
@@ -1400,7 +1623,9 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
             kcpu_scalar_ops.attn_seg_item(it, tmp);
             return;
         }
-    /* the 4-bit paths below read nibbles; other widths dequantize tiles */
+    /* the 4-bit paths below read nibbles; other widths (gen) decode with
+     * the fused code path (cx_tile), or with dequantized tiles (qx_tile)
+     * for per-token K; prefill chunks (dense) take q4d_tile at every width */
     const int gen = L && (L->k_bits != 4 || L->v_bits != 4);
     const kcpu_seg_tmp ly = kcpu_seg_tmp_layout(L, D);
     float *sc = tmp + ly.sc, *kls = tmp + ly.tile, *qk = tmp + ly.qk, *blk = tmp + ly.blk;
@@ -1413,6 +1638,8 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
      * unpacked once for all of them (q4d_tile; kt, vt: its K and V, in the
      * tile area: KP * D <= KCPU_ATTN_TILE as D <= 512 here) */
     const int dense = nq >= SEG_DENSE_Q * nh;
+    const int qx = gen && !dense && L->k_mode == KVQ_K_PER_TOKEN;
+    const int fused = !qx && !dense; /* q4_tile or cx_tile */
     float *kt = kls, *vt = kls + (size_t)KP * (size_t)D;
     float m[KCPU_ATTN_QMAX], l[KCPU_ATTN_QMAX];
     int gi_all[KCPU_ATTN_QMAX], grp0[KCPU_ATTN_QMAX], grpn[KCPU_ATTN_QMAX], n_grp = 0;
@@ -1458,13 +1685,13 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
         if (sg->kind == KVS_Q4) {
             if (si + 1 < it->n_segs && it->segs[si + 1].kind == KVS_Q4)
                 q4_prefetch(L, it->segs[si + 1].k);
-            if (!queries_ready && !dense && !gen) {
+            if (!queries_ready && fused) {
                 q4_queries(it, qk, ly.qk_stride);
                 queries_ready = 1;
             }
-            q4_prepare(B, dense || gen ? NULL : &K, sg, it, hmin, nh, a, b, qk, ly.qk_stride,
+            q4_prepare(B, fused ? &K : NULL, sg, it, hmin, nh, a, b, qk, ly.qk_stride,
                        blk, outs);
-            if (dense && !gen) {
+            if (dense) {
                 for (int h = 0; h < nh; h++) {
                     if (hgn[h] == 0)
                         continue;
@@ -1479,7 +1706,7 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                 continue;
             }
         }
-        int step = sg->kind != KVS_Q4 || gen ? KP : KPQ;
+        int step = sg->kind != KVS_Q4 || qx ? KP : KPQ;
         for (int p0 = a; p0 < b; p0 += step) {
             int np = b - p0 < step ? b - p0 : step, cur = -1;
             int fixed[KCPU_ATTN_QMAX] = { 0 }; /* per head: outlier deltas done, 1 K, 2 V */
@@ -1508,7 +1735,7 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                                 D, it->scale);
                     continue;
                 }
-                if (gen) { /* kt, vt: this head's rows as f32 (blk: scratch) */
+                if (qx) { /* kt, vt: this head's rows as f32 (blk: scratch) */
                     if (h != cur) {
                         qx_tile(&B[h], L, p0, np, D, kt, vt, blk, blk + (D + 63) / 64 * 64);
                         cur = h;
@@ -1522,6 +1749,11 @@ void kcpu_avx2_attn_seg_item(const kcpu_attn_seg_item *it, float *tmp)
                     cur = h;
                 }
                 const int *gi = gi_all + g0, ngh = D / L->v_group;
+                if (gen) {
+                    cx_tile(qg, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, lop, nmax, p0, np,
+                            &fixed[h], vsc, vzf, W, ngh, D, it->scale);
+                    continue;
+                }
                 switch (qg) {
                 case 1: q4_tile(1, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, lop, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;
                 case 2: q4_tile(2, sg_sc, &B[h], &K, gi, q, o, m + g0, l + g0, nv, lop, nmax, p0, np, &fixed[h], kls, vsc, vzf, W, ngh, D, it->scale); break;

@@ -507,9 +507,10 @@ Test(attn_seg, odd_head_layouts, .timeout = 240)
 }
 
 /* Every code width, K and V apart (kvq.h): decode (the SIMD back end's
- * dequantized tiles, few queries) and a prefill chunk (many queries per KV
- * head), per-channel and per-token K, a sliding window, against the
- * dequantize-then-attend oracle, on the SIMD and the scalar back ends. */
+ * fused code path, few queries per KV head), decode in a sliding window,
+ * and a prefill chunk (dequantized tiles, many queries per KV head),
+ * per-channel and per-token K, against the dequantize-then-attend oracle,
+ * on the SIMD and the scalar back ends. */
 Test(attn_seg, every_width, .timeout = 240)
 {
     pools_up();
@@ -520,6 +521,8 @@ Test(attn_seg, every_width, .timeout = 240)
         s.vb = wd[i][1];
         s.n_q4 = 200;
         run_scen(&s, "decode");
+        s.window = 77 + 40 * i;
+        run_scen(&s, "decode, window");
         s.n_q = 24;
         s.window = i % 2 ? 0 : 150;
         run_scen(&s, "chunk");
@@ -531,31 +534,43 @@ Test(attn_seg, every_width, .timeout = 240)
     pools_down();
 }
 
-/* Odd head dims and group sizes at every width (the scalar item takes
- * what the SIMD one does not cover; int3 needs groups of 8). */
-Test(attn_seg, every_width_odd_heads, .timeout = 240)
+/* Odd head dims and group sizes at every width, K and V apart: the first
+ * four the scalar item takes (head_dim or G not a multiple of 16; int3
+ * needs groups of 8), the others the SIMD one (head dims that are not a
+ * multiple of 64, several V groups per head, 1 to 4 queries per KV head in
+ * decode, 16 or 256 channels), in decode (fused) and in a chunk. */
+Test(attn_seg, every_width_odd_heads, .timeout = 300)
 {
     pools_up();
     static const struct { int n_head, n_kv, hd, G; } sh[] = {
         { 3, 3, 12, 4 }, { 4, 2, 24, 8 }, { 2, 1, 40, 8 }, { 6, 3, 7, 7 },
+        { 16, 4, 32, 16 }, { 4, 2, 48, 16 }, { 4, 1, 80, 16 }, { 2, 2, 16, 16 },
+        { 4, 1, 256, 32 }, { 6, 2, 112, 112 },
     };
-    static const int bits[] = { 2, 3, 4, 8 };
-    for (int b = 0; b < 4; b++)
-        for (int i = 0; i < 4; i++) {
-            if (bits[b] == 3 && sh[i].G % 8)
+    static const int bits[][2] = { { 2, 2 }, { 3, 3 }, { 4, 4 }, { 8, 8 }, { 3, 2 }, { 2, 8 } };
+    for (int b = 0; b < 6; b++)
+        for (int i = 0; i < 10; i++) {
+            int kb = bits[b][0], vb = bits[b][1];
+            if ((kb == 3 || vb == 3) && sh[i].G % 8)
                 continue;
-            if (bits[b] == 4 && sh[i].n_kv * sh[i].hd % 2)
+            if ((kb == 4 || vb == 4) && sh[i].n_kv * sh[i].hd % 2)
                 continue;
             scen s = base_scen();
             s.n_head = sh[i].n_head;
             s.n_kv = sh[i].n_kv;
             s.hd = sh[i].hd;
             s.G = sh[i].G;
-            s.T = 16;
-            s.n_q4 = 50;
+            s.T = i < 4 ? 16 : 64;
+            s.n_q4 = i < 4 ? 50 : 150;
             s.n_q = i % 2 ? 1 : 9;
-            s.kb = s.vb = bits[b];
+            s.kb = kb;
+            s.vb = vb;
             run_scen(&s, "odd head layout");
+            if (i < 4)
+                continue;
+            s.n_q = i % 2 ? 9 : 1;
+            s.window = 23;
+            run_scen(&s, "odd head layout, window");
         }
     pools_down();
 }
