@@ -165,20 +165,23 @@ def llama_eval(model, ids, kv_name, ref, threads, log):
     for pos in range(0, n, 512):
         part = ids[pos:pos + 512]
         m = min(len(part), n - 1 - pos)  # rows with a next token
-        lp = log_softmax(run.chunk(part))[:max(m, 0)]
-        if m <= 0:
-            continue
-        lr = log_softmax(np.asarray(ref[pos:pos + m]))
-        nxt = np.asarray(ids[pos + 1:pos + 1 + m], dtype=np.int64)
-        rows = np.arange(m)
-        pr = np.exp(lr)
-        a["nll"] -= lp[rows, nxt].sum()
-        a["nll_ref"] -= lr[rows, nxt].sum()
-        k = np.maximum((pr * (lr - lp)).sum(axis=1), 0.0)
-        a["kld"] += k.sum()
-        a["kld_max"] = max(a["kld_max"], float(k.max()))
-        a["agree"] += int((lp.argmax(axis=1) == lr.argmax(axis=1)).sum())
-        a["scored"] += m
+        logits = run.chunk(part)
+        # rows in slices of 64: a large vocabulary (Gemma-3: 262144) makes
+        # a chunk's float64 log-probabilities 1 GB each
+        for r0 in range(0, max(m, 0), 64):
+            r1 = min(r0 + 64, m)
+            lp = log_softmax(logits[r0:r1])
+            lr = log_softmax(np.asarray(ref[pos + r0:pos + r1]))
+            nxt = np.asarray(ids[pos + 1 + r0:pos + 1 + r1], dtype=np.int64)
+            rows = np.arange(r1 - r0)
+            pr = np.exp(lr)
+            a["nll"] -= lp[rows, nxt].sum()
+            a["nll_ref"] -= lr[rows, nxt].sum()
+            k = np.maximum((pr * (lr - lp)).sum(axis=1), 0.0)
+            a["kld"] += k.sum()
+            a["kld_max"] = max(a["kld_max"], float(k.max()))
+            a["agree"] += int((lp.argmax(axis=1) == lr.argmax(axis=1)).sum())
+            a["scored"] += r1 - r0
         log("llama.cpp %s: %d/%d tokens, %.0f s" % (kv_name, pos + len(part), n,
                                                      time.time() - t0))
     run.close()
@@ -193,8 +196,8 @@ def ref_row(ids, ref):
     """The f16 reference's own row (KLD 0 by construction), from its logits."""
     n = len(ids)
     nll = 0.0
-    for pos in range(0, n - 1, 512):
-        m = min(512, n - 1 - pos)
+    for pos in range(0, n - 1, 64):
+        m = min(64, n - 1 - pos)
         lr = log_softmax(np.asarray(ref[pos:pos + m]))
         nll -= lr[np.arange(m), np.asarray(ids[pos + 1:pos + 1 + m])].sum()
     ppl = float(np.exp(nll / (n - 1)))
