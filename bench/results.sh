@@ -98,7 +98,7 @@ csvcols() {
 # oat_table [DIR]: one row per cell of an ablate run (default ablate-oat-2k)
 oat_table() {
     local f=$DATA/${1:-ablate-oat-2k}/ablate.csv
-    [ -s "$f" ] || { echo "_(no data: run `bench/results.sh --run`)_"; return; }
+    [ -s "$f" ] || { echo '_(no data: run `bench/results.sh --run`)_'; return; }
     echo "| cell | Δppl vs FP16 | KLD | top-1 | bits/elt | KV MiB (peak) | outliers | clamped | prefill tok/s | decode ms/tok |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
     csvcols "$f" label ppl_rel kld top1_agree bits_per_element kv_peak_bytes outlier_ratio clamp_ratio prefill_tok_s decode_ms_per_tok |
@@ -171,7 +171,7 @@ printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_NDL_MULTI" "$CMD_NDL_KV" 
     "$CMD_A4K" "$CMD_A4K_CHUNK" "$CMD_PRF > $DATA/profile-2k.txt"
 echo '```'
 echo
-echo "The full grid (`--full`; not run for this page: about 144 cells of 1K-8K"
+echo 'The full grid (`--full`; not run for this page: about 144 cells of 1K-8K'
 echo "with the FP16 reference beside each, roughly a day on 2 shared cores):"
 echo
 echo '```sh'
