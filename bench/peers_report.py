@@ -207,10 +207,13 @@ def plot(panels, png):
                 with open(dat, "w") as f:
                     for r in pts:
                         f.write("%g %g %s\n" % (fnum(r, "bits"), fnum(r, "kld"), r["config"]))
-                        lab.append("set label '%s' at %g,%g %s offset %s,0.4 tc lt %d" % (
+                        # labels apart: ours exact left, ours fast above right,
+                        # llama.cpp below right (int8 and q8_0 sit together)
+                        lab.append("set label '%s' at %g,%g %s offset %s tc lt %d" % (
                             r["config"], fnum(r, "bits"), fnum(r, "kld"),
                             "right" if mode == "exact" else "left",
-                            "-0.6" if mode == "exact" else "0.6", lc))
+                            {"exact": "-0.6,0.4", "fast": "0.6,0.5"}[mode]
+                            if eng == "livekvq" else "0.6,-0.7", lc))
                 cmds.append("'%s' using 1:2 with points pt %d ps 1.6 lc %d title '%s'" %
                             (dat, pt, lc, name))
             g += ["unset label"] + lab + ["set title '%s'" % title]
@@ -238,7 +241,10 @@ def main():
         return
     data = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "docs", "data", "peers")
     docs = sys.argv[2] if len(sys.argv) > 2 else os.path.join(root, "docs")
-    files = sorted(glob.glob(os.path.join(data, "*.csv")))
+    files = glob.glob(os.path.join(data, "*.csv"))
+    # the longest context of a model first (its panel leads the plot)
+    ctx_of = {f: int((read(f) or [{"ctx": 0}])[0]["ctx"]) for f in files}
+    files.sort(key=lambda f: (os.path.basename(f).split("-")[0], -ctx_of[f]))
     if not files:
         sys.exit("peers_report: no CSV in %s (run bench/peers_kv.py first)" % data)
     md, panels = [HEADER], []
