@@ -52,13 +52,31 @@ computed the same way (bench/peers_kv.py mirrors engine/eval/eval.c).
   `--llama-types f16,q4_0`), so its KLDs carry no run-to-run noise, but its
   quantized KV types see activations rounded to 8 bits like our fast mode.
 
-Scope of what is recorded: SmolLM2 at 2K (first run, INT4 only, older
-defaults: 4.65 bits) and at 4K, the issue's context, with every code width
-of ours and the knob `--kv-rotate`. At 4K our cache stages the first two
-chunks (1024 positions) in FP16 (the warm-up), so a quarter of our scored
-positions see no quantized history, while llama.cpp quantizes from the
-first token; at 2K it is half. Gemma-3: not recorded (see docs/results.md
-for the command and why).
+Scope of what is recorded: SmolLM2 at 4K, the issue's context, with every
+code width of ours and the knob `--kv-rotate` (the rows the 4K run got to
+before the deadline of the session that ran it; the CSV says which), and
+SmolLM2 at 2K (the first run: INT4 only, older defaults, 4.65 bits). At 4K
+our cache stages the first two chunks (1024 positions) in FP16 (the
+warm-up), so a quarter of our scored positions see no quantized history,
+while llama.cpp quantizes from the first token; at 2K it is half. The 4K
+fast-mode rows of int3, k3v2, k2v2 and int8 were not rerun: they are
+bench/kv_bits.sh's rows of `docs/data/kv_bits.jsonl` (the same `livekvq
+perplexity` command, same code), copied into the CSV with that command; the
+int4 fast row run by peers_kv.py reproduces its kv_bits.jsonl row to every
+digit (ppl 43.838568, KLD 0.0069026).
+
+Gemma-3-270M is not recorded: its 4K run was started and stopped (on the
+shared 2-core machine at a load average of 20, llama.cpp's f16 run of it
+had done 512 of 4096 tokens after 10 minutes; its 262144-entry vocabulary
+also makes the stored f16 logits 4 GiB at 4K). The command, for a quieter
+machine (`--window-kv fp16` is our default there: the 15 sliding-window
+layers stay FP16 and count at 16 bits in bits/elt, while llama.cpp
+quantizes every layer; add `--ours 'int4-w4=--kv-cache int4 --window-kv
+int4'` for the like-for-like row):
+
+```sh
+~/.cache/livekvq/venv-llama/bin/python bench/peers_kv.py -m models/gemma-3-270m-q4_k_m.gguf -c 4096 -o docs/data/peers/gemma3-4k.csv --llama-types f16,q8_0,iq4_nl,q4_0 --ours 'int4=--kv-cache int4' --ours 'int3=--kv-cache int3' --exact
+```
 
 **Labels.** `int4` is our default (`--kv-cache int4`, K4V4); `kNvM` are K
 and V at N and M bits (`k2v2` is `--kv-cache int2`); `-rot1` adds
