@@ -89,6 +89,8 @@ if [ $RUN = 1 ]; then
 fi
 
 bench/plots.sh "$DATA" docs/img
+TMPD=$(mktemp -d)
+trap 'rm -rf "$TMPD"' EXIT
 
 # csvcols FILE COL... (as in bench/plots.sh): columns by header name, '|'-separated.
 csvcols() {
@@ -143,6 +145,19 @@ needle_table() {
                       for (j = 1; j <= nd; j++) { k = ls[i] " " ds[j]; printf " %d/%d |", c[k], n[k]; tn += n[k]; tc += c[k] }
                       printf " %.2f |\n", tn ? tc / tn : 0 } }'
     done
+}
+
+# needle_table_raw DIR CACHES: needle_table from the answers of DATA/DIR/needle.csv
+# themselves (a run stopped before its end writes no needle_summary.csv)
+needle_table_raw() {
+    local f=$DATA/$1/needle.csv
+    [ -s "$f" ] || { echo "_(no data)_"; return; }
+    mkdir -p "$TMPD/$1"
+    csvcols "$f" kv_cache length depth correct | awk -F'|' '
+        { k = $1 "," $2 "," $3; if (!(k in n)) ks[++m] = k; n[k]++; c[k] += $4 }
+        END { print "kv_cache,length,depth,n,correct"; for (i = 1; i <= m; i++) print ks[i] "," n[ks[i]] "," c[ks[i]] }' \
+        >"$TMPD/$1/needle_summary.csv"
+    DATA=$TMPD needle_table "" "$1" "$2"
 }
 
 img() { [ -s "docs/img/$1" ] && echo "![${2}](img/$1)" || echo "_(plot $1 not generated)_"; }
@@ -325,7 +340,7 @@ depth, current defaults (`docs/data/needle-bits/`; the FP16 answers are
 asked once and shared by both runs). Perplexity and KLD of the same modes:
 section 3b.
 EOF
-needle_table "" needle-bits "fp16 k3v2 int2"
+needle_table_raw needle-bits "fp16 k3v2 int2"
 cat <<'EOF'
 
 ## 6. Profile (2K context: 2016-token prompt, 32 decode steps)
