@@ -168,7 +168,9 @@ def section(path, rows):
     md = []
     llama = [r for r in rows if r["engine"] == "llama.cpp"]
     md.append("Raw rows: `docs/data/peers/%s`. Commands (`%s.cmd`, one line per "
-              "invocation appending to the CSV):\n" % (os.path.basename(path),
+              "invocation appending to the CSV, as invoked: one stopped before its end "
+              "wrote only the rows it finished, so the table, not this list, says "
+              "what was measured):\n" % (os.path.basename(path),
                                                        os.path.basename(path)))
     cmd = "(not recorded)"
     if os.path.exists(path + ".cmd"):
