@@ -12,12 +12,16 @@ printed), one window of CTX tokens, and score the same positions: every
 position with a next token, 0 .. CTX-2, as `livekvq perplexity` does.
 
 llama.cpp (llama-cpp-python, flash attention, n_batch = n_ubatch = 512,
-logits of every position): each KV type (--llama-types, default f16 q8_0
-q5_0 q4_1 q4_0 iq4_nl; K and V of the same type) runs in lockstep with an
-f16 run (--group types beside one f16 run), chunk by chunk, and its mean KL(P_f16 || P_type),
-perplexity rise and top-1 agreement are computed against that f16 run
-exactly as engine/eval/eval.c does (log-softmax in double, KL clamped at 0
-per position, mean over positions). Bits per element: the type's block size
+logits of every position): the f16 run goes first and its logits are kept
+in a file (--ref-cache, float32 CTX x n_vocab; a rerun or a second
+invocation on the same model and tokens reuses it); then each KV type
+(--llama-types, default f16 q8_0 q5_0 q4_1 q4_0 iq4_nl; K and V of the same
+type) runs alone, chunk by chunk, and its mean KL(P_f16 || P_type),
+perplexity rise and top-1 agreement are computed against the stored f16
+logits exactly as engine/eval/eval.c does (log-softmax in double, KL
+clamped at 0 per position, mean over positions); its row is written as soon
+as it finishes, so types can also be split over several invocations
+appending to one CSV. Bits per element: the type's block size
 (q8_0 34 B / 32 = 8.5, q5_0 5.5, q4_1 5.0, q4_0 and iq4_nl 4.5, f16 16).
 
 Ours: `build/livekvq perplexity -m MODEL -f TEXT -c CTX --json FLAGS` for each
@@ -28,8 +32,8 @@ are more --ours items: "int3=--kv-cache int3".
 
 Writes CSV rows (engine, config, mode, bits, ppl, ppl_f16, ppl_rel, kld,
 top1, command) to -o (appending rows not there yet: a rerun skips finished
-configurations) and prints a markdown table. bench/peers_plot.sh draws the
-Pareto plot from the CSVs. Outside CI: minutes per configuration on 2 cores.
+configurations) and prints a markdown table. bench/peers_report.py draws the
+Pareto plot and docs/peers.md from the CSVs. Outside CI: minutes per configuration on 2 cores.
 """
 import argparse
 import csv
@@ -119,49 +123,86 @@ class Run:
         self.llm.close()
 
 
-def llama_eval(model, ids, kv_names, threads, log):
-    """KLD / ppl / top-1 of each KV type of kv_names against one f16 run,
-    all contexts fed in lockstep chunk by chunk (only one chunk of
-    log-probabilities is ever held per context). Returns {name: result}."""
+def ref_logits(model, ids, threads, path, log):
+    """The f16 run's logits of every position (float32, CTX x n_vocab) in a
+    file at path, computed once and reused: a rerun, or another invocation
+    on the same model and tokens, reads it instead of running f16 again.
+    path + '.json' records the model, the tokens' hash and the shape."""
+    import hashlib
     n = len(ids)
+    key = dict(model=os.path.abspath(model), n=n,
+               ids=hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest())
+    meta = path + ".json"
+    if os.path.exists(path) and os.path.exists(meta):
+        with open(meta) as f:
+            m = json.load(f)
+        if all(m.get(k) == v for k, v in key.items()):
+            log("llama.cpp f16: reference logits from %s" % path)
+            return np.memmap(path, dtype=np.float32, mode="r", shape=(n, m["n_vocab"]))
     ref = Run(model, n, LLAMA_TYPES["f16"][0], threads)
-    tests = {t: Run(model, n, LLAMA_TYPES[t][0], threads) for t in kv_names}
-    acc = {t: dict(nll=0.0, nll_ref=0.0, kld=0.0, kld_max=0.0, agree=0, scored=0)
-           for t in kv_names}
+    out = np.memmap(path + ".part", dtype=np.float32, mode="w+", shape=(n, ref.n_vocab))
+    t0 = time.time()
+    for pos in range(0, n, 512):
+        part = ids[pos:pos + 512]
+        out[pos:pos + len(part)] = ref.chunk(part)
+        log("llama.cpp f16: %d/%d tokens, %.0f s" % (pos + len(part), n, time.time() - t0))
+    out.flush()
+    del out
+    ref.close()
+    os.replace(path + ".part", path)
+    with open(meta, "w") as f:
+        json.dump(dict(key, n_vocab=ref.n_vocab, seconds=time.time() - t0), f)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n, ref.n_vocab))
+
+
+def llama_eval(model, ids, kv_name, ref, threads, log):
+    """KLD / ppl / top-1 of llama.cpp KV type kv_name against the f16 run's
+    logits ref (ref_logits), fed chunk by chunk as the f16 run was."""
+    n = len(ids)
+    run = Run(model, n, LLAMA_TYPES[kv_name][0], threads)
+    a = dict(nll=0.0, nll_ref=0.0, kld=0.0, kld_max=0.0, agree=0, scored=0)
     t0 = time.time()
     for pos in range(0, n, 512):
         part = ids[pos:pos + 512]
         m = min(len(part), n - 1 - pos)  # rows with a next token
-        lr = log_softmax(ref.chunk(part))[:max(m, 0)]
-        nxt = np.asarray(ids[pos + 1:pos + 1 + m], dtype=np.int64)
-        rows = np.arange(len(nxt))
-        am_ref = lr.argmax(axis=1)
-        pr = np.exp(lr)
-        for t, run in tests.items():
-            lp = log_softmax(run.chunk(part))[:max(m, 0)]
-            if m <= 0:
-                continue
-            a = acc[t]
+        logits = run.chunk(part)
+        # rows in slices of 64: a large vocabulary (Gemma-3: 262144) makes
+        # a chunk's float64 log-probabilities 1 GB each
+        for r0 in range(0, max(m, 0), 64):
+            r1 = min(r0 + 64, m)
+            lp = log_softmax(logits[r0:r1])
+            lr = log_softmax(np.asarray(ref[pos + r0:pos + r1]))
+            nxt = np.asarray(ids[pos + 1 + r0:pos + 1 + r1], dtype=np.int64)
+            rows = np.arange(r1 - r0)
+            pr = np.exp(lr)
             a["nll"] -= lp[rows, nxt].sum()
             a["nll_ref"] -= lr[rows, nxt].sum()
             k = np.maximum((pr * (lr - lp)).sum(axis=1), 0.0)
             a["kld"] += k.sum()
             a["kld_max"] = max(a["kld_max"], float(k.max()))
-            a["agree"] += int((lp.argmax(axis=1) == am_ref).sum())
-            a["scored"] += m
-        log("llama.cpp f16 + %s: %d/%d tokens, %.0f s" % ("/".join(kv_names),
-                                                          pos + len(part), n, time.time() - t0))
-    ref.close()
-    out = {}
-    for t, run in tests.items():
-        run.close()
-        a = acc[t]
-        ppl, ppl_ref = np.exp(a["nll"] / a["scored"]), np.exp(a["nll_ref"] / a["scored"])
-        out[t] = dict(ppl=ppl, ppl_f16=ppl_ref, ppl_rel=ppl / ppl_ref - 1,
-                      kld=a["kld"] / a["scored"], kld_max=a["kld_max"],
-                      top1=a["agree"] / a["scored"], n_scored=a["scored"],
-                      bits=LLAMA_TYPES[t][1], seconds=time.time() - t0)
-    return out
+            a["agree"] += int((lp.argmax(axis=1) == lr.argmax(axis=1)).sum())
+            a["scored"] += r1 - r0
+        log("llama.cpp %s: %d/%d tokens, %.0f s" % (kv_name, pos + len(part), n,
+                                                     time.time() - t0))
+    run.close()
+    ppl, ppl_ref = np.exp(a["nll"] / a["scored"]), np.exp(a["nll_ref"] / a["scored"])
+    return dict(ppl=ppl, ppl_f16=ppl_ref, ppl_rel=ppl / ppl_ref - 1,
+                kld=a["kld"] / a["scored"], kld_max=a["kld_max"],
+                top1=a["agree"] / a["scored"], n_scored=a["scored"],
+                bits=LLAMA_TYPES[kv_name][1], seconds=time.time() - t0)
+
+
+def ref_row(ids, ref):
+    """The f16 reference's own row (KLD 0 by construction), from its logits."""
+    n = len(ids)
+    nll = 0.0
+    for pos in range(0, n - 1, 64):
+        m = min(64, n - 1 - pos)
+        lr = log_softmax(np.asarray(ref[pos:pos + m]))
+        nll -= lr[np.arange(m), np.asarray(ids[pos + 1:pos + 1 + m])].sum()
+    ppl = float(np.exp(nll / (n - 1)))
+    return dict(ppl=ppl, ppl_f16=ppl, ppl_rel=0.0, kld=0.0, kld_max=0.0, top1=1.0,
+                n_scored=n - 1, bits=LLAMA_TYPES["f16"][1], seconds=0.0)
 
 
 def ours_eval(livekvq, model, text_path, ctx, flags, exact, threads):
@@ -186,9 +227,15 @@ def main():
     ap.add_argument("-o", "--out", required=True, help="CSV of results (appended)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--livekvq", default="build/livekvq")
-    ap.add_argument("--group", type=int, default=8,
-                    help="llama.cpp contexts run beside one f16 run (memory: each "
-                    "holds 512 x n_vocab logits); more types rerun the f16 run")
+    ap.add_argument("--ref-cache", default=None, metavar="PATH",
+                    help="file of the f16 run's logits (float32, CTX x n_vocab; "
+                    "default $TMPDIR/peers_ref_MODEL_CTX.f32), reused when it "
+                    "matches the model and tokens")
+    ap.add_argument("--f16-rerun", action="store_true",
+                    help="with f16 in --llama-types, run f16 a second time against "
+                    "the stored one (its row: KLD 0 unless llama.cpp is "
+                    "nondeterministic); without it the f16 row is the reference's "
+                    "own perplexity, KLD 0 by construction")
     ap.add_argument("--llama-types", default="f16,q8_0,q5_0,q4_1,q4_0,iq4_nl",
                     help="comma-separated llama.cpp KV types ('' for none)")
     ap.add_argument("--ours", action="append", default=None, metavar="LABEL=FLAGS",
@@ -258,11 +305,20 @@ def main():
             log("skip llama.cpp %s (in %s)" % (t, a.out))
         else:
             todo.append(t)
-    for g in range(0, len(todo), a.group):
-        res = llama_eval(a.model, ids, todo[g:g + a.group], a.threads, log)
-        for t, r in res.items():
-            emit("llama.cpp", t, "fast", r,
-                 "llama-cpp-python %s, flash_attn, type_k=type_v=%s, n_ubatch 512" % (ver, t))
+    if todo:
+        ref_path = a.ref_cache or os.path.join(
+            tempfile.gettempdir(), "peers_ref_%s_%d.f32" % (model_name, a.ctx))
+        ref = ref_logits(a.model, ids, a.threads, ref_path, log)
+    for t in todo:
+        if t == "f16":
+            # the reference against itself: KLD 0 by construction; its ppl
+            # is the sanity check (the ppl_f16 column of every other row)
+            r = (llama_eval(a.model, ids, "f16", ref, a.threads, log) if a.f16_rerun
+                 else ref_row(ids, ref))
+        else:
+            r = llama_eval(a.model, ids, t, ref, a.threads, log)
+        emit("llama.cpp", t, "fast", r,
+             "llama-cpp-python %s, flash_attn, type_k=type_v=%s, n_ubatch 512" % (ver, t))
     modes = (["fast"] if a.fast else []) + (["exact"] if a.exact else [])
     for mode in modes:
         for item in ours:

@@ -53,6 +53,10 @@ CMD_NDL_KW="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle-keepwarm --lengths 20
 --trials 8 --seed 1234 --kv-cache int4 --set keep_warmup_fp16=1"
 CMD_NDL_8K="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle --lengths 8192 --depths 0,25,50,75,100 \
 --trials 2 --seed 1234"
+CMD_NDL_K3V2="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle-bits --lengths 4096 --depths 0,25,50,75,100 \
+--trials 2 --seed 1234 --kv-cache fp16,k3v2"
+CMD_NDL_K2V2="$BIN needle -m $MODEL -f $TEXT -o $DATA/needle-bits --lengths 4096 --depths 0,25,50,75,100 \
+--trials 1 --seed 1234 --kv-cache fp16,int2"
 CMD_A4K="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ablate-4k -c 4096 --vary warmup_chunks=0,1,2 \
 --vary sink_tokens=4,16"
 CMD_A4K_CHUNK="$BIN ablate -m $MODEL -f $TEXT -o $DATA/ablate-4k-chunk -c 4096 --vary chunk_size=256,1024"
@@ -75,6 +79,8 @@ if [ $RUN = 1 ]; then
     nice -n 10 $CMD_A4K
     nice -n 10 $CMD_A4K_CHUNK
     nice -n 10 $CMD_NDL_8K
+    nice -n 10 $CMD_NDL_K3V2
+    nice -n 10 $CMD_NDL_K2V2
     nice -n 10 $CMD_PRF >$DATA/profile-2k.txt
     if [ $FULL = 1 ]; then
         nice -n 10 $CMD_FULL_GRID
@@ -83,6 +89,8 @@ if [ $RUN = 1 ]; then
 fi
 
 bench/plots.sh "$DATA" docs/img
+TMPD=$(mktemp -d)
+trap 'rm -rf "$TMPD"' EXIT
 
 # csvcols FILE COL... (as in bench/plots.sh): columns by header name, '|'-separated.
 csvcols() {
@@ -98,7 +106,7 @@ csvcols() {
 # oat_table [DIR]: one row per cell of an ablate run (default ablate-oat-2k)
 oat_table() {
     local f=$DATA/${1:-ablate-oat-2k}/ablate.csv
-    [ -s "$f" ] || { echo "_(no data: run `bench/results.sh --run`)_"; return; }
+    [ -s "$f" ] || { echo '_(no data: run `bench/results.sh --run`)_'; return; }
     echo "| cell | Δppl vs FP16 | KLD | top-1 | bits/elt | KV MiB (peak) | outliers | clamped | prefill tok/s | decode ms/tok |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
     csvcols "$f" label ppl_rel kld top1_agree bits_per_element kv_peak_bytes outlier_ratio clamp_ratio prefill_tok_s decode_ms_per_tok |
@@ -119,10 +127,12 @@ ctx_table() {
         sort -t'|' -k1,1n | awk -F'|' '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }'
 }
 
+# needle_table [SUFFIX] [DIR] [CACHES]: accuracy tables of DATA/DIR (default
+# needle)/needle_summary SUFFIX .csv, one per cache (default "fp16 int4")
 needle_table() {
-    local f=$DATA/needle/needle_summary${1:-}.csv
+    local f=$DATA/${2:-needle}/needle_summary${1:-}.csv
     [ -s "$f" ] || { echo "_(no data)_"; return; }
-    for mode in fp16 int4; do
+    for mode in ${3:-fp16 int4}; do
         echo
         echo "**$mode cache** (accuracy; rows: prompt length in tokens, columns: needle depth)"
         echo
@@ -135,6 +145,19 @@ needle_table() {
                       for (j = 1; j <= nd; j++) { k = ls[i] " " ds[j]; printf " %d/%d |", c[k], n[k]; tn += n[k]; tc += c[k] }
                       printf " %.2f |\n", tn ? tc / tn : 0 } }'
     done
+}
+
+# needle_table_raw DIR CACHES: needle_table from the answers of DATA/DIR/needle.csv
+# themselves (a run stopped before its end writes no needle_summary.csv)
+needle_table_raw() {
+    local f=$DATA/$1/needle.csv
+    [ -s "$f" ] || { echo "_(no data)_"; return; }
+    mkdir -p "$TMPD/$1"
+    csvcols "$f" kv_cache length depth correct | awk -F'|' '
+        { k = $1 "," $2 "," $3; if (!(k in n)) ks[++m] = k; n[k]++; c[k] += $4 }
+        END { print "kv_cache,length,depth,n,correct"; for (i = 1; i <= m; i++) print ks[i] "," n[ks[i]] "," c[ks[i]] }' \
+        >"$TMPD/$1/needle_summary.csv"
+    DATA=$TMPD needle_table "" "$1" "$2"
 }
 
 img() { [ -s "docs/img/$1" ] && echo "![${2}](img/$1)" || echo "_(plot $1 not generated)_"; }
@@ -168,10 +191,11 @@ echo "Reduced sweeps reported here (each resumable: a finished cell is never rer
 echo
 echo '```sh'
 printf '%s\n\n' "$CMD_OAT" "$CMD_CTX" "$CMD_NDL" "$CMD_NDL_MULTI" "$CMD_NDL_KV" "$CMD_NDL_4K" "$CMD_NDL_MORE" "$CMD_NDL_KW" "$CMD_NDL_8K" \
+    "$CMD_NDL_K3V2" "$CMD_NDL_K2V2" \
     "$CMD_A4K" "$CMD_A4K_CHUNK" "$CMD_PRF > $DATA/profile-2k.txt"
 echo '```'
 echo
-echo "The full grid (`--full`; not run for this page: about 144 cells of 1K-8K"
+echo 'The full grid (`--full`; not run for this page: about 144 cells of 1K-8K'
 echo "with the FP16 reference beside each, roughly a day on 2 shared cores):"
 echo
 echo '```sh'
@@ -201,7 +225,8 @@ differ only in the KV cache) the same floor is KLD 1.5e-7.
 
 KV quality side by side with llama.cpp's KV types (f16, q8_0, q5_0, q4_1,
 q4_0, iq4_nl) on the same model, tokens and positions, fast and exact mode:
-[peers.md](peers.md) (`bench/peers_kv.py`, `bench/peers_report.py`).
+[peers.md](peers.md) (`bench/peers_kv.py`, `bench/peers_report.py`); at
+4K with every code width: section 3b.
 
 EOF
 img pareto.png "KLD vs bits per element"
@@ -251,6 +276,22 @@ EOF
 img quality_vs_ctx.png "quality vs context"
 cat <<'EOF'
 
+## 3b. Code widths side by side with llama.cpp (SmolLM2, 4K)
+
+Our rows: `livekvq perplexity -c 4096` with the flags of the label (`int4`
+the default, `kNvM` K and V at N and M bits, `k2v2` is `--kv-cache int2`,
+`-rot1` adds `--kv-rotate 1`), in the fast mode and the exact one
+(`--exact`: f32 matmuls, the two runs differ only in the KV cache);
+llama.cpp's: its KV types through llama-cpp-python (flash attention; no
+exact mode), each against its own f16 run on the same 4096 tokens and 4095
+scored positions. The Pareto plot of these points and the 2K run:
+[peers.md](peers.md). Pass-key retrieval of the 2-bit modes: section 5.
+
+EOF
+python3 bench/peers_report.py --table $DATA/peers/smollm2-4k.csv
+echo
+cat <<'EOF'
+
 ## 4. Per layer: EMA ranges and outliers
 
 From the timing run of the longest INT4 cell of the context sweep (8K, 16
@@ -291,6 +332,16 @@ asked one at the depth, the others at seed-chosen depths), 1K, 2 prompts per
 depth (`needle_kv.csv`):
 EOF
 needle_table _kv
+cat <<'EOF'
+
+The 2-bit code widths at 4K: K3V2 (`--kv-cache k3v2`, up to 2 prompts per
+depth) and K2V2 (`--kv-cache int2`, 1 per depth: trial 0) against the FP16
+cache on the same prompts, current defaults (`docs/data/needle-bits/`; the
+FP16 answers are asked once and shared by both runs; cells are right /
+asked, so a run stopped early shows as fewer or missing cells). Perplexity
+and KLD of the same modes: section 3b.
+EOF
+needle_table_raw needle-bits "fp16 k3v2 int2"
 cat <<'EOF'
 
 ## 6. Profile (2K context: 2016-token prompt, 32 decode steps)
