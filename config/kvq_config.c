@@ -37,6 +37,7 @@ cfg_kv cfg_kv_default(void)
         .kv_budget_bytes = 0,
         .kv_budget_tokens = 0,
         .window_kv = CFG_KV_FP16, /* measured: docs/kvquant.md "Window layers" */
+        .window_bits = 4,
         .k_bits = 4,
         .v_bits = 4,
     };
@@ -252,9 +253,12 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         if (!strcasecmp(value, "fp16") || !strcasecmp(value, "f16"))
             c->window_kv = CFG_KV_FP16;
         else if (!strcasecmp(value, "int4") || !strcasecmp(value, "q4"))
-            c->window_kv = CFG_KV_INT4;
+            c->window_kv = CFG_KV_INT4, c->window_bits = 4;
+        else if (!strcasecmp(value, "int2") || !strcasecmp(value, "int3") ||
+                 !strcasecmp(value, "int8"))
+            c->window_kv = CFG_KV_INT4, c->window_bits = value[3] - '0';
         else
-            bad = 1, want = "fp16 or int4";
+            bad = 1, want = "fp16, int2, int3, int4 or int8";
     } else if (!strcmp(k, "kv_rotate")) {
         bad = parse_i(value, 0, 2, &c->kv_rotate), want = "0, 1 (K) or 2 (K and V)";
     } else if (!strcmp(k, "kv_modes")) {
@@ -349,7 +353,29 @@ int cfg_kv_validate(const cfg_kv *c, char *err, size_t errlen)
     if ((c->k_bits == 3 || c->v_bits == 3) && c->v_group > 0 && c->v_group % 8 != 0)
         return fail(err, errlen, "int3 packs 8 codes in 3 bytes: v_group must be a multiple "
                     "of 8 (got %d)", c->v_group);
+    if (c->window_kv != CFG_KV_FP16 && c->window_kv != CFG_KV_INT4)
+        return fail(err, errlen, "window_kv must be fp16 or quantized");
+    if (c->window_kv == CFG_KV_INT4 && !KVQ_BITS_OK(c->window_bits))
+        return fail(err, errlen, "window_kv: the window layers' code width must be 2, 3, 4 "
+                    "or 8 (got %d)", c->window_bits);
+    if (c->window_kv == CFG_KV_INT4 && c->window_bits == 3 && c->v_group > 0 &&
+        c->v_group % 8 != 0)
+        return fail(err, errlen, "window_kv int3 packs 8 codes in 3 bytes: v_group must be a "
+                    "multiple of 8 (got %d)", c->v_group);
     return 0;
+}
+
+const char *cfg_kv_window_name(const cfg_kv *c)
+{
+    if (c->window_kv == CFG_KV_FP16)
+        return "fp16";
+    switch (c->window_bits) {
+    case 2: return "int2";
+    case 3: return "int3";
+    case 4: return "int4";
+    case 8: return "int8";
+    default: return "int?";
+    }
 }
 
 const char *cfg_kv_mode_name(const cfg_kv *c)
@@ -431,7 +457,7 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
             c->warmup_chunks, c->ema_decay, c->ema_clip, c->clip_quantile, c->v_group,
             c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
             c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-            c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", c->k_bits, c->v_bits);
+            cfg_kv_window_name(c), c->k_bits, c->v_bits);
     if (c->kv_rotate)
         fprintf(f, "kv_rotate = %d\n", c->kv_rotate);
     if (c->modes) {
@@ -468,6 +494,6 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
                     c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
                     c->keep_warmup_fp16,
                     c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", c->k_bits, c->v_bits, rot,
+                    cfg_kv_window_name(c), c->k_bits, c->v_bits, rot,
                     m);
 }

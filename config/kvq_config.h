@@ -25,11 +25,13 @@
  *   kv_budget       KV pool size: bytes (suffix K/M/G/KiB/MiB/GiB) or
  *                   tokens (suffix "t", e.g. 65536t); 0 = sized for the
  *                   context (0)
- *   window_kv       fp16 | int4: how sliding-window layers (Gemma-3: 5 of
- *                   every 6) hold their last W positions: FP16 pages, or
- *                   LiveKVQuant-P like the global layers (only with
- *                   kv_cache = int4; with fp16 every layer is FP16)
- *                   (default fp16, measured: docs/kvquant.md "Window layers")
+ *   window_kv       fp16 | int2 | int3 | int4 | int8: how sliding-window
+ *                   layers (Gemma-3: 5 of every 6) hold their last W
+ *                   positions: FP16 pages, or LiveKVQuant-P like the global
+ *                   layers with codes of that width for K and V (window_bits;
+ *                   only with a quantized kv_cache; with fp16 every layer is
+ *                   FP16) (default fp16, measured: docs/kvquant.md "Window
+ *                   layers", docs/gemma3.md)
  *   kv_modes        modes sequences of one pool may use, e.g. "fp16,int4"
  *                   or "all": the pool holds INT4 blocks and FP16 pages
  *                   for each, and every sequence picks its own (a server's
@@ -72,7 +74,8 @@ typedef struct {
     kvq_k_mode k_mode;
     int64_t kv_budget_bytes;  /* 0 = unset */
     int64_t kv_budget_tokens; /* 0 = unset (at most one of the two is set) */
-    cfg_kv_mode window_kv;    /* window layers: FP16, or INT4 (with mode INT4) */
+    cfg_kv_mode window_kv;    /* window layers: FP16, or quantized (with mode INT4) */
+    int32_t window_bits;      /* their code width (K and V) when quantized, {2, 3, 4, 8} */
     uint32_t modes;           /* bit m: a sequence may use mode m (per request);
                                  0: `mode` only (a single-mode pool) */
     int32_t kv_rotate;        /* 0 off, 1 K (and q), 2 K and V (and the output) */
@@ -130,6 +133,10 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap);
 /* The cache mode as a kv_cache value: "fp16", "int2" .. "int8" when K and
  * V have one width, else "k<K>v<V>" (e.g. "k3v2"). A static string. */
 const char *cfg_kv_mode_name(const cfg_kv *c);
+
+/* The window layers' setting as a window_kv value: "fp16", or "int2" ..
+ * "int8" (window_bits). A static string. */
+const char *cfg_kv_window_name(const cfg_kv *c);
 
 /* The names of all keys, NULL-terminated (for --help and option tables). */
 extern const char *const cfg_kv_keys[];

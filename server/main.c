@@ -93,8 +93,9 @@ static void usage(FILE *f)
         "      --chunk-size --block-tokens --warmup-chunks --ema-decay --ema-clip\n"
         "      --clip-quantile --v-group --outlier-budget --sink-tokens\n"
         "      --keep-warmup-fp16 --k-quant\n"
-        "      --window-kv fp16|int4 sliding-window layers (Gemma-3): FP16 pages or\n"
-        "                            LiveKVQuant-P like the global layers (default fp16)\n"
+        "      --window-kv fp16|int2|int3|int4|int8  sliding-window layers (Gemma-3):\n"
+        "                            FP16 pages or LiveKVQuant-P with codes of that\n"
+        "                            width (default fp16)\n"
         "      --kv-modes fp16,int4  modes requests may pick with \"kv_cache\" (one pool\n"
         "                            holds both; --kv-cache is the default; all = every\n"
         "                            mode). Default: --kv-cache only\n");

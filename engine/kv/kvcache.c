@@ -508,15 +508,17 @@ static void quantize(kvc_seq *s, int layer, int32_t id, const float *k, const fl
 }
 
 /* Re-quantizes the step's sources (staged pages or the tail) of one layer
- * into the reserved blocks, block_tokens tokens at a time; a full tail
- * block is folded into the EMA (weight T / chunk_size) first. */
+ * into the reserved blocks, the group's block_tokens T tokens at a time; a
+ * full tail block is folded into the EMA (weight T / chunk_size) first. */
 static void requant_layer(kvc_seq *s, int layer)
 {
     const kvc_pool *p = s->p;
     const int g = p->group[layer], li = p->local[layer];
     const kvp_step *st = kvp_seq_step(s->pl[g]);
     const cfg_kv *c = &p->cfg;
-    const int T = c->block_tokens, D = p->d.kv_dim;
+    /* the group's blocks: a quantized window group's are smaller than the
+     * global layers' (kvp_layer_groups) */
+    const int T = kvp_pool_cfg(p->g[g].pl)->block_tokens, D = p->d.kv_dim;
     int blk = 0, fill = 0;
     for (int i = 0; i < st->n_src; i++) {
         int off = 0;
