@@ -32,6 +32,10 @@
  *                   only with a quantized kv_cache; with fp16 every layer is
  *                   FP16) (default fp16, measured: docs/kvquant.md "Window
  *                   layers", docs/gemma3.md)
+ *   window_clip_quantile  the quantized window layers' clip_quantile, in
+ *                   [0, 0.5), or auto: 0 (no clipping) at 8 bits, where 256
+ *                   levels span a channel's whole range finely, else
+ *                   clip_quantile (auto)
  *   kv_modes        modes sequences of one pool may use, e.g. "fp16,int4"
  *                   or "all": the pool holds INT4 blocks and FP16 pages
  *                   for each, and every sequence picks its own (a server's
@@ -76,6 +80,8 @@ typedef struct {
     int64_t kv_budget_tokens; /* 0 = unset (at most one of the two is set) */
     cfg_kv_mode window_kv;    /* window layers: FP16, or quantized (with mode INT4) */
     int32_t window_bits;      /* their code width (K and V) when quantized, {2, 3, 4, 8} */
+    float window_clip_quantile; /* their clip_quantile when quantized; < 0: auto
+                                   (cfg_kv_window_clip) */
     uint32_t modes;           /* bit m: a sequence may use mode m (per request);
                                  0: `mode` only (a single-mode pool) */
     int32_t kv_rotate;        /* 0 off, 1 K (and q), 2 K and V (and the output) */
@@ -137,6 +143,10 @@ const char *cfg_kv_mode_name(const cfg_kv *c);
 /* The window layers' setting as a window_kv value: "fp16", or "int2" ..
  * "int8" (window_bits). A static string. */
 const char *cfg_kv_window_name(const cfg_kv *c);
+
+/* The clip_quantile the quantized window layers use: window_clip_quantile,
+ * or when it is auto (< 0) 0 at window_bits 8 and clip_quantile otherwise. */
+float cfg_kv_window_clip(const cfg_kv *c);
 
 /* The names of all keys, NULL-terminated (for --help and option tables). */
 extern const char *const cfg_kv_keys[];

@@ -138,8 +138,10 @@ void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t
      * small (see window_page_tokens): a quantized window of W positions
      * holds about W + 3 blocks' worth, not 3 blocks of block_tokens */
     wc->block_tokens = window_page_tokens(c->block_tokens);
-    if (cfg_kv_has_mode(wc, CFG_KV_INT4))
-        wc->k_bits = wc->v_bits = c->window_bits; /* window_kv = int2 .. int8 */
+    if (cfg_kv_has_mode(wc, CFG_KV_INT4)) { /* window_kv = int2 .. int8 */
+        wc->k_bits = wc->v_bits = c->window_bits;
+        wc->clip_quantile = cfg_kv_window_clip(c);
+    }
 }
 
 int kvp_group_mode(const cfg_kv *c, int kind, int mode)
@@ -1309,7 +1311,8 @@ static uint64_t cfg_seed(const cfg_kv *c, const kvc_dims *d)
                     (int32_t)c->window_kv, c->kv_rotate, d->n_layers, d->kv_dim,
                     d->head_dim, c->k_bits, c->v_bits,
                     c->window_kv == CFG_KV_FP16 ? 0 : c->window_bits};
-    float fv[] = {c->ema_decay, c->ema_clip, c->clip_quantile, c->outlier_budget};
+    float fv[] = {c->ema_decay, c->ema_clip, c->clip_quantile, c->outlier_budget,
+                  c->window_kv == CFG_KV_FP16 ? 0.0f : cfg_kv_window_clip(c)};
     uint64_t h = fnv(1469598103934665603ull, iv, sizeof iv);
     return fnv(h, fv, sizeof fv);
 }

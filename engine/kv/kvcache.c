@@ -483,7 +483,9 @@ static void page_to_f32(const kvc_pool *p, int g, int32_t id, int li, int slot0,
 static void fold_stats(kvc_seq *s, int layer, const float *k, const float *v, int n,
                        float weight)
 {
-    const cfg_kv *c = &s->p->cfg;
+    /* the layer's group's knobs: a quantized window group may clip its
+     * ranges otherwise than the global layers (kvp_layer_groups) */
+    const cfg_kv *c = kvp_pool_cfg(s->p->g[s->p->group[layer]].pl);
     const int D = s->p->d.kv_dim;
     kvq_ema_params ep = {c->ema_decay, c->ema_clip, c->clip_quantile, c->warmup_chunks};
     kvq_chunk_quantiles(k, n, D, (size_t)D, c->clip_quantile, s->a, s->b, s->qscr);

@@ -626,7 +626,7 @@ static int fold(kvcd_seq *s, int layer, const float *k, const float *v, int n, f
                 char *err, size_t errlen)
 {
     kvcd_pool *p = s->p;
-    const cfg_kv *c = &p->cfg;
+    const cfg_kv *c = kvp_pool_cfg(p->g[p->group[layer]].pl); /* the layer's group's knobs */
     kvq_ema_params ep = {c->ema_decay, c->ema_clip, c->clip_quantile, c->warmup_chunks};
     kcu_ema_dev e[2] = {ema_of(s, layer, 0), ema_of(s, layer, 1)};
     const float *x[2] = {k, v};

@@ -55,6 +55,15 @@ Test(kvq_config, set_each_key)
     cr_assert_lt(cfg_kv_set(&c, "window_kv", "int5", err, sizeof err), 0);
     cr_assert(strstr(err, "window_kv") && strstr(err, "fp16, int2, int3, int4 or int8"), "%s",
               err);
+    /* the quantized window layers' clipping: auto is none at 8 bits */
+    cr_assert_float_eq(cfg_kv_window_clip(&c), c.clip_quantile, 1e-9, "int4: the global one");
+    c.window_bits = 8;
+    cr_assert_float_eq(cfg_kv_window_clip(&c), 0.0f, 1e-9, "int8: none");
+    cr_assert_eq(cfg_kv_set(&c, "window-clip-quantile", "0.01", err, sizeof err), 0, "%s", err);
+    cr_assert_float_eq(cfg_kv_window_clip(&c), 0.01f, 1e-9);
+    cr_assert_eq(cfg_kv_set(&c, "window_clip_quantile", "auto", err, sizeof err), 0);
+    cr_assert_float_eq(cfg_kv_window_clip(&c), 0.0f, 1e-9);
+    cr_assert_lt(cfg_kv_set(&c, "window_clip_quantile", "0.5", err, sizeof err), 0);
     c.window_bits = 5;
     cr_assert_lt(cfg_kv_validate(&c, err, sizeof err), 0);
     cr_assert(strstr(err, "window_kv") != NULL, "%s", err);
@@ -126,6 +135,7 @@ Test(kvq_config, file_round_trip_and_errors)
     cr_assert_lt(cfg_kv_json(&a, js, sizeof js), (int)sizeof js);
     cr_assert(strstr(js, "\"chunk_size\": 1024") != NULL, "%s", js);
     cr_assert(strstr(js, "\"window_kv\": \"int8\"") != NULL, "%s", js);
+    cr_assert(strstr(js, "\"window_clip_quantile\": 0") != NULL, "int8 windows: %s", js);
     a.window_bits = 4; /* int4 windows: the text of earlier configurations */
     cr_assert_lt(cfg_kv_json(&a, js, sizeof js), (int)sizeof js);
     cr_assert(strstr(js, "\"window_kv\": \"int4\"") != NULL, "%s", js);
