@@ -96,6 +96,8 @@ static void usage(FILE *f)
         "      --window-kv fp16|int2|int3|int4|int8  sliding-window layers (Gemma-3):\n"
         "                            FP16 pages or LiveKVQuant-P with codes of that\n"
         "                            width (default fp16)\n"
+        "      --window-clip-quantile A|auto  quantized window layers' clip_quantile\n"
+        "                            (auto: 0 at int8, else --clip-quantile)\n"
         "      --kv-modes fp16,int4  modes requests may pick with \"kv_cache\" (one pool\n"
         "                            holds both; --kv-cache is the default; all = every\n"
         "                            mode). Default: --kv-cache only\n");

@@ -49,6 +49,7 @@ static double now_s(void)
     "      --window-kv fp16|int2|int3|int4|int8  sliding-window layers' cache: FP16 pages or\n" \
     "                           LiveKVQuant-P codes of that width (fp16; intN needs a\n" \
     "                           quantized --kv-cache)\n" \
+    "      --window-clip-quantile A|auto  their clip_quantile (auto: 0 at int8, else A)\n" \
     "      --kv-rotate 0|1|2    Walsh-Hadamard rotation of K (1) or K and V (2) per head\n" \
     "                           before the cache (0; needs a power-of-two head_dim)\n" \
     "      --config FILE        'key = value' lines with the same keys\n"
