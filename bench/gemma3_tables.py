@@ -17,7 +17,10 @@ for r in sorted(rows, key=lambda r: (r["ctx"], cfg(r) != "default", r["block_tok
     ok = [r["ppl_rel"] <= 0.01, r["kld"] <= 0.01, r["bits_per_element_global"] <= 4.6]
     t = " ".join("met" if o else "**missed**" for o in ok)
     c = cfg(r) + (" exact" if r.get("exact") else "")
-    print(f'| {r["ctx"]} | {c} | {r["window_kv"]} | {r["block_tokens"]} / {r["outlier_budget"]:g} | {r["ppl_fp16"]:.4f} | {r["ppl"]:.4f} | {100*r["ppl_rel"]:+.3f}% | '
+    w = r["window_kv"]
+    if w != "fp16":  # rows before window_clip_quantile clipped at clip_quantile
+        w += f' (clip {r.get("window_clip_quantile", r["clip_quantile"]):g})'
+    print(f'| {r["ctx"]} | {c} | {w} | {r["block_tokens"]} / {r["outlier_budget"]:g} | {r["ppl_fp16"]:.4f} | {r["ppl"]:.4f} | {100*r["ppl_rel"]:+.3f}% | '
           f'{r["kld"]:.5f} | {r["kld_max"]:.3f} | {r["top1_agree"]:.4f} | {r["bits_per_element"]:.3f} | '
           f'{r["bits_per_element_global"]:.3f} | {r["kv_bytes"]} ({r["kv_bytes_global"]} + {r["kv_bytes_window"]}) | '
           f'{r["kv_bytes_fp16"]} | {r["kv_bytes_fp16"]/r["kv_bytes"]:.2f}x | {t} |')
