@@ -3,12 +3,13 @@
 # at 32K context in a 1 GiB KV budget (docs/gemma3.md, section 3; not run by
 # tests). For each cache mode and --max-seqs, starts the server idle on
 # 127.0.0.1:18093, reads the startup line and the pool's blocks from /metrics,
-# and stops it. Nothing is prefilled.
+# and stops it. Nothing is prefilled. MODES: "global/window" pairs (default
+# every pair below), e.g. MODES="int4/int8 fp16/fp16".
 set -u
 cd "$(dirname "$0")/.."
 for ms in ${SEQS:-16 64}; do
-  for m in "int4 fp16" "int4 int4" "fp16 fp16"; do
-    set -- $m
+  for m in ${MODES:-int4/fp16 int4/int8 int4/int4 fp16/fp16}; do
+    set -- ${m/\// }
     build/livekvq-server -m models/gemma-3-270m-q4_k_m.gguf --host 127.0.0.1 --port 18093 \
         -c 32768 --kv-cache $1 --window-kv $2 --kv-budget 1073741824 --max-seqs $ms -t 2 \
         >/tmp/gemma3_cap.log 2>&1 &

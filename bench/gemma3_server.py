@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""bench/gemma3_server.py MODE [CHARS] - one long prompt through livekvq-server
+"""bench/gemma3_server.py MODE [CHARS [WINDOW]] - one long prompt through livekvq-server
 (docs/gemma3.md, section 3; not run by tests).
 
 Starts build/livekvq-server on 127.0.0.1:18093 with Gemma-3-270M, -c 32768,
---kv-cache MODE (int4|fp16), --max-seqs 2; sends CHARS characters of Moby-Dick
+--kv-cache MODE (int4|fp16), --window-kv WINDOW (default: the server's), --max-seqs 2; sends CHARS characters of Moby-Dick
 (from "CHAPTER 1.") to /v1/completions, stream, max_tokens 8, temperature 0;
 records the time to the first streamed token (TTFT) and end-to-end time,
 polls /metrics every 0.25 s while the request runs and prints the largest
@@ -13,13 +13,15 @@ import json, re, subprocess, sys, threading, time, urllib.request
 
 mode = sys.argv[1]
 chars = int(sys.argv[2]) if len(sys.argv) > 2 else 121000
+window = sys.argv[3] if len(sys.argv) > 3 else None
 port = 18093
 base = f"http://127.0.0.1:{port}"
 text = open("../shared/data/moby-dick.txt", encoding="utf-8").read()
 text = text[text.index("CHAPTER 1."):][:chars]
 srv = subprocess.Popen(["build/livekvq-server", "-m", "models/gemma-3-270m-q4_k_m.gguf",
                         "--host", "127.0.0.1", "--port", str(port), "-c", "32768",
-                        "--max-seqs", "2", "--kv-cache", mode, "-t", "2"],
+                        "--max-seqs", "2", "--kv-cache", mode, "-t", "2"] +
+                       (["--window-kv", window] if window else []),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 startup = srv.stdout.readline().strip()
 for _ in range(100):

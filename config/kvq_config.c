@@ -16,7 +16,7 @@ const char *const cfg_kv_keys[] = {
     "kv_cache", "chunk_size", "block_tokens", "warmup_chunks", "ema_decay",
     "ema_clip", "clip_quantile", "v_group", "outlier_budget", "sink_tokens",
     "keep_warmup_fp16", "k_quant", "kv_budget", "window_kv", "kv_rotate", "k_bits", "v_bits",
-    "kv_modes", NULL,
+    "kv_modes", "window_clip_quantile", NULL,
 };
 
 cfg_kv cfg_kv_default(void)
@@ -37,6 +37,8 @@ cfg_kv cfg_kv_default(void)
         .kv_budget_bytes = 0,
         .kv_budget_tokens = 0,
         .window_kv = CFG_KV_FP16, /* measured: docs/kvquant.md "Window layers" */
+        .window_bits = 4,
+        .window_clip_quantile = -1.0f, /* auto */
         .k_bits = 4,
         .v_bits = 4,
     };
@@ -262,7 +264,8 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         return fail(err, errlen, "unknown cache option '%s' (known: kv_cache, chunk_size, "
                     "block_tokens, warmup_chunks, ema_decay, ema_clip, clip_quantile, "
                     "v_group, outlier_budget, sink_tokens, keep_warmup_fp16, k_quant, "
-                    "kv_budget, window_kv, kv_rotate, k_bits, v_bits, kv_modes)",
+                    "kv_budget, window_kv, kv_rotate, k_bits, v_bits, kv_modes, "
+                    "window_clip_quantile)",
                     key ? key : "(null)");
     int bad = 0;
     const char *want = "";
@@ -317,9 +320,18 @@ int cfg_kv_set(cfg_kv *c, const char *key, const char *value, char *err,
         if (!strcasecmp(value, "fp16") || !strcasecmp(value, "f16"))
             c->window_kv = CFG_KV_FP16;
         else if (!strcasecmp(value, "int4") || !strcasecmp(value, "q4"))
-            c->window_kv = CFG_KV_INT4;
+            c->window_kv = CFG_KV_INT4, c->window_bits = 4;
+        else if (!strcasecmp(value, "int2") || !strcasecmp(value, "int3") ||
+                 !strcasecmp(value, "int8"))
+            c->window_kv = CFG_KV_INT4, c->window_bits = value[3] - '0';
         else
-            bad = 1, want = "fp16 or int4";
+            bad = 1, want = "fp16, int2, int3, int4 or int8";
+    } else if (!strcmp(k, "window_clip_quantile")) {
+        if (!strcasecmp(value, "auto"))
+            c->window_clip_quantile = -1.0f;
+        else
+            bad = parse_f(value, 0.0f, 0.5f, 1, &c->window_clip_quantile);
+        want = "a number in [0, 0.5), or auto";
     } else if (!strcmp(k, "kv_rotate")) {
         bad = parse_i(value, 0, 2, &c->kv_rotate), want = "0, 1 (K) or 2 (K and V)";
     } else if (!strcmp(k, "kv_modes")) {
@@ -420,7 +432,36 @@ int cfg_kv_validate(const cfg_kv *c, char *err, size_t errlen)
             c->v_group > 0 && c->v_group % 8 != 0)
             return fail(err, errlen, "kv_modes %s: int3 packs 8 codes in 3 bytes: v_group "
                         "must be a multiple of 8 (got %d)", mode_tab[m].name, c->v_group);
+    if (c->window_kv != CFG_KV_FP16 && c->window_kv != CFG_KV_INT4)
+        return fail(err, errlen, "window_kv must be fp16 or quantized");
+    if (c->window_kv == CFG_KV_INT4 && !KVQ_BITS_OK(c->window_bits))
+        return fail(err, errlen, "window_kv: the window layers' code width must be 2, 3, 4 "
+                    "or 8 (got %d)", c->window_bits);
+    if (c->window_kv == CFG_KV_INT4 && c->window_bits == 3 && c->v_group > 0 &&
+        c->v_group % 8 != 0)
+        return fail(err, errlen, "window_kv int3 packs 8 codes in 3 bytes: v_group must be a "
+                    "multiple of 8 (got %d)", c->v_group);
     return 0;
+}
+
+float cfg_kv_window_clip(const cfg_kv *c)
+{
+    if (c->window_clip_quantile >= 0.0f)
+        return c->window_clip_quantile;
+    return c->window_bits == 8 ? 0.0f : c->clip_quantile;
+}
+
+const char *cfg_kv_window_name(const cfg_kv *c)
+{
+    if (c->window_kv == CFG_KV_FP16)
+        return "fp16";
+    switch (c->window_bits) {
+    case 2: return "int2";
+    case 3: return "int3";
+    case 4: return "int4";
+    case 8: return "int8";
+    default: return "int?";
+    }
 }
 
 const char *cfg_kv_mode_name(const cfg_kv *c)
@@ -507,9 +548,11 @@ void cfg_kv_write(const cfg_kv *c, FILE *f)
             c->warmup_chunks, c->ema_decay, c->ema_clip, c->clip_quantile, c->v_group,
             c->outlier_budget, c->sink_tokens, c->keep_warmup_fp16,
             c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-            c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", c->k_bits, c->v_bits);
+            cfg_kv_window_name(c), c->k_bits, c->v_bits);
     if (c->kv_rotate)
         fprintf(f, "kv_rotate = %d\n", c->kv_rotate);
+    if (c->window_clip_quantile >= 0.0f)
+        fprintf(f, "window_clip_quantile = %g\n", c->window_clip_quantile);
     if (c->modes) {
         char m[160];
         cfg_kv_modes_str(c->modes, m, sizeof m);
@@ -526,6 +569,11 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
     char rot[32] = "";
     if (c->kv_rotate)
         snprintf(rot, sizeof rot, ", \"kv_rotate\": %d", c->kv_rotate);
+    /* the quantized window layers' clipping, only when they are quantized:
+     * the text of every FP16-window configuration stays the same */
+    char wclip[48] = "";
+    if (c->window_kv == CFG_KV_INT4)
+        snprintf(wclip, sizeof wclip, ", \"window_clip_quantile\": %g", cfg_kv_window_clip(c));
     char m[200] = "";
     if (c->modes) {
         char l[160];
@@ -538,12 +586,12 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap)
                     "\"clip_quantile\": %g, \"v_group\": %d, \"outlier_budget\": %g, "
                     "\"sink_tokens\": %d, \"keep_warmup_fp16\": %d, \"k_quant\": \"%s\", "
                     "\"kv_budget\": \"%s\", \"window_kv\": \"%s\", \"k_bits\": %d, "
-                    "\"v_bits\": %d%s%s",
+                    "\"v_bits\": %d%s%s%s",
                     cfg_kv_mode_name(c), c->chunk_size,
                     c->block_tokens, c->warmup_chunks, c->ema_decay, c->ema_clip,
                     c->clip_quantile, c->v_group, c->outlier_budget, c->sink_tokens,
                     c->keep_warmup_fp16,
                     c->k_mode == KVQ_K_PER_TOKEN ? "token" : "channel", b,
-                    c->window_kv == CFG_KV_INT4 ? "int4" : "fp16", c->k_bits, c->v_bits, rot,
-                    m);
+                    cfg_kv_window_name(c), c->k_bits, c->v_bits, rot,
+                    m, wclip);
 }

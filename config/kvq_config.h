@@ -25,11 +25,17 @@
  *   kv_budget       KV pool size: bytes (suffix K/M/G/KiB/MiB/GiB) or
  *                   tokens (suffix "t", e.g. 65536t); 0 = sized for the
  *                   context (0)
- *   window_kv       fp16 | int4: how sliding-window layers (Gemma-3: 5 of
- *                   every 6) hold their last W positions: FP16 pages, or
- *                   LiveKVQuant-P like the global layers (only with
- *                   kv_cache = int4; with fp16 every layer is FP16)
- *                   (default fp16, measured: docs/kvquant.md "Window layers")
+ *   window_kv       fp16 | int2 | int3 | int4 | int8: how sliding-window
+ *                   layers (Gemma-3: 5 of every 6) hold their last W
+ *                   positions: FP16 pages, or LiveKVQuant-P like the global
+ *                   layers with codes of that width for K and V (window_bits;
+ *                   only with a quantized kv_cache; with fp16 every layer is
+ *                   FP16) (default fp16, measured: docs/kvquant.md "Window
+ *                   layers", docs/gemma3.md)
+ *   window_clip_quantile  the quantized window layers' clip_quantile, in
+ *                   [0, 0.5), or auto: 0 (no clipping) at 8 bits, where 256
+ *                   levels span a channel's whole range finely, else
+ *                   clip_quantile (auto)
  *   kv_modes        modes sequences of one pool may use, e.g. "fp16,int4,int3"
  *                   (any kv_cache value: fp16, int2, int3, int4, int8, kNvM)
  *                   or "all" (= fp16,int8,int4,int3,int2,k8v4,k4v2,k4v3,
@@ -79,7 +85,10 @@ typedef struct {
     kvq_k_mode k_mode;
     int64_t kv_budget_bytes;  /* 0 = unset */
     int64_t kv_budget_tokens; /* 0 = unset (at most one of the two is set) */
-    cfg_kv_mode window_kv;    /* window layers: FP16, or INT4 (with mode INT4) */
+    cfg_kv_mode window_kv;    /* window layers: FP16, or quantized (with mode INT4) */
+    int32_t window_bits;      /* their code width (K and V) when quantized, {2, 3, 4, 8} */
+    float window_clip_quantile; /* their clip_quantile when quantized; < 0: auto
+                                   (cfg_kv_window_clip) */
     uint32_t modes;           /* bit m: a sequence may use mode m (per request);
                                  0: `mode` only (a single-mode pool) */
     int32_t kv_rotate;        /* 0 off, 1 K (and q), 2 K and V (and the output) */
@@ -149,6 +158,14 @@ int cfg_kv_json(const cfg_kv *c, char *buf, size_t cap);
 /* The cache mode as a kv_cache value: "fp16", "int2" .. "int8" when K and
  * V have one width, else "k<K>v<V>" (e.g. "k3v2"). A static string. */
 const char *cfg_kv_mode_name(const cfg_kv *c);
+
+/* The window layers' setting as a window_kv value: "fp16", or "int2" ..
+ * "int8" (window_bits). A static string. */
+const char *cfg_kv_window_name(const cfg_kv *c);
+
+/* The clip_quantile the quantized window layers use: window_clip_quantile,
+ * or when it is auto (< 0) 0 at window_bits 8 and clip_quantile otherwise. */
+float cfg_kv_window_clip(const cfg_kv *c);
 
 /* The names of all keys, NULL-terminated (for --help and option tables). */
 extern const char *const cfg_kv_keys[];

@@ -208,6 +208,13 @@ char *metrics_render(const sched_metrics *sm, const metrics_http *hm, const char
     for (int k = 0; k < KVC_LAYER_KINDS; k++)
         lkq_sb_printf(&b, "livekvq_kv_layer_tokens{layer_kind=\"%s\"} %lld\n", lk[k],
                       (long long)kv->layer_kind[k].tokens);
+    head(&b, "livekvq_kv_layer_mode_info", "gauge",
+         "How the layers of each kind are cached in the default mode (value 1): fp16, or "
+         "the code widths (window layers: window_kv).");
+    lkq_sb_printf(&b, "livekvq_kv_layer_mode_info{layer_kind=\"global\",kv_cache=\"%s\"} 1\n",
+                  kv_mode);
+    lkq_sb_printf(&b, "livekvq_kv_layer_mode_info{layer_kind=\"window\",kv_cache=\"%s\"} 1\n",
+                  sm->kv_window_name ? sm->kv_window_name : kv_mode);
     head(&b, "livekvq_kv_layer_count", "gauge", "Model layers of each kind.");
     for (int k = 0; k < KVC_LAYER_KINDS; k++)
         lkq_sb_printf(&b, "livekvq_kv_layer_count{layer_kind=\"%s\"} %d\n", lk[k],

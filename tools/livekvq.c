@@ -46,7 +46,10 @@ static double now_s(void)
     "      --clip-quantile A    (0.005)  --v-group N (0 = head_dim)  --outlier-budget F (0.004)\n" \
     "      --sink-tokens N      (4)   --keep-warmup-fp16 0|1 (0)\n" \
     "      --k-quant channel|token (channel)  --kv-budget BYTES|Nt (0 = fit the context)\n" \
-    "      --window-kv fp16|int4 sliding-window layers' cache (fp16; int4 needs --kv-cache int4)\n" \
+    "      --window-kv fp16|int2|int3|int4|int8  sliding-window layers' cache: FP16 pages or\n" \
+    "                           LiveKVQuant-P codes of that width (fp16; intN needs a\n" \
+    "                           quantized --kv-cache)\n" \
+    "      --window-clip-quantile A|auto  their clip_quantile (auto: 0 at int8, else A)\n" \
     "      --kv-rotate 0|1|2    Walsh-Hadamard rotation of K (1) or K and V (2) per head\n" \
     "                           before the cache (0; needs a power-of-two head_dim)\n" \
     "      --config FILE        'key = value' lines with the same keys\n"

@@ -193,14 +193,15 @@ static int64_t unit_cost(const kvp_geo *g, int c)
 
 /* ---- layer groups ------------------------------------------------------------------ */
 
-/* Tokens per FP16 page of a window group in fp16 mode. Its pages are not
- * the global layers' blocks (nothing there is ever quantized), and a
- * window sequence holds its last W - 1 positions plus less than two pages
- * (kvp_window_need), so they are as small as int4 mode's pages: the largest
- * divisor of block_tokens up to 16 (a power-of-two step down), so that
- * every chunk still fills whole pages. Gemma-3-270M (W 512, 15 layers):
- * 544 positions per sequence instead of 768 with pages of 128, 7.97 MiB
- * instead of 11.25 MiB per sequence slot. */
+/* Tokens per unit of a window group: its FP16 pages in fp16 mode, its
+ * blocks (and pages) when quantized (window_kv int2 .. int8). They are not
+ * the global layers' blocks, and a window sequence holds its last W - 1
+ * positions plus a few units (kvp_window_need), so they are as small as
+ * int4 mode's pages: the largest divisor of block_tokens up to 16 (a
+ * power-of-two step down), so that every chunk still fills whole units.
+ * Gemma-3-270M (W 512, 15 layers), FP16: 544 positions per sequence
+ * instead of 768 with pages of 128, 7.97 MiB instead of 11.25 MiB per
+ * sequence slot; quantized: 36 blocks of 16 instead of 6 of 256. */
 static int window_page_tokens(int T)
 {
     int P = T;
@@ -229,22 +230,35 @@ void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t
         g->dims[k] = (kvc_dims){g->n_layers[k], d->kv_dim, d->head_dim, NULL};
     }
     cfg_kv *wc = &g->cfg[KVC_LAYER_WINDOW];
-    wc->mode = (cfg_kv_mode)kvp_group_mode(c, KVC_LAYER_WINDOW, c->mode);
+    const int wm = kvp_group_mode(c, KVC_LAYER_WINDOW, cfg_kv_mode_id(c));
+    wc->mode = wm == CFG_KV_FP16 ? CFG_KV_FP16 : CFG_KV_INT4;
+    if (wm != CFG_KV_FP16) { /* window_kv = int2 .. int8: codes of window_bits */
+        cfg_kv_mode_bits(wm, &wc->k_bits, &wc->v_bits);
+        wc->clip_quantile = cfg_kv_window_clip(c);
+    }
     if (c->modes) {
         wc->modes = 0;
         for (int m = 0; m < CFG_KV_MODES; m++)
             if (cfg_kv_has_mode(c, m))
                 wc->modes |= 1u << kvp_group_mode(c, KVC_LAYER_WINDOW, m);
     }
-    if (!cfg_kv_has_quant(wc))
-        wc->block_tokens = window_page_tokens(c->block_tokens);
+    /* FP16 pages or quantized blocks alike, the window group's units are
+     * small (see window_page_tokens): a quantized window of W positions
+     * holds about W + 3 blocks' worth, not 3 blocks of block_tokens */
+    wc->block_tokens = window_page_tokens(c->block_tokens);
 }
 
 int kvp_group_mode(const cfg_kv *c, int kind, int mode)
 {
-    if (kind == KVC_LAYER_WINDOW && !(mode != CFG_KV_FP16 && c->window_kv == CFG_KV_INT4))
+    if (kind != KVC_LAYER_WINDOW || mode == CFG_KV_FP16)
+        return mode;
+    if (c->window_kv != CFG_KV_INT4)
         return CFG_KV_FP16;
-    return mode;
+    /* every quantized mode's window layers take codes of window_bits */
+    cfg_kv w = *c;
+    w.mode = CFG_KV_INT4;
+    w.k_bits = w.v_bits = c->window_bits;
+    return cfg_kv_mode_id(&w);
 }
 
 /* A window sequence of the engine's steps (chunk-aligned prompt pieces,
@@ -1724,8 +1738,10 @@ static uint64_t cfg_seed(const cfg_kv *c, const kvc_dims *d)
     int32_t iv[] = {(int32_t)c->mode, c->chunk_size, c->block_tokens, c->warmup_chunks,
                     c->v_group, c->sink_tokens, c->keep_warmup_fp16, (int32_t)c->k_mode,
                     (int32_t)c->window_kv, c->kv_rotate, d->n_layers, d->kv_dim,
-                    d->head_dim, c->k_bits, c->v_bits};
-    float fv[] = {c->ema_decay, c->ema_clip, c->clip_quantile, c->outlier_budget};
+                    d->head_dim, c->k_bits, c->v_bits,
+                    c->window_kv == CFG_KV_FP16 ? 0 : c->window_bits};
+    float fv[] = {c->ema_decay, c->ema_clip, c->clip_quantile, c->outlier_budget,
+                  c->window_kv == CFG_KV_FP16 ? 0.0f : cfg_kv_window_clip(c)};
     uint64_t h = fnv(1469598103934665603ull, iv, sizeof iv);
     return fnv(h, fv, sizeof fv);
 }

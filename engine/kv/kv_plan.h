@@ -167,7 +167,9 @@ typedef struct {
     cfg_kv cfg[KVC_LAYER_KINDS];    /* each group's configuration: c for the
                                        global layers; for the window layers c
                                        in fp16 mode unless c is int4 and
-                                       window_kv is int4, and then with pages
+                                       window_kv is quantized (int2 .. int8:
+                                       k_bits = v_bits = window_bits), and
+                                       then with pages
                                        of at most 16 tokens (block_tokens is
                                        the page size in fp16 mode; the
                                        largest divisor of c's up to 16) */
@@ -181,7 +183,8 @@ typedef struct {
 void kvp_layer_groups(const cfg_kv *c, const kvc_dims *d, kvp_groups *g, int32_t *group,
                       int32_t *local);
 /* The mode group `kind`'s part of a sequence of mode `mode` uses (a window
- * layer is FP16 unless mode is int4 and c->window_kv is int4). */
+ * layer is FP16 unless mode is int4 - quantized - and c->window_kv is
+ * quantized; its code width is then c->window_bits). */
 int kvp_group_mode(const cfg_kv *c, int kind, int mode);
 
 /* Units a sequence of a window pool (configuration c, window W) holds at

@@ -513,7 +513,9 @@ static void page_to_f32(const kvc_pool *p, int g, int32_t id, int li, int slot0,
 static void fold_stats(kvc_seq *s, int layer, const float *k, const float *v, int n,
                        float weight)
 {
-    const cfg_kv *c = &s->p->cfg;
+    /* the layer's group's knobs: a quantized window group may clip its
+     * ranges otherwise than the global layers (kvp_layer_groups) */
+    const cfg_kv *c = kvp_pool_cfg(s->p->g[s->p->group[layer]].pl);
     const int D = s->p->d.kv_dim;
     kvq_ema_params ep = {c->ema_decay, c->ema_clip, c->clip_quantile, c->warmup_chunks};
     kvq_chunk_quantiles(k, n, D, (size_t)D, c->clip_quantile, s->a, s->b, s->qscr);
@@ -539,15 +541,17 @@ static void quantize(kvc_seq *s, int layer, int32_t id, const float *k, const fl
 }
 
 /* Re-quantizes the step's sources (staged pages or the tail) of one layer
- * into the reserved blocks, block_tokens tokens at a time; a full tail
- * block is folded into the EMA (weight T / chunk_size) first. */
+ * into the reserved blocks, the group's block_tokens T tokens at a time; a
+ * full tail block is folded into the EMA (weight T / chunk_size) first. */
 static void requant_layer(kvc_seq *s, int layer)
 {
     const kvc_pool *p = s->p;
     const int g = p->group[layer], li = p->local[layer];
     const kvp_step *st = kvp_seq_step(s->pl[g]);
     const cfg_kv *c = &p->cfg;
-    const int T = c->block_tokens, D = p->d.kv_dim;
+    /* the group's blocks: a quantized window group's are smaller than the
+     * global layers' (kvp_layer_groups) */
+    const int T = kvp_pool_cfg(p->g[g].pl)->block_tokens, D = p->d.kv_dim;
     int blk = 0, fill = 0;
     for (int i = 0; i < st->n_src; i++) {
         int off = 0;

@@ -170,17 +170,35 @@ int kvcd_pool_create(kcu_ctx *c, const cfg_kv *cfg, const kvc_dims *d, const kvc
     }
     /* scratch: statistics of a chunk (or a decode block), quantization of a
      * chunk's blocks at a time, re-quantization rows (the planner's bound
-     * of a step's re-quantization blocks) */
-    kvp_caps caps;
-    kvp_plan_caps(cfg, 1, &caps);
+     * of a step's re-quantization blocks), each the larger of the quantized
+     * groups' (a window group's blocks are smaller: more of them a chunk) */
     int rows = C > T ? C : T;
-    p->rq_rows = caps.rq * T;
-    p->quant_tgts = C / T + 2;
+    p->rq_rows = 0;
+    p->quant_tgts = 0;
+    p->quant_bytes = 0;
+    for (int k = 0; rc == 0 && k < KVC_LAYER_KINDS; k++) {
+        if (!p->g[k].pl || !p->g[k].L)
+            continue;
+        const cfg_kv *gc = kvp_pool_cfg(p->g[k].pl);
+        const int Tg = gc->block_tokens;
+        kvp_caps caps;
+        kvp_plan_caps(gc, 1, &caps);
+        if (caps.rq * Tg > p->rq_rows)
+            p->rq_rows = caps.rq * Tg;
+        if (C / Tg + 2 > p->quant_tgts)
+            p->quant_tgts = C / Tg + 2;
+    }
+    for (int k = 0; rc == 0 && k < KVC_LAYER_KINDS; k++) {
+        if (!p->g[k].pl || !p->g[k].L)
+            continue;
+        size_t qb = kcu_kvq_quant_scratch_bytes(p->g[k].L, p->quant_tgts);
+        if (qb == 0)
+            rc = lkq_err(err, errlen, -EINVAL, "kv_dim %d is too wide for the GPU quantizer", D);
+        if (qb > p->quant_bytes)
+            p->quant_bytes = qb;
+    }
     if (rc == 0 && p->Lq) {
         p->fold_bytes = kcu_kvq_fold_scratch_bytes(rows, D);
-        p->quant_bytes = kcu_kvq_quant_scratch_bytes(p->Lq, p->quant_tgts);
-        if (p->quant_bytes == 0)
-            rc = lkq_err(err, errlen, -EINVAL, "kv_dim %d is too wide for the GPU quantizer", D);
         if (rc == 0)
             rc = kcu_malloc(c, &p->fold_scr, p->fold_bytes, err, errlen);
         if (rc == 0)
@@ -320,7 +338,7 @@ static int tabs_create(kvcd_seq *s, int g, int max_tokens, char *err, size_t err
 {
     kvcd_pool *p = s->p;
     kvcd_tabs *t = &s->t[g];
-    const int T = p->cfg.block_tokens;
+    const int T = kvp_pool_cfg(p->g[g].pl)->block_tokens; /* the group's blocks */
     kvp_caps cap; /* the planner's tables: the device tables mirror them */
     kvp_plan_caps(kvp_pool_cfg(p->g[g].pl), max_tokens, &cap);
     t->cap_ids = cap.tgt + cap.rq + cap.ents;
@@ -557,7 +575,7 @@ static int upload_step(kvcd_seq *s, int g, char *err, size_t errlen)
 {
     kvcd_pool *p = s->p;
     kvcd_tabs *t = &s->t[g];
-    const int T = p->cfg.block_tokens;
+    const int T = kvp_pool_cfg(p->g[g].pl)->block_tokens; /* the group's blocks */
     const kvp_step *st = kvp_seq_step(s->pl[g]);
     int n_ents;
     const kvp_ent *ents = kvp_seq_entries(s->pl[g], &n_ents);
@@ -625,7 +643,7 @@ static int fold(kvcd_seq *s, int layer, const float *k, const float *v, int n, f
                 char *err, size_t errlen)
 {
     kvcd_pool *p = s->p;
-    const cfg_kv *c = &p->cfg;
+    const cfg_kv *c = kvp_pool_cfg(p->g[p->group[layer]].pl); /* the layer's group's knobs */
     kvq_ema_params ep = {c->ema_decay, c->ema_clip, c->clip_quantile, c->warmup_chunks};
     kcu_ema_dev e[2] = {ema_of(s, layer, 0), ema_of(s, layer, 1)};
     const float *x[2] = {k, v};
@@ -664,7 +682,7 @@ static int requant_layer(kvcd_seq *s, int layer, char *err, size_t errlen)
     const int g = p->group[layer];
     const kvcd_tabs *t = &s->t[g];
     const kvp_step *st = kvp_seq_step(s->pl[g]);
-    const int T = p->cfg.block_tokens;
+    const int T = kvp_pool_cfg(p->g[g].pl)->block_tokens; /* the group's blocks */
     const size_t D = (size_t)p->d.kv_dim;
     const kcu_q_tgt *rt = (const kcu_q_tgt *)(t->dtab + t->off_rqtgt);
     if (st->n_rq == 0)

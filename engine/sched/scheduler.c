@@ -1475,6 +1475,7 @@ int sched_create(const mdl_model *m, const sched_params *pp, sched **out, char *
     hist_init(&s->met.itl, itl, 15);
     s->met.kv_int4 = p.kv.mode == CFG_KV_INT4;
     s->met.kv_name = cfg_kv_mode_name(&p.kv);
+    s->met.kv_window_name = p.kv.mode == CFG_KV_FP16 ? "fp16" : cfg_kv_window_name(&p.kv);
     s->met.kv_modes = cfg_kv_mode_mask(&p.kv);
     s->met.kv_shared = s->cap.shared;
     for (int m = 0; m < CFG_KV_MODES; m++)

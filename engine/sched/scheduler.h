@@ -281,6 +281,7 @@ typedef struct {
     sched_hist ttft, itl, e2e, prefill_chunk, queue_time;
     int kv_int4;                      /* 1 in int4 mode */
     const char *kv_name;              /* the default mode's name (fp16, int4, k3v2, ...) */
+    const char *kv_window_name;       /* the window layers' in it (fp16, int4, int8, ...) */
     uint32_t kv_modes;                /* bit m: the pool holds cfg_kv_mode m */
     struct {
         int seqs;                     /* running sequences of this mode */

@@ -45,8 +45,28 @@ Test(kvq_config, set_each_key)
     cr_assert_eq(c.window_kv, CFG_KV_INT4);
     cr_assert_eq(cfg_kv_set(&c, "window_kv", "fp16", err, sizeof err), 0);
     cr_assert_eq(c.window_kv, CFG_KV_FP16);
-    cr_assert_lt(cfg_kv_set(&c, "window_kv", "int8", err, sizeof err), 0);
-    cr_assert(strstr(err, "window_kv") && strstr(err, "fp16 or int4"), "%s", err);
+    cr_assert_eq(cfg_kv_set(&c, "window_kv", "int8", err, sizeof err), 0);
+    cr_assert_eq(c.window_kv, CFG_KV_INT4, "quantized");
+    cr_assert_eq(c.window_bits, 8);
+    cr_assert_str_eq(cfg_kv_window_name(&c), "int8");
+    cr_assert_eq(c.k_bits, 4, "the global layers keep their width");
+    cr_assert_eq(cfg_kv_set(&c, "window-kv", "int4", err, sizeof err), 0);
+    cr_assert_eq(c.window_bits, 4);
+    cr_assert_lt(cfg_kv_set(&c, "window_kv", "int5", err, sizeof err), 0);
+    cr_assert(strstr(err, "window_kv") && strstr(err, "fp16, int2, int3, int4 or int8"), "%s",
+              err);
+    /* the quantized window layers' clipping: auto is none at 8 bits */
+    cr_assert_float_eq(cfg_kv_window_clip(&c), c.clip_quantile, 1e-9, "int4: the global one");
+    c.window_bits = 8;
+    cr_assert_float_eq(cfg_kv_window_clip(&c), 0.0f, 1e-9, "int8: none");
+    cr_assert_eq(cfg_kv_set(&c, "window-clip-quantile", "0.01", err, sizeof err), 0, "%s", err);
+    cr_assert_float_eq(cfg_kv_window_clip(&c), 0.01f, 1e-9);
+    cr_assert_eq(cfg_kv_set(&c, "window_clip_quantile", "auto", err, sizeof err), 0);
+    cr_assert_float_eq(cfg_kv_window_clip(&c), 0.0f, 1e-9);
+    cr_assert_lt(cfg_kv_set(&c, "window_clip_quantile", "0.5", err, sizeof err), 0);
+    c.window_bits = 5;
+    cr_assert_lt(cfg_kv_validate(&c, err, sizeof err), 0);
+    cr_assert(strstr(err, "window_kv") != NULL, "%s", err);
 }
 
 Test(kvq_config, refusals_say_why)
@@ -87,6 +107,7 @@ Test(kvq_config, file_round_trip_and_errors)
     a.sink_tokens = 0;
     a.kv_budget_tokens = 4096;
     a.window_kv = CFG_KV_INT4;
+    a.window_bits = 8;
     fprintf(f, "# a comment\n\n");
     cfg_kv_write(&a, f);
     fclose(f);
@@ -97,6 +118,7 @@ Test(kvq_config, file_round_trip_and_errors)
     cr_assert_eq(b.sink_tokens, 0);
     cr_assert_eq(b.kv_budget_tokens, 4096);
     cr_assert_eq(b.window_kv, CFG_KV_INT4);
+    cr_assert_eq(b.window_bits, 8);
     f = fopen(path, "w");
     fprintf(f, "chunk_size = 512\nwarmup_chunks = many\n");
     fclose(f);
@@ -112,6 +134,10 @@ Test(kvq_config, file_round_trip_and_errors)
     char js[1024];
     cr_assert_lt(cfg_kv_json(&a, js, sizeof js), (int)sizeof js);
     cr_assert(strstr(js, "\"chunk_size\": 1024") != NULL, "%s", js);
+    cr_assert(strstr(js, "\"window_kv\": \"int8\"") != NULL, "%s", js);
+    cr_assert(strstr(js, "\"window_clip_quantile\": 0") != NULL, "int8 windows: %s", js);
+    a.window_bits = 4; /* int4 windows: the text of earlier configurations */
+    cr_assert_lt(cfg_kv_json(&a, js, sizeof js), (int)sizeof js);
     cr_assert(strstr(js, "\"window_kv\": \"int4\"") != NULL, "%s", js);
 }
 

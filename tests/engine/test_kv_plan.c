@@ -1145,6 +1145,16 @@ Test(kv_plan, layer_groups_and_sizing)
     c.window_kv = CFG_KV_INT4;
     kvp_layer_groups(&c, &d, &gr, NULL, NULL);
     cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].mode, CFG_KV_INT4);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].k_bits, 4);
+    c.window_bits = 8; /* window_kv = int8: the window group's width only */
+    c.block_tokens = 64;
+    c.chunk_size = 128;
+    kvp_layer_groups(&c, &d, &gr, NULL, NULL);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].k_bits, 8);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].v_bits, 8);
+    cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].block_tokens, 16, "small window blocks");
+    cr_assert_eq(gr.cfg[KVC_LAYER_GLOBAL].k_bits, 4);
+    cr_assert_eq(gr.cfg[KVC_LAYER_GLOBAL].block_tokens, 64);
     c.mode = CFG_KV_FP16; /* fp16 everywhere whatever window_kv says */
     kvp_layer_groups(&c, &d, &gr, NULL, NULL);
     cr_assert_eq(gr.cfg[KVC_LAYER_WINDOW].mode, CFG_KV_FP16);
@@ -1396,23 +1406,32 @@ Test(kv_plan, shared_pool_memory_moves_between_modes)
     kvp_pool_destroy(p);
 }
 
-/* A window group of several modes (window_kv int4, kv_modes with widths)
- * is a shared pool too: sized per sequence slot for the mode that needs the
- * most, it holds a sequence of each mode side by side through chunks and
- * decode, their units never overlap, and every slab comes back. */
+/* A window group of a pool of several modes (window_kv int8, kv_modes
+ * fp16,int4,int3) is a shared pool too: every quantized mode's window
+ * layers take codes of window_bits (kvp_group_mode), so it holds FP16 pages
+ * and int8 blocks; sized per sequence slot for the class that needs the
+ * most, it holds a sequence of each global mode side by side through
+ * chunks and decode, their units never overlap, and every slab comes
+ * back. */
 Test(kv_plan, shared_window_group)
 {
     int32_t win[2] = {64, 0};
     kvc_dims d = {2, 16, 8, win};
     cfg_kv c = cfg(CFG_KV_INT4);
     c.window_kv = CFG_KV_INT4;
-    int i3;
+    c.window_bits = 8;
+    int i3, i8;
     cr_assert_eq(cfg_kv_mode_parse("int3", &i3), 0);
+    cr_assert_eq(cfg_kv_mode_parse("int8", &i8), 0);
     c.modes = (1u << CFG_KV_FP16) | (1u << CFG_KV_INT4) | (1u << i3);
     kvp_groups gr;
     kvp_layer_groups(&c, &d, &gr, NULL, NULL);
     const cfg_kv *wc = &gr.cfg[KVC_LAYER_WINDOW];
-    cr_assert_eq(cfg_kv_mode_count(wc), 3, "the window group holds the three modes");
+    cr_assert_eq(cfg_kv_mode_count(wc), 2, "the window group holds fp16 pages and int8 blocks");
+    cr_assert_eq(kvp_group_mode(&c, KVC_LAYER_WINDOW, i3), i8);
+    cr_assert_eq(kvp_group_mode(&c, KVC_LAYER_WINDOW, CFG_KV_INT4), i8);
+    cr_assert_eq(kvp_group_mode(&c, KVC_LAYER_WINDOW, CFG_KV_FP16), CFG_KV_FP16);
+    cr_assert_eq(kvp_group_mode(&c, KVC_LAYER_GLOBAL, i3), i3);
     kvc_pool_sizes sz;
     cr_assert_eq(kvp_pool_size(&c, &d, 512, 3, &sz, err, sizeof err), 0, "%s", err);
     kvp_pool *p = NULL;
@@ -1424,7 +1443,8 @@ Test(kv_plan, shared_window_group)
     kvp_seq *s[3];
     for (int k = 0; k < 3; k++) {
         s[k] = seq(p, 512);
-        cr_assert_eq(kvp_seq_set_mode(s[k], modes[k], err, sizeof err), 0, "%s", err);
+        cr_assert_eq(kvp_seq_set_mode(s[k], kvp_group_mode(&c, KVC_LAYER_WINDOW, modes[k]), err,
+                                      sizeof err), 0, "%s", err);
     }
     for (int t = 0; t < 7; t++) /* 224 prompt tokens, one sequence at a time per chunk */
         for (int k = 0; k < 3; k++)
@@ -1529,8 +1549,10 @@ Test(kv_plan, window_fp16_pages_are_small_and_bounded)
  * layers, one KV head of 256, window 512 on 15 of them), 32K context, a 1
  * GiB budget: the most 32K sequences a pool holds over --max-seqs 1..64.
  * FP16 9; INT4 with FP16 window layers 30 (29 with blocks of 128, 26 when
- * the window group used pages of 128); INT4 window layers 30 with blocks of
- * 128, 27 with the default 256. */
+ * the window group used pages of 128); quantized window layers, in blocks
+ * of 16 whatever block_tokens: int8 31 (24 when they were blocks of 256),
+ * int4 34 (27 in blocks of 256). */
+static int g_window_bits = 4; /* window_kv = int<this> when quantized */
 static int best_fit(cfg_kv_mode mode, cfg_kv_mode window_kv, int block_tokens,
                     const kvc_dims *d)
 {
@@ -1539,6 +1561,7 @@ static int best_fit(cfg_kv_mode mode, cfg_kv_mode window_kv, int block_tokens,
         c.block_tokens = block_tokens;
     c.mode = mode;
     c.window_kv = window_kv;
+    c.window_bits = g_window_bits;
     c.kv_budget_bytes = 1LL << 30;
     int best = 0;
     for (int n = 1; n <= 64; n++) {
@@ -1558,16 +1581,21 @@ Test(kv_plan, gemma3_capacity_in_one_gib)
     kvc_dims d = {18, 256, 256, win};
     int f16 = best_fit(CFG_KV_FP16, CFG_KV_FP16, 0, &d);
     int q4 = best_fit(CFG_KV_INT4, CFG_KV_FP16, 0, &d);
-    /* INT4 window layers hold whole blocks: with the default blocks of 256
-     * a 512-position window spans 3 of them (27 fit), with 128 5 (30) */
-    int q4w = best_fit(CFG_KV_INT4, CFG_KV_INT4, 128, &d);
-    int q4w256 = best_fit(CFG_KV_INT4, CFG_KV_INT4, 0, &d);
+    /* quantized window layers hold blocks of 16 (kvp_layer_groups), not
+     * the global layers' 256 (3 of which a 512-position window spans) */
+    int q4w128 = best_fit(CFG_KV_INT4, CFG_KV_INT4, 128, &d);
+    int q4w = best_fit(CFG_KV_INT4, CFG_KV_INT4, 0, &d);
+    g_window_bits = 8;
+    int q8w = best_fit(CFG_KV_INT4, CFG_KV_INT4, 0, &d);
+    g_window_bits = 4;
     cr_assert_eq(f16, 9, "fp16: %d", f16);
-    cr_assert_geq(q4, 30, "int4, fp16 window layers: %d", q4);
-    cr_assert_geq(q4w, 30, "int4, int4 window layers, blocks of 128: %d", q4w);
-    cr_assert_geq(q4w256, 27, "int4, int4 window layers, blocks of 256: %d", q4w256);
-    fprintf(stderr, "gemma3 32K in 1 GiB: fp16 %d, int4 %d, int4 windows %d (blocks of 128) "
-            "%d (256)\n", f16, q4, q4w, q4w256);
+    cr_assert_eq(q4, 30, "int4, fp16 window layers: %d", q4);
+    cr_assert_eq(q4w, 34, "int4, int4 window layers: %d", q4w);
+    cr_assert_eq(q4w128, 34, "int4, int4 window layers, global blocks of 128: %d", q4w128);
+    cr_assert_eq(q8w, 31, "int4, int8 window layers: %d", q8w);
+    cr_assert_geq(q8w * 10, f16 * 34, "int8 windows: >= 3.4x fp16 (%d vs %d)", q8w, f16);
+    fprintf(stderr, "gemma3 32K in 1 GiB: fp16 %d, int4 %d, int4 windows %d (global blocks of "
+            "128: %d), int8 windows %d\n", f16, q4, q4w, q4w128, q8w);
     /* the FP16 window layers' share per sequence slot: 34 pages of 16
      * positions (7.97 MiB), no longer 6 of 128 (11.25 MiB) */
     cfg_kv g3 = cfg_kv_default();

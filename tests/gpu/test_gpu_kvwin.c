@@ -20,7 +20,8 @@
  *    positions held, the INT4 counters of the blocks held) equal field by
  *    field, and the window group's units within its bound.
  * Modes: global INT4 with window layers in FP16 (the default window_kv)
- * and in INT4, and FP16 everywhere; windows below the history and past it.
+ * and in INT4 or INT8 (window blocks of 16 whatever the global blocks), and
+ * FP16 everywhere; windows below the history and past it.
  */
 #include "tests/gpu/gpu_test.h"
 
@@ -44,12 +45,14 @@
 
 static int n_fail_steps;
 static int block_tokens = 16; /* 32: the FP16 window pages (16) are smaller than a block */
+static int window_bits = 4;   /* window_kv = int<this> when the window layers are quantized */
 
 static cfg_kv win_cfg(cfg_kv_mode mode, cfg_kv_mode wmode)
 {
     cfg_kv c = cfg_kv_default();
     c.mode = mode;
     c.window_kv = wmode;
+    c.window_bits = window_bits;
     c.chunk_size = 32;
     c.block_tokens = block_tokens;
     c.warmup_chunks = 2;
@@ -125,8 +128,9 @@ static void same_stats(const kvc_stats *a, const kvc_stats *b, int at, const cha
 static void run(cfg_kv_mode mode, cfg_kv_mode wmode, int W, int n_prompt, int n_dec)
 {
     char what[96], err[512] = "";
-    snprintf(what, sizeof what, "kv_cache %s, window_kv %s, W %d", mode ? "int4" : "fp16",
-             wmode ? "int4" : "fp16", W);
+    snprintf(what, sizeof what, "kv_cache %s, window_kv %s, blocks %d, W %d",
+             mode ? "int4" : "fp16", wmode ? (window_bits == 8 ? "int8" : "int4") : "fp16",
+             block_tokens, W);
     cfg_kv c = win_cfg(mode, wmode);
     const int32_t win[NL] = {W, 0, W, W};
     kvc_dims d = {NL, D, HD, win};
@@ -280,6 +284,26 @@ static void case_window_int4(void)
     run(CFG_KV_INT4, CFG_KV_INT4, 24, 100, 60);
     run(CFG_KV_INT4, CFG_KV_INT4, 5, 40, 40);    /* a window shorter than a block */
     run(CFG_KV_INT4, CFG_KV_INT4, 24, 20, 40);   /* the prompt ends during warm-up */
+    /* blocks of 32: the quantized window layers' blocks stay 16 positions
+     * (two of them a chunk: the GPU's quantizer scratch is the window
+     * group's) */
+    block_tokens = 32;
+    run(CFG_KV_INT4, CFG_KV_INT4, 40, 100, 60);
+    block_tokens = 16;
+}
+
+/* window_kv = int8: the window layers' blocks hold 8-bit codes (the
+ * generic attention kernel; the global layers keep 4 bits), the same on
+ * both sides. */
+static void case_window_int8(void)
+{
+    window_bits = 8;
+    run(CFG_KV_INT4, CFG_KV_INT4, 24, 100, 60);
+    run(CFG_KV_INT4, CFG_KV_INT4, 24, 20, 40);
+    block_tokens = 32;
+    run(CFG_KV_INT4, CFG_KV_INT4, 40, 100, 60);
+    block_tokens = 16;
+    window_bits = 4;
 }
 
 int main(void)
@@ -287,5 +311,6 @@ int main(void)
     gt_begin("test_gpu_kvwin");
     gt_case("window_fp16", case_window_fp16);
     gt_case("window_int4", case_window_int4);
+    gt_case("window_int8", case_window_int8);
     return gt_end();
 }

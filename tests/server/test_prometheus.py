@@ -337,6 +337,8 @@ class PrometheusScrape(unittest.TestCase):
         self.assertEqual(v('livekvq_kv_layer_tokens{layer_kind="global"}'), tokens)
         self.assertEqual(v('livekvq_kv_layer_count{layer_kind="global"}'), N_LAYERS)
         self.assertEqual(v('livekvq_kv_layer_count{layer_kind="window"}'), 0)
+        self.assertEqual(v('livekvq_kv_layer_mode_info{layer_kind="global",kv_cache="int4"}'), 1)
+        self.assertEqual(v('livekvq_kv_layer_mode_info{layer_kind="window",kv_cache="fp16"}'), 1)
         self.assertEqual(v('livekvq_kv_layer_blocks_used{layer_kind="global",kind="int4"}'),
                          v('livekvq_kv_blocks_used{kind="int4"}'))
         usage = v('vllm:kv_cache_usage_perc{model_name!=""}')
