@@ -319,7 +319,7 @@ static int cpu_matmul(void *be, const bk_weight *wt, const float *x, float *y, i
         return 0;
     }
     if (!wt->rp || n != b->n) { /* not the step's rows: no slices to go by */
-        kcpu_matmul(b->pool, w->type, w->data, x, y, rows, cols, n, b->ws_mm);
+        kcpu_matmul_ex(b->pool, w->type, w->data, wt->rp, x, y, rows, cols, n, b->ws_mm);
         return 0;
     }
     /* runs of consecutive slices of one kind (prompt / decode) */
@@ -334,7 +334,8 @@ static int cpu_matmul(void *be, const bk_weight *wt, const float *x, float *y, i
         if (pf)
             kcpu_matmul_rp(b->pool, wt->rp, xr, yr, r1 - r0, b->ws_mm);
         else
-            kcpu_matmul(b->pool, w->type, w->data, xr, yr, rows, cols, r1 - r0, b->ws_mm);
+            kcpu_matmul_ex(b->pool, w->type, w->data, wt->rp, xr, yr, rows, cols, r1 - r0,
+                           b->ws_mm);
         i = j;
     }
     return 0;

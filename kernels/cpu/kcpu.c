@@ -140,12 +140,111 @@ static size_t q8x_slots(int n_cols, int n_tok)
     return groups * KCPU_XG * ((size_t)n_cols / KT_QK); /* blocks */
 }
 
+/* The split's scratch after the q8x sections, n = n_tok * blocks per row:
+ * per token and block the outlier's column in the block (oj, 0xff: none)
+ * and value (ov); for the correction the hits per column as offsets
+ * (start, n_cols + 1), a fill cursor per column, the columns with hits, and
+ * the hits ordered by column (tok, val). */
+typedef struct {
+    uint8_t *oj;
+    float *ov;
+    int32_t *start, *fill, *hcols, *tok;
+    float *val;
+} split_ws;
+
+static size_t split_layout(int n_cols, int n_tok, char *base, split_ws *w)
+{
+    const size_t n = (size_t)n_tok * (size_t)(n_cols / KT_QK), nc = (size_t)n_cols;
+    const size_t sz[7] = { n, n * sizeof(float), (nc + 1) * sizeof(int32_t),
+                           nc * sizeof(int32_t), nc * sizeof(int32_t), n * sizeof(int32_t),
+                           n * sizeof(float) };
+    void *pp[7];
+    size_t off = 0;
+    for (int i = 0; i < 7; i++) {
+        pp[i] = base ? base + off : NULL;
+        off += ALIGN_UP(sz[i], 64);
+    }
+    if (w)
+        *w = (split_ws){ pp[0], pp[1], pp[2], pp[3], pp[4], pp[5], pp[6] };
+    return off;
+}
+
 size_t kcpu_matmul_scratch_bytes(kt_type t, int n_cols, int n_tok)
 {
     if (!is_quant(t) || n_cols <= 0 || n_tok <= 0)
         return 0;
     size_t nblk = q8x_slots(n_cols, n_tok);
-    return 64 + ALIGN_UP(nblk * KT_QK, 64) + 2 * ALIGN_UP(nblk * sizeof(float), 64);
+    return 64 + ALIGN_UP(nblk * KT_QK, 64) + 2 * ALIGN_UP(nblk * sizeof(float), 64) +
+           split_layout(n_cols, n_tok, NULL, NULL);
+}
+
+/* ---- activation outliers (kcpu.h: the split) ---- */
+
+static _Atomic float g_xsplit = -1.0f; /* ratio; 0 off; -1 not read yet */
+
+float kcpu_xsplit_ratio(void)
+{
+    float r = atomic_load_explicit(&g_xsplit, memory_order_relaxed);
+    if (r < 0.0f) {
+        const char *e = getenv("LKQ_CPU_XSPLIT");
+        char *end = NULL;
+        double v = e && *e ? strtod(e, &end) : -1.0;
+        r = (end && !*end && v >= 0.0 && v < 1e6) ? (float)v : KCPU_XSPLIT_DEFAULT;
+        atomic_store_explicit(&g_xsplit, r, memory_order_relaxed);
+    }
+    return r;
+}
+
+void kcpu_set_xsplit_ratio(float r)
+{
+    atomic_store_explicit(&g_xsplit, r < 0.0f ? KCPU_XSPLIT_DEFAULT : r, memory_order_relaxed);
+}
+
+/* See kcpu_impl.h. Plain loops the compiler vectorizes; a block that splits
+ * is requantized (a few per cent of blocks at the default ratio). */
+int kcpu_xsplit_token(const float *x, int nb, float smul, float ratio, int8_t *qs, float *d,
+                      float *s, uint8_t *oj, float *ov)
+{
+    int hits = 0;
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + (size_t)b * KT_QK;
+        oj[b] = 0xff;
+        ov[b] = 0.0f;
+        if (ratio <= 1.0f)
+            continue;
+        float m1 = 0.0f;
+        for (int j = 0; j < KT_QK; j++)
+            m1 = fmaxf(m1, fabsf(xb[j]));
+        int cnt = 0;
+        for (int j = 0; j < KT_QK; j++)
+            cnt += ratio * fabsf(xb[j]) >= m1;
+        if (cnt != 1 || !(m1 > 0.0f) || !isfinite(m1))
+            continue; /* no lone outlier (a tie, an empty or a non-finite block) */
+        int j1 = 0;
+        float m2 = 0.0f;
+        for (int j = 0; j < KT_QK; j++) {
+            if (fabsf(xb[j]) == m1)
+                j1 = j;
+        }
+        for (int j = 0; j < KT_QK; j++)
+            if (j != j1)
+                m2 = fmaxf(m2, fabsf(xb[j]));
+        const float db = m2 / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        int8_t *q = qs + (size_t)b * KCPU_XG * KT_QK;
+        int sum = 0;
+        for (int j = 0; j < KT_QK; j++) {
+            int v = j == j1 ? 0 : (int)nearbyintf(xb[j] * id);
+            v = v > 127 ? 127 : v < -127 ? -127 : v;
+            q[j] = (int8_t)v;
+            sum += v;
+        }
+        d[(size_t)b * KCPU_XG] = db;
+        s[(size_t)b * KCPU_XG] = smul * db * (float)sum;
+        oj[b] = (uint8_t)j1;
+        ov[b] = xb[j1];
+        hits++;
+    }
+    return hits;
 }
 
 typedef struct {
@@ -159,6 +258,9 @@ typedef struct {
     kcpu_q8x xq;
     int8_t *qs; /* writable views of xq for the quantize task */
     float *d, *s;
+    float ratio;   /* the split's ratio for this call (0: off) */
+    split_ws sw;   /* its scratch (oj / ov: [n_tok][nb]) */
+    atomic_int hits;
     int chunk;           /* rows per work item */
     atomic_int next;     /* next work item */
 } mm_ctx;
@@ -171,6 +273,14 @@ static void quantize_task(void *arg, int ith, int nth)
         size_t i = kcpu_q8x_index(c->xq.nb, k, 0);
         c->ops->quantize_x(c->x + (size_t)k * (size_t)c->n_cols, c->n_cols, smul,
                            c->qs + i * KT_QK, c->d + i, c->s + i);
+        if (c->ratio > 0.0f) {
+            const size_t o = (size_t)k * (size_t)c->xq.nb;
+            int h = kcpu_xsplit_token(c->x + (size_t)k * (size_t)c->n_cols, c->xq.nb, smul,
+                                      c->ratio, c->qs + i * KT_QK, c->d + i, c->s + i,
+                                      c->sw.oj + o, c->sw.ov + o);
+            if (h)
+                atomic_fetch_add_explicit(&c->hits, h, memory_order_relaxed);
+        }
     }
 }
 
@@ -231,6 +341,9 @@ static char *quantize_x(kcpu_pool *p, mm_ctx *c, void *ws)
             c->d[i] = c->s[i] = 0.0f;
         }
     c->xq = (kcpu_q8x){ c->qs, c->d, c->s, nb, n_tok };
+    base += split_layout(c->n_cols, n_tok, base, &c->sw);
+    c->ratio = kcpu_xsplit_ratio();
+    atomic_init(&c->hits, 0);
     if (n_tok == 1 || kcpu_pool_size(p) == 1)
         quantize_task(c, 0, 1);
     else
@@ -238,10 +351,141 @@ static char *quantize_x(kcpu_pool *p, mm_ctx *c, void *ws)
     return base;
 }
 
+/* ---- the split's correction: y[t][r] += W[r][col] * value per outlier ---- */
+
+typedef struct {
+    const kcpu_ops *ops;
+    kt_type t;
+    const void *W;
+    size_t row_bytes;
+    const kcpu_rp *rp; /* columns from here when set (same values as W's) */
+    float *y;
+    int n_rows;
+    const int32_t *start; /* [n_cols + 1]: hits of column c at [start[c], start[c+1]) */
+    const int32_t *tok;
+    const float *val;
+    const int32_t *cols; /* the columns with hits, ascending */
+    int n_hcols;
+    atomic_int next;
+} fix_ctx;
+
+/* Weights W[r][c] of rows [r0, r1) (r1 - r0 <= FIX_ROWS) into w. */
+static void fetch_col(const fix_ctx *f, int c, int r0, int r1, float *w)
+{
+    if (f->rp) {
+        const kcpu_rp *rp = f->rp;
+        const int j = c / rp->sub, cc = c % rp->sub;
+        for (int r = r0; r < r1;) {
+            const int g = r / KCPU_RP_RG, lane0 = r % KCPU_RP_RG;
+            const uint8_t *rec = rp->data + (size_t)g * rp->rg_bytes + (size_t)j * rp->sb_bytes;
+            const uint8_t *code = rec + (size_t)(cc / 4) * (KCPU_RP_RG * 4) + cc % 4;
+            const float *sc = (const float *)(rec + (size_t)rp->sub * KCPU_RP_RG);
+            const float *bi = sc + KCPU_RP_RG;
+            int n = KCPU_RP_RG - lane0 < r1 - r ? KCPU_RP_RG - lane0 : r1 - r;
+            for (int u = 0; u < n; u++)
+                w[r - r0 + u] = sc[lane0 + u] * (float)code[(lane0 + u) * 4] + bi[lane0 + u];
+            r += n;
+        }
+        return;
+    }
+    const int b = c / KT_QK, jj = c % KT_QK;
+    const char *W = f->W;
+    if (f->t == KT_Q8_0) {
+        for (int r = r0; r < r1; r++) {
+            const kt_block_q8_0 *blk = (const kt_block_q8_0 *)(W + (size_t)r * f->row_bytes) + b;
+            w[r - r0] = kt_f16_to_f32(blk->d) * (float)blk->qs[jj];
+        }
+        return;
+    }
+    /* any other type: its unpacked 32-element (sub-)block, kcpu_unpack_blocks'
+     * element = dw * code + mw * smul */
+    const float smul = x_sum_mul(f->t);
+    int8_t wq[KT_QK];
+    float dw, dw2, mw;
+    for (int r = r0; r < r1; r++) {
+        kcpu_unpack_blocks(f->t, W + (size_t)r * f->row_bytes, b, 1, wq, &dw, &dw2, &mw);
+        w[r - r0] = (jj < 16 ? dw : dw2) * (float)wq[jj] + mw * smul;
+    }
+}
+
+#define FIX_ROWS 64
+
+static void fix_task(void *arg, int ith, int nth)
+{
+    (void)ith;
+    (void)nth;
+    fix_ctx *f = arg;
+    float w[FIX_ROWS];
+    for (;;) {
+        const int r0 = atomic_fetch_add_explicit(&f->next, 1, memory_order_relaxed) * FIX_ROWS;
+        if (r0 >= f->n_rows)
+            break;
+        const int r1 = r0 + FIX_ROWS < f->n_rows ? r0 + FIX_ROWS : f->n_rows;
+        for (int k = 0; k < f->n_hcols; k++) {
+            const int c = f->cols[k];
+            fetch_col(f, c, r0, r1, w);
+            for (int h = f->start[c]; h < f->start[c + 1]; h++) {
+                float *yr = f->y + (size_t)f->tok[h] * (size_t)f->n_rows;
+                const float v = f->val[h];
+                for (int r = r0; r < r1; r++)
+                    yr[r] += w[r - r0] * v;
+            }
+        }
+    }
+}
+
+/* Adds the outliers the quantize step took out (mm_ctx oj / ov) to y: per
+ * token in ascending column order whatever the threads, so a row's result
+ * depends on its own values only. */
+static void split_fix(kcpu_pool *p, mm_ctx *c, const kcpu_rp *rp)
+{
+    const int n_hits = atomic_load_explicit(&c->hits, memory_order_relaxed);
+    if (n_hits == 0)
+        return;
+    const int nb = c->xq.nb, n_cols = c->n_cols;
+    const size_t n = (size_t)c->n_tok * (size_t)nb;
+    const split_ws *w = &c->sw;
+    int32_t *start = w->start, *fill = w->fill, *hc = w->hcols;
+    /* counting sort by column, tokens ascending within a column */
+    memset(start, 0, ((size_t)n_cols + 1) * sizeof(int32_t));
+    for (size_t i = 0; i < n; i++)
+        if (w->oj[i] != 0xff)
+            start[(int)(i % (size_t)nb) * KT_QK + w->oj[i] + 1]++;
+    int n_hcols = 0;
+    for (int col = 0; col < n_cols; col++) {
+        if (start[col + 1])
+            hc[n_hcols++] = col;
+        start[col + 1] += start[col];
+    }
+    memcpy(fill, start, (size_t)n_cols * sizeof(int32_t));
+    for (size_t i = 0; i < n; i++) {
+        if (w->oj[i] == 0xff)
+            continue;
+        const int col = (int)(i % (size_t)nb) * KT_QK + w->oj[i];
+        w->tok[fill[col]] = (int32_t)(i / (size_t)nb);
+        w->val[fill[col]] = w->ov[i];
+        fill[col]++;
+    }
+    fix_ctx f = { .ops = c->ops, .t = c->t, .W = c->W, .row_bytes = c->row_bytes, .rp = rp,
+                  .y = c->y, .n_rows = c->n_rows, .start = start, .tok = w->tok,
+                  .val = w->val, .cols = hc, .n_hcols = n_hcols };
+    atomic_init(&f.next, 0);
+    if (kcpu_pool_size(p) == 1 || (size_t)n_hits * (size_t)c->n_rows < 65536)
+        fix_task(&f, 0, 1);
+    else
+        kcpu_pool_run(p, fix_task, &f);
+}
+
 /* See kcpu.h. Quantized weight types: x is first quantized into ws (in
  * parallel over tokens when there are several), then rows are shared out. */
 void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
                  float *y, int n_rows, int n_cols, int n_tok, void *ws)
+{
+    kcpu_matmul_ex(p, t, W, NULL, x, y, n_rows, n_cols, n_tok, ws);
+}
+
+void kcpu_matmul_ex(kcpu_pool *p, kt_type t, const void *W, const kcpu_rp *rp_cols,
+                    const float *x, float *y, int n_rows, int n_cols, int n_tok, void *ws)
 {
     if (n_rows <= 0 || n_tok <= 0)
         return;
@@ -255,6 +499,9 @@ void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
     if (is_quant(t))
         quantize_x(p, &c, ws);
     kcpu_pool_run(p, mm_task, &c);
+    if (is_quant(t))
+        split_fix(p, &c, rp_cols && rp_cols->t == t && rp_cols->rows == n_rows &&
+                                 rp_cols->cols == n_cols ? rp_cols : NULL);
 }
 
 /* ---- the repacked matmul (struct kcpu_rp, kcpu_impl.h) ---- */
@@ -398,7 +645,8 @@ void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, i
         return;
     const int nth = kcpu_pool_size(p);
     /* the activations as kcpu_matmul quantizes them for Q8_0 (smul 1) */
-    mm_ctx q = { .ops = ops(), .t = KT_Q8_0, .x = x, .n_cols = rp->cols, .n_tok = n_tok };
+    mm_ctx q = { .ops = ops(), .t = KT_Q8_0, .x = x, .y = y, .n_rows = rp->rows,
+                 .n_cols = rp->cols, .n_tok = n_tok };
     char *base = quantize_x(p, &q, ws);
     rp_ctx c = { .rp = rp, .xq = q.xq, .xs = (float *)base, .y = y };
 #if defined(LKQ_HAVE_AVX512)
@@ -420,6 +668,7 @@ void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, i
     c.chunk = chunk;
     atomic_init(&c.next, 0);
     kcpu_pool_run(p, rp_task, &c);
+    split_fix(p, &q, rp);
 }
 
 /* ---- attention ---- */

@@ -57,12 +57,29 @@ void kcpu_force_scalar(int on);
  * type but F32/F16/BF16) quantize x to int8 per 32-element block on the way,
  * as llama.cpp does, and take integer dot products against the weight codes;
  * the error this adds is bounded by sum_b (amax_b / 254) sum_{j in b} |w_j|
- * (tests/kernels/test_kernels.c).
+ * (tests/kernels/test_kernels.c), where amax_b is the block's largest |x|,
+ * or with the split (below) its second largest.
  * ws: scratch of at least kcpu_matmul_scratch_bytes(t, n_cols, n_tok) bytes,
  * allocated once by the caller. */
 size_t kcpu_matmul_scratch_bytes(kt_type t, int n_cols, int n_tok);
 void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
                  float *y, int n_rows, int n_cols, int n_tok, void *ws);
+
+/* The split of activation outliers. A block of 32 activations whose largest
+ * |x| exceeds `ratio` times every other one (a lone outlier: the massive
+ * channels of LLM hidden states) loses it before the int8 step - the other
+ * 31 take the scale of the second largest - and the outlier is multiplied
+ * in f32 with the weight's column afterwards (y[t][r] += W[r][c] * x[t][c],
+ * per token in ascending column order, so a row's result depends on its own
+ * values only). At ratio 4 about 5 % of blocks split and the int8 error
+ * energy of SmolLM2's activations falls several-fold; it is what makes
+ * two runs that differ slightly (e.g. in the KV cache) differ little
+ * (docs/kvquant.md, "Activation outliers"). 0 turns it off. The ratio is
+ * process-wide: KCPU_XSPLIT_DEFAULT, or LKQ_CPU_XSPLIT=R in the
+ * environment, or kcpu_set_xsplit_ratio (tests; a negative value restores
+ * the default; not meant to race with running kernels). */
+float kcpu_xsplit_ratio(void);
+void kcpu_set_xsplit_ratio(float r);
 
 /* A quantized weight repacked for the integer GEMM of prompt batches
  * (layout in kcpu_impl.h): 16 rows x 4 columns per vpdpbusd, codes as
@@ -83,6 +100,10 @@ size_t kcpu_rp_bytes(const kcpu_rp *rp);
 size_t kcpu_rp_scratch_bytes(int n_cols, int n_tok);
 void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, int n_tok,
                     void *ws);
+/* kcpu_matmul, taking the split's weight columns from rp_cols (the same
+ * weight repacked: 16 rows per load) when it is not NULL and matches. */
+void kcpu_matmul_ex(kcpu_pool *p, kt_type t, const void *W, const kcpu_rp *rp_cols,
+                    const float *x, float *y, int n_rows, int n_cols, int n_tok, void *ws);
 
 void kcpu_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void kcpu_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,

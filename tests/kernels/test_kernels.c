@@ -27,8 +27,10 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels/cpu/kcpu.h"
+#include "kernels/cpu/kcpu_impl.h"
 #include "kernels/ref/kref.h"
 
 /* f32 accumulation of products (float weights; int8 activations) */
@@ -256,20 +258,44 @@ static double used_share(const float *got, const float *ref, const double *extra
  * (random, non-adversarial cases). */
 static double g_share_q[8], g_share_x[8], g_rel[8];
 
+/* The split's rule (kcpu.h), written out again: the column of block xb's
+ * lone outlier at ratio r (its |x| the only one with r * |x_j| >= amax), or
+ * -1. */
+static int lone_outlier(const float *xb, float r)
+{
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++)
+        amax = fmaxf(amax, fabsf(xb[j]));
+    if (!(r > 1.0f) || !(amax > 0.0f) || !isfinite(amax))
+        return -1;
+    int at = -1, n = 0;
+    for (int j = 0; j < 32; j++)
+        if (r * fabsf(xb[j]) >= amax) {
+            n++;
+            at = j;
+        }
+    return n == 1 ? at : -1;
+}
+
 /* The kernels' activation quantization, mirrored (kcpu_impl.h):
  * d = amax/127, id = d ? 1/d : 0, q = round-half-even(x*id). xq = d*q, and
- * amax/254 per element (half a step) into half_step. */
+ * amax/254 per element (half a step) into half_step. With the split (the
+ * ratio in force) a lone outlier stays exact (half step 0) and amax is the
+ * block's largest other |x|. */
 static void quantize_like_kernels(const float *x, float *xq, float *half_step, size_t n)
 {
+    const float ratio = kcpu_xsplit_ratio();
     for (size_t b = 0; b < n; b += 32) {
+        const int o = lone_outlier(x + b, ratio);
         float amax = 0.0f;
         for (int j = 0; j < 32; j++)
-            amax = fmaxf(amax, fabsf(x[b + j]));
+            if (j != o)
+                amax = fmaxf(amax, fabsf(x[b + j]));
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         for (int j = 0; j < 32; j++) {
-            xq[b + j] = d * nearbyintf(x[b + j] * id);
-            half_step[b + j] = amax / 254.0f;
+            xq[b + j] = j == o ? x[b + j] : d * nearbyintf(x[b + j] * id);
+            half_step[b + j] = j == o ? 0.0f : amax / 254.0f;
         }
     }
 }
@@ -511,6 +537,187 @@ Test(matmul, q8_0_vocab_rows, .timeout = 240)
     cr_assert(kcpu_pool_create(2, &pools[1]) == 0);
     check_matmul(KT_Q8_0, (mm_shape){ 4099, 576, 2 }, 0, pools, 2);
     kcpu_pool_destroy(pools[1]);
+}
+
+/* ---- the split of activation outliers (kcpu.h) ---- */
+
+/* The rule on crafted blocks, through kcpu_xsplit_token itself. */
+Test(split, rule)
+{
+    enum { NB = 6 };
+    float x[NB * 32];
+    for (int i = 0; i < NB * 32; i++)
+        x[i] = (float)((i * 7) % 13 - 6) * 0.125f; /* |x| <= 0.75 */
+    x[0 * 32 + 5] = 40.0f;                         /* 0: lone outlier */
+    x[1 * 32 + 3] = 40.0f;                         /* 1: a tie - none */
+    x[1 * 32 + 9] = -40.0f;
+    x[2 * 32 + 7] = 3.0f;                          /* 2: exactly 4x the next */
+    for (int j = 0; j < 32; j++)                   /*    (|x| <= 0.75): none */
+        x[3 * 32 + j] = 0.0f;                      /* 3: one nonzero: split */
+    x[3 * 32 + 31] = -2.5f;
+    for (int j = 0; j < 32; j++)
+        x[4 * 32 + j] = 0.0f;                      /* 4: all zero: none */
+    x[5 * 32 + 0] = INFINITY;                      /* 5: not finite: none */
+    int8_t qs[NB * 4 * 32];
+    float d[NB * 4], sm[NB * 4], ov[NB];
+    uint8_t oj[NB];
+    for (int b = 0; b < NB; b++) { /* what quantize_x would have written */
+        d[b * 4] = 1.0f;
+        sm[b * 4] = 0.0f;
+        memset(qs + b * 4 * 32, 99, 32);
+    }
+    int hits = kcpu_xsplit_token(x, NB, 1.0f, 4.0f, qs, d, sm, oj, ov);
+    cr_assert_eq(hits, 2);
+    cr_assert_eq(oj[0], 5);
+    cr_assert_eq(ov[0], 40.0f);
+    cr_assert_eq(qs[5], 0, "the outlier's code is 0");
+    float m2 = 0.0f;
+    int sum = 0;
+    for (int j = 0; j < 32; j++)
+        if (j != 5)
+            m2 = fmaxf(m2, fabsf(x[j]));
+    cr_assert_eq(d[0], m2 / 127.0f);
+    for (int j = 0; j < 32; j++) {
+        sum += qs[j];
+        if (j != 5)
+            cr_assert_leq(fabsf(x[j] - d[0] * (float)qs[j]), d[0] / 2 * 1.0001f, "col %d", j);
+    }
+    cr_assert_eq(sm[0], d[0] * (float)sum);
+    for (int b = 1; b <= 5; b++)
+        if (b != 3) {
+            cr_assert_eq(oj[b], 0xff, "block %d must not split", b);
+            cr_assert_eq(d[b * 4], 1.0f, "block %d left as quantize_x wrote it", b);
+            cr_assert_eq(qs[b * 4 * 32], 99);
+        }
+    cr_assert_eq(oj[3], 31);
+    cr_assert_eq(ov[3], -2.5f);
+    cr_assert_eq(d[3 * 4], 0.0f);
+    for (int j = 0; j < 32; j++)
+        cr_assert_eq(qs[3 * 4 * 32 + j], 0);
+    /* ratio <= 1 (or 0: off) splits nothing */
+    cr_assert_eq(kcpu_xsplit_token(x, NB, 1.0f, 0.0f, qs, d, sm, oj, ov), 0);
+    for (int b = 0; b < NB; b++)
+        cr_assert_eq(oj[b], 0xff);
+}
+
+/* Activations with one massive channel per block (the SmolLM2 / Gemma
+ * pattern): with the split the error against the exact product is within
+ * the int8 bound of the other 31 values - several times below the error
+ * without it - for the GGUF-layout kernels (columns from the GGUF row or
+ * from the repacked weight) and the repacked GEMM, on 1 and 2 threads. */
+static void split_case(kt_type t, int n_rows, int n_cols, int n_tok)
+{
+    size_t nx = (size_t)n_tok * (size_t)n_cols, ny = (size_t)n_tok * (size_t)n_rows;
+    void *W = make_weights(t, n_rows, n_cols, 0);
+    float *x = malloc(nx * sizeof(float)), *ref = malloc(ny * sizeof(float));
+    float *got = malloc(ny * sizeof(float)), *wrow = malloc((size_t)n_cols * sizeof(float));
+    double *bound = calloc(ny, sizeof(double));
+    void *ws = malloc(kcpu_rp_scratch_bytes(n_cols, n_tok) +
+                      kcpu_matmul_scratch_bytes(t, n_cols, n_tok) + 1);
+    kcpu_rp *rp = kcpu_rp_create(t, W, n_rows, n_cols);
+    kcpu_pool *pool2 = NULL;
+    cr_assert(x && ref && got && wrow && bound && ws && rp);
+    cr_assert_eq(kcpu_pool_create(2, &pool2), 0);
+    fill(x, nx, -1.0f, 1.0f);
+    for (size_t b = 0; b < nx / 32; b++) /* columns 3 and 17 of the blocks */
+        x[b * 32 + (b % 2 ? 3 : 17)] = (b % 3 ? 1.0f : -1.0f) * rnd_f(20.0f, 400.0f);
+    kref_matmul(t, W, x, ref, n_rows, n_cols, n_tok);
+    const size_t rb = kt_row_bytes(t, n_cols);
+    for (int r = 0; r < n_rows; r++) {
+        kref_dequant_row(t, (const char *)W + (size_t)r * rb, wrow, n_cols);
+        for (int k = 0; k < n_tok; k++)
+            for (int b = 0; b < n_cols / 32; b++) {
+                const float *xb = x + (size_t)k * n_cols + (size_t)b * 32;
+                float m2 = 0.0f, m1 = 0.0f;
+                for (int j = 0; j < 32; j++) {
+                    float a = fabsf(xb[j]);
+                    m2 = a > m1 ? m1 : fmaxf(m2, a);
+                    m1 = fmaxf(m1, a);
+                }
+                double sw = 0.0, mag = 0.0;
+                for (int j = 0; j < 32; j++) {
+                    sw += fabs((double)wrow[b * 32 + j]);
+                    mag += fabs((double)wrow[b * 32 + j] * xb[j]);
+                }
+                bound[(size_t)k * n_rows + r] += 1.001 * m2 / 254.0 * sw + 4e-5 * mag;
+            }
+    }
+    double err_on = 0.0, err_off = 0.0;
+    for (int mode = 0; mode < 3; mode++)
+        for (int pi = 0; pi < 2; pi++) {
+            kcpu_pool *p = pi ? pool2 : NULL;
+            for (int on = 1; on >= 0; on--) {
+                kcpu_set_xsplit_ratio(on ? 4.0f : 0.0f);
+                if (mode == 0)
+                    kcpu_matmul(p, t, W, x, got, n_rows, n_cols, n_tok, ws);
+                else if (mode == 1)
+                    kcpu_matmul_ex(p, t, W, rp, x, got, n_rows, n_cols, n_tok, ws);
+                else
+                    kcpu_matmul_rp(p, rp, x, got, n_tok, ws);
+                for (size_t i = 0; i < ny; i++) {
+                    double e = fabs((double)got[i] - (double)ref[i]);
+                    if (on) {
+                        cr_assert_leq(e, bound[i], "%s mode %d threads %d: |%g - %g| > %g",
+                                      kt_name(t), mode, pi + 1, got[i], ref[i], bound[i]);
+                        err_on = fmax(err_on, e);
+                    } else {
+                        err_off = fmax(err_off, e);
+                    }
+                }
+            }
+        }
+    kcpu_set_xsplit_ratio(-1.0f);
+    cr_log_info("split %s %dx%d x %d tokens: max error %.3g with, %.3g without", kt_name(t),
+                n_rows, n_cols, n_tok, err_on, err_off);
+    cr_assert_gt(err_off, 5.0 * err_on, "the split must cut the error (%g vs %g)", err_on,
+                 err_off);
+    kcpu_rp_destroy(rp);
+    kcpu_pool_destroy(pool2);
+    free(W); free(x); free(ref); free(got); free(wrow); free(bound); free(ws);
+}
+
+Test(split, massive_channels, .timeout = 240)
+{
+    split_case(KT_Q4_1, 576, 576, 9);
+    split_case(KT_Q8_0, 1031, 576, 2); /* head-like: many rows, GGUF columns */
+    split_case(KT_Q5_0, 200, 640, 5);
+    split_case(KT_Q4_K, 64, 1024, 3);
+    split_case(KT_Q6_K, 70, 512, 17);
+}
+
+/* A row's result is the same alone and among others (each token's
+ * outliers are added in column order, whatever else is in the call). */
+Test(split, row_independent_of_batch)
+{
+    const int rows = 300, cols = 576, ntok = 13, pick = 6;
+    void *W = make_weights(KT_Q4_1, rows, cols, 0);
+    float *x = malloc((size_t)ntok * cols * sizeof(float));
+    float *y = malloc((size_t)ntok * rows * sizeof(float)), *y1 = malloc(rows * sizeof(float));
+    void *ws = malloc(kcpu_rp_scratch_bytes(cols, ntok) + 1);
+    kcpu_rp *rp = kcpu_rp_create(KT_Q4_1, W, rows, cols);
+    kcpu_pool *pool = NULL;
+    cr_assert(W && x && y && y1 && ws && rp && kcpu_pool_create(2, &pool) == 0);
+    fill(x, (size_t)ntok * cols, -1.0f, 1.0f);
+    for (int k = 0; k < ntok; k++) /* outliers in shared and in own columns */
+        for (int b = 0; b < cols / 32; b += 1 + k % 3)
+            x[(size_t)k * cols + b * 32 + (k + b) % 32] = 60.0f + (float)k;
+    kcpu_set_xsplit_ratio(4.0f);
+    for (int mode = 0; mode < 2; mode++) {
+        const float *xr = x + (size_t)pick * cols;
+        if (mode == 0) {
+            kcpu_matmul_ex(pool, KT_Q4_1, W, rp, x, y, rows, cols, ntok, ws);
+            kcpu_matmul_ex(pool, KT_Q4_1, W, rp, xr, y1, rows, cols, 1, ws);
+        } else {
+            kcpu_matmul_rp(pool, rp, x, y, ntok, ws);
+            kcpu_matmul_rp(NULL, rp, xr, y1, 1, ws);
+        }
+        for (int r = 0; r < rows; r++)
+            cr_assert_eq(y[(size_t)pick * rows + r], y1[r], "mode %d row %d", mode, r);
+    }
+    kcpu_set_xsplit_ratio(-1.0f);
+    kcpu_rp_destroy(rp);
+    kcpu_pool_destroy(pool);
+    free(W); free(x); free(y); free(y1); free(ws);
 }
 
 /* ---- dequant_row: bit exact ---- */
