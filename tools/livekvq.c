@@ -50,8 +50,10 @@ static double now_s(void)
     "                           LiveKVQuant-P codes of that width (fp16; intN needs a\n" \
     "                           quantized --kv-cache)\n" \
     "      --window-clip-quantile A|auto  their clip_quantile (auto: 0 at int8, else A)\n" \
-    "      --kv-rotate 0|1|2    Walsh-Hadamard rotation of K (1) or K and V (2) per head\n" \
-    "                           before the cache (0; needs a power-of-two head_dim)\n" \
+    "      --kv-rotate auto|0|1|2  Walsh-Hadamard rotation of K (1) or K and V (2) per\n" \
+    "                           head before the cache; 1 and 2 need a power-of-two\n" \
+    "                           head_dim (auto: 2 on a power-of-two head_dim with a\n" \
+    "                           quantized cache, else 0)\n" \
     "      --config FILE        'key = value' lines with the same keys\n"
 
 static void usage_perplexity(FILE *f)

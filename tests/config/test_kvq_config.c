@@ -4,6 +4,7 @@
  */
 #include <criterion/criterion.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -139,6 +140,91 @@ Test(kvq_config, file_round_trip_and_errors)
     a.window_bits = 4; /* int4 windows: the text of earlier configurations */
     cr_assert_lt(cfg_kv_json(&a, js, sizeof js), (int)sizeof js);
     cr_assert(strstr(js, "\"window_kv\": \"int4\"") != NULL, "%s", js);
+}
+
+/* kv_rotate: auto (the default), 0, 1 or 2; auto resolves per model to 2
+ * on a power-of-two head_dim with a quantized mode in the pool, else 0. */
+Test(kvq_config, kv_rotate_parse_and_resolve)
+{
+    cfg_kv c = cfg_kv_default();
+    cr_assert_eq(c.kv_rotate, CFG_KV_ROTATE_AUTO, "default: auto");
+    const char *ok[] = {"auto", "0", "1", "2", "AUTO"};
+    const int want[] = {CFG_KV_ROTATE_AUTO, 0, 1, 2, CFG_KV_ROTATE_AUTO};
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(cfg_kv_set(&c, i % 2 ? "kv-rotate" : "kv_rotate", ok[i], err, sizeof err),
+                     0, "%s: %s", ok[i], err);
+        cr_assert_eq(c.kv_rotate, want[i], "%s", ok[i]);
+        cr_assert_eq(cfg_kv_validate(&c, err, sizeof err), 0, "%s", err);
+    }
+    const char *bad[] = {"3", "x", "-1", ""};
+    for (int i = 0; i < 4; i++) {
+        c.kv_rotate = 1;
+        err[0] = '\0';
+        cr_assert_lt(cfg_kv_set(&c, "kv_rotate", bad[i], err, sizeof err), 0, "'%s'", bad[i]);
+        cr_assert(strstr(err, "kv_rotate") && strstr(err, "auto, 0, 1 (K) or 2 (K and V)") &&
+                  !strchr(err, '\n'), "%s", err);
+        cr_assert_eq(c.kv_rotate, 1, "a refusal changes nothing");
+    }
+    c.kv_rotate = 3;
+    cr_assert_lt(cfg_kv_validate(&c, err, sizeof err), 0);
+    cr_assert(strstr(err, "kv_rotate") != NULL, "%s", err);
+
+    /* resolution */
+    c = cfg_kv_default(); /* auto, int4 */
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "auto + int4 + head_dim 64");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 256), 2, "auto + int4 + head_dim 256");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 48), 0, "auto + int4 + head_dim 48");
+    cr_assert_eq(cfg_kv_validate_model(&c, 48, 3, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(cfg_kv_set(&c, "kv_cache", "k3v2", err, sizeof err), 0);
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "any quantized width");
+    c.mode = CFG_KV_FP16;
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 0, "auto + fp16");
+    cr_assert_eq(cfg_kv_set(&c, "kv_modes", "fp16,int3", err, sizeof err), 0);
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "auto + fp16 default, int3 served");
+    cr_assert_eq(cfg_kv_set(&c, "kv_modes", "fp16", err, sizeof err), 0);
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 0, "auto + fp16 only");
+    c = cfg_kv_default();
+    for (int r = 0; r <= 2; r++) { /* explicit values stay as set */
+        c.kv_rotate = r;
+        cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), r);
+        cr_assert_eq(cfg_kv_rotate_resolve(&c, 48), r);
+    }
+    c.mode = CFG_KV_FP16;
+    c.kv_rotate = 2;
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "explicit 2 rotates an FP16 cache too");
+    cr_assert_eq(cfg_kv_validate_model(&c, 64, 3, err, sizeof err), 0, "%s", err);
+    err[0] = '\0';
+    cr_assert_lt(cfg_kv_validate_model(&c, 48, 3, err, sizeof err), 0);
+    cr_assert(strstr(err, "power-of-two head_dim") && !strchr(err, '\n'), "%s", err);
+
+    /* printed: auto as "auto" in JSON and left out of the text (the
+     * default); 0 left out of the JSON (the text of every unrotated
+     * configuration measured before) but written in the text, where a file
+     * read over the defaults would otherwise make it auto */
+    char js[1024];
+    c = cfg_kv_default();
+    cfg_kv_json(&c, js, sizeof js);
+    cr_assert(strstr(js, "\"kv_rotate\": \"auto\"") != NULL, "%s", js);
+    c.kv_rotate = 0;
+    cfg_kv_json(&c, js, sizeof js);
+    cr_assert_null(strstr(js, "kv_rotate"), "%s", js);
+    c.kv_rotate = 2;
+    cfg_kv_json(&c, js, sizeof js);
+    cr_assert(strstr(js, "\"kv_rotate\": 2") != NULL, "%s", js);
+    for (int r = CFG_KV_ROTATE_AUTO; r <= 2; r++) {
+        char path[] = "/tmp/lkq_rotXXXXXX";
+        int fd = mkstemp(path);
+        cr_assert(fd >= 0);
+        FILE *f = fdopen(fd, "w");
+        c = cfg_kv_default();
+        c.kv_rotate = r;
+        cfg_kv_write(&c, f);
+        fclose(f);
+        cfg_kv b = cfg_kv_default();
+        cr_assert_eq(cfg_kv_load_file(&b, path, err, sizeof err), 0, "%s", err);
+        cr_assert_eq(b.kv_rotate, r, "text round trip of %d", r);
+        unlink(path);
+    }
 }
 
 /* kv_modes: the KV modes sequences of one pool may use (a server's

@@ -4,7 +4,9 @@
  * (max_batch smaller than the prompt) vs whole, and error handling.
  */
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/graph/forward.h"
@@ -199,5 +201,72 @@ Test(forward, errors_are_reported_not_fatal)
     cr_assert_eq(fwd_eval(s, ids, 16, 0, 0, &l, err, sizeof err), 0, "%s", err);
     fwd_destroy(s);
     fwd_destroy(NULL);
+    mdl_free(m);
+}
+
+/* kv_rotate = auto (the default) is resolved once at create time from the
+ * model's head_dim and the cache's modes: a quantized cache on a
+ * power-of-two head_dim (stories260K: 8) runs exactly as kv_rotate = 2, and
+ * not as 0; on head_dim 48 (stories15M) auto is 0, bit for bit, while an
+ * explicit 2 is refused with one line. */
+static int logits_with(const mdl_model *m, int rotate, int n, float *out, char *err,
+                       size_t errlen)
+{
+    fwd_params p = fwd_default_params();
+    p.n_ctx = 64;
+    p.max_batch = 64;
+    p.n_threads = 2;
+    p.logits_all = 1;
+    p.kv.mode = CFG_KV_INT4;
+    p.kv.kv_rotate = rotate;
+    fwd_state *s = NULL;
+    int rc = fwd_create(m, &p, &s, err, errlen);
+    if (rc < 0)
+        return rc;
+    int32_t ids[64];
+    prompt(ids, n, m->hp.n_vocab);
+    const float *l;
+    rc = fwd_eval(s, ids, n, 0, 1, &l, err, errlen);
+    if (rc == 0)
+        memcpy(out, l, (size_t)n * (size_t)m->hp.n_vocab * sizeof(float));
+    fwd_destroy(s);
+    return rc;
+}
+
+Test(forward, kv_rotate_auto_resolves_at_create, .timeout = 300)
+{
+    char err[512];
+    const int n = 24;
+    mdl_model *m = load(tu_shared("models/stories260K/stories260K.bin"));
+    cr_assert_eq(m->hp.head_dim, 8);
+    size_t nl = (size_t)n * (size_t)m->hp.n_vocab;
+    float *a = malloc(nl * sizeof(float)), *r2 = malloc(nl * sizeof(float)),
+          *r0 = malloc(nl * sizeof(float));
+    cr_assert(a && r2 && r0);
+    cr_assert_eq(cfg_kv_default().kv_rotate, CFG_KV_ROTATE_AUTO);
+    cr_assert_eq(logits_with(m, CFG_KV_ROTATE_AUTO, n, a, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(logits_with(m, 2, n, r2, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(logits_with(m, 0, n, r0, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(memcmp(a, r2, nl * sizeof(float)), 0, "auto on head_dim 8, int4: rotate 2");
+    cr_assert_neq(memcmp(a, r0, nl * sizeof(float)), 0, "... which is not rotate 0");
+    mdl_free(m);
+
+    m = load(tu_shared("models/stories15M/stories15M.bin"));
+    cr_assert_eq(m->hp.head_dim, 48);
+    nl = (size_t)n * (size_t)m->hp.n_vocab;
+    a = realloc(a, nl * sizeof(float)), r0 = realloc(r0, nl * sizeof(float));
+    cr_assert(a && r0);
+    cr_assert_eq(logits_with(m, CFG_KV_ROTATE_AUTO, n, a, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(logits_with(m, 0, n, r0, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(memcmp(a, r0, nl * sizeof(float)), 0, "auto on head_dim 48: rotate 0");
+    for (int rot = 1; rot <= 2; rot++) {
+        err[0] = '\0';
+        cr_assert_eq(logits_with(m, rot, n, a, err, sizeof err), -EINVAL, "rotate %d", rot);
+        cr_assert(strstr(err, "power-of-two head_dim") && strstr(err, "48") &&
+                  !strchr(err, '\n'), "%s", err);
+    }
+    free(a);
+    free(r2);
+    free(r0);
     mdl_free(m);
 }

@@ -85,7 +85,12 @@ static void greedy(const tsrv *s, const char *kv, int max_tokens, char *out)
     set_body(&j, s, kv, max_tokens);
     run_job(&j);
     cr_assert_eq(j.status, 200, "kv_cache %s: status %ld", kv ? kv : "(none)", j.status);
-    cr_assert_gt(strlen(j.text), 20);
+    /* some text came back: more than 20 characters, or more than one per
+     * token for a short answer (stories260K's 8 greedy tokens after the
+     * prompt are "\nLily's mom saw her", 19 characters, with K and V
+     * rotated, kv_rotate's default since) */
+    size_t least = max_tokens < 20 ? (size_t)max_tokens : 20;
+    cr_assert_gt(strlen(j.text), least, "kv_cache %s: '%s'", kv ? kv : "(none)", j.text);
     snprintf(out, TEXT_CAP, "%s", j.text);
 }
 
@@ -179,9 +184,10 @@ Test(kvmode, bad_values_are_400s, .timeout = 120)
     cr_assert(b.data && strstr(b.data, "\"kv_cache\""), "%s", b.data ? b.data : "");
     free(b.data);
     /* null and another spelling of the server's mode are fine */
-    char t[TEXT_CAP];
+    static char t[TEXT_CAP], t4[TEXT_CAP];
     greedy(&s, "null", 8, t);
-    greedy(&s, "\"INT4\"", 8, t);
+    greedy(&s, "\"INT4\"", 8, t4);
+    cr_assert_str_eq(t, t4, "the server's own mode either way");
     cr_assert_eq(ts_stop(&s, 30), 0);
 }
 
