@@ -114,7 +114,15 @@ enum {
     BK_CTL_PROFILE_CLEAR = 4, /* arg NULL */
     BK_CTL_WEIGHT_BYTES = 5,  /* arg size_t*: bytes of uploaded weights */
     BK_CTL_POOL_BYTES = 6,    /* arg size_t*: bytes of the KV pool's arenas */
+    BK_CTL_HEAD_ROWS = 7,     /* arg bk_head_rows*: the step rows the next output-head
+                               * matmul's rows come from, in order (cpu: prompt rows
+                               * split activation outliers, decode rows do not) */
 };
+
+typedef struct {
+    const int *rows; /* [n] rows of the current step */
+    int n;
+} bk_head_rows;
 
 /* Device-timed phases (BK_CTL_PROFILE_GET; cuda events). */
 typedef struct {

@@ -45,6 +45,8 @@ typedef struct {
     /* exact mode: the f32 copies made so far (a tied head reuses its table's) */
     bk_weight **f32w;
     int n_f32w;
+    unsigned char *head_pf; /* [max_batch] BK_CTL_HEAD_ROWS: head row i is a prompt row */
+    int n_head;             /* rows told for the next head matmul, -1 none */
     /* everything handed out (alloc, weights), freed by destroy */
     void **owned;
     int n_owned, cap_owned;
@@ -101,6 +103,7 @@ static void cpu_destroy(void *be)
     free(b->owned);
     free(b->f32w);
     free(b->tokens);
+    free(b->head_pf);
     free(b->slices);
     free(b->ws_mm);
     free(b->ws_attn);
@@ -125,8 +128,10 @@ static int cpu_create(const bk_config *c, void **out, char *err, size_t errlen)
     b->kv_dim = c->hp->n_kv_heads * c->hp->head_dim;
     b->n_vocab = c->hp->n_vocab;
     b->tokens = malloc((size_t)b->max_batch * sizeof *b->tokens);
+    b->head_pf = malloc((size_t)b->max_batch * sizeof *b->head_pf);
+    b->n_head = -1;
     b->slices = malloc((size_t)b->max_seqs * sizeof *b->slices);
-    if (!b->tokens || !b->slices) {
+    if (!b->tokens || !b->slices || !b->head_pf) {
         cpu_destroy(b);
         return lkq_err(err, errlen, -ENOMEM, "out of memory");
     }
@@ -151,6 +156,24 @@ static int cpu_ctl(void *be, int what, void *arg, char *err, size_t errlen)
     cpu_be *b = be;
     if (what == BK_CTL_POOL_BYTES && b->kvp) {
         *(size_t *)arg = (size_t)kvc_pool_capacity_bytes(b->kvp);
+        return 0;
+    }
+    if (what == BK_CTL_HEAD_ROWS) {
+        const bk_head_rows *hr = arg;
+        b->n_head = -1;
+        if (hr->n < 0 || hr->n > b->max_batch)
+            return lkq_err(err, errlen, -EINVAL, "%d head rows", hr->n);
+        for (int i = 0; i < hr->n; i++) {
+            if (hr->rows[i] < 0 || hr->rows[i] >= b->n)
+                return lkq_err(err, errlen, -EINVAL, "head row %d is not a row of the step",
+                               hr->rows[i]);
+            b->head_pf[i] = 0;
+            for (int k = 0; k < b->n_slices; k++)
+                if (hr->rows[i] >= b->slices[k].off &&
+                    hr->rows[i] < b->slices[k].off + b->slices[k].n)
+                    b->head_pf[i] = b->slices[k].prefill != 0;
+        }
+        b->n_head = hr->n;
         return 0;
     }
     if (what == BK_CTL_WEIGHT_BYTES) {
@@ -318,11 +341,33 @@ static int cpu_matmul(void *be, const bk_weight *wt, const float *x, float *y, i
         kref_matmul(w->type, w->data, x, y, rows, cols, n);
         return 0;
     }
-    if (!wt->rp || n != b->n) { /* not the step's rows: no slices to go by */
-        kcpu_matmul_ex(b->pool, w->type, w->data, wt->rp, x, y, rows, cols, n, b->ws_mm);
+    if (rows == b->n_vocab && b->n_head == n) {
+        /* the output head, its rows' kinds told (BK_CTL_HEAD_ROWS): runs of
+         * one kind, prompt rows split, decode rows not */
+        b->n_head = -1;
+        for (int i = 0; i < n;) {
+            int j = i + 1;
+            while (j < n && b->head_pf[j] == b->head_pf[i])
+                j++;
+            kcpu_matmul_ex(b->pool, w->type, w->data, wt->rp, b->head_pf[i] ? -1.0f : 0.0f,
+                           x + (size_t)i * (size_t)cols, y + (size_t)i * (size_t)rows, rows,
+                           cols, j - i, b->ws_mm);
+            i = j;
+        }
         return 0;
     }
-    /* runs of consecutive slices of one kind (prompt / decode) */
+    if (n != b->n || b->n_slices == 0 || rows == b->n_vocab) {
+        /* not the step's rows (or an output head whose rows were not told):
+         * one call, outliers split */
+        kcpu_matmul_ex(b->pool, w->type, w->data, wt->rp, -1.0f, x, y, rows, cols, n,
+                       b->ws_mm);
+        return 0;
+    }
+    /* runs of consecutive slices of one kind (prompt / decode): prompt rows
+     * take the repacked GEMM where there is one and split their activation
+     * outliers (kcpu.h); decode rows the GGUF tensor's kernels without the
+     * split (its column fetches would cost a decode step more than they
+     * give) - chosen by a row's kind, never by what else is batched */
     for (int i = 0; i < b->n_slices;) {
         const int pf = b->slices[i].prefill != 0, r0 = b->slices[i].off;
         int j = i + 1;
@@ -331,11 +376,11 @@ static int cpu_matmul(void *be, const bk_weight *wt, const float *x, float *y, i
         const int r1 = j < b->n_slices ? b->slices[j].off : n;
         const float *xr = x + (size_t)r0 * (size_t)cols;
         float *yr = y + (size_t)r0 * (size_t)rows;
-        if (pf)
+        if (pf && wt->rp)
             kcpu_matmul_rp(b->pool, wt->rp, xr, yr, r1 - r0, b->ws_mm);
         else
-            kcpu_matmul_ex(b->pool, w->type, w->data, wt->rp, xr, yr, rows, cols, r1 - r0,
-                           b->ws_mm);
+            kcpu_matmul_ex(b->pool, w->type, w->data, wt->rp, pf ? -1.0f : 0.0f, xr, yr, rows,
+                           cols, r1 - r0, b->ws_mm);
         i = j;
     }
     return 0;

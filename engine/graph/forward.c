@@ -747,6 +747,11 @@ static int step(fwd_state *s, int n, int n_sl, int n_head, int row0, char *err, 
         i += k;
     }
     float *lg = s->logits_b + (size_t)row0 * (size_t)hp->n_vocab;
+    if (o->ctl) { /* where the head rows come from; a backend may not care */
+        bk_head_rows hr = {s->head_rows, n_head};
+        char ignore[8];
+        (void)o->ctl(be, BK_CTL_HEAD_ROWS, &hr, ignore, sizeof ignore);
+    }
     OP(pr->matmul_s, o->matmul(be, s->output, s->xb, lg, n_head, err, errlen));
     if (hp->final_softcap > 0)
         OP(pr->other_s, o->softcap(be, lg, (size_t)n_head * (size_t)hp->n_vocab,

@@ -200,37 +200,41 @@ void kcpu_set_xsplit_ratio(float r)
     atomic_store_explicit(&g_xsplit, r < 0.0f ? KCPU_XSPLIT_DEFAULT : r, memory_order_relaxed);
 }
 
-/* See kcpu_impl.h. Plain loops the compiler vectorizes; a block that splits
- * is requantized (a few per cent of blocks at the default ratio). */
+/* The code a lone outlier's rivals stay below (kcpu_impl.h). */
+int kcpu_xsplit_code(float ratio)
+{
+    if (!(ratio > 1.0f))
+        return 128; /* no code reaches it: off */
+    int c = (int)ceilf(127.0f / ratio);
+    return c < 1 ? 1 : c;
+}
+
+/* See kcpu_impl.h. The test runs on the int8 codes quantize_x wrote (one
+ * compare per byte, vectorized by the compiler); the few blocks that split
+ * are requantized here. */
 int kcpu_xsplit_token(const float *x, int nb, float smul, float ratio, int8_t *qs, float *d,
                       float *s, uint8_t *oj, float *ov)
 {
+    const int tc = kcpu_xsplit_code(ratio);
     int hits = 0;
     for (int b = 0; b < nb; b++) {
-        const float *xb = x + (size_t)b * KT_QK;
+        int8_t *q = qs + (size_t)b * KCPU_XG * KT_QK;
+        int n = 0;
+        for (int j = 0; j < KT_QK; j++)
+            n += (q[j] >= tc) | (q[j] <= -tc);
         oj[b] = 0xff;
         ov[b] = 0.0f;
-        if (ratio <= 1.0f)
+        if (n != 1)
             continue;
-        float m1 = 0.0f;
-        for (int j = 0; j < KT_QK; j++)
-            m1 = fmaxf(m1, fabsf(xb[j]));
-        int cnt = 0;
-        for (int j = 0; j < KT_QK; j++)
-            cnt += ratio * fabsf(xb[j]) >= m1;
-        if (cnt != 1 || !(m1 > 0.0f) || !isfinite(m1))
-            continue; /* no lone outlier (a tie, an empty or a non-finite block) */
+        const float *xb = x + (size_t)b * KT_QK;
         int j1 = 0;
+        while (q[j1] < tc && q[j1] > -tc)
+            j1++;
         float m2 = 0.0f;
-        for (int j = 0; j < KT_QK; j++) {
-            if (fabsf(xb[j]) == m1)
-                j1 = j;
-        }
         for (int j = 0; j < KT_QK; j++)
             if (j != j1)
                 m2 = fmaxf(m2, fabsf(xb[j]));
         const float db = m2 / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-        int8_t *q = qs + (size_t)b * KCPU_XG * KT_QK;
         int sum = 0;
         for (int j = 0; j < KT_QK; j++) {
             int v = j == j1 ? 0 : (int)nearbyintf(xb[j] * id);
@@ -323,7 +327,7 @@ static int mm_chunk_rows(size_t row_bytes, int n_rows, int n_tok, int nth)
 /* Quantizes c->x (c->n_cols x c->n_tok, c->t's code offset) into the
  * q8x scratch at ws (kcpu_matmul_scratch_bytes), in parallel over tokens
  * when there are several; sets c->xq. Returns the first byte after it. */
-static char *quantize_x(kcpu_pool *p, mm_ctx *c, void *ws)
+static char *quantize_x(kcpu_pool *p, mm_ctx *c, void *ws, float xsplit)
 {
     const int nb = c->n_cols / KT_QK, n_tok = c->n_tok;
     size_t nblk = q8x_slots(c->n_cols, n_tok);
@@ -342,7 +346,7 @@ static char *quantize_x(kcpu_pool *p, mm_ctx *c, void *ws)
         }
     c->xq = (kcpu_q8x){ c->qs, c->d, c->s, nb, n_tok };
     base += split_layout(c->n_cols, n_tok, base, &c->sw);
-    c->ratio = kcpu_xsplit_ratio();
+    c->ratio = xsplit < 0.0f ? kcpu_xsplit_ratio() : xsplit;
     atomic_init(&c->hits, 0);
     if (n_tok == 1 || kcpu_pool_size(p) == 1)
         quantize_task(c, 0, 1);
@@ -374,16 +378,20 @@ static void fetch_col(const fix_ctx *f, int c, int r0, int r1, float *w)
 {
     if (f->rp) {
         const kcpu_rp *rp = f->rp;
-        const int j = c / rp->sub, cc = c % rp->sub;
+        const int j = c / rp->sub, cc = c % rp->sub, sh = 8 * (cc % 4);
         for (int r = r0; r < r1;) {
             const int g = r / KCPU_RP_RG, lane0 = r % KCPU_RP_RG;
             const uint8_t *rec = rp->data + (size_t)g * rp->rg_bytes + (size_t)j * rp->sb_bytes;
-            const uint8_t *code = rec + (size_t)(cc / 4) * (KCPU_RP_RG * 4) + cc % 4;
-            const float *sc = (const float *)(rec + (size_t)rp->sub * KCPU_RP_RG);
-            const float *bi = sc + KCPU_RP_RG;
+            uint32_t code[KCPU_RP_RG]; /* row u's 4 codes of the column's quad */
+            float sc[KCPU_RP_RG], bi[KCPU_RP_RG];
+            memcpy(code, rec + (size_t)(cc / 4) * (KCPU_RP_RG * 4), sizeof code);
+            memcpy(sc, rec + (size_t)rp->sub * KCPU_RP_RG, sizeof sc);
+            memcpy(bi, rec + (size_t)rp->sub * KCPU_RP_RG + sizeof sc, sizeof bi);
+            float wg[KCPU_RP_RG];
+            for (int u = 0; u < KCPU_RP_RG; u++)
+                wg[u] = sc[u] * (float)((code[u] >> sh) & 0xffu) + bi[u];
             int n = KCPU_RP_RG - lane0 < r1 - r ? KCPU_RP_RG - lane0 : r1 - r;
-            for (int u = 0; u < n; u++)
-                w[r - r0 + u] = sc[lane0 + u] * (float)code[(lane0 + u) * 4] + bi[lane0 + u];
+            memcpy(w + (r - r0), wg + lane0, (size_t)n * sizeof(float));
             r += n;
         }
         return;
@@ -481,11 +489,12 @@ static void split_fix(kcpu_pool *p, mm_ctx *c, const kcpu_rp *rp)
 void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
                  float *y, int n_rows, int n_cols, int n_tok, void *ws)
 {
-    kcpu_matmul_ex(p, t, W, NULL, x, y, n_rows, n_cols, n_tok, ws);
+    kcpu_matmul_ex(p, t, W, NULL, -1.0f, x, y, n_rows, n_cols, n_tok, ws);
 }
 
 void kcpu_matmul_ex(kcpu_pool *p, kt_type t, const void *W, const kcpu_rp *rp_cols,
-                    const float *x, float *y, int n_rows, int n_cols, int n_tok, void *ws)
+                    float xsplit, const float *x, float *y, int n_rows, int n_cols, int n_tok,
+                    void *ws)
 {
     if (n_rows <= 0 || n_tok <= 0)
         return;
@@ -497,7 +506,7 @@ void kcpu_matmul_ex(kcpu_pool *p, kt_type t, const void *W, const kcpu_rp *rp_co
     c.chunk = mm_chunk_rows(c.row_bytes, n_rows, n_tok, nth);
     atomic_init(&c.next, 0);
     if (is_quant(t))
-        quantize_x(p, &c, ws);
+        quantize_x(p, &c, ws, xsplit);
     kcpu_pool_run(p, mm_task, &c);
     if (is_quant(t))
         split_fix(p, &c, rp_cols && rp_cols->t == t && rp_cols->rows == n_rows &&
@@ -647,7 +656,7 @@ void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, i
     /* the activations as kcpu_matmul quantizes them for Q8_0 (smul 1) */
     mm_ctx q = { .ops = ops(), .t = KT_Q8_0, .x = x, .y = y, .n_rows = rp->rows,
                  .n_cols = rp->cols, .n_tok = n_tok };
-    char *base = quantize_x(p, &q, ws);
+    char *base = quantize_x(p, &q, ws, -1.0f);
     rp_ctx c = { .rp = rp, .xq = q.xq, .xs = (float *)base, .y = y };
 #if defined(LKQ_HAVE_AVX512)
     c.fn = ops() == &kcpu_avx512vnni_ops ? kcpu_avx512vnni_mm_rp : kcpu_scalar_mm_rp;

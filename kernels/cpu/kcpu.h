@@ -71,10 +71,13 @@ void kcpu_matmul(kcpu_pool *p, kt_type t, const void *W, const float *x,
  * 31 take the scale of the second largest - and the outlier is multiplied
  * in f32 with the weight's column afterwards (y[t][r] += W[r][c] * x[t][c],
  * per token in ascending column order, so a row's result depends on its own
- * values only). At ratio 4 about 5 % of blocks split and the int8 error
- * energy of SmolLM2's activations falls several-fold; it is what makes
- * two runs that differ slightly (e.g. in the KV cache) differ little
- * (docs/kvquant.md, "Activation outliers"). 0 turns it off. The ratio is
+ * values only). The test is on the int8 codes: the block splits when only
+ * its largest value's code reaches ceil(127 / ratio) (kcpu_impl.h). At the
+ * default ratio 3 SmolLM2's prompt matmuls split about 1.5 blocks per token
+ * and the int8 error energy of its activations falls several-fold, which
+ * is what makes two runs that differ slightly (e.g. in the KV cache) differ
+ * little (docs/kvquant.md, "Activation outliers"); the backend uses it for
+ * prompt rows only. 0 turns it off. The ratio is
  * process-wide: KCPU_XSPLIT_DEFAULT, or LKQ_CPU_XSPLIT=R in the
  * environment, or kcpu_set_xsplit_ratio (tests; a negative value restores
  * the default; not meant to race with running kernels). */
@@ -100,10 +103,13 @@ size_t kcpu_rp_bytes(const kcpu_rp *rp);
 size_t kcpu_rp_scratch_bytes(int n_cols, int n_tok);
 void kcpu_matmul_rp(kcpu_pool *p, const kcpu_rp *rp, const float *x, float *y, int n_tok,
                     void *ws);
-/* kcpu_matmul, taking the split's weight columns from rp_cols (the same
- * weight repacked: 16 rows per load) when it is not NULL and matches. */
+/* kcpu_matmul with the split's ratio for this call (xsplit; negative: the
+ * process-wide one, 0: off), taking its weight columns from rp_cols (the
+ * same weight repacked: 16 rows per load) when that is not NULL and
+ * matches. */
 void kcpu_matmul_ex(kcpu_pool *p, kt_type t, const void *W, const kcpu_rp *rp_cols,
-                    const float *x, float *y, int n_rows, int n_cols, int n_tok, void *ws);
+                    float xsplit, const float *x, float *y, int n_rows, int n_cols, int n_tok,
+                    void *ws);
 
 void kcpu_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void kcpu_rope(float *x, int n_heads, int head_dim, int n_rot, int pos,

@@ -44,14 +44,17 @@ static inline size_t kcpu_q8x_index(int nb, int t, int b)
 }
 
 /* The split (kcpu.h) at its default ratio. */
-#define KCPU_XSPLIT_DEFAULT 4.0f
+#define KCPU_XSPLIT_DEFAULT 3.0f
 
 /* The split of one token's nb blocks, after quantize_x wrote them (qs, d,
  * s at the token's q8x index: block b at qs + b*KCPU_XG*32, d/s + b*KCPU_XG):
- * a block whose largest |x| is the only one with ratio * |x_j| >= amax (so
- * above ratio times every other) is requantized with d = second largest /
- * 127, the outlier's code 0; oj[b] = its column in the block and ov[b] = its
- * value, else oj[b] = 0xff. Returns the blocks split. Ratio <= 1: none. */
+ * a block with exactly one code of magnitude >= kcpu_xsplit_code(ratio) =
+ * ceil(127 / ratio) (its largest |x|, code +-127, while every other |x| is
+ * below about amax / ratio) is requantized with d = second largest |x| /
+ * 127 and the outlier's code 0; oj[b] = its column in the block and ov[b]
+ * = its value, else oj[b] = 0xff. Returns the blocks split. Ratio <= 1:
+ * none (kcpu_xsplit_code 128). */
+int kcpu_xsplit_code(float ratio);
 int kcpu_xsplit_token(const float *x, int nb, float smul, float ratio, int8_t *qs, float *d,
                       float *s, uint8_t *oj, float *ov);
 

@@ -258,19 +258,21 @@ static double used_share(const float *got, const float *ref, const double *extra
  * (random, non-adversarial cases). */
 static double g_share_q[8], g_share_x[8], g_rel[8];
 
-/* The split's rule (kcpu.h), written out again: the column of block xb's
- * lone outlier at ratio r (its |x| the only one with r * |x_j| >= amax), or
- * -1. */
+/* The split's rule (kcpu_impl.h), written out again: the column of block
+ * xb's lone outlier at ratio r (the only int8 code, as the kernels round
+ * them, of magnitude >= ceil(127 / r)), or -1. */
 static int lone_outlier(const float *xb, float r)
 {
     float amax = 0.0f;
     for (int j = 0; j < 32; j++)
         amax = fmaxf(amax, fabsf(xb[j]));
-    if (!(r > 1.0f) || !(amax > 0.0f) || !isfinite(amax))
+    if (!(r > 1.0f))
         return -1;
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const int tc = (int)ceilf(127.0f / r);
     int at = -1, n = 0;
     for (int j = 0; j < 32; j++)
-        if (r * fabsf(xb[j]) >= amax) {
+        if (fabsf(nearbyintf(xb[j] * id)) >= (float)tc) {
             n++;
             at = j;
         }
@@ -541,7 +543,8 @@ Test(matmul, q8_0_vocab_rows, .timeout = 240)
 
 /* ---- the split of activation outliers (kcpu.h) ---- */
 
-/* The rule on crafted blocks, through kcpu_xsplit_token itself. */
+/* The rule on crafted blocks, through kcpu_xsplit_token itself (the codes
+ * as quantize_x writes them). */
 Test(split, rule)
 {
     enum { NB = 6 };
@@ -551,23 +554,39 @@ Test(split, rule)
     x[0 * 32 + 5] = 40.0f;                         /* 0: lone outlier */
     x[1 * 32 + 3] = 40.0f;                         /* 1: a tie - none */
     x[1 * 32 + 9] = -40.0f;
-    x[2 * 32 + 7] = 3.0f;                          /* 2: exactly 4x the next */
-    for (int j = 0; j < 32; j++)                   /*    (|x| <= 0.75): none */
-        x[3 * 32 + j] = 0.0f;                      /* 3: one nonzero: split */
+    x[2 * 32 + 7] = 3.0f;                          /* 2: 4x the next (0.75 -> */
+                                                   /*    code 32 = ceil(127/4)): none */
+    for (int j = 0; j < 32; j++)                   /* 3: one nonzero: split */
+        x[3 * 32 + j] = 0.0f;
     x[3 * 32 + 31] = -2.5f;
     for (int j = 0; j < 32; j++)
         x[4 * 32 + j] = 0.0f;                      /* 4: all zero: none */
-    x[5 * 32 + 0] = INFINITY;                      /* 5: not finite: none */
+    x[5 * 32 + 20] = 3.1f;                         /* 5: 4.13x the next: split */
+    cr_assert_eq(kcpu_xsplit_code(4.0f), 32);
+    cr_assert_eq(kcpu_xsplit_code(0.0f), 128);
     int8_t qs[NB * 4 * 32];
     float d[NB * 4], sm[NB * 4], ov[NB];
     uint8_t oj[NB];
-    for (int b = 0; b < NB; b++) { /* what quantize_x would have written */
-        d[b * 4] = 1.0f;
-        sm[b * 4] = 0.0f;
-        memset(qs + b * 4 * 32, 99, 32);
+    for (int b = 0; b < NB; b++) { /* what quantize_x writes (kcpu_impl.h) */
+        float amax = 0.0f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++)
+            amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        d[b * 4] = amax / 127.0f;
+        float id = d[b * 4] != 0.0f ? 1.0f / d[b * 4] : 0.0f;
+        for (int j = 0; j < 32; j++) {
+            qs[b * 4 * 32 + j] = (int8_t)nearbyintf(x[b * 32 + j] * id);
+            sum += qs[b * 4 * 32 + j];
+        }
+        sm[b * 4] = d[b * 4] * (float)sum;
     }
+    float d_before[NB * 4];
+    memcpy(d_before, d, sizeof d);
     int hits = kcpu_xsplit_token(x, NB, 1.0f, 4.0f, qs, d, sm, oj, ov);
-    cr_assert_eq(hits, 2);
+    cr_assert_eq(hits, 3);
+    for (int b = 0; b < NB; b++)
+        cr_assert_eq(oj[b] == 0xff ? -1 : (int)oj[b], lone_outlier(x + b * 32, 4.0f),
+                     "block %d: the test's rule and the kernel's agree", b);
     cr_assert_eq(oj[0], 5);
     cr_assert_eq(ov[0], 40.0f);
     cr_assert_eq(qs[5], 0, "the outlier's code is 0");
@@ -583,17 +602,17 @@ Test(split, rule)
             cr_assert_leq(fabsf(x[j] - d[0] * (float)qs[j]), d[0] / 2 * 1.0001f, "col %d", j);
     }
     cr_assert_eq(sm[0], d[0] * (float)sum);
-    for (int b = 1; b <= 5; b++)
+    for (int b = 1; b <= 4; b++)
         if (b != 3) {
             cr_assert_eq(oj[b], 0xff, "block %d must not split", b);
-            cr_assert_eq(d[b * 4], 1.0f, "block %d left as quantize_x wrote it", b);
-            cr_assert_eq(qs[b * 4 * 32], 99);
+            cr_assert_eq(d[b * 4], d_before[b * 4], "block %d left as quantize_x wrote it", b);
         }
     cr_assert_eq(oj[3], 31);
     cr_assert_eq(ov[3], -2.5f);
     cr_assert_eq(d[3 * 4], 0.0f);
     for (int j = 0; j < 32; j++)
         cr_assert_eq(qs[3 * 4 * 32 + j], 0);
+    cr_assert_eq(oj[5], 20);
     /* ratio <= 1 (or 0: off) splits nothing */
     cr_assert_eq(kcpu_xsplit_token(x, NB, 1.0f, 0.0f, qs, d, sm, oj, ov), 0);
     for (int b = 0; b < NB; b++)
@@ -651,7 +670,7 @@ static void split_case(kt_type t, int n_rows, int n_cols, int n_tok)
                 if (mode == 0)
                     kcpu_matmul(p, t, W, x, got, n_rows, n_cols, n_tok, ws);
                 else if (mode == 1)
-                    kcpu_matmul_ex(p, t, W, rp, x, got, n_rows, n_cols, n_tok, ws);
+                    kcpu_matmul_ex(p, t, W, rp, -1.0f, x, got, n_rows, n_cols, n_tok, ws);
                 else
                     kcpu_matmul_rp(p, rp, x, got, n_tok, ws);
                 for (size_t i = 0; i < ny; i++) {
@@ -705,8 +724,8 @@ Test(split, row_independent_of_batch)
     for (int mode = 0; mode < 2; mode++) {
         const float *xr = x + (size_t)pick * cols;
         if (mode == 0) {
-            kcpu_matmul_ex(pool, KT_Q4_1, W, rp, x, y, rows, cols, ntok, ws);
-            kcpu_matmul_ex(pool, KT_Q4_1, W, rp, xr, y1, rows, cols, 1, ws);
+            kcpu_matmul_ex(pool, KT_Q4_1, W, rp, -1.0f, x, y, rows, cols, ntok, ws);
+            kcpu_matmul_ex(pool, KT_Q4_1, W, rp, -1.0f, xr, y1, rows, cols, 1, ws);
         } else {
             kcpu_matmul_rp(pool, rp, x, y, ntok, ws);
             kcpu_matmul_rp(NULL, rp, xr, y1, 1, ws);
