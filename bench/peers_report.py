@@ -41,29 +41,31 @@ computed the same way (bench/peers_kv.py mirrors engine/eval/eval.c).
 - **livekvq**: `livekvq perplexity` (chunks of 512, defaults otherwise); bits
   per element all-in (codes, scale/zero snapshots, outlier slots, FP16 sink
   page and staging, the last block's unused tail) at the end of the prompt.
-- **mode**: *fast* is how each engine normally runs (both round matmul
-  activations to 8 bits, llama.cpp too); *exact* is `livekvq perplexity
-  --exact` (f32 matmuls over the dequantized weights), where the two runs
-  differ only in the KV cache: its noise floor (two FP16 caches that differ
-  only in page size) is KLD 2.4e-7 at 256 tokens (tests/engine/test_eval_exact.c)
-  against 2.6e-3 in the fast mode, so fast-mode KLDs below a few 1e-3 are
-  partly noise. llama.cpp has no exact mode here; two of its f16 runs side
-  by side agree exactly (KLD 0, checked at 256 tokens with
+- **mode**: *fast* is how each engine normally runs: both round matmul
+  activations to 8 bits per block of 32; ours takes a block's lone outlier
+  (its largest value when every other is below about a third of it) out of
+  the int8 step for prompt rows and adds it in f32 (the split,
+  kernels/cpu/kcpu.h; `LKQ_CPU_XSPLIT=0` turns it off). *exact* is
+  `livekvq perplexity --exact` (f32 matmuls over the dequantized weights),
+  where the two runs differ only in the KV cache: its noise floor (two FP16
+  caches that differ only in page size) is KLD 2.4e-7 at 256 tokens
+  (tests/engine/test_eval_exact.c), the fast mode's 1e-3 to 2e-3 (section
+  "Noise floor" of docs/kvquant.md), so fast-mode KLDs below a few 1e-3
+  are partly noise. llama.cpp has no exact mode here; two of its f16 runs
+  side by side agree exactly (KLD 0, checked at 256 tokens with
   `--llama-types f16,q4_0`), so its KLDs carry no run-to-run noise, but its
   quantized KV types see activations rounded to 8 bits like our fast mode.
 
 Scope of what is recorded: SmolLM2 at 4K, the issue's context, with every
-code width of ours and the knob `--kv-rotate` (the rows the 4K run got to
-before the deadline of the session that ran it; the CSV says which), and
-SmolLM2 at 2K (the first run: INT4 only, older defaults, 4.65 bits). At 4K
-our cache stages the first two chunks (1024 positions) in FP16 (the
-warm-up), so a quarter of our scored positions see no quantized history,
-while llama.cpp quantizes from the first token; at 2K it is half. The 4K
-fast-mode rows of int3, k3v2, k2v2 and int8 were not rerun: they are
-bench/kv_bits.sh's rows of `docs/data/kv_bits.jsonl` (the same `livekvq
-perplexity` command, same code), copied into the CSV with that command; the
-int4 fast row run by peers_kv.py reproduces its kv_bits.jsonl row to every
-digit (ppl 43.838568, KLD 0.0069026).
+code width of ours in both modes, at the defaults of 2026-12-07 evening
+(kv_rotate auto = K and V rotated, the split on) and two rows with rotation
+off (`-rot0`); the earlier 4K rows (rotation off, no split: int4 fast KLD
+0.00690, exact 0.00310) are kept in `docs/data/peers/round1/` and in
+docs/kvquant.md. SmolLM2 at 2K is the first run (INT4 only, older defaults,
+4.65 bits). At 4K our cache stages the first two chunks (1024 positions) in
+FP16 (the warm-up), so a quarter of our scored positions see no quantized
+history, while llama.cpp quantizes from the first token; at 2K it is half.
+llama.cpp's q5_0 and q4_1 were not run at 4K (at 2K: KLD 0.019 and 0.058).
 
 Gemma-3-270M is not recorded: its 4K run was started and stopped (on the
 shared 2-core machine at a load average of 20, llama.cpp's f16 run of it
@@ -79,8 +81,9 @@ int4'` for the like-for-like row):
 ```
 
 **Labels.** `int4` is our default (`--kv-cache int4`, K4V4); `kNvM` are K
-and V at N and M bits (`k2v2` is `--kv-cache int2`); `-rot1` adds
-`--kv-rotate 1` (Walsh-Hadamard rotation of K per head).
+and V at N and M bits (`k2v2` is `--kv-cache int2`); `-rot0` adds
+`--kv-rotate 0` (no Walsh-Hadamard rotation; the default, auto, rotates K
+and V per head on these models).
 
 ![KLD vs bits per element](img/peers_pareto.png)
 """

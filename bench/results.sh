@@ -280,7 +280,8 @@ cat <<'EOF'
 
 Our rows: `livekvq perplexity -c 4096` with the flags of the label (`int4`
 the default, `kNvM` K and V at N and M bits, `k2v2` is `--kv-cache int2`,
-`-rot1` adds `--kv-rotate 1`), in the fast mode and the exact one
+`-rot0` adds `--kv-rotate 0`: the default, auto, rotates K and V on these
+models; the fast mode splits activation outliers), in the fast mode and the exact one
 (`--exact`: f32 matmuls, the two runs differ only in the KV cache);
 llama.cpp's: its KV types through llama-cpp-python (flash attention; no
 exact mode), each against its own f16 run on the same 4096 tokens and 4095
