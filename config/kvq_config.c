@@ -202,12 +202,12 @@ int cfg_kv_has_quant(const cfg_kv *c)
     return (cfg_kv_mode_mask(c) & ~(1u << CFG_KV_FP16)) != 0;
 }
 
-int cfg_kv_rotate_resolve(const cfg_kv *c, int head_dim)
+int cfg_kv_rotate_resolve(const cfg_kv *c, int head_dim, int qk_norm)
 {
     if (c->kv_rotate != CFG_KV_ROTATE_AUTO)
         return c->kv_rotate;
     int pow2 = head_dim > 0 && (head_dim & (head_dim - 1)) == 0;
-    return pow2 && cfg_kv_has_quant(c) ? 2 : 0;
+    return pow2 && !qk_norm && cfg_kv_has_quant(c) ? 2 : 0;
 }
 
 uint32_t cfg_kv_mode_mask(const cfg_kv *c)
@@ -505,7 +505,7 @@ int cfg_kv_validate_model(const cfg_kv *c, int head_dim, int n_kv_heads,
 {
     if (cfg_kv_validate(c, err, errlen) < 0)
         return -1;
-    int rot = cfg_kv_rotate_resolve(c, head_dim);
+    int rot = cfg_kv_rotate_resolve(c, head_dim, 0); /* auto never rotates a bad head_dim */
     if (rot && (head_dim <= 0 || (head_dim & (head_dim - 1))))
         return fail(err, errlen, "kv_rotate %d needs a power-of-two head_dim (this model's "
                     "is %d); use kv_rotate = auto or 0", rot, head_dim);

@@ -50,10 +50,12 @@
  *                   (and the attention output back); 1 and 2 need a
  *                   power-of-two head_dim; scores are unchanged up to
  *                   rounding, and quantization error spreads over the
- *                   channels. auto: 2 when head_dim is a power of two and the
- *                   pool holds a quantized mode (kv_cache or kv_modes), else 0
- *                   (cfg_kv_rotate_resolve; measured: K and V rotated cut the
- *                   quantized cache's KLD 1.7-2.6x at the same bits) (auto)
+ *                   channels. auto: 2 when head_dim is a power of two, the
+ *                   model has no QK-norm and the pool holds a quantized mode
+ *                   (kv_cache or kv_modes), else 0 (cfg_kv_rotate_resolve;
+ *                   measured at 4K: on SmolLM2 K and V rotated cut the INT4
+ *                   cache's KLD 1.9x (exact mode), on Gemma-3, whose keys are
+ *                   RMS-normed per head, rotating K raises it 2.6x) (auto)
  */
 #ifndef LKQ_KVQ_CONFIG_H
 #define LKQ_KVQ_CONFIG_H
@@ -145,11 +147,12 @@ cfg_kv cfg_kv_with_mode(const cfg_kv *c, int m);
 
 /* The rotation a model of head dimension head_dim runs c with: an explicit
  * 0, 1 or 2 as set (1 and 2 on a head_dim that is not a power of two are
- * the caller's to refuse); auto: 2 when head_dim is a power of two and c's
- * pool holds a quantized mode (cfg_kv_has_quant), else 0 - an FP16-only
- * cache gains nothing from rotating and stays bit-identical to the plain
- * one. */
-int cfg_kv_rotate_resolve(const cfg_kv *c, int head_dim);
+ * the caller's to refuse); auto: 2 when head_dim is a power of two, the
+ * model has no per-head QK-norm (qk_norm 0) and c's pool holds a quantized
+ * mode (cfg_kv_has_quant), else 0 - an FP16-only cache gains nothing from
+ * rotating and stays bit-identical to the plain one, and a QK-normed model
+ * (Gemma-3) measured worse rotated (docs/kvquant.md, "Rotation"). */
+int cfg_kv_rotate_resolve(const cfg_kv *c, int head_dim, int qk_norm);
 
 /* Reads "key = value" lines ('#' comments, blank lines) into c. Errors name
  * the file and line. */

@@ -76,7 +76,8 @@ int eval_perplexity(const mdl_model *m, const int32_t *tokens, int64_t n_tokens,
     }
     /* the resolved rotation: auto on an FP16 cache is 0, the reference itself */
     int compare = p->compare && (p->kv.mode != CFG_KV_FP16 ||
-                                 cfg_kv_rotate_resolve(&p->kv, m->hp.head_dim));
+                                 cfg_kv_rotate_resolve(&p->kv, m->hp.head_dim,
+                                                       m->hp.qk_norm));
     cfg_kv ref_kv = p->kv;
     ref_kv.mode = CFG_KV_FP16;
     ref_kv.kv_rotate = 0; /* the reference is the plain FP16 cache */

@@ -144,7 +144,7 @@ static int create_common(const mdl_hparams *hp, const fwd_params *pp,
     fwd_params p = plan_params(hp, pp);
     /* auto becomes 0, 1 or 2 here, once: every later reader (the graph, the
      * pool's prefix seed, the backends) sees the rotation the state runs */
-    p.kv.kv_rotate = cfg_kv_rotate_resolve(&p.kv, hp->head_dim);
+    p.kv.kv_rotate = cfg_kv_rotate_resolve(&p.kv, hp->head_dim, hp->qk_norm);
     if (p.kv.kv_rotate && (hp->head_dim & (hp->head_dim - 1)))
         return lkq_err(err, errlen, -EINVAL, "kv_rotate %d needs a power-of-two head_dim "
                        "(this model's is %d); use kv_rotate = auto or 0", p.kv.kv_rotate,

@@ -171,27 +171,28 @@ Test(kvq_config, kv_rotate_parse_and_resolve)
 
     /* resolution */
     c = cfg_kv_default(); /* auto, int4 */
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "auto + int4 + head_dim 64");
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 256), 2, "auto + int4 + head_dim 256");
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 48), 0, "auto + int4 + head_dim 48");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64, 0), 2, "auto + int4 + head_dim 64");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 256, 0), 2, "auto + int4 + head_dim 256");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 48, 0), 0, "auto + int4 + head_dim 48");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 256, 1), 0, "auto + int4 + QK-norm (Gemma-3)");
     cr_assert_eq(cfg_kv_validate_model(&c, 48, 3, err, sizeof err), 0, "%s", err);
     cr_assert_eq(cfg_kv_set(&c, "kv_cache", "k3v2", err, sizeof err), 0);
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "any quantized width");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64, 0), 2, "any quantized width");
     c.mode = CFG_KV_FP16;
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 0, "auto + fp16");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64, 0), 0, "auto + fp16");
     cr_assert_eq(cfg_kv_set(&c, "kv_modes", "fp16,int3", err, sizeof err), 0);
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "auto + fp16 default, int3 served");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64, 0), 2, "auto + fp16 default, int3 served");
     cr_assert_eq(cfg_kv_set(&c, "kv_modes", "fp16", err, sizeof err), 0);
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 0, "auto + fp16 only");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64, 0), 0, "auto + fp16 only");
     c = cfg_kv_default();
     for (int r = 0; r <= 2; r++) { /* explicit values stay as set */
         c.kv_rotate = r;
-        cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), r);
-        cr_assert_eq(cfg_kv_rotate_resolve(&c, 48), r);
+        cr_assert_eq(cfg_kv_rotate_resolve(&c, 64, 0), r);
+        cr_assert_eq(cfg_kv_rotate_resolve(&c, 48, 0), r);
     }
     c.mode = CFG_KV_FP16;
     c.kv_rotate = 2;
-    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64), 2, "explicit 2 rotates an FP16 cache too");
+    cr_assert_eq(cfg_kv_rotate_resolve(&c, 64, 0), 2, "explicit 2 rotates an FP16 cache too");
     cr_assert_eq(cfg_kv_validate_model(&c, 64, 3, err, sizeof err), 0, "%s", err);
     err[0] = '\0';
     cr_assert_lt(cfg_kv_validate_model(&c, 48, 3, err, sizeof err), 0);
