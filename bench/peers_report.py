@@ -65,23 +65,21 @@ docs/kvquant.md. SmolLM2 at 2K is the first run (INT4 only, older defaults,
 4.65 bits). At 4K our cache stages the first two chunks (1024 positions) in
 FP16 (the warm-up), so a quarter of our scored positions see no quantized
 history, while llama.cpp quantizes from the first token; at 2K it is half.
-llama.cpp's q5_0 and q4_1 were not run at 4K (at 2K: KLD 0.019 and 0.058).
 
-Gemma-3-270M is not recorded: its 4K run was started and stopped (on the
-shared 2-core machine at a load average of 20, llama.cpp's f16 run of it
-had done 512 of 4096 tokens after 10 minutes; its 262144-entry vocabulary
-also makes the stored f16 logits 4 GiB at 4K). The command, for a quieter
-machine (`--window-kv fp16` is our default there: the 15 sliding-window
-layers stay FP16 and count at 16 bits in bits/elt, while llama.cpp
-quantizes every layer; add `--ours 'int4-w4=--kv-cache int4 --window-kv
-int4'` for the like-for-like row):
-
-```sh
-~/.cache/livekvq/venv-llama/bin/python bench/peers_kv.py -m models/gemma-3-270m-q4_k_m.gguf -c 4096 -o docs/data/peers/gemma3-4k.csv --llama-types f16,q8_0,iq4_nl,q4_0 --ours 'int4=--kv-cache int4' --ours 'int3=--kv-cache int3' --exact
-```
+Gemma-3-270M at 4K (2026-12-07 evening, quiet machine: llama.cpp's f16
+run took 62 s, the f16 logits file 4 GiB): its longest context, 32K, was
+not run side by side - llama.cpp's f16 logits of every position would be
+32 GiB at its 262144-entry vocabulary (our own 32K rows are in
+docs/gemma3.md). Our `int4` there is the default, whose 15 sliding-window
+layers stay FP16 (`--window-kv fp16`) and count at 16 bits in bits/elt
+(4.27 bits on the 3 global layers); `int4-w4` / `int3-w3` quantize the
+window layers at the same width (`--window-kv int4` / `int3`): the
+like-for-like rows, since llama.cpp quantizes every layer. On Gemma-3
+kv_rotate auto is 0 (QK-norm).
 
 **Labels.** `int4` is our default (`--kv-cache int4`, K4V4); `kNvM` are K
-and V at N and M bits (`k2v2` is `--kv-cache int2`); `-rot0` adds
+and V at N and M bits (`k2v2` is `--kv-cache int2`); `-wN` adds
+`--window-kv intN`; `-rot0` adds
 `--kv-rotate 0` (no Walsh-Hadamard rotation; the default, auto, rotates K
 and V per head on these models).
 

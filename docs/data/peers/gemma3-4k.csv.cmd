@@ -1,0 +1,2 @@
+~/.cache/livekvq/venv-llama/bin/python bench/peers_kv.py -m models/gemma-3-270m-q4_k_m.gguf -c 4096 -o docs/data/peers/gemma3-4k.csv --llama-types f16,q8_0,q4_0 --ours 'int4=--kv-cache int4' --ours 'int4-w4=--kv-cache int4 --window-kv int4' --ours 'int3-w3=--kv-cache int3 --window-kv int3' --exact
+~/.cache/livekvq/venv-llama/bin/python bench/peers_kv.py -m models/gemma-3-270m-q4_k_m.gguf -c 4096 -o docs/data/peers/gemma3-4k.csv --llama-types iq4_nl --no-fast
