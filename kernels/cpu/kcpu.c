@@ -358,7 +358,6 @@ static char *quantize_x(kcpu_pool *p, mm_ctx *c, void *ws, float xsplit)
 /* ---- the split's correction: y[t][r] += W[r][col] * value per outlier ---- */
 
 typedef struct {
-    const kcpu_ops *ops;
     kt_type t;
     const void *W;
     size_t row_bytes;
@@ -474,7 +473,7 @@ static void split_fix(kcpu_pool *p, mm_ctx *c, const kcpu_rp *rp)
         w->val[fill[col]] = w->ov[i];
         fill[col]++;
     }
-    fix_ctx f = { .ops = c->ops, .t = c->t, .W = c->W, .row_bytes = c->row_bytes, .rp = rp,
+    fix_ctx f = { .t = c->t, .W = c->W, .row_bytes = c->row_bytes, .rp = rp,
                   .y = c->y, .n_rows = c->n_rows, .start = start, .tok = w->tok,
                   .val = w->val, .cols = hc, .n_hcols = n_hcols };
     atomic_init(&f.next, 0);
